@@ -1,0 +1,427 @@
+"""One typed config, loaded once, validated, passed down.
+
+Order of precedence (later wins): the YAML file, then ``--set key=value`` overrides, then the
+seed's environment variables (MAX_DOCS_PER_SOURCE, MAX_SFT_PER_DOMAIN, ALLOW_MISSING_DATA,
+OFFLINE / HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, DOWNLOAD_ONLY, DOWNLOAD_SKIP,
+DOWNLOAD_OPENCASLIST / DOWNLOAD_OPENCASELIST, DDO_DEBATES_URL, DDO_USERS_URL,
+DDO_GDRIVE_FOLDER_URL), then the command line's ``--raw-dir`` / ``--output`` / ``--domains``.
+
+Relative paths written in a YAML file are relative to that file; paths given on the command line
+are relative to the current directory. Unknown keys and bad values fail at start with a message
+naming the key and the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DOMAINS = ("debate", "medicine", "education", "ecology")
+SOURCES = (
+    "debatesum", "opencaselist", "iam", "ddo",
+    "medmcqa", "pubmed_qa", "medquad", "medical_meadow",
+    "openstax", "climate_fever",
+)
+SOURCE_DOMAIN = {
+    "debatesum": "debate", "opencaselist": "debate", "iam": "debate", "ddo": "debate",
+    "medmcqa": "medicine", "pubmed_qa": "medicine", "medquad": "medicine", "medical_meadow": "medicine",
+    "openstax": "education", "climate_fever": "ecology",
+}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DownloadConfig(_Strict):
+    only: list[str] = Field(default_factory=list, description="download only these sources (DOWNLOAD_ONLY)")
+    skip: list[str] = Field(default_factory=list, description="skip these sources (DOWNLOAD_SKIP)")
+    opencaselist: bool = Field(False, description="OpenCaselist is huge: opt in (DOWNLOAD_OPENCASELIST=1)")
+    offline: bool = Field(False, description="no network call at all (OFFLINE=1, HF_HUB_OFFLINE=1)")
+    ddo_debates_url: Optional[str] = None
+    ddo_users_url: Optional[str] = None
+    ddo_gdrive_folder_url: Optional[str] = None
+    hf_endpoint: Optional[str] = Field(None, description="Hugging Face endpoint (default: HF_ENDPOINT or the hub)")
+    timeout_s: float = 60.0
+    retries: int = 3
+
+    @field_validator("only", "skip")
+    @classmethod
+    def _known_sources(cls, v: list[str]) -> list[str]:
+        out = [s.strip().lower() for s in v if s.strip()]
+        bad = [s for s in out if s not in SOURCES]
+        if bad:
+            raise ValueError(f"unknown source(s) {bad}; known sources: {', '.join(SOURCES)}")
+        return out
+
+
+class DataConfig(_Strict):
+    raw_dir: str = Field("raw", description="directory holding the raw sources as download leaves them")
+    sources: list[str] = Field(default_factory=lambda: list(SOURCES), description="sources to prepare")
+    max_docs_per_source: Optional[int] = Field(None, ge=1, description="cap per source (MAX_DOCS_PER_SOURCE)")
+    max_sft_per_domain: Optional[int] = Field(None, ge=1, description="cap per domain (MAX_SFT_PER_DOMAIN)")
+    split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    split_seed: int = 42
+    allow_missing: bool = Field(False, description="record missing sources instead of failing (ALLOW_MISSING_DATA=1)")
+    min_text_chars: int = Field(20, ge=1)
+    max_response_chars: int = Field(4000, ge=100)
+    txt_chunk_chars: int = Field(2000, ge=200, description="OpenStax TXT books are cut into chunks of about this size")
+    rows_per_shard: int = Field(5000, ge=10)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in SOURCES]
+        if bad:
+            raise ValueError(f"unknown source(s) {bad}; known sources: {', '.join(SOURCES)}")
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"train", "val", "test"}:
+            raise ValueError("split needs exactly the keys train, val, test (for example {train: 0.8, val: 0.1, test: 0.1})")
+        if any(x < 0 for x in v.values()) or abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {v}")
+        if v["train"] <= 0:
+            raise ValueError("split.train must be > 0")
+        return v
+
+
+class TinyModelConfig(_Strict):
+    """The demo's base model: a small Llama built from this config, tokenizer trained on the corpus."""
+    vocab_size: int = Field(2048, ge=300)
+    hidden_size: int = Field(128, ge=64)
+    intermediate_size: int = Field(256, ge=64)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(1024, ge=128)
+    pretrain_steps: int = Field(0, ge=0, description="brief pre-training on the mixed corpus (0 = random weights)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("model.tiny.hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("model.tiny.num_attention_heads must be divisible by num_key_value_heads")
+        return self
+
+
+class ModelConfig(_Strict):
+    base: str = Field(..., description="'tiny' (built locally), a Hugging Face id, a local directory or s3:// URI")
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    quantization: Literal["nf4", "none"] = Field("nf4", description="nf4 = 4-bit QLoRA; none = plain LoRA")
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, else fp16 (with loss scaling); fp32 on CPU")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    cache_dir: Optional[str] = Field(None, description="local cache for s3:// models (default: ~/.cache/domain-adapters)")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainHyper(_Strict):
+    """Hyperparameters that may be overridden per domain (train.per_domain.<domain>)."""
+    max_steps: int = Field(100, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    tokens_per_micro_batch: int = Field(8192, ge=64, description="packed tokens per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    epochs_cap: Optional[float] = Field(None, gt=0, description="stop early after this many passes over the data")
+
+
+class PerDomainOverride(_Strict):
+    max_steps: Optional[int] = Field(None, ge=1)
+    learning_rate: Optional[float] = Field(None, gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    lr_scheduler: Optional[Literal["cosine", "linear", "constant"]] = None
+    tokens_per_micro_batch: Optional[int] = Field(None, ge=64)
+    grad_accum: Optional[int] = Field(None, ge=1)
+    max_grad_norm: Optional[float] = Field(None, gt=0)
+    epochs_cap: Optional[float] = Field(None, gt=0)
+    lora: Optional[LoraConfig] = None
+
+
+class TrainConfig(TrainHyper):
+    max_seq_length: int = Field(2048, ge=32)
+    packing: bool = True
+    mask_prompt: bool = Field(True, description="loss on response tokens only")
+    gradient_checkpointing: bool = True
+    eval_every: int = Field(50, ge=1)
+    eval_max_batches: Optional[int] = Field(None, ge=1, description="cap on eval batches (None = whole split)")
+    checkpoint_every: int = Field(50, ge=1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="Ray FailureConfig retries per domain")
+    log_every: int = Field(10, ge=1)
+    chat_template: Literal["auto", "simple"] = Field(
+        "auto", description="auto: the tokenizer's chat template when it has one, else the simple template")
+    merge_export: bool = Field(False, description="also export merged full weights (refuses NaN/inf)")
+    eval_matrix: bool = Field(True, description="evaluate base and every adapter on every domain's test set")
+    dataloader_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+    seed: int = 42
+    per_domain: dict[str, PerDomainOverride] = Field(default_factory=dict)
+
+    @field_validator("per_domain")
+    @classmethod
+    def _domains(cls, v: dict[str, PerDomainOverride]) -> dict[str, PerDomainOverride]:
+        for name in v:
+            if not _NAME_RE.match(name):
+                raise ValueError(f"train.per_domain key {name!r} is not a valid domain name")
+        return v
+
+
+class ResourcesConfig(_Strict):
+    device: Literal["cpu", "cuda"] = Field(..., description="cuda: one GPU per trial; cpu: only when asked for")
+    ray_address: Optional[str] = Field(None, description="None: start a local Ray; 'auto' or host:port: join a cluster")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(1.0, gt=0)
+    max_concurrent_trials: Optional[int] = Field(None, ge=1, description="None: as many as resources allow")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray started by the pipeline")
+
+
+class StorageConfig(_Strict):
+    endpoint_url: Optional[str] = Field(None, description="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+    region: Optional[str] = Field(None, description="S3 region (else AWS_REGION / AWS_DEFAULT_REGION)")
+    # Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)
+    # or a profile; they are never written to a config, a report or a job's runtime_env.
+    profile: Optional[str] = None
+    retries: int = Field(5, ge=0)
+
+
+class Config(_Strict):
+    run_name: str = Field("run", description="names the Ray run; same name + same output resumes")
+    output: str = Field("output/run", description="local directory or s3://bucket/prefix")
+    domains: list[str] = Field(default_factory=lambda: list(DOMAINS))
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", v):
+            raise ValueError("run_name may hold letters, digits, '.', '_' and '-' only (it names directories)")
+        return v
+
+    @field_validator("domains")
+    @classmethod
+    def _domain_names(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("domains is empty: list at least one of " + ", ".join(DOMAINS))
+        for d in v:
+            if not _NAME_RE.match(d):
+                raise ValueError(f"domain {d!r} is not a valid name (lowercase letters, digits, '_'); it names directories")
+        if len(set(v)) != len(v):
+            raise ValueError(f"domains lists a domain twice: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        unknown = [d for d in self.train.per_domain if d not in self.domains]
+        if unknown:
+            raise ValueError(f"train.per_domain names {unknown}, which are not in domains {self.domains}")
+        if self.model.base == "tiny" and self.model.trust_remote_code:
+            raise ValueError("model.trust_remote_code makes no sense with model.base: tiny")
+        if self.resources.device == "cpu" and self.model.compute_dtype == "float16":
+            raise ValueError("model.compute_dtype float16 is not supported on CPU: use auto or float32")
+        return self
+
+    # ---- derived helpers -------------------------------------------------------------------
+    def hyper_for(self, domain: str) -> dict[str, Any]:
+        """The train hyperparameters for one domain, with its per_domain overrides applied."""
+        h = {k: getattr(self.train, k) for k in TrainHyper.model_fields}
+        lora = self.lora.model_dump()
+        ov = self.train.per_domain.get(domain)
+        if ov is not None:
+            for k, val in ov.model_dump(exclude_none=True).items():
+                if k == "lora":
+                    lora = val
+                else:
+                    h[k] = val
+        h["lora"] = lora
+        return h
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of config sections (for resume compatibility checks and markers)."""
+        d = self.model_dump(mode="json")
+        sub = {s: d[s] for s in sections} if sections else d
+        return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as written to reports: no secrets (none are held here, but URLs may carry tokens)."""
+        d = self.model_dump(mode="json")
+        for k in ("ddo_debates_url", "ddo_users_url", "ddo_gdrive_folder_url"):
+            if d["data"]["download"].get(k):
+                d["data"]["download"][k] = _strip_url_secrets(d["data"]["download"][k])
+        if d["storage"].get("endpoint_url"):
+            d["storage"]["endpoint_url"] = _strip_url_secrets(d["storage"]["endpoint_url"])
+        return d
+
+
+def _strip_url_secrets(url: str) -> str:
+    url = re.sub(r"//[^/@]+@", "//***@", url)
+    return re.sub(r"([?&](?:token|key|signature|sig|X-Amz-[A-Za-z-]+)=)[^&]+", r"\1***", url, flags=re.I)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a --set value as YAML (numbers, booleans, lists like [a,b]); a plain word stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_key(d: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {dotted!r}: {k!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def _truthy(v: str) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _csv(v: str) -> list[str]:
+    return [s.strip().lower() for s in v.split(",") if s.strip()]
+
+
+def env_overrides(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """The seed's environment variables as dotted config keys."""
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+
+    def intvar(name: str, key: str) -> None:
+        if env.get(name, "").strip():
+            try:
+                out[key] = int(env[name])
+            except ValueError:
+                raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer; set it to a whole number or unset it")
+
+    intvar("MAX_DOCS_PER_SOURCE", "data.max_docs_per_source")
+    intvar("MAX_SFT_PER_DOMAIN", "data.max_sft_per_domain")
+    if env.get("ALLOW_MISSING_DATA", "").strip():
+        out["data.allow_missing"] = _truthy(env["ALLOW_MISSING_DATA"])
+    if any(_truthy(env.get(v, "")) for v in ("OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        out["data.download.offline"] = True
+    if env.get("DOWNLOAD_ONLY", "").strip():
+        out["data.download.only"] = _csv(env["DOWNLOAD_ONLY"])
+    if env.get("DOWNLOAD_SKIP", "").strip():
+        out["data.download.skip"] = _csv(env["DOWNLOAD_SKIP"])
+    for name in ("DOWNLOAD_OPENCASLIST", "DOWNLOAD_OPENCASELIST"):  # the seed's spelling and the right one
+        if env.get(name, "").strip():
+            out["data.download.opencaselist"] = _truthy(env[name])
+    for name, key in (("DDO_DEBATES_URL", "ddo_debates_url"), ("DDO_USERS_URL", "ddo_users_url"),
+                      ("DDO_GDRIVE_FOLDER_URL", "ddo_gdrive_folder_url")):
+        if env.get(name, "").strip():
+            out[f"data.download.{key}"] = env[name].strip()
+    return out
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            parent = ".".join(str(p) for p in err["loc"][:-1])
+            lines.append(f"  {key}: unknown key; remove it or fix its spelling"
+                         + (f" (see the keys of {parent!r} in configs/default.yaml)" if parent else ""))
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required; add it to the config or pass --set {key}=...")
+        else:
+            lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _resolve_paths(d: dict, base_dir: Path) -> None:
+    """Make relative local paths in a YAML file relative to that file."""
+    def fix(section: dict, key: str) -> None:
+        v = section.get(key)
+        if isinstance(v, str) and v and "://" not in v and v != "tiny" and not os.path.isabs(v):
+            cand = (base_dir / v)
+            # model.base may also be a Hugging Face id (owner/name): only rewrite when it names a path
+            if key != "base" or v.startswith(".") or cand.exists():
+                section[key] = str(cand.resolve())
+
+    fix(d, "output")
+    if isinstance(d.get("data"), dict):
+        fix(d["data"], "raw_dir")
+    if isinstance(d.get("model"), dict):
+        fix(d["model"], "base")
+        fix(d["model"], "cache_dir")
+
+
+def load_config(path: Optional[str | Path] = None, sets: Optional[list[str]] = None,
+                raw_dir: Optional[str] = None, output: Optional[str] = None,
+                domains: Optional[list[str]] = None, environ: Optional[dict[str, str]] = None) -> Config:
+    """Load the config once: YAML, then --set overrides, then the seed's env vars, then CLI paths."""
+    d: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}; pass --config with a YAML file such as configs/demo.yaml")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}")
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys at the top level")
+        _resolve_paths(d, p.parent.resolve())
+        source = str(p)
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, for example --set train.max_steps=20")
+        k, v = item.split("=", 1)
+        _set_key(d, k.strip(), _parse_scalar(v), "--set")
+    for k, v in env_overrides(environ).items():
+        _set_key(d, k, v, "environment")
+    if raw_dir:
+        _set_key(d, "data.raw_dir", str(Path(raw_dir).resolve()) if "://" not in raw_dir else raw_dir, "--raw-dir")
+    if output:
+        _set_key(d, "output", output if "://" in output else str(Path(output).resolve()), "--output")
+    if domains:
+        _set_key(d, "domains", domains, "--domains")
+    try:
+        return Config.model_validate(d)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
