@@ -1,0 +1,41 @@
+"""Shared pytest set-up. Fixtures of their own live in tests/fixtures_*.py plugins listed here."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES_RAW = ROOT / "fixtures" / "raw"
+REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+ARTIFACTS = ROOT / "test-artifacts"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+sys.path.insert(0, str(ROOT))
+
+pytest_plugins = [p for p in ("tests.fixtures_s3", "tests.fixtures_ray") if (ROOT / (p.replace(".", "/") + ".py")).exists()]
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs CUDA (run on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def fixtures_raw() -> Path:
+    return FIXTURES_RAW
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not REAL_DATA.exists():
+        pytest.skip(f"real data not present at {REAL_DATA}")
+    return REAL_DATA
