@@ -1,4 +1,5 @@
-"""Shared pytest set-up. Fixtures of their own live in tests/fixtures_*.py plugins listed here."""
+"""Shared pytest set-up. Heavier fixtures (S3 server, Ray cluster) live in tests/fixtures_*.py and are
+imported explicitly by the test modules that use them."""
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 sys.path.insert(0, str(ROOT))
 
-pytest_plugins = [p for p in ("tests.fixtures_s3", "tests.fixtures_ray") if (ROOT / (p.replace(".", "/") + ".py")).exists()]
 
 
 def pytest_collection_modifyitems(config, items):
