@@ -1,0 +1,562 @@
+"""Fetch the raw sources into ``data.raw_dir``, with checksums, licenses, versions and completion markers.
+
+One table (``SOURCES_TABLE``) says, for each of the seed's sources, where it comes from and which
+files the readers use. Each source has one or more *parts* (a Hugging Face dataset snapshot, a git
+clone, HTTP / Google-Drive files); each part lands in its own directory under the raw dir:
+
+    fetch into  <raw_dir>/<dir>/../.tmp-<name>-<pid>/   (files, then .complete.json, written last)
+    rename to   <raw_dir>/<dir>/                         (one atomic rename)
+
+so a download that dies half-way leaves only a ``.tmp-*`` directory (removed by the next run) and
+never a directory that looks complete. Re-runs skip parts whose ``.complete.json`` exists.
+A directory that exists without a marker was put there by the user (like the bundled fixtures):
+it is recorded as ``local``, with the sha256 of every file, and never overwritten.
+
+Offline (``data.download.offline``, OFFLINE=1 / HF_HUB_OFFLINE=1): no network call at all; a source
+that is not on disk is an error naming it and how to provide it, unless ``data.allow_missing``.
+
+Tokens (HF_TOKEN, ...) are used by the libraries from the environment, never written or logged;
+URLs are recorded with credentials and signature parameters masked.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import html
+import http.cookiejar
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pipeline.config import SOURCE_DOMAIN, SOURCES, _strip_url_secrets
+from pipeline.errors import UserFacingError
+
+log = logging.getLogger("pipeline.download")
+
+MARKER = ".complete.json"
+MANIFEST = "download_manifest.json"
+GDRIVE_DOWNLOAD = "https://drive.google.com/uc"  # file id -> ?export=download&id=<id>
+_TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+# ---- the sources table -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Part:
+    """One thing to fetch into ``<raw_dir>/<dest>``."""
+    dest: str                                  # relative to the raw dir
+    kind: str                                  # "hf" | "git" | "http"
+    repo: str = ""                             # HF dataset id, or git URL
+    revision: Optional[str] = None             # HF revision / git branch or tag (None: default branch)
+    patterns: tuple[str, ...] = ()             # files kept (fnmatch on the '/'-path); () = all
+    files: tuple[tuple[str, str], ...] = ()    # http: (file name, config key of its URL)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    dir: str                                   # raw dir name (the seed's)
+    license: str
+    url: str                                   # human-facing home page
+    parts: tuple[Part, ...]
+    how: str = ""                              # how to provide it by hand
+
+    @property
+    def domain(self) -> str:
+        return SOURCE_DOMAIN[self.name]
+
+
+_MEADOW = ("medical_flashcards", "wikidoc", "wikidoc_patient_information", "health_advice", "mediqa")
+_DOCS = ("README*", "readme*", "LICENSE*", "License*")
+
+SOURCES_TABLE: dict[str, Source] = {s.name: s for s in (
+    Source("debatesum", "DebateSum", "MIT (dataset card); cite Roush & Balaji 2020",
+           "https://huggingface.co/datasets/Hellisotherpeople/DebateSum",
+           (Part("DebateSum", "hf", "Hellisotherpeople/DebateSum", patterns=("*.csv", "**/*.csv") + _DOCS),)),
+    Source("opencaselist", "OpenDebateEvidence", "see the dataset card (OpenCaselist / Open Debate Evidence)",
+           "https://huggingface.co/datasets/Yusuf5/OpenCaselist",
+           (Part("OpenDebateEvidence", "hf", "Yusuf5/OpenCaselist", patterns=("*.parquet", "**/*.parquet") + _DOCS),),
+           how="opt in with DOWNLOAD_OPENCASELIST=1 (or DOWNLOAD_OPENCASLIST=1); it is very large"),
+    Source("iam", "IAM", "research data; cite Cheng et al., ACL 2022",
+           "https://github.com/LiyingCheng95/IAM",
+           (Part("IAM", "git", "https://github.com/LiyingCheng95/IAM.git",
+                 patterns=("claims/*", "stance/*", "evidence/*", "CEPE/*", "claims/**", "stance/**",
+                           "evidence/**", "CEPE/**") + _DOCS),)),
+    Source("ddo", "DDO", "research data; cite Durmus & Cardie 2019 (debate.org)",
+           "https://www.cs.cornell.edu/~esindurmus/ddo.html",
+           (Part("DDO", "http", files=(("debates.json", "ddo_debates_url"), ("users.json", "ddo_users_url"))),),
+           how="set DDO_DEBATES_URL and DDO_USERS_URL (HTTP or Google Drive share links) or DDO_GDRIVE_FOLDER_URL"),
+    Source("medmcqa", "medmcqa", "Apache-2.0 (dataset card)",
+           "https://huggingface.co/datasets/openlifescienceai/medmcqa",
+           (Part("medmcqa", "hf", "openlifescienceai/medmcqa",
+                 patterns=("*.parquet", "**/*.parquet", "*.json", "**/*.json") + _DOCS),)),
+    Source("pubmed_qa", "pubmed_qa", "MIT", "https://github.com/pubmedqa/pubmedqa",
+           (Part("pubmed_qa", "git", "https://github.com/pubmedqa/pubmedqa.git",
+                 patterns=("data/ori_pqal.json",) + _DOCS),)),
+    Source("medquad", "MedQuAD", "CC BY 4.0", "https://github.com/abachaa/MedQuAD",
+           (Part("MedQuAD", "git", "https://github.com/abachaa/MedQuAD.git",
+                 patterns=("*_QA/*.xml", "*_QA/**/*.xml") + _DOCS),)),
+    Source("medical_meadow", "medical_qa_collection", "see each dataset card (medalpaca; lavita/MedQuAD CC BY 4.0)",
+           "https://huggingface.co/medalpaca",
+           tuple(Part(f"medical_qa_collection/medalpaca__medical_meadow_{n}", "hf", f"medalpaca/medical_meadow_{n}",
+                      patterns=("*.json", "**/*.json", "*.parquet", "**/*.parquet") + _DOCS) for n in _MEADOW)
+           + (Part("medical_qa_collection/lavita__MedQuAD", "hf", "lavita/MedQuAD",
+                   patterns=("*.parquet", "**/*.parquet", "*.json", "**/*.json") + _DOCS),)),
+    Source("openstax", "openstax", "CC BY 4.0 / CC BY-NC-SA 4.0 (per book)", "https://openstax.org",
+           (Part("openstax/crumb__openstax-text", "hf", "crumb/openstax-text", patterns=("*.parquet", "**/*.parquet") + _DOCS),
+            Part("openstax/osbooks-introduction-philosophy", "git",
+                 "https://github.com/openstax/osbooks-introduction-philosophy.git",
+                 patterns=("modules/*/index.cnxml", "collections/*.collection.xml") + _DOCS))),
+    Source("climate_fever", "climate_fever", "cite Diggelmann et al. 2020 (arXiv 2012.00614)",
+           "https://github.com/tdiggelm/climate-fever-dataset",
+           (Part("climate_fever", "git", "https://github.com/tdiggelm/climate-fever-dataset.git",
+                 patterns=("dataset/*.jsonl",) + _DOCS),)),
+)}
+assert set(SOURCES_TABLE) == set(SOURCES)
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(root: Path) -> list[dict[str, Any]]:
+    """Every regular file under root (the marker and hidden files left out): path, size, sha256."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if not p.is_file() or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        out.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+    return out
+
+
+def _matches(rel: str, patterns: tuple[str, ...]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(rel, p) for p in patterns)
+
+
+def _prune(root: Path, patterns: tuple[str, ...]) -> None:
+    """Keep only the files the readers use; drop hidden dirs (.git, .cache) and empty dirs."""
+    for p in sorted(root.rglob("*"), key=lambda x: len(x.parts), reverse=True):
+        rel = p.relative_to(root).as_posix()
+        hidden = any(part.startswith(".") for part in rel.split("/"))
+        if p.is_dir() and not p.is_symlink():
+            if hidden and p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+            elif not any(p.iterdir()):
+                p.rmdir()
+        elif hidden or not _matches(rel, patterns):
+            p.unlink()
+
+
+def redact(text: str) -> str:
+    text = re.sub(r"https?://\S+", lambda m: _strip_url_secrets(m.group(0)), str(text))
+    return re.sub(r"hf_[A-Za-z0-9]{10,}", "hf_***", text)
+
+
+def _retry(fn: Callable[[], Any], what: str, retries: int, transient: Callable[[BaseException], bool],
+           base_delay: float = 1.0) -> Any:
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt >= retries or not transient(e):
+                raise
+            delay = min(30.0, base_delay * 2 ** attempt)
+            log.warning("%s: %s; retrying in %.0fs (%d/%d)", what, redact(e), delay, attempt + 1, retries)
+            time.sleep(delay)
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+# ---- HTTP and Google Drive ----------------------------------------------------------------------
+
+_GDRIVE_ID = [re.compile(r"drive\.google\.com/file/d/([\w-]{10,})"), re.compile(r"[?&]id=([\w-]{10,})")]
+
+
+def gdrive_file_id(url: str) -> Optional[str]:
+    """The file id of a Google Drive share URL (file/d/<id>/view, open?id=, uc?id=), else None."""
+    host = urllib.parse.urlparse(url).netloc
+    if "google.com" not in host:
+        return None
+    for rx in _GDRIVE_ID:
+        m = rx.search(url)
+        if m:
+            return m.group(1)
+    return None
+
+
+def direct_url(url: str) -> str:
+    fid = gdrive_file_id(url)
+    return f"{GDRIVE_DOWNLOAD}?export=download&id={fid}" if fid else url
+
+
+def _confirm_url(page: str, base: str) -> Optional[str]:
+    """The real download URL from Google Drive's 'cannot scan this file for viruses' page."""
+    form = re.search(r'<form[^>]*id="download-form"[^>]*action="([^"]+)"[^>]*>(.*?)</form>', page, re.S)
+    if form:
+        action = html.unescape(form.group(1))
+        params = dict(re.findall(r'<input[^>]*type="hidden"[^>]*name="([^"]+)"[^>]*value="([^"]*)"', form.group(2)))
+        q = urllib.parse.urlencode({k: html.unescape(v) for k, v in params.items()})
+        return urllib.parse.urljoin(base, action + ("&" if "?" in action else "?") + q)
+    m = re.search(r'href="(/uc\?export=download[^"]*confirm=[^"]+)"', page)
+    if m:
+        return urllib.parse.urljoin(base, html.unescape(m.group(1)))
+    m = re.search(r"confirm=([0-9A-Za-z_-]+)", page)
+    if m:
+        sep = "&" if "?" in base else "?"
+        return f"{base}{sep}confirm={m.group(1)}"
+    return None
+
+
+def _is_transient(e: BaseException) -> bool:
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code in _TRANSIENT_HTTP
+    return isinstance(e, (urllib.error.URLError, TimeoutError, ConnectionError, OSError)) and not isinstance(e, DownloadError)
+
+
+def http_download(url: str, dest: Path, timeout_s: float, retries: int) -> dict[str, Any]:
+    """Stream url (or a Google Drive share link) to dest; follows the gdrive confirm page."""
+    def once() -> dict[str, Any]:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        target = direct_url(url)
+        for _hop in range(3):
+            req = urllib.request.Request(target, headers={"User-Agent": "domain-adapters-download/0.1"})
+            with opener.open(req, timeout=timeout_s) as resp:
+                ctype = resp.headers.get("Content-Type", "")
+                if "text/html" in ctype and not dest.name.endswith((".html", ".htm")):
+                    page = resp.read(2_000_000).decode("utf-8", "replace")
+                    nxt = _confirm_url(page, resp.geturl())
+                    if nxt is None:
+                        raise DownloadError(f"{_strip_url_secrets(url)} returned an HTML page, not the file "
+                                            "(is the share link public, 'Anyone with the link'?)")
+                    target = nxt
+                    continue
+                h = hashlib.sha256()
+                n = 0
+                expected = resp.headers.get("Content-Length")
+                with open(dest, "wb") as f:
+                    for block in iter(lambda: resp.read(1 << 20), b""):
+                        f.write(block)
+                        h.update(block)
+                        n += len(block)
+                if expected is not None and int(expected) != n:
+                    raise ConnectionError(f"short read: got {n} of {expected} bytes")
+                return {"sha256": h.hexdigest(), "size": n}
+        raise DownloadError(f"{_strip_url_secrets(url)}: too many confirmation pages")
+    return _retry(once, f"GET {_strip_url_secrets(url)}", retries, _is_transient)
+
+
+def gdrive_folder_files(folder_url: str, timeout_s: float, retries: int) -> dict[str, str]:
+    """Best effort: {file name: file URL} from a public Google Drive folder page (embedded listing)."""
+    def once() -> str:
+        req = urllib.request.Request(folder_url, headers={"User-Agent": "Mozilla/5.0"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.read().decode("utf-8", "replace")
+    page = _retry(once, f"GET {_strip_url_secrets(folder_url)}", retries, _is_transient)
+    page = page.encode().decode("unicode_escape", "ignore") if "\\x22" in page else page
+    found: dict[str, str] = {}
+    for fid, name in re.findall(r'\[\s*"([\w-]{20,})"\s*,\s*\[[^\]]*\]\s*,\s*"([^"]+\.json)"', page):
+        found.setdefault(name, f"https://drive.google.com/file/d/{fid}/view")
+    for name, fid in re.findall(r'"([^"/]+\.json)"[^\[\]]{0,200}?"([\w-]{25,})"', page):
+        found.setdefault(name, f"https://drive.google.com/file/d/{fid}/view")
+    return found
+
+
+# ---- git ----------------------------------------------------------------------------------------
+
+def _git(args: list[str], cwd: Optional[Path], timeout_s: float) -> str:
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_ASKPASS="true")
+    try:
+        r = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except FileNotFoundError:
+        raise DownloadError("git is not installed: install git, or put the files in the raw directory by hand")
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"git {args[0]} took longer than {timeout_s:.0f}s")
+    if r.returncode != 0:
+        cmd = next((a for a in args if a in ("clone", "rev-parse")), args[0])
+        lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        fatal = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
+        msg = redact((fatal or lines or [f"exit {r.returncode}"])[0])
+        if any(s in r.stderr for s in ("Could not resolve host", "Connection timed out", "Connection reset",
+                                       "early EOF", "RPC failed", "Operation too slow")):
+            raise ConnectionError(f"git {cmd}: {msg}")
+        raise DownloadError(f"git {cmd}: {msg}")
+    return r.stdout.strip()
+
+
+def fetch_git(part: Part, tmp: Path, timeout_s: float, retries: int) -> dict[str, Any]:
+    stall = str(max(1, int(timeout_s)))
+    def once() -> str:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        args = ["-c", "http.lowSpeedLimit=1000", "-c", f"http.lowSpeedTime={stall}",
+                "clone", "--depth", "1", "--quiet"]
+        if part.revision:
+            args += ["--branch", part.revision]
+        _git(args + [part.repo, str(tmp)], None, timeout_s * 20)
+        return _git(["rev-parse", "HEAD"], tmp, 30)
+    commit = _retry(once, f"git clone {_strip_url_secrets(part.repo)}", retries,
+                    lambda e: isinstance(e, (ConnectionError, TimeoutError)))
+    _prune(tmp, part.patterns)
+    return {"commit": commit, "revision": part.revision or "HEAD"}
+
+
+# ---- Hugging Face -------------------------------------------------------------------------------
+
+def fetch_hf(part: Part, tmp: Path, timeout_s: float, retries: int, endpoint: Optional[str]) -> dict[str, Any]:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    permanent = tuple(getattr(hf_errors, n) for n in ("RepositoryNotFoundError", "GatedRepoError",
+                                                       "RevisionNotFoundError", "EntryNotFoundError")
+                      if hasattr(hf_errors, n))
+
+    def transient(e: BaseException) -> bool:
+        if isinstance(e, permanent):
+            return False
+        resp = getattr(e, "response", None)
+        code = getattr(resp, "status_code", None)
+        return code is None or code in _TRANSIENT_HTTP
+
+    api = HfApi(endpoint=endpoint)
+
+    def once() -> str:
+        info = api.dataset_info(part.repo, revision=part.revision, timeout=timeout_s)
+        sha = info.sha
+        snapshot_download(part.repo, repo_type="dataset", revision=sha, local_dir=str(tmp),
+                          allow_patterns=list(part.patterns) or None, endpoint=endpoint,
+                          etag_timeout=timeout_s, max_workers=4)
+        return sha
+    try:
+        sha = _retry(once, f"huggingface {part.repo}", retries, transient)
+    except permanent as e:
+        raise DownloadError(f"Hugging Face dataset {part.repo}: {type(e).__name__}: {redact(str(e).splitlines()[0])}"
+                            + (" (gated: accept its terms on the Hub and set HF_TOKEN)" if "Gated" in type(e).__name__ else ""))
+    _prune(tmp, part.patterns)
+    return {"revision": part.revision or "main", "commit": sha}
+
+
+# ---- one part, one source -----------------------------------------------------------------------
+
+def _http_urls(part: Part, dl: Any, timeout_s: float, retries: int) -> dict[str, str]:
+    urls = {name: getattr(dl, key, None) for name, key in part.files}
+    missing = [n for n, u in urls.items() if not u]
+    if missing and getattr(dl, "ddo_gdrive_folder_url", None):
+        listing = gdrive_folder_files(dl.ddo_gdrive_folder_url, timeout_s, retries)
+        for n in missing:
+            if n in listing:
+                urls[n] = listing[n]
+    missing = [n for n, u in urls.items() if not u]
+    if missing:
+        keys = ", ".join(k.upper() for n, k in part.files if n in missing)
+        raise DownloadError(f"no URL for {', '.join(missing)}: set {keys} (or DDO_GDRIVE_FOLDER_URL)")
+    return urls  # type: ignore[return-value]
+
+
+def fetch_part(part: Part, source: Source, raw: Path, dl: Any) -> dict[str, Any]:
+    """Fetch one part into a temp dir next to its destination, write its marker, rename in place."""
+    dest = raw / part.dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        info: dict[str, Any] = {"kind": part.kind}
+        if part.kind == "hf":
+            info.update(fetch_hf(part, tmp, dl.timeout_s, dl.retries, dl.hf_endpoint or None))
+            info["url"] = f"{(dl.hf_endpoint or 'https://huggingface.co').rstrip('/')}/datasets/{part.repo}"
+        elif part.kind == "git":
+            info.update(fetch_git(part, tmp, dl.timeout_s, dl.retries))
+            info["url"] = _strip_url_secrets(part.repo)
+        elif part.kind == "http":
+            urls = _http_urls(part, dl, dl.timeout_s, dl.retries)
+            for name, url in urls.items():
+                http_download(url, tmp / name, dl.timeout_s, dl.retries)
+            info["urls"] = {n: _strip_url_secrets(u) for n, u in urls.items()}
+        else:
+            raise DownloadError(f"unknown fetch kind {part.kind!r}")
+        files = file_records(tmp)
+        if not files:
+            raise DownloadError(f"nothing matching {list(part.patterns)} was found")
+        marker = {"source": source.name, "dir": part.dest, "license": source.license, **info,
+                  "files": files, "n_files": len(files), "bytes": sum(f["size"] for f in files), "time": _now()}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # written last
+        if dest.exists():   # only an empty leftover can be here (checked by the caller)
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        return marker
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_marker(d: Path) -> Optional[dict[str, Any]]:
+    try:
+        m = json.loads((d / MARKER).read_text())
+        return m if isinstance(m, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _present(d: Path) -> bool:
+    return d.is_dir() and any(not p.name.startswith(".") for p in d.iterdir())
+
+
+def how_to_provide(source: Source, raw: Path) -> str:
+    where = f"put the files under {raw / source.dir}/"
+    if source.how:
+        return f"{where}, or {source.how}"
+    fetch = ", ".join(p.repo for p in source.parts)
+    return f"{where} (from {fetch}), or run `adapters download` online"
+
+
+def _clean_stale_tmp(raw: Path) -> None:
+    for p in list(raw.glob(".tmp-*")) + list(raw.glob("*/.tmp-*")):
+        if p.is_dir():
+            log.info("removing a partial download left by an earlier run: %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def selected_sources(cfg) -> tuple[list[str], dict[str, str]]:
+    """(sources to fetch, {source: why skipped})."""
+    dl = cfg.data.download
+    skipped: dict[str, str] = {}
+    wanted = list(dl.only) if dl.only else [s for s in SOURCES if s in cfg.data.sources]
+    out = []
+    for s in SOURCES:
+        if s not in wanted:
+            skipped[s] = "not in data.download.only (DOWNLOAD_ONLY)" if dl.only else "not in data.sources"
+        elif s in dl.skip:
+            skipped[s] = "in data.download.skip (DOWNLOAD_SKIP)"
+        elif s == "opencaselist" and not dl.opencaselist:
+            skipped[s] = "opt-in: set DOWNLOAD_OPENCASELIST=1 (or data.download.opencaselist: true)"
+        else:
+            out.append(s)
+    return out, skipped
+
+
+def _do_source(src: Source, raw: Path, dl: Any, offline: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"source": src.name, "domain": src.domain, "dir": src.dir, "license": src.license,
+                             "url": src.url, "parts": []}
+    top = raw / src.dir
+    multi = len(src.parts) > 1
+    top_marker = read_marker(top) if multi else None
+    if multi and top_marker is not None:
+        entry.update(status="complete", parts=top_marker.get("parts", []), time=top_marker.get("time"))
+        return entry
+    if not multi:
+        m = read_marker(top)
+        if m is not None:
+            entry.update(status="complete", parts=[m], time=m.get("time"))
+            return entry
+        if _present(top):
+            entry.update(status="local", parts=[{"dir": src.dir, "files": file_records(top)}])
+            return entry
+    elif _present(top) and not any(read_marker(raw / p.dest) for p in src.parts):
+        # the user's own files (no part of ours is there): take them as they are
+        entry.update(status="local", parts=[{"dir": src.dir, "files": file_records(top)}])
+        return entry
+    if offline:
+        raise DownloadError(f"source {src.name!r} is not in {top} and offline mode forbids fetching it; "
+                            f"{how_to_provide(src, raw)}; or unset OFFLINE/HF_HUB_OFFLINE "
+                            "(or set ALLOW_MISSING_DATA=1 to go on without it)")
+    statuses = []
+    for part in src.parts:
+        d = raw / part.dest
+        m = read_marker(d)
+        if m is not None:
+            entry["parts"].append(m)
+            statuses.append("complete")
+            continue
+        if _present(d):
+            entry["parts"].append({"dir": part.dest, "kind": "local", "files": file_records(d)})
+            statuses.append("local")
+            continue
+        log.info("download %s: %s %s -> %s", src.name, part.kind, _strip_url_secrets(part.repo) or "urls", d)
+        t0 = time.time()
+        m = fetch_part(part, src, raw, dl)
+        log.info("download %s: %d files, %.1f MB in %.1fs", src.name, m["n_files"], m["bytes"] / 1e6, time.time() - t0)
+        entry["parts"].append(m)
+        statuses.append("downloaded")
+    entry["status"] = "downloaded" if "downloaded" in statuses else ("complete" if set(statuses) == {"complete"} else "local")
+    entry["time"] = _now()
+    if multi:
+        (top / MARKER).write_text(json.dumps({"source": src.name, "license": src.license, "url": src.url,
+                                              "parts": entry["parts"], "time": entry["time"]}, indent=2) + "\n")
+    return entry
+
+
+def run_download(cfg, table: Optional[dict[str, Source]] = None) -> dict[str, Any]:
+    """Fetch every selected source into cfg.data.raw_dir; returns (and writes) the download manifest.
+
+    ``table`` replaces ``SOURCES_TABLE`` (tests point it at loopback servers)."""
+    table = table or SOURCES_TABLE
+    dl = cfg.data.download
+    if "://" in cfg.data.raw_dir:
+        raise UserFacingError(f"data.raw_dir must be a local directory, got {cfg.data.raw_dir}")
+    raw = Path(cfg.data.raw_dir).expanduser().resolve()
+    raw.mkdir(parents=True, exist_ok=True)
+    offline = bool(dl.offline)
+    if not offline:
+        _clean_stale_tmp(raw)
+    chosen, skipped = selected_sources(cfg)
+    manifest: dict[str, Any] = {"raw_dir": str(raw), "offline": offline, "time": _now(), "sources": {}}
+    errors: list[str] = []
+    for name in SOURCES:
+        src = table[name]
+        if name in skipped:
+            manifest["sources"][name] = {"source": name, "domain": src.domain, "dir": src.dir,
+                                         "status": "skipped", "reason": skipped[name]}
+            continue
+        try:
+            entry = _do_source(src, raw, dl, offline)
+        except Exception as e:
+            msg = redact(str(e) or type(e).__name__)
+            entry = {"source": name, "domain": src.domain, "dir": src.dir, "license": src.license,
+                     "status": "missing" if offline else "failed", "error": msg, "how": how_to_provide(src, raw)}
+            if offline and cfg.data.allow_missing:
+                log.warning("source %s is missing (recorded; ALLOW_MISSING_DATA is set): %s", name, msg)
+            elif not offline and cfg.data.allow_missing:
+                entry["status"] = "missing"
+                log.warning("source %s could not be fetched (recorded as missing): %s", name, msg)
+            else:
+                errors.append(f"{name}: {msg}" if offline else f"{name}: {msg}; {how_to_provide(src, raw)}")
+                log.error("source %s failed: %s", name, msg)
+        entry["n_files"] = sum(len(p.get("files", [])) for p in entry.get("parts", []))
+        manifest["sources"][name] = entry
+        log.info("source %-15s %s", name, entry["status"])
+    text = json.dumps(manifest, indent=2) + "\n"
+    tmpf = raw / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmpf.write_text(text)
+    os.replace(tmpf, raw / MANIFEST)
+    from pipeline.storage import open_store
+    open_store(cfg).write_text(f"data/{MANIFEST}", text)
+    if errors:
+        raise UserFacingError("download failed for " + str(len(errors)) + " source(s):\n  " + "\n  ".join(errors)
+                              + "\n(set ALLOW_MISSING_DATA=1 to record missing sources and go on, or "
+                                "DOWNLOAD_SKIP=<source> to leave one out)")
+    return manifest
