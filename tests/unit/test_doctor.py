@@ -1,0 +1,152 @@
+"""adapters doctor / preflight on this CPU-only machine."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline import doctor
+from pipeline.config import Config
+from pipeline.errors import UserFacingError
+
+pytestmark = pytest.mark.timeout(120)
+
+MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+              "vocab_size": 32768, "tie_word_embeddings": False}
+
+
+def make_cfg(tmp_path, device="cpu", **kw) -> Config:
+    d = {"output": str(tmp_path / "out"), "model": {"base": "tiny"}, "resources": {"device": device},
+         "data": {"raw_dir": str(tmp_path / "raw"), "download": {"offline": True}}}
+    for k, v in kw.items():
+        d[k] = v
+    return Config.model_validate(d)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_env(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def rows(rep):
+    return {r.name: r for r in rep.rows}
+
+
+def test_cpu_config_passes_with_no_cuda_as_expected(tmp_path, capsys):
+    code = doctor.run_doctor(make_cfg(tmp_path))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "check" in out and "status" in out and "fix" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("cuda"))
+    assert "PASS" in line and "no CUDA, as expected" in line
+    for name in ("python", "packages", "bitsandbytes", "ray", "output", "base model", "memory"):
+        assert any(ln.startswith(name) for ln in out.splitlines()), name
+
+
+def test_gpu_config_without_cuda_fails_with_the_cause(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, device="cuda")
+    assert doctor.run_doctor(cfg) == 1
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("cuda"))
+    assert "FAIL" in line and "CUDA cannot be used" in line
+    with pytest.raises(UserFacingError) as e:   # no silent CPU fallback: train's pre-flight stops here
+        doctor.preflight(cfg)
+    assert "cuda" in str(e.value) and "fix:" in str(e.value)
+
+
+def test_cuda_init_error_text_is_reported(tmp_path, monkeypatch):
+    """The seed's error 304: torch's own exception text reaches the table."""
+    monkeypatch.setattr(doctor, "probe_cuda", lambda: {
+        "available": False, "gpus": [], "torch": "2.13.0", "runtime": "12.8",
+        "cause": "RuntimeError: CUDA driver initialization failed: Error 304: OS call failed or operation not supported on this OS"})
+    rep = doctor.Report()
+    doctor.check_cuda(make_cfg(tmp_path, device="cuda"), rep)
+    r = rows(rep)["cuda"]
+    assert r.status == "FAIL" and "Error 304" in r.detail and "nvidia-smi" in r.fix
+
+
+def test_preflight_passes_on_cpu_config(tmp_path):
+    doctor.preflight(make_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("how", ["file_as_dir", "under_a_file"])
+def test_broken_output_location_fails_with_fix(tmp_path, how):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    out = str(f) if how == "file_as_dir" else str(f / "sub")
+    rep = doctor.Report()
+    doctor.check_output(make_cfg(tmp_path, output=out), rep)
+    r = rows(rep)["output"]
+    assert r.status == "FAIL" and "afile" in r.detail and "--output" in r.fix
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path):
+    cfg = make_cfg(tmp_path, resources={"device": "cpu", "ray_address": "127.0.0.1:1"})
+    t0 = time.time()
+    rep = doctor.Report()
+    doctor.check_ray(cfg, rep)
+    assert time.time() - t0 < 10
+    r = rows(rep)["ray"]
+    assert r.status == "FAIL" and "127.0.0.1:1" in r.detail and "ray_address" in r.fix
+    with pytest.raises(UserFacingError, match="ray"):
+        doctor.preflight(cfg)
+
+
+def test_ray_address_from_env_and_auto_without_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    rep = doctor.Report()
+    doctor.check_ray(make_cfg(tmp_path), rep)
+    assert rows(rep)["ray"].status == "FAIL"
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    rep = doctor.Report()
+    doctor.check_ray(make_cfg(tmp_path, resources={"device": "cpu", "ray_address": "auto"}), rep)
+    assert rows(rep)["ray"].status == "FAIL" and "ray start --head" in rows(rep)["ray"].fix
+
+
+def test_memory_estimate_7b_mistral_is_sane():
+    e = doctor.estimate_memory(MISTRAL_7B, 2048, 16, "all-linear", True)
+    assert 6.5 < e["params_b"] < 7.8
+    assert 3 < e["weights_gb"] < 5
+    assert 4 < e["total_gb"] < 20, e
+    no_ckpt = doctor.estimate_memory(MISTRAL_7B, 2048, 16, "all-linear", False)
+    assert no_ckpt["total_gb"] > e["total_gb"] + 5
+    # the seed's measured baseline: 2 x 512 tokens, q_proj/v_proj, checkpointing: 5.6 GB peak on an H100
+    seed = doctor.estimate_memory(MISTRAL_7B, 1024, 16, ["q_proj", "v_proj"], True)
+    assert 4.5 < seed["total_gb"] < 7.5, seed
+
+
+def test_memory_check_too_big_says_what_to_lower(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, device="cuda", train={"tokens_per_micro_batch": 32768, "gradient_checkpointing": False})
+    rep = doctor.Report()
+    doctor.check_memory(cfg, rep, MISTRAL_7B, {"available": True, "gpus": [
+        {"index": 0, "name": "NVIDIA GeForce RTX 3090", "memory_gb": 24.0, "cc": "8.6", "bf16": True}]})
+    r = rows(rep)["memory"]
+    assert r.status == "FAIL" and "RTX 3090" in r.detail
+    assert "tokens_per_micro_batch" in r.fix and "gradient_checkpointing" in r.fix
+    rep = doctor.Report()
+    cfg = make_cfg(tmp_path, device="cuda", train={"tokens_per_micro_batch": 2048})
+    doctor.check_memory(cfg, rep, MISTRAL_7B, {"available": True, "gpus": [
+        {"index": 0, "name": "NVIDIA GeForce RTX 3090", "memory_gb": 24.0, "cc": "8.6", "bf16": True}]})
+    assert rows(rep)["memory"].status == "PASS"
+
+
+def test_base_model_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    rep = doctor.Report()
+    doctor.check_model(make_cfg(tmp_path, model={"base": str(tmp_path / "nope")}), rep, network=False)
+    assert rep.rows[-1].status == "FAIL" and "not found" in rep.rows[-1].detail and "model.base" in rep.rows[-1].fix
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text('{"hidden_size": 64}')
+    doctor.check_model(make_cfg(tmp_path, model={"base": str(d)}), rep, network=False)
+    assert rep.rows[-1].status == "FAIL" and "weights" in rep.rows[-1].detail
+    (d / "model.safetensors").write_bytes(b"x")
+    doctor.check_model(make_cfg(tmp_path, model={"base": str(d)}), rep, network=False)
+    assert rep.rows[-1].status == "PASS"
+    # offline and not cached: a clear failure, no network call
+    doctor.check_model(make_cfg(tmp_path, model={"base": "someone/not-cached-model"}), rep, network=True)
+    assert rep.rows[-1].status == "FAIL" and "offline" in rep.rows[-1].detail
+    arch, _ = doctor.check_model(make_cfg(tmp_path), rep, network=False)
+    assert rep.rows[-1].status == "INFO" and arch["hidden_size"] == 128
