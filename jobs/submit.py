@@ -1,0 +1,316 @@
+"""Submit the pipeline (or one stage) to a Ray cluster with ``ray job submit``.
+
+    python -m jobs.submit --config configs/demo.yaml --output output/demo [--address http://HEAD:8265]
+                          [--stage run|download|prepare|train|report] [--set key=value ...]
+                          [--domains a,b] [--raw-dir DIR] [--job-name NAME] [--no-wait] [--dry-run]
+
+    make submit CONFIG=configs/default.yaml OUTPUT=s3://bucket/prefix RAY_ADDRESS=http://HEAD:8265
+
+What it does, in order:
+
+1. Loads and validates the config here, so a bad key fails in a second, not after the upload.
+2. Builds the runtime_env: ``working_dir`` is the repository (the code and the small bundled
+   fixtures), with ``excludes`` for the virtualenv, outputs, raw data directories, git, caches
+   and anything that looks like a credential file. Its ``env_vars`` carry only the seed's
+   documented switches (MAX_DOCS_PER_SOURCE, DOWNLOAD_ONLY, OFFLINE, ...) that are set here, plus
+   TOKENIZERS_PARALLELISM / PYTHONUNBUFFERED. Credentials never go in it: a variable whose name
+   looks like a secret is refused, and the finished runtime_env, metadata and entrypoint are
+   checked for the values of the Ray token, AWS keys and HF token before anything is sent.
+   S3 and Hugging Face credentials belong on the cluster's nodes (environment, IAM role, ~/.aws).
+3. Local paths given here (``--output``, ``--raw-dir``) are made absolute, because the job runs in
+   a copy of the repository elsewhere; on a multi-node cluster use ``s3://`` for ``--output``.
+4. Runs ``ray job submit --working-dir . --runtime-env-json ... --submission-id ... --metadata-json
+   ... -- python -m jobs.<stage> --config ... --output ...`` with ``RAY_AUTH_MODE=token`` (unless
+   set otherwise) and the token from where Ray looks for it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+   ~/.ray/auth_token). The token itself is never printed or passed on a command line.
+5. Prints the job id and the dashboard URL, streams the job's logs (unless ``--no-wait``), and exits
+   0 only if the job SUCCEEDED.
+
+Job metadata (shown in the dashboard's job page and ``GET /api/jobs/``): ``job_name``,
+``output_uri``, ``run_name``, ``stage``, ``config``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_MODULES = {"run": "jobs.run_pipeline", "download": "jobs.download", "prepare": "jobs.prepare",
+                 "train": "jobs.train", "report": "jobs.report"}
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+# Never shipped with the job (gitignore syntax, relative to the working dir). Ray also honours
+# .gitignore / .rayignore; these are explicit so a missing .gitignore line cannot ship data.
+EXCLUDES = [
+    "/.git", "/.venv", "/venv", "/.venv-*", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
+    "/build", "/dist", "/.whl", "/.devbundle", "/test-artifacts",
+    # outputs and raw data at the top of the repo (fixtures/raw is small and ships: the demo needs it)
+    "/output", "/outputs", "/raw", "/data", "/runs", "/checkpoints",
+    # credential-looking files, anywhere
+    ".env", ".env.*", "*.pem", ".aws", ".ray", "auth_token", "credentials", "*credentials.json",
+    ".netrc", ".git-credentials",
+]
+
+# The seed's documented switches: passed to the job when set here (they change what the job does).
+PASSTHROUGH_ENV = (
+    "MAX_DOCS_PER_SOURCE", "MAX_SFT_PER_DOMAIN", "ALLOW_MISSING_DATA",
+    "DOWNLOAD_ONLY", "DOWNLOAD_SKIP", "DOWNLOAD_OPENCASLIST", "DOWNLOAD_OPENCASELIST",
+    "OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+    "DDO_DEBATES_URL", "DDO_USERS_URL", "DDO_GDRIVE_FOLDER_URL",
+)
+FIXED_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|ACCESS_KEY|PRIVATE|AUTH|API_KEY|SESSION", re.I)
+_SECRET_VALUE_VARS = ("RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
+                      "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+class SubmitError(RuntimeError):
+    """A problem the user can fix before anything is sent."""
+
+
+# ---- pieces, each testable on its own --------------------------------------------------------
+
+def ray_executable() -> str:
+    sibling = Path(sys.executable).with_name("ray")
+    if sibling.exists():
+        return str(sibling)
+    found = shutil.which("ray")
+    if not found:
+        raise SubmitError("the `ray` command was not found: pip install 'ray[default]==2.60.0' (or activate the venv)")
+    return found
+
+
+def job_address(cli_address: Optional[str], environ: Optional[dict] = None) -> str:
+    env = os.environ if environ is None else environ
+    addr = cli_address or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if addr == "auto" or not addr.startswith(("http://", "https://")):
+        # ray job submit talks to the dashboard's HTTP job server, not the GCS port.
+        host = addr.split("://")[-1].split(":")[0] if addr != "auto" else "127.0.0.1"
+        raise SubmitError(f"job address {addr!r} is not the dashboard URL: use http://{host}:8265 "
+                          "(the head's dashboard port), via --address or RAY_ADDRESS")
+    return addr.rstrip("/")
+
+
+def is_local_address(addr: str) -> bool:
+    host = addr.split("://", 1)[-1].split("/")[0].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def ray_token(environ: Optional[dict] = None) -> Optional[str]:
+    """The token the ray CLI will send (same order as Ray: env var, token path, ~/.ray/auth_token)."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return env["RAY_AUTH_TOKEN"].strip()
+    home = Path(env.get("HOME") or Path.home())
+    path = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else home / ".ray" / "auth_token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def auth_env(environ: Optional[dict] = None) -> dict[str, str]:
+    """The environment for the ray CLI: token auth on unless RAY_AUTH_MODE says otherwise."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    if env["RAY_AUTH_MODE"].lower() == "token" and not ray_token(env):
+        raise SubmitError(
+            "Ray token authentication is on but no token was found. Copy the head node's token "
+            "(on the head: `ray get-auth-token`) into ~/.ray/auth_token on this machine, or point "
+            "RAY_AUTH_TOKEN_PATH at a file holding it. (RAY_AUTH_MODE=disabled only for clusters "
+            "started without auth.)")
+    return env
+
+
+def _abs_local(p: str) -> str:
+    return p if "://" in p else str(Path(p).expanduser().resolve())
+
+
+def _redact_uri(uri: str) -> str:
+    uri = re.sub(r"//[^/@]+@", "//***@", uri)
+    return re.sub(r"([?&](?:token|key|signature|sig|X-Amz-[A-Za-z-]+)=)[^&]+", r"\1***", uri, flags=re.I)
+
+
+def runtime_env(extra_env: Optional[list[str]] = None, environ: Optional[dict] = None) -> dict:
+    """excludes + env_vars; the working_dir is given to ``ray job submit --working-dir``."""
+    env = os.environ if environ is None else environ
+    env_vars = dict(FIXED_ENV)
+    for name in PASSTHROUGH_ENV:
+        if env.get(name, "").strip():
+            env_vars[name] = env[name]
+    for name in extra_env or []:
+        if _SECRET_NAME.search(name):
+            raise SubmitError(
+                f"--env {name}: that looks like a credential, and credentials never go in a job's "
+                "runtime_env (it is stored in the cluster and shown in the dashboard). Give it to the "
+                "cluster's nodes instead: their environment, an IAM role / instance profile, or ~/.aws.")
+        if name not in env:
+            raise SubmitError(f"--env {name}: not set in this shell")
+        env_vars[name] = env[name]
+    return {"excludes": list(EXCLUDES), "env_vars": env_vars}
+
+
+def check_no_secrets(payload: dict, environ: Optional[dict] = None) -> None:
+    """Refuse to send anything that contains the value of the Ray token or a cloud credential."""
+    env = os.environ if environ is None else environ
+    text = json.dumps(payload)
+    values = {n: env.get(n, "") for n in _SECRET_VALUE_VARS}
+    values["ray token"] = ray_token(env) or ""
+    for name, value in values.items():
+        if value and len(value) >= 8 and value in text:
+            raise SubmitError(f"refusing to submit: the value of {name} appears in the job's runtime_env, "
+                              "metadata or command line; remove it (credentials stay on the cluster's nodes)")
+
+
+def job_command(stage: str, config_rel: str, output: str, raw_dir: Optional[str],
+                sets: list[str], domains: Optional[str]) -> list[str]:
+    cmd = ["python", "-m", STAGE_MODULES[stage], "--config", config_rel, "--output", output]
+    if raw_dir:
+        cmd += ["--raw-dir", raw_dir]
+    for s in sets:
+        cmd += ["--set", s]
+    if domains:
+        cmd += ["--domains", domains]
+    return cmd
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _shipped(path: Path, root: Path) -> bool:
+    """Whether a path inside the working dir travels with the job (not under an excluded top dir)."""
+    if not _inside(path, root):
+        return False
+    parts = path.resolve().relative_to(root.resolve()).parts
+    anchored = {e[1:] for e in EXCLUDES if e.startswith("/") and "*" not in e}
+    anywhere = {e for e in EXCLUDES if not e.startswith("/") and "*" not in e}
+    return not ((parts and parts[0] in anchored) or any(p in anywhere for p in parts))
+
+
+def build(args: argparse.Namespace, environ: Optional[dict] = None) -> dict:
+    """Everything that will be sent: the ray CLI argv (without the binary), and a summary."""
+    env = os.environ if environ is None else environ
+    sys.path.insert(0, str(REPO))
+    from pipeline.config import ConfigError, load_config
+
+    working_dir = Path(args.working_dir).resolve()
+    config_path = Path(args.config)
+    if not config_path.is_file():
+        raise SubmitError(f"config {args.config} not found")
+    if not _inside(config_path, working_dir):
+        raise SubmitError(f"config {config_path} is outside the working dir {working_dir}: put it inside "
+                          "(e.g. configs/) so it ships with the job")
+    config_rel = str(config_path.resolve().relative_to(working_dir))
+    output = _abs_local(args.output) if args.output else None
+    raw_dir = _abs_local(args.raw_dir) if args.raw_dir else None
+    try:
+        cfg = load_config(config_path, sets=args.set, raw_dir=raw_dir, output=output, environ=dict(env))
+    except ConfigError as e:
+        raise SubmitError(str(e)) from None
+    if args.domains:
+        unknown = [d for d in args.domains.split(",") if d.strip() and d.strip() not in cfg.domains]
+        if unknown:
+            raise SubmitError(f"--domains names {unknown}, which the config does not list ({cfg.domains})")
+    # The job runs in a copy of the working dir: pass the output explicitly (the config's relative
+    # default would land inside that temporary copy), and the raw dir when it does not ship.
+    output = output or cfg.output
+    if raw_dir is None and "://" not in cfg.data.raw_dir and not _shipped(Path(cfg.data.raw_dir), working_dir):
+        raw_dir = cfg.data.raw_dir
+    address = job_address(args.address, env)
+    if "://" not in output and not is_local_address(address):
+        print(f"note: output {output} is a local path on the cluster's nodes; with more than one node "
+              "use s3://bucket/prefix (or a shared filesystem) so every worker writes to the same place",
+              file=sys.stderr)
+    stage = args.stage
+    job_name = args.job_name or f"adapters-{stage}-{cfg.run_name}"
+    submission_id = args.submission_id or (
+        f"adapters-{cfg.run_name}-{stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}")
+    metadata = {"job_name": job_name, "output_uri": _redact_uri(output), "run_name": cfg.run_name,
+                "stage": stage, "config": config_rel}
+    renv = runtime_env(args.env, env)
+    entry = job_command(stage, config_rel, output, raw_dir, args.set, args.domains)
+    check_no_secrets({"runtime_env": renv, "metadata": metadata, "entrypoint": entry}, env)
+    argv = ["job", "submit", "--address", address, "--working-dir", str(working_dir),
+            "--runtime-env-json", json.dumps(renv), "--submission-id", submission_id,
+            "--metadata-json", json.dumps(metadata)]
+    if args.entrypoint_num_cpus is not None:
+        argv += ["--entrypoint-num-cpus", str(args.entrypoint_num_cpus)]
+    if args.no_wait:
+        argv.append("--no-wait")
+    argv += ["--", *entry]
+    return {"argv": argv, "address": address, "submission_id": submission_id, "metadata": metadata,
+            "runtime_env": renv, "entrypoint": entry,
+            "dashboard_url": f"{address}/#/jobs/{submission_id}"}
+
+
+def final_status(ray: str, address: str, submission_id: str, env: dict) -> str:
+    r = subprocess.run([ray, "job", "status", "--address", address, submission_id],
+                       env=env, capture_output=True, text=True, timeout=120)
+    m = re.search(r"\b(PENDING|RUNNING|STOPPED|SUCCEEDED|FAILED)\b", r.stdout + r.stderr)
+    return m.group(1) if m else "UNKNOWN"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.submit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config inside the repository, e.g. configs/demo.yaml")
+    p.add_argument("--output", help="s3://bucket/prefix, or a local path on the cluster (made absolute here)")
+    p.add_argument("--raw-dir", help="raw data directory on the cluster's nodes (made absolute here)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--domains", help="comma-separated subset of the config's domains")
+    p.add_argument("--stage", choices=sorted(STAGE_MODULES), default="run", help="default: run (all stages)")
+    p.add_argument("--address", help=f"the head's dashboard URL (default: RAY_ADDRESS or {DEFAULT_ADDRESS})")
+    p.add_argument("--job-name", help="metadata job_name (default: adapters-<stage>-<run_name>)")
+    p.add_argument("--submission-id", help="default: adapters-<run_name>-<stage>-<UTC time>-<random>")
+    p.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="also pass this (non-secret) environment variable to the job, e.g. HF_ENDPOINT")
+    p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver (default: none)")
+    p.add_argument("--working-dir", default=str(REPO), help="code shipped with the job (default: the repository)")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting; do not stream logs")
+    p.add_argument("--dry-run", action="store_true", help="print what would be sent, send nothing")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        plan = build(args)
+        if args.dry_run:
+            print(json.dumps({k: plan[k] for k in ("address", "submission_id", "metadata", "runtime_env",
+                                                   "entrypoint", "dashboard_url")}, indent=2))
+            return 0
+        env = auth_env()
+        ray = ray_executable()
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Submitting {plan['metadata']['job_name']} as job {plan['submission_id']} to {plan['address']}")
+    print(f"  output: {plan['metadata']['output_uri']}")
+    print(f"  dashboard: {plan['dashboard_url']}", flush=True)
+    rc = subprocess.run([ray, *plan["argv"]], env=env).returncode
+    if rc != 0 and args.no_wait:
+        return rc
+    if args.no_wait:
+        print(f"Submitted. Follow it: ray job logs -f {plan['submission_id']}   dashboard: {plan['dashboard_url']}")
+        return 0
+    status = final_status(ray, plan["address"], plan["submission_id"], env) if rc == 0 else "FAILED or not submitted"
+    print(f"Job {plan['submission_id']}: {status}   dashboard: {plan['dashboard_url']}")
+    return 0 if status == "SUCCEEDED" else (rc or 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

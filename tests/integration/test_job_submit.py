@@ -1,0 +1,194 @@
+"""Job submission against a real local Ray cluster with token authentication (docs/CLUSTER.md's steps).
+
+The ``ray_head`` fixture (tests/fixtures_ray.py) generates a token into a temporary HOME, starts
+``ray start --head`` on 127.0.0.1 with the dashboard on a free port, and stops exactly that
+cluster's processes afterwards, also when a test fails. Every submit here goes through
+``jobs/submit.py`` (the code path of ``make submit``) and the real ``ray job submit`` CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import submit as jsubmit
+from tests.fixtures_ray import ROOT, RayHead, ray_head  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+DOMAINS = ("debate", "medicine", "education", "ecology")
+SUBMIT = [sys.executable, "-m", "jobs.submit"]
+
+# A trivial job that exercises what the pipeline's driver does: pipeline.raycluster.ensure_ray
+# inside a submitted job (no runtime_env conflict), a remote task that sees the job's env_vars,
+# and a look at what the working_dir shipped.
+TRIVIAL = r"""
+import json, logging, os, ray
+logging.basicConfig(level=logging.INFO)
+from pipeline.config import load_config
+from pipeline.raycluster import ensure_ray
+ensure_ray(load_config("configs/demo.yaml"))
+@ray.remote(num_cpus=0.1)
+def probe():
+    return {"tok_par": os.environ.get("TOKENIZERS_PARALLELISM"), "cwd_files": sorted(os.listdir("."))}
+out = ray.get(probe.remote())
+out["driver_files"] = sorted(os.listdir("."))
+out["fixtures_raw"] = os.path.isdir("fixtures/raw")
+out["resources"] = ray.cluster_resources().get("CPU")
+print("PROBE " + json.dumps(out))
+"""
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(config="configs/demo.yaml", output=None, raw_dir=None, set=[], domains=None, stage="run",
+                address=None, job_name=None, submission_id=None, env=[], entrypoint_num_cpus=None,
+                working_dir=str(ROOT), no_wait=False, dry_run=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _job(head: RayHead, submission_id: str) -> dict:
+    status, body = head.api(f"/api/jobs/{submission_id}")
+    assert status == 200, (status, body)
+    return json.loads(body)
+
+
+def _logs(head: RayHead, submission_id: str) -> str:
+    status, body = head.api(f"/api/jobs/{submission_id}/logs")
+    assert status == 200, (status, body)
+    return json.loads(body)["logs"]
+
+
+def _listed(head: RayHead) -> dict[str, dict]:
+    status, body = head.api("/api/jobs/")
+    assert status == 200, (status, body)
+    return {j.get("submission_id"): j for j in json.loads(body)}
+
+
+def _assert_no_token(head: RayHead, *texts: str) -> None:
+    token = head.token
+    assert len(token) >= 16
+    for t in texts:
+        assert token not in t, "the Ray auth token leaked"
+
+
+def test_trivial_job_through_submit_path(ray_head: RayHead, tmp_path: Path) -> None:
+    """Same runtime_env, metadata and auth as `make submit`; only the entrypoint is a probe."""
+    t0 = time.time()
+    out = tmp_path / "out"
+    plan = jsubmit.build(_args(output=str(out), address=ray_head.dashboard_url,
+                               job_name="probe-job"), environ=ray_head.env)
+    argv = plan["argv"][: plan["argv"].index("--") + 1] + ["python", "-c", TRIVIAL]
+    env = jsubmit.auth_env(ray_head.env)
+    r = subprocess.run([ray_head.ray, *argv], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    sid = plan["submission_id"]
+    job = _job(ray_head, sid)
+    assert job["status"] == "SUCCEEDED", job
+    # metadata: job name and output URI, as the dashboard's job API shows them
+    listed = _listed(ray_head)
+    assert sid in listed
+    assert listed[sid]["metadata"]["job_name"] == "probe-job"
+    assert listed[sid]["metadata"]["output_uri"] == str(out)
+    logs = _logs(ray_head, sid)
+    probe = json.loads("{" + logs.split("PROBE {", 1)[1].splitlines()[0])
+    assert probe["tok_par"] == "false"                 # the job's env_vars reach the workers
+    assert probe["fixtures_raw"] is True               # the demo's fixtures ship
+    for never in (".venv", ".git", "output", "test-artifacts"):
+        assert never not in probe["driver_files"], f"{never} was shipped with the job"
+    assert "pipeline" in probe["driver_files"] and "jobs" in probe["driver_files"]
+    assert "Ray cluster:" in logs                      # raycluster logs the resources
+    # the token is in none of: the job's logs, runtime_env, metadata, entrypoint, the CLI's output
+    _assert_no_token(ray_head, logs, json.dumps(job), r.stdout, r.stderr)
+    assert "RAY_AUTH_TOKEN" not in json.dumps(job["runtime_env"])
+    print(f"trivial job: {time.time() - t0:.1f}s")
+
+
+def test_submit_refused_without_token(ray_head: RayHead, tmp_path: Path) -> None:
+    before = set(_listed(ray_head))
+    # 1. The REST API itself: no Authorization header -> 401, and no job is created.
+    status, body = ray_head.api("/api/jobs/", method="POST", headers={},
+                                body={"entrypoint": "echo should-not-run", "submission_id": "no-token-rest"})
+    assert status == 401, (status, body)
+    # 2. The ray CLI sending no token (client auth off, as on a machine without the token) -> refused.
+    empty_home = tmp_path / "home"
+    empty_home.mkdir()
+    env = {**ray_head.env, "HOME": str(empty_home), "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run([ray_head.ray, "job", "submit", "--address", ray_head.dashboard_url,
+                        "--submission-id", "no-token-cli", "--no-wait", "--", "echo", "should-not-run"],
+                       env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "401" in r.stdout + r.stderr or "Unauthorized" in r.stdout + r.stderr, r.stdout + r.stderr
+    # 3. jobs.submit with token auth on and no token anywhere: refused before sending, with the fix.
+    r = subprocess.run([*SUBMIT, "--config", "configs/demo.yaml", "--output", str(tmp_path / "o"),
+                        "--address", ray_head.dashboard_url, "--no-wait"],
+                       env={**ray_head.env, "HOME": str(empty_home)}, cwd=str(ROOT),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "ray get-auth-token" in r.stderr
+    assert set(_listed(ray_head)) == before
+
+
+def test_submit_refused_with_wrong_token(ray_head: RayHead, tmp_path: Path) -> None:
+    before = set(_listed(ray_head))
+    wrong = "0" * 32
+    status, body = ray_head.api("/api/jobs/", method="POST", headers={"Authorization": f"Bearer {wrong}"},
+                                body={"entrypoint": "echo should-not-run", "submission_id": "wrong-token-rest"})
+    assert status == 403, (status, body)
+    # jobs.submit (the make submit path) with a wrong token: ray job submit is refused.
+    env = {**ray_head.env, "RAY_AUTH_TOKEN": wrong}
+    r = subprocess.run([*SUBMIT, "--config", "configs/demo.yaml", "--output", str(tmp_path / "o"),
+                        "--address", ray_head.dashboard_url, "--no-wait"],
+                       env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "403" in r.stdout + r.stderr or "Forbidden" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert wrong not in r.stdout + r.stderr
+    assert set(_listed(ray_head)) == before
+
+
+def _pipeline_landed() -> bool:
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("pipeline.download", "pipeline.prepare", "pipeline.train", "pipeline.report"))
+
+
+@pytest.mark.skipif(not _pipeline_landed(), reason="pipeline stages (download/prepare/train/report) not in the tree yet")
+def test_demo_pipeline_job(ray_head: RayHead, tmp_path: Path) -> None:
+    """`make submit CONFIG=configs/demo.yaml OUTPUT=...` against the cluster, exactly as docs/CLUSTER.md says."""
+    t0 = time.time()
+    out = tmp_path / "demo-out"
+    sets = ["train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
+            "model.tiny.pretrain_steps=5", "data.max_sft_per_domain=60", "data.max_docs_per_source=60"]
+    cmd = [*SUBMIT, "--config", "configs/demo.yaml", "--output", str(out), "--address", ray_head.dashboard_url,
+           "--job-name", "demo-e2e"]
+    for s in sets:
+        cmd += ["--set", s]
+    r = subprocess.run(cmd, env=ray_head.env, cwd=str(ROOT), capture_output=True, text=True, timeout=540)
+    sid = next((line.split(" as job ", 1)[1].split()[0] for line in r.stdout.splitlines() if " as job " in line), None)
+    assert sid, r.stdout[-3000:] + r.stderr[-3000:]
+    logs = _logs(ray_head, sid)
+    assert r.returncode == 0, f"job {sid} did not succeed:\n{logs[-6000:]}\n{r.stderr[-2000:]}"
+    assert _job(ray_head, sid)["status"] == "SUCCEEDED"
+    assert "dashboard: " + ray_head.dashboard_url in r.stdout
+    # the output tree
+    assert (out / "data" / "manifest.json").is_file()
+    for d in DOMAINS:
+        assert (out / "adapters" / d / "adapter_config.json").is_file(), d
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary
+    # the dashboard's job API lists it with its metadata
+    job = _listed(ray_head)[sid]
+    assert job["metadata"]["job_name"] == "demo-e2e"
+    assert job["metadata"]["output_uri"] == str(out)
+    assert job["metadata"]["run_name"] == "demo"
+    # progress shows in the job's logs: stages start/finish lines from the CLI
+    assert "stage train: starting" in logs and "stage report: done" in logs
+    _assert_no_token(ray_head, logs, json.dumps(job), r.stdout, r.stderr, *(
+        p.read_text(errors="replace") for p in out.rglob("*.json")))
+    print(f"demo pipeline job: {time.time() - t0:.1f}s")
