@@ -3,56 +3,131 @@
 Everything the pipeline writes goes through a ``Store`` rooted at ``--output``. Paths given to its
 methods are relative, '/'-separated, and checked so that nothing can write outside the root.
 Writes are atomic: local files are written to a temporary name and renamed; S3 objects appear
-whole when their PUT completes.
+whole when their PUT (or multipart upload) completes, so a retried write replaces, never
+duplicates.
 
 S3 endpoint, region and credentials are read here and nowhere else: config ``storage.*``, else the
-standard AWS variables. They are passed explicitly to pyarrow's S3FileSystem, to Ray Train's
-storage (via ``arrow_fs``) and to boto3, and never written anywhere.
+standard AWS variables (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``,
+``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``AWS_PROFILE``). They are passed explicitly to pyarrow's S3FileSystem, to Ray Train's storage
+(via ``ray_storage``) and to boto3, and never written or logged: ``repr`` of every object here
+hides them, and error messages name the endpoint without any user:password part.
+
+I/O errors are sorted into three kinds (``classify``):
+  transient (connection refused/reset, timeouts, 5xx, SlowDown): retried with exponential backoff,
+      ``storage.retries`` times (0.5 s, 1 s, 2 s, 4 s, 8 s, 8 s, ...);
+  not found: raised at once as ``StorageNotFound`` (a ``StorageError`` and a ``FileNotFoundError``);
+  permanent (wrong credentials, access denied, no such bucket, bad request): raised at once as a
+      ``StorageError`` whose message says what to fix.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
+import re
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import pyarrow.fs as pafs
 
+from pipeline.errors import UserFacingError
+
 T = TypeVar("T")
+log = logging.getLogger("pipeline.storage")
 
 
-class StorageError(RuntimeError):
-    pass
+class StorageError(UserFacingError):
+    """A storage problem; the message says what to fix and never holds credentials."""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """The object or file does not exist (catch as StorageError or FileNotFoundError)."""
+
+
+# Counters for tests and benchmarks: how often I/O was retried, and how often we gave up.
+STATS: dict[str, int] = {"retries": 0, "gave_up": 0}
+_STATS_LOCK = threading.Lock()
+
+
+def _bump(key: str) -> None:
+    with _STATS_LOCK:
+        STATS[key] += 1
 
 
 @dataclass(frozen=True)
 class S3Settings:
     endpoint_url: Optional[str]
     region: Optional[str]
-    access_key: Optional[str]
-    secret_key: Optional[str]
-    session_token: Optional[str]
-    profile: Optional[str]
-    retries: int
+    access_key: Optional[str] = field(default=None, repr=False)
+    secret_key: Optional[str] = field(default=None, repr=False)
+    session_token: Optional[str] = field(default=None, repr=False)
+    profile: Optional[str] = None
+    retries: int = 5
 
     @classmethod
     def resolve(cls, storage_cfg: Any = None, environ: Optional[dict] = None) -> "S3Settings":
+        """Config ``storage.*`` first, else the standard AWS environment variables."""
         env = os.environ if environ is None else environ
         get = (lambda k: getattr(storage_cfg, k, None)) if storage_cfg is not None else (lambda k: None)
-        endpoint = get("endpoint_url") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        endpoint = get("endpoint_url") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
         region = get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+        access_key = env.get("AWS_ACCESS_KEY_ID") or None
+        secret_key = env.get("AWS_SECRET_ACCESS_KEY") or None
+        if bool(access_key) != bool(secret_key):
+            missing = "AWS_SECRET_ACCESS_KEY" if access_key else "AWS_ACCESS_KEY_ID"
+            raise StorageError(f"S3 credentials are incomplete: {missing} is not set; set both AWS_ACCESS_KEY_ID "
+                               "and AWS_SECRET_ACCESS_KEY, or neither (then storage.profile / AWS_PROFILE is used)")
+        retries = get("retries")
         return cls(endpoint_url=endpoint, region=region,
-                   access_key=env.get("AWS_ACCESS_KEY_ID"), secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
-                   session_token=env.get("AWS_SESSION_TOKEN"), profile=get("profile") or env.get("AWS_PROFILE"),
-                   retries=int(get("retries") if get("retries") is not None else 5))
+                   access_key=access_key, secret_key=secret_key,
+                   session_token=(env.get("AWS_SESSION_TOKEN") or None) if access_key else None,
+                   profile=get("profile") or env.get("AWS_PROFILE") or None,
+                   retries=int(retries) if retries is not None else 5)
+
+    @property
+    def safe_endpoint(self) -> str:
+        """The endpoint for messages: no user:password part, no query string."""
+        if not self.endpoint_url:
+            return "the default AWS endpoint"
+        return _strip_userinfo(self.endpoint_url)
+
+    def with_credentials(self) -> "S3Settings":
+        """Settings with explicit keys: from the environment, else resolved once from the profile."""
+        if self.access_key or not self.profile:
+            return self
+        try:
+            import boto3
+            creds = boto3.session.Session(profile_name=self.profile).get_credentials()
+        except Exception as e:  # botocore ProfileNotFound and friends
+            raise StorageError(f"S3 profile {self.profile!r} cannot be used ({type(e).__name__}); "
+                               "check storage.profile / AWS_PROFILE and ~/.aws/credentials") from None
+        if creds is None:
+            return self
+        f = creds.get_frozen_credentials()
+        return S3Settings(self.endpoint_url, self.region, f.access_key, f.secret_key, f.token, self.profile, self.retries)
 
     def __repr__(self) -> str:  # never print secrets
-        return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, credentials={'set' if self.access_key else 'default chain'})"
+        return (f"S3Settings(endpoint_url={self.safe_endpoint if self.endpoint_url else None!r}, region={self.region!r}, "
+                f"credentials={'set' if self.access_key else ('profile ' + repr(self.profile) if self.profile else 'default chain')}, "
+                f"retries={self.retries})")
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # pickling is allowed (Ray ships a Store to workers), printing is not
+        return (S3Settings, (self.endpoint_url, self.region, self.access_key, self.secret_key,
+                             self.session_token, self.profile, self.retries))
+
+
+def _strip_userinfo(url: str) -> str:
+    url = re.sub(r"//[^/@]+@", "//", url)
+    return url.split("?", 1)[0]
 
 
 def is_s3(uri: str) -> bool:
@@ -64,39 +139,57 @@ def split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise StorageError(f"{uri!r} names no bucket: use s3://bucket/prefix")
+    if not re.match(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$", bucket):
+        raise StorageError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name "
+                           "(3-63 characters: lowercase letters, digits, '.', '-')")
     return bucket, key.strip("/")
 
 
+def _endpoint_parts(endpoint_url: str) -> tuple[str, str]:
+    scheme, sep, host = endpoint_url.partition("://")
+    if not sep:
+        return "https", endpoint_url.rstrip("/")
+    return scheme, host.rstrip("/")
+
+
 def arrow_s3(settings: S3Settings) -> pafs.S3FileSystem:
-    kw: dict[str, Any] = dict(region=settings.region, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max(1, settings.retries + 1)))
+    """pyarrow's S3FileSystem with endpoint, region and credentials passed explicitly."""
+    settings = settings.with_credentials()
+    kw: dict[str, Any] = dict(region=settings.region, connect_timeout=5, request_timeout=60,
+                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
     if settings.endpoint_url:
-        scheme, _, host = settings.endpoint_url.partition("://")
-        kw["endpoint_override"] = host or scheme
-        kw["scheme"] = scheme if host else "https"
+        scheme, host = _endpoint_parts(_strip_userinfo(settings.endpoint_url))
+        kw["endpoint_override"] = host
+        kw["scheme"] = scheme
     if settings.access_key:
         kw.update(access_key=settings.access_key, secret_key=settings.secret_key, session_token=settings.session_token)
     return pafs.S3FileSystem(**kw)
 
 
 def boto3_client(settings: S3Settings):
+    """A boto3 S3 client with endpoint, region and credentials passed explicitly."""
     import boto3
     from botocore.config import Config as BotoConfig
-    session = boto3.session.Session(profile_name=settings.profile) if settings.profile else boto3.session.Session()
     kw: dict[str, Any] = dict(region_name=settings.region,
-                              config=BotoConfig(retries={"max_attempts": max(1, settings.retries + 1), "mode": "standard"},
-                                                connect_timeout=5, read_timeout=60))
+                              config=BotoConfig(retries={"max_attempts": 3, "mode": "standard"},
+                                                connect_timeout=5, read_timeout=60,
+                                                s3={"addressing_style": "path"} if settings.endpoint_url else None))
     if settings.endpoint_url:
-        kw["endpoint_url"] = settings.endpoint_url
+        scheme, host = _endpoint_parts(_strip_userinfo(settings.endpoint_url))
+        kw["endpoint_url"] = f"{scheme}://{host}"
     if settings.access_key:
+        session = boto3.session.Session()
         kw.update(aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
                   aws_session_token=settings.session_token)
+    else:
+        session = boto3.session.Session(profile_name=settings.profile) if settings.profile else boto3.session.Session()
     return session.client("s3", **kw)
 
 
 def safe_rel(rel: str) -> str:
     """Normalize a relative path and refuse anything that would leave the root."""
-    rel = rel.replace("\\", "/")
-    if rel.startswith("/") or "://" in rel:
+    rel = str(rel).replace("\\", "/")
+    if rel.startswith("/") or "://" in rel or "\x00" in rel or re.match(r"^[A-Za-z]:", rel):
         raise StorageError(f"path {rel!r} must be relative to the output root")
     norm = posixpath.normpath(rel) if rel else ""
     if norm in (".", ""):
@@ -106,32 +199,119 @@ def safe_rel(rel: str) -> str:
     return norm
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
-    """Retry transient I/O errors with exponential backoff; the last error is raised with context."""
+# ---- error classification and retries ------------------------------------------------------
+
+_TRANSIENT_BOTO = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                   "ConnectionError", "ProxyConnectionError", "ResponseStreamingError", "IncompleteReadError"}
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                    "RequestTimeout", "RequestTimeoutException", "Throttling", "ThrottlingException"}
+_TRANSIENT_ARROW = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connection refused", "connection reset",
+                    "Connection reset", "timed out", "Timeout", "INTERNAL_FAILURE", "SERVICE_UNAVAILABLE",
+                    "SLOW_DOWN", "THROTTLING", "HTTP response code: 5", "Unable to connect", "Broken pipe",
+                    "Empty reply", "REQUEST_TIMEOUT", "INTERNAL_ERROR", "error code 5")
+_PERMANENT_HINTS = (
+    (("SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch"), "the secret key is wrong: check AWS_SECRET_ACCESS_KEY"),
+    (("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId"), "the access key is unknown to the server: check AWS_ACCESS_KEY_ID"),
+    (("NO_SUCH_BUCKET", "NoSuchBucket"), "the bucket does not exist: create it first or fix the s3:// URI"),
+    (("ACCESS_DENIED", "AccessDenied", "HTTP response code: 403", "Forbidden"),
+     "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"),
+    (("INVALID_BUCKET_NAME", "InvalidBucketName"), "the bucket name is not valid"),
+    (("EXPIRED_TOKEN", "ExpiredToken"), "the session token has expired: refresh the credentials"),
+    (("NoCredentialsError", "Unable to locate credentials"),
+     "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or storage.profile)"),
+)
+
+
+def _error_code(e: BaseException) -> str:
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict):
+        return str(resp.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def classify(e: BaseException) -> tuple[str, str]:
+    """('transient' | 'notfound' | 'permanent', hint) for an exception from pyarrow, boto3 or the OS."""
+    name = type(e).__name__
+    text = f"{name} {e}"
+    code = _error_code(e)
+    if code in ("404", "NoSuchKey", "NotFound") or isinstance(e, FileNotFoundError) and not code:
+        if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text or code == "NoSuchBucket":
+            return "permanent", "the bucket does not exist: create it first or fix the s3:// URI"
+        return "notfound", "not found"
+    for markers, hint in _PERMANENT_HINTS:
+        if code in markers or any(m in text for m in markers):
+            return "permanent", hint
+    if code in _TRANSIENT_CODES or name in _TRANSIENT_BOTO:
+        return "transient", "server unreachable or busy"
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return "transient", "server unreachable or busy"
+    if isinstance(e, OSError) and any(m in text for m in _TRANSIENT_ARROW):
+        return "transient", "server unreachable or busy"
+    if isinstance(e, OSError) and "AWS Error" in text and "UNKNOWN" in text:
+        # pyarrow reports a refused connection as 'AWS Error UNKNOWN (HTTP status 0)'
+        return ("transient", "server unreachable") if "status 0" in text or "HTTP status 0" in text else ("permanent", "")
+    return "permanent", ""
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5,
+          max_delay: float = 8.0, endpoint: str = "") -> T:
+    """Call fn; retry transient I/O errors with exponential backoff (base_delay * 2**i, capped).
+
+    Not-found errors raise ``StorageNotFound`` at once; permanent errors (credentials, no bucket)
+    raise ``StorageError`` at once with a hint; after the last attempt a ``StorageError`` says how
+    many attempts were made and what to check."""
     last: Optional[BaseException] = None
-    for i in range(max(1, attempts)):
+    attempts = max(1, attempts)
+    t0 = time.monotonic()
+    for i in range(attempts):
         try:
             return fn()
-        except (OSError, ConnectionError, TimeoutError) as e:  # pyarrow raises OSError subclasses
+        except StorageError:
+            raise
+        except Exception as e:
+            kind, hint = classify(e)
+            if kind == "notfound":
+                raise StorageNotFound(f"{what}: not found") from None
+            if kind == "permanent":
+                if isinstance(e, (OSError, ConnectionError)) or _error_code(e) or hint:
+                    raise StorageError(f"{what} failed: {hint or _short(e)}" + (f" ({_short(e)})" if hint else "")) from None
+                raise
             last = e
             if i + 1 < attempts:
-                time.sleep(min(8.0, base_delay * 2 ** i))
-        except Exception as e:  # botocore errors
-            name = type(e).__name__
-            if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError") and i + 1 < attempts:
-                last = e
-                time.sleep(min(8.0, base_delay * 2 ** i))
-                continue
-            raise
-    raise StorageError(f"{what} failed after {attempts} attempts: {last}") from last
+                delay = min(max_delay, base_delay * 2 ** i)
+                _bump("retries")
+                log.warning("%s: %s (attempt %d/%d); retrying in %.1fs", what, _short(e), i + 1, attempts, delay)
+                time.sleep(delay)
+    _bump("gave_up")
+    where = f" at {endpoint}" if endpoint else ""
+    raise StorageError(f"{what} failed after {attempts} attempts over {time.monotonic() - t0:.0f}s: storage{where} "
+                       f"unreachable or failing ({_short(last)}); check that the server is up and "
+                       "storage.endpoint_url / AWS_ENDPOINT_URL, or raise storage.retries") from None
 
+
+def _short(e: Optional[BaseException], limit: int = 300) -> str:
+    if e is None:
+        return ""
+    s = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+# ---- the store ---------------------------------------------------------------------------------
 
 class Store:
     """A root location (local directory or s3://bucket/prefix) and atomic reads/writes under it."""
 
-    def __init__(self, uri: str, storage_cfg: Any = None):
+    def __init__(self, uri: str, storage_cfg: Any = None, settings: Optional[S3Settings] = None):
+        uri = str(uri)
+        if not uri:
+            raise StorageError("output is empty: pass --output DIR or --output s3://bucket/prefix")
+        if "://" in uri and not is_s3(uri):
+            raise StorageError(f"output {uri!r}: only local directories and s3://bucket/prefix are supported")
         self.uri = uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())
-        self.s3 = S3Settings.resolve(storage_cfg) if is_s3(uri) else None
+        if is_s3(uri):
+            self.s3: Optional[S3Settings] = (settings or S3Settings.resolve(storage_cfg)).with_credentials()
+        else:
+            self.s3 = None
         if self.s3 is not None:
             self.bucket, self.prefix = split_s3(self.uri)
             self.fs: pafs.FileSystem = arrow_s3(self.s3)
@@ -140,6 +320,15 @@ class Store:
             self.fs = pafs.LocalFileSystem()
             self.root = self.uri
         self._attempts = (self.s3.retries + 1) if self.s3 else 1
+        self._client = None
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_client"] = None  # boto3 clients do not pickle; made again on first use
+        return d
 
     # -- naming --
     @property
@@ -150,6 +339,13 @@ class Store:
         """Filesystem path (for ``self.fs``) of a relative path under the root."""
         rel = safe_rel(rel)
         return f"{self.root}/{rel}" if rel else self.root
+
+    def key(self, rel: str = "") -> str:
+        """The S3 object key of a relative path (S3 stores only)."""
+        rel = safe_rel(rel)
+        if not self.is_s3:
+            raise StorageError(f"{self.uri} is not an S3 location")
+        return f"{self.prefix}/{rel}".strip("/") if self.prefix else rel
 
     def uri_of(self, rel: str = "") -> str:
         rel = safe_rel(rel)
@@ -168,26 +364,23 @@ class Store:
             raise StorageError(f"{self.uri} is not a local directory")
         return Path(self.path(rel))
 
+    @property
+    def client(self):
+        """A boto3 client for this store's S3 settings (S3 stores only)."""
+        if not self.is_s3:
+            raise StorageError(f"{self.uri} is not an S3 location")
+        if self._client is None:
+            self._client = boto3_client(self.s3)
+        return self._client
+
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return retry(fn, what, self._attempts, endpoint=self.s3.safe_endpoint if self.s3 else "")
+
     # -- checks --
     def check_writable(self) -> None:
-        """Fail early, with a clear message, if the root cannot be written."""
+        """Fail early, with a clear message, if the root cannot be written (before any work)."""
         if self.is_s3:
-            client = boto3_client(self.s3)
-            try:
-                client.head_bucket(Bucket=self.bucket)
-            except Exception as e:
-                code = getattr(e, "response", {}).get("Error", {}).get("Code", type(e).__name__)
-                hint = {"404": "create the bucket first", "NoSuchBucket": "create the bucket first",
-                        "403": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
-                        "InvalidAccessKeyId": "check AWS_ACCESS_KEY_ID", "SignatureDoesNotMatch": "check AWS_SECRET_ACCESS_KEY"}
-                raise StorageError(f"cannot use output {self.uri}: bucket {self.bucket!r} check failed ({code}); "
-                                   f"{hint.get(str(code), 'check storage.endpoint_url / AWS_ENDPOINT_URL and the credentials')}") from None
-            probe = f".write-probe-{os.getpid()}"
-            try:
-                self.write_bytes(probe, b"ok")
-                self.delete(probe)
-            except Exception as e:
-                raise StorageError(f"cannot write to {self.uri}: {e}") from None
+            self._check_s3()
         else:
             root = Path(self.root)
             try:
@@ -198,22 +391,66 @@ class Store:
                 raise StorageError(f"cannot write to output directory {root}: {e.strerror or e}; "
                                    "choose another --output or fix its permissions") from None
 
+    def _check_s3(self) -> None:
+        assert self.s3 is not None
+        where = f"output {self.uri} (endpoint {self.s3.safe_endpoint})"
+        client = self.client
+        probe = self.key(f".write-probe-{os.getpid()}-{threading.get_ident()}")
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            client.put_object(Bucket=self.bucket, Key=probe, Body=b"ok")
+            client.delete_object(Bucket=self.bucket, Key=probe)
+            return
+        except Exception as e:
+            first = e
+        code = _error_code(first) or type(first).__name__
+        if code in ("403", "Forbidden"):
+            # HEAD responses carry no body: ask once more with a request that says why.
+            try:
+                client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+            except Exception as e2:
+                code = _error_code(e2) or code
+        hints = {
+            "404": f"bucket {self.bucket!r} does not exist: create it first (for example `aws s3 mb s3://{self.bucket}`) or fix --output",
+            "NoSuchBucket": f"bucket {self.bucket!r} does not exist: create it first (for example `aws s3 mb s3://{self.bucket}`) or fix --output",
+            "403": "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
+            "Forbidden": "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
+            "AccessDenied": "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
+            "InvalidAccessKeyId": "the access key is unknown to the server: check AWS_ACCESS_KEY_ID",
+            "SignatureDoesNotMatch": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY",
+            "NoCredentialsError": "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or storage.profile)",
+            "EndpointConnectionError": "cannot connect to the endpoint: check storage.endpoint_url / AWS_ENDPOINT_URL and that the server is up",
+            "ConnectTimeoutError": "connection to the endpoint timed out: check storage.endpoint_url / AWS_ENDPOINT_URL and the network",
+            "InvalidBucketName": f"{self.bucket!r} is not a valid bucket name",
+        }
+        hint = hints.get(code, "check storage.endpoint_url / AWS_ENDPOINT_URL and the credentials")
+        raise StorageError(f"cannot use {where}: {code}: {hint}") from None
+
     # -- I/O --
+    def _info(self, rel: str) -> pafs.FileInfo:
+        return self._retry(lambda: self.fs.get_file_info(self.path(rel)), f"stat {self.uri_of(rel)}")
+
     def exists(self, rel: str) -> bool:
-        info = retry(lambda: self.fs.get_file_info(self.path(rel)), f"stat {self.uri_of(rel)}", self._attempts)
-        return info.type != pafs.FileType.NotFound
+        return self._info(rel).type != pafs.FileType.NotFound
 
     def is_file(self, rel: str) -> bool:
-        info = retry(lambda: self.fs.get_file_info(self.path(rel)), f"stat {self.uri_of(rel)}", self._attempts)
-        return info.type == pafs.FileType.File
+        return self._info(rel).type == pafs.FileType.File
+
+    def size(self, rel: str) -> int:
+        info = self._info(rel)
+        if info.type != pafs.FileType.File:
+            raise StorageNotFound(f"{self.uri_of(rel)}: not found")
+        return int(info.size)
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         path = self.path(rel)
+        if not safe_rel(rel):
+            raise StorageError("write_bytes needs a file path, not the root")
         if self.is_s3:
             def put() -> None:
                 with self.fs.open_output_stream(path) as f:
                     f.write(data)
-            retry(put, f"write {self.uri_of(rel)}", self._attempts)
+            self._retry(put, f"write {self.uri_of(rel)}")
         else:
             p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +470,16 @@ class Store:
         def get() -> bytes:
             with self.fs.open_input_stream(self.path(rel)) as f:
                 return f.read()
-        return retry(get, f"read {self.uri_of(rel)}", self._attempts)
+        if not self.is_s3:
+            try:
+                return get()
+            except FileNotFoundError:
+                raise StorageNotFound(f"read {self.uri_of(rel)}: not found") from None
+            except OSError as e:
+                if "not exist" in str(e) or "No such file" in str(e):  # pyarrow's local FS wording
+                    raise StorageNotFound(f"read {self.uri_of(rel)}: not found") from None
+                raise StorageError(f"read {self.uri_of(rel)} failed: {e}") from None
+        return self._retry(get, f"read {self.uri_of(rel)}")
 
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode("utf-8"))
@@ -248,7 +494,11 @@ class Store:
         return json.loads(self.read_text(rel))
 
     def read_json_or(self, rel: str, default: Any = None) -> Any:
-        return self.read_json(rel) if self.is_file(rel) else default
+        """The parsed JSON at rel, or default when it is missing (a damaged file still raises)."""
+        try:
+            return self.read_json(rel)
+        except StorageNotFound:
+            return default
 
     def write_table(self, rel: str, table) -> str:
         """Write a pyarrow Table as one Parquet file, atomically."""
@@ -257,11 +507,16 @@ class Store:
         pq.write_table(table, buf, compression="zstd")
         return self.write_bytes(rel, buf.getvalue())
 
+    def read_table(self, rel: str):
+        """Read one Parquet file into a pyarrow Table."""
+        import pyarrow.parquet as pq
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
     def list_files(self, rel: str = "", suffix: str = "") -> list[str]:
         """Relative paths of the files under rel (recursive, sorted); hidden temp files left out."""
         base = self.path(rel)
         sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-        infos = retry(lambda: self.fs.get_file_info(sel), f"list {self.uri_of(rel)}", self._attempts)
+        infos = self._retry(lambda: self.fs.get_file_info(sel), f"list {self.uri_of(rel)}")
         out = []
         for i in infos:
             if i.type != pafs.FileType.File or not i.path.endswith(suffix):
@@ -274,27 +529,59 @@ class Store:
 
     def delete(self, rel: str) -> None:
         path = self.path(rel)
-        info = self.fs.get_file_info(path)
+        info = self._info(rel)
         if info.type == pafs.FileType.Directory:
-            retry(lambda: self.fs.delete_dir(path), f"delete {self.uri_of(rel)}", self._attempts)
+            self._retry(lambda: self.fs.delete_dir(path), f"delete {self.uri_of(rel)}")
         elif info.type == pafs.FileType.File:
-            retry(lambda: self.fs.delete_file(path), f"delete {self.uri_of(rel)}", self._attempts)
+            self._retry(lambda: self.fs.delete_file(path), f"delete {self.uri_of(rel)}")
+
+    def upload_file(self, local_file: str | Path, rel: str) -> str:
+        """Copy one local file to rel: boto3's managed transfer on S3 (multipart for big files), with retries."""
+        local_file = Path(local_file)
+        if not self.is_s3:
+            dst = self.local_path(rel)
+            if not safe_rel(rel):
+                raise StorageError("upload_file needs a file path, not the root")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.tmp-")
+            os.close(fd)
+            try:
+                import shutil
+                shutil.copyfile(local_file, tmp)
+                os.replace(tmp, dst)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return self.uri_of(rel)
+        key = self.key(rel)
+        self._retry(lambda: self.client.upload_file(str(local_file), self.bucket, key), f"upload {self.uri_of(rel)}")
+        return self.uri_of(rel)
 
     def upload_dir(self, local_dir: str | Path, rel: str) -> str:
         """Copy a local directory under rel (files written atomically, one by one)."""
         local_dir = Path(local_dir)
+        base = safe_rel(rel)
         for f in sorted(local_dir.rglob("*")):
             if f.is_file():
-                self.write_bytes(f"{safe_rel(rel)}/{f.relative_to(local_dir).as_posix()}", f.read_bytes())
+                sub = f.relative_to(local_dir).as_posix()
+                self.upload_file(f, f"{base}/{sub}" if base else sub)
         return self.uri_of(rel)
 
     def download_dir(self, rel: str, local_dir: str | Path) -> Path:
         local_dir = Path(local_dir)
+        base = safe_rel(rel)
         for r in self.list_files(rel):
-            sub = r[len(safe_rel(rel)) + 1:] if rel else r
-            dst = local_dir / sub
+            sub = r[len(base) + 1:] if base else r
+            dst = local_dir / safe_rel(sub)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(self.read_bytes(r))
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(self.read_bytes(r))
+                os.replace(tmp, dst)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         return local_dir
 
     def iter_json_lines(self, rel: str) -> Iterator[Any]:
