@@ -140,15 +140,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_records(root: Path) -> list[dict[str, Any]]:
-    """Every regular file under root (the marker and hidden files left out): path, size, sha256."""
+def file_records(root: Path, known: Optional[dict[str, dict]] = None) -> list[dict[str, Any]]:
+    """Every regular file under root (the marker and hidden files left out): path, size, sha256.
+    With ``known`` ({path: record with mtime_ns}), a file whose size and mtime are unchanged keeps its
+    recorded sha256 (user-provided sources can be large; they are hashed once)."""
     out = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if not p.is_file() or any(part.startswith(".") for part in rel.split("/")):
             continue
-        out.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+        st = p.stat()
+        rec: dict[str, Any] = {"path": rel, "size": st.st_size}
+        old = (known or {}).get(rel)
+        if known is not None:
+            rec["mtime_ns"] = st.st_mtime_ns
+        if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns and old.get("sha256"):
+            rec["sha256"] = old["sha256"]
+        else:
+            rec["sha256"] = sha256_file(p)
+        out.append(rec)
     return out
+
+
+def _local_records(src_dir: Path, previous: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    known: dict[str, dict] = {}
+    for part in (previous.get("sources", {}).get(name, {}) or {}).get("parts", []) or []:
+        if part.get("kind") == "local":
+            known.update({f["path"]: f for f in part.get("files", []) if isinstance(f, dict) and "path" in f})
+    return file_records(src_dir, known)
 
 
 def _matches(rel: str, patterns: tuple[str, ...]) -> bool:
@@ -459,7 +478,7 @@ def selected_sources(cfg) -> tuple[list[str], dict[str, str]]:
     return out, skipped
 
 
-def _do_source(src: Source, raw: Path, dl: Any, offline: bool) -> dict[str, Any]:
+def _do_source(src: Source, raw: Path, dl: Any, offline: bool, previous: dict[str, Any]) -> dict[str, Any]:
     entry: dict[str, Any] = {"source": src.name, "domain": src.domain, "dir": src.dir, "license": src.license,
                              "url": src.url, "parts": []}
     top = raw / src.dir
@@ -474,16 +493,17 @@ def _do_source(src: Source, raw: Path, dl: Any, offline: bool) -> dict[str, Any]
             entry.update(status="complete", parts=[m], time=m.get("time"))
             return entry
         if _present(top):
-            entry.update(status="local", parts=[{"dir": src.dir, "files": file_records(top)}])
+            entry.update(status="local", parts=[{"dir": src.dir, "kind": "local",
+                                                 "files": _local_records(top, previous, src.name)}])
             return entry
     elif _present(top) and not any(read_marker(raw / p.dest) for p in src.parts):
         # the user's own files (no part of ours is there): take them as they are
-        entry.update(status="local", parts=[{"dir": src.dir, "files": file_records(top)}])
+        entry.update(status="local", parts=[{"dir": src.dir, "kind": "local",
+                                             "files": _local_records(top, previous, src.name)}])
         return entry
     if offline:
         raise DownloadError(f"source {src.name!r} is not in {top} and offline mode forbids fetching it; "
-                            f"{how_to_provide(src, raw)}; or unset OFFLINE/HF_HUB_OFFLINE "
-                            "(or set ALLOW_MISSING_DATA=1 to go on without it)")
+                            f"{how_to_provide(src, raw)}; or unset OFFLINE/HF_HUB_OFFLINE")
     statuses = []
     for part in src.parts:
         d = raw / part.dest
@@ -519,11 +539,16 @@ def run_download(cfg, table: Optional[dict[str, Source]] = None) -> dict[str, An
     if "://" in cfg.data.raw_dir:
         raise UserFacingError(f"data.raw_dir must be a local directory, got {cfg.data.raw_dir}")
     raw = Path(cfg.data.raw_dir).expanduser().resolve()
-    raw.mkdir(parents=True, exist_ok=True)
     offline = bool(dl.offline)
+    if not offline or not raw.exists():
+        raw.mkdir(parents=True, exist_ok=True)
     if not offline:
         _clean_stale_tmp(raw)
     chosen, skipped = selected_sources(cfg)
+    try:
+        previous = json.loads((raw / MANIFEST).read_text())
+    except (OSError, ValueError):
+        previous = {}
     manifest: dict[str, Any] = {"raw_dir": str(raw), "offline": offline, "time": _now(), "sources": {}}
     errors: list[str] = []
     for name in SOURCES:
@@ -533,7 +558,7 @@ def run_download(cfg, table: Optional[dict[str, Source]] = None) -> dict[str, An
                                          "status": "skipped", "reason": skipped[name]}
             continue
         try:
-            entry = _do_source(src, raw, dl, offline)
+            entry = _do_source(src, raw, dl, offline, previous)
         except Exception as e:
             msg = redact(str(e) or type(e).__name__)
             entry = {"source": name, "domain": src.domain, "dir": src.dir, "license": src.license,
@@ -551,8 +576,13 @@ def run_download(cfg, table: Optional[dict[str, Source]] = None) -> dict[str, An
         log.info("source %-15s %s", name, entry["status"])
     text = json.dumps(manifest, indent=2) + "\n"
     tmpf = raw / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmpf.write_text(text)
-    os.replace(tmpf, raw / MANIFEST)
+    try:
+        tmpf.write_text(text)
+        os.replace(tmpf, raw / MANIFEST)
+    except OSError as e:   # a read-only raw dir of the user's own files: the output's copy is enough
+        if any(ent.get("status") == "downloaded" for ent in manifest["sources"].values()):
+            raise
+        log.warning("cannot write %s (%s); the manifest is in the output only", raw / MANIFEST, e.strerror or e)
     from pipeline.storage import open_store
     open_store(cfg).write_text(f"data/{MANIFEST}", text)
     if errors:

@@ -94,6 +94,11 @@ class FileHandler(BaseHTTPRequestHandler):
             return self._send(200, page, "text/html; charset=utf-8")
         if parts[0] == "download" and q.get("confirm") == "t" and q.get("id") in self.ids:
             return self._send(200, self.files[self.ids[q["id"]]])
+        if parts[0] == "folder":
+            page = ('<html><script>window._DRIVE_ivd = [[["DEBATESFILEID12345xxxxx",["FOLDER"],"debates.json",'
+                    '"application/json"],["USERSFILEID1234567xxxxxx",["FOLDER"],"users.json","application/json"]]]'
+                    '</script></html>').encode()
+            return self._send(200, page, "text/html")
         if parts[0] == "share":
             return self._send(200, b"<html>sign in</html>", "text/html")
         self._send(404, b"not found", "text/plain")
@@ -246,6 +251,9 @@ def test_gdrive_confirm_page_and_share_urls(tmp_path, files_server, monkeypatch)
     dl.run_download(cfg)
     assert (tmp_path / "raw" / "DDO" / "users.json").read_bytes() == USERS
     assert any(h.startswith("/download?") and "confirm=t" in h for h in files_server.hits)
+    listing = dl.gdrive_folder_files(files_server.url + "/folder/abc", 5, 0)   # best effort: the embedded listing
+    assert listing["debates.json"].endswith("/file/d/DEBATESFILEID12345xxxxx/view")
+    assert set(listing) == {"debates.json", "users.json"}
 
 
 def test_http_retries_transient_errors_and_rejects_html(tmp_path, files_server, monkeypatch):
@@ -368,11 +376,26 @@ def test_offline_allow_missing_records_missing_and_local_with_sha(tmp_path, no_n
     m = dl.run_download(cfg)
     s = m["sources"]
     assert s["pubmed_qa"]["status"] == "local"
-    assert s["pubmed_qa"]["parts"][0]["files"] == [{"path": "data/ori_pqal.json", "size": 2,
-                                                    "sha256": hashlib.sha256(b"{}").hexdigest()}]
+    f = s["pubmed_qa"]["parts"][0]["files"]
+    assert [(x["path"], x["size"], x["sha256"]) for x in f] == [("data/ori_pqal.json", 2, hashlib.sha256(b"{}").hexdigest())]
     assert s["medquad"]["status"] == "missing" and "MedQuAD" in s["medquad"]["how"]
     assert s["opencaselist"]["status"] == "skipped"
     assert not (raw / "pubmed_qa" / ".complete.json").exists()       # user files are not ours to mark
+    # a re-run does not hash unchanged user files again; a changed file is hashed again
+    calls = []
+    real = dl.sha256_file
+    dl_sha = lambda p: calls.append(p) or real(p)
+    import pipeline.download as mod
+    mod.sha256_file, saved = dl_sha, mod.sha256_file
+    try:
+        dl.run_download(cfg)
+        assert calls == []
+        (raw / "pubmed_qa" / "data" / "ori_pqal.json").write_text('{"1": {}}')
+        m = dl.run_download(cfg)
+        assert len(calls) == 1
+        assert m["sources"]["pubmed_qa"]["parts"][0]["files"][0]["size"] == 9
+    finally:
+        mod.sha256_file = saved
 
 
 def test_user_provided_dir_is_local_even_online(tmp_path, files_server):
