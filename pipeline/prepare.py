@@ -1,0 +1,477 @@
+"""Prepare: raw files -> corpus and SFT Parquet shards + an accounted manifest (Ray Data).
+
+One record's path, top to bottom:
+
+  1. ``process_file`` (a Ray Data ``flat_map`` over the source's files, in canonical file order):
+     the source's reader yields raw records or quarantine entries; each record is normalized to a
+     corpus row and its SFT examples are built and checked (``finalize_sft``).
+  2. The driver consumes the stream in order (``preserve_order``), so every decision below is
+     independent of block layout: quarantine (counted by reason) -> exact-duplicate check within the
+     domain (normalized text hash) -> cap per source (the first ``max_docs_per_source`` kept records
+     in canonical order; reading stops at the end of the file where the cap was reached) -> corpus
+     shard / staged SFT shard.
+  3. Per domain: the SFT cap (exact, balanced across the domain's sources, rows picked by a seeded
+     hash), a group key per row (document / topic), groups that share an exact prompt or response
+     text merged, split by a seeded stable hash of the merged group -> SFT shards.
+  4. ``data/manifest.json``, then ``data/_SUCCESS`` last.
+
+Finished work is skipped on re-run: each source and each domain writes a marker under
+``data/_work/`` (after its shards) holding a fingerprint of its inputs and settings; a source or
+domain without a matching marker is redone from scratch (its old files deleted first). Store writes
+are atomic, so a killed run never leaves a partial file that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+
+from pipeline.errors import UserFacingError
+from pipeline.sources import REGISTRY, Opts, Quarantine, Raw, Reject, finalize_sft, get_source, norm_key, text_hash
+from pipeline.sources.base import UNKNOWN_FORMAT
+from pipeline.storage import Store, open_store
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "prepare-v1"
+SPLITS = ("train", "val", "test")
+CORPUS_SCHEMA = pa.schema([(k, pa.string()) for k in ("doc_id", "domain", "source", "title", "text", "metadata", "license", "url")])
+SFT_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt", "response", "domain", "source", "doc_id", "task", "group", "split")])
+QUARANTINE_SCHEMA = pa.schema([(k, pa.string()) for k in ("source", "file", "location", "reason", "snippet")])
+STAGED_SFT_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt", "response", "domain", "source", "doc_id", "task", "group")])
+# after the cap is reached, reading goes on to the end of the current file, but never more than this
+MAX_READ_PAST_CAP = 10_000
+
+
+# ---- step 1: one file -> records (runs in Ray workers, or in-process for the baseline) --------
+def file_events(source: str, path: str, rel: str, opts: Opts) -> Iterator[tuple[str, dict]]:
+    """('r', record) / ('q', quarantine row) for each record of one file, then ('f', file facts)."""
+    src = get_source(source)
+    p = Path(path)
+    try:
+        for item in src.read(p, rel, opts):
+            if isinstance(item, Quarantine):
+                yield "q", item.as_row()
+                continue
+            try:
+                row = src.normalize(item, opts)
+                sft, rejected = finalize_sft(src.build_sft(row), row, opts.max_response_chars)
+            except Reject as e:
+                yield "q", Quarantine(source, item.file, item.location, e.reason, e.snippet).as_row()
+                continue
+            yield "r", {"row": row, "sft": sft, "sft_rejected": rejected, "hash": text_hash(row["text"])}
+    except Exception as e:  # a reader bug or an unexpected format: the file is quarantined, the run goes on
+        log.exception("reading %s failed", rel)
+        yield "q", Quarantine(source, rel, "file", "reader_error", f"{type(e).__name__}: {e}"[:300]).as_row()
+    yield "f", {"rel": rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _ray_file_events(item: dict) -> Iterator[dict]:
+    """Ray Data flat_map UDF: one uniform row type (kind, payload JSON) for every event."""
+    opts = Opts(**json.loads(item["opts"]))
+    for kind, payload in file_events(item["source"], item["path"], item["rel"], opts):
+        yield {"kind": kind, "payload": json.dumps(payload, ensure_ascii=False)}
+
+
+def _stream_events(items: list[dict], use_ray: bool) -> Iterator[tuple[str, dict]]:
+    """Events of all files, in file order. Closing the generator stops reading."""
+    if not items:
+        return
+    if not use_ray:
+        for it in items:
+            yield from file_events(it["source"], it["path"], it["rel"], Opts(**json.loads(it["opts"])))
+        return
+    import ray.data
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 16)).flat_map(_ray_file_events)
+    for row in ds.iter_rows():
+        yield row["kind"], json.loads(row["payload"])
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+def _h(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _unit(seed: int, key: str) -> float:
+    """A stable number in [0, 1) from (seed, key)."""
+    return int(hashlib.sha256(f"{seed}\x1f{key}".encode()).hexdigest()[:15], 16) / float(1 << 60)
+
+
+def split_of(seed: int, key: str, fractions: dict[str, float]) -> str:
+    u = _unit(seed, key)
+    acc = 0.0
+    for name in SPLITS:
+        acc += fractions[name]
+        if u < acc:
+            return name
+    return SPLITS[-1] if fractions[SPLITS[-1]] > 0 else "train"
+
+
+def balanced_quotas(counts: dict[str, int], cap: Optional[int]) -> dict[str, int]:
+    """Split a cap across sources as evenly as their counts allow (water-filling); exact and deterministic."""
+    if cap is None or sum(counts.values()) <= cap:
+        return dict(counts)
+    quota = {s: 0 for s in counts}
+    remaining = cap
+    active = sorted(s for s, c in counts.items() if c > 0)
+    while remaining > 0 and active:
+        share = max(1, remaining // len(active))
+        for s in active:
+            take = min(share, counts[s] - quota[s], remaining)
+            quota[s] += take
+            remaining -= take
+        active = [s for s in active if quota[s] < counts[s]]
+    return quota
+
+
+LONG_RESPONSE = 200
+
+
+def _dup_keys(r: dict) -> list[str]:
+    """Texts that must not cross splits: the whole example (prompt + response), and a long response on
+    its own (the same card or answer under another prompt). Short templated responses ("None: ...") and
+    shared prompt templates are not keys: they would merge whole tasks into one group."""
+    keys = ["x:" + text_hash(r["prompt"] + "\x1f" + r["response"])]
+    if len(r["response"]) >= LONG_RESPONSE:
+        keys.append("r:" + text_hash(r["response"]))
+    return keys
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the smaller key is the representative: independent of the order of unions
+            lo, hi = sorted((ra, rb))
+            self.parent[hi] = lo
+
+
+class _ShardWriter:
+    """Buffers rows and writes numbered Parquet shards through the Store (each write atomic)."""
+
+    def __init__(self, store: Store, prefix: str, schema: pa.Schema, rows_per_shard: int):
+        self.store, self.prefix, self.schema, self.n = store, prefix, schema, rows_per_shard
+        self.buf: list[dict] = []
+        self.parts: list[str] = []
+        self.rows = 0
+
+    def add(self, row: dict) -> None:
+        self.buf.append(row)
+        if len(self.buf) >= self.n:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        rel = f"{self.prefix}{len(self.parts):05d}.parquet"
+        self.store.write_table(rel, pa.Table.from_pylist(self.buf, schema=self.schema))
+        self.parts.append(rel)
+        self.rows += len(self.buf)
+        self.buf = []
+
+
+def _delete_prefix(store: Store, directory: str, name_prefix: str = "") -> None:
+    for rel in store.list_files(directory):
+        if rel.rsplit("/", 1)[-1].startswith(name_prefix):
+            store.delete(rel)
+
+
+def _read_table(store: Store, rel: str, columns: Optional[list[str]] = None) -> pa.Table:
+    import io
+    import pyarrow.parquet as pq
+    return pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=columns)
+
+
+# ---- step 2: one source ----------------------------------------------------------------------
+def _prepare_source(name: str, raw_dir: Path, files: list[Path], cfg, store: Store, opts: Opts,
+                    seen: set[str], use_ray: bool) -> dict:
+    src = get_source(name)
+    d = cfg.data
+    cap = d.max_docs_per_source
+    rels = [p.relative_to(raw_dir).as_posix() for p in files]
+    _delete_prefix(store, f"data/corpus/{src.domain}", f"{name}-")
+    store.delete(f"data/quarantine/{name}")
+    store.delete(f"data/_work/sft/{src.domain}/{name}")
+    corpus = _ShardWriter(store, f"data/corpus/{src.domain}/{name}-", CORPUS_SCHEMA, d.rows_per_shard)
+    quarantine = _ShardWriter(store, f"data/quarantine/{name}/part-", QUARANTINE_SCHEMA, d.rows_per_shard)
+    sft = _ShardWriter(store, f"data/_work/sft/{src.domain}/{name}/part-", STAGED_SFT_SCHEMA, d.rows_per_shard)
+    read = kept = deduplicated = capped = 0
+    q_by_reason: Counter = Counter()
+    sft_rejected: Counter = Counter()
+    sft_tasks: Counter = Counter()
+    file_facts: dict[str, dict] = {}
+    stopped_early = False
+
+    # files under the source's folder that no pattern matches are reported, not guessed at
+    for p in src.unmatched_files(raw_dir):
+        rel = p.relative_to(raw_dir).as_posix()
+        read += 1
+        q_by_reason[UNKNOWN_FORMAT] += 1
+        quarantine.add(Quarantine(name, rel, "file", UNKNOWN_FORMAT, f"no {name} reader for this file layout").as_row())
+        file_facts[rel] = {"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p), "status": "quarantined (unknown format)"}
+
+    items = [{"source": name, "path": str(p), "rel": rel, "opts": json.dumps(opts.__dict__)} for p, rel in zip(files, rels)]
+    stream = _stream_events(items, use_ray)
+    try:
+        for kind, ev in stream:
+            if kind == "f":
+                file_facts[ev["rel"]] = {"path": ev["rel"], "size": ev["size"], "sha256": ev["sha256"], "status": "read"}
+                if cap is not None and kept >= cap:
+                    break  # the cap is reached: files after this one are not opened
+                continue
+            read += 1
+            if kind == "q":
+                q_by_reason[ev["reason"]] += 1
+                quarantine.add(ev)
+                continue
+            row = ev["row"]
+            if ev["hash"] in seen:
+                deduplicated += 1
+                continue
+            if cap is not None and kept >= cap:
+                capped += 1
+                if capped >= MAX_READ_PAST_CAP:
+                    stopped_early = True
+                    break
+                continue
+            seen.add(ev["hash"])
+            kept += 1
+            corpus.add(row)
+            sft_rejected.update(ev["sft_rejected"])
+            for ex in ev["sft"]:
+                sft.add(ex)
+                sft_tasks[ex["task"]] += 1
+    finally:
+        stream.close()
+    corpus.flush()
+    quarantine.flush()
+    sft.flush()
+    stopped_early = stopped_early or any(rel not in file_facts for rel in rels)
+    for p, rel in zip(files, rels):
+        if rel not in file_facts:
+            file_facts[rel] = {"path": rel, "size": p.stat().st_size, "sha256": None,
+                               "status": "not read to the end (cap reached)" if stopped_early else "not read"}
+    quarantined = sum(q_by_reason.values())
+    assert read == kept + quarantined + deduplicated + capped, (name, read, kept, quarantined, deduplicated, capped)
+    return {
+        "status": "ok", "domain": src.domain, "raw_subdir": src.subdir, "license": src.license, "url": src.url,
+        "files": [file_facts[r] for r in sorted(file_facts)],
+        "read": read, "kept": kept, "quarantined": quarantined, "quarantined_by_reason": dict(sorted(q_by_reason.items())),
+        "deduplicated": deduplicated, "capped": capped, "cap": cap, "stopped_early": stopped_early,
+        "sft_examples": sum(sft_tasks.values()), "sft_by_task": dict(sorted(sft_tasks.items())),
+        "sft_rejected": dict(sorted(sft_rejected.items())),
+        "corpus_shards": corpus.parts, "quarantine_shards": quarantine.parts, "staged_sft_shards": sft.parts,
+    }
+
+
+# ---- step 3: one domain ----------------------------------------------------------------------
+def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store) -> dict:
+    d = cfg.data
+    seed = d.split_seed
+    store.delete(f"data/sft/{domain}")
+    rows_by_source: dict[str, list[dict]] = {}
+    for name in names:
+        rows: list[dict] = []
+        for rel in src_manifests[name].get("staged_sft_shards", []):
+            rows.extend(_read_table(store, rel).to_pylist())
+        rows_by_source[name] = rows
+    counts = {n: len(r) for n, r in rows_by_source.items()}
+    quotas = balanced_quotas(counts, d.max_sft_per_domain)
+    chosen: list[dict] = []
+    for name in names:
+        rows = rows_by_source[name]
+        if quotas[name] < len(rows):  # seeded hash order: the same rows every run, spread over the source
+            rows = sorted(rows, key=lambda r: (_unit(seed, f"{r['doc_id']}|{r['task']}|{norm_key(r['prompt'])[:200]}"), r["doc_id"], r["task"]))
+            rows = rows[: quotas[name]]
+        chosen.extend(rows)
+    # merge groups that share an exact prompt or response text, so no duplicate text crosses splits
+    uf = _UnionFind()
+    first_group: dict[str, str] = {}
+    for r in chosen:
+        uf.find(r["group"])
+        for key in _dup_keys(r):
+            if key in first_group:
+                uf.union(first_group[key], r["group"])
+            else:
+                first_group[key] = r["group"]
+    out = {s: [] for s in SPLITS}
+    for r in chosen:
+        r["split"] = split_of(seed, uf.find(r["group"]), d.split)
+        out[r["split"]].append(r)
+    # the check: no exact-duplicate prompt/response text and no group in two splits
+    where: dict[str, str] = {}
+    for s in SPLITS:
+        for r in out[s]:
+            for key in ["g:" + r["group"]] + _dup_keys(r):
+                if where.setdefault(key, s) != s:
+                    raise AssertionError(f"{domain}: {key} is in both {where[key]} and {s}")
+    shards: dict[str, list[str]] = {}
+    for s in SPLITS:
+        rows = sorted(out[s], key=lambda r: (_unit(seed + 1, f"{r['doc_id']}|{r['task']}|{r['prompt'][:100]}"), r["doc_id"]))
+        w = _ShardWriter(store, f"data/sft/{domain}/{s}/part-", SFT_SCHEMA, d.rows_per_shard)
+        for r in rows:
+            w.add(r)
+        w.flush()
+        if not w.parts:  # an empty split still gets a (zero-row) shard so readers find the schema
+            rel = f"data/sft/{domain}/{s}/part-00000.parquet"
+            store.write_table(rel, SFT_SCHEMA.empty_table())
+            w.parts.append(rel)
+        shards[s] = w.parts
+    corpus_rows = sum(src_manifests[n]["kept"] for n in names)
+    corpus_chars = 0
+    for n in names:
+        for rel in src_manifests[n].get("corpus_shards", []):
+            t = _read_table(store, rel, ["text"])
+            corpus_chars += sum(len(x) for x in t.column("text").to_pylist())
+    return {
+        "status": "ok" if corpus_rows else "empty", "sources": names, "corpus_rows": corpus_rows,
+        "sft_candidates": sum(counts.values()), "sft_capped": sum(counts.values()) - len(chosen),
+        "sft_per_source": {n: quotas[n] for n in names},
+        "sft_rows": {s: len(out[s]) for s in SPLITS},
+        "groups": {s: len({r["group"] for r in out[s]}) for s in SPLITS},
+        "tokens_estimate": {"corpus": corpus_chars // 4,
+                            "sft": {s: sum(len(r["prompt"]) + len(r["response"]) for r in out[s]) // 4 for s in SPLITS}},
+        "cross_split_duplicates": 0, "sft_shards": shards,
+    }
+
+
+# ---- the stage -------------------------------------------------------------------------------
+def selected_sources(cfg) -> list[str]:
+    """Sources to prepare: cfg.data.sources whose domain is in cfg.domains, in the registry's order."""
+    return [n for n in REGISTRY if n in cfg.data.sources and REGISTRY[n].domain in cfg.domains]
+
+
+def run_prepare(cfg, use_ray: bool = True) -> dict:
+    """Prepare every selected source and domain; returns the manifest (also at data/manifest.json).
+
+    ``use_ray=False`` runs the same steps in this process (the bench's baseline; debugging)."""
+    t0 = time.time()
+    d = cfg.data
+    raw_dir = Path(d.raw_dir).expanduser().resolve()
+    store = open_store(cfg)
+    opts = Opts(min_text_chars=d.min_text_chars, max_response_chars=d.max_response_chars, txt_chunk_chars=d.txt_chunk_chars)
+    names = selected_sources(cfg)
+
+    files = {n: REGISTRY[n].files(raw_dir) for n in names}
+    missing = [n for n in names if not files[n]]
+    if missing and not d.allow_missing:
+        lines = [f"  - {n}: nothing under {raw_dir / REGISTRY[n].subdir} matching {', '.join(REGISTRY[n].patterns)}; "
+                 f"{REGISTRY[n].how_to_get}" for n in missing]
+        raise UserFacingError("raw data missing for source(s) " + ", ".join(missing) + ":\n" + "\n".join(lines) +
+                              "\nOr set ALLOW_MISSING_DATA=1 (data.allow_missing: true) to record them as missing and go on, "
+                              "or leave them out of data.sources.")
+
+    # fingerprints: a source's covers its files, the settings and the sources before it in its domain (dedupe)
+    settings = {"code": CODE_VERSION, "cap": d.max_docs_per_source, "opts": opts.__dict__, "rows_per_shard": d.rows_per_shard}
+    src_fp: dict[str, str] = {}
+    chain: dict[str, str] = {}
+    for n in names:
+        dom = REGISTRY[n].domain
+        listing = [(p.relative_to(raw_dir).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in files[n] + REGISTRY[n].unmatched_files(raw_dir)]
+        src_fp[n] = _h(n, settings, listing, chain.get(dom, ""))
+        chain[dom] = src_fp[n]
+    domains = [dm for dm in cfg.domains if any(REGISTRY[n].domain == dm for n in names)]
+    dom_fp = {dm: _h(dm, [src_fp[n] for n in names if REGISTRY[n].domain == dm], d.max_sft_per_domain, d.split, d.split_seed)
+              for dm in domains}
+    run_fp = _h(CODE_VERSION, dom_fp, cfg.domains, names)
+
+    done = store.read_json_or("data/_SUCCESS")
+    if isinstance(done, dict) and done.get("fingerprint") == run_fp and store.is_file("data/manifest.json"):
+        log.info("prepare: up to date (data/_SUCCESS matches); nothing to do")
+        return store.read_json("data/manifest.json")
+    store.delete("data/_SUCCESS")
+
+    todo = [n for n in names if files[n] and (store.read_json_or(f"data/_work/sources/{n}.json") or {}).get("fingerprint") != src_fp[n]]
+    if use_ray and todo:
+        from pipeline.raycluster import ensure_ray
+        import ray.data
+        ensure_ray(cfg)
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # canonical order: caps and dedupe independent of block layout
+        ctx.target_max_block_size = 8 * 1024 * 1024  # small blocks: a capped source stops soon after its cap
+        ctx.enable_progress_bars = False
+
+    src_manifest: dict[str, dict] = {}
+    seen: dict[str, set[str]] = defaultdict(set)
+    for n in names:
+        src = REGISTRY[n]
+        if not files[n]:
+            src_manifest[n] = {"status": "missing", "domain": src.domain, "raw_subdir": src.subdir, "files": [],
+                               "read": 0, "kept": 0, "quarantined": 0, "quarantined_by_reason": {}, "deduplicated": 0,
+                               "capped": 0, "how_to_get": src.how_to_get}
+            continue
+        marker = store.read_json_or(f"data/_work/sources/{n}.json")
+        if isinstance(marker, dict) and marker.get("fingerprint") == src_fp[n]:
+            log.info("prepare: %s already done; skipped", n)
+            src_manifest[n] = marker["manifest"]
+            for rel in src_manifest[n].get("corpus_shards", []):
+                seen[src.domain].update(text_hash(t) for t in _read_table(store, rel, ["text"]).column("text").to_pylist())
+            continue
+        ts = time.time()
+        m = _prepare_source(n, raw_dir, files[n], cfg, store, opts, seen[src.domain], use_ray)
+        m["seconds"] = round(time.time() - ts, 2)
+        store.write_json(f"data/_work/sources/{n}.json", {"fingerprint": src_fp[n], "manifest": m})
+        src_manifest[n] = m
+        log.info("prepare: %s read=%d kept=%d quarantined=%d deduplicated=%d capped=%d (%.1fs)",
+                 n, m["read"], m["kept"], m["quarantined"], m["deduplicated"], m["capped"], m["seconds"])
+
+    dom_manifest: dict[str, dict] = {}
+    for dm in cfg.domains:
+        dnames = [n for n in names if REGISTRY[n].domain == dm]
+        present = [n for n in dnames if src_manifest[n]["status"] == "ok"]
+        if not present or not sum(src_manifest[n]["kept"] for n in present):
+            dom_manifest[dm] = {"status": "empty", "sources": dnames, "corpus_rows": 0, "sft_rows": {s: 0 for s in SPLITS},
+                                "reason": "no source of this domain was selected" if not dnames else
+                                          "no records: every source is missing or fully quarantined"}
+            store.delete(f"data/sft/{dm}")
+            log.warning("prepare: domain %s is empty (%s); skipped", dm, dom_manifest[dm]["reason"])
+            continue
+        marker = store.read_json_or(f"data/_work/domains/{dm}.json")
+        if isinstance(marker, dict) and marker.get("fingerprint") == dom_fp[dm]:
+            dom_manifest[dm] = marker["manifest"]
+            continue
+        dom_manifest[dm] = _prepare_domain(dm, present, src_manifest, cfg, store)
+        store.write_json(f"data/_work/domains/{dm}.json", {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
+
+    manifest = {
+        "version": 1, "fingerprint": run_fp, "raw_dir": str(raw_dir), "output": store.uri,
+        "domains_requested": list(cfg.domains), "sources_selected": names,
+        "settings": {"max_docs_per_source": d.max_docs_per_source, "max_sft_per_domain": d.max_sft_per_domain,
+                     "split": d.split, "split_seed": d.split_seed, "min_text_chars": d.min_text_chars,
+                     "max_response_chars": d.max_response_chars, "txt_chunk_chars": d.txt_chunk_chars},
+        "sources": src_manifest, "domains": dom_manifest,
+        "totals": {k: sum(m.get(k, 0) for m in src_manifest.values()) for k in ("read", "kept", "quarantined", "deduplicated", "capped")},
+    }
+    for n, m in src_manifest.items():
+        assert m["read"] == m["kept"] + m["quarantined"] + m["deduplicated"] + m["capped"], n
+    store.write_json("data/manifest.json", manifest)
+    store.write_json("data/_SUCCESS", {"fingerprint": run_fp})
+    log.info("prepare: done in %.1fs: %s", time.time() - t0, manifest["totals"])
+    return manifest

@@ -1,0 +1,61 @@
+"""IAM (github.com/LiyingCheng95/IAM): tab-separated .txt files without a header. claims/ and
+stance/ lines have 5 columns: claim_label (C claim / O other), topic sentence, candidate sentence,
+article_id, stance_label (1 support, -1 contest, 0 none). One record = one line. Other IAM files
+(evidence/, CEPE/) have other layouts: they are reported as unknown_format, not guessed at."""
+from __future__ import annotations
+
+from .base import (Opts, Quarantine, Raw, Reject, Source, clean, corpus_row, iter_lines, meta, stable_id,
+                   EMPTY_TEXT, MISSING_FIELD, UNKNOWN_FORMAT, WRONG_COLUMNS)
+
+NAME, DOMAIN = "iam", "debate"
+NCOL = 5
+
+
+def read(path, rel, opts: Opts):
+    for n, line, q in iter_lines(path, rel, NAME):
+        if q is not None:
+            yield q
+            continue
+        cells = line.split("\t")
+        if len(cells) != NCOL:
+            yield Quarantine(NAME, rel, f"line {n}", WRONG_COLUMNS, f"expected {NCOL} tab-separated columns, got {len(cells)}: {line[:200]}")
+            continue
+        yield Raw(NAME, rel, f"line {n}", dict(zip(("claim_label", "topic", "sentence", "article_id", "stance_label"), cells)))
+
+
+def normalize(raw: Raw, opts: Opts) -> dict:
+    d = raw.data
+    sent, topic = clean(d["sentence"]), clean(d["topic"])
+    if not sent:
+        raise Reject(EMPTY_TEXT, topic)
+    try:
+        stance = int(d["stance_label"].strip())
+    except ValueError:
+        raise Reject(MISSING_FIELD, f"stance_label {d['stance_label']!r}")
+    label = d["claim_label"].strip()
+    return corpus_row(
+        NAME, DOMAIN, stable_id(NAME, raw.file, raw.location), topic, sent,
+        {"topic": topic, "claim": label == "C", "stance": {1: "support", -1: "contest", 0: "none"}.get(stance, str(stance)),
+         "article_id": clean(d["article_id"]), "split_file": raw.file},
+        SOURCE.license, SOURCE.url, group="topic:" + topic.lower(), opts=opts)
+
+
+def build_sft(row: dict) -> list[dict]:
+    m = meta(row)
+    if m.get("claim") and m.get("stance") in ("support", "contest"):
+        side = "in favour of" if m["stance"] == "support" else "against"
+        return [{"task": "debate_turn",
+                 "prompt": f"Debate topic: {m['topic']}?\nGive one argument {side} the motion.",
+                 "response": row["text"]}]
+    return [{"task": "claim_detection",
+             "prompt": f"Debate topic: {m.get('topic')}?\nSentence: {row['text']}\n"
+                       "Does this sentence take a stance on the topic? Answer with support, contest or none, and say why.",
+             "response": {"support": "Support: the sentence gives a reason to accept the motion.",
+                          "contest": "Contest: the sentence gives a reason to reject the motion."}.get(
+                 m.get("stance"), "None: the sentence gives background but takes no stance on the motion.")}]
+
+
+SOURCE = Source(NAME, DOMAIN, "IAM", ("claims/*.txt", "stance/*.txt"), read, normalize, build_sft,
+                license="research use; cite Cheng et al., ACL 2022", url="https://github.com/LiyingCheng95/IAM",
+                how_to_get="adapters download (git clone of LiyingCheng95/IAM), or copy its claims/ and stance/ folders to <raw_dir>/IAM/",
+                report_unmatched=("**/*.txt",))
