@@ -93,7 +93,11 @@ def _base_version(v: str) -> str:
     return v.split("+", 1)[0]
 
 
-def check_packages(rep: Report) -> None:
+# needed only by some configs or stages: missing ones are a WARN unless the config uses them
+_OPTIONAL = {"boto3": "s3:// outputs or models", "matplotlib": "the report's plots", "pandas": "the report"}
+
+
+def check_packages(rep: Report, cfg=None) -> None:
     rep.add("python", PASS if sys.version_info >= (3, 10) else FAIL,
             f"{platform.python_version()} ({sys.executable})", "" if sys.version_info >= (3, 10) else "use Python >= 3.10")
     missing, off = [], []
@@ -106,12 +110,18 @@ def check_packages(rep: Report) -> None:
             continue
         if _base_version(have) != want:
             off.append(f"{name} {have} (pin {want})")
-    if missing:
-        rep.add("packages", FAIL, "missing: " + ", ".join(missing), "pip install -e . (installs the pinned versions)")
-    elif off:
+    uses_s3 = cfg is not None and (str(cfg.output).startswith("s3://") or str(cfg.model.base).startswith("s3://"))
+    needed = [m for m in missing if m.split("==")[0] not in _OPTIONAL or (m.startswith("boto3") and uses_s3)]
+    optional = [m for m in missing if m not in needed]
+    if needed:
+        rep.add("packages", FAIL, "missing: " + ", ".join(needed), "pip install -e . (installs the pinned versions)")
+    if optional:
+        rep.add("packages", WARN, "missing: " + ", ".join(f"{m} (for {_OPTIONAL[m.split('==')[0]]})" for m in optional),
+                "pip install -e . (installs the pinned versions)")
+    if off:
         rep.add("packages", WARN, "differ from the pins: " + ", ".join(off),
                 "pip install -e . to get the tested versions (other versions may work)")
-    else:
+    if not missing and not off:
         rep.add("packages", PASS, f"{len(pins)} pinned packages match" if pins else "no pins found (project not installed?)")
 
 
@@ -366,9 +376,10 @@ def check_model(cfg, rep: Report, network: bool) -> tuple[Optional[dict[str, Any
     if p.is_dir():
         weights = [f for pat in ("*.safetensors", "*.bin", "*.safetensors.index.json") for f in glob.glob(str(p / pat))]
         if not (p / "config.json").is_file() or not weights:
-            rep.add("base model", FAIL, f"{p} has no " + ("config.json" if not (p / "config.json").is_file() else "weights"),
+            has_cfg = (p / "config.json").is_file()
+            rep.add("base model", FAIL, f"{p} has no " + ("weights" if has_cfg else "config.json"),
                     "point model.base at a saved model directory (config.json + *.safetensors) or a Hugging Face id")
-            return None, None
+            return (json.loads((p / "config.json").read_text()) if has_cfg else None), None
         rep.add("base model", PASS, f"local directory {p} ({len(weights)} weight file(s))")
         return json.loads((p / "config.json").read_text()), str(p)
     if base.startswith(("/", ".", "~")) or base.count("/") > 1:
@@ -466,7 +477,7 @@ def arch_dims(arch: dict[str, Any]) -> dict[str, int]:
 
 def estimate_memory(arch: dict[str, Any], tokens: int, lora_r: int, target_modules: Any,
                     gradient_checkpointing: bool, quantization: str = "nf4", compute_bytes: int = 2,
-                    double_quant: bool = True) -> dict[str, float]:
+                    double_quant: bool = True, overhead_gb: float = 0.6) -> dict[str, float]:
     """Peak training memory in GB, by part: weights (NF4 ~0.5 byte/param for linear layers, embeddings and
     lm_head in the compute dtype), LoRA params+grads+Adam (fp32, 16 bytes each), activations for ``tokens``
     packed tokens (with checkpointing: each layer's input plus one layer recomputed), logits, overhead."""
@@ -489,7 +500,7 @@ def estimate_memory(arch: dict[str, Any], tokens: int, lora_r: int, target_modul
     else:
         acts = L * tokens * per_tok_layer
     logits = tokens * V * (8 + compute_bytes)
-    overhead = 0.6 * GB
+    overhead = overhead_gb * GB   # CUDA context, cuBLAS workspace
     total = (weights + lora + acts + logits + overhead) * 1.05
     return {"params_b": (linear + embed) / 1e9, "lora_params_m": lora_params / 1e6,
             "weights_gb": weights / GB, "lora_gb": lora / GB, "activations_gb": acts / GB,
@@ -523,11 +534,13 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
     for dom in cfg.domains:
         hy = cfg.hyper_for(dom)
         e = estimate_memory(arch, hy["tokens_per_micro_batch"], hy["lora"]["r"], hy["lora"]["target_modules"],
-                            cfg.train.gradient_checkpointing, cfg.model.quantization, cb, cfg.model.double_quant)
+                            cfg.train.gradient_checkpointing, cfg.model.quantization, cb, cfg.model.double_quant,
+                            0.6 if gpu else 0.1)
         if worst is None or e["total_gb"] > worst[1]["total_gb"]:
             worst = (dom, e, hy)
     dom, e, hy = worst
-    detail = (f"~{e['total_gb']:.1f} GB peak ({e['params_b']:.2f}B params: weights {e['weights_gb']:.1f}, "
+    params = f"{e['params_b']:.2f}B" if e["params_b"] >= 1 else f"{e['params_b'] * 1e3:.1f}M"
+    detail = (f"~{e['total_gb']:.1f} GB peak ({params} params: weights {e['weights_gb']:.1f}, "
               f"LoRA {e['lora_params_m']:.1f}M params+grads+Adam {e['lora_gb']:.2f}, activations {e['activations_gb']:.1f} "
               f"for {hy['tokens_per_micro_batch']} tokens, logits {e['logits_gb']:.1f}; "
               f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'})")
@@ -570,7 +583,7 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
 def collect(cfg, load: bool = False, full: bool = True) -> Report:
     """Run the checks; full=False is the free pre-flight subset (no network, no Ray connect, no load)."""
     rep = Report()
-    check_packages(rep)
+    check_packages(rep, cfg)
     cuda = check_cuda(cfg, rep)
     check_bitsandbytes(cfg, rep, cuda)
     check_ray(cfg, rep, connect=full)
