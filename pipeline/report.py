@@ -1,0 +1,648 @@
+"""The report: what was trained, how well, on what data, and how to reproduce it.
+
+    run_report(cfg) -> dict of URIs   {"json", "md", "html", "<plot>.png"...}, all under report/
+
+Reads (each may be missing: the report says so instead of failing)
+    data/manifest.json                        per source counts, licenses, file checksums; per domain rows
+    data/download_manifest.json               versions (revision / commit) of downloaded sources
+    adapters/<domain>/training_report.json    a finished adapter's metrics and loss history
+    runs/<run_name>/domains/<domain>.json     the domain's state (failed with its cause, skipped, running)
+    eval/matrix.json                          base + every adapter on every domain's test set
+Writes, through the output Store (local or s3://)
+    report/summary.json   the DESIGN.md contract (per domain and run-level facts)
+    report/summary.md     the same as tables, plots linked
+    report/summary.html   one self-contained file: CSS inline, plots embedded as base64 PNG
+    report/loss_curves.png  report/perplexity.png  report/eval_matrix.png
+
+Nothing secret is written: the config comes from ``cfg.redacted()``, and every text written is
+scrubbed of the values of credential environment variables and of tokens in URLs.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import logging
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.storage import Store, StorageError, open_store
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+PACKAGES = ("domain-adapters", "ray", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers",
+            "safetensors", "huggingface_hub", "pyarrow", "pandas", "boto3", "pydantic", "PyYAML", "matplotlib")
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+              "RAY_AUTH_TOKEN", "GITHUB_TOKEN", "WANDB_API_KEY")
+METRICS = ("train_loss", "val_loss", "test_loss", "val_ppl", "test_ppl", "base_val_loss", "base_test_loss",
+           "base_val_ppl", "base_test_ppl", "tokens_per_s", "peak_memory_gb", "wall_time_s", "steps")
+
+
+# ---- reading the output tree -----------------------------------------------------------------
+
+def _read(store: Store, rel: str) -> tuple[Optional[Any], Optional[str]]:
+    """(parsed JSON or None, problem or None): missing is (None, None); damaged is (None, why)."""
+    try:
+        return store.read_json(rel), None
+    except FileNotFoundError:
+        return None, None
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, f"{rel} is not valid JSON ({e})"
+    except StorageError as e:
+        return None, str(e)
+
+
+def _num(x: Any) -> Optional[float]:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _ppl(loss: Any) -> Optional[float]:
+    v = _num(loss)
+    if v is None:
+        return None
+    try:
+        return math.exp(min(v, 700.0))
+    except OverflowError:
+        return None
+
+
+def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> dict:
+    """One domain's row of the report: status (finished / failed / skipped / missing), cause, metrics."""
+    rep, rep_problem = _read(store, f"adapters/{domain}/training_report.json")
+    state, _ = _read(store, f"runs/{cfg.run_name}/domains/{domain}.json")
+    rep = rep if isinstance(rep, dict) else None
+    state = state if isinstance(state, dict) else None
+    dman = ((manifest or {}).get("domains") or {}).get(domain) or {}
+
+    out: dict[str, Any] = {"domain": domain, "status": "missing", "cause": None}
+    if rep is not None and rep.get("status", "finished") == "finished":
+        out["status"] = "finished"
+    elif state is not None and state.get("state") in ("failed", "skipped"):
+        out["status"] = state["state"]
+        out["cause"] = state.get("error") or ("skipped" if state["state"] == "skipped" else "failed (no cause recorded)")
+    elif dman.get("status") == "empty":
+        out["status"] = "skipped"
+        out["cause"] = f"no data: {dman.get('reason') or 'the domain has no records'}"
+    elif state is not None and state.get("state") == "running":
+        out["cause"] = f"training did not finish (last state 'running', updated {state.get('updated')})"
+    elif rep_problem:
+        out["cause"] = f"training report unreadable: {rep_problem}"
+    else:
+        out["cause"] = "not trained: no training report and no state file"
+    if state is not None:
+        out["state"] = {k: state.get(k) for k in ("state", "updated", "error") if k in state}
+
+    n = (rep or {}).get("n_examples") or dman.get("sft_rows") or {}
+    out["examples"] = {s: n.get(s) for s in SPLITS}
+    for k in METRICS:
+        out[k] = _num((rep or {}).get(k)) if rep else None
+    if rep:  # derive perplexities from losses when a report has only losses
+        for split in ("val", "test"):
+            for pre in ("", "base_"):
+                if out[f"{pre}{split}_ppl"] is None:
+                    out[f"{pre}{split}_ppl"] = _ppl(out[f"{pre}{split}_loss"])
+    out["adapter_uri"] = (rep or {}).get("adapter_uri") or (state or {}).get("adapter_uri") if out["status"] == "finished" else None
+    if out["test_ppl"] and out["base_test_ppl"]:
+        out["test_ppl_change_pct"] = 100.0 * (out["test_ppl"] / out["base_test_ppl"] - 1.0)
+    else:
+        out["test_ppl_change_pct"] = None
+    hist = (rep or {}).get("history") or {}
+    out["_history"] = {"train": [h for h in hist.get("train", []) if isinstance(h, dict)],
+                       "val": [h for h in hist.get("val", []) if isinstance(h, dict)]}
+    for k in ("resumed_from_step", "device", "base_model", "tokens", "epochs"):
+        if rep and k in rep:
+            out[k] = rep[k]
+    return out
+
+
+def data_card(manifest: Optional[dict], download: Optional[dict]) -> dict:
+    """Per source: counts read/kept/quarantined (by reason)/deduplicated/capped, license, files and checksums."""
+    if not manifest:
+        return {"available": False, "sources": {}, "domains": {}, "totals": {}}
+    dl = (download or {}).get("sources") or {}
+    sources = {}
+    for name, m in (manifest.get("sources") or {}).items():
+        versions = []
+        for part in (dl.get(name) or {}).get("parts", []) or []:
+            v = part.get("commit") or part.get("revision") or part.get("kind")
+            if v and v not in versions:
+                versions.append(str(v))
+        sources[name] = {
+            "domain": m.get("domain"), "status": m.get("status"), "license": m.get("license"), "url": m.get("url"),
+            "version": ", ".join(versions) or None,
+            **{k: m.get(k, 0) for k in ("read", "kept", "quarantined", "deduplicated", "capped")},
+            "cap": m.get("cap"), "quarantined_by_reason": m.get("quarantined_by_reason") or {},
+            "sft_examples": m.get("sft_examples"),
+            "files": [{"path": f.get("path"), "size": f.get("size"), "sha256": f.get("sha256"), "status": f.get("status")}
+                      for f in m.get("files", []) if isinstance(f, dict)],
+        }
+    domains = {d: {"status": m.get("status"), "corpus_rows": m.get("corpus_rows"), "sft_rows": m.get("sft_rows"),
+                   "tokens_estimate": m.get("tokens_estimate"), "reason": m.get("reason")}
+               for d, m in (manifest.get("domains") or {}).items()}
+    return {"available": True, "fingerprint": manifest.get("fingerprint"), "settings": manifest.get("settings"),
+            "totals": manifest.get("totals") or {}, "sources": sources, "domains": domains}
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    from importlib import metadata
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def git_commit(repo: Optional[Path] = None) -> dict[str, Any]:
+    """The code's git commit (None outside a checkout) and whether tracked files were modified."""
+    repo = repo or Path(__file__).resolve().parents[1]
+    if os.environ.get("GIT_COMMIT"):
+        return {"commit": os.environ["GIT_COMMIT"], "dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        if commit is None:
+            return {"commit": None, "dirty": None}
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20).stdout.strip() != ""
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def build_summary(cfg, store: Store) -> dict:
+    """summary.json's content (plus '_history' per domain, dropped before writing)."""
+    manifest, manifest_problem = _read(store, "data/manifest.json")
+    manifest = manifest if isinstance(manifest, dict) else None
+    download, _ = _read(store, "data/download_manifest.json")
+    matrix, matrix_problem = _read(store, "eval/matrix.json")
+    matrix = matrix if isinstance(matrix, dict) and matrix.get("models") and matrix.get("datasets") else None
+    domains = list(cfg.domains)
+    for d in ((manifest or {}).get("domains") or {}):
+        if d not in domains and d in ((manifest or {}).get("domains_requested") or []):
+            domains.append(d)
+    per_domain = {d: domain_summary(store, cfg, d, manifest) for d in domains}
+    card = data_card(manifest, download if isinstance(download, dict) else None)
+    manifest_sha = None
+    if manifest is not None:
+        try:
+            manifest_sha = hashlib.sha256(store.read_bytes("data/manifest.json")).hexdigest()
+        except (StorageError, OSError):
+            pass
+    hashes = {name: {f["path"]: f["sha256"] for f in s["files"] if f.get("sha256")} for name, s in card["sources"].items()}
+    counts: dict[str, int] = {}
+    for r in per_domain.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {
+        "report_version": 1,
+        "run_name": cfg.run_name,
+        "output": store.uri,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status_counts": counts,
+        "domains": per_domain,
+        "eval_matrix": matrix,
+        "eval_matrix_note": None if matrix else (matrix_problem or "no eval/matrix.json (evaluation not run or no adapter finished)"),
+        "data": card,
+        "data_note": manifest_problem if manifest_problem else (None if manifest else "no data/manifest.json (prepare not run)"),
+        "reproducibility": {
+            "git": git_commit(),
+            "packages": package_versions(),
+            "platform": {"system": platform.system(), "machine": platform.machine(), "python": sys.version.split()[0]},
+            "seeds": {"seed": cfg.seed, "data.split_seed": cfg.data.split_seed, "train.seed": cfg.train.seed,
+                      **({"model.tiny.seed": cfg.model.tiny.seed} if cfg.model.base == "tiny" else {})},
+            "data_fingerprint": (manifest or {}).get("fingerprint"),
+            "manifest_sha256": manifest_sha,
+            "data_hashes": hashes,
+            "command": f"adapters run --config <config> --output {store.uri}",
+            "config": cfg.redacted(),
+        },
+    }
+
+
+# ---- plots ------------------------------------------------------------------------------------------
+
+STATUS_COLORS = {"finished": "#1a7f37", "failed": "#cf222e", "skipped": "#9a6700", "missing": "#6e7781"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def plot_loss_curves(summary: dict) -> bytes:
+    plt = _plt()
+    doms = list(summary["domains"].values())
+    cols = min(2, max(1, len(doms)))
+    rows = math.ceil(len(doms) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, d in zip(axes.flat, doms):
+        h = d["_history"]
+        tr = [(x.get("step"), _num(x.get("loss"))) for x in h["train"] if _num(x.get("loss")) is not None]
+        va = [(x.get("step"), _num(x.get("loss"))) for x in h["val"] if _num(x.get("loss")) is not None]
+        ax.set_title(f"{d['domain']} ({d['status']})", color=STATUS_COLORS.get(d["status"], "black"), fontsize=11)
+        if not tr and not va:
+            msg = d.get("cause") or "no loss history"
+            ax.text(0.5, 0.5, _wrap(msg, 48), ha="center", va="center", transform=ax.transAxes, fontsize=9, color="#57606a")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        if tr:
+            ax.plot(*zip(*tr), label="train", color="#0969da", lw=1.4)
+        if va:
+            ax.plot(*zip(*va), label="val", color="#bf3989", marker="o", ms=4, lw=1.4)
+        if d.get("base_val_loss") is not None:
+            ax.axhline(d["base_val_loss"], color="#6e7781", ls="--", lw=1, label="base val")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(doms):]:
+        ax.axis("off")
+    fig.suptitle("Loss curves per domain (train and validation)", fontsize=12)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_perplexity(summary: dict) -> bytes:
+    plt = _plt()
+    doms = list(summary["domains"].values())
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(doms) + 2), 3.8))
+    xs = range(len(doms))
+    w = 0.38
+    base = [d.get("base_test_ppl") for d in doms]
+    ada = [d.get("test_ppl") for d in doms]
+    b1 = ax.bar([x - w / 2 for x in xs], [v or 0 for v in base], w, label="base model", color="#8c959f")
+    b2 = ax.bar([x + w / 2 for x in xs], [v or 0 for v in ada], w, label="adapter", color="#0969da")
+    for bars, vals in ((b1, base), (b2, ada)):
+        for rect, v in zip(bars, vals):
+            ax.annotate(f"{v:.1f}" if v is not None else "n/a", (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{d['domain']}\n({d['status']})" for d in doms], fontsize=9)
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.margins(y=0.15)
+    ax.set_title("Base model vs adapter: test perplexity per domain")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_eval_matrix(matrix: dict) -> bytes:
+    plt = _plt()
+    models, datasets = list(matrix["models"]), list(matrix["datasets"])
+    fig, axes = plt.subplots(1, 2, figsize=(2 * max(4.2, 1.2 * len(datasets) + 2.2), max(3.0, 0.6 * len(models) + 1.6)))
+    for ax, key, title in ((axes[0], "loss", "test loss"), (axes[1], "ppl", "test perplexity")):
+        vals = [[_num((matrix.get(key) or {}).get(m, {}).get(d)) for d in datasets] for m in models]
+        flat = [v for row in vals for v in row if v is not None]
+        grid = [[v if v is not None else float("nan") for v in row] for row in vals]
+        im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+        ax.set_xticks(range(len(datasets)))
+        ax.set_xticklabels(datasets, rotation=30, ha="right")
+        ax.set_yticks(range(len(models)))
+        ax.set_yticklabels([m if m == "base" else f"adapter: {m}" for m in models])
+        ax.set_xlabel("test set")
+        ax.set_title(title)
+        lo, hi = (min(flat), max(flat)) if flat else (0, 1)
+        for i, row in enumerate(vals):
+            for j, v in enumerate(row):
+                txt = "n/a" if v is None else (f"{v:.3f}" if key == "loss" else f"{v:.1f}")
+                light = v is not None and hi > lo and (v - lo) / (hi - lo) > 0.5
+                ax.text(j, i, txt, ha="center", va="center", fontsize=8, color="white" if light else "black",
+                        fontweight="bold" if models[i] == datasets[j] else "normal")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle("Evaluation matrix: base model and every adapter on every domain's test set (bold: own domain)", fontsize=11)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, cur = str(text).split(), [], ""
+    for w in words:
+        if len(cur) + len(w) + 1 > width and cur:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    lines.append(cur)
+    return "\n".join(lines[:6]) + ("..." if len(lines) > 6 else "")
+
+
+# ---- text renderings ----------------------------------------------------------------------------
+
+def _f(x: Any, nd: int = 3) -> str:
+    v = _num(x)
+    if v is None:
+        return "–"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{nd}f}"
+
+
+def _i(x: Any) -> str:
+    v = _num(x)
+    return "–" if v is None else f"{int(v):,}"
+
+
+def _results_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["domain", "status", "train / val / test examples", "train loss", "val loss (base)", "test loss (base)",
+            "val ppl (base)", "test ppl (base)", "test ppl change", "tokens/s", "peak mem GB", "wall time s", "adapter"]
+    rows = []
+    for d in summary["domains"].values():
+        ex = d["examples"]
+        chg = d.get("test_ppl_change_pct")
+        rows.append([d["domain"], d["status"] + (f": {d['cause']}" if d.get("cause") else ""),
+                     " / ".join(_i(ex.get(s)) for s in SPLITS), _f(d["train_loss"]),
+                     f"{_f(d['val_loss'])} ({_f(d['base_val_loss'])})", f"{_f(d['test_loss'])} ({_f(d['base_test_loss'])})",
+                     f"{_f(d['val_ppl'], 2)} ({_f(d['base_val_ppl'], 2)})", f"{_f(d['test_ppl'], 2)} ({_f(d['base_test_ppl'], 2)})",
+                     "–" if chg is None else f"{chg:+.1f}%", _f(d["tokens_per_s"], 0), _f(d["peak_memory_gb"], 2),
+                     _f(d["wall_time_s"], 1), d.get("adapter_uri") or "–"])
+    return head, rows
+
+
+def _matrix_rows(matrix: dict, key: str) -> tuple[list[str], list[list[str]]]:
+    ds = list(matrix["datasets"])
+    rows = []
+    for m in matrix["models"]:
+        vals = (matrix.get(key) or {}).get(m, {})
+        rows.append([m if m == "base" else f"adapter: {m}"] + [_f(vals.get(d), 3 if key == "loss" else 2) for d in ds])
+    return ["model \\ test set"] + ds, rows
+
+
+def _source_rows(card: dict) -> tuple[list[str], list[list[str]]]:
+    head = ["source", "domain", "status", "read", "kept", "quarantined", "deduplicated", "capped", "license", "version"]
+    rows = [[n, s.get("domain") or "–", s.get("status") or "–", _i(s["read"]), _i(s["kept"]), _i(s["quarantined"]),
+             _i(s["deduplicated"]), _i(s["capped"]) + (f" (cap {s['cap']})" if s.get("cap") else ""),
+             s.get("license") or "–", s.get("version") or "–"] for n, s in card["sources"].items()]
+    return head, rows
+
+
+def _reason_rows(card: dict) -> tuple[list[str], list[list[str]]]:
+    rows = [[n, r, _i(c)] for n, s in card["sources"].items() for r, c in sorted(s["quarantined_by_reason"].items())]
+    return ["source", "quarantine reason", "records"], rows
+
+
+def _file_rows(card: dict) -> tuple[list[str], list[list[str]]]:
+    rows = [[n, f.get("path") or "–", _i(f.get("size")), f.get("sha256") or "–", f.get("status") or "–"]
+            for n, s in card["sources"].items() for f in s["files"]]
+    return ["source", "file", "bytes", "sha256", "status"], rows
+
+
+def _domain_data_rows(card: dict) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for d, m in card["domains"].items():
+        sft = m.get("sft_rows") or {}
+        tok = (m.get("tokens_estimate") or {})
+        rows.append([d, (m.get("status") or "–") + (f": {m['reason']}" if m.get("reason") else ""), _i(m.get("corpus_rows")),
+                     " / ".join(_i(sft.get(s)) for s in SPLITS), _i(tok.get("corpus"))])
+    return ["domain", "status", "corpus rows", "SFT train / val / test", "corpus tokens (est.)"], rows
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    out = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def render_md(summary: dict, plots: dict[str, bytes]) -> str:
+    s, card, rep = summary, summary["data"], summary["reproducibility"]
+    L = [f"# Domain adapters: run `{s['run_name']}`", "",
+         f"Output `{s['output']}`, generated {s['generated_at']}. Domains: "
+         + ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items())) + ".", "",
+         "## Results per domain", "", _md_table(*_results_rows(s)), "",
+         "Losses are mean token cross-entropy on response tokens; perplexity = exp(loss). "
+         "Figures in parentheses are the base model's.", ""]
+    for name, title in (("loss_curves.png", "Loss curves"), ("perplexity.png", "Base vs adapter perplexity")):
+        if name in plots:
+            L += [f"![{title}]({name})", ""]
+    L += ["## Evaluation matrix", ""]
+    if s["eval_matrix"]:
+        L += ["Test loss:", "", _md_table(*_matrix_rows(s["eval_matrix"], "loss")), "",
+              "Test perplexity:", "", _md_table(*_matrix_rows(s["eval_matrix"], "ppl")), ""]
+        if "eval_matrix.png" in plots:
+            L += ["![Evaluation matrix](eval_matrix.png)", ""]
+    else:
+        L += [f"Not available: {s['eval_matrix_note']}.", ""]
+    L += ["## Data card", ""]
+    if card["available"]:
+        t = card["totals"]
+        L += ["Totals: " + ", ".join(f"{k} {_i(v)}" for k, v in t.items()) + ".", "",
+              "### Sources", "", _md_table(*_source_rows(card)), "",
+              "### Quarantine reasons", "", _md_table(*_reason_rows(card)) if _reason_rows(card)[1] else "None.", "",
+              "### Domains", "", _md_table(*_domain_data_rows(card)), "",
+              "### Files and checksums", "", _md_table(*_file_rows(card)), ""]
+    else:
+        L += [f"Not available: {s['data_note']}.", ""]
+    g = rep["git"]
+    L += ["## Reproducibility", "",
+          f"- git commit: `{g.get('commit') or 'unknown'}`" + (" (modified files)" if g.get("dirty") else ""),
+          f"- seeds: " + ", ".join(f"{k}={v}" for k, v in rep["seeds"].items()),
+          f"- data fingerprint: `{rep['data_fingerprint'] or '–'}`; manifest sha256: `{rep['manifest_sha256'] or '–'}`",
+          f"- command: `{rep['command']}`",
+          "- packages: " + ", ".join(f"{k} {v}" for k, v in rep["packages"].items() if v), "",
+          "<details><summary>config</summary>", "", "```json", json.dumps(rep["config"], indent=2), "```", "", "</details>", ""]
+    return "\n".join(L)
+
+
+CSS = """
+body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+main{max-width:1200px;margin:0 auto;padding:24px 32px;background:#fff}
+h1{font-size:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:.3em}h2{margin-top:1.6em;border-bottom:1px solid #eaeef2;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:13px;width:100%}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr:nth-child(even) td{background:#fbfcfd}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;font-weight:600}
+.finished{background:#1a7f37}.failed{background:#cf222e}.skipped{background:#9a6700}.missing{background:#6e7781}
+.cause{color:#57606a;font-size:12px;display:block;max-width:360px;word-break:break-word}
+img.plot{max-width:100%;border:1px solid #d0d7de;margin:.5em 0;display:block}
+.note{color:#57606a}code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px}
+pre{background:#f6f8fa;padding:10px;overflow:auto;max-height:420px}
+.cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;min-width:110px}
+.card b{display:block;font-size:20px}td.diag{font-weight:700;outline:2px solid #0969da;outline-offset:-2px}
+td.sha{font-family:ui-monospace,monospace;font-size:11px;word-break:break-all}
+"""
+
+
+def _h(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _html_table(head: list[str], rows: list[list[str]], cls: Optional[list[Optional[str]]] = None, tid: str = "") -> str:
+    out = [f'<table id="{tid}">' if tid else "<table>", "<thead><tr>" + "".join(f"<th>{_h(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        tds = []
+        for j, c in enumerate(r):
+            k = (cls[j] if cls and j < len(cls) else None) or ""
+            tds.append(f'<td class="{k}">{c}</td>' if k else f"<td>{c}</td>")
+        out.append("<tr>" + "".join(tds) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _esc_rows(rows: list[list[str]]) -> list[list[str]]:
+    return [[_h(c) for c in r] for r in rows]
+
+
+def _matrix_html(matrix: dict, key: str) -> str:
+    ds = list(matrix["datasets"])
+    vals = {m: (matrix.get(key) or {}).get(m, {}) for m in matrix["models"]}
+    flat = [v for m in vals.values() for v in (_num(x) for x in m.values()) if v is not None]
+    lo, hi = (min(flat), max(flat)) if flat else (0.0, 1.0)
+    head = "<tr><th>model \\ test set</th>" + "".join(f"<th>{_h(d)}</th>" for d in ds) + "</tr>"
+    body = []
+    for m, row in vals.items():
+        cells = [f"<th>{_h(m if m == 'base' else 'adapter: ' + m)}</th>"]
+        for d in ds:
+            v = _num(row.get(d))
+            if v is None:
+                cells.append('<td class="num">–</td>')
+                continue
+            t = (v - lo) / (hi - lo) if hi > lo else 0.0  # 0 = best (lowest)
+            color = f"hsl({int(120 * (1 - t))},60%,{int(82 + 8 * t)}%)"
+            diag = " diag" if m == d else ""
+            cells.append(f'<td class="num{diag}" style="background:{color}">{_f(v, 3 if key == "loss" else 2)}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="matrix" id="matrix-{key}"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def render_html(summary: dict, plots: dict[str, bytes]) -> str:
+    s, card, rep = summary, summary["data"], summary["reproducibility"]
+
+    def img(name: str, alt: str) -> str:
+        if name not in plots:
+            return ""
+        b64 = base64.b64encode(plots[name]).decode("ascii")
+        return f'<img class="plot" id="plot-{name.split(".")[0]}" alt="{_h(alt)}" src="data:image/png;base64,{b64}">'
+
+    cards = "".join(f'<div class="card"><span class="badge {k}">{_h(k)}</span><b>{v}</b>domains</div>'
+                    for k, v in sorted(s["status_counts"].items()))
+    head, rows = _results_rows(s)
+    hrows = []
+    for d, r in zip(s["domains"].values(), rows):
+        status = f'<span class="badge {_h(d["status"])}">{_h(d["status"])}</span>'
+        if d.get("cause"):
+            status += f'<span class="cause">{_h(d["cause"][:600])}</span>'
+        hrows.append([_h(r[0]), status] + [_h(c) for c in r[2:]])
+    num = [None, None] + ["num"] * 10 + [None]
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Domain adapters: {_h(s['run_name'])}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>Domain adapters: run <code>{_h(s['run_name'])}</code></h1>",
+        f'<p class="note">Output <code>{_h(s["output"])}</code> &middot; generated {_h(s["generated_at"])}</p>',
+        f'<div class="cards">{cards}</div>',
+        "<h2>Results per domain</h2>", _html_table(head, hrows, num, "results"),
+        '<p class="note">Losses are mean token cross-entropy on response tokens; perplexity = exp(loss). '
+        "Figures in parentheses are the base model's.</p>",
+        img("loss_curves.png", "Loss curves per domain"), img("perplexity.png", "Base vs adapter perplexity"),
+        "<h2>Evaluation matrix</h2>",
+    ]
+    if s["eval_matrix"]:
+        parts += ['<p class="note">The base model and every adapter on every domain\'s test set. Outlined: an adapter on its own domain; '
+                  "greener is lower (better).</p>",
+                  "<h3>Test loss</h3>", _matrix_html(s["eval_matrix"], "loss"),
+                  "<h3>Test perplexity</h3>", _matrix_html(s["eval_matrix"], "ppl"),
+                  img("eval_matrix.png", "Evaluation matrix heat map")]
+    else:
+        parts.append(f'<p class="note">Not available: {_h(s["eval_matrix_note"])}.</p>')
+    parts.append("<h2>Data card</h2>")
+    if card["available"]:
+        parts += ["<p>Totals: " + ", ".join(f"{_h(k)} <b>{_i(v)}</b>" for k, v in card["totals"].items()) + "</p>",
+                  "<h3>Sources</h3>", _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_source_rows(card)),
+                                                   [None, None, None] + ["num"] * 5, "sources"),
+                  "<h3>Quarantine reasons</h3>",
+                  _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_reason_rows(card)), [None, None, "num"], "quarantine")
+                  if _reason_rows(card)[1] else "<p>None.</p>",
+                  "<h3>Domains</h3>", _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_domain_data_rows(card)),
+                                                   [None, None, "num", "num", "num"], "domains-data"),
+                  "<details><summary>Files and checksums</summary>",
+                  _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_file_rows(card)), [None, None, "num", "sha", None], "files"),
+                  "</details>"]
+    else:
+        parts.append(f'<p class="note">Not available: {_h(s["data_note"])}.</p>')
+    g = rep["git"]
+    repro = [["git commit", f"<code>{_h(g.get('commit') or 'unknown')}</code>" + (" (modified files)" if g.get("dirty") else "")],
+             ["seeds", _h(", ".join(f"{k}={v}" for k, v in rep["seeds"].items()))],
+             ["data fingerprint", f"<code>{_h(rep['data_fingerprint'] or '–')}</code>"],
+             ["manifest sha256", f"<code>{_h(rep['manifest_sha256'] or '–')}</code>"],
+             ["command", f"<code>{_h(rep['command'])}</code>"],
+             ["packages", _h(", ".join(f"{k} {v}" for k, v in rep["packages"].items() if v))]]
+    parts += ["<h2>Reproducibility</h2>", _html_table(["what", "value"], repro, None, "repro"),
+              "<details><summary>Config (redacted)</summary><pre>" + _h(json.dumps(rep["config"], indent=2)) + "</pre></details>",
+              "</main></body></html>"]
+    return "\n".join(p for p in parts if p)
+
+
+# ---- secrets -----------------------------------------------------------------------------------------
+
+_URL_SECRET = re.compile(r"([?&](?:token|key|signature|sig|access_token|X-Amz-[A-Za-z-]+)=)[^&\s\"'<]+", re.I)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s\"'<]+@")
+
+
+def scrub(text: str, environ: Optional[dict] = None) -> str:
+    """Remove credential values (from the environment) and URL tokens / user:password parts from text."""
+    env = os.environ if environ is None else environ
+    for k in SECRET_ENV:
+        v = env.get(k)
+        if v and len(v) >= 6:
+            text = text.replace(v, "***")
+            text = text.replace(json.dumps(v)[1:-1], "***")
+    text = _URL_SECRET.sub(r"\1***", text)
+    return _URL_USERINFO.sub("***@", text)
+
+
+# ---- the stage ----------------------------------------------------------------------------------------
+
+def run_report(cfg) -> dict:
+    """Write report/summary.json, summary.md, summary.html and the PNG plots; return their URIs."""
+    t0 = time.time()
+    store = open_store(cfg)
+    summary = build_summary(cfg, store)
+    plots: dict[str, bytes] = {}
+    makers = [("loss_curves.png", lambda: plot_loss_curves(summary)), ("perplexity.png", lambda: plot_perplexity(summary))]
+    if summary["eval_matrix"]:
+        makers.append(("eval_matrix.png", lambda: plot_eval_matrix(summary["eval_matrix"])))
+    for name, make in makers:
+        try:
+            plots[name] = make()
+        except Exception as e:  # a plot is not worth losing the report for
+            log.error("report: plot %s failed: %s", name, e)
+    summary["plots"] = sorted(plots)
+    out: dict[str, str] = {}
+    for name, png in plots.items():
+        out[name] = store.write_bytes(f"report/{name}", png)
+    public = {**summary, "domains": {d: {k: v for k, v in r.items() if not k.startswith("_")}
+                                     for d, r in summary["domains"].items()}}
+    out["json"] = store.write_text("report/summary.json", scrub(json.dumps(public, indent=2, default=str)) + "\n")
+    out["md"] = store.write_text("report/summary.md", scrub(render_md(summary, plots)))
+    out["html"] = store.write_text("report/summary.html", scrub(render_html(summary, plots)))
+    log.info("report: %s (%d domains: %s) in %.1fs", out["html"], len(summary["domains"]),
+             ", ".join(f"{k} {v}" for k, v in sorted(summary["status_counts"].items())), time.time() - t0)
+    return out

@@ -1,0 +1,219 @@
+"""pipeline/report.py on fake-but-realistic output trees (written through the Store)."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.report import run_report, scrub
+from pipeline.storage import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY"
+TOKEN = "tok-0123456789abcdefSECRET"
+URL_PASSWORD = "hunter2pw"
+
+
+def fake_manifest() -> dict:
+    def src(domain, read, kept, q, dd, cap, reasons, lic, files):
+        return {"status": "ok", "domain": domain, "license": lic, "url": f"https://example.org/{domain}",
+                "read": read, "kept": kept, "quarantined": q, "quarantined_by_reason": reasons,
+                "deduplicated": dd, "capped": cap, "cap": 200 if cap else None, "sft_examples": kept,
+                "files": [{"path": f, "size": 1234 + i, "sha256": f"{i:02d}" * 32, "status": "read"} for i, f in enumerate(files)]}
+    sources = {
+        "debatesum": src("debate", 250, 200, 20, 10, 20, {"empty_text": 12, "bad_csv_row": 8}, "MIT", ["DebateSum/debateallcsv.csv"]),
+        "iam": src("debate", 60, 55, 5, 0, 0, {"wrong_column_count": 5}, "CC BY-SA 4.0", ["IAM/claims/train.txt", "IAM/stance/train.txt"]),
+        "medmcqa": src("medicine", 120, 118, 2, 0, 0, {"invalid_json_line": 2}, "Apache-2.0", ["MedMCQA/train.json"]),
+        "medquad": src("medicine", 40, 30, 10, 0, 0, {"empty_answer": 9, "truncated_xml": 1}, "CC BY 4.0", ["MedQuAD/1_CancerGov/a.xml"]),
+        "openstax": src("education", 80, 80, 0, 0, 0, {}, "CC BY 4.0", ["OpenStax/biology.txt"]),
+        "climate_fever": src("ecology", 0, 0, 0, 0, 0, {}, "CC BY-SA 4.0", []),
+    }
+    sources["climate_fever"]["status"] = "missing"
+    for m in sources.values():
+        assert m["read"] == m["kept"] + m["quarantined"] + m["deduplicated"] + m["capped"]
+    domains = {
+        "debate": {"status": "ok", "corpus_rows": 255, "sft_rows": {"train": 160, "val": 20, "test": 20},
+                   "tokens_estimate": {"corpus": 91000}},
+        "medicine": {"status": "ok", "corpus_rows": 148, "sft_rows": {"train": 118, "val": 15, "test": 15},
+                     "tokens_estimate": {"corpus": 40000}},
+        "education": {"status": "ok", "corpus_rows": 80, "sft_rows": {"train": 64, "val": 8, "test": 8},
+                      "tokens_estimate": {"corpus": 60000}},
+        "ecology": {"status": "empty", "corpus_rows": 0, "sft_rows": {"train": 0, "val": 0, "test": 0},
+                    "reason": "no records: every source is missing or fully quarantined"},
+    }
+    return {"version": 1, "fingerprint": "f" * 64, "sources": sources, "domains": domains,
+            "totals": {k: sum(s[k] for s in sources.values()) for k in ("read", "kept", "quarantined", "deduplicated", "capped")}}
+
+
+def fake_report(domain: str, base: float, final: float, uri: str) -> dict:
+    train = [{"step": s, "loss": base - (base - final) * (1 - math.exp(-s / 12)) + 0.05 * math.sin(s), "lr": 2e-3}
+             for s in range(5, 45, 5)]
+    val = [{"step": s, "loss": base - (base - final - 0.05) * (1 - math.exp(-s / 12))} for s in (20, 40)]
+    return {"domain": domain, "status": "finished", "train_loss": train[-1]["loss"], "val_loss": final + 0.05,
+            "test_loss": final + 0.07, "val_ppl": math.exp(final + 0.05), "test_ppl": math.exp(final + 0.07),
+            "base_val_loss": base, "base_test_loss": base + 0.01, "base_val_ppl": math.exp(base),
+            "base_test_ppl": math.exp(base + 0.01), "tokens_per_s": 1834.2, "peak_memory_gb": 0.41,
+            "wall_time_s": 61.3, "steps": 40, "n_examples": {"train": 160, "val": 20, "test": 20},
+            "history": {"train": train, "val": val}, "adapter_uri": uri}
+
+
+def fake_matrix() -> dict:
+    ds = ["debate", "medicine", "education"]
+    loss = {"base": {"debate": 4.10, "medicine": 4.35, "education": 4.20},
+            "debate": {"debate": 3.02, "medicine": 4.01, "education": 3.88},
+            "medicine": {"debate": 3.95, "medicine": 2.91, "education": 3.79}}
+    return {"models": ["base", "debate", "medicine"], "datasets": ds, "loss": loss,
+            "ppl": {m: {d: math.exp(v) for d, v in r.items()} for m, r in loss.items()}}
+
+
+def write_tree(store: Store, run_name: str = "demo", with_matrix: bool = True) -> None:
+    store.write_json("data/manifest.json", fake_manifest())
+    store.write_json("data/download_manifest.json", {"sources": {"debatesum": {"parts": [{"revision": "main", "commit": "abc123"}]}}})
+    for d, b, f in (("debate", 4.1, 3.0), ("medicine", 4.35, 2.9)):
+        store.write_json(f"adapters/{d}/training_report.json", fake_report(d, b, f, store.uri_of(f"adapters/{d}")))
+        store.write_json(f"runs/{run_name}/domains/{d}.json", {"domain": d, "state": "finished", "error": None,
+                                                                "updated": "2026-11-24T15:00:00+00:00", "val_loss": f})
+    store.write_json(f"runs/{run_name}/domains/education.json", {
+        "domain": "education", "state": "failed", "updated": "2026-11-24T15:01:00+00:00", "val_loss": None,
+        "error": "OutOfMemoryError: CUDA out of memory (simulated) after 3 attempts (FailureConfig max_failures=2)"})
+    # ecology: nothing but an empty domain in the manifest -> skipped with the manifest's reason
+    if with_matrix:
+        store.write_json("eval/matrix.json", fake_matrix())
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAREPORTTEST0001")
+    monkeypatch.setenv("DDO_DEBATES_URL", f"https://drive.example.com/uc?id=1&token={TOKEN}")
+    return load_config(ROOT / "configs" / "demo.yaml", output=str(tmp_path / "out"),
+                       sets=[f"storage.endpoint_url=http://admin:{URL_PASSWORD}@127.0.0.1:9000"])
+
+
+def all_report_text(store: Store) -> dict[str, str]:
+    return {r: store.read_bytes(r).decode("utf-8", errors="replace") for r in store.list_files("report")}
+
+
+def test_full_report(cfg):
+    store = Store(cfg.output)
+    write_tree(store)
+    out = run_report(cfg)
+    assert set(out) == {"json", "md", "html", "loss_curves.png", "perplexity.png", "eval_matrix.png"}
+    assert store.list_files("report") == ["report/eval_matrix.png", "report/loss_curves.png", "report/perplexity.png",
+                                          "report/summary.html", "report/summary.json", "report/summary.md"]
+    s = store.read_json("report/summary.json")
+    d = s["domains"]
+    assert [d[x]["status"] for x in ("debate", "medicine", "education", "ecology")] == ["finished", "finished", "failed", "skipped"]
+    assert "CUDA out of memory" in d["education"]["cause"]
+    assert "no records" in d["ecology"]["cause"]
+    deb = d["debate"]
+    assert deb["examples"] == {"train": 160, "val": 20, "test": 20}
+    for k in ("train_loss", "val_loss", "test_loss", "val_ppl", "test_ppl", "base_val_loss", "base_test_loss",
+              "base_val_ppl", "base_test_ppl", "tokens_per_s", "peak_memory_gb", "wall_time_s"):
+        assert isinstance(deb[k], float), k
+    assert deb["adapter_uri"] == store.uri_of("adapters/debate")
+    assert deb["test_ppl_change_pct"] < 0
+    assert d["education"]["examples"] == {"train": 64, "val": 8, "test": 8}  # from the manifest
+    assert d["education"]["val_loss"] is None and d["education"]["adapter_uri"] is None
+    assert s["status_counts"] == {"finished": 2, "failed": 1, "skipped": 1}
+    assert s["eval_matrix"]["models"] == ["base", "debate", "medicine"]
+    card = s["data"]
+    assert card["sources"]["medquad"]["quarantined_by_reason"] == {"empty_answer": 9, "truncated_xml": 1}
+    assert card["sources"]["debatesum"]["license"] == "MIT" and card["sources"]["debatesum"]["version"] == "abc123"
+    assert card["totals"]["read"] == 550
+    rep = s["reproducibility"]
+    assert rep["config"]["run_name"] == "demo" and rep["seeds"]["seed"] == 42
+    assert rep["data_hashes"]["iam"]["IAM/stance/train.txt"] == "01" * 32
+    assert rep["packages"]["pyarrow"] and rep["packages"]["python"]
+    assert re.fullmatch(r"[0-9a-f]{40}", rep["git"]["commit"] or "")
+    assert re.fullmatch(r"[0-9a-f]{64}", rep["manifest_sha256"])
+    assert not any(k.startswith("_") for dd in d.values() for k in dd)
+
+    md = store.read_text("report/summary.md")
+    assert "| domain | status | train / val / test examples |" in md
+    assert re.search(r"\| debate \| finished \| 160 / 20 / 20 \|", md)
+    assert "| education | failed: OutOfMemoryError" in md
+    assert "| model \\ test set | debate | medicine | education |" in md
+    assert "| adapter: medicine | 3.950 | 2.910 | 3.790 |" in md
+    assert "![Loss curves](loss_curves.png)" in md and "![Evaluation matrix](eval_matrix.png)" in md
+    assert "| medquad | medicine | ok | 40 | 30 | 10 | 0 | 0 | CC BY 4.0 |" in md
+    assert "| medquad | empty_answer | 9 |" in md
+
+    page = store.read_text("report/summary.html")
+    imgs = re.findall(r'<img class="plot" id="plot-([a-z_]+)" alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
+    assert sorted(n for n, _ in imgs) == ["eval_matrix", "loss_curves", "perplexity"]
+    for name, b64 in imgs:
+        png = base64.b64decode(b64)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == store.read_bytes(f"report/{name}.png")
+    assert 'id="matrix-loss"' in page and 'id="matrix-ppl"' in page and 'class="num diag"' in page
+    assert '<span class="badge failed">failed</span>' in page
+    assert "<link" not in page and "<script" not in page and "http://" not in page.split("<h2>Reproducibility")[0]
+
+
+def test_no_secrets_in_any_report_file(cfg):
+    store = Store(cfg.output)
+    write_tree(store)
+    # a training report that (wrongly) carries secrets must not leak them either
+    rep = store.read_json("adapters/debate/training_report.json")
+    rep["note"] = f"endpoint http://u:{URL_PASSWORD}@h/?X-Amz-Signature=abc {SECRET}"
+    store.write_json("adapters/debate/training_report.json", rep)
+    run_report(cfg)
+    texts = all_report_text(store)
+    assert len(texts) == 6
+    for rel, text in texts.items():
+        for secret in (SECRET, TOKEN, URL_PASSWORD, "AKIAREPORTTEST0001"):
+            assert secret not in text, (rel, secret)
+    cfg_json = json.loads(texts["report/summary.json"])["reproducibility"]["config"]
+    assert cfg_json["data"]["download"]["ddo_debates_url"].endswith("token=***")
+    assert cfg_json["storage"]["endpoint_url"] == "http://***@127.0.0.1:9000"
+
+
+def test_partial_inputs_do_not_crash(cfg):
+    """Nothing but a config: every domain missing, no matrix, no data card; still a full report."""
+    store = Store(cfg.output)
+    out = run_report(cfg)
+    s = store.read_json("report/summary.json")
+    assert {d["status"] for d in s["domains"].values()} == {"missing"}
+    assert all("not trained" in d["cause"] for d in s["domains"].values())
+    assert s["eval_matrix"] is None and "no eval/matrix.json" in s["eval_matrix_note"]
+    assert s["data"]["available"] is False and "prepare not run" in s["data_note"]
+    assert "eval_matrix.png" not in out and {"json", "md", "html", "loss_curves.png", "perplexity.png"} <= set(out)
+    page = store.read_text("report/summary.html")
+    assert "Not available: no eval/matrix.json" in page
+
+
+def test_damaged_and_running_inputs(cfg):
+    store = Store(cfg.output)
+    write_tree(store, with_matrix=False)
+    store.write_text("adapters/medicine/training_report.json", "{truncated")  # crashed while writing
+    store.write_json("runs/demo/domains/medicine.json", {"domain": "medicine", "state": "running", "updated": "x"})
+    rep = store.read_json("adapters/debate/training_report.json")
+    del rep["val_ppl"], rep["history"]["val"], rep["base_val_ppl"]  # an older report with fewer keys
+    store.write_json("adapters/debate/training_report.json", rep)
+    store.write_text("eval/matrix.json", "[]")
+    run_report(cfg)
+    s = store.read_json("report/summary.json")
+    assert s["domains"]["medicine"]["status"] == "missing"
+    assert "did not finish" in s["domains"]["medicine"]["cause"]
+    assert s["domains"]["debate"]["val_ppl"] == pytest.approx(math.exp(rep["val_loss"]))
+    assert s["eval_matrix"] is None
+
+
+def test_report_on_a_subset_of_domains(cfg):
+    cfg.domains = ["debate"]
+    store = Store(cfg.output)
+    write_tree(store)
+    run_report(cfg)
+    s = store.read_json("report/summary.json")
+    assert list(s["domains"]) == ["debate"]
+
+
+def test_scrub():
+    env = {"AWS_SECRET_ACCESS_KEY": "abcdef123456", "HF_TOKEN": "hf_xyzxyzxyz"}
+    t = scrub('k=abcdef123456 "hf_xyzxyzxyz" https://u:p@h/x?a=1&token=zzz&X-Amz-Credential=AK/2026', env)
+    assert t == 'k=*** "***" https://***@h/x?a=1&token=***&X-Amz-Credential=***'
