@@ -91,8 +91,7 @@ SOURCES_TABLE: dict[str, Source] = {s.name: s for s in (
     Source("iam", "IAM", "research data; cite Cheng et al., ACL 2022",
            "https://github.com/LiyingCheng95/IAM",
            (Part("IAM", "git", "https://github.com/LiyingCheng95/IAM.git",
-                 patterns=("claims/*", "stance/*", "evidence/*", "CEPE/*", "claims/**", "stance/**",
-                           "evidence/**", "CEPE/**") + _DOCS),)),
+                 patterns=("claims/*.txt", "stance/*.txt") + _DOCS),)),   # what the IAM reader reads
     Source("ddo", "DDO", "research data; cite Durmus & Cardie 2019 (debate.org)",
            "https://www.cs.cornell.edu/~esindurmus/ddo.html",
            (Part("DDO", "http", files=(("debates.json", "ddo_debates_url"), ("users.json", "ddo_users_url"))),),
@@ -171,7 +170,9 @@ def _local_records(src_dir: Path, previous: dict[str, Any], name: str) -> list[d
 
 
 def _matches(rel: str, patterns: tuple[str, ...]) -> bool:
-    return not patterns or any(fnmatch.fnmatchcase(rel, p) for p in patterns)
+    """fnmatch on the '/'-path ('*' crosses '/'); a leading '**/' also matches at the top level."""
+    return not patterns or any(fnmatch.fnmatchcase(rel, p) or (p.startswith("**/") and fnmatch.fnmatchcase(rel, p[3:]))
+                               for p in patterns)
 
 
 def _prune(root: Path, patterns: tuple[str, ...]) -> None:

@@ -416,3 +416,21 @@ def test_bundled_fixtures_offline(tmp_path, fixtures_raw, no_network):
     shutil.copytree(fixtures_raw, tmp_path / "raw")          # never write into the project's fixtures
     m = dl.run_download(make_cfg(tmp_path, {"offline": True}, allow_missing=True))
     assert any(e["status"] == "local" for e in m["sources"].values())
+
+
+def test_download_filters_keep_every_file_the_readers_read(fixtures_raw):
+    """For each source fetched into its own directory, the files the reader picks from the bundled
+    fixtures pass the download filter (so download and readers agree on patterns)."""
+    import importlib
+    checked = 0
+    for name, src in dl.SOURCES_TABLE.items():
+        if len(src.parts) != 1 or src.parts[0].kind == "http" or not src.parts[0].patterns:
+            continue
+        reader = importlib.import_module(f"pipeline.sources.{name}").SOURCE
+        base = fixtures_raw / src.dir
+        for f in reader.files(fixtures_raw):
+            rel = f.relative_to(base).as_posix()
+            assert dl._matches(rel, src.parts[0].patterns), (name, rel, src.parts[0].patterns)
+            checked += 1
+    if checked == 0:
+        pytest.skip("no fixtures to check against")
