@@ -57,6 +57,13 @@ def main():
                 ids += x; lab += y; pos += list(range(len(x))); i += 1
             yield (torch.tensor([ids], device="cuda"), torch.tensor([lab], device="cuda"), torch.tensor([pos], device="cuda"))
 
+    if not os.path.exists(BASE):
+        from transformers import AutoConfig
+        cfg = AutoConfig.for_model("mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+        with torch.device("cuda"):
+            m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        m.save_pretrained(BASE); del m; torch.cuda.empty_cache()
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(BASE, quantization_config=q, device_map={"": 0}, dtype=torch.bfloat16)
     base.config.use_cache = False
@@ -74,10 +81,16 @@ def main():
                 continue
             base.set_attn_implementation("flex_attention" if "flex" in var else "sdpa")
             model = peft.get_peft_model(base, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=tm, task_type="CAUSAL_LM"))
-            if "ckpt" in var:
+            model.train()
+            if "ckpt" in var or "pck" in var:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_disable()
+            if "pck" in var:  # checkpoint all but the last N layers
+                n = int(var.split("pck")[1].split("_")[0])
+                layers = model.base_model.model.model.layers
+                for layer in list(layers)[len(layers) - n:]:
+                    layer.gradient_checkpointing = False
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
             T = 16384 if "16k" in var else (4096 if "4k" in var else 8192)
