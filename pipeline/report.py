@@ -480,7 +480,9 @@ th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr:nth-child(even) td{background:#fbfcfd}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;font-weight:600}
 .finished{background:#1a7f37}.failed{background:#cf222e}.skipped{background:#9a6700}.missing{background:#6e7781}
-.cause{color:#57606a;font-size:12px;display:block;max-width:360px;word-break:break-word}
+.cause{color:#57606a;font-size:12px;display:block;margin-top:2px;overflow-wrap:break-word}
+td.status{min-width:220px;max-width:320px}td.uri{font-size:11px;word-break:break-all;min-width:160px;max-width:260px}
+h1 code{font-size:inherit}th{white-space:normal}
 img.plot{max-width:100%;border:1px solid #d0d7de;margin:.5em 0;display:block}
 .note{color:#57606a}code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px}
 pre{background:#f6f8fa;padding:10px;overflow:auto;max-height:420px}
@@ -532,6 +534,11 @@ def _matrix_html(matrix: dict, key: str) -> str:
     return f'<table class="matrix" id="matrix-{key}"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
 
 
+def _ordered_counts(counts: dict) -> list[tuple[str, int]]:
+    order = ["finished", "failed", "skipped", "missing"]
+    return sorted(counts.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+
+
 def render_html(summary: dict, plots: dict[str, bytes]) -> str:
     s, card, rep = summary, summary["data"], summary["reproducibility"]
 
@@ -542,7 +549,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         return f'<img class="plot" id="plot-{name.split(".")[0]}" alt="{_h(alt)}" src="data:image/png;base64,{b64}">'
 
     cards = "".join(f'<div class="card"><span class="badge {k}">{_h(k)}</span><b>{v}</b>domains</div>'
-                    for k, v in sorted(s["status_counts"].items()))
+                    for k, v in _ordered_counts(s["status_counts"]))
     head, rows = _results_rows(s)
     hrows = []
     for d, r in zip(s["domains"].values(), rows):
@@ -550,7 +557,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         if d.get("cause"):
             status += f'<span class="cause">{_h(d["cause"][:600])}</span>'
         hrows.append([_h(r[0]), status] + [_h(c) for c in r[2:]])
-    num = [None, None] + ["num"] * 10 + [None]
+    num = [None, "status"] + ["num"] * 10 + ["uri"]
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
