@@ -278,7 +278,7 @@ def http_download(url: str, dest: Path, timeout_s: float, retries: int) -> dict[
                 n = 0
                 expected = resp.headers.get("Content-Length")
                 with open(dest, "wb") as f:
-                    for block in iter(lambda: resp.read(1 << 20), b""):
+                    for block in iter(lambda: resp.read1(1 << 20), b""):
                         f.write(block)
                         h.update(block)
                         n += len(block)

@@ -8,6 +8,9 @@ import json
 import socket
 import subprocess
 import threading
+import sys
+import time
+import os
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,9 +38,11 @@ def make_cfg(tmp_path: Path, download: dict | None = None, **data) -> Config:
 class Server:
     def __init__(self, handler_cls):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False  # type: ignore[attr-defined]
         self.httpd.hits = []  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        self.t = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.t = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.t.start()
 
     @property
@@ -82,6 +87,15 @@ class FileHandler(BaseHTTPRequestHandler):
                 self.flaky_seen.add(parts[-1])
                 return self._send(503, b"busy", "text/plain")
             return self._send(200, self.files[parts[-1]])
+        if parts[0] == "stall" and parts[-1] in self.files:   # half the body, then nothing (until killed)
+            body = self.files[parts[-1]] * 1000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            time.sleep(20)
+            return
         if parts[0] == "cut":
             return self._send(200, b'{"partial', length=1000)
         if parts[0] == "uc" and q.get("id") in self.ids:
@@ -282,6 +296,38 @@ def test_partial_download_is_never_complete_and_rerun_recovers(tmp_path, files_s
     m = dl.run_download(cfg)
     assert m["sources"]["ddo"]["status"] == "downloaded"
     assert not (raw / ".tmp-DDO-999").exists() and (raw / "DDO" / ".complete.json").is_file()
+
+
+def test_killed_mid_download_leaves_nothing_that_looks_complete(tmp_path, files_server):
+    """A real kill (SIGKILL) of a download process while a file is half written."""
+    raw = tmp_path / "raw"
+    d = {"output": str(tmp_path / "out"), "model": {"base": "tiny"}, "resources": {"device": "cpu"},
+         "data": {"raw_dir": str(raw), "download": {"only": ["ddo"], "timeout_s": 30, "retries": 0,
+                  "ddo_debates_url": files_server.url + "/files/debates.json",
+                  "ddo_users_url": files_server.url + "/stall/users.json"}}}
+    code = ("import json, sys; from pipeline.config import Config; from pipeline.download import run_download; "
+            "run_download(Config.model_validate(json.loads(sys.argv[1])))")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(d)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            part = [p for p in raw.glob(".tmp-DDO-*/users.json") if p.stat().st_size > 0]
+            if part:
+                break
+            time.sleep(0.05)
+        assert part, "the download never started"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (raw / "DDO").exists()
+    assert not list(raw.glob("**/.complete.json")) and not (raw / "download_manifest.json").exists()
+    cfg = make_cfg(tmp_path, {"only": ["ddo"], "ddo_debates_url": files_server.url + "/files/debates.json",
+                              "ddo_users_url": files_server.url + "/files/users.json"})
+    m = dl.run_download(cfg)
+    assert m["sources"]["ddo"]["status"] == "downloaded" and not list(raw.glob(".tmp-*"))
+    assert (raw / "DDO" / "users.json").read_bytes() == USERS
 
 
 def test_ddo_without_urls_names_the_env_vars(tmp_path):
