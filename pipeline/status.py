@@ -147,7 +147,9 @@ def _print_table(rows: list[tuple[str, str, str]], head: tuple[str, str, str]) -
 
 
 def run_status(config_path: Optional[str] = None, output: Optional[str] = None,
-               sets: Optional[list[str]] = None) -> int:
+               sets: Optional[list[str]] = None, domains: Optional[list[str]] = None) -> int:
+    """Print the stage and domain states; ``domains`` (from --domains) narrows the list."""
+    wanted = domains
     from pipeline.storage import Store
     run_name: Optional[str] = None
     domains: Optional[list[str]] = None
@@ -166,6 +168,8 @@ def run_status(config_path: Optional[str] = None, output: Optional[str] = None,
         if not store.exists(""):
             print(f"nothing at {store.uri}: no stage has written there yet (check --output)")
             return 1
+        if wanted:
+            domains = list(wanted)
         st = collect_status(store, run_name, domains)
     except Exception as e:
         print(f"cannot read {uri}: {type(e).__name__}: {e}")

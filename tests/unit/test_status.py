@@ -87,3 +87,9 @@ def test_empty_incomplete_and_missing_outputs(tmp_path, capsys):
     assert run_status(output=str(out)) == 0
     text = capsys.readouterr().out
     assert "incomplete" in text and "not valid JSON" in text and "not run" in text
+
+
+def test_domains_filter(tree, capsys):
+    assert run_status(output=str(tree), domains=["medicine"]) == 0
+    out = capsys.readouterr().out
+    assert "medicine" in out and "debate" not in out.split("domain", 1)[1]
