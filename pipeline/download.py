@@ -434,12 +434,27 @@ def fetch_part(part: Part, source: Source, raw: Path, dl: Any) -> dict[str, Any]
         raise
 
 
-def read_marker(d: Path) -> Optional[dict[str, Any]]:
+def read_marker(d: Path, check_files: bool = True) -> Optional[dict[str, Any]]:
+    """The part's marker when it is there and every file it lists is present with its size, else None.
+    A marker whose files were changed or deleted since is renamed to .complete.json.stale (so the
+    directory is fetched again online, or taken as the user's own files offline)."""
     try:
         m = json.loads((d / MARKER).read_text())
-        return m if isinstance(m, dict) else None
     except (OSError, ValueError):
         return None
+    if not isinstance(m, dict):
+        return None
+    if check_files and "files" in m:
+        for f in m["files"]:
+            p = d / f.get("path", "")
+            if not p.is_file() or p.stat().st_size != f.get("size"):
+                log.warning("%s: %s changed or missing since it was downloaded; not taken as complete", d, f.get("path"))
+                try:
+                    os.replace(d / MARKER, d / (MARKER + ".stale"))
+                except OSError:
+                    pass
+                return None
+    return m
 
 
 def _present(d: Path) -> bool:
@@ -454,8 +469,22 @@ def how_to_provide(source: Source, raw: Path) -> str:
     return f"{where} (from {fetch}), or run `adapters download` online"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return pid != os.getpid()
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 def _clean_stale_tmp(raw: Path) -> None:
+    """Remove temp dirs of earlier, dead download processes (not those of one running now)."""
     for p in list(raw.glob(".tmp-*")) + list(raw.glob("*/.tmp-*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
         if p.is_dir():
             log.info("removing a partial download left by an earlier run: %s", p)
             shutil.rmtree(p, ignore_errors=True)
@@ -484,7 +513,9 @@ def _do_source(src: Source, raw: Path, dl: Any, offline: bool, previous: dict[st
                              "url": src.url, "parts": []}
     top = raw / src.dir
     multi = len(src.parts) > 1
-    top_marker = read_marker(top) if multi else None
+    top_marker = read_marker(top, check_files=False) if multi else None
+    if top_marker is not None and not all(read_marker(raw / p.dest) for p in src.parts):
+        top_marker = None
     if multi and top_marker is not None:
         entry.update(status="complete", parts=top_marker.get("parts", []), time=top_marker.get("time"))
         return entry
@@ -493,11 +524,13 @@ def _do_source(src: Source, raw: Path, dl: Any, offline: bool, previous: dict[st
         if m is not None:
             entry.update(status="complete", parts=[m], time=m.get("time"))
             return entry
-        if _present(top):
+        stale = (top / (MARKER + ".stale")).is_file()
+        if _present(top) and not (stale and not offline):
             entry.update(status="local", parts=[{"dir": src.dir, "kind": "local",
                                                  "files": _local_records(top, previous, src.name)}])
             return entry
-    elif _present(top) and not any(read_marker(raw / p.dest) for p in src.parts):
+    elif _present(top) and not any(read_marker(raw / p.dest) or (raw / p.dest / (MARKER + ".stale")).is_file()
+                                   for p in src.parts):
         # the user's own files (no part of ours is there): take them as they are
         entry.update(status="local", parts=[{"dir": src.dir, "kind": "local",
                                              "files": _local_records(top, previous, src.name)}])
@@ -513,7 +546,9 @@ def _do_source(src: Source, raw: Path, dl: Any, offline: bool, previous: dict[st
             entry["parts"].append(m)
             statuses.append("complete")
             continue
-        if _present(d):
+        if (d / (MARKER + ".stale")).is_file():   # ours, changed since: fetch it again
+            shutil.rmtree(d)
+        elif _present(d):
             entry["parts"].append({"dir": part.dest, "kind": "local", "files": file_records(d)})
             statuses.append("local")
             continue

@@ -252,6 +252,11 @@ def test_ddo_http_download_writes_files_marker_and_manifest(tmp_path, files_serv
     n = len(files_server.hits)
     m2 = dl.run_download(cfg)
     assert m2["sources"]["ddo"]["status"] == "complete" and len(files_server.hits) == n
+    # a downloaded file deleted since: the marker no longer holds, the source is fetched again
+    (ddo / "users.json").unlink()
+    m3 = dl.run_download(cfg)
+    assert m3["sources"]["ddo"]["status"] == "downloaded" and (ddo / "users.json").read_bytes() == USERS
+    assert not (ddo / ".complete.json.stale").exists() and len(files_server.hits) == n + 2
 
 
 def test_gdrive_confirm_page_and_share_urls(tmp_path, files_server, monkeypatch):
