@@ -489,6 +489,7 @@ pre{background:#f6f8fa;padding:10px;overflow:auto;max-height:420px}
 .cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;min-width:110px}
 .card b{display:block;font-size:20px}td.diag{font-weight:700;outline:2px solid #0969da;outline-offset:-2px}
 td.sha{font-family:ui-monospace,monospace;font-size:11px;word-break:break-all}
+#repro td:first-child{white-space:nowrap}
 """
 
 
