@@ -150,3 +150,37 @@ def test_base_model_resolution(tmp_path, monkeypatch):
     assert rep.rows[-1].status == "FAIL" and "offline" in rep.rows[-1].detail
     arch, _ = doctor.check_model(make_cfg(tmp_path), rep, network=False)
     assert rep.rows[-1].status == "INFO" and arch["hidden_size"] == 128
+
+
+def _listening_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s
+
+
+def test_ray_auth_error_is_explained_and_gpu_resources_checked(tmp_path, monkeypatch):
+    """ray.init runs in a subprocess (bounded); its outcome is faked here: an auth failure, then a
+    cluster without GPUs for a cuda config, then one with GPUs."""
+    import subprocess as sp
+    srv = _listening_port()
+    addr = f"127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        results = iter([
+            sp.CompletedProcess([], 1, "", "ConnectionError: Failed to connect to GCS: UNAUTHENTICATED: invalid auth token"),
+            sp.CompletedProcess([], 0, '@@{"resources": {"CPU": 8}, "nodes": [{"CPU": 8}]}\n', ""),
+            sp.CompletedProcess([], 0, '@@{"resources": {"CPU": 8, "GPU": 2}, "nodes": [{"GPU": 2, '
+                                       '"accelerator_type:RTX": 1}]}\n', ""),
+        ])
+        monkeypatch.setattr(doctor.subprocess, "run", lambda *a, **k: next(results))
+        rep = doctor.Report()
+        doctor.check_ray(make_cfg(tmp_path, resources={"device": "cpu", "ray_address": addr}), rep)
+        assert rep.rows[-1].status == "FAIL" and "RAY_AUTH_MODE=token" in rep.rows[-1].fix
+        gpu_cfg = make_cfg(tmp_path, resources={"device": "cuda", "ray_address": addr})
+        doctor.check_ray(gpu_cfg, rep)
+        assert rep.rows[-1].status == "FAIL" and "0 GPUs" in rep.rows[-1].detail and "--num-gpus" in rep.rows[-1].fix
+        doctor.check_ray(gpu_cfg, rep)
+        assert rep.rows[-1].status == "PASS" and "2 GPUs (RTX)" in rep.rows[-1].detail
+    finally:
+        srv.close()
