@@ -6,6 +6,10 @@
                                          network); raises UserFacingError listing the failures. The train
                                          stage calls it first, so a GPU run on a machine without CUDA
                                          stops at once with the cause instead of falling back to the CPU.
+                                         With a Ray address and no local CUDA (a CPU-only head node) it
+                                         connects to Ray (bounded) and fails when the cluster has no GPUs.
+    require_cuda(cfg) -> None            for the training worker: CUDA must work where it runs when
+                                         resources.device is cuda, else UserFacingError with torch's text.
 
 Statuses: PASS (fine), INFO (nothing to fix), WARN (works, but look), FAIL (the run would fail).
 """
@@ -172,7 +176,12 @@ def check_cuda(cfg, rep: Report) -> dict[str, Any]:
         return {"available": False, "gpus": []}
     want_cuda = cfg.resources.device == "cuda"
     if not info["available"]:
-        if want_cuda:
+        addr = _ray_address(cfg)
+        if want_cuda and addr:
+            rep.add("cuda", WARN, f"no CUDA on this machine ({info['cause']}); training runs on the GPU workers of "
+                    f"the Ray cluster at {addr}, and each worker checks CUDA itself before it starts",
+                    "nothing, if this is a CPU-only head node; `adapters doctor` checks the cluster's GPU resources")
+        elif want_cuda:
             fix = ("install the CUDA build of torch (pip install torch==<pin> from PyPI, not the +cpu wheel)"
                    if "CPU-only build" in info["cause"] else
                    "check the driver with nvidia-smi; error 304 / NVML errors usually mean the driver and the "
@@ -189,6 +198,19 @@ def check_cuda(cfg, rep: Report) -> dict[str, Any]:
         rep.add(f"gpu {g['index']}", PASS, f"{g['name']}, {g['memory_gb']:.1f} GB, compute {g['cc']}"
                 + (", bf16" if g["bf16"] else ", no bf16 (fp16 with loss scaling)"))
     return info
+
+
+def require_cuda(cfg) -> None:
+    """For the training worker: when resources.device is cuda, CUDA must work here, or this raises
+    UserFacingError with torch's own error text (no silent CPU fallback). Cheap; call it first thing."""
+    if cfg.resources.device != "cuda":
+        return
+    info = probe_cuda()
+    if not info["available"]:
+        host = socket.gethostname()
+        raise UserFacingError(f"resources.device is cuda but CUDA cannot be used on {host}: {info['cause']}. "
+                              "Fix the driver / container GPU access (nvidia-smi must work there), or set "
+                              "resources.device: cpu to train on the CPU on purpose.")
 
 
 def check_bitsandbytes(cfg, rep: Report, cuda: dict[str, Any]) -> None:
@@ -586,7 +608,10 @@ def collect(cfg, load: bool = False, full: bool = True) -> Report:
     check_packages(rep, cfg)
     cuda = check_cuda(cfg, rep)
     check_bitsandbytes(cfg, rep, cuda)
-    check_ray(cfg, rep, connect=full)
+    # the driver may be a CPU-only head node: then the cluster's GPUs are what count, so connect even in
+    # pre-flight (bounded) rather than let Tune wait forever for GPUs that are not there
+    remote_gpus = cfg.resources.device == "cuda" and not cuda.get("available") and bool(_ray_address(cfg))
+    check_ray(cfg, rep, connect=full or remote_gpus)
     if full:
         check_output(cfg, rep)
     arch, path = check_model(cfg, rep, network=full and not _offline(cfg))

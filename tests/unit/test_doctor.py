@@ -184,3 +184,29 @@ def test_ray_auth_error_is_explained_and_gpu_resources_checked(tmp_path, monkeyp
         assert rep.rows[-1].status == "PASS" and "2 GPUs (RTX)" in rep.rows[-1].detail
     finally:
         srv.close()
+
+
+def test_cpu_only_driver_of_a_gpu_cluster_is_not_a_failure(tmp_path, monkeypatch):
+    """A CPU head node driving GPU workers: no local CUDA is a WARN; the cluster's GPUs decide."""
+    import subprocess as sp
+    srv = _listening_port()
+    addr = f"127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        out = '@@{"resources": {"CPU": 8, "GPU": 1}, "nodes": [{"GPU": 1}]}\n'
+        monkeypatch.setattr(doctor.subprocess, "run", lambda *a, **k: sp.CompletedProcess([], 0, out, ""))
+        cfg = make_cfg(tmp_path, resources={"device": "cuda", "ray_address": addr})
+        rep = doctor.collect(cfg, full=False)
+        r = rows(rep)
+        assert r["cuda"].status == "WARN" and r["ray"].status == "PASS" and "1 GPUs" in r["ray"].detail
+        doctor.preflight(cfg)
+        out = '@@{"resources": {"CPU": 8}, "nodes": [{"CPU": 8}]}\n'
+        with pytest.raises(UserFacingError, match="0 GPUs"):
+            doctor.preflight(cfg)
+    finally:
+        srv.close()
+
+
+def test_require_cuda_for_workers(tmp_path):
+    doctor.require_cuda(make_cfg(tmp_path))   # cpu config: nothing to check
+    with pytest.raises(UserFacingError, match="CUDA cannot be used"):
+        doctor.require_cuda(make_cfg(tmp_path, device="cuda"))
