@@ -13,7 +13,6 @@ missing or unreadable.
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from typing import Any, Optional
 
