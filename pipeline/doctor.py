@@ -578,7 +578,7 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
         small = min(gpus, key=lambda g: g["memory_gb"])
         mem, what = small["memory_gb"], f"smallest GPU {small['name']} {small['memory_gb']:.1f} GB"
     else:
-        mem, what = REFERENCE_GPU_GB, f"no GPU visible here: compared with a {REFERENCE_GPU_GB:.0f} GB RTX 3090"
+        mem, what = REFERENCE_GPU_GB, f"reference {REFERENCE_GPU_GB:.0f} GB GPU (an RTX 3090; no GPU visible here)"
     if e["total_gb"] <= 0.8 * mem:
         rep.add("memory", PASS, f"{detail} fits the {what}")
         return
