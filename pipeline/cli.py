@@ -58,7 +58,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "status":
             from pipeline.status import run_status
-            return run_status(config_path=args.config, output=args.output, sets=args.set)
+            return run_status(config_path=args.config, output=args.output, sets=args.set, domains=_domains(args.domains))
         cfg = load_config(args.config, sets=args.set, raw_dir=args.raw_dir, output=args.output)
         if args.domains:
             wanted = _domains(args.domains)
@@ -95,6 +95,8 @@ def run_stages(cfg, command: str) -> int:
             from pipeline.prepare import run_prepare
             run_prepare(cfg)
         elif stage == "train":
+            from pipeline.doctor import preflight
+            preflight(cfg)  # the checks that cost nothing: fail now, not at step 5,000
             from pipeline.train import run_train
             results = run_train(cfg)
             failed = [d for d, r in results.items() if r.get("status") != "finished"]
