@@ -118,12 +118,12 @@ def clean(text: Any) -> str:
         return ""
     if isinstance(text, float) and text != text:
         return ""
-    return _WS.sub(" ", str(text)).strip()
+    return " ".join(str(text).split())  # str.split() is several times faster than a regex here
 
 
 def norm_key(text: str) -> str:
     """Normalized text for exact-duplicate detection: NFKC, casefold, whitespace collapsed."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def text_hash(text: str) -> str:
