@@ -40,7 +40,7 @@ from pipeline.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "prepare-v1"
+CODE_VERSION = "prepare-v2"
 SPLITS = ("train", "val", "test")
 CORPUS_SCHEMA = pa.schema([(k, pa.string()) for k in ("doc_id", "domain", "source", "title", "text", "metadata", "license", "url")])
 SFT_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt", "response", "domain", "source", "doc_id", "task", "group", "split")])
@@ -48,6 +48,8 @@ QUARANTINE_SCHEMA = pa.schema([(k, pa.string()) for k in ("source", "file", "loc
 STAGED_SFT_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt", "response", "domain", "source", "doc_id", "task", "group")])
 # after the cap is reached, reading goes on to the end of the current file, but never more than this
 MAX_READ_PAST_CAP = 10_000
+# SFT splits up to this many rows are written in a seeded shuffled order (held in memory); larger ones stream
+SHUFFLE_LIMIT = 200_000
 
 
 # ---- step 1: one file -> records (runs in Ray workers, or in-process for the baseline) --------
@@ -221,7 +223,7 @@ def _prepare_source(name: str, raw_dir: Path, files: list[Path], cfg, store: Sto
     corpus = _ShardWriter(store, f"data/corpus/{src.domain}/{name}-", CORPUS_SCHEMA, d.rows_per_shard)
     quarantine = _ShardWriter(store, f"data/quarantine/{name}/part-", QUARANTINE_SCHEMA, d.rows_per_shard)
     sft = _ShardWriter(store, f"data/_work/sft/{src.domain}/{name}/part-", STAGED_SFT_SCHEMA, d.rows_per_shard)
-    read = kept = deduplicated = capped = 0
+    read = kept = deduplicated = capped = corpus_chars = 0
     q_by_reason: Counter = Counter()
     sft_rejected: Counter = Counter()
     sft_tasks: Counter = Counter()
@@ -262,6 +264,7 @@ def _prepare_source(name: str, raw_dir: Path, files: list[Path], cfg, store: Sto
                 continue
             seen.add(ev["hash"])
             kept += 1
+            corpus_chars += len(row["text"])
             corpus.add(row)
             sft_rejected.update(ev["sft_rejected"])
             for ex in ev["sft"]:
@@ -284,6 +287,7 @@ def _prepare_source(name: str, raw_dir: Path, files: list[Path], cfg, store: Sto
         "files": [file_facts[r] for r in sorted(file_facts)],
         "read": read, "kept": kept, "quarantined": quarantined, "quarantined_by_reason": dict(sorted(q_by_reason.items())),
         "deduplicated": deduplicated, "capped": capped, "cap": cap, "stopped_early": stopped_early,
+        "corpus_chars": corpus_chars,
         "sft_examples": sum(sft_tasks.values()), "sft_by_task": dict(sorted(sft_tasks.items())),
         "sft_rejected": dict(sorted(sft_rejected.items())),
         "corpus_shards": corpus.parts, "quarantine_shards": quarantine.parts, "staged_sft_shards": sft.parts,
@@ -292,51 +296,80 @@ def _prepare_source(name: str, raw_dir: Path, files: list[Path], cfg, store: Sto
 
 # ---- step 3: one domain ----------------------------------------------------------------------
 def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store) -> dict:
+    """Two passes over the staged SFT shards, so memory holds keys, not texts: (1) per row a selection
+    key, its group and its duplicate-text keys -> cap, merged groups, split; (2) the rows again,
+    shard by shard, to the split writers. Splits of up to SHUFFLE_LIMIT rows are written in a seeded
+    shuffled order; larger ones stream in canonical order (shuffle at load time)."""
     d = cfg.data
     seed = d.split_seed
     store.delete(f"data/sft/{domain}")
-    rows_by_source: dict[str, list[dict]] = {}
+    # pass 1: keys only
+    keys: dict[str, list[tuple]] = {}
     for name in names:
-        rows: list[dict] = []
-        for rel in src_manifests[name].get("staged_sft_shards", []):
-            rows.extend(_read_table(store, rel).to_pylist())
-        rows_by_source[name] = rows
-    counts = {n: len(r) for n, r in rows_by_source.items()}
+        entries = []
+        for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
+            t = _read_table(store, rel, ["prompt", "response", "doc_id", "task", "group"]).to_pylist()
+            for ri, r in enumerate(t):
+                u = _unit(seed, f"{r['doc_id']}|{r['task']}|{norm_key(r['prompt'])[:200]}")
+                entries.append((u, r["doc_id"], r["task"], si, ri, r["group"], tuple(_dup_keys(r))))
+        keys[name] = entries
+    counts = {n: len(e) for n, e in keys.items()}
     quotas = balanced_quotas(counts, d.max_sft_per_domain)
-    chosen: list[dict] = []
-    for name in names:
-        rows = rows_by_source[name]
-        if quotas[name] < len(rows):  # seeded hash order: the same rows every run, spread over the source
-            rows = sorted(rows, key=lambda r: (_unit(seed, f"{r['doc_id']}|{r['task']}|{norm_key(r['prompt'])[:200]}"), r["doc_id"], r["task"]))
-            rows = rows[: quotas[name]]
-        chosen.extend(rows)
-    # merge groups that share an exact prompt or response text, so no duplicate text crosses splits
+    chosen: dict[str, set[tuple[int, int]]] = {}
     uf = _UnionFind()
     first_group: dict[str, str] = {}
-    for r in chosen:
-        uf.find(r["group"])
-        for key in _dup_keys(r):
-            if key in first_group:
-                uf.union(first_group[key], r["group"])
-            else:
-                first_group[key] = r["group"]
-    out = {s: [] for s in SPLITS}
-    for r in chosen:
-        r["split"] = split_of(seed, uf.find(r["group"]), d.split)
-        out[r["split"]].append(r)
-    # the check: no exact-duplicate prompt/response text and no group in two splits
+    for name in names:
+        entries = keys[name]
+        if quotas[name] < len(entries):  # seeded hash order: the same rows every run, spread over the source
+            entries = sorted(entries)[: quotas[name]]
+        chosen[name] = {(e[3], e[4]) for e in entries}
+        # merge groups that share an exact example or long response, so no duplicate text crosses splits
+        for e in entries:
+            uf.find(e[5])
+            for key in e[6]:
+                if key in first_group:
+                    uf.union(first_group[key], e[5])
+                else:
+                    first_group[key] = e[5]
+    split_of_group: dict[str, str] = {}
     where: dict[str, str] = {}
-    for s in SPLITS:
-        for r in out[s]:
-            for key in ["g:" + r["group"]] + _dup_keys(r):
-                if where.setdefault(key, s) != s:
-                    raise AssertionError(f"{domain}: {key} is in both {where[key]} and {s}")
+    for name in names:
+        for e in keys[name]:
+            if (e[3], e[4]) not in chosen[name]:
+                continue
+            g = e[5]
+            if g not in split_of_group:
+                split_of_group[g] = split_of(seed, uf.find(g), d.split)
+            sp = split_of_group[g]
+            # the check: no group and no exact-duplicate text in two splits
+            for key in ("g:" + g,) + e[6]:
+                if where.setdefault(key, sp) != sp:
+                    raise AssertionError(f"{domain}: {key} is in both {where[key]} and {sp}")
+    n_chosen = sum(len(c) for c in chosen.values())
+    del keys, where, first_group
+    # pass 2: rows to the split writers
+    writers = {s: _ShardWriter(store, f"data/sft/{domain}/{s}/part-", SFT_SCHEMA, d.rows_per_shard) for s in SPLITS}
+    shuffle = n_chosen <= SHUFFLE_LIMIT
+    held: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    n_split = {s: 0 for s in SPLITS}
+    sft_chars = {s: 0 for s in SPLITS}
+    groups: dict[str, set] = {s: set() for s in SPLITS}
+    for name in names:
+        for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
+            for ri, r in enumerate(_read_table(store, rel).to_pylist()):
+                if (si, ri) not in chosen[name]:
+                    continue
+                r["split"] = sp = split_of_group[r["group"]]
+                n_split[sp] += 1
+                sft_chars[sp] += len(r["prompt"]) + len(r["response"])
+                groups[sp].add(r["group"])
+                (held[sp].append if shuffle else writers[sp].add)(r)
     shards: dict[str, list[str]] = {}
     for s in SPLITS:
-        rows = sorted(out[s], key=lambda r: (_unit(seed + 1, f"{r['doc_id']}|{r['task']}|{r['prompt'][:100]}"), r["doc_id"]))
-        w = _ShardWriter(store, f"data/sft/{domain}/{s}/part-", SFT_SCHEMA, d.rows_per_shard)
-        for r in rows:
-            w.add(r)
+        w = writers[s]
+        if shuffle:
+            for r in sorted(held[s], key=lambda r: (_unit(seed + 1, f"{r['doc_id']}|{r['task']}|{r['prompt'][:100]}"), r["doc_id"])):
+                w.add(r)
         w.flush()
         if not w.parts:  # an empty split still gets a (zero-row) shard so readers find the schema
             rel = f"data/sft/{domain}/{s}/part-00000.parquet"
@@ -344,19 +377,15 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
             w.parts.append(rel)
         shards[s] = w.parts
     corpus_rows = sum(src_manifests[n]["kept"] for n in names)
-    corpus_chars = 0
-    for n in names:
-        for rel in src_manifests[n].get("corpus_shards", []):
-            t = _read_table(store, rel, ["text"])
-            corpus_chars += sum(len(x) for x in t.column("text").to_pylist())
+    corpus_chars = sum(src_manifests[n].get("corpus_chars", 0) for n in names)
     return {
         "status": "ok" if corpus_rows else "empty", "sources": names, "corpus_rows": corpus_rows,
-        "sft_candidates": sum(counts.values()), "sft_capped": sum(counts.values()) - len(chosen),
+        "sft_candidates": sum(counts.values()), "sft_capped": sum(counts.values()) - n_chosen,
         "sft_per_source": {n: quotas[n] for n in names},
-        "sft_rows": {s: len(out[s]) for s in SPLITS},
-        "groups": {s: len({r["group"] for r in out[s]}) for s in SPLITS},
-        "tokens_estimate": {"corpus": corpus_chars // 4,
-                            "sft": {s: sum(len(r["prompt"]) + len(r["response"]) for r in out[s]) // 4 for s in SPLITS}},
+        "sft_rows": n_split,
+        "groups": {s: len(groups[s]) for s in SPLITS},
+        "tokens_estimate": {"corpus": corpus_chars // 4, "sft": {s: sft_chars[s] // 4 for s in SPLITS}},
+        "shuffled": shuffle,
         "cross_split_duplicates": 0, "sft_shards": shards,
     }
 
