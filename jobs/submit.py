@@ -257,11 +257,22 @@ def build(args: argparse.Namespace, environ: Optional[dict] = None) -> dict:
             "dashboard_url": f"{address}/#/jobs/{submission_id}"}
 
 
-def final_status(ray: str, address: str, submission_id: str, env: dict) -> str:
-    r = subprocess.run([ray, "job", "status", "--address", address, submission_id],
-                       env=env, capture_output=True, text=True, timeout=120)
-    m = re.search(r"\b(PENDING|RUNNING|STOPPED|SUCCEEDED|FAILED)\b", r.stdout + r.stderr)
-    return m.group(1) if m else "UNKNOWN"
+def final_status(address: str, submission_id: str, env: dict) -> str:
+    """The job's status from the dashboard's job API (GET /api/jobs/<id>), with the token if auth is on."""
+    import urllib.request
+
+    headers = {}
+    if env.get("RAY_AUTH_MODE", "").lower() == "token":
+        headers["Authorization"] = f"Bearer {ray_token(env)}"
+    req = urllib.request.Request(f"{address}/api/jobs/{submission_id}", headers=headers)
+    for attempt in range(5):
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return str(json.loads(r.read().decode()).get("status") or "UNKNOWN")
+        except Exception as e:  # noqa: BLE001 - reported as UNKNOWN below; never echo the request
+            err = type(e).__name__
+            time.sleep(2 * (attempt + 1))
+    return f"UNKNOWN ({err})"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -307,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.no_wait:
         print(f"Submitted. Follow it: ray job logs -f {plan['submission_id']}   dashboard: {plan['dashboard_url']}")
         return 0
-    status = final_status(ray, plan["address"], plan["submission_id"], env) if rc == 0 else "FAILED or not submitted"
+    status = final_status(plan["address"], plan["submission_id"], env) if rc == 0 else "FAILED or not submitted"
     print(f"Job {plan['submission_id']}: {status}   dashboard: {plan['dashboard_url']}")
     return 0 if status == "SUCCEEDED" else (rc or 1)
 

@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -92,6 +93,7 @@ def test_trivial_job_through_submit_path(ray_head: RayHead, tmp_path: Path) -> N
     sid = plan["submission_id"]
     job = _job(ray_head, sid)
     assert job["status"] == "SUCCEEDED", job
+    assert jsubmit.final_status(ray_head.dashboard_url, sid, env) == "SUCCEEDED"  # how jobs.submit decides its exit code
     # metadata: job name and output URI, as the dashboard's job API shows them
     listed = _listed(ray_head)
     assert sid in listed
@@ -101,7 +103,7 @@ def test_trivial_job_through_submit_path(ray_head: RayHead, tmp_path: Path) -> N
     probe = json.loads("{" + logs.split("PROBE {", 1)[1].splitlines()[0])
     assert probe["tok_par"] == "false"                 # the job's env_vars reach the workers
     assert probe["fixtures_raw"] is True               # the demo's fixtures ship
-    for never in (".venv", ".git", "output", "test-artifacts"):
+    for never in (".venv", ".git", "output", "test-artifacts", ".devbundle", ".whl"):
         assert never not in probe["driver_files"], f"{never} was shipped with the job"
     assert "pipeline" in probe["driver_files"] and "jobs" in probe["driver_files"]
     assert "Ray cluster:" in logs                      # raycluster logs the resources
@@ -158,24 +160,49 @@ def _pipeline_landed() -> bool:
                for m in ("pipeline.download", "pipeline.prepare", "pipeline.train", "pipeline.report"))
 
 
+DEMO_SETS = [  # small enough for 2 CPU cores; every stage and every domain still runs for real
+    "train.max_steps=4", "train.eval_every=4", "train.checkpoint_every=2", "train.log_every=1",
+    "train.eval_max_batches=1", "train.eval_matrix=false", "model.tiny.pretrain_steps=5",
+    "data.max_sft_per_domain=40", "data.max_docs_per_source=40",
+]
+DEMO_TIMEOUT_S = int(os.environ.get("DEMO_JOB_TIMEOUT_S", "540"))
+
+
+def _submit_demo(head: RayHead, out: Path, job_name: str) -> tuple[str, subprocess.CompletedProcess]:
+    """`python -m jobs.submit` (what `make submit` runs), waiting for the job; on a timeout the
+    failure shows the tail of the job's own log."""
+    cmd = [*SUBMIT, "--config", "configs/demo.yaml", "--output", str(out), "--address", head.dashboard_url,
+           "--job-name", job_name]
+    for s in DEMO_SETS:
+        cmd += ["--set", s]
+    with (out.parent / f"{job_name}.submit.log").open("w+") as log:
+        try:
+            proc = subprocess.run(cmd, env=head.env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
+                                  text=True, timeout=DEMO_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc = None
+        log.seek(0)
+        text = log.read()
+    sid = next((ln.split(" as job ", 1)[1].split()[0] for ln in text.splitlines() if " as job " in ln), None)
+    assert sid, text[-3000:]
+    if proc is None:
+        pytest.fail(f"job {sid} did not finish within {DEMO_TIMEOUT_S}s; its log ends:\n{_logs(head, sid)[-6000:]}")
+    return sid, subprocess.CompletedProcess(cmd, proc.returncode, text, "")
+
+
+@pytest.mark.timeout(1200)
 @pytest.mark.skipif(not _pipeline_landed(), reason="pipeline stages (download/prepare/train/report) not in the tree yet")
 def test_demo_pipeline_job(ray_head: RayHead, tmp_path: Path) -> None:
-    """`make submit CONFIG=configs/demo.yaml OUTPUT=...` against the cluster, exactly as docs/CLUSTER.md says."""
+    """`make submit CONFIG=configs/demo.yaml OUTPUT=...` against the cluster, as docs/CLUSTER.md says;
+    then the same command again (a resubmission: new job id, same output and run name) succeeds too."""
     t0 = time.time()
     out = tmp_path / "demo-out"
-    sets = ["train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=1",
-            "model.tiny.pretrain_steps=5", "data.max_sft_per_domain=60", "data.max_docs_per_source=60"]
-    cmd = [*SUBMIT, "--config", "configs/demo.yaml", "--output", str(out), "--address", ray_head.dashboard_url,
-           "--job-name", "demo-e2e"]
-    for s in sets:
-        cmd += ["--set", s]
-    r = subprocess.run(cmd, env=ray_head.env, cwd=str(ROOT), capture_output=True, text=True, timeout=540)
-    sid = next((line.split(" as job ", 1)[1].split()[0] for line in r.stdout.splitlines() if " as job " in line), None)
-    assert sid, r.stdout[-3000:] + r.stderr[-3000:]
+    sid, r = _submit_demo(ray_head, out, "demo-e2e")
     logs = _logs(ray_head, sid)
-    assert r.returncode == 0, f"job {sid} did not succeed:\n{logs[-6000:]}\n{r.stderr[-2000:]}"
+    assert r.returncode == 0, f"job {sid} did not succeed:\n{logs[-6000:]}\n{r.stdout[-2000:]}"
     assert _job(ray_head, sid)["status"] == "SUCCEEDED"
     assert "dashboard: " + ray_head.dashboard_url in r.stdout
+    t_first = time.time() - t0
     # the output tree
     assert (out / "data" / "manifest.json").is_file()
     for d in DOMAINS:
@@ -187,8 +214,16 @@ def test_demo_pipeline_job(ray_head: RayHead, tmp_path: Path) -> None:
     assert job["metadata"]["job_name"] == "demo-e2e"
     assert job["metadata"]["output_uri"] == str(out)
     assert job["metadata"]["run_name"] == "demo"
-    # progress shows in the job's logs: stages start/finish lines from the CLI
+    # progress in the job's logs: the CLI's stage lines and the training loop's step/loss lines
     assert "stage train: starting" in logs and "stage report: done" in logs
-    _assert_no_token(ray_head, logs, json.dumps(job), r.stdout, r.stderr, *(
+    assert re.search(r"step \d+ loss [\d.]+", logs), "no step/loss lines in the job's logs"
+    _assert_no_token(ray_head, logs, json.dumps(job), r.stdout, *(
         p.read_text(errors="replace") for p in out.rglob("*.json")))
-    print(f"demo pipeline job: {time.time() - t0:.1f}s")
+    # resubmitting the same command (same output, same run_name) is accepted and succeeds
+    t1 = time.time()
+    sid2, r2 = _submit_demo(ray_head, out, "demo-e2e-again")
+    assert sid2 != sid
+    assert r2.returncode == 0, f"resubmitted job {sid2} failed:\n{_logs(ray_head, sid2)[-6000:]}"
+    for d in DOMAINS:
+        assert (out / "adapters" / d / "adapter_config.json").is_file(), d
+    print(f"demo pipeline job: {t_first:.1f}s; resubmission: {time.time() - t1:.1f}s")
