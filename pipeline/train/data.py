@@ -1,0 +1,202 @@
+"""SFT Parquet shards -> tokenized examples (Ray Data) -> packed micro-batches (in the worker).
+
+One batch, from a shard to the optimizer:
+
+1. ``tokenized_dataset(store, domain, cfg)`` reads ``data/sft/<domain>/<split>/*.parquet`` (all three
+   splits, column ``split`` added) into one Ray Dataset, and
+2. ``tokenize_batch`` (its ``map_batches`` step, so it runs inside the data pipeline) applies the prompt
+   format (pipeline.train.model.encode_example), truncates to max_seq_length and writes
+   ``input_ids`` and ``labels`` (-100 on prompt tokens when train.mask_prompt) plus ``key``.
+3. The worker collects its shard once (``collect``: int32 arrays, sorted by key so the order never
+   depends on Ray Data's block order) and, each epoch, shuffles with a seeded permutation and packs
+   examples into micro-batches of ``rows x max_seq_length`` tokens (``plan_batches``; rows =
+   tokens_per_micro_batch // max_seq_length). The data position is therefore (epoch, batch index).
+4. ``collate`` builds ``input_ids``, ``position_ids`` (restarting at 0 for every example),
+   ``targets`` (next-token labels shifted *within* each example, so no example predicts its
+   neighbour's first token) and ``seq_ids``. The model gets position_ids and no attention mask:
+   transformers derives a block-diagonal causal mask from them (sdpa/eager/flex) or cu_seqlens
+   (flash_attention_2), so packed examples never attend to each other.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Iterable, Optional
+
+import numpy as np
+
+IGNORE = -100
+
+
+# ---- 1-2: Ray Data -----------------------------------------------------------------------------
+
+def read_sft(store, domain: str, split: str, columns=("prompt", "response", "doc_id")):
+    """The split's Parquet shards as one pyarrow Table (read through the Store: local or s3://)."""
+    import io
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rel = f"data/sft/{domain}/{split}"
+    files = store.list_files(rel, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no SFT shards for domain {domain!r} split {split!r} under {store.uri_of(rel)}: "
+                                "run `adapters prepare` first (or remove the domain from `domains`)")
+    return pa.concat_tables([pq.read_table(io.BytesIO(store.read_bytes(f)), columns=list(columns)) for f in files])
+
+
+def truncate(p: list[int], r: list[int], max_len: int) -> tuple[list[int], list[int]]:
+    """Keep at most half the length for the prompt (its end), the response fills the rest (its start)."""
+    if len(p) + len(r) <= max_len:
+        return p, r
+    keep_p = min(len(p), max(max_len // 2, max_len - len(r)))
+    p = p[len(p) - keep_p:]
+    return p, r[: max_len - len(p)]
+
+
+def tokenize_example(tok, prompt: str, response: str, max_len: int, mask_prompt: bool,
+                     template: str = "auto") -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one example; labels are -100 on the prompt when mask_prompt."""
+    from pipeline.train.model import encode_example
+    p, r = encode_example(tok, prompt, response, template)
+    p, r = truncate(p, r, max_len)
+    ids = p + r
+    labels = ([IGNORE] * len(p) + r) if mask_prompt else list(ids)
+    return ids, labels
+
+
+_TOKENIZERS: dict = {}
+
+
+def tokenize_batch(batch: dict, cfg_json: dict) -> dict:
+    """Ray Data map_batches function: prompt/response -> input_ids, labels, key (split kept)."""
+    from pipeline.config import Config
+    from pipeline.train.model import load_tokenizer, resolve_base
+    cfg = Config.model_validate(cfg_json)
+    path = resolve_base(cfg)
+    if path not in _TOKENIZERS:  # once per Ray worker process
+        _TOKENIZERS[path] = load_tokenizer(path, cfg)
+    tok = _TOKENIZERS[path]
+    t = cfg.train
+    ids_out, lab_out, keys = [], [], []
+    for prompt, response, doc_id in zip(batch["prompt"], batch["response"], batch["doc_id"]):
+        ids, labels = tokenize_example(tok, str(prompt), str(response), t.max_seq_length, t.mask_prompt, t.chat_template)
+        ids_out.append(np.asarray(ids, dtype=np.int32))
+        lab_out.append(np.asarray(labels, dtype=np.int32))
+        keys.append(hashlib.sha1(f"{doc_id}\x00{prompt}\x00{response}".encode()).hexdigest())
+    return {"input_ids": ids_out, "labels": lab_out, "key": keys, "split": batch["split"]}
+
+
+def tokenized_dataset(store, domain: str, cfg, splits=("train", "val", "test")):
+    """One Ray Dataset holding the domain's splits (column `split`), tokenized inside the pipeline."""
+    import pyarrow as pa
+    import ray.data
+    tables = []
+    for s in splits:
+        try:
+            t = read_sft(store, domain, s)
+        except FileNotFoundError:
+            if s == "train":
+                raise
+            continue
+        tables.append(t.append_column("split", pa.array([s] * len(t), pa.string())))
+    ds = ray.data.from_arrow(pa.concat_tables(tables))
+    return ds.map_batches(tokenize_batch, fn_kwargs={"cfg_json": cfg.model_dump(mode="json")},
+                          batch_size=256, batch_format="numpy", num_cpus=0)
+
+
+# ---- 3: examples in the worker -------------------------------------------------------------------
+
+class Example:
+    __slots__ = ("input_ids", "labels")
+
+    def __init__(self, input_ids, labels):
+        self.input_ids = np.asarray(input_ids, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_target_tokens(self) -> int:
+        return int((self.labels[1:] != IGNORE).sum())
+
+
+def collect(batches: Iterable[dict], splits=("train", "val", "test")) -> dict[str, list[Example]]:
+    """Materialize an iterator of tokenized batches into {split: examples}, each in a fixed order
+    (by key); examples with no target token (a prompt that filled max_seq_length) are dropped."""
+    rows: dict[str, list] = {s: [] for s in splits}
+    for b in batches:
+        for ids, lab, key, split in zip(b["input_ids"], b["labels"], b["key"], b["split"]):
+            rows.setdefault(str(split), []).append((str(key), ids, lab))
+    out = {}
+    for s, r in rows.items():
+        r.sort(key=lambda x: x[0])
+        ex = [Example(ids, lab) for _, ids, lab in r]
+        out[s] = [e for e in ex if len(e) >= 2 and e.n_target_tokens > 0]
+    return out
+
+
+def plan_batches(lengths: list[int], order: list[int], rows: int, seq_len: int, packing: bool = True) -> list[list[list[int]]]:
+    """Group example indices (taken in `order`) into micro-batches of `rows` rows of at most
+    `seq_len` tokens. packing: first-fit of several examples per row; else one example per row."""
+    batches: list[list[list[int]]] = []
+    cur: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        n = min(lengths[i], seq_len)
+        if not packing:
+            cur.append([i])
+            if len(cur) == rows:
+                batches.append(cur)
+                cur = []
+            continue
+        for r, used in enumerate(fill):
+            if used + n <= seq_len:
+                cur[r].append(i)
+                fill[r] += n
+                break
+        else:
+            if len(cur) == rows:
+                batches.append(cur)
+                cur, fill = [], []
+            cur.append([i])
+            fill.append(n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def epoch_plan(examples: list[Example], epoch: int, seed: int, rows: int, seq_len: int, packing: bool,
+               shuffle: bool = True) -> list[list[list[int]]]:
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return plan_batches([len(e) for e in examples], order, rows, seq_len, packing)
+
+
+# ---- 4: tensors ----------------------------------------------------------------------------------
+
+def collate(examples: list[Example], batch: list[list[int]], pad_id: int, seq_len: Optional[int] = None) -> dict:
+    """Tensors for one micro-batch. Rows are padded to the longest row (or seq_len); padding has its
+    own position ids (a dummy trailing sequence) and targets -100."""
+    import torch
+    lens = [sum(len(examples[i]) for i in row) for row in batch]
+    width = seq_len or max(lens)
+    B = len(batch)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    tgt = torch.full((B, width), IGNORE, dtype=torch.long)
+    sid = torch.zeros((B, width), dtype=torch.long)
+    for r, row in enumerate(batch):
+        o = 0
+        for k, i in enumerate(row):
+            e = examples[i]
+            n = len(e)
+            ids[r, o:o + n] = torch.from_numpy(e.input_ids)
+            pos[r, o:o + n] = torch.arange(n)
+            tgt[r, o:o + n - 1] = torch.from_numpy(e.labels[1:])
+            sid[r, o:o + n] = k + 1
+            o += n
+        if o < width:
+            pos[r, o:] = torch.arange(width - o)
+    return {"input_ids": ids, "position_ids": pos, "targets": tgt, "seq_ids": sid,
+            "n_tokens": int(sum(lens)), "n_targets": int((tgt != IGNORE).sum())}

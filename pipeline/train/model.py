@@ -1,0 +1,209 @@
+"""Base model resolution and loading: 'tiny' / Hugging Face id / local directory / s3:// URI.
+
+    resolve_base(cfg)              -> a local directory or a Hugging Face id that from_pretrained takes
+    load_tokenizer(path, cfg)      -> the tokenizer (pad token set)
+    load_model(path, cfg, device)  -> the causal LM: 4-bit NF4 (double quant) when model.quantization
+                                      is nf4, else plain weights in the compute dtype
+    add_lora(model, lora, cfg)     -> the PEFT model with only the LoRA weights trainable
+    encode_example(tok, prompt, response, template) -> (prompt_ids, response_ids)
+
+Prompt format: the tokenizer's chat template when it has one and train.chat_template is 'auto';
+otherwise the simple template below (documented in docs/ARCHITECTURE.md via this module):
+
+    <bos>### Question:\n{prompt}\n\n### Answer:\n{response}<eos>
+
+The prompt part (everything up to and including "### Answer:\n") is what train.mask_prompt masks.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+SIMPLE_PROMPT = "### Question:\n{prompt}\n\n### Answer:\n"
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be found or loaded; the message says what to set."""
+
+
+# ---- where the base model is -----------------------------------------------------------------
+
+def resolve_base(cfg, store=None) -> str:
+    """A path or id that from_pretrained accepts for cfg.model.base.
+
+    'tiny' -> <output>/base_model/ (built by pipeline.train.tiny.ensure_tiny; an s3:// output is
+    synced to the local cache); s3://... -> synced once per node into model.cache_dir; a local
+    directory -> itself; anything else is taken as a Hugging Face id (revision = model.revision).
+    """
+    from pipeline.storage import Store, open_store
+    base = cfg.model.base
+    if base == "tiny":
+        store = store or open_store(cfg)
+        if not store.is_file("base_model/tiny_meta.json"):
+            raise ModelLoadError(f"the tiny base model is not built yet under {store.uri_of('base_model')}: "
+                                 "run `adapters train` (it builds it first) or call pipeline.train.tiny.ensure_tiny(cfg)")
+        if not store.is_s3:
+            return str(store.local_path("base_model"))
+        return _sync_s3_dir(store.sub("base_model"), cfg)
+    if base.startswith("s3://"):
+        return _sync_s3_dir(Store(base, cfg.storage), cfg)
+    p = Path(base).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"base model directory {p} has no config.json: set model.base to a directory "
+                                 "written by save_pretrained, a Hugging Face id or an s3:// URI")
+        return str(p)
+    if base.startswith((".", "/", "~")) or os.sep in base and base.count("/") != 1:
+        raise ModelLoadError(f"base model not found at {base}: set model.base to a Hugging Face id "
+                             "(owner/name), a local directory or an s3:// URI")
+    return base  # a Hugging Face id
+
+
+def _sync_s3_dir(src, cfg) -> str:
+    """Copy an s3:// model directory once per node into the local cache (marker file = complete)."""
+    cache_root = Path(cfg.model.cache_dir or Path.home() / ".cache" / "domain-adapters").expanduser()
+    dst = cache_root / hashlib.sha256(src.uri.encode()).hexdigest()[:16]
+    marker = dst / ".complete"
+    if marker.is_file():
+        return str(dst)
+    files = src.list_files("")
+    if not any(f.endswith("config.json") for f in files):
+        raise ModelLoadError(f"no model found at {src.uri} (no config.json): set model.base to an s3:// "
+                             "prefix holding a save_pretrained directory")
+    tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
+    src.download_dir("", tmp)
+    if dst.exists():  # another process on this node finished first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+    marker.write_text(src.uri)
+    log.info("synced base model %s to %s", src.uri, dst)
+    return str(dst)
+
+
+# ---- dtype and attention ---------------------------------------------------------------------
+
+def compute_dtype(cfg, device: str):
+    """float32 on CPU; on CUDA bf16 where supported, else fp16 (the loop then uses a GradScaler)."""
+    import torch
+    name = cfg.model.compute_dtype
+    if device == "cpu":
+        return torch.float32
+    if name == "auto":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        log.warning("this GPU has no bfloat16: computing in float16 with loss scaling")
+        return torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def attn_implementation(cfg, device: str) -> str:
+    """'auto': flash_attention_2 on CUDA when flash_attn is installed (variable-length kernel over the
+    packed examples), else sdpa. Every path keeps packed examples apart: the loop passes per-example
+    position_ids and no attention mask, from which transformers builds the block-diagonal mask
+    (sdpa/eager/flex) or the cu_seqlens (flash_attention_2)."""
+    impl = cfg.model.attn_implementation
+    if impl != "auto":
+        return impl
+    if device.startswith("cuda"):
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except Exception:
+            pass
+    return "sdpa"
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def load_tokenizer(path: str, cfg):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision if path == cfg.model.base else None,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}; set model.base to a model that ships one") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None):
+    """The base causal LM on `device`, 4-bit NF4 with double quantization unless model.quantization is none."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    quantize = (cfg.model.quantization == "nf4") if quantize is None else quantize
+    dtype = compute_dtype(cfg, device)
+    kw: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                              attn_implementation=attn_implementation(cfg, device))
+    if path == cfg.model.base and cfg.model.revision:
+        kw["revision"] = cfg.model.revision
+    if quantize:
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.model.double_quant,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+        kw["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except OSError as e:
+        raise ModelLoadError(f"base model not found at {path}: {e}. Set model.base to a Hugging Face id, "
+                             "a local directory or an s3:// URI") from None
+    if not quantize:
+        model.to(device)
+    elif device == "cpu":
+        # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 CPU inference the first time a
+        # Linear4bit runs in eval mode, and keeps them so: later training forwards then go through
+        # an op without autograd, and gradients stop at that layer (torch warns "gemv_4bit: an
+        # autograd kernel was not registered"). We evaluate between training steps: keep the layout.
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, lora: dict, cfg, gradient_checkpointing: bool):
+    """Wrap with LoRA (r, alpha, dropout, target modules); only the LoRA weights train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = lora["target_modules"]
+    pcfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, pcfg)
+
+
+# ---- prompt format ---------------------------------------------------------------------------
+
+def uses_chat_template(tok, template: str) -> bool:
+    return template == "auto" and bool(getattr(tok, "chat_template", None))
+
+
+def _ids(x) -> list[int]:
+    if hasattr(x, "keys") and "input_ids" in x:
+        x = x["input_ids"]
+    return list(x)
+
+
+def encode_example(tok, prompt: str, response: str, template: str = "auto") -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids): their concatenation is the training sequence; the response ends in EOS."""
+    if uses_chat_template(tok, template):
+        msgs = [{"role": "user", "content": prompt}]
+        p = _ids(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+        full = _ids(tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=True))
+        if full[:len(p)] == p and len(full) > len(p):
+            return p, full[len(p):]
+    p = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
+        tok.encode(SIMPLE_PROMPT.format(prompt=prompt), add_special_tokens=False)
+    r = tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+    return p, r

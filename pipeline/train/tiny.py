@@ -1,0 +1,144 @@
+"""The demo base model: a small Llama built from cfg.model.tiny with a byte-level BPE tokenizer
+trained (with `tokenizers`) on the prepared text, cached under <output>/base_model/. No network.
+
+    ensure_tiny(cfg, store=None) -> str   the output URI of base_model/ (built once; rebuilt when
+                                          model.tiny or the seed changes)
+
+With model.tiny.pretrain_steps > 0 it is briefly pre-trained (plain causal LM, full weights, fp32)
+on the mixed corpus of every domain so that adapters have something real to specialise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def tiny_fingerprint(cfg) -> str:
+    import hashlib
+    d = cfg.model.tiny.model_dump(mode="json")
+    d["domains"] = sorted(cfg.domains)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _texts(cfg, store) -> list[str]:
+    """The mixed corpus: data/corpus/<domain> text when present, else the SFT train prompts+responses."""
+    import pyarrow.parquet as pq
+    import io
+    texts: list[str] = []
+    for domain in cfg.domains:
+        files = store.list_files(f"data/corpus/{domain}", ".parquet")
+        col = ["text"]
+        if not files:
+            files = store.list_files(f"data/sft/{domain}/train", ".parquet")
+            col = ["prompt", "response"]
+        for f in files:
+            t = pq.read_table(io.BytesIO(store.read_bytes(f)), columns=col).to_pydict()
+            if col == ["text"]:
+                texts.extend(x for x in t["text"] if x)
+            else:
+                texts.extend(f"{p}\n{r}" for p, r in zip(t["prompt"], t["response"]))
+    if not texts:
+        raise RuntimeError(f"no text to build the tiny model from under {store.uri_of('data')}: run `adapters prepare` first")
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   model_max_length=1 << 20)
+
+
+def build_model(cfg, tok):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    t = cfg.model.tiny
+    torch.manual_seed(t.seed)
+    mc = LlamaConfig(vocab_size=len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                     num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                     num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     tie_word_embeddings=False)
+    return LlamaForCausalLM(mc)
+
+
+def pretrain(model, tok, texts: list[str], steps: int, seed: int, seq_len: int = 256, batch: int = 8,
+             lr: float = 3e-3) -> list[float]:
+    """A few hundred steps of causal-LM training on the concatenated, shuffled corpus."""
+    import torch
+    rng = random.Random(seed)
+    texts = texts[:]
+    rng.shuffle(texts)
+    ids: list[int] = []
+    for x in texts:
+        ids.extend(tok.encode(x, add_special_tokens=False) + [tok.eos_token_id])
+    n = len(ids) // seq_len
+    if n == 0:
+        return []
+    data = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, n, (min(batch, n),), generator=g)
+        x = data[idx]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    model.eval()
+    return losses
+
+
+def ensure_tiny(cfg, store=None) -> str:
+    """Build (once) and cache the tiny base model under <output>/base_model/; returns its URI."""
+    import torch
+    from pipeline.storage import open_store
+    store = store or open_store(cfg)
+    fp = tiny_fingerprint(cfg)
+    meta = store.read_json_or("base_model/tiny_meta.json")
+    if meta and meta.get("fingerprint") == fp:
+        return store.uri_of("base_model")
+    t0 = time.time()
+    texts = _texts(cfg, store)
+    tok = train_tokenizer(texts, cfg.model.tiny.vocab_size)
+    model = build_model(cfg, tok)
+    losses: list[float] = []
+    if cfg.model.tiny.pretrain_steps:
+        threads = torch.get_num_threads()
+        losses = pretrain(model, tok, texts, cfg.model.tiny.pretrain_steps, cfg.model.tiny.seed)
+        torch.set_num_threads(threads)
+    if store.exists("base_model"):
+        store.delete("base_model")
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+        store.upload_dir(d, "base_model")
+    n_params = sum(p.numel() for p in model.parameters())
+    store.write_json("base_model/tiny_meta.json", {  # written last: the completion marker
+        "fingerprint": fp, "tiny": cfg.model.tiny.model_dump(mode="json"), "parameters": n_params,
+        "texts": len(texts), "pretrain_loss_first": losses[0] if losses else None,
+        "pretrain_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "build_s": round(time.time() - t0, 1)})
+    log.info("built tiny base model (%d parameters, pretrain loss %s) in %.1fs at %s", n_params,
+             f"{losses[0]:.2f}->{losses[-1]:.2f}" if losses else "n/a", time.time() - t0, store.uri_of("base_model"))
+    return store.uri_of("base_model")

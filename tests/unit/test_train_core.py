@@ -1,0 +1,182 @@
+"""Train core on CPU without Ray: prompt masking, packing == unpacked loss, resume == uninterrupted,
+incompatible resume, NaN loss. Tiny model (hidden 64), fixed seeds."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
+
+from pipeline.storage import Store  # noqa: E402
+from pipeline.train.data import IGNORE, Example, collate, plan_batches, tokenize_example  # noqa: E402
+from pipeline.train.loop import (IncompatibleCheckpointError, LocalSession, NonFiniteLossError,  # noqa: E402
+                                 check_compat, compat_record, loss_sum, train_domain)
+from pipeline.train.model import add_lora, encode_example, load_model, load_tokenizer, resolve_base  # noqa: E402
+from pipeline.train.tiny import ensure_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-core")
+    cfg = tiny_config(str(out), model__tiny__pretrain_steps=10)
+    store = Store(str(out))
+    write_sft(store, domains=["debate", "medicine"], n=(40, 10, 10))
+    ensure_tiny(cfg, store)
+    tok = load_tokenizer(resolve_base(cfg, store), cfg)
+    return cfg, store, tok
+
+
+def examples(tok, domain: str, split_seed: int, n: int, max_len=128, mask=True):
+    return [Example(*tokenize_example(tok, r["prompt"], r["response"], max_len, mask))
+            for r in sft_rows(domain, n, split_seed)]
+
+
+def data_for(tok, domain="debate"):
+    return {"train": examples(tok, domain, 1, 40), "val": examples(tok, domain, 2, 10), "test": examples(tok, domain, 3, 10)}
+
+
+def test_prompt_masking(env):
+    cfg, _, tok = env
+    p, r = encode_example(tok, "Argue the plan side.", "The plan wins.", "auto")
+    ids, labels = tokenize_example(tok, "Argue the plan side.", "The plan wins.", 128, mask_prompt=True)
+    assert ids == p + r and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert labels[: len(p)] == [IGNORE] * len(p)
+    assert labels[len(p):] == r
+    _, unmasked = tokenize_example(tok, "Argue the plan side.", "The plan wins.", 128, mask_prompt=False)
+    assert unmasked == ids
+    # truncation keeps a response part and never more than max_len tokens
+    ids, labels = tokenize_example(tok, "word " * 200, "answer " * 200, 64, mask_prompt=True)
+    assert len(ids) == 64 and any(x != IGNORE for x in labels)
+
+
+def test_collate_targets_stay_inside_each_example(env):
+    _, _, tok = env
+    ex = examples(tok, "debate", 1, 3)
+    b = collate(ex, [[0, 1, 2]], tok.pad_token_id)
+    sid, tgt, pos = b["seq_ids"][0], b["targets"][0], b["position_ids"][0]
+    for k in (1, 2, 3):
+        idx = (sid == k).nonzero().flatten()
+        assert pos[idx].tolist() == list(range(len(idx)))
+        assert tgt[idx[-1]] == IGNORE  # last token of an example predicts nothing of the next one
+    assert b["n_targets"] == sum(e.n_target_tokens for e in ex)
+
+
+def test_plan_batches_packs_rows_within_seq_len():
+    lengths = [50, 60, 30, 100, 20, 70, 10]
+    plan = plan_batches(lengths, list(range(7)), rows=2, seq_len=128)
+    seen = sorted(i for b in plan for row in b for i in row)
+    assert seen == list(range(7))
+    assert all(len(b) <= 2 and all(sum(lengths[i] for i in row) <= 128 for row in b) for b in plan)
+    assert len(plan) == 2  # 340 tokens in 2 batches of 2 x 128
+    assert plan_batches(lengths, list(range(7)), rows=2, seq_len=128, packing=False)[0] == [[0], [1]]
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_packed_loss_equals_unpacked(env, quant):
+    cfg, store, tok = env
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.quantization = quant
+    torch.manual_seed(0)
+    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate")["lora"], cfg, False)
+    # make LoRA non-zero so the adapter path matters too
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    model.eval()
+    ex = examples(tok, "debate", 1, 8) + examples(tok, "medicine", 1, 4)
+    plan = plan_batches([len(e) for e in ex], list(range(len(ex))), rows=2, seq_len=128)
+    assert any(len(row) > 1 for b in plan for row in b), "the test needs rows holding several examples"
+    with torch.no_grad():
+        packed = sum(float(loss_sum(model, collate(ex, b, tok.pad_token_id), "cpu")) for b in plan)
+        single = sum(float(loss_sum(model, collate(ex, [[i]], tok.pad_token_id), "cpu")) for i in range(len(ex)))
+        # the same examples padded to a common length, one per row
+        padded = float(loss_sum(model, collate(ex, [[i] for i in range(len(ex))], tok.pad_token_id, 128), "cpu"))
+    n = sum(e.n_target_tokens for e in ex)
+    assert math.isclose(packed / n, single / n, rel_tol=1e-5), (packed / n, single / n)
+    assert math.isclose(padded / n, single / n, rel_tol=1e-5)
+
+
+def _cfg_steps(cfg, **train):
+    c = cfg.model_copy(deep=True)
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def _run(cfg, tok, root, resume=True, **extra):
+    conf = {"cfg": cfg.model_dump(mode="json"), "domain": "debate", **extra}
+    return train_domain(conf, data_for(tok), LocalSession(str(root), resume=resume))
+
+
+def test_resume_equals_uninterrupted(env, tmp_path):
+    cfg, _, tok = env
+    cfg = _cfg_steps(cfg, max_steps=8, checkpoint_every=3, eval_every=4)
+    full = _run(cfg, tok, tmp_path / "a", resume=False)
+    # interrupted: the same run dies before step 7 (checkpoints at 3 and 6), then resumes
+    with pytest.raises(SystemExit):
+        _run(cfg, tok, tmp_path / "b", crash_at=7)
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint_00000003", "checkpoint_00000006"]
+    resumed = _run(cfg, tok, tmp_path / "b")
+    assert resumed["resumed_from_step"] == 6 and full["resumed_from_step"] is None
+    assert resumed["val_loss"] < resumed["base_val_loss"]
+    assert [h["loss"] for h in resumed["history"]["train"]] == pytest.approx(
+        [h["loss"] for h in full["history"]["train"]], rel=1e-5, abs=1e-6)
+    for k in ("val_loss", "test_loss", "base_val_loss"):
+        assert resumed[k] == pytest.approx(full[k], rel=1e-5), k
+
+
+def test_incompatible_resume_is_refused(env, tmp_path):
+    cfg, _, tok = env
+    cfg = _cfg_steps(cfg, max_steps=4, checkpoint_every=2, eval_every=4)
+    with pytest.raises(SystemExit):
+        _run(cfg, tok, tmp_path, crash_at=4)
+    other = cfg.model_copy(deep=True)
+    other.lora.r = 4
+    with pytest.raises(IncompatibleCheckpointError, match=r"lora.r: checkpoint has 8, config has 4.*new run_name"):
+        _run(other, tok, tmp_path)
+    assert check_compat(compat_record(cfg, "debate"), compat_record(cfg, "debate"), "x") is None
+    with pytest.raises(IncompatibleCheckpointError, match="model.base"):
+        c2 = cfg.model_copy(deep=True)
+        c2.model.base = "/elsewhere"
+        check_compat(compat_record(cfg, "debate"), compat_record(c2, "debate"), "x")
+
+
+def test_nan_loss_stops_without_saving(env, tmp_path):
+    cfg, store, tok = env
+    cfg = _cfg_steps(cfg, max_steps=6, checkpoint_every=2, eval_every=2)
+    if store.exists("adapters"):
+        store.delete("adapters")
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 3.*learning_rate"):
+        _run(cfg, tok, tmp_path / "ck", faults="debate:nan:3")
+    assert sorted(os.listdir(tmp_path / "ck")) == ["checkpoint_00000002"]  # nothing after the NaN
+    assert not store.exists("adapters/debate")
+
+
+def test_lora_gradients_unchanged_by_eval_on_cpu(env):
+    """Evaluating on CPU between steps must not change the gradients through 4-bit layers
+    (bitsandbytes repacks weights for CPU inference and then drops their autograd path)."""
+    cfg, store, tok = env
+    from pipeline.train.loop import evaluate
+    ex = examples(tok, "debate", 1, 4)
+    batch = collate(ex, [[0, 1], [2, 3]], tok.pad_token_id)
+    grads = []
+    for run_eval_first in (False, True):
+        torch.manual_seed(0)
+        model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate")["lora"], cfg, False)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+        if run_eval_first:
+            evaluate(model, ex, rows=2, seq_len=128, pad_id=tok.pad_token_id, device="cpu")
+        model.train()
+        loss_sum(model, batch, "cpu").backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], rtol=1e-4, atol=1e-7), n
