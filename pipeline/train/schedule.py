@@ -114,6 +114,14 @@ def max_concurrent(cfg) -> int:
     return max(1, int(res.get("CPU", 1) // r.cpus_per_trial))
 
 
+def _summarize(error: str) -> str:
+    """Put the worker's own exception line first; keep the traceback after it."""
+    lines = [x for x in error.strip().splitlines() if x.strip()]
+    if len(lines) > 1 and "Traceback" in error:
+        return f"{lines[-1].strip()}\n{error}"
+    return error
+
+
 def _trial(params: dict) -> None:
     """One domain: a TorchTrainer with one worker. Runs inside a Tune trial."""
     import ray.data
@@ -150,7 +158,7 @@ def _trial(params: dict) -> None:
             datasets=datasets)
         trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
-        error = f"{type(e).__name__}: {e}"
+        error = _summarize(f"{type(e).__name__}: {e}")
     fatal = store.read_json_or(fatal_rel(cfg.run_name, domain))
     if fatal:
         error = fatal["error"]

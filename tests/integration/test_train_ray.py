@@ -1,0 +1,116 @@
+"""run_train on a local Ray (2 CPUs, shared by the module): Tune trials over four domains, failures,
+skip on re-run, a worker killed mid-run and resumed, incompatible resume, PEFT loading."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixtures_train import tiny_config, write_sft  # noqa: E402
+
+from pipeline.storage import Store  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+def _state(store, cfg, d):
+    return store.read_json(f"runs/{cfg.run_name}/domains/{d}.json")
+
+
+def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, monkeypatch):
+    from peft import PeftModel
+    from pipeline.train import run_train
+    from pipeline.train.model import load_model, resolve_base
+    store = Store(str(tmp_path))
+    write_sft(store)
+    cfg = tiny_config(str(tmp_path), train__max_failures=0)
+    monkeypatch.setenv("DOMAIN_ADAPTERS_FAULTS", "education:raise,ecology:nan:3")
+    res = run_train(cfg)
+    assert {d: r["status"] for d, r in res.items()} == {
+        "debate": "finished", "medicine": "finished", "education": "failed", "ecology": "failed"}
+    assert "injected failure" in res["education"]["error"]
+    assert "NonFiniteLossError" in res["ecology"]["error"] and "nan" in res["ecology"]["error"]
+    assert _state(store, cfg, "ecology")["state"] == "failed"
+    assert not store.exists("adapters/ecology") and not store.exists("adapters/education")
+    for d in ("debate", "medicine"):
+        rep = store.read_json(f"adapters/{d}/training_report.json")
+        assert rep["val_loss"] < rep["base_val_loss"], (d, rep["val_loss"], rep["base_val_loss"])
+        assert rep["test_loss"] < rep["base_test_loss"]
+        assert rep["tokens_per_s"] > 0 and rep["peak_memory_gb"] > 0 and rep["steps"] == cfg.train.max_steps
+        assert [v["step"] for v in rep["history"]["val"]] == [6, 12]
+        assert _state(store, cfg, d)["state"] == "finished"
+        for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+            assert store.is_file(f"adapters/{d}/{f}"), f
+    # loadable with PeftModel.from_pretrained on the base model
+    base = load_model(resolve_base(cfg, store), cfg, "cpu")
+    m = PeftModel.from_pretrained(base, str(tmp_path / "adapters" / "debate"))
+    assert m.peft_config["default"].r == cfg.lora.r
+    matrix = store.read_json("eval/matrix.json")
+    assert matrix["models"] == ["base", "debate", "medicine"]
+    assert matrix["loss"]["debate"]["debate"] < matrix["loss"]["base"]["debate"]
+
+    # re-run without faults: finished domains are skipped, the failed ones train
+    monkeypatch.delenv("DOMAIN_ADAPTERS_FAULTS")
+    before = store.read_bytes("adapters/debate/adapter_model.safetensors")
+    res2 = run_train(cfg)
+    assert all(r["status"] == "finished" for r in res2.values()), {d: r.get("error") for d, r in res2.items()}
+    assert res2["debate"].get("skipped") and res2["medicine"].get("skipped")
+    assert not res2["ecology"].get("skipped")
+    assert store.read_bytes("adapters/debate/adapter_model.safetensors") == before
+    for d in cfg.domains:
+        assert res2[d]["val_loss"] < res2[d]["base_val_loss"], d
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch):
+    from pipeline.errors import UserFacingError
+    from pipeline.train import run_train
+    from pipeline.train.data import collect, tokenize_batch
+    from pipeline.train.data import read_sft
+    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.schedule import domain_fingerprint
+    store = Store(str(tmp_path / "ray"))
+    write_sft(store, domains=["debate"])
+    cfg = tiny_config(str(tmp_path / "ray"), domains=["debate"], train__checkpoint_every=3, train__max_failures=1,
+                      train__eval_matrix=False)
+    monkeypatch.setenv("DOMAIN_ADAPTERS_FAULTS", "debate:crash:7")  # os._exit before step 7, first attempt only
+    res = run_train(cfg)["debate"]
+    assert res["status"] == "finished", res.get("error")
+    assert store.exists("runs/t/faults/debate-crash-7")
+    assert res["resumed_from_step"] == 6
+
+    # the same config, uninterrupted, in-process, on the same examples
+    ref_store = Store(str(tmp_path / "ref"))
+    ref_cfg = cfg.model_copy(deep=True)
+    ref_cfg.output = str(tmp_path / "ref")
+    ref_store.upload_dir(tmp_path / "ray" / "base_model", "base_model")
+    import pyarrow as pa
+    batches = []
+    for s in ("train", "val", "test"):
+        t = read_sft(store, "debate", s)
+        t = t.append_column("split", pa.array([s] * len(t)))
+        batches.append(tokenize_batch({c: t[c].to_pylist() for c in t.column_names}, cfg.model_dump(mode="json")))
+    ref = train_domain({"cfg": ref_cfg.model_dump(mode="json"), "domain": "debate",
+                        "fingerprint": domain_fingerprint(cfg, "debate")}, collect(batches),
+                       LocalSession(str(tmp_path / "ref-ck"), resume=False))
+    assert [h["loss"] for h in res["history"]["train"]] == pytest.approx(
+        [h["loss"] for h in ref["history"]["train"]], rel=1e-4)
+    assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
+    assert res["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-4)
+
+    # another LoRA rank on the same run: refused before any trial starts
+    other = cfg.model_copy(deep=True)
+    other.lora.r = 4
+    with pytest.raises(UserFacingError, match=r"lora.r: checkpoint has 8, config has 4"):
+        run_train(other)
