@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--workdir", default=None, help="where to generate (default: a temp dir, deleted after)")
     ap.add_argument("--skip-uncapped", action="store_true", help="only the capped runs")
+    ap.add_argument("--skip-baseline", action="store_true", help="no single-process baseline run")
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
@@ -147,7 +148,7 @@ def main() -> None:
         print(f"generated {a.size_mb} MB: {n:,} records in {files} files under {raw} ({time.time() - t:.0f}s)", flush=True)
         rows = []
         if not a.skip_uncapped:
-            for mode in ("ray", "baseline"):
+            for mode in ("ray",) if a.skip_baseline else ("ray", "baseline"):
                 r = measure(mode, raw, work / f"out-{mode}", 0, a.num_cpus)
                 rows.append((f"{mode}, no cap, {a.size_mb} MB", r))
                 print(f"  {rows[-1][0]}: {r}", flush=True)

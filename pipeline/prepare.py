@@ -48,6 +48,8 @@ QUARANTINE_SCHEMA = pa.schema([(k, pa.string()) for k in ("source", "file", "loc
 STAGED_SFT_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt", "response", "domain", "source", "doc_id", "task", "group")])
 # after the cap is reached, reading goes on to the end of the current file, but never more than this
 MAX_READ_PAST_CAP = 10_000
+# how far (bytes of blocks in the object store) the Ray readers may run ahead of the driver
+READ_AHEAD_BYTES = 512 * 1024 * 1024
 # SFT splits up to this many rows are written in a seeded shuffled order (held in memory); larger ones stream
 SHUFFLE_LIMIT = 200_000
 
@@ -446,6 +448,9 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         ctx.execution_options.preserve_order = True  # canonical order: caps and dedupe independent of block layout
         ctx.target_max_block_size = 8 * 1024 * 1024  # small blocks: a capped source stops soon after its cap
         ctx.enable_progress_bars = False
+        # the driver consumes one record at a time: cap what readers may run ahead (bounded memory)
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            object_store_memory=READ_AHEAD_BYTES)
 
     src_manifest: dict[str, dict] = {}
     seen: dict[str, set[str]] = defaultdict(set)
