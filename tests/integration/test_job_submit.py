@@ -168,11 +168,11 @@ DEMO_SETS = [  # small enough for 2 CPU cores; every stage and every domain stil
 DEMO_TIMEOUT_S = int(os.environ.get("DEMO_JOB_TIMEOUT_S", "540"))
 
 
-def _submit_demo(head: RayHead, out: Path, job_name: str) -> tuple[str, subprocess.CompletedProcess]:
+def _submit_demo(head: RayHead, out: Path, job_name: str, *extra: str) -> tuple[str, subprocess.CompletedProcess]:
     """`python -m jobs.submit` (what `make submit` runs), waiting for the job; on a timeout the
     failure shows the tail of the job's own log."""
     cmd = [*SUBMIT, "--config", "configs/demo.yaml", "--output", str(out), "--address", head.dashboard_url,
-           "--job-name", job_name]
+           "--job-name", job_name, *extra]
     for s in DEMO_SETS:
         cmd += ["--set", s]
     with (out.parent / f"{job_name}.submit.log").open("w+") as log:
@@ -190,40 +190,64 @@ def _submit_demo(head: RayHead, out: Path, job_name: str) -> tuple[str, subproce
     return sid, subprocess.CompletedProcess(cmd, proc.returncode, text, "")
 
 
+def _wait(head: RayHead, sid: str, until, timeout_s: float, what: str) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        job = _job(head, sid)
+        if until(job):
+            return job
+        time.sleep(2)
+    pytest.fail(f"job {sid}: {what} not reached within {timeout_s:.0f}s; its log ends:\n{_logs(head, sid)[-6000:]}")
+
+
 @pytest.mark.timeout(1200)
 @pytest.mark.skipif(not _pipeline_landed(), reason="pipeline stages (download/prepare/train/report) not in the tree yet")
 def test_demo_pipeline_job(ray_head: RayHead, tmp_path: Path) -> None:
-    """`make submit CONFIG=configs/demo.yaml OUTPUT=...` against the cluster, as docs/CLUSTER.md says;
-    then the same command again (a resubmission: new job id, same output and run name) succeeds too."""
+    """`make submit CONFIG=configs/demo.yaml OUTPUT=...` against the cluster, as docs/CLUSTER.md says.
+
+    The first submission is stopped (`ray job stop`) once a training checkpoint exists; the same
+    command submitted again (same output, same run_name; a new job id) must then finish the run."""
     t0 = time.time()
     out = tmp_path / "demo-out"
+    terminal = ("SUCCEEDED", "FAILED", "STOPPED")
+    # 1. submit and return at once (--no-wait), then stop the job after its first checkpoint
+    sid1, r1 = _submit_demo(ray_head, out, "demo-e2e", "--no-wait")
+    assert r1.returncode == 0, r1.stdout[-3000:]
+    job1 = _wait(ray_head, sid1, lambda j: j["status"] in terminal or any((out / "runs").rglob("checkpoint_*")),
+                 DEMO_TIMEOUT_S, "a checkpoint")
+    assert job1["status"] not in ("FAILED", "STOPPED"), f"{job1['status']}:\n{_logs(ray_head, sid1)[-6000:]}"
+    killed = job1["status"] != "SUCCEEDED"
+    if killed:
+        stop = subprocess.run([ray_head.ray, "job", "stop", "--address", ray_head.dashboard_url, sid1],
+                              env=jsubmit.auth_env(ray_head.env), capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        _wait(ray_head, sid1, lambda j: j["status"] in terminal, 120, "a terminal state after `ray job stop`")
+    t_killed = time.time() - t0
+    # 2. the same command again, waiting for the end (what `make submit` does)
+    t1 = time.time()
     sid, r = _submit_demo(ray_head, out, "demo-e2e")
+    assert sid != sid1
     logs = _logs(ray_head, sid)
-    assert r.returncode == 0, f"job {sid} did not succeed:\n{logs[-6000:]}\n{r.stdout[-2000:]}"
+    assert r.returncode == 0, f"resubmitted job {sid} did not succeed:\n{logs[-6000:]}\n{r.stdout[-2000:]}"
     assert _job(ray_head, sid)["status"] == "SUCCEEDED"
     assert "dashboard: " + ray_head.dashboard_url in r.stdout
-    t_first = time.time() - t0
     # the output tree
     assert (out / "data" / "manifest.json").is_file()
     for d in DOMAINS:
         assert (out / "adapters" / d / "adapter_config.json").is_file(), d
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary
-    # the dashboard's job API lists it with its metadata
-    job = _listed(ray_head)[sid]
-    assert job["metadata"]["job_name"] == "demo-e2e"
-    assert job["metadata"]["output_uri"] == str(out)
-    assert job["metadata"]["run_name"] == "demo"
-    # progress in the job's logs: the CLI's stage lines and the training loop's step/loss lines
+    # the dashboard's job API lists both jobs with their metadata
+    listed = _listed(ray_head)
+    for job_id in (sid1, sid):
+        assert listed[job_id]["metadata"]["job_name"] == "demo-e2e"
+        assert listed[job_id]["metadata"]["output_uri"] == str(out)
+        assert listed[job_id]["metadata"]["run_name"] == "demo"
+    # progress in the job logs: the CLI's stage lines and the training loop's step/loss lines
+    logs1 = _logs(ray_head, sid1)
     assert "stage train: starting" in logs and "stage report: done" in logs
-    assert re.search(r"step \d+ loss [\d.]+", logs), "no step/loss lines in the job's logs"
-    _assert_no_token(ray_head, logs, json.dumps(job), r.stdout, *(
-        p.read_text(errors="replace") for p in out.rglob("*.json")))
-    # resubmitting the same command (same output, same run_name) is accepted and succeeds
-    t1 = time.time()
-    sid2, r2 = _submit_demo(ray_head, out, "demo-e2e-again")
-    assert sid2 != sid
-    assert r2.returncode == 0, f"resubmitted job {sid2} failed:\n{_logs(ray_head, sid2)[-6000:]}"
-    for d in DOMAINS:
-        assert (out / "adapters" / d / "adapter_config.json").is_file(), d
-    print(f"demo pipeline job: {t_first:.1f}s; resubmission: {time.time() - t1:.1f}s")
+    assert re.search(r"step \d+ loss [\d.]+", logs1 + logs), "no step/loss lines in the jobs' logs"
+    _assert_no_token(ray_head, logs, logs1, json.dumps(listed[sid]), json.dumps(listed[sid1]), r.stdout, r1.stdout,
+                     *(p.read_text(errors="replace") for p in out.rglob("*.json")))
+    print(f"demo pipeline: first job {'stopped after a checkpoint' if killed else 'finished'} at {t_killed:.1f}s; "
+          f"resubmitted job finished in {time.time() - t1:.1f}s")
