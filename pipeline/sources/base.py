@@ -76,6 +76,11 @@ class Reject(Exception):
         self.snippet = snippet
 
 
+# metadata files that Hugging Face snapshots and the download stage leave beside the data
+NOT_DATA = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json", "download_manifest.json",
+            "README.md", "README.txt", "LICENSE.txt"}
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -96,14 +101,15 @@ class Source:
         base = Path(raw_dir) / self.subdir
         if not base.is_dir():
             return []
-        found = {p for pat in self.patterns for p in base.glob(pat) if p.is_file() and not p.name.startswith(".")}
+        found = {p for pat in self.patterns for p in base.glob(pat)
+                 if p.is_file() and not p.name.startswith(".") and p.name not in NOT_DATA}
         return sorted(found, key=lambda p: p.relative_to(raw_dir).as_posix())
 
     def unmatched_files(self, raw_dir: Path) -> list[Path]:
         base = Path(raw_dir) / self.subdir
         out = set()
         for pat in self.report_unmatched:
-            out |= {p for p in base.glob(pat) if p.is_file() and not p.name.startswith(".")}
+            out |= {p for p in base.glob(pat) if p.is_file() and not p.name.startswith(".") and p.name not in NOT_DATA}
         out -= set(self.files(raw_dir))
         return sorted(out, key=lambda p: p.relative_to(raw_dir).as_posix())
 
