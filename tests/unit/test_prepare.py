@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.errors import UserFacingError
 from pipeline.prepare import SPLITS, balanced_quotas, run_prepare, split_of
+from pipeline.sources.base import stable_id
 from pipeline.storage import Store
 
 from ._prepare_helpers import DAMAGED, RAW, all_rows, make_cfg, read_rows
@@ -204,3 +205,18 @@ def test_damaged_inputs_quarantined_and_run_goes_on(ray_local, tmp_path):
     assert len(q) == sum(reasons.values()) and all(r["file"] and r["location"] and r["reason"] for r in q)
     assert m["domains"]["education"]["status"] == "empty"  # the only OpenStax input is broken
     assert m["domains"]["ecology"]["status"] == "ok" and (out / "data" / "_SUCCESS").exists()
+
+
+@pytest.mark.slow
+def test_cap_keeps_the_first_records_and_stops_reading(prepared):
+    _, out, m = prepared
+    cf = m["sources"]["climate_fever"]  # one file of 90 claims: 50 kept, the rest read and counted as capped
+    assert (cf["read"], cf["kept"], cf["capped"]) == (90, CAP, 40) and not cf["stopped_early"]
+    corpus = read_rows(out, "data/corpus/ecology/climate_fever-*.parquet")
+    assert corpus and \
+        sorted(r["doc_id"] for r in corpus) == sorted(stable_id("climate_fever", str(i)) for i in range(CAP))
+    mq = m["sources"]["medquad"]  # 38 files of 3 pairs: reading stops at the end of the file where the cap is reached
+    assert mq["stopped_early"] and mq["capped"] <= 2
+    unread = [f for f in mq["files"] if f["sha256"] is None]
+    assert unread and all(f["status"].startswith("not read") for f in unread)
+    assert mq["read"] < 114
