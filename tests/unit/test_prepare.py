@@ -220,3 +220,18 @@ def test_cap_keeps_the_first_records_and_stops_reading(prepared):
     unread = [f for f in mq["files"] if f["sha256"] is None]
     assert unread and all(f["status"].startswith("not read") for f in unread)
     assert mq["read"] < 114
+
+
+def test_unknown_layout_is_reported_not_guessed(tmp_path):
+    """An IAM file outside claims/ and stance/ (other column layouts) is quarantined as unknown_format."""
+    raw = tmp_path / "raw"
+    (raw / "IAM" / "stance").mkdir(parents=True)
+    (raw / "IAM" / "evidence").mkdir(parents=True)
+    shutil.copy(RAW / "IAM" / "stance" / "test.txt", raw / "IAM" / "stance" / "test.txt")
+    (raw / "IAM" / "evidence" / "train.txt").write_text("a\tb\tc\n")
+    m = run_prepare(make_cfg(raw, tmp_path / "out", "data.allow_missing=true", domains=["debate"]), use_ray=False)
+    s = m["sources"]["iam"]
+    assert s["quarantined_by_reason"] == {"unknown_format": 1} and s["read"] == 15 + 1
+    assert any(f["path"] == "IAM/evidence/train.txt" and f["status"].startswith("quarantined") for f in s["files"])
+    q = read_rows(tmp_path / "out", "data/quarantine/iam/*.parquet")
+    assert [(r["file"], r["reason"]) for r in q] == [("IAM/evidence/train.txt", "unknown_format")]
