@@ -225,7 +225,8 @@ def train_domain(config: dict, data: dict, session) -> dict:
     from pipeline.storage import open_store
     from pipeline.train import export
     from pipeline.train.data import collate, epoch_plan
-    from pipeline.train.model import add_lora, attn_implementation, load_model, load_tokenizer, resolve_base
+    from pipeline.train.model import (add_lora, attn_implementation, compute_dtype, load_model, load_tokenizer,
+                                      resolve_base)
 
     # -- load config --------------------------------------------------------------------------------
     t_start = time.time()
@@ -260,8 +261,8 @@ def train_domain(config: dict, data: dict, session) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=h["learning_rate"], weight_decay=h["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h["lr_scheduler"], h["warmup_steps"], h["max_steps"]))
-    scaler = torch.amp.GradScaler("cuda") if model.dtype == torch.float16 or (
-        device.startswith("cuda") and cfg.model.compute_dtype != "float32" and not torch.cuda.is_bf16_supported()) else None
+    # fp16 compute (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler("cuda") if compute_dtype(cfg, device) == torch.float16 else None
     compat = compat_record(cfg, domain)
     st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "history": {"train": [], "val": []},
                           "tokens": 0, "train_time": 0.0, "base": None, "compat": compat, "resumed_from": None}

@@ -25,6 +25,9 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# The Tune trial (a thin driver around the domain's TorchTrainer) holds this much CPU, taken out of
+# the trial's resources.cpus_per_trial so that N trials fit in N * cpus_per_trial CPUs.
+TRIAL_CPU = 0.01
 
 
 def domain_fingerprint(cfg, domain: str) -> str:
@@ -140,7 +143,7 @@ def _trial(params: dict) -> None:
         store.delete(fatal_rel(cfg.run_name, domain))
     r = cfg.resources
     cuda = r.device == "cuda"
-    per_worker = {"CPU": r.cpus_per_trial, **({"GPU": r.gpus_per_trial} if cuda else {})}
+    per_worker = {"CPU": max(TRIAL_CPU, r.cpus_per_trial - TRIAL_CPU), **({"GPU": r.gpus_per_trial} if cuda else {})}
     storage_path, fs = store.ray_storage(f"runs/{cfg.run_name}/train")
     error = None
     try:
@@ -179,7 +182,7 @@ def run_domains(cfg, store) -> dict[str, dict]:
         storage_path, fs = store.ray_storage(f"runs/{cfg.run_name}/tune")
         cfg_json = cfg.model_dump(mode="json")
         tuner = tune.Tuner(
-            tune.with_resources(_trial, {"cpu": 0.01}),
+            tune.with_resources(_trial, {"cpu": TRIAL_CPU}),
             param_space={"domain": tune.grid_search(todo), "cfg": cfg_json, "faults": os.environ.get(FAULTS_ENV)},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg), reuse_actors=False),
             run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage_path,
