@@ -1,0 +1,90 @@
+"""Scheduling decisions without Ray: skip finished domains, skip domains without data, refuse an
+incompatible checkpoint before any trial starts; base model resolution errors; merged export."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixtures_train import tiny_config, write_sft  # noqa: E402
+
+from pipeline.errors import UserFacingError  # noqa: E402
+from pipeline.storage import Store  # noqa: E402
+from pipeline.train.loop import compat_record  # noqa: E402
+from pipeline.train.model import ModelLoadError, resolve_base  # noqa: E402
+from pipeline.train.schedule import domain_fingerprint, preflight  # noqa: E402
+
+
+def test_preflight_skips_finished_and_empty_domains(tmp_path):
+    store = Store(str(tmp_path))
+    write_sft(store, domains=["debate", "medicine", "education"])
+    cfg = tiny_config(str(tmp_path))
+    store.write_json("adapters/debate/training_report.json",
+                     {"status": "finished", "config_fingerprint": domain_fingerprint(cfg, "debate"), "val_loss": 1.0})
+    store.write_json("adapters/medicine/training_report.json",  # made with other settings: trains again
+                     {"status": "finished", "config_fingerprint": "0000", "val_loss": 1.0})
+    todo, known = preflight(cfg, store)
+    assert todo == ["medicine", "education"]
+    assert known["debate"]["status"] == "finished" and known["debate"]["skipped"]
+    assert known["ecology"]["status"] == "skipped" and "no SFT data" in known["ecology"]["error"]
+    assert store.read_json("runs/t/domains/ecology.json")["state"] == "skipped"
+    assert store.read_json("runs/t/domains/debate.json")["state"] == "finished"
+
+
+def test_preflight_refuses_incompatible_checkpoint_before_any_work(tmp_path):
+    store = Store(str(tmp_path))
+    write_sft(store, domains=["debate"])
+    cfg = tiny_config(str(tmp_path), domains=["debate"])
+    store.write_json("runs/t/train/debate/checkpoint_2026/train_state.json",
+                     {"step": 4, "compat": compat_record(cfg, "debate")})
+    assert preflight(cfg, store)[0] == ["debate"]  # same settings: resumes
+    other = tiny_config(str(tmp_path), domains=["debate"], lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    with pytest.raises(UserFacingError) as e:
+        preflight(other, store)
+    msg = str(e.value)
+    assert "lora.r: checkpoint has 8, config has 4" in msg and "lora.target_modules" in msg and "new run_name" in msg
+
+
+def test_resolve_base_errors_name_the_fix(tmp_path):
+    cfg = tiny_config(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="not built yet.*adapters train"):
+        resolve_base(cfg)
+    c = tiny_config(str(tmp_path), model={"base": str(tmp_path / "nowhere")})
+    with pytest.raises(ModelLoadError, match="base model not found at .*set model.base"):
+        resolve_base(c)
+    (tmp_path / "m").mkdir()
+    c = tiny_config(str(tmp_path), model={"base": str(tmp_path / "m")})
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_base(c)
+    c = tiny_config(str(tmp_path), model={"base": "mistralai/Mistral-7B-Instruct-v0.3"})
+    assert resolve_base(c) == "mistralai/Mistral-7B-Instruct-v0.3"
+
+
+def test_merged_export_refuses_nan(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+    from pipeline.train.export import NonFiniteWeightsError, export_merged
+    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.data import Example, tokenize_example
+    from pipeline.train.model import load_tokenizer
+    from pipeline.train.tiny import ensure_tiny
+    from fixtures_train import sft_rows
+    store = Store(str(tmp_path))
+    write_sft(store, domains=["debate"], n=(16, 4, 4))
+    cfg = tiny_config(str(tmp_path), domains=["debate"], model__tiny__pretrain_steps=0, train__max_steps=2)
+    ensure_tiny(cfg, store)
+    tok = load_tokenizer(resolve_base(cfg, store), cfg)
+    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 16, 1)]
+    train_domain({"cfg": cfg.model_dump(mode="json"), "domain": "debate"},
+                 {"train": ex[:12], "val": ex[12:14], "test": ex[14:]}, LocalSession(str(tmp_path / "ck")))
+    uri = export_merged(cfg, "debate", store)
+    assert store.is_file("adapters/debate/merged/model.safetensors") and uri.endswith("adapters/debate/merged")
+    f = tmp_path / "adapters" / "debate" / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    k = next(k for k in sd if "lora_B" in k)
+    sd[k] = torch.full_like(sd[k], float("nan"))
+    save_file(sd, str(f))
+    with pytest.raises(NonFiniteWeightsError, match="NaN/inf"):
+        export_merged(cfg, "debate", store)
