@@ -130,7 +130,8 @@ def test_rayjob_manifest() -> None:
     rj = yaml.safe_load((ROOT / "containers/rayjob.yaml").read_text())
     assert rj["apiVersion"] == "ray.io/v1" and rj["kind"] == "RayJob"
     spec = rj["spec"]
-    assert "python -m jobs.run_pipeline" in spec["entrypoint"]
+    assert spec["entrypoint"].startswith("python -m jobs.run_pipeline ")
+    assert not re.search(r"&&|;|\||`", spec["entrypoint"]), "one plain command: the submitter's shell splits operators"
     assert {"job_name", "output_uri"} <= set(spec["metadata"])
     assert spec["rayClusterSpec"]["authOptions"]["mode"] == "token"
     text = (ROOT / "containers/rayjob.yaml").read_text()
