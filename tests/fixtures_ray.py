@@ -17,6 +17,7 @@ How it isolates itself from the user's own Ray and from other tests on the same 
   variable of the cluster, so it cannot leak through a job's environment or runtime_env.
 - ``RAY_AUTH_MODE=token`` is set explicitly (auth is on; never switched off).
 - The head binds to 127.0.0.1; GCS, dashboard and dashboard agent ports are free ports picked here.
+  Its processes get RAY_ADDRESS pointing at it, so nothing in them attaches to another Ray on the machine.
 - ``--temp-dir`` is a fresh directory, and stopping is done by process id: every process whose
   command line names that directory, plus all their descendants, gets SIGTERM then SIGKILL.
   ``ray stop`` is deliberately not used: it kills every Ray process on the machine, including
@@ -198,7 +199,11 @@ def start_head(num_cpus: int = 4, extra_env: Optional[dict[str, str]] = None) ->
     head = RayHead(address=f"127.0.0.1:{gcs_port}", dashboard_url=f"http://127.0.0.1:{dash_port}",
                    temp_dir=temp_dir, home=home, env=env)
     try:
-        r = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=180)
+        # RAY_ADDRESS for the cluster's own processes only: Ray code inside them that looks for "the"
+        # cluster (e.g. Ray Train's placement-group cleaner) then finds this one even when other Ray
+        # instances run on the same machine, instead of failing with "Found multiple active Ray instances".
+        start_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+        r = subprocess.run(cmd, env=start_env, cwd=str(ROOT), capture_output=True, text=True, timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"ray start --head failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         wait_for_dashboard(head.dashboard_url, head.auth_headers())
