@@ -1,0 +1,64 @@
+"""The step's fast-path plumbing on CPU: the head-on-targets loss equals the plain full-logits loss,
+layer-selective checkpointing, and the kbit preparation that keeps weights in their dtype."""
+import pytest
+import torch
+
+from pipeline.train import kernels
+
+
+def _tiny_lm(vocab=97, hidden=64, layers=3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (2, 24), generator=g)
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)  # two packed examples per row
+    tgt = torch.randint(3, 97, (2, 24), generator=g)
+    tgt[:, :5] = -100        # a masked prompt
+    tgt[:, 9] = -100         # no prediction across the example boundary
+    return {"input_ids": ids, "position_ids": pos, "targets": tgt}
+
+
+def test_loss_on_target_tokens_equals_full_logits_loss():
+    import torch.nn.functional as F
+    model = _tiny_lm()
+    b = _batch()
+    logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+    sel = b["targets"] != -100
+    ref = F.cross_entropy(logits[sel].float(), b["targets"][sel], reduction="sum")
+    got = kernels.loss_sum(model, b, "cpu", fused=False)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # and the gradients agree
+    ref.backward()
+    g_ref = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    kernels.loss_sum(model, b, "cpu", fused=False).backward()
+    assert torch.allclose(model.model.layers[0].self_attn.q_proj.weight.grad, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_through_peft_wrapper_and_no_fused_path_on_cpu():
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(_tiny_lm(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    b = _batch()
+    out = kernels.loss_sum(model, b, "cpu", fused=False)
+    assert torch.isfinite(out) and out.item() > 0
+    assert kernels.fused_loss_available(model, "cpu") is False
+    assert kernels.apply_fused_kernels(model, "cpu", "auto") is False
+    with pytest.raises(RuntimeError, match="not CUDA"):
+        kernels.apply_fused_kernels(model, "cpu", "on")
+
+
+def test_checkpointing_keep_last_layers():
+    model = kernels.prepare_for_kbit(_tiny_lm(layers=4), gradient_checkpointing=True)
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # no dtype changes, only freezing
+    assert kernels.set_checkpointed_layers(model, keep_last=0) == 4
+    assert kernels.set_checkpointed_layers(model, keep_last=1) == 3
+    layers = kernels.decoder_layers(model)
+    assert [l.gradient_checkpointing for l in layers] == [True, True, True, False]
