@@ -120,15 +120,27 @@ class RaySession:
 
 # ---- loss ----------------------------------------------------------------------------------------
 
+# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"}
+
+
 def loss_sum(model, batch: dict, device) -> Any:
-    """Sum of token cross-entropies over the batch's target tokens (targets are pre-shifted)."""
+    """Sum of token cross-entropies over the batch's target tokens (targets are pre-shifted).
+
+    For plain-head architectures the vocabulary projection runs only on target positions (prompt
+    and padding tokens get no logits), which saves the [tokens x vocab] logits of masked tokens."""
     import torch.nn.functional as F
     ids = batch["input_ids"].to(device)
     pos = batch["position_ids"].to(device)
     tgt = batch["targets"].to(device)
-    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
     sel = tgt != -100
-    return F.cross_entropy(logits[sel].float(), tgt[sel], reduction="sum")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) in _PLAIN_HEAD:
+        hidden = base.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[sel])
+    else:
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[sel]
+    return F.cross_entropy(logits.float(), tgt[sel], reduction="sum")
 
 
 def evaluate(model, examples, rows: int, seq_len: int, pad_id: int, device, max_batches: Optional[int] = None,

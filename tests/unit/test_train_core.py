@@ -98,6 +98,12 @@ def test_packed_loss_equals_unpacked(env, quant):
         single = sum(float(loss_sum(model, collate(ex, [[i]], tok.pad_token_id), "cpu")) for i in range(len(ex)))
         # the same examples padded to a common length, one per row
         padded = float(loss_sum(model, collate(ex, [[i] for i in range(len(ex))], tok.pad_token_id, 128), "cpu"))
+        # the target-positions-only head equals the model's full logits
+        b0 = collate(ex, plan[0], tok.pad_token_id)
+        logits = model(input_ids=b0["input_ids"], position_ids=b0["position_ids"]).logits
+        full = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), b0["targets"].view(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+        assert math.isclose(float(full), float(loss_sum(model, b0, "cpu")), rel_tol=1e-5)
     n = sum(e.n_target_tokens for e in ex)
     assert math.isclose(packed / n, single / n, rel_tol=1e-5), (packed / n, single / n)
     assert math.isclose(padded / n, single / n, rel_tol=1e-5)
