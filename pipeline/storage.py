@@ -152,8 +152,11 @@ def _endpoint_parts(endpoint_url: str) -> tuple[str, str]:
     return scheme, host.rstrip("/")
 
 
-def arrow_s3(settings: S3Settings) -> pafs.S3FileSystem:
-    """pyarrow's S3FileSystem with endpoint, region and credentials passed explicitly."""
+def arrow_s3(settings: S3Settings, for_ray: bool = False) -> pafs.S3FileSystem:
+    """pyarrow's S3FileSystem with endpoint, region and credentials passed explicitly.
+
+    for_ray=True: a ``RayS3FileSystem``, whose pickle holds no credentials (see there)."""
+    public = (settings.endpoint_url, settings.region, settings.retries, settings.profile)
     settings = settings.with_credentials()
     kw: dict[str, Any] = dict(region=settings.region, connect_timeout=5, request_timeout=60,
                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
@@ -163,7 +166,32 @@ def arrow_s3(settings: S3Settings) -> pafs.S3FileSystem:
         kw["scheme"] = scheme
     if settings.access_key:
         kw.update(access_key=settings.access_key, secret_key=settings.secret_key, session_token=settings.session_token)
-    return pafs.S3FileSystem(**kw)
+    return RayS3FileSystem(public, **kw) if for_ray else pafs.S3FileSystem(**kw)
+
+
+class RayS3FileSystem(pafs.S3FileSystem):
+    """An S3FileSystem whose pickle carries no credentials.
+
+    Ray Tune pickles the RunConfig, storage filesystem included, into its experiment and searcher
+    state files, which it writes to the run's storage: a plain S3FileSystem would put the secret key
+    into the bucket. This one pickles only endpoint, region and retries; where it is unpickled (a
+    Ray worker, a restored Tune run) credentials are resolved again from that process's environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, else AWS_PROFILE, else the default chain, e.g. an
+    instance role). Workers of a local Ray inherit the driver's environment."""
+
+    def __init__(self, public: tuple, **kw: Any):
+        super().__init__(**kw)
+        self._public = public
+
+    def __reduce__(self):
+        return (_rebuild_ray_s3, self._public)
+
+
+def _rebuild_ray_s3(endpoint_url: Optional[str], region: Optional[str], retries: int,
+                    profile: Optional[str] = None) -> "RayS3FileSystem":
+    env = S3Settings.resolve(None)
+    return arrow_s3(S3Settings(endpoint_url, region, env.access_key, env.secret_key, env.session_token,
+                               profile or env.profile, retries), for_ray=True)
 
 
 def boto3_client(settings: S3Settings):
@@ -321,6 +349,7 @@ class Store:
             self.root = self.uri
         self._attempts = (self.s3.retries + 1) if self.s3 else 1
         self._client = None
+        self._ray_fs: Optional[pafs.FileSystem] = None
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
@@ -328,6 +357,7 @@ class Store:
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
         d["_client"] = None  # boto3 clients do not pickle; made again on first use
+        d["_ray_fs"] = None
         return d
 
     # -- naming --
@@ -591,9 +621,14 @@ class Store:
 
     # -- for Ray --
     def ray_storage(self, rel: str) -> tuple[str, Optional[pafs.FileSystem]]:
-        """(storage_path, storage_filesystem) for Ray Train / Tune RunConfig."""
+        """(storage_path, storage_filesystem) for Ray Train / Tune RunConfig.
+
+        On S3 the filesystem is a ``RayS3FileSystem``: Ray pickles it into state files it writes to
+        the bucket, so its pickle holds no credentials (they are resolved again where unpickled)."""
         if self.is_s3:
-            return self.path(rel), self.fs
+            if getattr(self, "_ray_fs", None) is None:
+                self._ray_fs = arrow_s3(self.s3, for_ray=True)
+            return self.path(rel), self._ray_fs
         p = self.local_path(rel)
         p.mkdir(parents=True, exist_ok=True)
         return str(p), None

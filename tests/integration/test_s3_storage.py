@@ -63,6 +63,20 @@ def test_round_trip_pyarrow_and_boto3(s3_server, bucket, tmp_path):
     assert st.is_file("runs/demo/checkpoint_000001/state.json")
 
 
+def test_ray_storage_filesystem_pickles_without_credentials(s3_server, bucket, monkeypatch):
+    import pickle
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    st = Store(f"s3://{bucket}/ray", StorageConfig(endpoint_url=s3_server.endpoint))
+    path, fs = st.ray_storage("runs/demo")
+    blob = pickle.dumps(fs)
+    assert s3_server.secret_key.encode() not in blob and s3_server.access_key.encode() not in blob
+    fs2 = pickle.loads(blob)  # a worker: credentials from its environment
+    with fs2.open_output_stream(f"{path}/x.json") as f:
+        f.write(b"{}")
+    assert st.read_json("runs/demo/x.json") == {}
+
+
 def test_settings_from_env_and_config(s3_server, bucket, monkeypatch):
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)

@@ -171,7 +171,12 @@ def test_s3_store_repr_and_pickle_hide_nothing_needed(monkeypatch):
     st2 = pickle.loads(pickle.dumps(st))
     assert st2.uri == st.uri and st2.s3 == st.s3
     path, fs = st.ray_storage("runs/demo")
-    assert path == "bucket-x/prefix/runs/demo" and fs is st.fs
+    assert path == "bucket-x/prefix/runs/demo" and isinstance(fs, storage.RayS3FileSystem)
+    # Ray Tune pickles the storage filesystem into state files in the bucket: no credentials in it
+    blob = pickle.dumps(fs)
+    assert b"supersecret-env-value" not in blob and b"AKIDENV" not in blob
+    assert b"supersecret-env-value" in pickle.dumps(storage.arrow_s3(st.s3))  # what a plain one would leak
+    assert isinstance(pickle.loads(blob), storage.RayS3FileSystem)
 
 
 # ---- retries --------------------------------------------------------------------------------
