@@ -139,6 +139,10 @@ def _trial(params: dict) -> None:
     domain = params["domain"]
     store = open_store(cfg)
     write_state(store, cfg, domain, "running")
+    old = f"adapters/{domain}/training_report.json"
+    if store.is_file(old):  # made with other settings: it no longer marks a current adapter
+        store.write_bytes(f"adapters/{domain}/training_report.previous.json", store.read_bytes(old))
+        store.delete(old)
     if store.exists(fatal_rel(cfg.run_name, domain)):
         store.delete(fatal_rel(cfg.run_name, domain))
     r = cfg.resources
