@@ -178,11 +178,28 @@ def _trial(params: dict) -> None:
     write_state(store, cfg, domain, "finished", report=report)
 
 
+def check_resources(cfg) -> None:
+    """Fail at once when a trial could never be scheduled (Tune would wait forever)."""
+    import ray
+    from pipeline.errors import UserFacingError
+    r = cfg.resources
+    res = ray.cluster_resources()
+    if r.device == "cuda" and res.get("GPU", 0) < r.gpus_per_trial:
+        raise UserFacingError(
+            f"resources.device is cuda but the Ray cluster has {res.get('GPU', 0):g} GPU(s) (a trial needs "
+            f"{r.gpus_per_trial:g}): start Ray on GPU nodes (check `nvidia-smi` and that torch sees CUDA), "
+            "or set resources.device: cpu to train on CPUs")
+    if res.get("CPU", 0) < r.cpus_per_trial:
+        raise UserFacingError(f"resources.cpus_per_trial is {r.cpus_per_trial:g} but the Ray cluster has "
+                              f"{res.get('CPU', 0):g} CPU(s): lower resources.cpus_per_trial")
+
+
 def run_domains(cfg, store) -> dict[str, dict]:
     from ray import tune
     from pipeline.train.loop import FAULTS_ENV
     todo, results = preflight(cfg, store)
     if todo:
+        check_resources(cfg)
         storage_path, fs = store.ray_storage(f"runs/{cfg.run_name}/tune")
         cfg_json = cfg.model_dump(mode="json")
         tuner = tune.Tuner(
