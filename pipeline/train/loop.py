@@ -120,27 +120,11 @@ class RaySession:
 
 # ---- loss ----------------------------------------------------------------------------------------
 
-# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
-_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"}
-
-
-def loss_sum(model, batch: dict, device) -> Any:
-    """Sum of token cross-entropies over the batch's target tokens (targets are pre-shifted).
-
-    For plain-head architectures the vocabulary projection runs only on target positions (prompt
-    and padding tokens get no logits), which saves the [tokens x vocab] logits of masked tokens."""
-    import torch.nn.functional as F
-    ids = batch["input_ids"].to(device)
-    pos = batch["position_ids"].to(device)
-    tgt = batch["targets"].to(device)
-    sel = tgt != -100
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) in _PLAIN_HEAD:
-        hidden = base.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-        logits = base.get_output_embeddings()(hidden[sel])
-    else:
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[sel]
-    return F.cross_entropy(logits.float(), tgt[sel], reduction="sum")
+def loss_sum(model, batch: dict, device, fused: bool = False) -> Any:
+    """Sum of token cross-entropies over the batch's target tokens (targets are pre-shifted); the LM
+    head runs on target tokens only, fused with the cross-entropy when `fused` (pipeline.train.kernels)."""
+    from pipeline.train import kernels
+    return kernels.loss_sum(model, batch, device, fused)
 
 
 def evaluate(model, examples, rows: int, seq_len: int, pad_id: int, device, max_batches: Optional[int] = None,
@@ -269,7 +253,13 @@ def train_domain(config: dict, data: dict, session) -> dict:
     np.random.seed(t.seed % 2**32)
     base_path = resolve_base(cfg, store)
     tok = load_tokenizer(base_path, cfg)
-    model = add_lora(load_model(base_path, cfg, device), h["lora"], cfg, t.gradient_checkpointing)
+    from pipeline.train import kernels
+    base_model = load_model(base_path, cfg, device)
+    kernels.apply_fused_kernels(base_model, device, t.fused_kernels)   # Liger on CUDA when installed
+    model = add_lora(base_model, h["lora"], cfg, t.gradient_checkpointing)
+    if t.gradient_checkpointing and t.checkpoint_keep_last:
+        kernels.set_checkpointed_layers(model, t.checkpoint_keep_last)
+    fused = kernels.fused_loss_available(model, device, t.fused_kernels)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=h["learning_rate"], weight_decay=h["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h["lr_scheduler"], h["warmup_steps"], h["max_steps"]))
@@ -337,7 +327,7 @@ def train_domain(config: dict, data: dict, session) -> dict:
         n_targets = sum(b["n_targets"] for b in micro)
         step_loss = 0.0
         for b in micro:
-            ls = loss_sum(model, b, device)
+            ls = loss_sum(model, b, device, fused)
             if "nan" in faults and st["step"] + 1 >= faults["nan"]:
                 ls = ls * float("nan")
             if not torch.isfinite(ls):
@@ -403,7 +393,7 @@ def train_domain(config: dict, data: dict, session) -> dict:
         "history": st["history"], "resumed_from_step": st["resumed_from"],
         "config_fingerprint": config.get("fingerprint"), "compat": compat,
         "base_model": cfg.model.base, "lora": h["lora"], "hyper": {k: v for k, v in h.items() if k != "lora"},
-        "device": device, "attn_implementation": attn_implementation(cfg, device),
+        "device": device, "attn_implementation": attn_implementation(cfg, device), "fused_loss": fused,
         "micro_batch": {"rows": rows, "seq_len": seq_len, "grad_accum": h["grad_accum"], "packing": t.packing},
     }
     if not all(math.isfinite(x) for x in (val_loss, test_loss) if x is not None):

@@ -35,7 +35,7 @@ def _examples(tok, n=12):
     return [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in rows]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "flash_attention_2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention", "flash_attention_2"])
 def test_gpu_nf4_packed_equals_unpacked(gpu_env, attn):
     import torch
     from pipeline.train.data import collate, plan_batches
