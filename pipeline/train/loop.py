@@ -352,12 +352,15 @@ def train_domain(config: dict, data: dict, session) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         st["step"] += 1
-        st["tokens"] += sum(b["n_tokens"] for b in micro)
-        st["train_time"] += time.time() - t0
+        step_tokens = sum(b["n_tokens"] for b in micro)
+        step_time = time.time() - t0
+        st["tokens"] += step_tokens
+        st["train_time"] += step_time
         train_loss = step_loss / n_targets
         window.append(train_loss)
         lr = sched.get_last_lr()[0]
-        st["history"]["train"].append({"step": st["step"], "loss": train_loss, "lr": lr})
+        st["history"]["train"].append({"step": st["step"], "loss": train_loss, "lr": lr, "time": step_time,
+                                       "tokens": step_tokens, "padded_tokens": sum(b["input_ids"].numel() for b in micro)})
         if st["step"] % t.log_every == 0:
             log.info("domain %s step %d loss %.4f lr %.2e %.0f tok/s", domain, st["step"], train_loss, lr,
                      st["tokens"] / max(st["train_time"], 1e-9))

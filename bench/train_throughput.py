@@ -1,0 +1,220 @@
+"""Training throughput: the project's trainer against the seed's recipe, same GPU, same run.
+
+    python bench/train_throughput.py --data ../shared/data/real [--arch mistral7b|llama1b]
+                                     [--targets qv,all] [--steps 14] [--seed-recipe ../shared/bench/seed_recipe.py]
+
+For each LoRA target set it runs, one after the other in this process's run:
+  1. the project's trainer (pipeline.train.loop.train_domain, the code every trial runs) with the
+     project's *default* training settings (configs/default.yaml: packed 2048-token sequences,
+     8192 tokens per micro-batch, gradient checkpointing, flex attention, fused kernels when
+     installed), on SFT rows that the project's own prepare stage made from --data;
+  2. the seed's recipe (../shared/bench/seed_recipe.py: HF Trainer, every example padded to 512,
+     batch 2 x accumulation 8, q_proj,v_proj or all linear) on the same sources,
+and prints real (non-padding) tokens/s, padded tokens/s, MFU (4 x parameters FLOPs per real token
+against a bf16 matmul rate measured here), peak allocated and reserved memory, then the ratios.
+Both use the same random-weight base model (a 7B Mistral architecture by default; throughput and
+memory do not depend on the weights' values), NF4 double quantization, bf16 compute, LoRA r16/a32.
+Needs a CUDA GPU. Not a test: it prints figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARCHS = {
+    "mistral7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
+    "llama1b": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=8192,
+                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
+}
+TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
+
+
+def bf16_matmul_tflops() -> float:
+    import torch
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.time()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192 ** 3 / (time.time() - t) / 1e12
+
+
+def prepare_data(data_dir: str, out: str, domain: str):
+    """The project's prepare stage on the raw data, then the tokenized examples of one domain."""
+    from pipeline.config import load_config
+    from pipeline.prepare import run_prepare
+    cfg = load_config(ROOT / "configs/default.yaml", raw_dir=data_dir, output=out,
+                      sets=["data.allow_missing=true", "data.download.offline=true", "resources.device=cpu"])
+    if not (Path(out) / "data/_SUCCESS").exists():
+        run_prepare(cfg, use_ray=False)
+    return cfg
+
+
+def build_base(path: str, arch: str, texts: list[str]) -> None:
+    """A random-weight model of the architecture plus a 32k BPE tokenizer trained on the texts."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    if (Path(path) / "tokenizer.json").exists():
+        return
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=32000, special_tokens=["<pad>", "<s>", "</s>"]))
+    c = dict(ARCHS[arch])
+    config = AutoConfig.for_model(c.pop("model_type"), **c)
+    if not (Path(path) / "config.json").exists():
+        with torch.device("cuda"):
+            m = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        m.save_pretrained(path)
+        del m
+        torch.cuda.empty_cache()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
+def run_ours(cfg, base: str, domain: str, targets: str, steps: int) -> dict:
+    import torch
+    from pipeline.train.data import collect, read_sft, tokenize_batch
+    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.storage import open_store
+    c = cfg.model_copy(deep=True)
+    c.model.base = base
+    c.resources.device = "cuda"
+    c.lora.target_modules = TARGETS[targets]
+    c.train.max_steps = steps
+    c.train.warmup_steps = 1
+    c.train.eval_every = 10 ** 6
+    c.train.checkpoint_every = 10 ** 6
+    c.train.eval_max_batches = 2
+    c.train.log_every = 1
+    cj = c.model_dump(mode="json")
+    store = open_store(c)
+    batches = []
+    for split in ("train", "val", "test"):
+        t = read_sft(store, domain, split).to_pydict()
+        t["split"] = [split] * len(t["prompt"])
+        batches.append(tokenize_batch(t, cj))
+    data = collect(batches)
+    torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as d:
+        rep = train_domain({"cfg": cj, "domain": domain}, data, LocalSession(d, resume=False))
+    hist = rep["history"]["train"][2:]  # steady state: the first steps compile kernels
+    timed = [h for h in hist if h.get("time")]
+    if timed:
+        secs = sum(h["time"] for h in timed)
+        real = sum(h["tokens"] for h in timed) / secs
+        padded = sum(h.get("padded_tokens", h["tokens"]) for h in timed) / secs
+    else:
+        real = padded = rep["tokens_per_s"]
+    return dict(who="project", targets=targets, real_tok_s=real, padded_tok_s=padded,
+                loss=sum(h["loss"] for h in hist[-5:]) / max(1, len(hist[-5:])),
+                peak_alloc_gb=torch.cuda.max_memory_allocated() / 2 ** 30,
+                peak_reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30,
+                micro_batch=rep.get("micro_batch"), attn=rep.get("attn_implementation"),
+                fused_loss=rep.get("fused_loss"), n_train=rep["n_examples"]["train"])
+
+
+def run_seed(seed_recipe: str, data_dir: str, arch: str, targets: str, steps: int, base: str) -> dict:
+    """The seed's recipe in a child process (its own CUDA context, so its peak memory is its own)."""
+    sd = Path(tempfile.mkdtemp(prefix="seeddata-"))
+    real = Path(data_dir).resolve()
+    for name, src in (("pubmedqa", real / "pubmed_qa/data"), ("climate-fever", real / "climate_fever/dataset"),
+                      ("MedQuAD", real / "MedQuAD"), ("IAM", real / "IAM")):
+        (sd / name).symlink_to(src)
+    env = dict(os.environ, ARCH=arch, STEPS=str(steps), TARGETS=",".join(TARGETS[targets]) if targets == "qv"
+               else "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    # the recipe builds /tmp/base-<arch> when missing: point it at the same random-weight model
+    link = Path(f"/tmp/base-{arch}")
+    if not link.exists():
+        link.symlink_to(base)
+    p = subprocess.run([sys.executable, seed_recipe, str(sd)], env=env, capture_output=True, text=True)
+    m = re.search(r"^RESULT (.*)$", p.stdout, re.M)
+    if not m:
+        return dict(who="seed", targets=targets, error=(p.stdout + p.stderr)[-1500:])
+    r = json.loads(m.group(1))
+    return dict(who="seed", targets=targets, real_tok_s=r["real_tok_s"], padded_tok_s=r["padded_tok_s"],
+                peak_alloc_gb=r["peak_alloc_gb"], peak_reserved_gb=r["peak_reserved_gb"], loss=None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/real"))
+    ap.add_argument("--arch", default="mistral7b", choices=sorted(ARCHS))
+    ap.add_argument("--targets", default="qv,all")
+    ap.add_argument("--steps", type=int, default=14)
+    ap.add_argument("--seed-steps", type=int, default=8)
+    ap.add_argument("--domain", default="medicine")
+    ap.add_argument("--seed-recipe", default=str(ROOT.parent / "shared/bench/seed_recipe.py"))
+    ap.add_argument("--no-seed", action="store_true", help="only the project's trainer")
+    ap.add_argument("--work", default="/tmp/bench-train")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args()
+    import torch
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    t0 = time.time()
+    cfg = prepare_data(a.data, f"{a.work}/out", a.domain)
+    from pipeline.storage import open_store
+    from pipeline.train.data import read_sft
+    texts = [p + "\n" + r for p, r in zip(*[read_sft(open_store(cfg), a.domain, "train").column(c).to_pylist()
+                                              for c in ("prompt", "response")])]
+    base = f"{a.work}/base-{a.arch}"
+    build_base(base, a.arch, texts)
+    tflops = bf16_matmul_tflops()
+    c = dict(ARCHS[a.arch])
+    nparams = (c["vocab_size"] * c["hidden_size"] * 2 + c["num_hidden_layers"] * (
+        2 * c["hidden_size"] ** 2 + 2 * c["hidden_size"] * c["hidden_size"] * c["num_key_value_heads"] // c["num_attention_heads"]
+        + 3 * c["hidden_size"] * c["intermediate_size"]))
+    print(f"gpu={torch.cuda.get_device_name(0)} torch={torch.__version__} bf16_matmul={tflops:.0f} TFLOP/s "
+          f"params={nparams/1e9:.2f}B setup_s={time.time()-t0:.0f}", flush=True)
+    rows = []
+    for targets in a.targets.split(","):
+        torch.cuda.reset_peak_memory_stats()
+        r = run_ours(cfg, base, a.domain, targets, a.steps)
+        print("RESULT " + json.dumps(r), flush=True)
+        rows.append(r)
+        torch.cuda.empty_cache()
+        if not a.no_seed:
+            r = run_seed(a.seed_recipe, a.data, a.arch, targets, a.seed_steps, base)
+            print("RESULT " + json.dumps(r), flush=True)
+            rows.append(r)
+    print(f"\n{'who':8} {'targets':7} {'real tok/s':>10} {'padded tok/s':>12} {'MFU':>6} {'peak alloc GB':>13} {'reserved GB':>11}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['who']:8} {r['targets']:7} error: {r['error'][-300:]}")
+            continue
+        mfu = 4 * nparams * r["real_tok_s"] / (tflops * 1e12)
+        r["mfu"] = mfu
+        print(f"{r['who']:8} {r['targets']:7} {r['real_tok_s']:>10,.0f} {r['padded_tok_s']:>12,.0f} {mfu:>6.1%} "
+              f"{r['peak_alloc_gb']:>13.1f} {r['peak_reserved_gb']:>11.1f}")
+    for targets in a.targets.split(","):
+        ours = next((r for r in rows if r["who"] == "project" and r["targets"] == targets and "error" not in r), None)
+        seed = next((r for r in rows if r["who"] == "seed" and r["targets"] == targets and "error" not in r), None)
+        if ours and seed:
+            print(f"ratio {targets}: {ours['real_tok_s'] / seed['real_tok_s']:.1f}x real tokens/s; "
+                  f"peak {ours['peak_alloc_gb']:.1f} GB (budget 20 GB for a 24 GB RTX 3090)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(dict(rows=rows, tflops=tflops, params=nparams), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
