@@ -2,7 +2,8 @@
 
     prepare_for_kbit(model, gradient_checkpointing)  freeze the base, checkpointing without fp32 upcasts
     set_checkpointed_layers(model, keep_last)        leave the last N decoder layers un-checkpointed
-    apply_fused_kernels(model, device, mode)         Liger RMSNorm / SwiGLU / RoPE on CUDA when installed
+    apply_fused_kernels(model, device, mode)         Liger RMSNorm / SwiGLU on CUDA when installed (this instance only)
+    set_sequence_multiple(model, 128)                flex attention: widen short micro-batches
     loss_sum(model, batch, device, fused)            summed cross-entropy over the target tokens
 
 Measured on an H100 (bench/NOTES.md): flex attention over packed examples was 2.25x SDPA with a
@@ -89,10 +90,44 @@ def apply_fused_kernels(model, device: str, mode: str = "auto") -> bool:
             raise RuntimeError(f"train.fused_kernels is 'on' but Liger has no kernels for model type {mtype!r}")
         log.info("no fused kernels for model type %r: plain kernels", mtype)
         return False
-    _apply_liger_kernel_to_instance(model=lm, rope=True, rms_norm=True, swiglu=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)
-    log.info("fused kernels (Liger RMSNorm, SwiGLU, RoPE) applied to %s", mtype)
+    # Liger also swaps the classes and functions of the architecture's modeling module, which would
+    # turn every later model of that architecture in this process (a CPU one too) into Triton kernels:
+    # patch this instance only and put the module back. (RoPE is a module-level function: left plain.)
+    import sys
+    module = sys.modules[type(lm).__module__]
+    saved = dict(vars(module))
+    try:
+        _apply_liger_kernel_to_instance(model=lm, rope=False, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    finally:
+        for k, v in saved.items():
+            if vars(module).get(k) is not v:
+                setattr(module, k, v)
+    log.info("fused kernels (Liger RMSNorm, SwiGLU) applied to this %s model", mtype)
     return True
+
+
+def set_sequence_multiple(model, multiple: int) -> None:
+    """Pad each micro-batch's width up to a multiple of `multiple` in loss_sum. Flex attention needs
+    >= 128 query positions: shorter ones go to its decoding kernel, which fails to compile for
+    training on torch 2.11 (NoValidChoicesError), e.g. for a short last eval batch."""
+    model._seq_multiple = int(multiple)
+
+
+def pad_batch(batch: dict, multiple: int) -> dict:
+    """Widen a collated batch to a multiple of `multiple`: the padding is a dummy trailing sequence
+    (its own position ids from 0, no targets), so it is attended to by nothing real."""
+    import torch
+    width = batch["input_ids"].shape[1]
+    extra = (-width) % multiple if multiple > 1 else 0
+    if not extra:
+        return batch
+    B = batch["input_ids"].shape[0]
+    out = dict(batch)
+    out["input_ids"] = torch.cat([batch["input_ids"], batch["input_ids"].new_zeros((B, extra))], 1)
+    out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra).expand(B, extra).to(batch["position_ids"])], 1)
+    out["targets"] = torch.cat([batch["targets"], batch["targets"].new_full((B, extra), -100)], 1)
+    return out
 
 
 def _head_is_plain(lm) -> bool:
@@ -117,6 +152,7 @@ def loss_sum(model, batch: dict, device, fused: bool = False) -> Any:
     The LM head runs only on target tokens (prompt tokens and padding never reach it); with
     `fused` the head and the cross-entropy are one Liger kernel that never holds the logits."""
     import torch.nn.functional as F
+    batch = pad_batch(batch, getattr(model, "_seq_multiple", 1))
     ids = batch["input_ids"].to(device, non_blocking=True)
     pos = batch["position_ids"].to(device, non_blocking=True)
     tgt = batch["targets"].to(device, non_blocking=True)

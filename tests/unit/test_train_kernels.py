@@ -62,3 +62,37 @@ def test_checkpointing_keep_last_layers():
     assert kernels.set_checkpointed_layers(model, keep_last=1) == 3
     layers = kernels.decoder_layers(model)
     assert [l.gradient_checkpointing for l in layers] == [True, True, True, False]
+
+
+def test_padding_to_a_multiple_leaves_the_loss_unchanged():
+    model = _tiny_lm()
+    b = _batch()
+    ref = kernels.loss_sum(model, b, "cpu")
+    padded = kernels.pad_batch(b, 128)
+    assert padded["input_ids"].shape == (2, 128) and (padded["targets"][:, 24:] == -100).all()
+    assert padded["position_ids"][0, 24:].tolist() == list(range(104))
+    kernels.set_sequence_multiple(model, 128)
+    got = kernels.loss_sum(model, b, "cpu")
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert kernels.pad_batch(b, 1) is b
+
+
+def test_fused_kernels_do_not_leak_into_the_modeling_module(monkeypatch):
+    """Liger swaps module-level classes; ours must patch the instance only (a later CPU model of the
+    same architecture in the process must stay plain). Simulated: a fake Liger entry point."""
+    import sys
+    import types
+    from transformers.models.llama import modeling_llama
+    before = modeling_llama.LlamaRMSNorm
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+
+    def apply(model, **kw):
+        modeling_llama.LlamaRMSNorm = object  # what Liger does to the module
+        model._patched = True
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": apply}
+    fake._apply_liger_kernel_to_instance = lambda model, **kw: apply(model, **kw)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    monkeypatch.setattr(kernels, "liger_available", lambda: True)
+    model = _tiny_lm()
+    assert kernels.apply_fused_kernels(model, "cuda:0", "auto") is True
+    assert model._patched and modeling_llama.LlamaRMSNorm is before
