@@ -34,8 +34,7 @@ def compute_matrix(cfg_json: dict, adapters: list[str]) -> dict:
     from pipeline.storage import open_store
     from pipeline.train.export import _local_dir
     from pipeline.train.loop import evaluate, ppl
-    from pipeline.train.kernels import set_sequence_multiple
-    from pipeline.train.model import attn_implementation, load_model, load_tokenizer, resolve_base
+    from pipeline.train.model import load_model, load_tokenizer, resolve_base
     cfg = Config.model_validate(cfg_json)
     store = open_store(cfg)
     device = "cuda" if cfg.resources.device == "cuda" and torch.cuda.is_available() else "cpu"
@@ -44,8 +43,6 @@ def compute_matrix(cfg_json: dict, adapters: list[str]) -> dict:
     base = resolve_base(cfg, store)
     tok = load_tokenizer(base, cfg)
     model = load_model(base, cfg, device)
-    if attn_implementation(cfg, device) == "flex_attention":
-        set_sequence_multiple(model, 128)
     data = {d: test_examples(cfg, store, d, tok) for d in cfg.domains}
     data = {d: x for d, x in data.items() if x}
     t = cfg.train

@@ -260,8 +260,6 @@ def train_domain(config: dict, data: dict, session) -> dict:
     if t.gradient_checkpointing and t.checkpoint_keep_last:
         kernels.set_checkpointed_layers(model, t.checkpoint_keep_last)
     fused = kernels.fused_loss_available(model, device, t.fused_kernels)
-    if attn_implementation(cfg, device) == "flex_attention":
-        kernels.set_sequence_multiple(model, 128)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=h["learning_rate"], weight_decay=h["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h["lr_scheduler"], h["warmup_steps"], h["max_steps"]))

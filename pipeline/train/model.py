@@ -159,6 +159,9 @@ def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None):
             if hasattr(m, "support_avx512bf16_for_cpu"):
                 m.support_avx512bf16_for_cpu = False
     model.config.use_cache = False
+    if kw["attn_implementation"] == "flex_attention":
+        from pipeline.train.kernels import set_sequence_multiple
+        set_sequence_multiple(model, 128)  # flex's decoding kernel (< 128 queries) cannot train
     return model
 
 
