@@ -110,6 +110,9 @@ def test_versions_agree_with_pyproject() -> None:
         assert f'org.opencontainers.image.version="{version}"' in text, df
         assert "pyproject.toml" in text, f"{df} must install the pins from pyproject.toml"
     assert f'"torch=={torch_pin}"' in (ROOT / "containers/Dockerfile.cpu").read_text()
+    # the GPU image gets the [gpu] extra (fused kernels) from the same pins
+    assert "['optional-dependencies']['gpu']" in (ROOT / "containers/Dockerfile").read_text()
+    assert _pyproject()["project"]["optional-dependencies"]["gpu"], "pyproject.toml lost its [gpu] extra"
     # the images the launcher configs and the RayJob use carry the project version
     rayjob = yaml.safe_load((ROOT / "containers/rayjob.yaml").read_text())
     assert rayjob["spec"]["rayClusterSpec"]["rayVersion"] == ray_pin
