@@ -9,19 +9,9 @@ import json
 import pytest
 
 from pipeline.prepare import run_prepare
-from tests.unit._prepare_helpers import make_cfg, read_rows
+from tests.unit._prepare_helpers import make_cfg, ray_local, read_rows  # noqa: F401 (fixture)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        started = True
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.mark.slow

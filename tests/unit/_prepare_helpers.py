@@ -1,6 +1,8 @@
 """Helpers shared by the prepare/source tests (not a test module)."""
 from __future__ import annotations
 
+import pytest
+
 import glob
 from pathlib import Path
 
@@ -50,3 +52,16 @@ def all_rows(out: Path) -> dict[str, list[dict]]:
     return {"corpus": read_rows(out, "data/corpus/*/*.parquet"),
             "sft": read_rows(out, "data/sft/*/*/*.parquet"),
             "quarantine": read_rows(out, "data/quarantine/*/*.parquet")}
+
+
+# one local Ray per test module that uses it (shared by the prepare tests)
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        started = True
+    yield
+    if started:
+        ray.shutdown()

@@ -16,7 +16,7 @@ from pipeline.prepare import SPLITS, balanced_quotas, run_prepare, split_of
 from pipeline.sources.base import stable_id
 from pipeline.storage import Store
 
-from ._prepare_helpers import DAMAGED, RAW, all_rows, make_cfg, read_rows
+from ._prepare_helpers import DAMAGED, RAW, all_rows, make_cfg, ray_local, read_rows  # noqa: F401 (fixture)
 
 CAP, SFT_CAP = 50, 120
 
@@ -43,16 +43,6 @@ def test_split_is_stable_and_follows_fractions():
 
 
 # ---- with Ray ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        started = True
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
