@@ -29,7 +29,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FAULTS_ENV = "DOMAIN_ADAPTERS_FAULTS"   # "domain:kind[:step],...": kinds crash (os._exit once), raise, nan
+FAULTS_ENV = "DOMAIN_ADAPTERS_FAULTS"   # "domain:kind[:step],...": kinds crash (os._exit once), oom (every attempt), raise, nan
 
 
 class IncompatibleCheckpointError(RuntimeError):
@@ -311,6 +311,11 @@ def train_domain(config: dict, data: dict, session) -> dict:
             break
         if config.get("crash_at") == st["step"] + 1:  # in-process tests: die like a killed worker
             raise SystemExit(f"crash_at {config['crash_at']}")
+        if faults.get("oom") == st["step"] + 1:  # every attempt: FailureConfig retries, then the domain fails
+            store.write_text(f"{run}/faults/{domain}-oom-attempt-{os.getpid()}-{time.time_ns()}", "simulated OOM")
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by {FAULTS_ENV} at step {st['step'] + 1}). "
+                                         "Lower train.tokens_per_micro_batch or max_seq_length, or turn on "
+                                         "train.gradient_checkpointing")
         if faults.get("crash") == st["step"] + 1:
             marker = f"{run}/faults/{domain}-crash-{st['step'] + 1}"
             if not store.exists(marker):

@@ -116,3 +116,23 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monk
     other.lora.r = 4
     with pytest.raises(UserFacingError, match=r"lora.r: checkpoint has 8, config has 4"):
         run_train(other)
+
+
+def test_oom_on_a_worker_is_retried_then_reported_failed_with_its_cause(ray_local, tmp_path, monkeypatch):
+    """Issue 7 item 9: an out-of-memory error (simulated) counts as a failure, FailureConfig retries
+    it (max_failures=1: two attempts), then the domain is reported failed with the cause while the
+    other domain finishes."""
+    from pipeline.train import run_train
+    store = Store(str(tmp_path))
+    write_sft(store, domains=["debate", "medicine"])
+    cfg = tiny_config(str(tmp_path), domains=["debate", "medicine"], train__max_failures=1, train__eval_matrix=False)
+    monkeypatch.setenv("DOMAIN_ADAPTERS_FAULTS", "medicine:oom:2")
+    res = run_train(cfg)
+    assert res["debate"]["status"] == "finished"
+    assert res["medicine"]["status"] == "failed"
+    assert "OutOfMemoryError" in res["medicine"]["error"] and "tokens_per_micro_batch" in res["medicine"]["error"]
+    attempts = [f for f in store.list_files("runs/t/faults") if "medicine-oom-attempt" in f]
+    assert len(attempts) == 2, attempts  # the first try and one retry
+    state = store.read_json("runs/t/domains/medicine.json")
+    assert state["state"] == "failed" and "OutOfMemoryError" in state["error"]
+    assert not store.exists("adapters/medicine/training_report.json")
