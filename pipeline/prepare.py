@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 
+from pipeline.download import sha256_file
 from pipeline.errors import UserFacingError
 from pipeline.sources import REGISTRY, Opts, Quarantine, Raw, Reject, finalize_sft, get_source, norm_key, text_hash
 from pipeline.sources.base import UNKNOWN_FORMAT
@@ -75,14 +76,6 @@ def file_events(source: str, path: str, rel: str, opts: Opts) -> Iterator[tuple[
         log.exception("reading %s failed", rel)
         yield "q", Quarantine(source, rel, "file", "reader_error", f"{type(e).__name__}: {e}"[:300]).as_row()
     yield "f", {"rel": rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _ray_file_events(item: dict) -> Iterator[dict]:
