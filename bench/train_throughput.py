@@ -2,6 +2,12 @@
 
     python bench/train_throughput.py --data ../shared/data/real [--arch mistral7b|llama1b]
                                      [--targets qv,all] [--steps 14] [--seed-recipe ../shared/bench/seed_recipe.py]
+                                     [--variant NAME:key=value,key=value ...] [--profile NAME]
+
+--variant runs the project's trainer again under other settings (same data, same model), e.g.
+--variant peft_lora:train.fused_lora=off; the first variant is always "default" (no overrides).
+--profile NAME runs that variant for 4 more steps under torch.profiler and prints the GPU kernels
+that took the most time.
 
 For each LoRA target set it runs, one after the other in this process's run:
   1. the project's trainer (pipeline.train.loop.train_domain, the code every trial runs) with the
@@ -54,12 +60,14 @@ def bf16_matmul_tflops() -> float:
     return 10 * 2 * 8192 ** 3 / (time.time() - t) / 1e12
 
 
-def prepare_data(data_dir: str, out: str, domain: str):
-    """The project's prepare stage on the raw data, then the tokenized examples of one domain."""
+BASE_SETS = ["data.allow_missing=true", "data.download.offline=true", "resources.device=cpu"]
+
+
+def prepare_data(data_dir: str, out: str, domain: str, sets=()):
+    """The project's prepare stage on the raw data; returns the default config (plus `sets`)."""
     from pipeline.config import load_config
     from pipeline.prepare import run_prepare
-    cfg = load_config(ROOT / "configs/default.yaml", raw_dir=data_dir, output=out,
-                      sets=["data.allow_missing=true", "data.download.offline=true", "resources.device=cpu"])
+    cfg = load_config(ROOT / "configs/default.yaml", raw_dir=data_dir, output=out, sets=BASE_SETS + list(sets))
     if not (Path(out) / "data/_SUCCESS").exists():
         run_prepare(cfg, use_ray=False)
     return cfg
@@ -87,7 +95,8 @@ def build_base(path: str, arch: str, texts: list[str]) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
 
 
-def run_ours(cfg, base: str, domain: str, targets: str, steps: int) -> dict:
+def run_ours(cfg, base: str, domain: str, targets: str, steps: int, variant: str = "default",
+             profile: bool = False) -> dict:
     import torch
     from pipeline.train.data import collect, read_sft, tokenize_batch
     from pipeline.train.loop import LocalSession, train_domain
@@ -111,9 +120,13 @@ def run_ours(cfg, base: str, domain: str, targets: str, steps: int) -> dict:
         batches.append(tokenize_batch(t, cj))
     data = collect(batches)
     torch.cuda.empty_cache()
+    if profile:
+        return profile_steps(cj, domain, data)
     with tempfile.TemporaryDirectory() as d:
         rep = train_domain({"cfg": cj, "domain": domain}, data, LocalSession(d, resume=False))
-    hist = rep["history"]["train"][2:]  # steady state: the first steps compile kernels
+    # steady state: the first steps compile kernels, and with checkpoint_keep_last auto the first three
+    # steps measure memory (all layers checkpointed, then a probe) before settling
+    hist = rep["history"]["train"][3:]
     timed = [h for h in hist if h.get("time")]
     if timed:
         secs = sum(h["time"] for h in timed)
@@ -121,12 +134,34 @@ def run_ours(cfg, base: str, domain: str, targets: str, steps: int) -> dict:
         padded = sum(h.get("padded_tokens", h["tokens"]) for h in timed) / secs
     else:
         real = padded = rep["tokens_per_s"]
-    return dict(who="project", targets=targets, real_tok_s=real, padded_tok_s=padded,
+    return dict(who="project", variant=variant, targets=targets, real_tok_s=real, padded_tok_s=padded,
                 loss=sum(h["loss"] for h in hist[-5:]) / max(1, len(hist[-5:])),
-                peak_alloc_gb=torch.cuda.max_memory_allocated() / 2 ** 30,
-                peak_reserved_gb=torch.cuda.max_memory_reserved() / 2 ** 30,
+                peak_alloc_gb=rep["peak_memory_gb"],   # over the whole run (the trainer resets the stats per step)
+                peak_reserved_gb=rep.get("peak_reserved_gb") or torch.cuda.max_memory_reserved() / 2 ** 30,
+                checkpointing=rep.get("checkpointing"), fused_lora_layers=rep.get("fused_lora_layers"),
                 micro_batch=rep.get("micro_batch"), attn=rep.get("attn_implementation"),
                 fused_loss=rep.get("fused_loss"), n_train=rep["n_examples"]["train"])
+
+
+def profile_steps(cj: dict, domain: str, data: dict) -> dict:
+    """A 4-step run of the trainer under torch.profiler: the GPU kernels that took the most time
+    (the model load's quantization and one eval batch per split are in the totals too)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from pipeline.train.loop import LocalSession, train_domain
+    cj = json.loads(json.dumps(cj))
+    cj["train"]["max_steps"] = 4
+    cj["train"]["eval_max_batches"] = 1
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with tempfile.TemporaryDirectory() as d:
+            train_domain({"cfg": cj, "domain": domain}, data, LocalSession(d, resume=False))
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    table = ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
+    ops = ka.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=60)
+    print(table, flush=True)
+    print(ops, flush=True)
+    return {"profile": True}
 
 
 def run_seed(seed_recipe: str, data_dir: str, arch: str, targets: str, steps: int, base: str) -> dict:
@@ -163,6 +198,9 @@ def main() -> int:
     ap.add_argument("--no-seed", action="store_true", help="only the project's trainer")
     ap.add_argument("--work", default="/tmp/bench-train")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
+                    help="also run the trainer with these config overrides (repeatable)")
+    ap.add_argument("--profile", metavar="NAME", help="profile this variant (default or a --variant name)")
     a = ap.parse_args()
     import torch
     if not torch.cuda.is_available():
@@ -185,32 +223,48 @@ def main() -> int:
         + 3 * c["hidden_size"] * c["intermediate_size"]))
     print(f"gpu={torch.cuda.get_device_name(0)} torch={torch.__version__} bf16_matmul={tflops:.0f} TFLOP/s "
           f"params={nparams/1e9:.2f}B setup_s={time.time()-t0:.0f}", flush=True)
+    variants = [("default", [])]
+    for v in a.variant:
+        name, _, sets = v.partition(":")
+        variants.append((name, [x for x in sets.split(",") if x]))
     rows = []
     for targets in a.targets.split(","):
-        torch.cuda.reset_peak_memory_stats()
-        r = run_ours(cfg, base, a.domain, targets, a.steps)
-        print("RESULT " + json.dumps(r), flush=True)
-        rows.append(r)
-        torch.cuda.empty_cache()
-        if not a.no_seed:
-            r = run_seed(a.seed_recipe, a.data, a.arch, targets, a.seed_steps, base)
+        for name, sets in variants:
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                vcfg = prepare_data(a.data, f"{a.work}/out", a.domain, sets) if sets else cfg
+                r = run_ours(vcfg, base, a.domain, targets, a.steps, variant=name)
+            except Exception as e:  # an out-of-memory variant must not lose the others' figures
+                r = dict(who="project", variant=name, targets=targets, error=f"{type(e).__name__}: {e}"[:600])
             print("RESULT " + json.dumps(r), flush=True)
             rows.append(r)
-    print(f"\n{'who':8} {'targets':7} {'real tok/s':>10} {'padded tok/s':>12} {'MFU':>6} {'peak alloc GB':>13} {'reserved GB':>11}")
+            torch.cuda.empty_cache()
+        if not a.no_seed:
+            r = run_seed(a.seed_recipe, a.data, a.arch, targets, a.seed_steps, base)
+            r["variant"] = "seed recipe"
+            print("RESULT " + json.dumps(r), flush=True)
+            rows.append(r)
+    if a.profile:
+        name, sets = next(v for v in variants if v[0] == a.profile)
+        for targets in a.targets.split(",")[-1:]:
+            run_ours(prepare_data(a.data, f"{a.work}/out", a.domain, sets), base, a.domain, targets, 4, profile=True)
+    print(f"\n{'who':8} {'variant':16} {'targets':7} {'real tok/s':>10} {'padded tok/s':>12} {'MFU':>6} "
+          f"{'peak alloc GB':>13} {'reserved GB':>11} {'loss':>7}")
     for r in rows:
         if "error" in r:
-            print(f"{r['who']:8} {r['targets']:7} error: {r['error'][-300:]}")
+            print(f"{r['who']:8} {r.get('variant', ''):16} {r['targets']:7} error: {r['error'][-300:]}")
             continue
         mfu = 4 * nparams * r["real_tok_s"] / (tflops * 1e12)
         r["mfu"] = mfu
-        print(f"{r['who']:8} {r['targets']:7} {r['real_tok_s']:>10,.0f} {r['padded_tok_s']:>12,.0f} {mfu:>6.1%} "
-              f"{r['peak_alloc_gb']:>13.1f} {r['peak_reserved_gb']:>11.1f}")
+        loss = f"{r['loss']:.3f}" if r.get("loss") is not None else "-"
+        print(f"{r['who']:8} {r.get('variant', ''):16} {r['targets']:7} {r['real_tok_s']:>10,.0f} {r['padded_tok_s']:>12,.0f} "
+              f"{mfu:>6.1%} {r['peak_alloc_gb']:>13.1f} {r['peak_reserved_gb']:>11.1f} {loss:>7}")
     for targets in a.targets.split(","):
-        ours = next((r for r in rows if r["who"] == "project" and r["targets"] == targets and "error" not in r), None)
         seed = next((r for r in rows if r["who"] == "seed" and r["targets"] == targets and "error" not in r), None)
-        if ours and seed:
-            print(f"ratio {targets}: {ours['real_tok_s'] / seed['real_tok_s']:.1f}x real tokens/s; "
-                  f"peak {ours['peak_alloc_gb']:.1f} GB (budget 20 GB for a 24 GB RTX 3090)")
+        for r in rows:
+            if r["who"] == "project" and r["targets"] == targets and "error" not in r and seed:
+                print(f"ratio {targets} {r['variant']}: {r['real_tok_s'] / seed['real_tok_s']:.1f}x real tokens/s; "
+                      f"peak {r['peak_alloc_gb']:.1f} GB (budget 20 GB for a 24 GB RTX 3090)")
     if a.json:
         Path(a.json).write_text(json.dumps(dict(rows=rows, tflops=tflops, params=nparams), indent=2))
     return 0

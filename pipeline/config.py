@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -173,10 +173,17 @@ class TrainConfig(TrainHyper):
     packing: bool = True
     mask_prompt: bool = Field(True, description="loss on response tokens only")
     gradient_checkpointing: bool = True
-    checkpoint_keep_last: int = Field(0, ge=0, description="with checkpointing: the last N decoder layers keep their "
-                                      "activations (faster, ~1-2 GB each for a 7B model at 8192 tokens)")
+    checkpoint_keep_last: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = Field(
+        "auto", description="with checkpointing: the last N decoder layers keep their activations (faster, ~1 GB "
+        "each for a 7B model at 8192 tokens); auto: as many as memory_budget_gb leaves room for, measured on the GPU "
+        "in the first steps (0 on the CPU)")
+    memory_budget_gb: float = Field(20.0, gt=0, description="peak GPU memory (allocated) that checkpoint_keep_last "
+                                    "auto stays under; 20 fits a 24 GB RTX 3090")
     fused_kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Liger RMSNorm/SwiGLU/RoPE + fused linear cross-entropy on CUDA when installed ([gpu] extra)")
+    fused_lora: Literal["auto", "on", "off"] = Field(
+        "auto", description="the base matmul and the LoRA branch as one autograd step in the compute dtype "
+        "(pipeline/train/lora_fused.py); auto: every LoRA layer on a plain or 4-bit base")
     eval_every: int = Field(50, ge=1)
     eval_max_batches: Optional[int] = Field(None, ge=1, description="cap on eval batches (None = whole split)")
     checkpoint_every: int = Field(50, ge=1)
@@ -191,6 +198,12 @@ class TrainConfig(TrainHyper):
     pin_memory: bool = False
     seed: int = 42
     per_domain: dict[str, PerDomainOverride] = Field(default_factory=dict)
+
+    @field_validator("fused_kernels", "fused_lora", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("per_domain")
     @classmethod

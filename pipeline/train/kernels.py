@@ -2,6 +2,7 @@
 
     prepare_for_kbit(model, gradient_checkpointing)  freeze the base, checkpointing without fp32 upcasts
     set_checkpointed_layers(model, keep_last)        leave the last N decoder layers un-checkpointed
+    CheckpointBudget(model, budget_gb, ...)          keep_last 'auto': as many as the memory budget allows, measured
     apply_fused_kernels(model, device, mode)         Liger RMSNorm / SwiGLU on CUDA when installed (this instance only)
     set_sequence_multiple(model, 128)                flex attention: widen short micro-batches
     loss_sum(model, batch, device, fused)            summed cross-entropy over the target tokens
@@ -50,14 +51,124 @@ def decoder_layers(model) -> list:
 
 def set_checkpointed_layers(model, keep_last: int) -> int:
     """With gradient checkpointing on, keep the activations of the last `keep_last` decoder layers
-    (spend spare memory on speed: each such layer saves its recompute). Returns how many layers
-    are still checkpointed."""
-    layers = decoder_layers(model)
+    (spend spare memory on speed: each such layer saves its recompute) and checkpoint the others.
+    Returns how many layers are checkpointed."""
+    layers = [layer for layer in decoder_layers(model) if hasattr(layer, "gradient_checkpointing")]
     n = len(layers)
     for i, layer in enumerate(layers):
-        if hasattr(layer, "gradient_checkpointing") and i >= n - keep_last:
-            layer.gradient_checkpointing = False
-    return sum(1 for layer in layers if getattr(layer, "gradient_checkpointing", False))
+        layer.gradient_checkpointing = i < n - keep_last
+    return sum(1 for layer in layers if layer.gradient_checkpointing)
+
+
+class CudaMemory:
+    """Allocated / peak memory of one CUDA device; the peaks survive the per-step resets."""
+
+    def __init__(self, device):
+        self.device = device
+        self.overall_alloc = self.overall_reserved = 0
+
+    def allocated(self) -> int:
+        import torch
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        import torch
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        import torch
+        self.overall_alloc = max(self.overall_alloc, torch.cuda.max_memory_allocated(self.device))
+        self.overall_reserved = max(self.overall_reserved, torch.cuda.max_memory_reserved(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def overall(self) -> tuple[int, int]:
+        import torch
+        return (max(self.overall_alloc, torch.cuda.max_memory_allocated(self.device)),
+                max(self.overall_reserved, torch.cuda.max_memory_reserved(self.device)))
+
+
+class CheckpointBudget:
+    """checkpoint_keep_last 'auto': keep as many decoder layers' activations as the memory budget
+    allows, measured on the device rather than estimated from the architecture.
+
+    Step 1 (optimizer state is allocated in it) and step 2 run with every layer checkpointed: step 2's
+    peak is P0. Step 3 keeps `probe` layers: a kept layer costs c = (P1 - P0) / probe. From step 4 on,
+    k = floor((budget - margin - P0) / c) layers are kept. Transient memory is scaled up to the widest
+    micro-batch the run can produce (rows x max_seq_length), so a narrow early batch does not
+    under-measure. Step 4's peak is checked against the budget and k lowered if it is over."""
+
+    MARGIN = 0.5 * 2**30
+
+    def __init__(self, model, budget_gb: float, mem, max_tokens: int, probe: int = 2):
+        self.model, self.mem, self.max_tokens = model, mem, max_tokens
+        self.budget = budget_gb * 2**30
+        self.n = sum(1 for layer in decoder_layers(model) if hasattr(layer, "gradient_checkpointing"))
+        self.probe = min(probe, self.n)
+        self.phase = "warmup" if self.n else "done"
+        self.keep, self.p0, self.per_layer, self.static = 0, None, None, 0
+        set_checkpointed_layers(model, 0)
+
+    def before_step(self) -> None:
+        if self.phase == "done":
+            return
+        self.static = self.mem.allocated()
+        self.mem.reset_peak()
+
+    def after_step(self, micro_tokens: int) -> None:
+        """micro_tokens: the most (padded) tokens of one micro-batch in the step just taken."""
+        if self.phase == "done":
+            return
+        scale = max(1.0, self.max_tokens / max(1, micro_tokens))
+        peak = self.static + (self.mem.peak() - self.static) * scale
+        if self.phase == "warmup":
+            self.phase = "base"
+        elif self.phase == "base":
+            self.p0 = peak
+            # a kept layer costs at most about the transient of a fully checkpointed step (that
+            # transient holds one recomputed layer): probe only where that much room is left
+            room, transient = self.budget - self.MARGIN - peak, max(peak - self.static, 1)
+            self.probe = min(self.probe, int(room // transient)) if room > 0 else 0
+            if self.probe <= 0:
+                log.info("checkpointing: every layer checkpointed (%.1f GB peak leaves no room under the %.1f GB "
+                         "budget to keep a layer)", peak / 2**30, self.budget / 2**30)
+                self.phase = "done"
+                return
+            self._set(self.probe)
+            self.phase = "probe"
+        elif self.phase == "probe":
+            self.per_layer = (peak - self.p0) / max(1, self.probe)
+            if self.per_layer <= 0:  # kept layers did not move the peak: stay at the probe, check again
+                self.per_layer = None
+                self.phase = "check"
+                return
+            room = self.budget - self.MARGIN - self.p0
+            self._set(max(0, min(self.n, int(room // self.per_layer))))
+            log.info("checkpointing: %d of %d layers keep their activations (%.2f GB each; %.1f GB with all "
+                     "checkpointed; budget %.1f GB)", self.keep, self.n, self.per_layer / 2**30, self.p0 / 2**30,
+                     self.budget / 2**30)
+            if self.p0 > self.budget:
+                log.warning("peak memory %.1f GB is over train.memory_budget_gb (%.1f) with every layer checkpointed: "
+                            "lower train.tokens_per_micro_batch", self.p0 / 2**30, self.budget / 2**30)
+            self.phase = "check"
+        elif self.phase == "check":
+            if peak > self.budget and self.keep > 0:
+                per = self.per_layer or (peak - self.p0) / max(1, self.keep)
+                drop = int(-(-(peak - self.budget) // max(per, 1))) + 1
+                log.warning("checkpointing: peak %.1f GB over the %.1f GB budget: keeping %d layers instead of %d",
+                            peak / 2**30, self.budget / 2**30, max(0, self.keep - drop), self.keep)
+                self._set(max(0, self.keep - drop))
+            else:
+                self.phase = "done"
+
+    def _set(self, keep: int) -> None:
+        self.keep = keep
+        set_checkpointed_layers(self.model, keep)
+
+    def record(self) -> dict:
+        return {"kept_layers": self.keep, "layers": self.n, "budget_gb": self.budget / 2**30,
+                "per_layer_gb": None if self.per_layer is None else round(self.per_layer / 2**30, 3),
+                "all_checkpointed_peak_gb": None if self.p0 is None else round(self.p0 / 2**30, 3),
+                "settled": self.phase == "done"}
 
 
 def liger_available() -> bool:

@@ -165,8 +165,10 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def peak_memory_gb(device) -> float:
+def peak_memory_gb(device, mem=None) -> float:
     import torch
+    if mem is not None:
+        return mem.overall()[0] / 2**30
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
@@ -257,7 +259,13 @@ def train_domain(config: dict, data: dict, session) -> dict:
     base_model = load_model(base_path, cfg, device)
     kernels.apply_fused_kernels(base_model, device, t.fused_kernels)   # Liger on CUDA when installed
     model = add_lora(base_model, h["lora"], cfg, t.gradient_checkpointing)
-    if t.gradient_checkpointing and t.checkpoint_keep_last:
+    from pipeline.train.lora_fused import fuse_lora
+    fused_lora = fuse_lora(model, t.fused_lora)                        # one autograd step per LoRA layer
+    mem = kernels.CudaMemory(device) if device.startswith("cuda") else None
+    budget = None
+    if t.gradient_checkpointing and t.checkpoint_keep_last == "auto" and mem is not None:
+        budget = kernels.CheckpointBudget(model, t.memory_budget_gb, mem, max_tokens=rows * seq_len)
+    elif t.gradient_checkpointing and isinstance(t.checkpoint_keep_last, int) and t.checkpoint_keep_last:
         kernels.set_checkpointed_layers(model, t.checkpoint_keep_last)
     fused = kernels.fused_loss_available(model, device, t.fused_kernels)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -331,6 +339,8 @@ def train_domain(config: dict, data: dict, session) -> dict:
                 plan = epoch_plan(data["train"], st["epoch"], t.seed, rows, seq_len, t.packing)
         n_targets = sum(b["n_targets"] for b in micro)
         step_loss = 0.0
+        if budget:
+            budget.before_step()
         for b in micro:
             ls = loss_sum(model, b, device, fused)
             if "nan" in faults and st["step"] + 1 >= faults["nan"]:
@@ -356,6 +366,8 @@ def train_domain(config: dict, data: dict, session) -> dict:
             opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if budget:
+            budget.after_step(max(b["input_ids"].numel() for b in micro))
         st["step"] += 1
         step_tokens = sum(b["n_tokens"] for b in micro)
         step_time = time.time() - t0
@@ -394,14 +406,17 @@ def train_domain(config: dict, data: dict, session) -> dict:
         "base_val_loss": st["base"]["val"], "base_test_loss": st["base"]["test"],
         "base_val_ppl": ppl(st["base"]["val"]), "base_test_ppl": ppl(st["base"]["test"]),
         "tokens_per_s": st["tokens"] / max(st["train_time"], 1e-9), "tokens": st["tokens"],
-        "peak_memory_gb": peak_memory_gb(device), "wall_time_s": time.time() - t_start,
+        "peak_memory_gb": peak_memory_gb(device, mem), "wall_time_s": time.time() - t_start,
+        "peak_reserved_gb": mem.overall()[1] / 2**30 if mem else None,
+        "checkpointing": budget.record() if budget else {"kept_layers": t.checkpoint_keep_last if isinstance(
+            t.checkpoint_keep_last, int) else 0, "enabled": t.gradient_checkpointing},
         "train_time_s": st["train_time"], "steps": st["step"], "epochs": st["epoch"] + st["batch"] / max(1, len(plan)),
         "n_examples": {s: len(data[s]) for s in ("train", "val", "test")},
         "n_target_tokens": {"val": n_val, "test": n_test},
         "history": st["history"], "resumed_from_step": st["resumed_from"],
         "config_fingerprint": config.get("fingerprint"), "compat": compat,
         "base_model": cfg.model.base, "lora": h["lora"], "hyper": {k: v for k, v in h.items() if k != "lora"},
-        "device": device, "attn_implementation": attn_implementation(cfg, device), "fused_loss": fused,
+        "device": device, "attn_implementation": attn_implementation(cfg, device), "fused_loss": fused, "fused_lora_layers": fused_lora,
         "micro_batch": {"rows": rows, "seq_len": seq_len, "grad_accum": h["grad_accum"], "packing": t.packing},
     }
     if not all(math.isfinite(x) for x in (val_loss, test_loss) if x is not None):

@@ -96,3 +96,68 @@ def test_fused_kernels_do_not_leak_into_the_modeling_module(monkeypatch):
     model = _tiny_lm()
     assert kernels.apply_fused_kernels(model, "cuda:0", "auto") is True
     assert model._patched and modeling_llama.LlamaRMSNorm is before
+
+
+class _FakeMemory:
+    """A device whose step peak is static + base + kept_layers * per_layer (bytes), scaled by tokens."""
+
+    def __init__(self, model, static, base, per_layer, tokens_fn, extra=0):
+        self.model, self.static, self.base, self.per_layer, self.tokens_fn, self.extra = \
+            model, static, base, per_layer, tokens_fn, extra
+        self.resets = 0
+
+    def allocated(self):
+        return self.static
+
+    def reset_peak(self):
+        self.resets += 1
+
+    def peak(self):
+        kept = sum(1 for layer in kernels.decoder_layers(self.model) if not layer.gradient_checkpointing)
+        return self.static + (self.base + kept * self.per_layer + self.extra) * self.tokens_fn()
+
+
+def test_checkpoint_budget_measures_then_keeps_what_fits():
+    GB = 2 ** 30
+    model = kernels.prepare_for_kbit(_tiny_lm(layers=32), gradient_checkpointing=True)
+    width = {"tokens": 0.5}   # first steps see half-width micro-batches: the budget must scale them up
+    mem = _FakeMemory(model, static=6 * GB, base=2.8 * GB, per_layer=1.2 * GB, tokens_fn=lambda: width["tokens"])
+    b = kernels.CheckpointBudget(model, budget_gb=20, mem=mem, max_tokens=8192)
+    kept = lambda: sum(1 for layer in kernels.decoder_layers(model) if not layer.gradient_checkpointing)  # noqa: E731
+    seen = []
+    for step in range(6):
+        b.before_step()
+        b.after_step(micro_tokens=int(8192 * width["tokens"]))
+        seen.append(kept())
+        width["tokens"] = 1.0
+    # warm-up, base (all checkpointed), probe 2, then floor((20 - 0.5 - 8.8) / 1.2) = 8 layers kept
+    assert seen[:3] == [0, 2, 8] and seen[-1] == 8
+    assert 6 + 2.8 + 8 * 1.2 <= 20
+    rec = b.record()
+    assert rec["kept_layers"] == 8 and rec["settled"] and rec["per_layer_gb"] == pytest.approx(1.2, rel=1e-3)
+    assert rec["all_checkpointed_peak_gb"] == pytest.approx(8.8, rel=1e-3)
+    assert mem.resets == 4        # no more resets once settled
+
+
+def test_checkpoint_budget_lowers_when_over_and_skips_without_room():
+    GB = 2 ** 30
+    model = kernels.prepare_for_kbit(_tiny_lm(layers=16), gradient_checkpointing=True)
+    mem = _FakeMemory(model, static=4 * GB, base=2 * GB, per_layer=1 * GB, tokens_fn=lambda: 1.0)
+    b = kernels.CheckpointBudget(model, budget_gb=14, mem=mem, max_tokens=1024)
+    for _ in range(3):
+        b.before_step()
+        b.after_step(1024)
+    assert b.keep == 7                       # floor((14 - 0.5 - 6) / 1)
+    mem.extra = 3 * GB                       # something else grew: the check step sees 16 GB
+    b.before_step()
+    b.after_step(1024)
+    assert b.keep < 7 and 4 + 2 + 3 + b.keep <= 14
+    # a budget already spent with every layer checkpointed: no probe, nothing kept
+    model2 = kernels.prepare_for_kbit(_tiny_lm(layers=4), gradient_checkpointing=True)
+    mem2 = _FakeMemory(model2, static=18 * GB, base=1.8 * GB, per_layer=1 * GB, tokens_fn=lambda: 1.0)
+    b2 = kernels.CheckpointBudget(model2, budget_gb=20, mem=mem2, max_tokens=1024)
+    for _ in range(4):
+        b2.before_step()
+        b2.after_step(1024)
+    assert b2.keep == 0 and b2.phase == "done"
+    assert all(layer.gradient_checkpointing for layer in kernels.decoder_layers(model2))

@@ -1,0 +1,95 @@
+"""GPU: the fused LoRA layer on a 4-bit NF4 base in bf16 against PEFT's own (fp32-adapter) forward:
+the same loss and LoRA gradients to bf16 precision, with flex attention and Liger as the trainer
+uses them; dropout applied with the right rate. Skipped without CUDA (tests/conftest.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
+
+from pipeline.storage import Store  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from pipeline.train.model import load_tokenizer, resolve_base
+    from pipeline.train.tiny import ensure_tiny
+    out = tmp_path_factory.mktemp("gpu-fused")
+    cfg = tiny_config(str(out), resources={"device": "cuda", "cpus_per_trial": 1, "gpus_per_trial": 1},
+                      model__tiny__hidden_size=256, model__tiny__intermediate_size=768, model__tiny__pretrain_steps=20,
+                      lora__dropout=0.0)
+    store = Store(str(out))
+    write_sft(store, domains=["debate"])
+    ensure_tiny(cfg, store)
+    return cfg, store, load_tokenizer(resolve_base(cfg, store), cfg)
+
+
+def _model(cfg, store, checkpointing):
+    import torch
+    from pipeline.train import kernels
+    from pipeline.train.model import add_lora, load_model, resolve_base
+    torch.manual_seed(0)
+    base = load_model(resolve_base(cfg, store), cfg, "cuda")
+    kernels.apply_fused_kernels(base, "cuda", "auto")
+    model = add_lora(base, cfg.hyper_for("debate")["lora"], cfg, checkpointing)
+    g = torch.Generator().manual_seed(3)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p))
+    model.train()
+    return model
+
+
+def _loss_grads(model, batch):
+    import torch
+    from pipeline.train import kernels
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    loss = kernels.loss_sum(model, batch, "cuda")
+    loss.backward()
+    return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gpu_fused_lora_matches_peft_nf4_bf16(env, checkpointing):
+    import torch
+    from pipeline.train.data import Example, collate, tokenize_example
+    from pipeline.train.lora_fused import fuse_lora
+    cfg, store, tok = env
+    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 16, 1)]
+    batch = collate(ex, [list(range(0, 8)), list(range(8, 16))], tok.pad_token_id)
+    model = _model(cfg, store, checkpointing)
+    ref = _loss_grads(model, batch)
+    assert fuse_lora(model, "on") == 7 * cfg.model.tiny.num_hidden_layers
+    got = _loss_grads(model, batch)
+    assert got[0] == pytest.approx(ref[0], rel=2e-3)
+    worst = max(((got[1][n] - ref[1][n]).norm() / ref[1][n].norm()).item() for n in ref[1])
+    assert worst < 3e-2, worst              # bf16 LoRA matmuls vs PEFT's fp32 ones
+    print(f"fused vs peft (ckpt={checkpointing}): loss {got[0]:.5f} vs {ref[0]:.5f}, worst grad rel err {worst:.2e}")
+
+
+def test_gpu_fused_lora_dropout_is_applied_and_unbiased(env):
+    """With dropout p the LoRA branch differs per call, and its mean over draws is the p=0 branch."""
+    import torch
+    from pipeline.train.lora_fused import _fn
+    cfg, store, _ = env
+    model = _model(cfg, store, False)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    x = torch.randn(256, layer.in_features, device="cuda", dtype=torch.bfloat16)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        base = layer.base_layer(x).float()
+        exact = _fn().apply(x, A, B, layer, 2.0, 0.0).float() - base
+        ref = (x.float() @ A.t().float()) @ B.t().float() * 2.0
+        assert ((exact - ref).norm() / ref.norm()).item() < 2e-2
+        draws = torch.stack([_fn().apply(x, A, B, layer, 2.0, 0.25).float() - base for _ in range(200)])
+    assert not torch.equal(draws[0], draws[1])
+    assert ((draws[0] - exact).norm() / exact.norm()).item() > 0.1         # one draw: visibly perturbed
+    assert ((draws.mean(0) - exact).norm() / exact.norm()).item() < 0.1    # on average: unbiased

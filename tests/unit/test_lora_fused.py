@@ -1,0 +1,169 @@
+"""The fused LoRA layer (pipeline.train.lora_fused) against PEFT's own forward, on the CPU: the same
+loss and the same LoRA gradients (dropout on, same seed), through plain and 4-bit NF4 bases, with
+and without gradient checkpointing; the fallbacks (adapter disabled, merged) and the modes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
+
+from pipeline.storage import Store  # noqa: E402
+from pipeline.train import kernels  # noqa: E402
+from pipeline.train.lora_fused import _fused_forward, fuse_lora  # noqa: E402
+
+
+def _tiny_lm(layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg)
+
+
+def _peft(model, dropout=0.1, targets="all-linear"):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(3)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # non-zero B so that every gradient path carries signal
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _batch(vocab=97):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (2, 24), generator=g)
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)
+    tgt = torch.randint(3, vocab, (2, 24), generator=g)
+    tgt[:, :5] = -100
+    return {"input_ids": ids, "position_ids": pos, "targets": tgt}
+
+
+def _loss_and_grads(model, batch, seed=5):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = kernels.loss_sum(model, batch, "cpu")
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(a, b, rtol):
+    (la, ga), (lb, gb) = a, b
+    assert la == pytest.approx(lb, rel=rtol)
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        scale = ga[n].abs().max().clamp_min(1e-12)
+        assert ((ga[n] - gb[n]).abs().max() / scale).item() < rtol, n
+        assert ga[n].abs().sum() > 0, f"{n}: no gradient reached it"
+
+
+def test_fused_equals_peft_with_dropout_plain_base():
+    model = _peft(_tiny_lm())
+    model.train()
+    b = _batch()
+    ref = _loss_and_grads(model, b)
+    assert fuse_lora(model, "auto") == 14       # 7 projections x 2 layers
+    assert all(m.forward.__func__ is _fused_forward for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    _assert_same(_loss_and_grads(model, b), ref, 1e-5)
+    # a different dropout draw gives a different loss: dropout is really applied in the fused path
+    other = _loss_and_grads(model, b, seed=6)
+    assert other[0] != pytest.approx(ref[0], rel=1e-7)
+
+
+def test_fused_with_checkpointing_equals_without():
+    """Non-reentrant checkpointing recomputes the fused layer with the same dropout mask."""
+    b = _batch()
+    plain = _peft(kernels.prepare_for_kbit(_tiny_lm(layers=3), gradient_checkpointing=False))
+    fuse_lora(plain)
+    plain.train()
+    ref = _loss_and_grads(plain, b)
+    ck = _peft(kernels.prepare_for_kbit(_tiny_lm(layers=3), gradient_checkpointing=True))
+    fuse_lora(ck)
+    ck.train()
+    assert all(layer.gradient_checkpointing for layer in kernels.decoder_layers(ck))
+    _assert_same(_loss_and_grads(ck, b), ref, 1e-5)
+
+
+@pytest.fixture(scope="module")
+def nf4_env(tmp_path_factory):
+    from pipeline.train.model import load_tokenizer, resolve_base
+    from pipeline.train.tiny import ensure_tiny
+    out = tmp_path_factory.mktemp("fused-nf4")
+    cfg = tiny_config(str(out), model__tiny__pretrain_steps=5, lora__dropout=0.1)
+    store = Store(str(out))
+    write_sft(store, domains=["debate"], n=(8, 2, 2))
+    ensure_tiny(cfg, store)
+    return cfg, store, load_tokenizer(resolve_base(cfg, store), cfg)
+
+
+def _nf4_model(cfg, store, checkpointing=False):
+    from pipeline.train.model import add_lora, load_model, resolve_base
+    torch.manual_seed(0)
+    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate")["lora"], cfg, checkpointing)
+    g = torch.Generator().manual_seed(3)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def test_fused_equals_peft_on_nf4_base(nf4_env):
+    from pipeline.train.data import Example, collate, tokenize_example
+    cfg, store, tok = nf4_env
+    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 4, 1)]
+    batch = collate(ex, [[0, 1], [2, 3]], tok.pad_token_id)
+    model = _nf4_model(cfg, store)
+    assert type(model.base_model.model.model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"
+    model.train()
+    ref = _loss_and_grads(model, batch)
+    assert fuse_lora(model, "on") == 14
+    fused = _loss_and_grads(model, batch)
+    _assert_same(fused, ref, 1e-4)
+    # with checkpointing, fused: the same again
+    ck = _nf4_model(cfg, store, checkpointing=True)
+    fuse_lora(ck)
+    ck.train()
+    _assert_same(_loss_and_grads(ck, batch), ref, 1e-4)
+
+
+def test_fallbacks_disabled_adapter_eval_and_merged():
+    model = _peft(_tiny_lm())
+    b = _batch()
+    model.eval()
+    with torch.no_grad():
+        ref_on = kernels.loss_sum(model, b, "cpu").item()
+        with model.disable_adapter():
+            ref_off = kernels.loss_sum(model, b, "cpu").item()
+    fuse_lora(model)
+    with torch.no_grad():
+        assert kernels.loss_sum(model, b, "cpu").item() == pytest.approx(ref_on, rel=1e-6)
+        with model.disable_adapter():
+            assert kernels.loss_sum(model, b, "cpu").item() == pytest.approx(ref_off, rel=1e-6)
+        assert ref_on != pytest.approx(ref_off, rel=1e-4)
+        model.merge_adapter()
+        assert kernels.loss_sum(model, b, "cpu").item() == pytest.approx(ref_on, rel=1e-5)
+        model.unmerge_adapter()
+        assert kernels.loss_sum(model, b, "cpu").item() == pytest.approx(ref_on, rel=1e-6)
+
+
+def test_modes_and_unsupported_bases():
+    model = _peft(_tiny_lm())
+    assert fuse_lora(model, "off") == 0
+    assert not any(isinstance(getattr(m, "forward", None), type(model.forward)) and
+                   getattr(m.forward, "__func__", None) is _fused_forward for m in model.modules())
+    # a trainable base weight is not fused (its gradient would be lost)
+    model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    assert fuse_lora(model, "auto") == 13
+    assert fuse_lora(model, "auto") == 13    # idempotent
+    # no LoRA linear layer at all: 'on' says what to set
+    with pytest.raises(RuntimeError, match="train.fused_lora"):
+        fuse_lora(_tiny_lm(), "on")
