@@ -343,6 +343,8 @@ def train_domain(config: dict, data: dict, session) -> dict:
             budget.before_step()
         for b in micro:
             ls = loss_sum(model, b, device, fused)
+            if budget:
+                budget.after_forward(b["input_ids"].numel())
             if "nan" in faults and st["step"] + 1 >= faults["nan"]:
                 ls = ls * float("nan")
             if not torch.isfinite(ls):

@@ -93,3 +93,27 @@ def test_gpu_fused_lora_dropout_is_applied_and_unbiased(env):
     assert not torch.equal(draws[0], draws[1])
     assert ((draws[0] - exact).norm() / exact.norm()).item() > 0.1         # one draw: visibly perturbed
     assert ((draws.mean(0) - exact).norm() / exact.norm()).item() < 0.1    # on average: unbiased
+
+
+def test_gpu_rope_dispatch_matches_plain_rope_on_packed_rows(env):
+    """Liger's RoPE (installed by apply_fused_kernels for CUDA tensors) gives the logits of the plain
+    RoPE on packed rows, where cos/sin differ per row (per-example position ids)."""
+    import sys
+    import torch
+    from pipeline.train import kernels
+    from pipeline.train.data import Example, collate, tokenize_example
+    from pipeline.train.model import load_model, resolve_base
+    cfg, store, tok = env
+    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 8, 2)]
+    batch = collate(ex, [[0, 1, 2, 3], [4, 5, 6, 7]], tok.pad_token_id)
+    model = load_model(resolve_base(cfg, store), cfg, "cuda")
+    ids, pos = batch["input_ids"].cuda(), batch["position_ids"].cuda()
+    module = sys.modules[type(model).__module__]
+    with torch.no_grad():
+        plain = model(input_ids=ids, position_ids=pos).logits.float()
+    assert kernels.install_rope_dispatch(module, model.config.model_type)
+    assert getattr(module.apply_rotary_pos_emb, "_domain_adapters_rope", False)
+    with torch.no_grad():
+        fused = model(input_ids=ids, position_ids=pos).logits.float()
+    err = ((fused - plain).norm() / plain.norm()).item()
+    assert err < 1e-2, err

@@ -99,40 +99,61 @@ def test_fused_kernels_do_not_leak_into_the_modeling_module(monkeypatch):
 
 
 class _FakeMemory:
-    """A device whose step peak is static + base + kept_layers * per_layer (bytes), scaled by tokens."""
+    """A device that behaves like a checkpointed step: at the end of the forward it holds
+    static + fe + kept * per_layer; the all-checkpointed peak comes later in the backward (static +
+    late), after kept layers are freed, so the step's peak is the larger of the two (x tokens)."""
 
-    def __init__(self, model, static, base, per_layer, tokens_fn, extra=0):
-        self.model, self.static, self.base, self.per_layer, self.tokens_fn, self.extra = \
-            model, static, base, per_layer, tokens_fn, extra
-        self.resets = 0
+    GB = 2 ** 30
+
+    def __init__(self, model, static, fe, late, per_layer, tokens_fn):
+        self.model, self.static, self.fe, self.late, self.per_layer, self.tokens_fn = \
+            model, static * self.GB, fe * self.GB, late * self.GB, per_layer * self.GB, tokens_fn
+        self.extra, self.resets, self.max_seen = 0, 0, 0
+
+    def kept(self):
+        return sum(1 for layer in kernels.decoder_layers(self.model) if not layer.gradient_checkpointing)
+
+    def forward_end(self):
+        return self.static + (self.fe + self.kept() * self.per_layer + self.extra) * self.tokens_fn()
 
     def allocated(self):
-        return self.static
+        return self.forward_end() if self.in_forward_end else self.static
 
     def reset_peak(self):
         self.resets += 1
 
     def peak(self):
-        kept = sum(1 for layer in kernels.decoder_layers(self.model) if not layer.gradient_checkpointing)
-        return self.static + (self.base + kept * self.per_layer + self.extra) * self.tokens_fn()
+        p = max(self.forward_end(), self.static + (self.late + self.extra) * self.tokens_fn())
+        self.max_seen = max(self.max_seen, p)
+        return p
+
+    in_forward_end = False
+
+
+def _steps(budget, mem, n, tokens=8192):
+    kept = []
+    for _ in range(n):
+        budget.before_step()
+        mem.in_forward_end = True
+        budget.after_forward(tokens)
+        mem.in_forward_end = False
+        budget.after_step(tokens)
+        kept.append(mem.kept())
+    return kept
 
 
 def test_checkpoint_budget_measures_then_keeps_what_fits():
-    GB = 2 ** 30
     model = kernels.prepare_for_kbit(_tiny_lm(layers=32), gradient_checkpointing=True)
-    width = {"tokens": 0.5}   # first steps see half-width micro-batches: the budget must scale them up
-    mem = _FakeMemory(model, static=6 * GB, base=2.8 * GB, per_layer=1.2 * GB, tokens_fn=lambda: width["tokens"])
+    width = {"tokens": 0.5}   # the first steps see half-width micro-batches: the budget scales them up
+    mem = _FakeMemory(model, static=6, fe=2.0, late=2.8, per_layer=1.2, tokens_fn=lambda: width["tokens"])
     b = kernels.CheckpointBudget(model, budget_gb=20, mem=mem, max_tokens=8192)
-    kept = lambda: sum(1 for layer in kernels.decoder_layers(model) if not layer.gradient_checkpointing)  # noqa: E731
-    seen = []
-    for step in range(6):
-        b.before_step()
-        b.after_step(micro_tokens=int(8192 * width["tokens"]))
-        seen.append(kept())
-        width["tokens"] = 1.0
-    # warm-up, base (all checkpointed), probe 2, then floor((20 - 0.5 - 8.8) / 1.2) = 8 layers kept
-    assert seen[:3] == [0, 2, 8] and seen[-1] == 8
-    assert 6 + 2.8 + 8 * 1.2 <= 20
+    kept = _steps(b, mem, 2, tokens=4096)
+    width["tokens"] = 1.0
+    kept += _steps(b, mem, 4)
+    # warm-up, base (all checkpointed), probe 2, then floor((20 - 0.5 - 8.8) / 1.2) = 8 layers kept;
+    # the late all-checkpointed peak hides the probe's layers, so peaks alone would have kept 13 (23.6 GB)
+    assert kept == [0, 2, 8, 8, 8, 8]
+    assert mem.max_seen <= 20 * mem.GB
     rec = b.record()
     assert rec["kept_layers"] == 8 and rec["settled"] and rec["per_layer_gb"] == pytest.approx(1.2, rel=1e-3)
     assert rec["all_checkpointed_peak_gb"] == pytest.approx(8.8, rel=1e-3)
@@ -140,24 +161,48 @@ def test_checkpoint_budget_measures_then_keeps_what_fits():
 
 
 def test_checkpoint_budget_lowers_when_over_and_skips_without_room():
-    GB = 2 ** 30
     model = kernels.prepare_for_kbit(_tiny_lm(layers=16), gradient_checkpointing=True)
-    mem = _FakeMemory(model, static=4 * GB, base=2 * GB, per_layer=1 * GB, tokens_fn=lambda: 1.0)
-    b = kernels.CheckpointBudget(model, budget_gb=14, mem=mem, max_tokens=1024)
-    for _ in range(3):
-        b.before_step()
-        b.after_step(1024)
-    assert b.keep == 7                       # floor((14 - 0.5 - 6) / 1)
-    mem.extra = 3 * GB                       # something else grew: the check step sees 16 GB
-    b.before_step()
-    b.after_step(1024)
-    assert b.keep < 7 and 4 + 2 + 3 + b.keep <= 14
+    mem = _FakeMemory(model, static=4, fe=1.5, late=2, per_layer=1, tokens_fn=lambda: 1.0)
+    b = kernels.CheckpointBudget(model, budget_gb=14, mem=mem, max_tokens=8192)
+    assert _steps(b, mem, 3)[-1] == 7           # floor((14 - 0.5 - 6) / 1)
+    mem.extra = 3 * mem.GB                       # something else grew: the check step sees 15.5 GB
+    kept = _steps(b, mem, 2)
+    assert kept[0] < 7 and 4 + 1.5 + 3 + kept[0] <= 14 and kept[1] == kept[0]
+    assert b.phase == "done"
     # a budget already spent with every layer checkpointed: no probe, nothing kept
     model2 = kernels.prepare_for_kbit(_tiny_lm(layers=4), gradient_checkpointing=True)
-    mem2 = _FakeMemory(model2, static=18 * GB, base=1.8 * GB, per_layer=1 * GB, tokens_fn=lambda: 1.0)
-    b2 = kernels.CheckpointBudget(model2, budget_gb=20, mem=mem2, max_tokens=1024)
-    for _ in range(4):
-        b2.before_step()
-        b2.after_step(1024)
-    assert b2.keep == 0 and b2.phase == "done"
+    mem2 = _FakeMemory(model2, static=18, fe=1.0, late=1.8, per_layer=1, tokens_fn=lambda: 1.0)
+    b2 = kernels.CheckpointBudget(model2, budget_gb=20, mem=mem2, max_tokens=8192)
+    assert _steps(b2, mem2, 4) == [0, 0, 0, 0] and b2.phase == "done"
     assert all(layer.gradient_checkpointing for layer in kernels.decoder_layers(model2))
+
+
+def test_rope_dispatch_keeps_cpu_tensors_on_the_original(monkeypatch):
+    """The RoPE replacement is module-level (the attention looks it up per call): CPU tensors must
+    still get the original function, bit for bit; CUDA tensors go to the fused kernel."""
+    import sys
+    import types
+    from transformers.models.llama import modeling_llama
+    orig = modeling_llama.apply_rotary_pos_emb
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers.rope")
+    fake.liger_rotary_pos_emb = lambda q, k, cos, sin: calls.append("fused") or (q, k)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.rope", fake)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", orig)
+    assert kernels.install_rope_dispatch(modeling_llama, "llama") is True
+    assert kernels.install_rope_dispatch(modeling_llama, "llama") is True   # once only
+    wrapped = modeling_llama.apply_rotary_pos_emb
+    assert wrapped is not orig and wrapped.__wrapped__ is orig
+    q, k = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8)
+    cos, sin = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    got = wrapped(q, k, cos, sin)
+    ref = orig(q, k, cos, sin)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and calls == []
+    # a CPU model run through the patched module gives the same logits as before
+    model = _tiny_lm()
+    b = _batch()
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", orig)
+    plain = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", wrapped)
+    assert torch.equal(model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits, plain)
+    assert kernels.install_rope_dispatch(modeling_llama, "gemma") is False  # not a known plain-RoPE architecture
