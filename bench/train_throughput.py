@@ -238,6 +238,8 @@ def main() -> int:
                 r = dict(who="project", variant=name, targets=targets, error=f"{type(e).__name__}: {e}"[:600])
             print("RESULT " + json.dumps(r), flush=True)
             rows.append(r)
+            import gc
+            gc.collect()
             torch.cuda.empty_cache()
         if not a.no_seed:
             r = run_seed(a.seed_recipe, a.data, a.arch, targets, a.seed_steps, base)

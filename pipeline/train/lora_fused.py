@@ -26,7 +26,7 @@ per-call adapter names. Saved adapters are PEFT's, unchanged.
 from __future__ import annotations
 
 import logging
-import types
+import weakref
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,20 @@ def _plain_lora(layer) -> bool:
             and not getattr(layer, "lora_bias", {}).get(name, False))
 
 
+class FusedForward:
+    """The patched `forward` of one layer. It holds the layer weakly: a bound method would make a
+    reference cycle (layer -> forward -> layer) that keeps a discarded model's GPU memory alive until
+    the garbage collector happens to run (seen on the H100: 3.4 GB of a previous model still allocated)."""
+
+    __slots__ = ("layer", "__weakref__")
+
+    def __init__(self, layer):
+        self.layer = weakref.ref(layer)
+
+    def __call__(self, x, *args, **kwargs):
+        return _fused_forward(self.layer(), x, *args, **kwargs)
+
+
 def _fused_forward(self, x, *args, **kwargs):
     import torch
     if args or kwargs or not _plain_lora(self):
@@ -150,13 +164,13 @@ def fuse_lora(model, mode: str = "auto") -> int:
     for name, m in model.named_modules():
         if not isinstance(m, LoraLayer) or not hasattr(m, "lora_A") or not hasattr(m, "base_layer"):
             continue
-        if isinstance(getattr(m, "forward", None), types.MethodType) and m.forward.__func__ is _fused_forward:
+        if isinstance(vars(m).get("forward"), FusedForward):
             n += 1
             continue
         if not base_supported(m.get_base_layer()) or type(m).__name__ not in ("Linear", "Linear4bit"):
             skipped.append(name)
             continue
-        m.forward = types.MethodType(_fused_forward, m)
+        m.forward = FusedForward(m)
         n += 1
     if mode == "on" and n == 0:
         raise RuntimeError("train.fused_lora is 'on' but no LoRA layer has a supported base (a frozen "

@@ -14,7 +14,7 @@ from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
 from pipeline.train import kernels  # noqa: E402
-from pipeline.train.lora_fused import _fused_forward, fuse_lora  # noqa: E402
+from pipeline.train.lora_fused import FusedForward, fuse_lora  # noqa: E402
 
 
 def _tiny_lm(layers=2):
@@ -71,7 +71,7 @@ def test_fused_equals_peft_with_dropout_plain_base():
     b = _batch()
     ref = _loss_and_grads(model, b)
     assert fuse_lora(model, "auto") == 14       # 7 projections x 2 layers
-    assert all(m.forward.__func__ is _fused_forward for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    assert all(isinstance(m.forward, FusedForward) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
     _assert_same(_loss_and_grads(model, b), ref, 1e-5)
     # a different dropout draw gives a different loss: dropout is really applied in the fused path
     other = _loss_and_grads(model, b, seed=6)
@@ -158,8 +158,7 @@ def test_fallbacks_disabled_adapter_eval_and_merged():
 def test_modes_and_unsupported_bases():
     model = _peft(_tiny_lm())
     assert fuse_lora(model, "off") == 0
-    assert not any(isinstance(getattr(m, "forward", None), type(model.forward)) and
-                   getattr(m.forward, "__func__", None) is _fused_forward for m in model.modules())
+    assert not any(isinstance(getattr(m, "forward", None), FusedForward) for m in model.modules())
     # a trainable base weight is not fused (its gradient would be lost)
     model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
     assert fuse_lora(model, "auto") == 13
@@ -167,3 +166,21 @@ def test_modes_and_unsupported_bases():
     # no LoRA linear layer at all: 'on' says what to set
     with pytest.raises(RuntimeError, match="train.fused_lora"):
         fuse_lora(_tiny_lm(), "on")
+
+
+def test_a_discarded_fused_model_is_freed_without_the_garbage_collector():
+    """No reference cycle through the patched forward: dropping the last reference frees the model
+    at once (a cycle kept a previous 7B model's GPU memory alive until gc happened to run)."""
+    import gc
+    import weakref
+    model = _peft(_tiny_lm())
+    fuse_lora(model)
+    model.train()
+    kernels.loss_sum(model, _batch(), "cpu").backward()
+    ref = weakref.ref(model.base_model.model.model.layers[0].mlp.down_proj)
+    gc.disable()
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
