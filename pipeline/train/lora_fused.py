@@ -55,11 +55,21 @@ def _autograd_fn():
             dt = y.dtype
             a, b = A.to(dt), B.to(dt)
             x2 = x2.to(dt)
-            if p > 0:
+            ctx.seed = None
+            if p > 0 and _triton_ok(x2):
+                # dropout inside the kernels, redrawn in the backward from a seed (the CPU generator:
+                # checkpointing restores it, so a recompute draws the same seed)
+                x2 = x2.contiguous()
+                ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+                from pipeline.train.lora_triton import lora_down
+                xd, mask = x2, None
+                h = lora_down(x2, a, ctx.seed, p)
+            elif p > 0:
                 xd, mask = torch.native_dropout(x2, p, True)
+                h = xd @ a.t()
             else:
                 xd, mask = x2, None
-            h = xd @ a.t()                        # [tokens, r]
+                h = xd @ a.t()                    # [tokens, r]
             y.view(-1, N).addmm_(h, b.t(), alpha=scale)
             ctx.save_for_backward(xd, mask, h, a, b)
             ctx.layer, ctx.scale, ctx.p = layer, scale, p
@@ -74,6 +84,17 @@ def _autograd_fn():
             gh = (g @ b).mul_(ctx.scale)           # [tokens, r]
             if ctx.needs_input_grad[2]:
                 gB = (g.t() @ h).mul_(ctx.scale).to(ctx.B_dtype)
+            if ctx.seed is not None:                # the Triton path: gA and the dropout part of gx in one pass
+                from pipeline.train.lora_triton import lora_down_backward
+                if ctx.needs_input_grad[0]:
+                    w = _dense_weight(ctx.layer.base_layer, g.dtype)
+                    gx = g @ w
+                    del w
+                ga = lora_down_backward(xd, gh, a, gx, ctx.seed, ctx.p, _sm_count(xd.device))
+                gA = ga.to(ctx.A_dtype) if ctx.needs_input_grad[1] else None
+                if gx is not None:
+                    gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
+                return gx, gA, gB, None, None, None
             if ctx.needs_input_grad[1]:
                 gA = (gh.t() @ xd).to(ctx.A_dtype)
             if ctx.needs_input_grad[0]:
@@ -91,6 +112,30 @@ def _autograd_fn():
 
 
 _FN = None
+_TRITON: dict = {}
+
+
+def _triton_ok(x) -> bool:
+    """The Triton dropout kernels: CUDA, half precision, element offsets within int32."""
+    import torch
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.numel() >= 2**31:
+        return False
+    if "ok" not in _TRITON:
+        try:
+            import pipeline.train.lora_triton  # noqa: F401
+            _TRITON["ok"] = True
+        except Exception as e:  # no Triton: PyTorch's dropout
+            log.info("Triton not usable (%s): LoRA dropout through PyTorch", e)
+            _TRITON["ok"] = False
+    return _TRITON["ok"]
+
+
+def _sm_count(device) -> int:
+    import torch
+    key = ("sm", device.index)
+    if key not in _TRITON:
+        _TRITON[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _TRITON[key]
 
 
 def _fn():

@@ -117,3 +117,44 @@ def test_gpu_rope_dispatch_matches_plain_rope_on_packed_rows(env):
         fused = model(input_ids=ids, position_ids=pos).logits.float()
     err = ((fused - plain).norm() / plain.norm()).item()
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("r,p", [(16, 0.05), (8, 0.3)])
+def test_gpu_triton_dropout_path_equals_reference_with_its_mask(env, r, p):
+    """On CUDA with dropout the fused layer draws the mask inside the Triton kernels: y, gx, gA and gB
+    equal a float32 reference built with that same mask (read back with dropout_scale)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from pipeline.train.lora_fused import _fn
+    from pipeline.train.lora_triton import dropout_scale
+    from pipeline.train.model import load_model, resolve_base
+    cfg, store, _ = env
+    base = load_model(resolve_base(cfg, store), cfg, "cuda")
+    for q in base.parameters():
+        q.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["down_proj"]))
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        B.copy_(torch.randn_like(B) * 0.05)
+    M, K = 3 * 512 + 77, layer.in_features
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    torch.manual_seed(11)
+    y = _fn().apply(x, A, B, layer, 2.0, p)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    s = dropout_scale(M, K, seed, p, "cuda")
+    assert abs((s > 0).float().mean().item() - (1 - p)) < 0.01
+    xf, Af, Bf, g = x.detach().float(), A.detach().float(), B.detach().float(), gy.float()
+    W = layer.base_layer.weight
+    import bitsandbytes.functional as bnbf
+    Wf = bnbf.dequantize_4bit(W.data, W.quant_state).float()
+    h = (xf * s) @ Af.t()
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(y, xf @ Wf.t() + 2.0 * h @ Bf.t()) < 2e-2
+    gh = 2.0 * g @ Bf
+    assert rel(A.grad, gh.t() @ (xf * s)) < 2e-2
+    assert rel(B.grad, 2.0 * g.t() @ h) < 2e-2
+    assert rel(x.grad, g @ Wf + (gh @ Af) * s) < 2e-2
