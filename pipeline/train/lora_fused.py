@@ -63,7 +63,7 @@ def _autograd_fn():
                 ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
                 from pipeline.train.lora_triton import lora_down
                 xd, mask = x2, None
-                h = lora_down(x2, a, ctx.seed, p)
+                h = lora_down(x2, a, ctx.seed, p, _sm_count(x2.device))
             elif p > 0:
                 xd, mask = torch.native_dropout(x2, p, True)
                 h = xd @ a.t()

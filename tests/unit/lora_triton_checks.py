@@ -40,7 +40,7 @@ def check_case(M, K, r, dtype, tol):
     s = lt.dropout_scale(M, K, seed, p, "cpu")
     vals = set(round(v, 5) for v in s.unique().tolist())
     assert vals == {0.0, round(1 / 0.7, 5)}, vals
-    h = lt.lora_down(x, a, seed, p)
+    h = lt.lora_down(x, a, seed, p, sm_count=2)   # split-K: several column splits
     assert h.shape == (M, r) and h.dtype == dtype, (h.shape, h.dtype)
     e = rel(h, (x.float() * s) @ a.float().t())
     assert e < tol, f"h: {e}"
@@ -63,6 +63,13 @@ def check_mask():
     kept = (s1 > 0).float().mean().item()
     assert abs(kept - 0.75) < 0.01, kept                      # 77,100 draws: sd 0.0016
     assert (s1 > 0).float().mean(0).std() > 0, "whole columns kept or dropped"
+    k1, k3 = (s1 > 0).float(), (s3 > 0).float()
+    agree = (k1 == k3).float().mean().item()
+    assert abs(agree - (0.75 ** 2 + 0.25 ** 2)) < 0.01, f"two seeds' masks are not independent: {agree}"
+    c = torch.corrcoef(torch.stack([k1[:, :-1].reshape(-1), k1[:, 1:].reshape(-1)]))[0, 1].item()
+    assert abs(c) < 0.02, f"neighbouring elements correlate: {c}"
+    c = torch.corrcoef(torch.stack([k1[:-1].reshape(-1), k1[1:].reshape(-1)]))[0, 1].item()
+    assert abs(c) < 0.02, f"neighbouring rows correlate: {c}"
     x, a = torch.randn(40, 70), torch.randn(16, 70)
     e = rel(lt.lora_down(x, a, 3, 0.0), x @ a.t())
     assert e < 1e-5, f"p=0: {e}"
