@@ -566,6 +566,9 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
               f"LoRA {e['lora_params_m']:.1f}M params+grads+Adam {e['lora_gb']:.2f}, activations {e['activations_gb']:.1f} "
               f"for {hy['tokens_per_micro_batch']} tokens, logits {e['logits_gb']:.1f}; "
               f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'})")
+    if cfg.train.gradient_checkpointing and cfg.train.checkpoint_keep_last == "auto" and gpu:
+        detail += (f"; with checkpoint_keep_last auto the trainer then keeps layers' activations up to "
+                   f"train.memory_budget_gb ({cfg.train.memory_budget_gb:g} GB, at most 85% of the GPU)")
     if not gpu:
         try:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB

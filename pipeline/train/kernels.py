@@ -88,6 +88,12 @@ class CudaMemory:
                 max(self.overall_reserved, torch.cuda.max_memory_reserved(self.device)))
 
 
+def effective_budget_gb(configured: float, device_total_gb: float) -> float:
+    """train.memory_budget_gb, but never more than 85% of the device (a 20 GB default on a 16 GB card
+    would otherwise keep layers until it ran out of memory)."""
+    return min(configured, 0.85 * device_total_gb)
+
+
 class CheckpointBudget:
     """checkpoint_keep_last 'auto': keep as many decoder layers' activations as the memory budget
     allows, measured on the device rather than estimated from the architecture.

@@ -264,7 +264,9 @@ def train_domain(config: dict, data: dict, session) -> dict:
     mem = kernels.CudaMemory(device) if device.startswith("cuda") else None
     budget = None
     if t.gradient_checkpointing and t.checkpoint_keep_last == "auto" and mem is not None:
-        budget = kernels.CheckpointBudget(model, t.memory_budget_gb, mem, max_tokens=rows * seq_len)
+        total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
+        budget = kernels.CheckpointBudget(model, kernels.effective_budget_gb(t.memory_budget_gb, total_gb), mem,
+                                          max_tokens=rows * seq_len)
     elif t.gradient_checkpointing and isinstance(t.checkpoint_keep_last, int) and t.checkpoint_keep_last:
         kernels.set_checkpointed_layers(model, t.checkpoint_keep_last)
     fused = kernels.fused_loss_available(model, device, t.fused_kernels)

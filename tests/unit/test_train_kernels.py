@@ -206,3 +206,9 @@ def test_rope_dispatch_keeps_cpu_tensors_on_the_original(monkeypatch):
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", wrapped)
     assert torch.equal(model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits, plain)
     assert kernels.install_rope_dispatch(modeling_llama, "gemma") is False  # not a known plain-RoPE architecture
+
+
+def test_effective_budget_never_exceeds_the_device():
+    assert kernels.effective_budget_gb(20, 23.6) == 20            # RTX 3090: the default as configured
+    assert kernels.effective_budget_gb(20, 15.7) == pytest.approx(0.85 * 15.7)   # a 16 GB card
+    assert kernels.effective_budget_gb(60, 79.2) == 60            # H100: a raised budget is honoured
