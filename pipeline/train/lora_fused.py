@@ -14,7 +14,9 @@ checkpointing recomputes the layer: with LoRA on every linear layer it doubled t
     backward  gh = s * g @ B;  gB = s * g^T @ h;  gA = gh^T @ xd;
               gx = g @ W + dropout_backward(gh @ A)      (W dequantized once, as bitsandbytes does)
 
-Saved for backward: xd and the dropout mask (x itself when dropout is off) and h (tokens x r).
+Saved for backward: h (tokens x r) and, on the CPU, xd and the dropout mask (x itself when dropout
+is off). On CUDA with dropout, the mask is drawn inside Triton kernels (lora_triton.py) from a seed
+and drawn again in the backward: only x is kept, which the layer's sibling projections share.
 The adapter weights stay fp32 (the optimizer's master copy); the LoRA matmuls run in the compute
 dtype (bf16 on GPUs) with fp32 accumulation and their gradients come back in fp32. On the CPU
 (fp32) the fused layer matches PEFT's outputs and gradients (tests/unit/test_lora_fused.py).
