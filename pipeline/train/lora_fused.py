@@ -27,6 +27,7 @@ per-call adapter names. Saved adapters are PEFT's, unchanged.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 
@@ -86,65 +87,57 @@ def _autograd_fn():
             gh = (g @ b).mul_(ctx.scale)           # [tokens, r]
             if ctx.needs_input_grad[2]:
                 gB = (g.t() @ h).mul_(ctx.scale).to(ctx.B_dtype)
-            if ctx.seed is not None:                # the Triton path: gA and the dropout part of gx in one pass
-                from pipeline.train.lora_triton import lora_down_backward
-                if ctx.needs_input_grad[0]:
-                    w = _dense_weight(ctx.layer.base_layer, g.dtype)
-                    gx = g @ w
-                    del w
-                ga = lora_down_backward(xd, gh, a, gx, ctx.seed, ctx.p, _sm_count(xd.device))
-                gA = ga.to(ctx.A_dtype) if ctx.needs_input_grad[1] else None
-                if gx is not None:
-                    gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
-                return gx, gA, gB, None, None, None
-            if ctx.needs_input_grad[1]:
-                gA = (gh.t() @ xd).to(ctx.A_dtype)
             if ctx.needs_input_grad[0]:
                 w = _dense_weight(ctx.layer.base_layer, g.dtype)
                 gx = g @ w
                 del w
-                if mask is None:
+            if ctx.seed is not None:                # Triton: gA and the dropout part of gx in one pass over x
+                if gx is not None or ctx.needs_input_grad[1]:
+                    from pipeline.train.lora_triton import lora_down_backward
+                    ga = lora_down_backward(xd, gh, a, gx, ctx.seed, ctx.p, _sm_count(xd.device))
+                    gA = ga.to(ctx.A_dtype) if ctx.needs_input_grad[1] else None
+            else:
+                if ctx.needs_input_grad[1]:
+                    gA = (gh.t() @ xd).to(ctx.A_dtype)
+                if gx is not None and mask is None:
                     gx.addmm_(gh, a)
-                else:
+                elif gx is not None:
                     gx.add_(torch.ops.aten.native_dropout_backward(gh @ a, mask, 1.0 / (1.0 - ctx.p)))
+            if gx is not None:
                 gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
             return gx, gA, gB, None, None, None
 
     return FusedLoraLinear
 
 
-_FN = None
-_TRITON: dict = {}
-
-
 def _triton_ok(x) -> bool:
     """The Triton dropout kernels: CUDA, half precision, element offsets within int32."""
     import torch
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.numel() >= 2**31:
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.numel() < 2**31
+            and _triton_importable())
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import pipeline.train.lora_triton  # noqa: F401
+        return True
+    except Exception as e:  # no Triton: PyTorch's dropout
+        log.info("Triton not usable (%s): LoRA dropout through PyTorch", e)
         return False
-    if "ok" not in _TRITON:
-        try:
-            import pipeline.train.lora_triton  # noqa: F401
-            _TRITON["ok"] = True
-        except Exception as e:  # no Triton: PyTorch's dropout
-            log.info("Triton not usable (%s): LoRA dropout through PyTorch", e)
-            _TRITON["ok"] = False
-    return _TRITON["ok"]
 
 
+@functools.cache
 def _sm_count(device) -> int:
+    """Multiprocessors of the device (the kernels size their grids by it); 4 off CUDA (the interpreter)."""
     import torch
-    key = ("sm", device.index)
-    if key not in _TRITON:
-        _TRITON[key] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _TRITON[key]
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+@functools.cache
 def _fn():
-    global _FN
-    if _FN is None:
-        _FN = _autograd_fn()
-    return _FN
+    """The autograd Function (made on first use: torch is imported lazily, as in the rest of train/)."""
+    return _autograd_fn()
 
 
 def _plain_lora(layer) -> bool:

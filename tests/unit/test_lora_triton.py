@@ -1,6 +1,7 @@
 """The Triton LoRA dropout kernels (pipeline/train/lora_triton.py) run in Triton's interpreter on the
 CPU, against a PyTorch reference that applies the kernels' own mask: h = dropout(x) @ A^T, and in
-the backward gA = gh^T @ dropout(x) and gx += dropout'(gh @ A) in place. Shapes that are not
+the backward gA = gh^T @ dropout(x) and gx += dropout'(gh @ A) in place; and the fused LoRA layer's
+Triton branch (pipeline/train/lora_fused.py) end to end. Shapes that are not
 multiples of the blocks, ranks below 16 (padded) and above, fp32 and fp16 (the interpreter has no
 bf16; bf16 runs in tests/gpu/test_gpu_lora_fused.py).
 
@@ -34,3 +35,7 @@ def test_kernels_equal_the_reference_with_their_mask(case):
 
 def test_mask_rate_seed_and_no_dropout():
     _run("mask")
+
+
+def test_fused_layer_triton_branch_equals_the_reference():
+    _run("fused_layer")
