@@ -566,9 +566,6 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
               f"LoRA {e['lora_params_m']:.1f}M params+grads+Adam {e['lora_gb']:.2f}, activations {e['activations_gb']:.1f} "
               f"for {hy['tokens_per_micro_batch']} tokens, logits {e['logits_gb']:.1f}; "
               f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'})")
-    if cfg.train.gradient_checkpointing and cfg.train.checkpoint_keep_last == "auto" and gpu:
-        detail += (f"; with checkpoint_keep_last auto the trainer then keeps layers' activations up to "
-                   f"train.memory_budget_gb ({cfg.train.memory_budget_gb:g} GB, at most 85% of the GPU)")
     if not gpu:
         try:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
@@ -582,6 +579,11 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
         mem, what = small["memory_gb"], f"smallest GPU {small['name']} {small['memory_gb']:.1f} GB"
     else:
         mem, what = REFERENCE_GPU_GB, f"reference {REFERENCE_GPU_GB:.0f} GB GPU (an RTX 3090; no GPU visible here)"
+    if cfg.train.gradient_checkpointing and cfg.train.checkpoint_keep_last == "auto":
+        from pipeline.train.kernels import effective_budget_gb
+        detail += (f"; checkpoint_keep_last auto then keeps layers' activations up to "
+                   f"{effective_budget_gb(cfg.train.memory_budget_gb, mem):.1f} GB (train.memory_budget_gb "
+                   f"{cfg.train.memory_budget_gb:g}, at most 85% of the GPU)")
     if e["total_gb"] <= 0.8 * mem:
         rep.add("memory", PASS, f"{detail} fits the {what}")
         return

@@ -2,7 +2,8 @@
 
     prepare_for_kbit(model, gradient_checkpointing)  freeze the base, checkpointing without fp32 upcasts
     set_checkpointed_layers(model, keep_last)        leave the last N decoder layers un-checkpointed
-    CheckpointBudget(model, budget_gb, ...)          keep_last 'auto': as many as the memory budget allows, measured
+    plan_checkpointing(model, train, mem, tokens)    checkpoint_keep_last: N layers kept, or 'auto' (CheckpointBudget):
+                                                     as many as the memory budget allows, measured
     apply_fused_kernels(model, device, mode)         Liger RMSNorm / SwiGLU on CUDA when installed (this instance only),
                                                      RoPE by device (CUDA tensors: Liger; others: the original)
     set_sequence_multiple(model, 128)                flex attention: widen short micro-batches
@@ -16,7 +17,7 @@ On the CPU (CI, the demo) none of these apply and the plain paths run.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,20 @@ def decoder_layers(model) -> list:
     return list(layers) if layers is not None else []
 
 
+def _checkpointable(model) -> list:
+    return [layer for layer in decoder_layers(model) if hasattr(layer, "gradient_checkpointing")]
+
+
+def kept_layers(model) -> int:
+    """Decoder layers that keep their activations (not checkpointed)."""
+    return sum(1 for layer in _checkpointable(model) if not layer.gradient_checkpointing)
+
+
 def set_checkpointed_layers(model, keep_last: int) -> int:
     """With gradient checkpointing on, keep the activations of the last `keep_last` decoder layers
     (spend spare memory on speed: each such layer saves its recompute) and checkpoint the others.
     Returns how many layers are checkpointed."""
-    layers = [layer for layer in decoder_layers(model) if hasattr(layer, "gradient_checkpointing")]
+    layers = _checkpointable(model)
     n = len(layers)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < n - keep_last
@@ -81,6 +91,10 @@ class CudaMemory:
         self.overall_alloc = max(self.overall_alloc, torch.cuda.max_memory_allocated(self.device))
         self.overall_reserved = max(self.overall_reserved, torch.cuda.max_memory_reserved(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
+
+    def total_gb(self) -> float:
+        import torch
+        return torch.cuda.get_device_properties(self.device).total_memory / 2**30
 
     def overall(self) -> tuple[int, int]:
         import torch
@@ -113,11 +127,15 @@ class CheckpointBudget:
     def __init__(self, model, budget_gb: float, mem, max_tokens: int, probe: int = 2):
         self.model, self.mem, self.max_tokens = model, mem, max_tokens
         self.budget = budget_gb * 2**30
-        self.n = sum(1 for layer in decoder_layers(model) if hasattr(layer, "gradient_checkpointing"))
+        self.n = len(_checkpointable(model))
         self.probe = min(probe, self.n)
         self.phase = "warmup" if self.n else "done"
-        self.keep, self.p0, self.fe0, self.fe, self.per_layer, self.static = 0, None, None, None, None, 0
+        self.p0, self.fe0, self.fe, self.per_layer, self.static = None, None, None, None, 0
         set_checkpointed_layers(model, 0)
+
+    @property
+    def keep(self) -> int:
+        return kept_layers(self.model)
 
     def _scaled(self, value: int, tokens: int) -> float:
         return self.static + (value - self.static) * max(1.0, self.max_tokens / max(1, tokens))
@@ -181,14 +199,33 @@ class CheckpointBudget:
                 self.phase = "done"
 
     def _set(self, keep: int) -> None:
-        self.keep = keep
         set_checkpointed_layers(self.model, keep)
 
     def record(self) -> dict:
-        return {"kept_layers": self.keep, "layers": self.n, "budget_gb": self.budget / 2**30,
+        return {"budget_gb": self.budget / 2**30,
                 "per_layer_gb": None if self.per_layer is None else round(self.per_layer / 2**30, 3),
                 "all_checkpointed_peak_gb": None if self.p0 is None else round(self.p0 / 2**30, 3),
                 "settled": self.phase == "done"}
+
+
+def plan_checkpointing(model, train, mem, max_tokens: int) -> Optional[CheckpointBudget]:
+    """Apply train.checkpoint_keep_last: an integer keeps that many layers; 'auto' returns the
+    CheckpointBudget the loop steps through (CUDA), or keeps none (CPU: no device memory to spend)."""
+    if not train.gradient_checkpointing:
+        return None
+    if train.checkpoint_keep_last != "auto":
+        set_checkpointed_layers(model, train.checkpoint_keep_last)
+        return None
+    if mem is None:
+        return None
+    return CheckpointBudget(model, effective_budget_gb(train.memory_budget_gb, mem.total_gb()), mem, max_tokens)
+
+
+def checkpointing_record(model, enabled: bool, budget: Optional[CheckpointBudget]) -> dict:
+    """For the training report: how many decoder layers ran without checkpointing, and what the
+    budget measured."""
+    rec = {"enabled": enabled, "layers": len(_checkpointable(model)), "kept_layers": kept_layers(model) if enabled else None}
+    return {**rec, **budget.record()} if budget else rec
 
 
 def liger_available() -> bool:

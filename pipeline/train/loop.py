@@ -262,13 +262,7 @@ def train_domain(config: dict, data: dict, session) -> dict:
     from pipeline.train.lora_fused import fuse_lora
     fused_lora = fuse_lora(model, t.fused_lora)                        # one autograd step per LoRA layer
     mem = kernels.CudaMemory(device) if device.startswith("cuda") else None
-    budget = None
-    if t.gradient_checkpointing and t.checkpoint_keep_last == "auto" and mem is not None:
-        total_gb = torch.cuda.get_device_properties(device).total_memory / 2**30
-        budget = kernels.CheckpointBudget(model, kernels.effective_budget_gb(t.memory_budget_gb, total_gb), mem,
-                                          max_tokens=rows * seq_len)
-    elif t.gradient_checkpointing and isinstance(t.checkpoint_keep_last, int) and t.checkpoint_keep_last:
-        kernels.set_checkpointed_layers(model, t.checkpoint_keep_last)
+    budget = kernels.plan_checkpointing(model, t, mem, max_tokens=rows * seq_len)   # None unless keep_last auto on CUDA
     fused = kernels.fused_loss_available(model, device, t.fused_kernels)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=h["learning_rate"], weight_decay=h["weight_decay"])
@@ -412,8 +406,7 @@ def train_domain(config: dict, data: dict, session) -> dict:
         "tokens_per_s": st["tokens"] / max(st["train_time"], 1e-9), "tokens": st["tokens"],
         "peak_memory_gb": peak_memory_gb(device, mem), "wall_time_s": time.time() - t_start,
         "peak_reserved_gb": mem.overall()[1] / 2**30 if mem else None,
-        "checkpointing": budget.record() if budget else {"kept_layers": t.checkpoint_keep_last if isinstance(
-            t.checkpoint_keep_last, int) else 0, "enabled": t.gradient_checkpointing},
+        "checkpointing": kernels.checkpointing_record(model, t.gradient_checkpointing, budget),
         "train_time_s": st["train_time"], "steps": st["step"], "epochs": st["epoch"] + st["batch"] / max(1, len(plan)),
         "n_examples": {s: len(data[s]) for s in ("train", "val", "test")},
         "n_target_tokens": {"val": n_val, "test": n_test},

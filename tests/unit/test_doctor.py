@@ -129,6 +129,11 @@ def test_memory_check_too_big_says_what_to_lower(tmp_path, monkeypatch):
     doctor.check_memory(cfg, rep, MISTRAL_7B, {"available": True, "gpus": [
         {"index": 0, "name": "NVIDIA GeForce RTX 3090", "memory_gb": 24.0, "cc": "8.6", "bf16": True}]})
     assert rows(rep)["memory"].status == "PASS"
+    assert "keeps layers' activations up to 20.0 GB" in rows(rep)["memory"].detail   # checkpoint_keep_last auto
+    rep = doctor.Report()
+    doctor.check_memory(cfg, rep, MISTRAL_7B, {"available": True, "gpus": [
+        {"index": 0, "name": "NVIDIA T4", "memory_gb": 15.0, "cc": "7.5", "bf16": False}]})
+    assert "up to 12.8 GB" in rows(rep)["memory"].detail                              # 85% of a 15 GB card
 
 
 def test_base_model_resolution(tmp_path, monkeypatch):

@@ -154,8 +154,8 @@ def test_checkpoint_budget_measures_then_keeps_what_fits():
     # the late all-checkpointed peak hides the probe's layers, so peaks alone would have kept 13 (23.6 GB)
     assert kept == [0, 2, 8, 8, 8, 8]
     assert mem.max_seen <= 20 * mem.GB
-    rec = b.record()
-    assert rec["kept_layers"] == 8 and rec["settled"] and rec["per_layer_gb"] == pytest.approx(1.2, rel=1e-3)
+    rec = kernels.checkpointing_record(model, True, b)
+    assert rec["kept_layers"] == 8 and rec["layers"] == 32 and rec["settled"] and rec["per_layer_gb"] == pytest.approx(1.2, rel=1e-3)
     assert rec["all_checkpointed_peak_gb"] == pytest.approx(8.8, rel=1e-3)
     assert mem.resets == 4        # no more resets once settled
 
@@ -212,3 +212,21 @@ def test_effective_budget_never_exceeds_the_device():
     assert kernels.effective_budget_gb(20, 23.6) == 20            # RTX 3090: the default as configured
     assert kernels.effective_budget_gb(20, 15.7) == pytest.approx(0.85 * 15.7)   # a 16 GB card
     assert kernels.effective_budget_gb(60, 79.2) == 60            # H100: a raised budget is honoured
+
+
+def test_plan_checkpointing_integer_auto_cpu_and_off():
+    from types import SimpleNamespace as NS
+    GB = 2 ** 30
+    model = kernels.prepare_for_kbit(_tiny_lm(layers=4), gradient_checkpointing=True)
+    t = NS(gradient_checkpointing=True, checkpoint_keep_last=1, memory_budget_gb=20)
+    assert kernels.plan_checkpointing(model, t, None, 1024) is None
+    assert kernels.checkpointing_record(model, True, None) == {"enabled": True, "layers": 4, "kept_layers": 1}
+    t.checkpoint_keep_last = "auto"                      # CPU: nothing to measure, every layer checkpointed
+    assert kernels.plan_checkpointing(model, t, None, 1024) is None
+    mem = _FakeMemory(model, static=4, fe=1, late=1.5, per_layer=1, tokens_fn=lambda: 1.0)
+    mem.total_gb = lambda: 16.0                          # a 16 GB card: the 20 GB default is capped at 13.6
+    b = kernels.plan_checkpointing(model, t, mem, 1024)
+    assert b.budget == pytest.approx(0.85 * 16 * GB)
+    assert kernels.kept_layers(model) == 0
+    t.gradient_checkpointing = False
+    assert kernels.plan_checkpointing(model, t, mem, 1024) is None
