@@ -199,12 +199,6 @@ class TrainConfig(TrainHyper):
     seed: int = 42
     per_domain: dict[str, PerDomainOverride] = Field(default_factory=dict)
 
-    @field_validator("fused_kernels", "fused_lora", mode="before")
-    @classmethod
-    def _yaml_on_off(cls, v: Any) -> Any:
-        # YAML 1.1 reads a bare on/off as a boolean
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-
     @field_validator("per_domain")
     @classmethod
     def _domains(cls, v: dict[str, PerDomainOverride]) -> dict[str, PerDomainOverride]:
@@ -313,10 +307,27 @@ def _strip_url_secrets(url: str) -> str:
 
 # ---- loading ---------------------------------------------------------------------------------
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false. PyYAML's 1.1 rules also read yes/no/on/off as
+    booleans, which turned `fused_lora: off` into False; boolean fields still take on/off/yes/no
+    (pydantic reads those strings as booleans)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def _parse_scalar(text: str) -> Any:
     """Parse a --set value as YAML (numbers, booleans, lists like [a,b]); a plain word stays a string."""
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -419,7 +430,7 @@ def load_config(path: Optional[str | Path] = None, sets: Optional[list[str]] = N
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}; pass --config with a YAML file such as configs/demo.yaml")
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = _yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}")
         if not isinstance(d, dict):

@@ -90,3 +90,18 @@ def test_per_domain_overrides_and_redaction():
     assert cfg.hyper_for("debate")["max_steps"] == cfg.train.max_steps
     red = str(cfg.redacted())
     assert "secret" not in red and "abc" not in red
+
+
+def test_on_off_stay_words_and_booleans_still_parse(tmp_path):
+    """YAML 1.1 reads a bare on/off/yes/no as a boolean; the config reads them as words, so the
+    on/off/auto settings take them, and boolean settings still accept them (and true/false)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model: {base: tiny}\nresources: {device: cpu}\n"
+                 "train: {fused_lora: off, fused_kernels: on, packing: no}\ndata: {allow_missing: yes}\n")
+    cfg = load_config(f, environ={})
+    assert (cfg.train.fused_lora, cfg.train.fused_kernels) == ("off", "on")
+    assert cfg.train.packing is False and cfg.data.allow_missing is True
+    cfg = load_config(DEMO, sets=["train.fused_lora=off", "train.fused_kernels=on", "data.download.offline=on",
+                                  "train.mask_prompt=false", "train.max_steps=3"], environ={})
+    assert (cfg.train.fused_lora, cfg.train.fused_kernels) == ("off", "on")
+    assert cfg.data.download.offline is True and cfg.train.mask_prompt is False and cfg.train.max_steps == 3
