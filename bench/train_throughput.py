@@ -63,14 +63,17 @@ def bf16_matmul_tflops() -> float:
 BASE_SETS = ["data.allow_missing=true", "data.download.offline=true", "resources.device=cpu"]
 
 
-def prepare_data(data_dir: str, out: str, domain: str, sets=()):
-    """The project's prepare stage on the raw data; returns the default config (plus `sets`)."""
+def bench_config(data_dir: str, out: str, sets=()):
+    """configs/default.yaml (the project's defaults) on the bench's raw data and work folder, plus `sets`."""
     from pipeline.config import load_config
+    return load_config(ROOT / "configs/default.yaml", raw_dir=data_dir, output=out, sets=BASE_SETS + list(sets))
+
+
+def prepare_data(cfg) -> None:
+    """The project's prepare stage on the raw data (once per work folder)."""
     from pipeline.prepare import run_prepare
-    cfg = load_config(ROOT / "configs/default.yaml", raw_dir=data_dir, output=out, sets=BASE_SETS + list(sets))
-    if not (Path(out) / "data/_SUCCESS").exists():
+    if not (Path(cfg.output) / "data/_SUCCESS").exists():
         run_prepare(cfg, use_ray=False)
-    return cfg
 
 
 def build_base(path: str, arch: str, texts: list[str]) -> None:
@@ -210,7 +213,8 @@ def main() -> int:
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.time()
-    cfg = prepare_data(a.data, f"{a.work}/out", a.domain)
+    cfg = bench_config(a.data, f"{a.work}/out")
+    prepare_data(cfg)
     from pipeline.storage import open_store
     from pipeline.train.data import read_sft
     texts = [p + "\n" + r for p, r in zip(*[read_sft(open_store(cfg), a.domain, "train").column(c).to_pylist()
@@ -233,7 +237,7 @@ def main() -> int:
         for name, sets in variants:
             torch.cuda.reset_peak_memory_stats()
             try:
-                vcfg = prepare_data(a.data, f"{a.work}/out", a.domain, sets) if sets else cfg
+                vcfg = bench_config(a.data, f"{a.work}/out", sets) if sets else cfg
                 r = run_ours(vcfg, base, a.domain, targets, a.steps, variant=name)
             except Exception as e:  # an out-of-memory variant must not lose the others' figures
                 r = dict(who="project", variant=name, targets=targets, error=f"{type(e).__name__}: {e}"[:600])
@@ -250,7 +254,7 @@ def main() -> int:
     if a.profile:
         name, sets = next(v for v in variants if v[0] == a.profile)
         for targets in a.targets.split(",")[-1:]:
-            run_ours(prepare_data(a.data, f"{a.work}/out", a.domain, sets), base, a.domain, targets, 4, profile=True)
+            run_ours(bench_config(a.data, f"{a.work}/out", sets), base, a.domain, targets, 4, profile=True)
     print(f"\n{'who':8} {'variant':16} {'targets':7} {'real tok/s':>10} {'padded tok/s':>12} {'MFU':>6} "
           f"{'peak alloc GB':>13} {'reserved GB':>11} {'loss':>7}")
     for r in rows:

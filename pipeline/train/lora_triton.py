@@ -87,13 +87,13 @@ def _down_bwd(X, GH, A, GX, GA, M, K, seed, p, inv, stride_xm, stride_ghm, strid
     tl.store(GA + pid_s * R * K + rr[:, None] * K + rk[None, :], acc, mask=kmask)
 
 
-def _padded(t, rows_or_cols: int, dim: int):
-    """Zero-pad dimension `dim` of a 2-D tensor up to `rows_or_cols` (tl.dot needs >= 16)."""
+def _padded(t, size: int, dim: int):
+    """Zero-pad dimension `dim` of a 2-D tensor up to `size` (tl.dot needs >= 16)."""
     import torch
-    if t.shape[dim] == rows_or_cols:
+    if t.shape[dim] == size:
         return t.contiguous()
     shape = list(t.shape)
-    shape[dim] = rows_or_cols
+    shape[dim] = size
     out = torch.zeros(shape, dtype=t.dtype, device=t.device)
     out.narrow(dim, 0, t.shape[dim]).copy_(t)
     return out
