@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 DOMAINS = ("debate", "medicine", "education", "ecology")
 SOURCES = (
@@ -135,7 +136,8 @@ class ModelConfig(_Strict):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
 
-class LoraConfig(_Strict):
+class LoraSettings(_Strict):
+    """The LoRA shape (peft's LoraConfig is built from it in pipeline.train.model.add_lora)."""
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -145,6 +147,8 @@ class LoraConfig(_Strict):
 class TrainHyper(_Strict):
     """Hyperparameters that may be overridden per domain (train.per_domain.<domain>)."""
     max_steps: int = Field(100, ge=1)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw: torch AdamW (betas 0.9, 0.999); "
+                                               "sgd: SGD with momentum 0.9")
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
@@ -155,17 +159,17 @@ class TrainHyper(_Strict):
     epochs_cap: Optional[float] = Field(None, gt=0, description="stop early after this many passes over the data")
 
 
-class PerDomainOverride(_Strict):
-    max_steps: Optional[int] = Field(None, ge=1)
-    learning_rate: Optional[float] = Field(None, gt=0)
-    weight_decay: Optional[float] = Field(None, ge=0)
-    warmup_steps: Optional[int] = Field(None, ge=0)
-    lr_scheduler: Optional[Literal["cosine", "linear", "constant"]] = None
-    tokens_per_micro_batch: Optional[int] = Field(None, ge=64)
-    grad_accum: Optional[int] = Field(None, ge=1)
-    max_grad_norm: Optional[float] = Field(None, gt=0)
-    epochs_cap: Optional[float] = Field(None, gt=0)
-    lora: Optional[LoraConfig] = None
+class DomainHyper(TrainHyper):
+    """One domain's settings: train.* with train.per_domain.<domain> applied, and its LoRA shape."""
+    lora: LoraSettings
+
+
+# train.per_domain.<domain>: every TrainHyper field, optional (None = the train.* value), plus a LoRA shape.
+PerDomainOverride = create_model(
+    "PerDomainOverride", __base__=_Strict,
+    lora=(Optional[LoraSettings], None),
+    **{name: (Optional[f.annotation], FieldInfo.merge_field_infos(f, default=None))
+       for name, f in TrainHyper.model_fields.items()})
 
 
 class TrainConfig(TrainHyper):
@@ -194,8 +198,10 @@ class TrainConfig(TrainHyper):
         "auto", description="auto: the tokenizer's chat template when it has one, else the simple template")
     merge_export: bool = Field(False, description="also export merged full weights (refuses NaN/inf)")
     eval_matrix: bool = Field(True, description="evaluate base and every adapter on every domain's test set")
-    dataloader_workers: int = Field(0, ge=0)
-    pin_memory: bool = False
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="stop a domain after this many evaluations without a lower val loss (None: off); "
+        "the adapter exported is always the one with the lowest val loss")
+    tensorboard: bool = Field(True, description="TensorBoard event files per domain under runs/<run_name>/tune/")
     seed: int = 42
     per_domain: dict[str, PerDomainOverride] = Field(default_factory=dict)
 
@@ -211,8 +217,10 @@ class TrainConfig(TrainHyper):
 class ResourcesConfig(_Strict):
     device: Literal["cpu", "cuda"] = Field(..., description="cuda: one GPU per trial; cpu: only when asked for")
     ray_address: Optional[str] = Field(None, description="None: start a local Ray; 'auto' or host:port: join a cluster")
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(1.0, gt=0)
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs per training worker")
+    gpus_per_trial: float = Field(1.0, gt=0, description="GPUs per training worker (resources.device: cuda)")
+    workers_per_trial: int = Field(1, ge=1, description="training workers per domain (data parallel over the LoRA "
+                                   "weights, global batch unchanged); more than 1 when there are more GPUs than domains")
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="None: as many as resources allow")
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray started by the pipeline")
 
@@ -233,7 +241,7 @@ class Config(_Strict):
     seed: int = 42
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -269,19 +277,15 @@ class Config(_Strict):
         return self
 
     # ---- derived helpers -------------------------------------------------------------------
-    def hyper_for(self, domain: str) -> dict[str, Any]:
-        """The train hyperparameters for one domain, with its per_domain overrides applied."""
-        h = {k: getattr(self.train, k) for k in TrainHyper.model_fields}
-        lora = self.lora.model_dump()
-        ov = self.train.per_domain.get(domain)
-        if ov is not None:
-            for k, val in ov.model_dump(exclude_none=True).items():
-                if k == "lora":
-                    lora = val
-                else:
-                    h[k] = val
-        h["lora"] = lora
-        return h
+    def hyper_for(self, domain: str) -> DomainHyper:
+        """One domain's hyperparameters and LoRA shape, with its train.per_domain override applied."""
+        base = DomainHyper(**{k: getattr(self.train, k) for k in TrainHyper.model_fields}, lora=self.lora)
+        override = self.train.per_domain.get(domain)
+        if override is None:
+            return base
+        # model_copy does not validate: keep the override's typed LoRA object (its dump would be a dict)
+        update = {k: getattr(override, k) for k in override.model_fields_set if getattr(override, k) is not None}
+        return base.model_copy(update=update)
 
     def fingerprint(self, *sections: str) -> str:
         """A short hash of config sections (for resume compatibility checks and markers)."""

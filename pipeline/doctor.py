@@ -530,10 +530,10 @@ def estimate_memory(arch: dict[str, Any], tokens: int, lora_r: int, target_modul
 
 
 def _fit_tokens(arch, cfg, hyper, mem_gb: float, compute_bytes: int) -> int:
-    lo, hi = 64, hyper["tokens_per_micro_batch"]
+    lo, hi = 64, hyper.tokens_per_micro_batch
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        e = estimate_memory(arch, mid, hyper["lora"]["r"], hyper["lora"]["target_modules"],
+        e = estimate_memory(arch, mid, hyper.lora.r, hyper.lora.target_modules,
                             cfg.train.gradient_checkpointing, cfg.model.quantization, compute_bytes, cfg.model.double_quant)
         lo, hi = (mid, hi) if e["total_gb"] <= mem_gb else (lo, mid - 1)
     return lo
@@ -555,7 +555,7 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
     worst = None
     for dom in cfg.domains:
         hy = cfg.hyper_for(dom)
-        e = estimate_memory(arch, hy["tokens_per_micro_batch"], hy["lora"]["r"], hy["lora"]["target_modules"],
+        e = estimate_memory(arch, hy.tokens_per_micro_batch, hy.lora.r, hy.lora.target_modules,
                             cfg.train.gradient_checkpointing, cfg.model.quantization, cb, cfg.model.double_quant,
                             0.6 if gpu else 0.1)
         if worst is None or e["total_gb"] > worst[1]["total_gb"]:
@@ -564,7 +564,7 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
     params = f"{e['params_b']:.2f}B" if e["params_b"] >= 1 else f"{e['params_b'] * 1e3:.1f}M"
     detail = (f"~{e['total_gb']:.1f} GB peak ({params} params: weights {e['weights_gb']:.1f}, "
               f"LoRA {e['lora_params_m']:.1f}M params+grads+Adam {e['lora_gb']:.2f}, activations {e['activations_gb']:.1f} "
-              f"for {hy['tokens_per_micro_batch']} tokens, logits {e['logits_gb']:.1f}; "
+              f"for {hy.tokens_per_micro_batch} tokens, logits {e['logits_gb']:.1f}; "
               f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'})")
     if not gpu:
         try:
@@ -590,14 +590,14 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
     fits = _fit_tokens(arch, cfg, hy, 0.9 * mem, cb)
     advice = []
     if fits >= 256:
-        ga = max(1, round(hy["tokens_per_micro_batch"] * hy["grad_accum"] / fits))
+        ga = max(1, round(hy.tokens_per_micro_batch * hy.grad_accum / fits))
         advice.append(f"lower train.tokens_per_micro_batch to {fits // 64 * 64} (and raise train.grad_accum to {ga} "
                       "to keep the batch)")
     if not cfg.train.gradient_checkpointing:
         advice.append("set train.gradient_checkpointing: true")
-    if hy["lora"]["r"] > 8:
+    if hy.lora.r > 8:
         advice.append("lower lora.r")
-    if hy["lora"]["target_modules"] == "all-linear":
+    if hy.lora.target_modules == "all-linear":
         advice.append("use lora.target_modules: [q_proj, v_proj]")
     advice.append("or use a smaller base model")
     status = WARN if e["total_gb"] <= 0.95 * mem else FAIL

@@ -2,10 +2,11 @@
 
 One batch, from a shard to the optimizer:
 
-1. ``tokenized_dataset(store, domain, cfg)`` reads ``data/sft/<domain>/<split>/*.parquet`` (all three
-   splits, column ``split`` added) into one Ray Dataset, and
-2. ``tokenize_batch`` (its ``map_batches`` step, so it runs inside the data pipeline) applies the prompt
-   format (pipeline.train.model.encode_example), truncates to max_seq_length and writes
+1. ``tokenized_dataset(store, domain, cfg)`` has Ray Data read ``data/sft/<domain>/<split>/*.parquet``
+   (all three splits; each row carries its ``split``) straight from the store, and
+2. ``Tokenize`` (its ``map_batches`` step, a callable class that loads the tokenizer once per Ray Data
+   worker) applies the prompt format (pipeline.train.model.encode_example), truncates to
+   max_seq_length (texts are cut by characters first, so a huge field costs little) and writes
    ``input_ids`` and ``labels`` (-100 on prompt tokens when train.mask_prompt) plus ``key``.
 3. The worker collects its shard once (``collect``: int32 arrays, sorted by key so the order never
    depends on Ray Data's block order) and, each epoch, shuffles with a seeded permutation and packs
@@ -30,20 +31,32 @@ IGNORE = -100
 
 # ---- 1-2: Ray Data -----------------------------------------------------------------------------
 
-def read_sft(store, domain: str, split: str, columns=("prompt", "response", "doc_id")):
-    """The split's Parquet shards as one pyarrow Table (read through the Store: local or s3://)."""
-    import io
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    rel = f"data/sft/{domain}/{split}"
+SFT_COLUMNS = ["prompt", "response", "doc_id", "split"]
+# Texts are cut to this many characters per token of max_seq_length before tokenizing: no tokenizer
+# makes tokens that long, so nothing that could be kept is lost, and a hostile 60 MB field costs no
+# more to tokenize than a long document.
+CHARS_PER_TOKEN_BOUND = 32
+
+
+def _parquet_source(store, rel: str) -> tuple[list[str], object]:
+    """(paths, filesystem) of the Parquet shards under rel, for ray.data.read_parquet (credentials never
+    travel in the filesystem's pickle: see storage.RayS3FileSystem)."""
     files = store.list_files(rel, ".parquet")
+    _, fs = store.ray_storage("")
+    return [store.path(f) for f in files], fs
+
+
+def read_split(store, domain: str, split: str, columns=("prompt", "response", "doc_id")):
+    """One split's SFT rows as a pyarrow Table, read in this process (evaluation, the bench)."""
+    import pyarrow as pa
+    files = store.list_files(f"data/sft/{domain}/{split}", ".parquet")
     if not files:
-        raise FileNotFoundError(f"no SFT shards for domain {domain!r} split {split!r} under {store.uri_of(rel)}: "
-                                "run `adapters prepare` first (or remove the domain from `domains`)")
-    return pa.concat_tables([pq.read_table(io.BytesIO(store.read_bytes(f)), columns=list(columns)) for f in files])
+        raise FileNotFoundError(f"no SFT shards for domain {domain!r} split {split!r} under "
+                                f"{store.uri_of(f'data/sft/{domain}/{split}')}: run `adapters prepare` first")
+    return pa.concat_tables([store.read_table(f).select(list(columns)) for f in files])
 
 
-def truncate(p: list[int], r: list[int], max_len: int) -> tuple[list[int], list[int]]:
+def cut_prompt_response(p: list[int], r: list[int], max_len: int) -> tuple[list[int], list[int]]:
     """Keep at most half the length for the prompt (its end), the response fills the rest (its start)."""
     if len(p) + len(r) <= max_len:
         return p, r
@@ -56,51 +69,55 @@ def tokenize_example(tok, prompt: str, response: str, max_len: int, mask_prompt:
                      template: str = "auto") -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one example; labels are -100 on the prompt when mask_prompt."""
     from pipeline.train.model import encode_example
-    p, r = encode_example(tok, prompt, response, template)
-    p, r = truncate(p, r, max_len)
+    limit = CHARS_PER_TOKEN_BOUND * max_len
+    p, r = encode_example(tok, prompt[-limit:], response[:limit], template)
+    p, r = cut_prompt_response(p, r, max_len)
     ids = p + r
     labels = ([IGNORE] * len(p) + r) if mask_prompt else list(ids)
     return ids, labels
 
 
-_TOKENIZERS: dict = {}
+class Tokenize:
+    """Ray Data map_batches callable: prompt/response -> input_ids, labels, key (split kept). The
+    tokenizer is loaded once per Ray Data worker, when the class is constructed there."""
+
+    def __init__(self, cfg):
+        from pipeline.train.model import load_tokenizer, resolve_base
+        self.train = cfg.train
+        self.tok = load_tokenizer(resolve_base(cfg), cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        t = self.train
+        ids_out, lab_out, keys = [], [], []
+        for prompt, response, doc_id in zip(batch["prompt"], batch["response"], batch["doc_id"]):
+            ids, labels = tokenize_example(self.tok, str(prompt), str(response), t.max_seq_length, t.mask_prompt,
+                                           t.chat_template)
+            ids_out.append(np.asarray(ids, dtype=np.int32))
+            lab_out.append(np.asarray(labels, dtype=np.int32))
+            keys.append(hashlib.sha1(f"{doc_id}\x00{prompt}\x00{response}".encode()).hexdigest())
+        return {"input_ids": ids_out, "labels": lab_out, "key": keys, "split": batch["split"]}
 
 
-def tokenize_batch(batch: dict, cfg_json: dict) -> dict:
-    """Ray Data map_batches function: prompt/response -> input_ids, labels, key (split kept)."""
-    from pipeline.config import Config
-    from pipeline.train.model import load_tokenizer, resolve_base
-    cfg = Config.model_validate(cfg_json)
-    path = resolve_base(cfg)
-    if path not in _TOKENIZERS:  # once per Ray worker process
-        _TOKENIZERS[path] = load_tokenizer(path, cfg)
-    tok = _TOKENIZERS[path]
-    t = cfg.train
-    ids_out, lab_out, keys = [], [], []
-    for prompt, response, doc_id in zip(batch["prompt"], batch["response"], batch["doc_id"]):
-        ids, labels = tokenize_example(tok, str(prompt), str(response), t.max_seq_length, t.mask_prompt, t.chat_template)
-        ids_out.append(np.asarray(ids, dtype=np.int32))
-        lab_out.append(np.asarray(labels, dtype=np.int32))
-        keys.append(hashlib.sha1(f"{doc_id}\x00{prompt}\x00{response}".encode()).hexdigest())
-    return {"input_ids": ids_out, "labels": lab_out, "key": keys, "split": batch["split"]}
-
-
-def tokenized_dataset(store, domain: str, cfg, splits=("train", "val", "test")):
-    """One Ray Dataset holding the domain's splits (column `split`), tokenized inside the pipeline."""
-    import pyarrow as pa
+def tokenized_dataset(store, domain: str, cfg):
+    """One Ray Dataset over the domain's SFT shards (all splits; column `split`), read by Ray Data from
+    the store and tokenized inside the pipeline."""
     import ray.data
-    tables = []
-    for s in splits:
-        try:
-            t = read_sft(store, domain, s)
-        except FileNotFoundError:
-            if s == "train":
-                raise
-            continue
-        tables.append(t.append_column("split", pa.array([s] * len(t), pa.string())))
-    ds = ray.data.from_arrow(pa.concat_tables(tables))
-    return ds.map_batches(tokenize_batch, fn_kwargs={"cfg_json": cfg.model_dump(mode="json")},
-                          batch_size=256, batch_format="numpy", num_cpus=0)
+    paths, fs = _parquet_source(store, f"data/sft/{domain}")
+    if not any(f"/train/" in p for p in paths):
+        raise FileNotFoundError(f"no SFT train shards for domain {domain!r} under {store.uri_of(f'data/sft/{domain}')}")
+    # num_cpus=0: the domain's training workers hold the CPUs they asked for, and this light read and
+    # tokenization runs beside them (a task asking for a CPU could wait for a free one forever). Ray
+    # Data 2.60's default Parquet reader lists files in a task that always asks for one CPU, so the
+    # classic reader (listing in this process, one read task per shard) is used here.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # progress is the training log's step line; bars here garble worker logs
+    classic, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=SFT_COLUMNS, num_cpus=0)
+    finally:
+        ctx.use_datasource_v2 = classic
+    return ds.map_batches(Tokenize, fn_constructor_kwargs={"cfg": cfg}, batch_size=256, batch_format="numpy",
+                          concurrency=1, num_cpus=0)
 
 
 # ---- 3: examples in the worker -------------------------------------------------------------------

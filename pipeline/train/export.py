@@ -6,7 +6,6 @@ the tokenizer files and training_report.json (written last: it marks the adapter
 """
 from __future__ import annotations
 
-import math
 import tempfile
 
 
@@ -29,7 +28,7 @@ def export_adapter(model, tok, store, domain: str, report: dict) -> str:
     if store.exists(f"{rel}/training_report.json"):
         store.delete(f"{rel}/training_report.json")  # not complete until rewritten below
     with tempfile.TemporaryDirectory(prefix="adapter-") as d:
-        model.save_pretrained(d, safe_serialization=True)
+        model.save_pretrained(d)
         tok.save_pretrained(d)
         store.upload_dir(d, rel)
     uri = store.uri_of(rel)
@@ -39,13 +38,12 @@ def export_adapter(model, tok, store, domain: str, report: dict) -> str:
 
 def load_adapter_model(cfg, domain: str, device: str = "cpu", quantize=None, store=None):
     """The base model with adapters/<domain>/ applied (PeftModel.from_pretrained) and the tokenizer."""
-    from peft import PeftModel
     from pipeline.storage import open_store
-    from pipeline.train.model import load_model, load_tokenizer, resolve_base
+    from pipeline.train.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
     store = store or open_store(cfg)
     base = resolve_base(cfg, store)
     adir = _local_dir(store, f"adapters/{domain}")
-    model = PeftModel.from_pretrained(load_model(base, cfg, device, quantize=quantize), adir)
+    model = load_adapter_onto(load_model(base, cfg, device, quantize=quantize), adir)
     return model, load_tokenizer(base, cfg)
 
 
@@ -65,10 +63,7 @@ def export_merged(cfg, domain: str, store=None) -> str:
     merged = model.merge_and_unload()
     _check_finite(merged.state_dict().items(), f"the merged {domain} model")
     with tempfile.TemporaryDirectory(prefix="merged-") as d:
-        merged.save_pretrained(d, safe_serialization=True)
+        merged.save_pretrained(d)
         tok.save_pretrained(d)
         return store.upload_dir(d, f"adapters/{domain}/merged")
 
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,19 +1,33 @@
-"""The per-worker training loop for one domain. Reads top to bottom: load config, build, restore,
-loop, save.
+"""The per-worker training recipe for one domain. It reads top to bottom:
 
-    train_loop_per_worker(config)           Ray Train entry (TorchTrainer, one worker per domain)
-    train_domain(config, data, session)     the loop itself; runs without Ray in unit tests
-    compat_record(cfg, domain) / check_compat(saved, current)   resume compatibility
+    train_loop_per_worker(config)        Ray Train entry: the dataset shard, then train_domain
+    train_domain(cfg, domain, data, session, recipe_cls=DomainRecipe) -> training report
+        recipe.setup()          device (checked on this node), model (4-bit), LoRA, kernels, optimizer, schedule
+        recipe.restore()        the latest checkpoint, if any (refused when made with other settings)
+        recipe.evaluate_base()  the base model's val/test loss (adapter off), once per domain
+        while not recipe.done():
+            recipe.train_step()     one optimizer step over grad_accum packed micro-batches
+            recipe.after_step()     log + report to Tune (every log_every), evaluate, checkpoint
+        recipe.save()           the adapter with the lowest val loss exported, with its report
 
-A checkpoint (every train.checkpoint_every steps) holds the LoRA weights, optimizer, scheduler,
-step, RNG states, data position (epoch, batch index), history and the compatibility record. On a
-retry (FailureConfig) or a re-run with the same output and run_name, Ray hands the latest one back
-and the loop continues from it; a checkpoint made with another base model, LoRA shape or data
-layout is refused with IncompatibleCheckpointError. A non-finite loss or gradient norm stops the
+A checkpoint (every train.checkpoint_every steps, and at every evaluation that lowers the val loss)
+holds the LoRA weights, optimizer, scheduler, RNG states, the data position (epoch, batch index),
+history, the best evaluation so far and the compatibility record; it is reported with its own val
+loss (NaN when the step was not evaluated), so Ray's CheckpointConfig keeps the best ones by val loss
+plus the latest. On a retry (FailureConfig) or a re-run with the same output and run_name, Ray hands
+the latest one back and the recipe continues from it; one made with another base model, LoRA shape or
+data layout is refused with IncompatibleCheckpointError. A non-finite loss or gradient norm stops the
 domain with NonFiniteLossError (nothing is checkpointed or exported after it).
+
+With resources.workers_per_trial > 1 every worker holds all examples and the same batch plan, takes
+every n-th row of each micro-batch, and the LoRA gradients are summed across workers before each
+optimizer step: the global batch and the loss are those of one worker.
+
+Fault injection for tests lives in pipeline.train.faults (a subclass of the recipe), not here.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -23,13 +37,16 @@ import resource
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-FAULTS_ENV = "DOMAIN_ADAPTERS_FAULTS"   # "domain:kind[:step],...": kinds crash (os._exit once), oom (every attempt), raise, nan
+NAN = float("nan")
+# the metrics every report to Tune carries (NaN when not known at that step)
+METRIC_KEYS = ("train_loss", "val_loss", "best_val_loss", "lr", "tokens_per_s", "base_val_loss", "base_test_loss")
 
 
 class IncompatibleCheckpointError(RuntimeError):
@@ -48,10 +65,9 @@ def compat_record(cfg, domain: str) -> dict:
     t = cfg.train
     rec = {"model.base": cfg.model.base, "model.revision": cfg.model.revision,
            "model.quantization": cfg.model.quantization,
-           "lora.r": h["lora"]["r"], "lora.alpha": h["lora"]["alpha"],
-           "lora.target_modules": h["lora"]["target_modules"],
-           "train.max_seq_length": t.max_seq_length, "train.tokens_per_micro_batch": h["tokens_per_micro_batch"],
-           "train.grad_accum": h["grad_accum"], "train.packing": t.packing, "train.mask_prompt": t.mask_prompt,
+           "lora.r": h.lora.r, "lora.alpha": h.lora.alpha, "lora.target_modules": h.lora.target_modules,
+           "train.max_seq_length": t.max_seq_length, "train.tokens_per_micro_batch": h.tokens_per_micro_batch,
+           "train.grad_accum": h.grad_accum, "train.packing": t.packing, "train.mask_prompt": t.mask_prompt,
            "train.chat_template": t.chat_template, "train.seed": t.seed}
     if cfg.model.base == "tiny":
         from pipeline.train.tiny import tiny_fingerprint
@@ -69,18 +85,7 @@ def check_compat(saved: dict, current: dict, where: str) -> None:
             "or delete that run directory.")
 
 
-# ---- faults (tests inject them through DOMAIN_ADAPTERS_FAULTS) -------------------------------------
-
-def parse_faults(spec: Optional[str], domain: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in (spec or "").split(","):
-        parts = item.strip().split(":")
-        if len(parts) >= 2 and parts[0] == domain:
-            out[parts[1]] = int(parts[2]) if len(parts) > 2 else 0
-    return out
-
-
-# ---- sessions: Ray Train or local (unit tests) -------------------------------------------------------
+# ---- sessions: Ray Train or local (unit tests, bench) ------------------------------------------------
 
 class LocalSession:
     """Checkpoints as directories under `root` (the last one is resumed); reports kept in a list."""
@@ -94,6 +99,10 @@ class LocalSession:
         cks = sorted(d for d in os.listdir(self.root) if d.startswith("checkpoint_"))
         return os.path.join(self.root, cks[-1]) if cks else None
 
+    def checkpoint_file(self, step: int, name: str) -> Optional[bytes]:
+        path = os.path.join(self.root, f"checkpoint_{step:08d}", name)
+        return open(path, "rb").read() if os.path.isfile(path) else None
+
     def report(self, metrics: dict, ckpt_dir: Optional[str] = None) -> None:
         self.reports.append(dict(metrics))
         if ckpt_dir:
@@ -101,39 +110,90 @@ class LocalSession:
 
 
 class RaySession:
-    def __init__(self):
+    """ray.train's checkpoint and report calls; earlier checkpoints are found in the run's storage."""
+
+    def __init__(self, store, run_name: str, domain: str):
         import ray.train
         self._ckpt = ray.train.get_checkpoint()
-        self._tmp: Optional[str] = None
+        self.store, self.prefix = store, f"runs/{run_name}/train/{domain}"
 
     def restore_dir(self) -> Optional[str]:
         if self._ckpt is None:
             return None
-        self._tmp = tempfile.mkdtemp(prefix="restore-")
-        return self._ckpt.to_directory(self._tmp)
+        return self._ckpt.to_directory(tempfile.mkdtemp(prefix="restore-"))
+
+    def checkpoint_file(self, step: int, name: str) -> Optional[bytes]:
+        """`name` from the kept checkpoint of `step` (Ray keeps the best by val loss), or None."""
+        for rel in self.store.list_files(self.prefix, "train_state.json"):
+            try:
+                if self.store.read_json(rel).get("step") == step:
+                    return self.store.read_bytes(rel.rsplit("/", 1)[0] + "/" + name)
+            except Exception:  # noqa: BLE001 - a checkpoint being deleted or written: not this one
+                continue
+        return None
 
     def report(self, metrics: dict, ckpt_dir: Optional[str] = None) -> None:
         import ray.train
-        ck = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=ck)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
 
-# ---- loss ----------------------------------------------------------------------------------------
+# ---- workers of one domain ---------------------------------------------------------------------------
 
-def loss_sum(model, batch: dict, device, fused: bool = False) -> Any:
-    """Sum of token cross-entropies over the batch's target tokens (targets are pre-shifted); the LM
-    head runs on target tokens only, fused with the cross-entropy when `fused` (pipeline.train.kernels)."""
-    from pipeline.train import kernels
-    return kernels.loss_sum(model, batch, device, fused)
+class Replicas:
+    """This domain's training workers (resources.workers_per_trial): who I am and the sums the recipe needs.
+    Hand-written instead of DistributedDataParallel: workers see uneven row counts at the end of an
+    epoch (one may have none), and one flat all-reduce per optimizer step of the few LoRA tensors
+    carries the finiteness check too, so every worker stops on the same step."""
 
+    def __init__(self) -> None:
+        import torch.distributed as dist
+        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.on else 0
+        self.size = dist.get_world_size() if self.on else 1
+
+    def mine(self, rows: list) -> list:
+        return rows[self.rank::self.size]
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.on:
+            return values
+        import torch
+        import torch.distributed as dist
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_gradients(self, params: list, extra: float) -> float:
+        """Sum every worker's gradients (in place) and `extra`; returns the summed extra."""
+        if not self.on:
+            return extra
+        import torch
+        import torch.distributed as dist
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
+                          for p in params] + [torch.tensor([extra], device=params[0].device)])
+        backend_cpu = dist.get_backend() == "gloo"
+        buf = flat.cpu() if backend_cpu else flat
+        dist.all_reduce(buf)
+        flat = buf.to(flat.device)
+        o = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[o:o + n].view_as(p).to(p.dtype)
+            o += n
+        return float(flat[-1])
+
+
+# ---- loss and evaluation -----------------------------------------------------------------------------
 
 def evaluate(model, examples, rows: int, seq_len: int, pad_id: int, device, max_batches: Optional[int] = None,
-             packing: bool = True) -> tuple[float, int]:
-    """(mean token loss, target tokens) over a split, in a fixed order."""
+             packing: bool = True, replicas: Optional[Replicas] = None) -> tuple[float, int]:
+    """(mean token loss, target tokens) over a split, in a fixed order; workers split the batches."""
     import torch
     from pipeline.train.data import collate, epoch_plan
+    from pipeline.train.kernels import loss_sum
     if not examples:
         return float("nan"), 0
+    replicas = replicas or Replicas()
     was_training = model.training
     model.eval()
     tot, n = 0.0, 0
@@ -141,11 +201,14 @@ def evaluate(model, examples, rows: int, seq_len: int, pad_id: int, device, max_
         for i, b in enumerate(epoch_plan(examples, 0, 0, rows, seq_len, packing, shuffle=False)):
             if max_batches is not None and i >= max_batches:
                 break
+            if i % replicas.size != replicas.rank:
+                continue
             batch = collate(examples, b, pad_id)
             tot += float(loss_sum(model, batch, device))
             n += batch["n_targets"]
     model.train(was_training)
-    return (tot / n if n else float("nan")), n
+    tot, n = replicas.sum([tot, float(n)])
+    return (tot / n if n else float("nan")), int(n)
 
 
 def ppl(loss: Optional[float]) -> Optional[float]:
@@ -163,6 +226,14 @@ def lr_lambda(kind: str, warmup: int, total: int):
         frac = min(1.0, (step - warmup) / max(1, total - warmup))
         return max(0.0, 1.0 - frac) if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
     return f
+
+
+def build_optimizer(hyper, params: list):
+    """train.optimizer: the current default is AdamW."""
+    import torch
+    if hyper.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=hyper.learning_rate, momentum=0.9, weight_decay=hyper.weight_decay)
+    return torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
 
 
 def peak_memory_gb(device, mem=None) -> float:
@@ -191,234 +262,378 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-# ---- the loop ---------------------------------------------------------------------------------------
+def _eta(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry: the worker's dataset shards (tokenized by Ray Data) into train_domain."""
-    import ray.train
-    from pipeline.train.data import collect
-    data = collect(ray.train.get_dataset_shard("sft").iter_batches(batch_size=256, batch_format="numpy"))
-    try:
-        train_domain(config, data, RaySession())
-    except (NonFiniteLossError, IncompatibleCheckpointError) as e:
-        # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
-        write_fatal(config, f"{type(e).__name__}: {e}")
 
+# ---- the recipe ---------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Progress: everything about a domain's run that a checkpoint carries besides tensors."""
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0                    # next micro-batch of the epoch's plan
+    tokens: int = 0
+    train_time: float = 0.0
+    history: dict = field(default_factory=lambda: {"train": [], "val": []})
+    base: Optional[dict] = None       # the base model's {"val", "test"} loss
+    best: Optional[dict] = None       # the evaluation with the lowest val loss: {"step", "val_loss"}
+    evals_since_best: int = 0
+    stopped: Optional[str] = None     # why training ended before max_steps
+    resumed_from: Optional[int] = None
+
+
+class DomainRecipe:
+    """One domain's QLoRA training on one worker (see the module docstring for the order of calls)."""
+
+    def __init__(self, cfg, domain: str, data: dict, session, fingerprint: Optional[str] = None):
+        from pipeline.storage import open_store
+        self.cfg, self.domain, self.data, self.session, self.fingerprint = cfg, domain, data, session, fingerprint
+        self.hyper = cfg.hyper_for(domain)
+        self.store = open_store(cfg)
+        self.run_dir = f"runs/{cfg.run_name}"
+        self.replicas = Replicas()
+        self.state = TrainState()
+        self.best_weights: Optional[dict] = None   # CPU copy of the LoRA weights of state.best
+        self.last_eval: Optional[tuple[int, float, int]] = None   # (step, val loss, target tokens)
+        self.t_start = time.time()
+        self.t_loop: Optional[float] = None        # when this attempt's first step started (for the ETA)
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def resolve_device(self) -> str:
+        from pipeline.train.device import worker_device
+        return worker_device(self.cfg)
+
+    def setup(self) -> None:
+        import torch
+        from pipeline.train import kernels
+        from pipeline.train.lora_fused import fuse_lora
+        from pipeline.train.model import add_lora, compute_dtype, load_model, load_tokenizer, resolve_base
+        cfg, t, h = self.cfg, self.cfg.train, self.hyper
+        if not self.data["train"]:
+            raise RuntimeError(f"domain {self.domain}: no training examples (every example was empty or all prompt)")
+        self.device = self.resolve_device()
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
+        self.seq_len = t.max_seq_length
+        self.rows = max(1, h.tokens_per_micro_batch // self.seq_len)
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        np.random.seed(t.seed % 2**32)
+        base_path = resolve_base(cfg, self.store)
+        self.tok = load_tokenizer(base_path, cfg)
+        base_model = load_model(base_path, cfg, self.device)
+        kernels.apply_fused_kernels(base_model, self.device, t.fused_kernels)   # Liger on CUDA when installed
+        self.model = add_lora(base_model, h.lora, cfg, t.gradient_checkpointing)
+        self.fused_lora = fuse_lora(self.model, t.fused_lora)                   # one autograd step per LoRA layer
+        self.mem = kernels.CudaMemory(self.device) if self.device.startswith("cuda") else None
+        # None unless checkpoint_keep_last is auto on CUDA: then it measures and sets the kept layers
+        self.budget = kernels.plan_checkpointing(self.model, t, self.mem, max_tokens=self.rows * self.seq_len)
+        self.fused_loss = kernels.fused_loss_available(self.model, self.device, t.fused_kernels)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = build_optimizer(h, self.params)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(h.lr_scheduler, h.warmup_steps, h.max_steps))
+        # fp16 compute (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler("cuda") if compute_dtype(cfg, self.device) == torch.float16 else None
+        self.compat = compat_record(cfg, self.domain)
+        self.plan = self._epoch_plan()
+
+    def _epoch_plan(self) -> list:
+        from pipeline.train.data import epoch_plan
+        t = self.cfg.train
+        return epoch_plan(self.data["train"], self.state.epoch, t.seed, self.rows, self.seq_len, t.packing)
+
+    def _eval(self, split: str) -> tuple[float, int]:
+        t = self.cfg.train
+        return evaluate(self.model, self.data[split], rows=self.rows, seq_len=self.seq_len, pad_id=self.tok.pad_token_id,
+                        device=self.device, max_batches=t.eval_max_batches, packing=t.packing, replicas=self.replicas)
+
+    def _lora_weights(self) -> dict:
+        from peft import get_peft_model_state_dict
+        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def _load_lora(self, weights: dict) -> None:
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(self.model, weights)
+
+    # -- restore --------------------------------------------------------------------------------------
+    def restore(self) -> None:
+        import torch
+        ck = self.session.restore_dir()
+        if not ck:
+            return
+        with open(os.path.join(ck, "train_state.json")) as f:
+            saved = json.load(f)
+        check_compat(saved["compat"], self.compat, f"{self.store.uri_of(self.run_dir)} ({self.domain}, step {saved['step']})")
+        self._load_lora(torch.load(os.path.join(ck, "adapter.pt"), map_location=self.device))
+        self.opt.load_state_dict(torch.load(os.path.join(ck, "optimizer.pt"), map_location=self.device))
+        self.sched.load_state_dict(torch.load(os.path.join(ck, "scheduler.pt")))
+        _set_rng_state(torch.load(os.path.join(ck, "rng.pt"), weights_only=False))
+        self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
+        self.state.resumed_from = saved["step"]
+        self.plan = self._epoch_plan()
+        best = self.state.best
+        if best and best["step"] == saved["step"]:
+            self.best_weights = self._lora_weights()
+        elif best:
+            raw = self.session.checkpoint_file(best["step"], "adapter.pt")
+            if raw is None:
+                log.warning("domain %s: the checkpoint of the best evaluation (step %d) is gone; the best adapter "
+                            "is chosen again from the evaluations after step %d", self.domain, best["step"], saved["step"])
+                self.state.best, self.state.evals_since_best = None, 0
+            else:
+                self.best_weights = torch.load(io.BytesIO(raw), map_location="cpu")
+        log.info("domain %s: resumed from step %d", self.domain, saved["step"])
+
+    def evaluate_base(self) -> None:
+        """The base model on the same data with the same masking: adapter off. Once per domain."""
+        if self.state.base is not None:
+            return
+        with self.model.disable_adapter():
+            self.state.base = {"val": self._eval("val")[0], "test": self._eval("test")[0]}
+        self.session.report(self._metrics(base_val_loss=self.state.base["val"], base_test_loss=self.state.base["test"]))
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def done(self) -> bool:
+        st, h = self.state, self.hyper
+        if st.stopped is not None or st.step >= h.max_steps:
+            return True
+        if h.epochs_cap is not None and st.epoch + st.batch / len(self.plan) >= h.epochs_cap:
+            st.stopped = f"epochs_cap {h.epochs_cap:g} reached at step {st.step}"
+            log.info("domain %s: %s", self.domain, st.stopped)
+            return True
+        return False
+
+    def micro_loss(self, batch: dict):
+        """Summed token cross-entropy of one micro-batch (the LM head on target tokens only)."""
+        from pipeline.train.kernels import loss_sum
+        return loss_sum(self.model, batch, self.device, self.fused_loss)
+
+    def _next_micro_batches(self) -> list[list[list[int]]]:
+        st = self.state
+        micro = []
+        for _ in range(self.hyper.grad_accum):
+            micro.append(self.plan[st.batch])
+            st.batch += 1
+            if st.batch >= len(self.plan):
+                st.epoch, st.batch = st.epoch + 1, 0
+                self.plan = self._epoch_plan()
+        return micro
+
+    def train_step(self) -> None:
+        import torch
+        from pipeline.train.data import collate
+        st, h = self.state, self.hyper
+        t0 = time.time()
+        self.t_loop = self.t_loop or t0
+        examples, pad = self.data["train"], self.tok.pad_token_id
+        micro = self._next_micro_batches()
+        # the whole step's target count (all workers' rows): each worker's loss is its share of the mean
+        n_targets = sum(e.n_target_tokens for rows in micro for row in rows for e in (examples[i] for i in row))
+        step_loss, tokens, widest, padded = 0.0, 0, 0, 0
+        if self.budget:
+            self.budget.before_step()
+        for rows in micro:
+            rows = self.replicas.mine(rows)
+            if not rows:
+                continue
+            b = collate(examples, rows, pad)
+            ls = self.micro_loss(b)
+            if self.budget:
+                self.budget.after_forward(b["input_ids"].numel())
+            loss = ls / n_targets
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            step_loss += float(ls.detach())
+            tokens += b["n_tokens"]
+            padded += b["input_ids"].numel()
+            widest = max(widest, b["input_ids"].numel())
+        step_loss = self.replicas.sum_gradients(self.params, step_loss)
+        tokens, padded = (int(x) for x in self.replicas.sum([float(tokens), float(padded)]))
+        if not math.isfinite(step_loss):
+            raise NonFiniteLossError(
+                f"domain {self.domain}: the loss became {step_loss} at step {st.step + 1}; nothing after step "
+                f"{st.step} was saved. Lower train.learning_rate (now {h.learning_rate}) or "
+                "train.max_grad_norm, or use model.compute_dtype float32/bfloat16.")
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, h.max_grad_norm)
+        if not torch.isfinite(gnorm) and self.scaler is None:
+            raise NonFiniteLossError(f"domain {self.domain}: the gradient norm became {float(gnorm)} at step "
+                                     f"{st.step + 1}. Lower train.learning_rate or train.max_grad_norm.")
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.budget:
+            self.budget.after_step(widest)
+        step_time = time.time() - t0
+        st.step += 1
+        st.tokens += tokens
+        st.train_time += step_time
+        st.history["train"].append({"step": st.step, "loss": step_loss / n_targets, "lr": self.sched.get_last_lr()[0],
+                                    "time": step_time, "tokens": tokens, "padded_tokens": padded})
+
+    def after_step(self) -> None:
+        """Log and report (every log_every), evaluate (every eval_every), checkpoint (every checkpoint_every,
+        and when an evaluation lowered the val loss)."""
+        st, t, h = self.state, self.cfg.train, self.hyper
+        last = st.history["train"][-1]
+        metrics = self._metrics(train_loss=last["loss"], lr=last["lr"], tokens_per_s=st.tokens / max(st.train_time, 1e-9))
+        if st.step % t.log_every == 0:
+            done_here = st.step - (st.resumed_from or 0)
+            eta = (time.time() - self.t_loop) / max(done_here, 1) * (h.max_steps - st.step)
+            log.info("domain %s step %d/%d loss %.4f lr %.2e %.0f tok/s eta %s", self.domain, st.step, h.max_steps,
+                     last["loss"], last["lr"], metrics["tokens_per_s"], _eta(eta))
+        improved = False
+        if st.step % t.eval_every == 0:
+            improved = self.record_eval(*self._eval("val"))
+            metrics.update(val_loss=st.history["val"][-1]["loss"], best_val_loss=st.best["val_loss"] if st.best else NAN)
+        if (st.step % t.checkpoint_every == 0 or improved) and st.step < h.max_steps and st.stopped is None:
+            self.save_checkpoint(metrics)   # its val_loss is NaN unless this step was evaluated
+        elif st.step % t.eval_every == 0 or st.step % t.log_every == 0:
+            self.session.report(metrics)
+
+    def _metrics(self, **values: float) -> dict:
+        """What reaches Tune: the same keys in every report (Tune's CSV logger takes its columns from the first)."""
+        st = self.state
+        m = {"step": st.step, "domain": self.domain, "progress": st.step / self.hyper.max_steps}
+        m.update({k: NAN for k in METRIC_KEYS})
+        m.update(values)
+        return m
+
+    def record_eval(self, val_loss: float, n_targets: int) -> bool:
+        """Add an evaluation to the history; keep the best weights; early stopping. True if it is the new best."""
+        st, patience = self.state, self.cfg.train.early_stopping_patience
+        st.history["val"].append({"step": st.step, "loss": val_loss})
+        self.last_eval = (st.step, val_loss, n_targets)
+        if not math.isfinite(val_loss):  # no val examples (or a diverged model: save() refuses to export it)
+            return False
+        if st.best is None or val_loss < st.best["val_loss"]:
+            st.best, st.evals_since_best = {"step": st.step, "val_loss": val_loss}, 0
+            self.best_weights = self._lora_weights()
+            return True
+        st.evals_since_best += 1
+        if patience is not None and st.evals_since_best >= patience:
+            st.stopped = (f"early stopping: {st.evals_since_best} evaluations without a lower val loss than "
+                          f"{st.best['val_loss']:.4f} (step {st.best['step']}); train.early_stopping_patience is {patience}")
+            log.info("domain %s: %s", self.domain, st.stopped)
+        return False
+
+    def save_checkpoint(self, metrics: dict) -> None:
+        import torch
+        from peft import get_peft_model_state_dict
+        if self.replicas.rank != 0:
+            self.session.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
+            torch.save(get_peft_model_state_dict(self.model), os.path.join(d, "adapter.pt"))
+            torch.save(self.opt.state_dict(), os.path.join(d, "optimizer.pt"))
+            torch.save(self.sched.state_dict(), os.path.join(d, "scheduler.pt"))
+            torch.save(_rng_state(), os.path.join(d, "rng.pt"))
+            with open(os.path.join(d, "train_state.json"), "w") as f:
+                json.dump({**asdict(self.state), "compat": self.compat, "domain": self.domain,
+                           "config_fingerprint": self.fingerprint}, f)
+            self.session.report(metrics, d)
+
+    # -- save -----------------------------------------------------------------------------------------
+    def save(self) -> dict:
+        """Export the adapter with the lowest val loss (the final weights take part) and its report."""
+        from pipeline.train import export, kernels
+        from pipeline.train.model import attn_implementation
+        st, t, h, cfg = self.state, self.cfg.train, self.hyper, self.cfg
+        if self.last_eval is None or self.last_eval[0] != st.step:
+            self.record_eval(*self._eval("val"))
+        if st.best is None:
+            reason = f"the last step ({st.step}): no finite val loss to choose by"
+        elif st.best["step"] != st.step:
+            reason = (f"lowest val loss {st.best['val_loss']:.4f} at step {st.best['step']}, of "
+                      f"{len(st.history['val'])} evaluations (the last, step {st.step}: {st.history['val'][-1]['loss']:.4f})")
+        else:
+            reason = f"lowest val loss {st.best['val_loss']:.4f}, at the last step ({st.step})"
+        if st.best is not None and st.best["step"] != st.step:
+            self._load_lora(self.best_weights)
+            val_loss, n_val = self._eval("val")
+        else:
+            _, val_loss, n_val = self.last_eval
+        test_loss, n_test = self._eval("test")
+        if not all(math.isfinite(x) for x in (val_loss, test_loss)):
+            raise NonFiniteLossError(f"domain {self.domain}: final val/test loss is not finite ({val_loss}, {test_loss}); "
+                                     "no adapter was exported")
+        tail = [x["loss"] for x in st.history["train"][-max(1, t.log_every):]]
+        report = {
+            "domain": self.domain, "status": "finished",
+            "train_loss": sum(tail) / len(tail) if tail else None,
+            "val_loss": val_loss, "test_loss": test_loss, "val_ppl": ppl(val_loss), "test_ppl": ppl(test_loss),
+            "base_val_loss": st.base["val"], "base_test_loss": st.base["test"],
+            "base_val_ppl": ppl(st.base["val"]), "base_test_ppl": ppl(st.base["test"]),
+            "exported_step": st.best["step"] if st.best else st.step, "export_reason": reason, "stopped_early": st.stopped,
+            "tokens_per_s": st.tokens / max(st.train_time, 1e-9), "tokens": st.tokens,
+            "peak_memory_gb": peak_memory_gb(self.device, self.mem), "wall_time_s": time.time() - self.t_start,
+            "peak_reserved_gb": self.mem.overall()[1] / 2**30 if self.mem else None,
+            "checkpointing": kernels.checkpointing_record(self.model, t.gradient_checkpointing, self.budget),
+            "train_time_s": st.train_time, "steps": st.step, "epochs": st.epoch + st.batch / max(1, len(self.plan)),
+            "n_examples": {s: len(self.data[s]) for s in ("train", "val", "test")},
+            "n_target_tokens": {"val": n_val, "test": n_test},
+            "history": st.history, "resumed_from_step": st.resumed_from,
+            "config_fingerprint": self.fingerprint, "compat": self.compat,
+            "base_model": cfg.model.base, "lora": h.lora.model_dump(), "hyper": h.model_dump(exclude={"lora"}),
+            "workers": self.replicas.size, "device": self.device, "attn_implementation": attn_implementation(cfg, self.device),
+            "fused_loss": self.fused_loss, "fused_lora_layers": self.fused_lora,
+            "micro_batch": {"rows": self.rows, "seq_len": self.seq_len, "grad_accum": h.grad_accum, "packing": t.packing},
+        }
+        if self.replicas.rank == 0:
+            report["adapter_uri"] = export.export_adapter(self.model, self.tok, self.store, self.domain, report)
+        self.session.report(self._metrics(**{k: v for k, v in report.items()
+                                             if k != "domain" and isinstance(v, (int, float)) and v is not None}))
+        return report
+
+
+def train_domain(cfg, domain: str, data: dict, session, recipe_cls: type = DomainRecipe,
+                 fingerprint: Optional[str] = None) -> dict:
+    """Train one domain's adapter on `data` ({split: [Example]}) and return its training report."""
+    recipe = recipe_cls(cfg, domain, data, session, fingerprint)
+    recipe.setup()
+    recipe.restore()
+    recipe.evaluate_base()
+    recipe.model.train()
+    while not recipe.done():
+        recipe.train_step()
+        recipe.after_step()
+    return recipe.save()
+
+
+# ---- Ray Train entry ----------------------------------------------------------------------------------
 
 def fatal_rel(run_name: str, domain: str) -> str:
     return f"runs/{run_name}/fatal/{domain}.json"
 
 
-def write_fatal(config: dict, error: str) -> None:
-    from pipeline.config import Config
+def write_fatal(cfg, domain: str, error: str) -> None:
     from pipeline.storage import open_store
-    cfg = Config.model_validate(config["cfg"])
     log.error("%s", error)
-    open_store(cfg).write_json(fatal_rel(cfg.run_name, config["domain"]), {"domain": config["domain"], "error": error})
+    open_store(cfg).write_json(fatal_rel(cfg.run_name, domain), {"domain": domain, "error": error})
 
 
-def train_domain(config: dict, data: dict, session) -> dict:
-    import torch
-    from pipeline.config import Config
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry. config: {"cfg": Config, "domain": str, "faults": FaultPlan | None, "fingerprint": str}.
+    Every worker reads the whole tokenized dataset (Ray Data) and takes its rows of each micro-batch."""
+    import ray.train
     from pipeline.storage import open_store
-    from pipeline.train import export
-    from pipeline.train.data import collate, epoch_plan
-    from pipeline.train.model import (add_lora, attn_implementation, compute_dtype, load_model, load_tokenizer,
-                                      resolve_base)
-
-    # -- load config --------------------------------------------------------------------------------
-    t_start = time.time()
-    cfg = Config.model_validate(config["cfg"])
-    domain = config["domain"]
-    h = cfg.hyper_for(domain)
-    t = cfg.train
-    faults = parse_faults(config.get("faults"), domain)
-    store = open_store(cfg)
-    run = f"runs/{cfg.run_name}"
-    if "raise" in faults:
-        raise RuntimeError(f"injected failure for domain {domain} ({FAULTS_ENV})")
-    device = config.get("device") or ("cuda" if torch.cuda.is_available() and cfg.resources.device == "cuda" else "cpu")
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
-    seq_len = t.max_seq_length
-    rows = max(1, h["tokens_per_micro_batch"] // seq_len)
-    ev_kw = dict(rows=rows, seq_len=seq_len, device=device, max_batches=t.eval_max_batches, packing=t.packing)
-    if not data["train"]:
-        raise RuntimeError(f"domain {domain}: no training examples (every example was empty or all prompt)")
-
-    # -- build ----------------------------------------------------------------------------------------
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed % 2**32)
-    base_path = resolve_base(cfg, store)
-    tok = load_tokenizer(base_path, cfg)
-    from pipeline.train import kernels
-    base_model = load_model(base_path, cfg, device)
-    kernels.apply_fused_kernels(base_model, device, t.fused_kernels)   # Liger on CUDA when installed
-    model = add_lora(base_model, h["lora"], cfg, t.gradient_checkpointing)
-    from pipeline.train.lora_fused import fuse_lora
-    fused_lora = fuse_lora(model, t.fused_lora)                        # one autograd step per LoRA layer
-    mem = kernels.CudaMemory(device) if device.startswith("cuda") else None
-    budget = kernels.plan_checkpointing(model, t, mem, max_tokens=rows * seq_len)   # None unless keep_last auto on CUDA
-    fused = kernels.fused_loss_available(model, device, t.fused_kernels)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=h["learning_rate"], weight_decay=h["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(h["lr_scheduler"], h["warmup_steps"], h["max_steps"]))
-    # fp16 compute (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
-    scaler = torch.amp.GradScaler("cuda") if compute_dtype(cfg, device) == torch.float16 else None
-    compat = compat_record(cfg, domain)
-    st: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "history": {"train": [], "val": []},
-                          "tokens": 0, "train_time": 0.0, "base": None, "compat": compat, "resumed_from": None}
-
-    # -- restore --------------------------------------------------------------------------------------
-    ck = session.restore_dir()
-    if ck:
-        saved = json.loads(open(os.path.join(ck, "train_state.json")).read())
-        check_compat(saved["compat"], compat, f"{store.uri_of(run)} ({domain}, step {saved['step']})")
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, torch.load(os.path.join(ck, "adapter.pt"), map_location=device))
-        opt.load_state_dict(torch.load(os.path.join(ck, "optimizer.pt"), map_location=device))
-        sched.load_state_dict(torch.load(os.path.join(ck, "scheduler.pt")))
-        _set_rng_state(torch.load(os.path.join(ck, "rng.pt"), weights_only=False))
-        st.update({k: saved[k] for k in ("step", "epoch", "batch", "history", "tokens", "train_time", "base")})
-        st["resumed_from"] = saved["step"]
-        log.info("domain %s: resumed from step %d", domain, saved["step"])
-    if st["base"] is None:  # the base model on the same data with the same masking: adapter off
-        with model.disable_adapter():
-            bv, _ = evaluate(model, data["val"], pad_id=tok.pad_token_id, **ev_kw)
-            bt, _ = evaluate(model, data["test"], pad_id=tok.pad_token_id, **ev_kw)
-        st["base"] = {"val": bv, "test": bt}
-        session.report({"step": 0, "domain": domain, "base_val_loss": bv, "base_test_loss": bt})
-
-    def save_checkpoint(metrics: dict) -> None:
-        from peft import get_peft_model_state_dict
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
-            torch.save(get_peft_model_state_dict(model), os.path.join(d, "adapter.pt"))
-            torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
-            torch.save(sched.state_dict(), os.path.join(d, "scheduler.pt"))
-            torch.save(_rng_state(), os.path.join(d, "rng.pt"))
-            with open(os.path.join(d, "train_state.json"), "w") as f:
-                json.dump({**st, "domain": domain, "config_fingerprint": config.get("fingerprint")}, f)
-            session.report(metrics, d)
-
-    # -- loop -----------------------------------------------------------------------------------------
-    plan = epoch_plan(data["train"], st["epoch"], t.seed, rows, seq_len, t.packing)
-    max_epochs = h["epochs_cap"]
-    window: list[float] = []
-    model.train()
-    while st["step"] < h["max_steps"]:
-        if max_epochs is not None and st["epoch"] + st["batch"] / len(plan) >= max_epochs:
-            log.info("domain %s: epochs_cap %.2f reached at step %d", domain, max_epochs, st["step"])
-            break
-        if config.get("crash_at") == st["step"] + 1:  # in-process tests: die like a killed worker
-            raise SystemExit(f"crash_at {config['crash_at']}")
-        if faults.get("oom") == st["step"] + 1:  # every attempt: FailureConfig retries, then the domain fails
-            store.write_text(f"{run}/faults/{domain}-oom-attempt-{os.getpid()}-{time.time_ns()}", "simulated OOM")
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated by {FAULTS_ENV} at step {st['step'] + 1}). "
-                                         "Lower train.tokens_per_micro_batch or max_seq_length, or turn on "
-                                         "train.gradient_checkpointing")
-        if faults.get("crash") == st["step"] + 1:
-            marker = f"{run}/faults/{domain}-crash-{st['step'] + 1}"
-            if not store.exists(marker):
-                store.write_text(marker, "crashed once")
-                os._exit(1)
-        t0 = time.time()
-        micro = []
-        for _ in range(h["grad_accum"]):
-            micro.append(collate(data["train"], plan[st["batch"]], tok.pad_token_id))
-            st["batch"] += 1
-            if st["batch"] >= len(plan):
-                st["epoch"], st["batch"] = st["epoch"] + 1, 0
-                plan = epoch_plan(data["train"], st["epoch"], t.seed, rows, seq_len, t.packing)
-        n_targets = sum(b["n_targets"] for b in micro)
-        step_loss = 0.0
-        if budget:
-            budget.before_step()
-        for b in micro:
-            ls = loss_sum(model, b, device, fused)
-            if budget:
-                budget.after_forward(b["input_ids"].numel())
-            if "nan" in faults and st["step"] + 1 >= faults["nan"]:
-                ls = ls * float("nan")
-            if not torch.isfinite(ls):
-                raise NonFiniteLossError(
-                    f"domain {domain}: the loss became {float(ls)} at step {st['step'] + 1}; nothing after step "
-                    f"{st['step']} was saved. Lower train.learning_rate (now {h['learning_rate']}) or "
-                    "train.max_grad_norm, or use model.compute_dtype float32/bfloat16.")
-            loss = ls / n_targets
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += float(ls)
-        if scaler:
-            scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, h["max_grad_norm"])
-        if not torch.isfinite(gnorm) and scaler is None:
-            raise NonFiniteLossError(f"domain {domain}: the gradient norm became {float(gnorm)} at step "
-                                     f"{st['step'] + 1}. Lower train.learning_rate or train.max_grad_norm.")
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if budget:
-            budget.after_step(max(b["input_ids"].numel() for b in micro))
-        st["step"] += 1
-        step_tokens = sum(b["n_tokens"] for b in micro)
-        step_time = time.time() - t0
-        st["tokens"] += step_tokens
-        st["train_time"] += step_time
-        train_loss = step_loss / n_targets
-        window.append(train_loss)
-        lr = sched.get_last_lr()[0]
-        st["history"]["train"].append({"step": st["step"], "loss": train_loss, "lr": lr, "time": step_time,
-                                       "tokens": step_tokens, "padded_tokens": sum(b["input_ids"].numel() for b in micro)})
-        if st["step"] % t.log_every == 0:
-            log.info("domain %s step %d loss %.4f lr %.2e %.0f tok/s", domain, st["step"], train_loss, lr,
-                     st["tokens"] / max(st["train_time"], 1e-9))
-        do_eval = st["step"] % t.eval_every == 0
-        do_ckpt = st["step"] % t.checkpoint_every == 0 and st["step"] < h["max_steps"]
-        if do_eval or do_ckpt:
-            metrics = {"step": st["step"], "domain": domain, "train_loss": train_loss, "lr": lr,
-                       "tokens_per_s": st["tokens"] / max(st["train_time"], 1e-9)}
-            if do_eval:
-                vl, _ = evaluate(model, data["val"], pad_id=tok.pad_token_id, **ev_kw)
-                st["history"]["val"].append({"step": st["step"], "loss": vl})
-                metrics["val_loss"] = vl
-            if do_ckpt:
-                save_checkpoint(metrics)
-            else:
-                session.report(metrics)
-
-    # -- save -----------------------------------------------------------------------------------------
-    val_loss, n_val = evaluate(model, data["val"], pad_id=tok.pad_token_id, **ev_kw)
-    test_loss, n_test = evaluate(model, data["test"], pad_id=tok.pad_token_id, **ev_kw)
-    tail = [x["loss"] for x in st["history"]["train"][-max(1, t.log_every):]]
-    report = {
-        "domain": domain, "status": "finished",
-        "train_loss": sum(tail) / len(tail) if tail else None,
-        "val_loss": val_loss, "test_loss": test_loss, "val_ppl": ppl(val_loss), "test_ppl": ppl(test_loss),
-        "base_val_loss": st["base"]["val"], "base_test_loss": st["base"]["test"],
-        "base_val_ppl": ppl(st["base"]["val"]), "base_test_ppl": ppl(st["base"]["test"]),
-        "tokens_per_s": st["tokens"] / max(st["train_time"], 1e-9), "tokens": st["tokens"],
-        "peak_memory_gb": peak_memory_gb(device, mem), "wall_time_s": time.time() - t_start,
-        "peak_reserved_gb": mem.overall()[1] / 2**30 if mem else None,
-        "checkpointing": kernels.checkpointing_record(model, t.gradient_checkpointing, budget),
-        "train_time_s": st["train_time"], "steps": st["step"], "epochs": st["epoch"] + st["batch"] / max(1, len(plan)),
-        "n_examples": {s: len(data[s]) for s in ("train", "val", "test")},
-        "n_target_tokens": {"val": n_val, "test": n_test},
-        "history": st["history"], "resumed_from_step": st["resumed_from"],
-        "config_fingerprint": config.get("fingerprint"), "compat": compat,
-        "base_model": cfg.model.base, "lora": h["lora"], "hyper": {k: v for k, v in h.items() if k != "lora"},
-        "device": device, "attn_implementation": attn_implementation(cfg, device), "fused_loss": fused, "fused_lora_layers": fused_lora,
-        "micro_batch": {"rows": rows, "seq_len": seq_len, "grad_accum": h["grad_accum"], "packing": t.packing},
-    }
-    if not all(math.isfinite(x) for x in (val_loss, test_loss) if x is not None):
-        raise NonFiniteLossError(f"domain {domain}: final val/test loss is not finite ({val_loss}, {test_loss}); "
-                                 "no adapter was exported")
-    report["adapter_uri"] = export.export_adapter(model, tok, store, domain, report)
-    session.report({k: v for k, v in report.items() if isinstance(v, (int, float, str)) and v is not None})
-    return report
+    from pipeline.train.data import collect
+    from pipeline.train.device import CudaUnavailableError
+    from pipeline.train.faults import with_faults
+    cfg, domain = config["cfg"], config["domain"]
+    data = collect(ray.train.get_dataset_shard("sft").iter_batches(batch_size=256, batch_format="numpy"))
+    session = RaySession(open_store(cfg), cfg.run_name, domain)
+    try:
+        train_domain(cfg, domain, data, session, with_faults(DomainRecipe, config.get("faults")), config.get("fingerprint"))
+    except (NonFiniteLossError, IncompatibleCheckpointError, CudaUnavailableError) as e:
+        # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
+        write_fatal(cfg, domain, f"{type(e).__name__}: {e}")

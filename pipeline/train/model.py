@@ -4,7 +4,7 @@
     load_tokenizer(path, cfg)      -> the tokenizer (pad token set)
     load_model(path, cfg, device)  -> the causal LM: 4-bit NF4 (double quant) when model.quantization
                                       is nf4, else plain weights in the compute dtype
-    add_lora(model, lora, cfg)     -> the PEFT model with only the LoRA weights trainable
+    add_lora(model, lora, cfg)     -> the PEFT model with only the LoRA weights trainable (lora: config.LoraSettings)
     encode_example(tok, prompt, response, template) -> (prompt_ids, response_ids)
 
 Prompt format: the tokenizer's chat template when it has one and train.chat_template is 'auto';
@@ -16,9 +16,11 @@ The prompt part (everything up to and including "### Answer:\n") is what train.m
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -119,8 +121,9 @@ def attn_implementation(cfg, device: str) -> str:
 def load_tokenizer(path: str, cfg):
     from transformers import AutoTokenizer
     try:
+        # trust_remote_code is always passed (never None): with None transformers asks on the terminal
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision if path == cfg.model.base else None,
-                                            trust_remote_code=cfg.model.trust_remote_code)
+                                            trust_remote_code=bool(cfg.model.trust_remote_code))
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}; set model.base to a model that ships one") from None
     if tok.pad_token_id is None:
@@ -134,7 +137,7 @@ def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     quantize = (cfg.model.quantization == "nf4") if quantize is None else quantize
     dtype = compute_dtype(cfg, device)
-    kw: dict[str, Any] = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+    kw: dict[str, Any] = dict(dtype=dtype, trust_remote_code=bool(cfg.model.trust_remote_code),
                               attn_implementation=attn_implementation(cfg, device))
     if path == cfg.model.base and cfg.model.revision:
         kw["revision"] = cfg.model.revision
@@ -165,16 +168,32 @@ def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None):
     return model
 
 
-def add_lora(model, lora: dict, cfg, gradient_checkpointing: bool):
-    """Wrap with LoRA (r, alpha, dropout, target modules); only the LoRA weights train."""
+def add_lora(model, lora, cfg, gradient_checkpointing: bool):
+    """Wrap with LoRA (a config.LoraSettings: r, alpha, dropout, target modules); only the LoRA weights train."""
     from peft import LoraConfig, get_peft_model
     from pipeline.train.kernels import prepare_for_kbit
     # frozen base, non-reentrant checkpointing, weights kept in their dtype (no fp32 upcast)
     model = prepare_for_kbit(model, gradient_checkpointing)
-    targets = lora["target_modules"]
-    pcfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
-    return get_peft_model(model, pcfg)
+    pcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none")
+    with _peft_on_transformers5():
+        return get_peft_model(model, pcfg)
+
+
+def load_adapter_onto(model, path: str, adapter_name: str = "default"):
+    """PeftModel.from_pretrained: the adapter saved at `path` on the base `model` (inference)."""
+    from peft import PeftModel
+    with _peft_on_transformers5():
+        return PeftModel.from_pretrained(model, path, adapter_name=adapter_name)
+
+
+@contextlib.contextmanager
+def _peft_on_transformers5():
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias, a FutureWarning per
+    model wrapped; nothing for a user to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 # ---- prompt format ---------------------------------------------------------------------------

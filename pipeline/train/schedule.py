@@ -1,4 +1,5 @@
-"""Ray Tune over the domains: one trial per domain, each trial a TorchTrainer with one worker.
+"""Ray Tune over the domains: one trial per domain, each trial a TorchTrainer with
+resources.workers_per_trial workers (one by default).
 
     run_domains(cfg, store) -> dict[domain, dict]
 
@@ -10,17 +11,29 @@
   many at once as the cluster holds (queued otherwise). FailureConfig(max_failures=train.max_failures)
   retries a worker from its last checkpoint. A failing domain is recorded as failed with its cause
   and does not stop the others.
-- State: runs/<run_name>/domains/<domain>.json {"domain","state","error","updated","val_loss","adapter_uri"}.
-  Results come back through the Store (training_report.json, state and fatal files), not Result.metrics.
+- State: runs/<run_name>/domains/<domain>.json {"domain", "state", "error", "updated", "heartbeat", "pid",
+  "host", "val_loss", "adapter_uri"}; state is running (heartbeat refreshed every HEARTBEAT_S by the
+  trial; pid/host are the driver's), finished, failed, skipped or interrupted (Ctrl-C: the driver marks
+  every unfinished domain and re-raises). Results come back through the Store (training_report.json,
+  state and fatal files), not Result.metrics.
+- Metrics: every report of the training workers reaches the Tune trial (TuneReportCallback), so the
+  dashboard's trial table and Tune's TensorBoard / CSV / JSON loggers under runs/<run_name>/tune/ carry
+  train_loss, val_loss, tokens_per_s, step.
+- Secrets: Ray Tune copies AWS_* credentials from the driver's environment into each trial actor's
+  runtime_env, which Ray writes to its logs. They are hidden from Tune while it starts trials; the
+  trials get them from the environment their node already has.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import socket
+import threading
 import time
-from typing import Any, Optional
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +41,13 @@ SPLITS = ("train", "val", "test")
 # The Tune trial (a thin driver around the domain's TorchTrainer) holds this much CPU, taken out of
 # the trial's resources.cpus_per_trial so that N trials fit in N * cpus_per_trial CPUs.
 TRIAL_CPU = 0.01
+HEARTBEAT_S = 30.0
 
 
 def domain_fingerprint(cfg, domain: str) -> str:
     """What makes a finished adapter current: model, this domain's hyperparameters, data layout."""
     t = cfg.train
-    d = {"model": cfg.model.model_dump(mode="json"), "hyper": cfg.hyper_for(domain),
+    d = {"model": cfg.model.model_dump(mode="json"), "hyper": cfg.hyper_for(domain).model_dump(mode="json"),
          "train": {k: getattr(t, k) for k in ("max_seq_length", "packing", "mask_prompt", "chat_template", "seed",
                                               "gradient_checkpointing")}}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -43,11 +57,17 @@ def state_rel(cfg, domain: str) -> str:
     return f"runs/{cfg.run_name}/domains/{domain}.json"
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def write_state(store, cfg, domain: str, state: str, error: Optional[str] = None,
-                report: Optional[dict] = None) -> dict:
-    rec = {"domain": domain, "state": state, "error": error,
-           "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                report: Optional[dict] = None, driver: Optional[dict] = None) -> dict:
+    """driver: {"pid", "host"} of the process that runs the stage (for `adapters status`)."""
+    rec = {"domain": domain, "state": state, "error": error, "updated": _now(),
            "val_loss": (report or {}).get("val_loss"), "adapter_uri": (report or {}).get("adapter_uri")}
+    if state == "running":
+        rec.update(heartbeat=rec["updated"], **(driver or {}))
     store.write_json(state_rel(cfg, domain), rec)
     return rec
 
@@ -125,20 +145,42 @@ def _summarize(error: str) -> str:
     return error
 
 
-def _trial(params: dict) -> None:
-    """One domain: a TorchTrainer with one worker. Runs inside a Tune trial."""
-    import ray.data
+@contextlib.contextmanager
+def _heartbeat(store, cfg, domain: str, driver: dict) -> Iterator[None]:
+    """Keep the domain's state file saying `running` with a fresh heartbeat while the trial runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                if (store.read_json_or(state_rel(cfg, domain)) or {}).get("state") != "running":
+                    return  # the driver marked it (interrupted): do not overwrite that
+                write_state(store, cfg, domain, "running", driver=driver)
+            except Exception as e:  # noqa: BLE001 - a missed heartbeat is not worth a failed domain
+                log.warning("domain %s: heartbeat not written: %s", domain, e)
+
+    write_state(store, cfg, domain, "running", driver=driver)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{domain}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
+    """One domain: a TorchTrainer with resources.workers_per_trial workers. Runs inside a Tune trial."""
     import ray.train
     from ray.train.torch import TorchTrainer
-    from pipeline.config import Config
+    from ray.tune.integration.ray_train import TuneReportCallback
     from pipeline.storage import open_store
     from pipeline.train.data import tokenized_dataset
+    from pipeline.train.faults import FaultPlan
     from pipeline.train.loop import fatal_rel, train_loop_per_worker
 
-    cfg = Config.model_validate(params["cfg"])
     domain = params["domain"]
     store = open_store(cfg)
-    write_state(store, cfg, domain, "running")
     old = f"adapters/{domain}/training_report.json"
     if store.is_file(old):  # made with other settings: it no longer marks a current adapter
         store.write_bytes(f"adapters/{domain}/training_report.previous.json", store.read_bytes(old))
@@ -150,22 +192,29 @@ def _trial(params: dict) -> None:
     per_worker = {"CPU": max(TRIAL_CPU, r.cpus_per_trial - TRIAL_CPU), **({"GPU": r.gpus_per_trial} if cuda else {})}
     storage_path, fs = store.ray_storage(f"runs/{cfg.run_name}/train")
     error = None
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        datasets = {"sft": tokenized_dataset(store, domain, cfg)}
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": params["cfg"], "domain": domain, "faults": params.get("faults"),
-                               "fingerprint": domain_fingerprint(cfg, domain)},
-            scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=cuda, resources_per_worker=per_worker),
-            run_config=ray.train.RunConfig(
-                name=domain, storage_path=storage_path, storage_filesystem=fs,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep)),
-            datasets=datasets)
-        trainer.fit()
-    except Exception as e:  # TrainingFailedError wraps the worker's exception
-        error = _summarize(f"{type(e).__name__}: {e}")
+    with _heartbeat(store, cfg, domain, driver):
+        try:
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"cfg": cfg, "domain": domain, "faults": FaultPlan.parse(faults, domain),
+                                   "fingerprint": domain_fingerprint(cfg, domain)},
+                scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=cuda,
+                                                       resources_per_worker=per_worker),
+                run_config=ray.train.RunConfig(
+                    name=domain, storage_path=storage_path, storage_filesystem=fs,
+                    failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                    # every checkpoint is reported with its val loss (NaN when not evaluated): Ray keeps the
+                    # best ones by it, and always the latest
+                    checkpoint_config=ray.train.CheckpointConfig(
+                        num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute="val_loss",
+                        checkpoint_score_order="min"),
+                    callbacks=[TuneReportCallback()]),   # the workers' metrics reach this Tune trial
+                datasets={"sft": tokenized_dataset(store, domain, cfg)},
+                # every worker reads all examples and takes its rows of each micro-batch (see loop.py)
+                dataset_config=ray.train.DataConfig(datasets_to_split=[]))
+            trainer.fit()
+        except Exception as e:  # TrainingFailedError wraps the worker's exception
+            error = _summarize(f"{type(e).__name__}: {e}")
     fatal = store.read_json_or(fatal_rel(cfg.run_name, domain))
     if fatal:
         error = fatal["error"]
@@ -174,7 +223,7 @@ def _trial(params: dict) -> None:
         error = "training ended without an adapter (no training_report.json was written)"
     if error:
         write_state(store, cfg, domain, "failed", error=error[:4000])
-        raise RuntimeError(f"domain {domain} failed: {error[:1000]}")
+        raise RuntimeError(f"domain {domain} failed: {error.splitlines()[0][:500]}")
     write_state(store, cfg, domain, "finished", report=report)
 
 
@@ -194,22 +243,70 @@ def check_resources(cfg) -> None:
                               f"{res.get('CPU', 0):g} CPU(s): lower resources.cpus_per_trial")
 
 
+def _tune_copied_secrets() -> list[str]:
+    """The credential variables Ray Tune copies from the driver's environment into trial runtime_envs."""
+    try:
+        from ray.tune.execution.class_cache import ENV_VARS_TO_PROPAGATE as copied
+    except ImportError:  # moved in another Ray version: the ones 2.60 copies
+        copied = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+    return sorted(v for v in copied if any(w in v for w in ("KEY", "SECRET", "TOKEN", "PASSWORD")))
+
+
+@contextlib.contextmanager
+def secrets_hidden_from_tune() -> Iterator[None]:
+    """Take credentials out of this process's environment while Tune starts trials. This driver's own
+    Store resolved them already; the trials' workers read them from their node's environment (a local
+    Ray's nodes inherited this process's environment when they started)."""
+    saved = {k: os.environ.pop(k) for k in _tune_copied_secrets() if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _tune_loggers(cfg) -> list:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    loggers = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if cfg.train.tensorboard:
+        from ray.tune.logger import TBXLoggerCallback
+        loggers.append(TBXLoggerCallback())
+    return loggers
+
+
+def mark_interrupted(store, cfg, domains: list[str]) -> None:
+    for d in domains:
+        st = (store.read_json_or(state_rel(cfg, d)) or {}).get("state")
+        if st not in ("finished", "failed", "skipped"):
+            write_state(store, cfg, d, "interrupted", error="interrupted (Ctrl-C) before it finished; the same "
+                        "command resumes it from its last checkpoint")
+
+
 def run_domains(cfg, store) -> dict[str, dict]:
     from ray import tune
-    from pipeline.train.loop import FAULTS_ENV
+    from pipeline.train.faults import FAULTS_ENV
     todo, results = preflight(cfg, store)
     if todo:
         check_resources(cfg)
         storage_path, fs = store.ray_storage(f"runs/{cfg.run_name}/tune")
-        cfg_json = cfg.model_dump(mode="json")
+        trainable = tune.with_parameters(_trial, cfg=cfg, faults=os.environ.get(FAULTS_ENV),
+                                         driver={"pid": os.getpid(), "host": socket.gethostname()})
         tuner = tune.Tuner(
-            tune.with_resources(_trial, {"cpu": TRIAL_CPU}),
-            param_space={"domain": tune.grid_search(todo), "cfg": cfg_json, "faults": os.environ.get(FAULTS_ENV)},
+            tune.with_resources(trainable, {"cpu": TRIAL_CPU}),
+            param_space={"domain": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg), reuse_actors=False),
             run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage_path,
                                       storage_filesystem=fs, failure_config=tune.FailureConfig(max_failures=0),
-                                      verbose=0))
-        tuner.fit()  # errors of single trials are in the state files
+                                      callbacks=_tune_loggers(cfg), verbose=0))
+        # Ctrl-C reaches us as KeyboardInterrupt (Tune's own handler would let the trials run on), and
+        # the loggers are ours only (train.tensorboard decides on the TensorBoard one)
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        try:
+            with secrets_hidden_from_tune():
+                tuner.fit()  # errors of single trials are in the state files
+        except KeyboardInterrupt:
+            mark_interrupted(store, cfg, todo)
+            raise
     for d in cfg.domains:
         if d in results:
             continue

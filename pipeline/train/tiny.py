@@ -104,7 +104,7 @@ def pretrain(model, tok, texts: list[str], steps: int, seed: int, seq_len: int =
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 

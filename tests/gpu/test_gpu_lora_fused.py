@@ -37,7 +37,7 @@ def _model(cfg, store, checkpointing):
     torch.manual_seed(0)
     base = load_model(resolve_base(cfg, store), cfg, "cuda")
     kernels.apply_fused_kernels(base, "cuda", "auto")
-    model = add_lora(base, cfg.hyper_for("debate")["lora"], cfg, checkpointing)
+    model = add_lora(base, cfg.hyper_for("debate").lora, cfg, checkpointing)
     g = torch.Generator().manual_seed(3)
     for n, p in model.named_parameters():
         if "lora_B" in n:

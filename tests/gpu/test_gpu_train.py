@@ -46,7 +46,7 @@ def test_gpu_nf4_packed_equals_unpacked(gpu_env, attn):
     cfg, store, tok = gpu_env
     cfg = cfg.model_copy(deep=True)
     cfg.model.attn_implementation = attn
-    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cuda"), cfg.hyper_for("debate")["lora"], cfg, False)
+    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cuda"), cfg.hyper_for("debate").lora, cfg, False)
     assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.__class__.__name__ == "Linear4bit"
     assert model.dtype in (torch.bfloat16, torch.float16) or cfg.model.compute_dtype == "float32"
     model.eval()
@@ -67,7 +67,7 @@ def test_gpu_train_domain_learns_and_reports_memory(gpu_env, tmp_path):
     data = {"train": ex[:32], "val": ex[32:40], "test": ex[40:]}
     c = cfg.model_copy(deep=True)
     c.train.max_steps = 20
-    rep = train_domain({"cfg": c.model_dump(mode="json"), "domain": "debate"}, data, LocalSession(str(tmp_path)))
+    rep = train_domain(c, "debate", data, LocalSession(str(tmp_path)))
     assert rep["device"].startswith("cuda")
     assert rep["val_loss"] < rep["base_val_loss"]
     assert 0 < rep["peak_memory_gb"] < torch.cuda.get_device_properties(0).total_memory / 2**30

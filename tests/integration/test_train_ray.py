@@ -77,8 +77,7 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch):
     from pipeline.errors import UserFacingError
     from pipeline.train import run_train
-    from pipeline.train.data import collect, tokenize_batch
-    from pipeline.train.data import read_sft
+    from pipeline.train.data import Tokenize, collect, read_split
     from pipeline.train.loop import LocalSession, train_domain
     from pipeline.train.schedule import domain_fingerprint
     store = Store(str(tmp_path / "ray"))
@@ -97,15 +96,11 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monk
     ref_cfg = cfg.model_copy(deep=True)
     ref_cfg.output = str(tmp_path / "ref")
     ref_store.upload_dir(tmp_path / "ray" / "base_model", "base_model")
-    import pyarrow as pa
-    batches = []
-    for s in ("train", "val", "test"):
-        t = read_sft(store, "debate", s)
-        t = t.append_column("split", pa.array([s] * len(t)))
-        batches.append(tokenize_batch({c: t[c].to_pylist() for c in t.column_names}, cfg.model_dump(mode="json")))
-    ref = train_domain({"cfg": ref_cfg.model_dump(mode="json"), "domain": "debate",
-                        "fingerprint": domain_fingerprint(cfg, "debate")}, collect(batches),
-                       LocalSession(str(tmp_path / "ref-ck"), resume=False))
+    tokenize = Tokenize(cfg)
+    batches = [tokenize(read_split(store, "debate", s, columns=("prompt", "response", "doc_id", "split")).to_pydict())
+               for s in ("train", "val", "test")]
+    ref = train_domain(ref_cfg, "debate", collect(batches), LocalSession(str(tmp_path / "ref-ck"), resume=False),
+                       fingerprint=domain_fingerprint(cfg, "debate"))
     assert [h["loss"] for h in res["history"]["train"]] == pytest.approx(
         [h["loss"] for h in ref["history"]["train"]], rel=1e-4)
     assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)

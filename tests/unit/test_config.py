@@ -86,8 +86,8 @@ def test_seed_environment_variables():
 def test_per_domain_overrides_and_redaction():
     cfg = load_config(DEMO, sets=["train.per_domain={medicine: {max_steps: 7, lora: {r: 4, alpha: 8}}}",
                                   "data.download.ddo_debates_url=https://u:secret@h/x?token=abc"], environ={})
-    assert cfg.hyper_for("medicine")["max_steps"] == 7 and cfg.hyper_for("medicine")["lora"]["r"] == 4
-    assert cfg.hyper_for("debate")["max_steps"] == cfg.train.max_steps
+    assert cfg.hyper_for("medicine").max_steps == 7 and cfg.hyper_for("medicine").lora.r == 4
+    assert cfg.hyper_for("debate").max_steps == cfg.train.max_steps
     red = str(cfg.redacted())
     assert "secret" not in red and "abc" not in red
 

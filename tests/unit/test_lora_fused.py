@@ -107,7 +107,7 @@ def nf4_env(tmp_path_factory):
 def _nf4_model(cfg, store, checkpointing=False):
     from pipeline.train.model import add_lora, load_model, resolve_base
     torch.manual_seed(0)
-    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate")["lora"], cfg, checkpointing)
+    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate").lora, cfg, checkpointing)
     g = torch.Generator().manual_seed(3)
     for n, p in model.named_parameters():
         if "lora_B" in n:

@@ -16,8 +16,10 @@ from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
 from pipeline.train.data import IGNORE, Example, collate, plan_batches, tokenize_example  # noqa: E402
-from pipeline.train.loop import (IncompatibleCheckpointError, LocalSession, NonFiniteLossError,  # noqa: E402
-                                 check_compat, compat_record, loss_sum, train_domain)
+from pipeline.train.faults import FaultPlan, with_faults  # noqa: E402
+from pipeline.train.kernels import loss_sum  # noqa: E402
+from pipeline.train.loop import (DomainRecipe, IncompatibleCheckpointError, LocalSession,  # noqa: E402
+                                 NonFiniteLossError, check_compat, compat_record, train_domain)
 from pipeline.train.model import add_lora, encode_example, load_model, load_tokenizer, resolve_base  # noqa: E402
 from pipeline.train.tiny import ensure_tiny  # noqa: E402
 
@@ -84,7 +86,7 @@ def test_packed_loss_equals_unpacked(env, quant):
     cfg = cfg.model_copy(deep=True)
     cfg.model.quantization = quant
     torch.manual_seed(0)
-    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate")["lora"], cfg, False)
+    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate").lora, cfg, False)
     # make LoRA non-zero so the adapter path matters too
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -116,19 +118,20 @@ def _cfg_steps(cfg, **train):
     return c
 
 
-def _run(cfg, tok, root, resume=True, **extra):
-    conf = {"cfg": cfg.model_dump(mode="json"), "domain": "debate", **extra}
-    return train_domain(conf, data_for(tok), LocalSession(str(root), resume=resume))
+def _run(cfg, tok, root, resume=True, faults=None):
+    recipe = with_faults(DomainRecipe, FaultPlan.parse(faults, "debate"))
+    return train_domain(cfg, "debate", data_for(tok), LocalSession(str(root), resume=resume), recipe)
 
 
 def test_resume_equals_uninterrupted(env, tmp_path):
     cfg, _, tok = env
     cfg = _cfg_steps(cfg, max_steps=8, checkpoint_every=3, eval_every=4)
     full = _run(cfg, tok, tmp_path / "a", resume=False)
-    # interrupted: the same run dies before step 7 (checkpoints at 3 and 6), then resumes
+    # interrupted: the same run dies before step 7 (checkpoints at 3 and 6, and at 4: the first
+    # evaluation, a new lowest val loss), then resumes
     with pytest.raises(SystemExit):
-        _run(cfg, tok, tmp_path / "b", crash_at=7)
-    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint_00000003", "checkpoint_00000006"]
+        _run(cfg, tok, tmp_path / "b", faults="debate:exit:7")
+    assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint_00000003", "checkpoint_00000004", "checkpoint_00000006"]
     resumed = _run(cfg, tok, tmp_path / "b")
     assert resumed["resumed_from_step"] == 6 and full["resumed_from_step"] is None
     assert resumed["val_loss"] < resumed["base_val_loss"]
@@ -142,7 +145,7 @@ def test_incompatible_resume_is_refused(env, tmp_path):
     cfg, _, tok = env
     cfg = _cfg_steps(cfg, max_steps=4, checkpoint_every=2, eval_every=4)
     with pytest.raises(SystemExit):
-        _run(cfg, tok, tmp_path, crash_at=4)
+        _run(cfg, tok, tmp_path, faults="debate:exit:4")
     other = cfg.model_copy(deep=True)
     other.lora.r = 4
     with pytest.raises(IncompatibleCheckpointError, match=r"lora.r: checkpoint has 8, config has 4.*new run_name"):
@@ -175,7 +178,7 @@ def test_lora_gradients_unchanged_by_eval_on_cpu(env):
     grads = []
     for run_eval_first in (False, True):
         torch.manual_seed(0)
-        model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate")["lora"], cfg, False)
+        model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate").lora, cfg, False)
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.02)

@@ -77,8 +77,7 @@ def test_merged_export_refuses_nan(tmp_path):
     ensure_tiny(cfg, store)
     tok = load_tokenizer(resolve_base(cfg, store), cfg)
     ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 16, 1)]
-    train_domain({"cfg": cfg.model_dump(mode="json"), "domain": "debate"},
-                 {"train": ex[:12], "val": ex[12:14], "test": ex[14:]}, LocalSession(str(tmp_path / "ck")))
+    train_domain(cfg, "debate", {"train": ex[:12], "val": ex[12:14], "test": ex[14:]}, LocalSession(str(tmp_path / "ck")))
     uri = export_merged(cfg, "debate", store)
     assert store.is_file("adapters/debate/merged/model.safetensors") and uri.endswith("adapters/debate/merged")
     f = tmp_path / "adapters" / "debate" / "adapter_model.safetensors"
