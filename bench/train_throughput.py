@@ -101,7 +101,7 @@ def build_base(path: str, arch: str, texts: list[str]) -> None:
 def run_ours(cfg, base: str, domain: str, targets: str, steps: int, variant: str = "default",
              profile: bool = False) -> dict:
     import torch
-    from pipeline.train.data import collect, read_sft, tokenize_batch
+    from pipeline.train.data import Tokenize, collect, read_split
     from pipeline.train.loop import LocalSession, train_domain
     from pipeline.storage import open_store
     c = cfg.model_copy(deep=True)
@@ -114,19 +114,15 @@ def run_ours(cfg, base: str, domain: str, targets: str, steps: int, variant: str
     c.train.checkpoint_every = 10 ** 6
     c.train.eval_max_batches = 2
     c.train.log_every = 1
-    cj = c.model_dump(mode="json")
     store = open_store(c)
-    batches = []
-    for split in ("train", "val", "test"):
-        t = read_sft(store, domain, split).to_pydict()
-        t["split"] = [split] * len(t["prompt"])
-        batches.append(tokenize_batch(t, cj))
-    data = collect(batches)
+    tokenize = Tokenize(c)
+    data = collect(tokenize(read_split(store, domain, split, columns=("prompt", "response", "doc_id", "split")).to_pydict())
+                   for split in ("train", "val", "test"))
     torch.cuda.empty_cache()
     if profile:
-        return profile_steps(cj, domain, data)
+        return profile_steps(c, domain, data)
     with tempfile.TemporaryDirectory() as d:
-        rep = train_domain({"cfg": cj, "domain": domain}, data, LocalSession(d, resume=False))
+        rep = train_domain(c, domain, data, LocalSession(d, resume=False))
     # steady state: the first steps compile kernels, and with checkpoint_keep_last auto the first three
     # steps measure memory (all layers checkpointed, then a probe) before settling
     hist = rep["history"]["train"][3:]
@@ -147,18 +143,18 @@ def run_ours(cfg, base: str, domain: str, targets: str, steps: int, variant: str
                 fused_loss=rep.get("fused_loss"), n_train=rep["n_examples"]["train"])
 
 
-def profile_steps(cj: dict, domain: str, data: dict) -> dict:
+def profile_steps(cfg, domain: str, data: dict) -> dict:
     """A 4-step run of the trainer under torch.profiler: the GPU kernels that took the most time
     (the model load's quantization and one eval batch per split are in the totals too)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from pipeline.train.loop import LocalSession, train_domain
-    cj = json.loads(json.dumps(cj))
-    cj["train"]["max_steps"] = 4
-    cj["train"]["eval_max_batches"] = 1
+    c = cfg.model_copy(deep=True)
+    c.train.max_steps = 4
+    c.train.eval_max_batches = 1
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with tempfile.TemporaryDirectory() as d:
-            train_domain({"cfg": cj, "domain": domain}, data, LocalSession(d, resume=False))
+            train_domain(c, domain, data, LocalSession(d, resume=False))
         torch.cuda.synchronize()
     ka = prof.key_averages()
     table = ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
@@ -216,8 +212,8 @@ def main() -> int:
     cfg = bench_config(a.data, f"{a.work}/out")
     prepare_data(cfg)
     from pipeline.storage import open_store
-    from pipeline.train.data import read_sft
-    texts = [p + "\n" + r for p, r in zip(*[read_sft(open_store(cfg), a.domain, "train").column(c).to_pylist()
+    from pipeline.train.data import read_split
+    texts = [p + "\n" + r for p, r in zip(*[read_split(open_store(cfg), a.domain, "train").column(c).to_pylist()
                                               for c in ("prompt", "response")])]
     base = f"{a.work}/base-{a.arch}"
     build_base(base, a.arch, texts)

@@ -12,9 +12,9 @@
 
 A checkpoint (every train.checkpoint_every steps, and at every evaluation that lowers the val loss)
 holds the LoRA weights, optimizer, scheduler, RNG states, the data position (epoch, batch index),
-history, the best evaluation so far and the compatibility record; it is reported with its own val
-loss (NaN when the step was not evaluated), so Ray's CheckpointConfig keeps the best ones by val loss
-plus the latest. On a retry (FailureConfig) or a re-run with the same output and run_name, Ray hands
+history, the best evaluation so far and the compatibility record; it is reported with the val loss of
+its weights (CHECKPOINT_SCORE; UNSCORED when the step was not evaluated), so Ray's CheckpointConfig
+keeps the best ones by val loss plus the latest. On a retry (FailureConfig) or a re-run with the same output and run_name, Ray hands
 the latest one back and the recipe continues from it; one made with another base model, LoRA shape or
 data layout is refused with IncompatibleCheckpointError. A non-finite loss or gradient norm stops the
 domain with NonFiniteLossError (nothing is checkpointed or exported after it).
@@ -45,6 +45,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 NAN = float("nan")
+CHECKPOINT_SCORE = "checkpoint_val_loss"   # Ray keeps the checkpoints with the lowest (schedule.py)
+UNSCORED = 1e30                            # a checkpoint made at a step that was not evaluated
 # the metrics every report to Tune carries (NaN when not known at that step)
 METRIC_KEYS = ("train_loss", "val_loss", "best_val_loss", "lr", "tokens_per_s", "base_val_loss", "base_test_loss")
 
@@ -496,7 +498,10 @@ class DomainRecipe:
             improved = self.record_eval(*self._eval("val"))
             metrics.update(val_loss=st.history["val"][-1]["loss"], best_val_loss=st.best["val_loss"] if st.best else NAN)
         if (st.step % t.checkpoint_every == 0 or improved) and st.step < h.max_steps and st.stopped is None:
-            self.save_checkpoint(metrics)   # its val_loss is NaN unless this step was evaluated
+            # what Ray ranks kept checkpoints by: the val loss of these weights, or a finite "worst" when this
+            # step was not evaluated (NaN does not survive Ray's checkpoint-manager snapshot, a JSON file)
+            evaluated = st.step % t.eval_every == 0 and math.isfinite(metrics["val_loss"])
+            self.save_checkpoint({**metrics, CHECKPOINT_SCORE: metrics["val_loss"] if evaluated else UNSCORED})
         elif st.step % t.eval_every == 0 or st.step % t.log_every == 0:
             self.session.report(metrics)
 

@@ -177,7 +177,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     from pipeline.storage import open_store
     from pipeline.train.data import tokenized_dataset
     from pipeline.train.faults import FaultPlan
-    from pipeline.train.loop import fatal_rel, train_loop_per_worker
+    from pipeline.train.loop import CHECKPOINT_SCORE, fatal_rel, train_loop_per_worker
 
     domain = params["domain"]
     store = open_store(cfg)
@@ -203,10 +203,10 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
                 run_config=ray.train.RunConfig(
                     name=domain, storage_path=storage_path, storage_filesystem=fs,
                     failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-                    # every checkpoint is reported with its val loss (NaN when not evaluated): Ray keeps the
-                    # best ones by it, and always the latest
+                    # every checkpoint is reported with the val loss of its weights: Ray keeps the best
+                    # ones by it, and always the latest
                     checkpoint_config=ray.train.CheckpointConfig(
-                        num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute="val_loss",
+                        num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute=CHECKPOINT_SCORE,
                         checkpoint_score_order="min"),
                     callbacks=[TuneReportCallback()]),   # the workers' metrics reach this Tune trial
                 datasets={"sft": tokenized_dataset(store, domain, cfg)},

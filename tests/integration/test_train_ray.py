@@ -3,6 +3,7 @@ skip on re-run, a worker killed mid-run and resumed, incompatible resume, PEFT l
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures_train import tiny_config, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
@@ -130,4 +133,45 @@ def test_oom_on_a_worker_is_retried_then_reported_failed_with_its_cause(ray_loca
     assert len(attempts) == 2, attempts  # the first try and one retry
     state = store.read_json("runs/t/domains/medicine.json")
     assert state["state"] == "failed" and "OutOfMemoryError" in state["error"]
+    assert not store.exists("adapters/medicine/training_report.json")
+
+
+WORKER_WITHOUT_CUDA = r'''
+import json, os, sys
+sys.path.insert(0, "tests")
+import ray
+from fixtures_train import tiny_config, write_sft
+from pipeline.storage import Store
+from pipeline.train import run_train
+out = sys.argv[1]
+write_sft(Store(out), domains=["debate", "medicine"])
+# two (fake) GPUs; DOMAIN_ADAPTERS_FAKE_GPU=1 lets a cuda trial compute on this CPU-only machine, except
+# where the no_cuda fault makes its worker check CUDA for real (a node whose CUDA is unusable)
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+         runtime_env={"env_vars": {"DOMAIN_ADAPTERS_FAKE_GPU": "1", "TOKENIZERS_PARALLELISM": "false"}})
+os.environ["DOMAIN_ADAPTERS_FAULTS"] = "medicine:no_cuda"
+cfg = tiny_config(out, domains=["debate", "medicine"], train__max_steps=4, train__eval_matrix=False,
+                  resources={"device": "cuda", "cpus_per_trial": 0.5, "gpus_per_trial": 1, "max_concurrent_trials": 2})
+res = run_train(cfg)
+print("RESULT " + json.dumps({d: {k: r.get(k) for k in ("status", "error", "device")} for d, r in res.items()}))
+'''
+
+
+def test_worker_without_cuda_fails_domain(tmp_path):
+    """resources.device cuda and a worker on a node where CUDA is unusable: that domain fails with the
+    node, the cause and the fix (no silent CPU fallback); the other domain trains."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
+    r = subprocess.run([sys.executable, "-c", WORKER_WITHOUT_CUDA, str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, (r.stdout + r.stderr)[-5000:]
+    res = json.loads(line[len("RESULT "):])
+    assert res["debate"]["status"] == "finished" and res["debate"]["device"] == "cpu"
+    err = res["medicine"]["error"]
+    assert res["medicine"]["status"] == "failed"
+    assert err.startswith("CudaUnavailableError: resources.device is cuda but CUDA cannot be used on node "), err
+    assert "set resources.device: cpu" in err and "nvidia-smi" in err
+    store = Store(str(tmp_path))
+    assert store.read_json("runs/t/domains/medicine.json")["state"] == "failed"
     assert not store.exists("adapters/medicine/training_report.json")

@@ -189,3 +189,56 @@ def test_lora_gradients_unchanged_by_eval_on_cpu(env):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for n, g in grads[0].items():
         assert torch.allclose(g, grads[1][n], rtol=1e-4, atol=1e-7), n
+
+
+def _overfit_run(cfg, tok, root, resume=True, faults=None, **train):
+    """Training on debate, validated on medicine: the val loss is lowest at the first evaluation, then rises."""
+    c = _cfg_steps(cfg, max_steps=16, eval_every=2, checkpoint_every=5, learning_rate=0.01, warmup_steps=0, **train)
+    data = {"train": examples(tok, "debate", 1, 12), "val": examples(tok, "medicine", 2, 10),
+            "test": examples(tok, "medicine", 3, 10)}
+    recipe = with_faults(DomainRecipe, FaultPlan.parse(faults, "debate"))
+    return train_domain(c, "debate", data, LocalSession(str(root), resume=resume), recipe)
+
+
+def test_exported_adapter_is_the_lowest_val_loss_not_the_last(env, tmp_path):
+    cfg, store, tok = env
+    rep = _overfit_run(cfg, tok, tmp_path / "ck", resume=False)
+    vals = {v["step"]: v["loss"] for v in rep["history"]["val"]}
+    best = min(vals, key=vals.get)
+    assert vals[16] > vals[best] and best < 16, vals  # the val loss rose after an early minimum
+    assert rep["steps"] == 16 and rep["stopped_early"] is None
+    assert rep["exported_step"] == best and f"at step {best}" in rep["export_reason"]
+    assert rep["val_loss"] == pytest.approx(vals[best], rel=1e-6)  # measured again on the exported weights
+    # the adapter on disk is that one: loaded onto the base model it gives the same val loss
+    from pipeline.train.loop import evaluate
+    from pipeline.train.model import load_adapter_onto
+    model = load_adapter_onto(load_model(resolve_base(cfg, store), cfg, "cpu"), str(store.local_path("adapters/debate")))
+    val = examples(tok, "medicine", 2, 10)
+    loss, _ = evaluate(model, val, rows=4, seq_len=128, pad_id=tok.pad_token_id, device="cpu")
+    assert loss == pytest.approx(vals[best], rel=1e-5)
+    saved = store.read_json("adapters/debate/training_report.json")
+    assert saved["exported_step"] == best and saved["export_reason"] == rep["export_reason"]
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best(env, tmp_path):
+    cfg, _, tok = env
+    rep = _overfit_run(cfg, tok, tmp_path / "ck", resume=False, early_stopping_patience=3)
+    vals = [v["step"] for v in rep["history"]["val"]]
+    best = rep["exported_step"]
+    assert vals == list(range(2, best + 3 * 2 + 1, 2)), vals  # three evaluations after the best, then stop
+    assert rep["steps"] == best + 6 < 16
+    assert "early stopping: 3 evaluations" in rep["stopped_early"]
+
+
+def test_resume_keeps_the_best_adapter_of_before_the_crash(env, tmp_path):
+    cfg, _, tok = env
+    full = _overfit_run(cfg, tok, tmp_path / "a", resume=False)
+    with pytest.raises(SystemExit):
+        _overfit_run(cfg, tok, tmp_path / "b", faults="debate:exit:12")
+    # checkpoints: every 5 steps, and at each evaluation that lowered the val loss
+    assert f"checkpoint_{full['exported_step']:08d}" in os.listdir(tmp_path / "b")
+    resumed = _overfit_run(cfg, tok, tmp_path / "b")
+    assert resumed["resumed_from_step"] == 10
+    assert resumed["exported_step"] == full["exported_step"] < 10
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
+    assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-6)
