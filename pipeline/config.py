@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.redaction import redact_url
+
 DOMAINS = ("debate", "medicine", "education", "ecology")
 SOURCES = (
     "debatesum", "opencaselist", "iam", "ddo",
@@ -294,15 +296,10 @@ class Config(_Strict):
         d = self.model_dump(mode="json")
         for k in ("ddo_debates_url", "ddo_users_url", "ddo_gdrive_folder_url"):
             if d["data"]["download"].get(k):
-                d["data"]["download"][k] = _strip_url_secrets(d["data"]["download"][k])
+                d["data"]["download"][k] = redact_url(d["data"]["download"][k])
         if d["storage"].get("endpoint_url"):
-            d["storage"]["endpoint_url"] = _strip_url_secrets(d["storage"]["endpoint_url"])
+            d["storage"]["endpoint_url"] = redact_url(d["storage"]["endpoint_url"])
         return d
-
-
-def _strip_url_secrets(url: str) -> str:
-    url = re.sub(r"//[^/@]+@", "//***@", url)
-    return re.sub(r"([?&](?:token|key|signature|sig|X-Amz-[A-Za-z-]+)=)[^&]+", r"\1***", url, flags=re.I)
 
 
 # ---- loading ---------------------------------------------------------------------------------

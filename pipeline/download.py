@@ -39,8 +39,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.config import SOURCE_DOMAIN, SOURCES, _strip_url_secrets
+from pipeline.config import SOURCE_DOMAIN, SOURCES
 from pipeline.errors import UserFacingError
+from pipeline.redaction import redact_url, scrub
+from pipeline.storage import atomic_write, open_store
 
 log = logging.getLogger("pipeline.download")
 
@@ -189,11 +191,6 @@ def _prune(root: Path, patterns: tuple[str, ...]) -> None:
             p.unlink()
 
 
-def redact(text: str) -> str:
-    text = re.sub(r"https?://\S+", lambda m: _strip_url_secrets(m.group(0)), str(text))
-    return re.sub(r"hf_[A-Za-z0-9]{10,}", "hf_***", text)
-
-
 def _retry(fn: Callable[[], Any], what: str, retries: int, transient: Callable[[BaseException], bool],
            base_delay: float = 1.0) -> Any:
     for attempt in range(retries + 1):
@@ -203,7 +200,7 @@ def _retry(fn: Callable[[], Any], what: str, retries: int, transient: Callable[[
             if attempt >= retries or not transient(e):
                 raise
             delay = min(30.0, base_delay * 2 ** attempt)
-            log.warning("%s: %s; retrying in %.0fs (%d/%d)", what, redact(e), delay, attempt + 1, retries)
+            log.warning("%s: %s; retrying in %.0fs (%d/%d)", what, scrub(e), delay, attempt + 1, retries)
             time.sleep(delay)
 
 
@@ -270,7 +267,7 @@ def http_download(url: str, dest: Path, timeout_s: float, retries: int) -> dict[
                     page = resp.read(2_000_000).decode("utf-8", "replace")
                     nxt = _confirm_url(page, resp.geturl())
                     if nxt is None:
-                        raise DownloadError(f"{_strip_url_secrets(url)} returned an HTML page, not the file "
+                        raise DownloadError(f"{redact_url(url)} returned an HTML page, not the file "
                                             "(is the share link public, 'Anyone with the link'?)")
                     target = nxt
                     continue
@@ -285,8 +282,8 @@ def http_download(url: str, dest: Path, timeout_s: float, retries: int) -> dict[
                 if expected is not None and int(expected) != n:
                     raise ConnectionError(f"short read: got {n} of {expected} bytes")
                 return {"sha256": h.hexdigest(), "size": n}
-        raise DownloadError(f"{_strip_url_secrets(url)}: too many confirmation pages")
-    return _retry(once, f"GET {_strip_url_secrets(url)}", retries, _is_transient)
+        raise DownloadError(f"{redact_url(url)}: too many confirmation pages")
+    return _retry(once, f"GET {redact_url(url)}", retries, _is_transient)
 
 
 def gdrive_folder_files(folder_url: str, timeout_s: float, retries: int) -> dict[str, str]:
@@ -295,7 +292,7 @@ def gdrive_folder_files(folder_url: str, timeout_s: float, retries: int) -> dict
         req = urllib.request.Request(folder_url, headers={"User-Agent": "Mozilla/5.0"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return resp.read().decode("utf-8", "replace")
-    page = _retry(once, f"GET {_strip_url_secrets(folder_url)}", retries, _is_transient)
+    page = _retry(once, f"GET {redact_url(folder_url)}", retries, _is_transient)
     page = page.encode().decode("unicode_escape", "ignore") if "\\x22" in page else page
     found: dict[str, str] = {}
     for fid, name in re.findall(r'\[\s*"([\w-]{20,})"\s*,\s*\[[^\]]*\]\s*,\s*"([^"]+\.json)"', page):
@@ -319,7 +316,7 @@ def _git(args: list[str], cwd: Optional[Path], timeout_s: float) -> str:
         cmd = next((a for a in args if a in ("clone", "rev-parse")), args[0])
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         fatal = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
-        msg = redact((fatal or lines or [f"exit {r.returncode}"])[0])
+        msg = scrub((fatal or lines or [f"exit {r.returncode}"])[0])
         if any(s in r.stderr for s in ("Could not resolve host", "Connection timed out", "Connection reset",
                                        "early EOF", "RPC failed", "Operation too slow")):
             raise ConnectionError(f"git {cmd}: {msg}")
@@ -338,7 +335,7 @@ def fetch_git(part: Part, tmp: Path, timeout_s: float, retries: int) -> dict[str
             args += ["--branch", part.revision]
         _git(args + [part.repo, str(tmp)], None, timeout_s * 20)
         return _git(["rev-parse", "HEAD"], tmp, 30)
-    commit = _retry(once, f"git clone {_strip_url_secrets(part.repo)}", retries,
+    commit = _retry(once, f"git clone {redact_url(part.repo)}", retries,
                     lambda e: isinstance(e, (ConnectionError, TimeoutError)))
     _prune(tmp, part.patterns)
     return {"commit": commit, "revision": part.revision or "HEAD"}
@@ -373,7 +370,7 @@ def fetch_hf(part: Part, tmp: Path, timeout_s: float, retries: int, endpoint: Op
     try:
         sha = _retry(once, f"huggingface {part.repo}", retries, transient)
     except permanent as e:
-        raise DownloadError(f"Hugging Face dataset {part.repo}: {type(e).__name__}: {redact(str(e).splitlines()[0])}"
+        raise DownloadError(f"Hugging Face dataset {part.repo}: {type(e).__name__}: {scrub(str(e).splitlines()[0])}"
                             + (" (gated: accept its terms on the Hub and set HF_TOKEN)" if "Gated" in type(e).__name__ else ""))
     _prune(tmp, part.patterns)
     return {"revision": part.revision or "main", "commit": sha}
@@ -411,12 +408,12 @@ def fetch_part(part: Part, source: Source, raw: Path, dl: Any) -> dict[str, Any]
             info["url"] = f"{(dl.hf_endpoint or 'https://huggingface.co').rstrip('/')}/datasets/{part.repo}"
         elif part.kind == "git":
             info.update(fetch_git(part, tmp, dl.timeout_s, dl.retries))
-            info["url"] = _strip_url_secrets(part.repo)
+            info["url"] = redact_url(part.repo)
         elif part.kind == "http":
             urls = _http_urls(part, dl, dl.timeout_s, dl.retries)
             for name, url in urls.items():
                 http_download(url, tmp / name, dl.timeout_s, dl.retries)
-            info["urls"] = {n: _strip_url_secrets(u) for n, u in urls.items()}
+            info["urls"] = {n: redact_url(u) for n, u in urls.items()}
         else:
             raise DownloadError(f"unknown fetch kind {part.kind!r}")
         files = file_records(tmp)
@@ -552,7 +549,7 @@ def _do_source(src: Source, raw: Path, dl: Any, offline: bool, previous: dict[st
             entry["parts"].append({"dir": part.dest, "kind": "local", "files": file_records(d)})
             statuses.append("local")
             continue
-        log.info("download %s: %s %s -> %s", src.name, part.kind, _strip_url_secrets(part.repo) or "urls", d)
+        log.info("download %s: %s %s -> %s", src.name, part.kind, redact_url(part.repo) or "urls", d)
         t0 = time.time()
         m = fetch_part(part, src, raw, dl)
         log.info("download %s: %d files, %.1f MB in %.1fs", src.name, m["n_files"], m["bytes"] / 1e6, time.time() - t0)
@@ -561,8 +558,9 @@ def _do_source(src: Source, raw: Path, dl: Any, offline: bool, previous: dict[st
     entry["status"] = "downloaded" if "downloaded" in statuses else ("complete" if set(statuses) == {"complete"} else "local")
     entry["time"] = _now()
     if multi:
-        (top / MARKER).write_text(json.dumps({"source": src.name, "license": src.license, "url": src.url,
-                                              "parts": entry["parts"], "time": entry["time"]}, indent=2) + "\n")
+        marker = json.dumps({"source": src.name, "license": src.license, "url": src.url,
+                             "parts": entry["parts"], "time": entry["time"]}, indent=2) + "\n"
+        atomic_write(top / MARKER, lambda f: f.write(marker.encode()))
     return entry
 
 
@@ -596,7 +594,7 @@ def run_download(cfg, table: Optional[dict[str, Source]] = None) -> dict[str, An
         try:
             entry = _do_source(src, raw, dl, offline, previous)
         except Exception as e:
-            msg = redact(str(e) or type(e).__name__)
+            msg = scrub(str(e) or type(e).__name__)
             entry = {"source": name, "domain": src.domain, "dir": src.dir, "license": src.license,
                      "status": "missing" if offline else "failed", "error": msg, "how": how_to_provide(src, raw)}
             if offline and cfg.data.allow_missing:
@@ -611,15 +609,12 @@ def run_download(cfg, table: Optional[dict[str, Source]] = None) -> dict[str, An
         manifest["sources"][name] = entry
         log.info("source %-15s %s", name, entry["status"])
     text = json.dumps(manifest, indent=2) + "\n"
-    tmpf = raw / f".{MANIFEST}.tmp-{os.getpid()}"
     try:
-        tmpf.write_text(text)
-        os.replace(tmpf, raw / MANIFEST)
+        atomic_write(raw / MANIFEST, lambda f: f.write(text.encode()))
     except OSError as e:   # a read-only raw dir of the user's own files: the output's copy is enough
         if any(ent.get("status") == "downloaded" for ent in manifest["sources"].values()):
             raise
         log.warning("cannot write %s (%s); the manifest is in the output only", raw / MANIFEST, e.strerror or e)
-    from pipeline.storage import open_store
     open_store(cfg).write_text(f"data/{MANIFEST}", text)
     if errors:
         raise UserFacingError("download failed for " + str(len(errors)) + " source(s):\n  " + "\n  ".join(errors)
