@@ -548,8 +548,8 @@ class Store:
         if not paths:
             raise StorageNotFound(f"read {self.uri_of(rel)}: no Parquet file there")
         cols = list(columns) if columns is not None else None
-        return self._io(lambda: pq.read_table(paths if len(paths) > 1 else paths[0], filesystem=fs, columns=cols),
-                        f"read {self.uri_of(rel)}")
+        return self._io(lambda: pq.read_table(paths if len(paths) > 1 else paths[0], filesystem=fs, columns=cols,
+                                              partitioning=None), f"read {self.uri_of(rel)}")
 
     def parquet_paths(self, rel: str) -> tuple[list[str], pafs.FileSystem]:
         """(paths, filesystem) of the Parquet file rel, or of the .parquet files under the directory rel
@@ -602,6 +602,16 @@ class Store:
         self._io(lambda: pafs.copy_files(str(local_dir), self.path(rel), pafs.LocalFileSystem(), self.fs),
                  f"upload {local_dir} to {self.uri_of(rel)}")
         return self.uri_of(rel)
+
+    def download_file(self, rel: str, local_file: str | Path) -> Path:
+        """Copy the file rel ('' for a store rooted at one object) to local_file, streamed, atomically."""
+        dst = Path(local_file)
+
+        def fill(out: IO[bytes]) -> None:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+        self._io(lambda: atomic_write(dst, fill), f"download {self.uri_of(rel)} to {dst}")
+        return dst
 
     def download_dir(self, rel: str, local_dir: str | Path) -> Path:
         """Copy the directory rel into local_dir (each file atomically; streamed, not read into memory)."""
