@@ -425,7 +425,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         ls = listings[n]
         listing = [(rel, p.stat().st_size, p.stat().st_mtime_ns) for p, rel in ls.read + ls.unmatched]
         listing += [(rel, "refused", p.lstat().st_mtime_ns) for p, rel in ls.refused]
-        src_fp[n] = digest(n, settings, listing, chain.get(dom, ""))
+        src_fp[n] = digest(n, specs[n].declaration, settings, listing, chain.get(dom, ""))
         chain[dom] = src_fp[n]
     domains = [dm for dm in cfg.domains if any(specs[n].domain == dm for n in names)]
     dom_fp = {dm: digest(dm, [src_fp[n] for n in names if specs[n].domain == dm], d.max_sft_per_domain, d.split, d.split_seed)
@@ -448,6 +448,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         src = specs[n]
         if not present[n]:
             src_manifest[n] = {"status": "missing", "domain": src.domain, "raw_subdir": src.raw_dir, "files": [],
+                               "license": src.license, "url": src.url,
                                "read": 0, "kept": 0, "quarantined": 0, "quarantined_by_reason": {}, "deduplicated": 0,
                                "capped": 0, "how_to_get": src.how_to_get}
             continue

@@ -143,6 +143,7 @@ class SourceSpec:
     # a file or folder read in place instead of <raw_dir>/<raw_dir> (custom sources on local disk)
     local_path: Optional[str] = None
     note: str = ""                        # said in the manifest (e.g. that a text-only source gives no SFT)
+    declaration: str = ""                 # what else decides its records (a custom source: its config), for re-runs
     task: Optional[EvalTask] = None
 
     def folder(self, raw_root: Path) -> Path:

@@ -46,7 +46,8 @@ def custom_spec(c: "CustomSourceConfig") -> SourceSpec:
     return SourceSpec(
         c.name, c.domain, raw_dir, PATTERNS[c.format], functools.partial(read, c), functools.partial(normalize, c),
         build_sft, license=c.license, url=url, how_to_get=how, parts=parts,
-        local_path=c.path if c.where == "local" else None, note=TEXT_ONLY_NOTE if c.text else "")
+        local_path=c.path if c.where == "local" else None, note=TEXT_ONLY_NOTE if c.text else "",
+        declaration=c.model_dump_json())
 
 
 # ---- read ------------------------------------------------------------------------------------

@@ -250,3 +250,11 @@ def test_unexpected_reader_error_is_quarantined(tmp_path, monkeypatch):
     evs = list(file_events(BUILTIN["climate_fever"], str(p), "climate_fever/x.jsonl", Opts()))
     assert [k for k, _ in evs] == ["q", "f"]
     assert evs[0][1]["reason"] == "reader_error" and "disk went away" in evs[0][1]["snippet"]
+
+
+def test_docs_table_is_the_registry():
+    from pipeline.sources import sources_table
+    from ._prepare_helpers import ROOT
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    block = doc.split("<!-- sources-table:start -->\n", 1)[1].split("\n<!-- sources-table:end -->", 1)[0]
+    assert block == sources_table(), "docs/ARCHITECTURE.md's source table is stale: regenerate it (see the text above it)"
