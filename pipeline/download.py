@@ -431,11 +431,6 @@ def _present(d: Path) -> bool:
     return d.is_dir() and any(not p.name.startswith(".") for p in d.iterdir())
 
 
-def how_to_provide(spec: SourceSpec, raw: Path) -> str:
-    """The source's how_to_get, with <raw_dir> replaced by the raw directory."""
-    return spec.how_to_get.replace("<raw_dir>", str(raw))
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -520,7 +515,7 @@ def _do_source(src: SourceSpec, raw: Path, cfg: Any, offline: bool, previous: di
         return entry
     if offline or not src.parts:
         why = "offline mode forbids fetching it" if offline else "nothing fetches it"
-        raise DownloadError(f"source {src.name!r} is not in {top} and {why}; {how_to_provide(src, raw)}"
+        raise DownloadError(f"source {src.name!r} is not in {top} and {why}; {src.how_to_get_at(raw)}"
                             + ("; or unset OFFLINE/HF_HUB_OFFLINE" if offline else ""))
     statuses = []
     for part in src.parts:
@@ -582,14 +577,14 @@ def run_download(cfg, specs: Optional[dict[str, SourceSpec]] = None) -> dict[str
         except Exception as e:
             msg = scrub(str(e) or type(e).__name__)
             entry = {"source": name, "domain": src.domain, "dir": src.raw_dir, "license": src.license,
-                     "status": "missing" if offline else "failed", "error": msg, "how": how_to_provide(src, raw)}
+                     "status": "missing" if offline else "failed", "error": msg, "how": src.how_to_get_at(raw)}
             if offline and cfg.data.allow_missing:
                 log.warning("source %s is missing (recorded; ALLOW_MISSING_DATA is set): %s", name, msg)
             elif not offline and cfg.data.allow_missing:
                 entry["status"] = "missing"
                 log.warning("source %s could not be fetched (recorded as missing): %s", name, msg)
             else:
-                errors.append(f"{name}: {msg}" if offline else f"{name}: {msg}; {how_to_provide(src, raw)}")
+                errors.append(f"{name}: {msg}" if offline else f"{name}: {msg}; {src.how_to_get_at(raw)}")
                 log.error("source %s failed: %s", name, msg)
         entry["n_files"] = sum(len(p.get("files", [])) for p in entry.get("parts", []))
         manifest["sources"][name] = entry

@@ -411,7 +411,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
     missing = [n for n in names if not present[n]]
     if missing and not d.allow_missing:
         lines = [f"  - {n}: nothing under {specs[n].folder(raw_dir)} matching {', '.join(specs[n].patterns)}; "
-                 f"{specs[n].how_to_get}" for n in missing]
+                 f"{specs[n].how_to_get_at(raw_dir)}" for n in missing]
         raise UserFacingError("raw data missing for source(s) " + ", ".join(missing) + ":\n" + "\n".join(lines) +
                               "\nOr set ALLOW_MISSING_DATA=1 (data.allow_missing: true) to record them as missing and go on, "
                               "or leave them out of data.sources.")
@@ -450,7 +450,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
             src_manifest[n] = {"status": "missing", "domain": src.domain, "raw_subdir": src.raw_dir, "files": [],
                                "license": src.license, "url": src.url,
                                "read": 0, "kept": 0, "quarantined": 0, "quarantined_by_reason": {}, "deduplicated": 0,
-                               "capped": 0, "how_to_get": src.how_to_get}
+                               "capped": 0, "how_to_get": src.how_to_get_at(raw_dir)}
             continue
         marker = store.read_json_or(f"data/_work/sources/{n}.json")
         if isinstance(marker, dict) and marker.get("fingerprint") == src_fp[n]:

@@ -146,6 +146,10 @@ class SourceSpec:
     declaration: str = ""                 # what else decides its records (a custom source: its config), for re-runs
     task: Optional[EvalTask] = None
 
+    def how_to_get_at(self, raw_root: Path) -> str:
+        """how_to_get with <raw_dir> replaced by the raw directory."""
+        return self.how_to_get.replace("<raw_dir>", str(raw_root))
+
     def folder(self, raw_root: Path) -> Path:
         return Path(self.local_path) if self.local_path else Path(raw_root) / self.raw_dir
 

@@ -209,22 +209,6 @@ def test_server_stopped_mid_upload_the_upload_is_retried_and_completes(s3_server
 
 
 @pytest.mark.slow
-def test_without_retries_an_outage_is_a_clear_error(s3_server, bucket):
-    st = Store(f"s3://{bucket}/noretry", settings=settings(s3_server, retries=0))
-    st.write_text("before.txt", "kept")
-    s3_server.stop()
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(StorageError) as ei:
-            st.write_text("after.txt", "x")
-        assert time.monotonic() - t0 < 5  # one attempt, no backoff
-        assert "after 1 attempt (storage.retries is 0)" in str(ei.value) and "raise storage.retries" in str(ei.value)
-    finally:
-        s3_server.start()
-    assert st.read_text("before.txt") == "kept"
-
-
-@pytest.mark.slow
 def test_server_down_for_good_is_a_clear_error_and_local_state_intact(s3_server, bucket, tmp_path):
     local = Store(str(tmp_path / "local"))
     local.write_json("state.json", {"step": 7})
@@ -240,6 +224,12 @@ def test_server_down_for_good_is_a_clear_error_and_local_state_intact(s3_server,
         assert "failed after 3 attempts" in msg and s3_server.endpoint in msg and "server is up" in msg, msg
         with pytest.raises(StorageError, match="cannot connect to the endpoint"):
             st.check_writable()
+        # storage.retries: 0 -> one attempt, no backoff, and the message says how to get retries
+        t1 = time.monotonic()
+        with pytest.raises(StorageError) as ei0:
+            Store(f"s3://{bucket}/gone", settings=settings(s3_server, retries=0)).write_text("after.txt", "x")
+        assert time.monotonic() - t1 < 5 and "after 1 attempt (storage.retries is 0)" in str(ei0.value)
+        assert "raise storage.retries" in str(ei0.value)
         print(f"\nserver down for good: write gave up after {took:.1f}s (storage.retries=2): {msg[:120]}...")
         assert local.read_json("state.json") == {"step": 7}
         assert local.list_files() == ["state.json"]
@@ -247,3 +237,30 @@ def test_server_down_for_good_is_a_clear_error_and_local_state_intact(s3_server,
         s3_server.start()
     assert st.read_text("before.txt") == "kept"
     assert not st.exists("after.txt")
+
+
+def test_custom_source_on_s3_is_downloaded_then_prepared(s3_server, bucket, tmp_path, monkeypatch):
+    """data.custom_sources with an s3:// path: `adapters download` copies it into <raw_dir>/custom/<name>/
+    (through the Store, credentials from the environment), prepare reads it like a built-in source."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.download import run_download
+    from pipeline.prepare import run_prepare
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    law = Path(__file__).resolve().parents[2] / "fixtures" / "custom" / "law.jsonl"
+    s3_server.client().put_object(Bucket=bucket, Key="mine/law/law.jsonl", Body=law.read_bytes())
+    s3_server.client().put_object(Bucket=bucket, Key="mine/law/notes.txt", Body=b"not jsonl")
+    src = (f"data.custom_sources=[{{name: harbour_code, domain: law, path: 's3://{bucket}/mine/law', "
+           "format: jsonl, prompt: question, response: answer}]")
+    cfg = load_config(None, sets=["model.base=tiny", "resources.device=cpu", src, "data.sources=[]", "domains=[law]"],
+                      raw_dir=str(tmp_path / "raw"), output=str(tmp_path / "out"), environ={})
+    m = run_download(cfg)
+    entry = m["sources"]["harbour_code"]
+    assert entry["status"] == "downloaded" and entry["parts"][0]["kind"] == "s3"
+    got = tmp_path / "raw" / "custom" / "harbour_code"
+    assert (got / "law.jsonl").read_bytes() == law.read_bytes() and not (got / "notes.txt").exists()
+    assert s3_server.secret_key not in (tmp_path / "raw" / "download_manifest.json").read_text()
+    p = run_prepare(cfg, use_ray=False)
+    assert p["sources"]["harbour_code"]["kept"] == 60 and p["domains"]["law"]["status"] == "ok"

@@ -384,6 +384,27 @@ def test_hf_snapshot_from_loopback_hub(tmp_path, hub_server, monkeypatch):
     assert not any("images/big.bin" in h and h.startswith("GET") for h in hub_server.hits)
 
 
+def test_custom_source_from_the_hub_lands_in_raw_custom_and_is_prepared(tmp_path, hub_server, monkeypatch):
+    """A data.custom_sources entry naming a Hugging Face dataset is fetched like a built-in HF source,
+    keeping only files of its format, then read by prepare from <raw_dir>/custom/<name>/."""
+    from pipeline.prepare import run_prepare
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
+    mine = {"name": "my_debates", "domain": "debate", "path": "hf://Hellisotherpeople/DebateSum", "format": "csv",
+            "prompt": "Full-Document", "response": "Abstract"}
+    cfg = make_cfg(tmp_path, {"only": ["my_debates"], "hf_endpoint": hub_server.url}, custom_sources=[mine],
+                   min_text_chars=5, sources=[])  # no built-in source: the custom one only
+    m = dl.run_download(cfg)
+    d = tmp_path / "raw" / "custom" / "my_debates"
+    assert m["sources"]["my_debates"]["status"] == "downloaded" and m["sources"]["debatesum"]["status"] == "skipped"
+    assert sorted(p.name for p in d.iterdir()) == [".complete.json", "README.md", "train.csv"]
+    assert json.loads((d / ".complete.json").read_text())["commit"] == SHA
+    cfg.data.download.offline = True  # offline now: what is on disk is complete, nothing fetched
+    n = len(hub_server.hits)
+    assert dl.run_download(cfg)["sources"]["my_debates"]["status"] == "complete" and len(hub_server.hits) == n
+    p = run_prepare(cfg, use_ray=False)["sources"]["my_debates"]
+    assert (p["kept"], p["sft_by_task"], p["files"][0]["path"]) == (1, {"instruction": 1}, "custom/my_debates/train.csv")
+
+
 def test_hf_unknown_dataset_fails_without_retrying(tmp_path, hub_server, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
     table = only_table(debatesum=DownloadPart("DebateSum", "hf", "nobody/nothing"))
