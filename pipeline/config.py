@@ -138,7 +138,7 @@ class DataConfig(_Strict):
     max_response_chars: int = Field(4000, ge=100)
     max_record_chars: int = Field(1_000_000, ge=1000, description="a record with more text than this is "
                                   "quarantined as too_large before anything is built from it")
-    max_whole_file_mb: int = Field(1024, ge=1, description="files read whole (JSON documents, XML) larger than "
+    max_whole_file_mb: int = Field(2048, ge=1, description="files read whole (JSON documents, XML) larger than "
                                    "this are quarantined as file_too_large")
     txt_chunk_chars: int = Field(2000, ge=200, description="OpenStax TXT books are cut into chunks of about this size")
     rows_per_shard: int = Field(5000, ge=10)

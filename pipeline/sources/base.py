@@ -60,7 +60,7 @@ class Opts:
     max_response_chars: int = 4000
     txt_chunk_chars: int = 2000
     max_record_chars: int = 1_000_000
-    max_whole_file_bytes: int = 1 << 30
+    max_whole_file_bytes: int = 2048 << 20
 
 
 @dataclass
