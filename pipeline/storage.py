@@ -561,7 +561,8 @@ class Store:
         return [self.path(r) for r in self.list_files(rel, ".parquet")], fs
 
     def list_files(self, rel: str = "", suffix: str = "") -> list[str]:
-        """Relative paths of the files under rel (recursive, sorted); hidden temp files left out."""
+        """Relative paths of the files under rel (recursive, sorted); hidden names (temp files, the
+        staging folders of a copy in progress) left out."""
         base = self.path(rel)
         sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
         infos = self._io(lambda: self.fs.get_file_info(sel), f"list {self.uri_of(rel)}")
@@ -569,10 +570,10 @@ class Store:
         for i in infos:
             if i.type != pafs.FileType.File or not i.path.endswith(suffix):
                 continue
-            name = i.path.rsplit("/", 1)[-1]
-            if name.startswith("."):
+            r = i.path[len(self.root) + 1:] if self.root else i.path
+            if any(part.startswith(".") for part in r.split("/")):
                 continue
-            out.append(i.path[len(self.root) + 1:] if self.root else i.path)
+            out.append(r)
         return sorted(out)
 
     def delete(self, rel: str) -> None:

@@ -52,6 +52,8 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(store, monkeypatch):
 def test_hidden_temp_files_are_not_listed(store):
     store.write_text("a/b.txt", "x")
     (store.local_path("a") / ".b.txt.tmp-123").write_text("partial")
+    (store.local_path("a") / ".c.tmp-9" / "tree").mkdir(parents=True)  # a copy killed half-way
+    (store.local_path("a") / ".c.tmp-9" / "tree" / "w.bin").write_text("partial")
     assert store.list_files() == ["a/b.txt"]
 
 
