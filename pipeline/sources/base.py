@@ -140,7 +140,7 @@ class SourceSpec:
     download_opt_in: bool = False         # fetched only when data.download.<name> is true (large sources)
     # files under raw_dir that match no pattern but are reported as unknown_format (not guessed at)
     report_unmatched: tuple[str, ...] = ()
-    # a file or folder read in place instead of <raw_dir>/<raw_dir> (custom sources on local disk)
+    # a file or folder read in place instead of data.raw_dir/<raw_dir> (custom sources on local disk)
     local_path: Optional[str] = None
     note: str = ""                        # said in the manifest (e.g. that a text-only source gives no SFT)
     declaration: str = ""                 # what else decides its records (a custom source: its config), for re-runs
