@@ -499,7 +499,7 @@ def iter_csv(path: Path, rel: str, source: str, required: tuple[str, ...], opts:
             try:
                 row = {h: c.encode("utf-8", "surrogateescape").decode("utf-8") if _has_surrogate(c) else c
                        for h, c in zip(header, cells)}
-            except UnicodeDecodeError as e:
+            except UnicodeDecodeError:
                 yield Quarantine(source, rel, f"line {line}", NOT_UTF8, "|".join(cells)[:150].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
                 continue
             yield Raw(source, rel, f"line {line}", row)

@@ -5,7 +5,7 @@ article_id, stance_label (1 support, -1 contest, 0 none). One record = one line.
 from __future__ import annotations
 
 from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_lines, meta, stable_id,
-                   EMPTY_TEXT, MISSING_FIELD, UNKNOWN_FORMAT, WRONG_COLUMNS)
+                   EMPTY_TEXT, MISSING_FIELD, WRONG_COLUMNS)
 
 NAME, DOMAIN = "iam", "debate"
 NCOL = 5

@@ -4,10 +4,8 @@ re-runs, a run killed halfway then re-run, missing sources, domain selection."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
