@@ -159,7 +159,7 @@ def main() -> None:
             shutil.rmtree(sub, ignore_errors=True)
             d.mkdir(parents=True)
             for f in all_files[: max(1, round(len(all_files) * frac))]:
-                os.symlink(f, d / f.name)
+                os.link(f, d / f.name)  # a hard link: a symlink out of this raw dir would be refused
             r = measure("ray", sub, work / f"out-cap-{frac}", a.cap, a.num_cpus)
             rows.append((f"ray, cap {a.cap}, {a.size_mb * frac:.0f} MB", r))
             print(f"  {rows[-1][0]}: {r}", flush=True)

@@ -12,8 +12,6 @@ naming the key and the fix.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -23,17 +21,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-DOMAINS = ("debate", "medicine", "education", "ecology")
-SOURCES = (
-    "debatesum", "opencaselist", "iam", "ddo",
-    "medmcqa", "pubmed_qa", "medquad", "medical_meadow",
-    "openstax", "climate_fever",
-)
-SOURCE_DOMAIN = {
-    "debatesum": "debate", "opencaselist": "debate", "iam": "debate", "ddo": "debate",
-    "medmcqa": "medicine", "pubmed_qa": "medicine", "medquad": "medicine", "medical_meadow": "medicine",
-    "openstax": "education", "climate_fever": "ecology",
-}
+from pipeline.redaction import redact_url
+
+# the built-in sources and their domains, derived from the registry (pipeline/sources: no heavy imports)
+from pipeline.sources import DOMAINS, SOURCES  # noqa: E402
+
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
@@ -59,17 +51,85 @@ class DownloadConfig(_Strict):
 
     @field_validator("only", "skip")
     @classmethod
-    def _known_sources(cls, v: list[str]) -> list[str]:
-        out = [s.strip().lower() for s in v if s.strip()]
-        bad = [s for s in out if s not in SOURCES]
-        if bad:
-            raise ValueError(f"unknown source(s) {bad}; known sources: {', '.join(SOURCES)}")
-        return out
+    def _names(cls, v: list[str]) -> list[str]:
+        return [s.strip().lower() for s in v if s.strip()]  # known names: checked by DataConfig
+
+
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CustomSourceConfig(_Strict):
+    """One of your own datasets (data.custom_sources): read, quarantined, capped, deduplicated, split
+    and trained like a built-in source (pipeline/sources/custom.py). Map exactly one shape of record:
+    prompt + response, messages, or text (corpus only)."""
+    name: str = Field(..., description="names the source in the manifest and directories (lowercase, digits, '_')")
+    domain: str = Field(..., description="a built-in domain or a new one (then list it in domains)")
+    path: str = Field(..., description="a local file or folder, s3://bucket/prefix, or a Hugging Face dataset id "
+                                       "(hf://owner/name, or owner/name when no such local path exists)")
+    format: Literal["jsonl", "json", "csv", "parquet"]
+    prompt: Optional[str] = Field(None, description="column holding the prompt (with response)")
+    response: Optional[str] = Field(None, description="column holding the answer (with prompt)")
+    messages: Optional[str] = Field(None, description="column holding a chat: [{role, content}, ...]")
+    text: Optional[str] = Field(None, description="column holding plain text: corpus only, no SFT examples")
+    revision: Optional[str] = Field(None, description="Hugging Face revision (branch, tag or commit)")
+    license: str = Field("not stated (data.custom_sources)", description="shown in the data card")
+
+    @field_validator("name", "domain")
+    @classmethod
+    def _name(cls, v: str, info) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{info.field_name} {v!r} is not a valid name (lowercase letters, digits, '_'); it names directories")
+        if info.field_name == "name" and v in SOURCES:
+            raise ValueError(f"{v!r} is a built-in source; give your source another name")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _locate(cls, d: Any) -> Any:
+        """A local path becomes absolute (workers find it too); owner/name that is no local path and does
+        not end in .<format> is a Hugging Face id."""
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+            return d
+        v = d["path"].strip()
+        if "://" in v and not v.startswith(("s3://", "hf://")):
+            raise ValueError(f"path {v!r}: use a local path, s3://bucket/prefix or a Hugging Face dataset id (hf://owner/name)")
+        if v.startswith("hf://") and not _HF_ID.match(v[len("hf://"):]):
+            raise ValueError(f"path {v!r} is not a Hugging Face dataset id: use hf://owner/name")
+        hf_like = _HF_ID.match(v) and not os.path.exists(v) and not v.endswith(f".{d.get('format')}")
+        if "://" not in v and not hf_like:
+            v = os.path.abspath(os.path.expanduser(v))
+        return {**d, "path": v}
+
+    @model_validator(mode="after")
+    def _mapping(self) -> "CustomSourceConfig":
+        shapes = [k for k, on in (("prompt/response", self.prompt or self.response), ("messages", self.messages),
+                                  ("text", self.text)) if on]
+        if len(shapes) != 1 or (shapes == ["prompt/response"] and not (self.prompt and self.response)):
+            raise ValueError(f"data.custom_sources {self.name!r}: map exactly one record shape: prompt and response "
+                             f"columns, or a messages column, or a text column (got {shapes or 'none'})")
+        return self
+
+    @property
+    def where(self) -> Literal["local", "s3", "hf"]:
+        if self.path.startswith("s3://"):
+            return "s3"
+        return "hf" if self.path.startswith("hf://") or not os.path.isabs(self.path) else "local"
+
+    @property
+    def hf_id(self) -> str:
+        return self.path[len("hf://"):] if self.path.startswith("hf://") else self.path
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns this mapping reads (a CSV header must have them)."""
+        return tuple(c for c in (self.prompt, self.response, self.messages, self.text) if c)
 
 
 class DataConfig(_Strict):
     raw_dir: str = Field("raw", description="directory holding the raw sources as download leaves them")
-    sources: list[str] = Field(default_factory=lambda: list(SOURCES), description="sources to prepare")
+    sources: list[str] = Field(default_factory=lambda: list(SOURCES),
+                               description="built-in sources to prepare (every custom source is prepared)")
+    custom_sources: list[CustomSourceConfig] = Field(default_factory=list, description="your own datasets")
     max_docs_per_source: Optional[int] = Field(None, ge=1, description="cap per source (MAX_DOCS_PER_SOURCE)")
     max_sft_per_domain: Optional[int] = Field(None, ge=1, description="cap per domain (MAX_SFT_PER_DOMAIN)")
     split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
@@ -77,17 +137,13 @@ class DataConfig(_Strict):
     allow_missing: bool = Field(False, description="record missing sources instead of failing (ALLOW_MISSING_DATA=1)")
     min_text_chars: int = Field(20, ge=1)
     max_response_chars: int = Field(4000, ge=100)
+    max_record_chars: int = Field(1_000_000, ge=1000, description="a record with more text than this is "
+                                  "quarantined as too_large before anything is built from it")
+    max_whole_file_mb: int = Field(2048, ge=1, description="files read whole (JSON documents, XML) larger than "
+                                   "this are quarantined as file_too_large")
     txt_chunk_chars: int = Field(2000, ge=200, description="OpenStax TXT books are cut into chunks of about this size")
     rows_per_shard: int = Field(5000, ge=10)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
-
-    @field_validator("sources")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in SOURCES]
-        if bad:
-            raise ValueError(f"unknown source(s) {bad}; known sources: {', '.join(SOURCES)}")
-        return v
 
     @field_validator("split")
     @classmethod
@@ -99,6 +155,24 @@ class DataConfig(_Strict):
         if v["train"] <= 0:
             raise ValueError("split.train must be > 0")
         return v
+
+    @model_validator(mode="after")
+    def _known_sources(self) -> "DataConfig":
+        custom = [c.name for c in self.custom_sources]
+        if len(set(custom)) != len(custom):
+            raise ValueError(f"data.custom_sources names a source twice: {custom}")
+        known = list(SOURCES) + custom
+        for key, names in (("data.sources", self.sources), ("data.download.only (DOWNLOAD_ONLY)", self.download.only),
+                           ("data.download.skip (DOWNLOAD_SKIP)", self.download.skip)):
+            bad = [s for s in names if s not in known]
+            if bad:
+                raise ValueError(f"{key}: unknown source(s) {bad}; known sources: {', '.join(known)}")
+        return self
+
+    @property
+    def domains_known(self) -> list[str]:
+        """The built-in domains and those of the custom sources (a new domain comes from a custom source)."""
+        return list(dict.fromkeys(list(DOMAINS) + [c.domain for c in self.custom_sources]))
 
 
 class TinyModelConfig(_Strict):
@@ -253,6 +327,16 @@ class Config(_Strict):
             raise ValueError("run_name may hold letters, digits, '.', '_' and '-' only (it names directories)")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_domains(cls, d: Any) -> Any:
+        """Without a domains list: every built-in domain and every custom source's domain."""
+        if isinstance(d, dict) and "domains" not in d:
+            custom = ((d.get("data") or {}).get("custom_sources") or []) if isinstance(d.get("data"), dict) else []
+            extra = [c["domain"] for c in custom if isinstance(c, dict) and isinstance(c.get("domain"), str)]
+            d = {**d, "domains": list(dict.fromkeys(list(DOMAINS) + extra))}
+        return d
+
     @field_validator("domains")
     @classmethod
     def _domain_names(cls, v: list[str]) -> list[str]:
@@ -267,9 +351,15 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
+        known = self.data.domains_known
+        unknown = [d for d in self.domains if d not in known]
+        if unknown:
+            raise ValueError(f"domains names {unknown}, which no source provides; known domains: {', '.join(known)} "
+                             "(to bring your own data, add a data.custom_sources entry with that domain)")
         unknown = [d for d in self.train.per_domain if d not in self.domains]
         if unknown:
-            raise ValueError(f"train.per_domain names {unknown}, which are not in domains {self.domains}")
+            raise ValueError(f"train.per_domain names {unknown}, which are not in domains {self.domains} "
+                             f"(known domains: {', '.join(known)})")
         if self.model.base == "tiny" and self.model.trust_remote_code:
             raise ValueError("model.trust_remote_code makes no sense with model.base: tiny")
         if self.resources.device == "cpu" and self.model.compute_dtype == "float16":
@@ -287,26 +377,17 @@ class Config(_Strict):
         update = {k: getattr(override, k) for k in override.model_fields_set if getattr(override, k) is not None}
         return base.model_copy(update=update)
 
-    def fingerprint(self, *sections: str) -> str:
-        """A short hash of config sections (for resume compatibility checks and markers)."""
-        d = self.model_dump(mode="json")
-        sub = {s: d[s] for s in sections} if sections else d
-        return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
-
     def redacted(self) -> dict[str, Any]:
         """The config as written to reports: no secrets (none are held here, but URLs may carry tokens)."""
         d = self.model_dump(mode="json")
+        for c in d["data"]["custom_sources"]:
+            c["path"] = redact_url(c["path"])
         for k in ("ddo_debates_url", "ddo_users_url", "ddo_gdrive_folder_url"):
             if d["data"]["download"].get(k):
-                d["data"]["download"][k] = _strip_url_secrets(d["data"]["download"][k])
+                d["data"]["download"][k] = redact_url(d["data"]["download"][k])
         if d["storage"].get("endpoint_url"):
-            d["storage"]["endpoint_url"] = _strip_url_secrets(d["storage"]["endpoint_url"])
+            d["storage"]["endpoint_url"] = redact_url(d["storage"]["endpoint_url"])
         return d
-
-
-def _strip_url_secrets(url: str) -> str:
-    url = re.sub(r"//[^/@]+@", "//***@", url)
-    return re.sub(r"([?&](?:token|key|signature|sig|X-Amz-[A-Za-z-]+)=)[^&]+", r"\1***", url, flags=re.I)
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -411,13 +492,17 @@ def _resolve_paths(d: dict, base_dir: Path) -> None:
         v = section.get(key)
         if isinstance(v, str) and v and "://" not in v and v != "tiny" and not os.path.isabs(v):
             cand = (base_dir / v)
-            # model.base may also be a Hugging Face id (owner/name): only rewrite when it names a path
-            if key != "base" or v.startswith(".") or cand.exists():
+            # model.base and a custom source's path may also be a Hugging Face id (owner/name): only
+            # rewrite when it names a path
+            if key not in ("base", "path") or v.startswith(".") or cand.exists():
                 section[key] = str(cand.resolve())
 
     fix(d, "output")
     if isinstance(d.get("data"), dict):
         fix(d["data"], "raw_dir")
+        for c in d["data"].get("custom_sources") or []:
+            if isinstance(c, dict):
+                fix(c, "path")
     if isinstance(d.get("model"), dict):
         fix(d["model"], "base")
         fix(d["model"], "cache_dir")

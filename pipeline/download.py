@@ -1,26 +1,27 @@
 """Fetch the raw sources into ``data.raw_dir``, with checksums, licenses, versions and completion markers.
 
-One table (``SOURCES_TABLE``) says, for each of the seed's sources, where it comes from and which
-files the readers use. Each source has one or more *parts* (a Hugging Face dataset snapshot, a git
-clone, HTTP / Google-Drive files); each part lands in its own directory under the raw dir:
+What to fetch is each source's declaration (``pipeline.sources``: ``SourceSpec.parts``, and which
+files to keep: its ``patterns``, the same globs prepare reads, plus README/LICENSE files). A source
+has one or more *parts* (a Hugging Face dataset snapshot, a git clone, HTTP / Google-Drive files, an
+``s3://`` prefix for a custom source); each part lands in its own directory under the raw dir:
 
-    fetch into  <raw_dir>/<dir>/../.tmp-<name>-<pid>/   (files, then .complete.json, written last)
-    rename to   <raw_dir>/<dir>/                         (one atomic rename)
+    fetch into  <raw_dir>/<dest>/../.tmp-<name>-<pid>/   (files, then .complete.json, written last)
+    rename to   <raw_dir>/<dest>/                         (one atomic rename)
 
 so a download that dies half-way leaves only a ``.tmp-*`` directory (removed by the next run) and
 never a directory that looks complete. Re-runs skip parts whose ``.complete.json`` exists.
 A directory that exists without a marker was put there by the user (like the bundled fixtures):
-it is recorded as ``local``, with the sha256 of every file, and never overwritten.
+it is recorded as ``local``, with the sha256 of every file, and never overwritten. A custom source
+on local disk is read in place: recorded as ``local`` the same way.
 
 Offline (``data.download.offline``, OFFLINE=1 / HF_HUB_OFFLINE=1): no network call at all; a source
 that is not on disk is an error naming it and how to provide it, unless ``data.allow_missing``.
 
 Tokens (HF_TOKEN, ...) are used by the libraries from the environment, never written or logged;
-URLs are recorded with credentials and signature parameters masked.
+URLs and errors are recorded through ``pipeline.redaction``.
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import html
 import http.cookiejar
@@ -34,13 +35,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.config import SOURCE_DOMAIN, SOURCES, _strip_url_secrets
 from pipeline.errors import UserFacingError
+from pipeline.redaction import redact_url, scrub
+from pipeline.sources import DownloadPart, SourceSpec, registry, selected_sources
+from pipeline.sources.base import DOCS, OUTSIDE_RAW_DIR, glob_matcher, walk_contained
+from pipeline.storage import Store, atomic_write, open_store
 
 log = logging.getLogger("pipeline.download")
 
@@ -50,79 +53,37 @@ GDRIVE_DOWNLOAD = "https://drive.google.com/uc"  # file id -> ?export=download&i
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
 
-# ---- the sources table -------------------------------------------------------------------------
+# ---- which files a part keeps: the source's patterns --------------------------------------------
 
-@dataclass(frozen=True)
-class Part:
-    """One thing to fetch into ``<raw_dir>/<dest>``."""
-    dest: str                                  # relative to the raw dir
-    kind: str                                  # "hf" | "git" | "http"
-    repo: str = ""                             # HF dataset id, or git URL
-    revision: Optional[str] = None             # HF revision / git branch or tag (None: default branch)
-    patterns: tuple[str, ...] = ()             # files kept (fnmatch on the '/'-path); () = all
-    files: tuple[tuple[str, str], ...] = ()    # http: (file name, config key of its URL)
+def _part_prefix(spec: SourceSpec, part: DownloadPart) -> str:
+    """Where the part lands inside the source's folder ('' when it is the folder itself)."""
+    if part.dest == spec.raw_dir:
+        return ""
+    if not part.dest.startswith(spec.raw_dir + "/"):
+        raise ValueError(f"{spec.name}: part {part.dest!r} is not inside the source's folder {spec.raw_dir!r}")
+    return part.dest[len(spec.raw_dir) + 1:] + "/"
 
 
-@dataclass(frozen=True)
-class Source:
-    name: str
-    dir: str                                   # raw dir name (the seed's)
-    license: str
-    url: str                                   # human-facing home page
-    parts: tuple[Part, ...]
-    how: str = ""                              # how to provide it by hand
-
-    @property
-    def domain(self) -> str:
-        return SOURCE_DOMAIN[self.name]
+def keep_filter(spec: SourceSpec, part: DownloadPart) -> Callable[[str], bool]:
+    """A test on a file's path inside the part: kept when the reader would read it there (the source's
+    patterns), or when it is a README / LICENSE at the top of the part."""
+    prefix, data, docs = _part_prefix(spec, part), glob_matcher(spec.patterns), glob_matcher(DOCS)
+    return lambda rel: data(prefix + rel) or ("/" not in rel and docs(rel))
 
 
-_MEADOW = ("medical_flashcards", "wikidoc", "wikidoc_patient_information", "health_advice", "mediqa")
-_DOCS = ("README*", "readme*", "LICENSE*", "License*")
-
-SOURCES_TABLE: dict[str, Source] = {s.name: s for s in (
-    Source("debatesum", "DebateSum", "MIT (dataset card); cite Roush & Balaji 2020",
-           "https://huggingface.co/datasets/Hellisotherpeople/DebateSum",
-           (Part("DebateSum", "hf", "Hellisotherpeople/DebateSum", patterns=("*.csv", "**/*.csv") + _DOCS),)),
-    Source("opencaselist", "OpenDebateEvidence", "see the dataset card (OpenCaselist / Open Debate Evidence)",
-           "https://huggingface.co/datasets/Yusuf5/OpenCaselist",
-           (Part("OpenDebateEvidence", "hf", "Yusuf5/OpenCaselist", patterns=("*.parquet", "**/*.parquet") + _DOCS),),
-           how="opt in with DOWNLOAD_OPENCASELIST=1 (or DOWNLOAD_OPENCASLIST=1); it is very large"),
-    Source("iam", "IAM", "research data; cite Cheng et al., ACL 2022",
-           "https://github.com/LiyingCheng95/IAM",
-           (Part("IAM", "git", "https://github.com/LiyingCheng95/IAM.git",
-                 patterns=("claims/*.txt", "stance/*.txt") + _DOCS),)),   # what the IAM reader reads
-    Source("ddo", "DDO", "research data; cite Durmus & Cardie 2019 (debate.org)",
-           "https://www.cs.cornell.edu/~esindurmus/ddo.html",
-           (Part("DDO", "http", files=(("debates.json", "ddo_debates_url"), ("users.json", "ddo_users_url"))),),
-           how="set DDO_DEBATES_URL and DDO_USERS_URL (HTTP or Google Drive share links) or DDO_GDRIVE_FOLDER_URL"),
-    Source("medmcqa", "medmcqa", "Apache-2.0 (dataset card)",
-           "https://huggingface.co/datasets/openlifescienceai/medmcqa",
-           (Part("medmcqa", "hf", "openlifescienceai/medmcqa",
-                 patterns=("*.parquet", "**/*.parquet", "*.json", "**/*.json") + _DOCS),)),
-    Source("pubmed_qa", "pubmed_qa", "MIT", "https://github.com/pubmedqa/pubmedqa",
-           (Part("pubmed_qa", "git", "https://github.com/pubmedqa/pubmedqa.git",
-                 patterns=("data/ori_pqal.json",) + _DOCS),)),
-    Source("medquad", "MedQuAD", "CC BY 4.0", "https://github.com/abachaa/MedQuAD",
-           (Part("MedQuAD", "git", "https://github.com/abachaa/MedQuAD.git",
-                 patterns=("*_QA/*.xml", "*_QA/**/*.xml") + _DOCS),)),
-    Source("medical_meadow", "medical_qa_collection", "see each dataset card (medalpaca; lavita/MedQuAD CC BY 4.0)",
-           "https://huggingface.co/medalpaca",
-           tuple(Part(f"medical_qa_collection/medalpaca__medical_meadow_{n}", "hf", f"medalpaca/medical_meadow_{n}",
-                      patterns=("*.json", "**/*.json", "*.parquet", "**/*.parquet") + _DOCS) for n in _MEADOW)
-           + (Part("medical_qa_collection/lavita__MedQuAD", "hf", "lavita/MedQuAD",
-                   patterns=("*.parquet", "**/*.parquet", "*.json", "**/*.json") + _DOCS),)),
-    Source("openstax", "openstax", "CC BY 4.0 / CC BY-NC-SA 4.0 (per book)", "https://openstax.org",
-           (Part("openstax/crumb__openstax-text", "hf", "crumb/openstax-text", patterns=("*.parquet", "**/*.parquet") + _DOCS),
-            Part("openstax/osbooks-introduction-philosophy", "git",
-                 "https://github.com/openstax/osbooks-introduction-philosophy.git",
-                 patterns=("modules/*/index.cnxml", "collections/*.collection.xml") + _DOCS))),
-    Source("climate_fever", "climate_fever", "cite Diggelmann et al. 2020 (arXiv 2012.00614)",
-           "https://github.com/tdiggelm/climate-fever-dataset",
-           (Part("climate_fever", "git", "https://github.com/tdiggelm/climate-fever-dataset.git",
-                 patterns=("dataset/*.jsonl",) + _DOCS),)),
-)}
-assert set(SOURCES_TABLE) == set(SOURCES)
+def hf_allow_patterns(spec: SourceSpec, part: DownloadPart) -> list[str]:
+    """The patterns for snapshot_download (fnmatch, '*' crosses '/'): a superset of what keep_filter
+    keeps, so nothing the reader needs is left on the Hub; _prune trims the rest."""
+    prefix = _part_prefix(spec, part)
+    out: list[str] = []
+    for p in spec.patterns:
+        if p.startswith("**/"):
+            out += [p, p[3:]]
+        elif not prefix:
+            out.append(p)
+        elif p.startswith(prefix):
+            out.append(p[len(prefix):])
+    return out + list(DOCS)
 
 
 # ---- small helpers ------------------------------------------------------------------------------
@@ -139,15 +100,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_records(root: Path, known: Optional[dict[str, dict]] = None) -> list[dict[str, Any]]:
+def file_records(root: Path, known: Optional[dict[str, dict]] = None,
+                 contain: Optional[Path] = None) -> list[dict[str, Any]]:
     """Every regular file under root (the marker and hidden files left out): path, size, sha256.
     With ``known`` ({path: record with mtime_ns}), a file whose size and mtime are unchanged keeps its
-    recorded sha256 (user-provided sources can be large; they are hashed once)."""
-    out = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if not p.is_file() or any(part.startswith(".") for part in rel.split("/")):
-            continue
+    recorded sha256 (user-provided sources can be large; they are hashed once). A symbolic link that
+    resolves outside ``contain`` (default: root) is listed as refused, never opened."""
+    found, refused = walk_contained(root, contain or root)
+    out: list[dict[str, Any]] = [{"path": rel, "refused": OUTSIDE_RAW_DIR} for _, rel in refused]
+    for p, rel in found:
         st = p.stat()
         rec: dict[str, Any] = {"path": rel, "size": st.st_size}
         old = (known or {}).get(rel)
@@ -158,25 +119,19 @@ def file_records(root: Path, known: Optional[dict[str, dict]] = None) -> list[di
         else:
             rec["sha256"] = sha256_file(p)
         out.append(rec)
-    return out
+    return sorted(out, key=lambda r: Path(r["path"]).parts)
 
 
-def _local_records(src_dir: Path, previous: dict[str, Any], name: str) -> list[dict[str, Any]]:
+def _local_records(src_dir: Path, previous: dict[str, Any], name: str, contain: Path) -> list[dict[str, Any]]:
     known: dict[str, dict] = {}
     for part in (previous.get("sources", {}).get(name, {}) or {}).get("parts", []) or []:
         if part.get("kind") == "local":
             known.update({f["path"]: f for f in part.get("files", []) if isinstance(f, dict) and "path" in f})
-    return file_records(src_dir, known)
+    return file_records(src_dir, known, contain)
 
 
-def _matches(rel: str, patterns: tuple[str, ...]) -> bool:
-    """fnmatch on the '/'-path ('*' crosses '/'); a leading '**/' also matches at the top level."""
-    return not patterns or any(fnmatch.fnmatchcase(rel, p) or (p.startswith("**/") and fnmatch.fnmatchcase(rel, p[3:]))
-                               for p in patterns)
-
-
-def _prune(root: Path, patterns: tuple[str, ...]) -> None:
-    """Keep only the files the readers use; drop hidden dirs (.git, .cache) and empty dirs."""
+def _prune(root: Path, keep: Callable[[str], bool]) -> None:
+    """Keep only the files the readers use (and docs); drop hidden dirs (.git, .cache) and empty dirs."""
     for p in sorted(root.rglob("*"), key=lambda x: len(x.parts), reverse=True):
         rel = p.relative_to(root).as_posix()
         hidden = any(part.startswith(".") for part in rel.split("/"))
@@ -185,13 +140,8 @@ def _prune(root: Path, patterns: tuple[str, ...]) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             elif not any(p.iterdir()):
                 p.rmdir()
-        elif hidden or not _matches(rel, patterns):
+        elif hidden or not keep(rel):
             p.unlink()
-
-
-def redact(text: str) -> str:
-    text = re.sub(r"https?://\S+", lambda m: _strip_url_secrets(m.group(0)), str(text))
-    return re.sub(r"hf_[A-Za-z0-9]{10,}", "hf_***", text)
 
 
 def _retry(fn: Callable[[], Any], what: str, retries: int, transient: Callable[[BaseException], bool],
@@ -203,7 +153,7 @@ def _retry(fn: Callable[[], Any], what: str, retries: int, transient: Callable[[
             if attempt >= retries or not transient(e):
                 raise
             delay = min(30.0, base_delay * 2 ** attempt)
-            log.warning("%s: %s; retrying in %.0fs (%d/%d)", what, redact(e), delay, attempt + 1, retries)
+            log.warning("%s: %s; retrying in %.0fs (%d/%d)", what, scrub(e), delay, attempt + 1, retries)
             time.sleep(delay)
 
 
@@ -270,7 +220,7 @@ def http_download(url: str, dest: Path, timeout_s: float, retries: int) -> dict[
                     page = resp.read(2_000_000).decode("utf-8", "replace")
                     nxt = _confirm_url(page, resp.geturl())
                     if nxt is None:
-                        raise DownloadError(f"{_strip_url_secrets(url)} returned an HTML page, not the file "
+                        raise DownloadError(f"{redact_url(url)} returned an HTML page, not the file "
                                             "(is the share link public, 'Anyone with the link'?)")
                     target = nxt
                     continue
@@ -285,8 +235,8 @@ def http_download(url: str, dest: Path, timeout_s: float, retries: int) -> dict[
                 if expected is not None and int(expected) != n:
                     raise ConnectionError(f"short read: got {n} of {expected} bytes")
                 return {"sha256": h.hexdigest(), "size": n}
-        raise DownloadError(f"{_strip_url_secrets(url)}: too many confirmation pages")
-    return _retry(once, f"GET {_strip_url_secrets(url)}", retries, _is_transient)
+        raise DownloadError(f"{redact_url(url)}: too many confirmation pages")
+    return _retry(once, f"GET {redact_url(url)}", retries, _is_transient)
 
 
 def gdrive_folder_files(folder_url: str, timeout_s: float, retries: int) -> dict[str, str]:
@@ -295,7 +245,7 @@ def gdrive_folder_files(folder_url: str, timeout_s: float, retries: int) -> dict
         req = urllib.request.Request(folder_url, headers={"User-Agent": "Mozilla/5.0"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return resp.read().decode("utf-8", "replace")
-    page = _retry(once, f"GET {_strip_url_secrets(folder_url)}", retries, _is_transient)
+    page = _retry(once, f"GET {redact_url(folder_url)}", retries, _is_transient)
     page = page.encode().decode("unicode_escape", "ignore") if "\\x22" in page else page
     found: dict[str, str] = {}
     for fid, name in re.findall(r'\[\s*"([\w-]{20,})"\s*,\s*\[[^\]]*\]\s*,\s*"([^"]+\.json)"', page):
@@ -319,7 +269,7 @@ def _git(args: list[str], cwd: Optional[Path], timeout_s: float) -> str:
         cmd = next((a for a in args if a in ("clone", "rev-parse")), args[0])
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         fatal = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
-        msg = redact((fatal or lines or [f"exit {r.returncode}"])[0])
+        msg = scrub((fatal or lines or [f"exit {r.returncode}"])[0])
         if any(s in r.stderr for s in ("Could not resolve host", "Connection timed out", "Connection reset",
                                        "early EOF", "RPC failed", "Operation too slow")):
             raise ConnectionError(f"git {cmd}: {msg}")
@@ -327,7 +277,7 @@ def _git(args: list[str], cwd: Optional[Path], timeout_s: float) -> str:
     return r.stdout.strip()
 
 
-def fetch_git(part: Part, tmp: Path, timeout_s: float, retries: int) -> dict[str, Any]:
+def fetch_git(part: DownloadPart, keep: Callable[[str], bool], tmp: Path, timeout_s: float, retries: int) -> dict[str, Any]:
     stall = str(max(1, int(timeout_s)))
     def once() -> str:
         if tmp.exists():
@@ -338,15 +288,16 @@ def fetch_git(part: Part, tmp: Path, timeout_s: float, retries: int) -> dict[str
             args += ["--branch", part.revision]
         _git(args + [part.repo, str(tmp)], None, timeout_s * 20)
         return _git(["rev-parse", "HEAD"], tmp, 30)
-    commit = _retry(once, f"git clone {_strip_url_secrets(part.repo)}", retries,
+    commit = _retry(once, f"git clone {redact_url(part.repo)}", retries,
                     lambda e: isinstance(e, (ConnectionError, TimeoutError)))
-    _prune(tmp, part.patterns)
+    _prune(tmp, keep)
     return {"commit": commit, "revision": part.revision or "HEAD"}
 
 
 # ---- Hugging Face -------------------------------------------------------------------------------
 
-def fetch_hf(part: Part, tmp: Path, timeout_s: float, retries: int, endpoint: Optional[str]) -> dict[str, Any]:
+def fetch_hf(part: DownloadPart, allow: list[str], keep: Callable[[str], bool], tmp: Path, timeout_s: float,
+             retries: int, endpoint: Optional[str]) -> dict[str, Any]:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import errors as hf_errors
 
@@ -367,21 +318,34 @@ def fetch_hf(part: Part, tmp: Path, timeout_s: float, retries: int, endpoint: Op
         info = api.dataset_info(part.repo, revision=part.revision, timeout=timeout_s)
         sha = info.sha
         snapshot_download(part.repo, repo_type="dataset", revision=sha, local_dir=str(tmp),
-                          allow_patterns=list(part.patterns) or None, endpoint=endpoint,
+                          allow_patterns=allow or None, endpoint=endpoint,
                           etag_timeout=timeout_s, max_workers=4)
         return sha
     try:
         sha = _retry(once, f"huggingface {part.repo}", retries, transient)
     except permanent as e:
-        raise DownloadError(f"Hugging Face dataset {part.repo}: {type(e).__name__}: {redact(str(e).splitlines()[0])}"
+        raise DownloadError(f"Hugging Face dataset {part.repo}: {type(e).__name__}: {scrub(str(e).splitlines()[0])}"
                             + (" (gated: accept its terms on the Hub and set HF_TOKEN)" if "Gated" in type(e).__name__ else ""))
-    _prune(tmp, part.patterns)
+    _prune(tmp, keep)
     return {"revision": part.revision or "main", "commit": sha}
+
+
+# ---- S3 (custom sources) ------------------------------------------------------------------------
+
+def fetch_s3(part: DownloadPart, keep: Callable[[str], bool], tmp: Path, storage_cfg: Any) -> dict[str, Any]:
+    """Copy an s3:// object or prefix (streamed; the SDK retries per storage.retries), then prune."""
+    store = Store(part.repo, storage_cfg)
+    if store.is_file(""):
+        store.download_file("", tmp / part.repo.rstrip("/").rsplit("/", 1)[-1])
+    else:
+        store.download_dir("", tmp)
+    _prune(tmp, keep)
+    return {}
 
 
 # ---- one part, one source -----------------------------------------------------------------------
 
-def _http_urls(part: Part, dl: Any, timeout_s: float, retries: int) -> dict[str, str]:
+def _http_urls(part: DownloadPart, dl: Any, timeout_s: float, retries: int) -> dict[str, str]:
     urls = {name: getattr(dl, key, None) for name, key in part.files}
     missing = [n for n, u in urls.items() if not u]
     if missing and getattr(dl, "ddo_gdrive_folder_url", None):
@@ -396,34 +360,40 @@ def _http_urls(part: Part, dl: Any, timeout_s: float, retries: int) -> dict[str,
     return urls  # type: ignore[return-value]
 
 
-def fetch_part(part: Part, source: Source, raw: Path, dl: Any) -> dict[str, Any]:
+def fetch_part(part: DownloadPart, spec: SourceSpec, raw: Path, cfg: Any) -> dict[str, Any]:
     """Fetch one part into a temp dir next to its destination, write its marker, rename in place."""
+    dl = cfg.data.download
     dest = raw / part.dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    keep = keep_filter(spec, part)
     try:
         info: dict[str, Any] = {"kind": part.kind}
         if part.kind == "hf":
-            info.update(fetch_hf(part, tmp, dl.timeout_s, dl.retries, dl.hf_endpoint or None))
+            info.update(fetch_hf(part, hf_allow_patterns(spec, part), keep, tmp, dl.timeout_s, dl.retries,
+                                 dl.hf_endpoint or None))
             info["url"] = f"{(dl.hf_endpoint or 'https://huggingface.co').rstrip('/')}/datasets/{part.repo}"
         elif part.kind == "git":
-            info.update(fetch_git(part, tmp, dl.timeout_s, dl.retries))
-            info["url"] = _strip_url_secrets(part.repo)
+            info.update(fetch_git(part, keep, tmp, dl.timeout_s, dl.retries))
+            info["url"] = redact_url(part.repo)
         elif part.kind == "http":
             urls = _http_urls(part, dl, dl.timeout_s, dl.retries)
             for name, url in urls.items():
                 http_download(url, tmp / name, dl.timeout_s, dl.retries)
-            info["urls"] = {n: _strip_url_secrets(u) for n, u in urls.items()}
+            info["urls"] = {n: redact_url(u) for n, u in urls.items()}
+        elif part.kind == "s3":
+            info.update(fetch_s3(part, keep, tmp, cfg.storage))
+            info["url"] = redact_url(part.repo)
         else:
             raise DownloadError(f"unknown fetch kind {part.kind!r}")
         files = file_records(tmp)
         if not files:
-            raise DownloadError(f"nothing matching {list(part.patterns)} was found")
-        marker = {"source": source.name, "dir": part.dest, "license": source.license, **info,
-                  "files": files, "n_files": len(files), "bytes": sum(f["size"] for f in files), "time": _now()}
+            raise DownloadError(f"nothing matching {list(spec.patterns)} was found")
+        marker = {"source": spec.name, "dir": part.dest, "license": spec.license, **info,
+                  "files": files, "n_files": len(files), "bytes": sum(f.get("size", 0) for f in files), "time": _now()}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # written last
         if dest.exists():   # only an empty leftover can be here (checked by the caller)
             shutil.rmtree(dest)
@@ -461,14 +431,6 @@ def _present(d: Path) -> bool:
     return d.is_dir() and any(not p.name.startswith(".") for p in d.iterdir())
 
 
-def how_to_provide(source: Source, raw: Path) -> str:
-    where = f"put the files under {raw / source.dir}/"
-    if source.how:
-        return f"{where}, or {source.how}"
-    fetch = ", ".join(p.repo for p in source.parts)
-    return f"{where} (from {fetch}), or run `adapters download` online"
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -490,28 +452,46 @@ def _clean_stale_tmp(raw: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def selected_sources(cfg) -> tuple[list[str], dict[str, str]]:
-    """(sources to fetch, {source: why skipped})."""
+def download_plan(cfg) -> tuple[list[str], dict[str, str]]:
+    """(sources to fetch, {source: why skipped}) over every source the config knows."""
     dl = cfg.data.download
+    selected = {s.name for s in selected_sources(cfg)}
+    fetch: list[str] = []
     skipped: dict[str, str] = {}
-    wanted = list(dl.only) if dl.only else [s for s in SOURCES if s in cfg.data.sources]
-    out = []
-    for s in SOURCES:
-        if s not in wanted:
-            skipped[s] = "not in data.download.only (DOWNLOAD_ONLY)" if dl.only else "not in data.sources"
-        elif s in dl.skip:
-            skipped[s] = "in data.download.skip (DOWNLOAD_SKIP)"
-        elif s == "opencaselist" and not dl.opencaselist:
-            skipped[s] = "opt-in: set DOWNLOAD_OPENCASELIST=1 (or data.download.opencaselist: true)"
+    for name, spec in registry(cfg.data).items():
+        if dl.only and name not in dl.only:
+            skipped[name] = "not in data.download.only (DOWNLOAD_ONLY)"
+        elif not dl.only and name not in selected:
+            skipped[name] = ("not in data.sources" if spec.domain in cfg.domains
+                             else f"its domain {spec.domain!r} is not in domains")
+        elif name in dl.skip:
+            skipped[name] = "in data.download.skip (DOWNLOAD_SKIP)"
+        elif spec.download_opt_in and not getattr(dl, name, False):
+            skipped[name] = (f"opt-in: set DOWNLOAD_{name.upper()}=1 (or data.download.{name}: true)")
         else:
-            out.append(s)
-    return out, skipped
+            fetch.append(name)
+    return fetch, skipped
 
 
-def _do_source(src: Source, raw: Path, dl: Any, offline: bool, previous: dict[str, Any]) -> dict[str, Any]:
-    entry: dict[str, Any] = {"source": src.name, "domain": src.domain, "dir": src.dir, "license": src.license,
+def _local_entry(src: SourceSpec, folder: Path, contain: Path, previous: dict[str, Any]) -> dict[str, Any]:
+    """A source the user put in place: its files with checksums, never overwritten."""
+    if folder.is_file():
+        files = [{"path": folder.name, "size": folder.stat().st_size, "sha256": sha256_file(folder)}]
+    else:
+        files = _local_records(folder, previous, src.name, contain)
+    return {"status": "local", "parts": [{"dir": str(folder) if src.local_path else src.raw_dir, "kind": "local",
+                                          "files": files}]}
+
+
+def _do_source(src: SourceSpec, raw: Path, cfg: Any, offline: bool, previous: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"source": src.name, "domain": src.domain, "dir": src.raw_dir, "license": src.license,
                              "url": src.url, "parts": []}
-    top = raw / src.dir
+    top = src.folder(raw)
+    if src.local_path:  # a custom source read in place
+        if not top.exists():
+            raise DownloadError(f"custom source {src.name!r}: {top} does not exist; {src.how_to_get}")
+        entry.update(_local_entry(src, top, top if top.is_dir() else top.parent, previous))
+        return entry
     multi = len(src.parts) > 1
     top_marker = read_marker(top, check_files=False) if multi else None
     if top_marker is not None and not all(read_marker(raw / p.dest) for p in src.parts):
@@ -526,18 +506,17 @@ def _do_source(src: Source, raw: Path, dl: Any, offline: bool, previous: dict[st
             return entry
         stale = (top / (MARKER + ".stale")).is_file()
         if _present(top) and not (stale and not offline):
-            entry.update(status="local", parts=[{"dir": src.dir, "kind": "local",
-                                                 "files": _local_records(top, previous, src.name)}])
+            entry.update(_local_entry(src, top, raw, previous))
             return entry
     elif _present(top) and not any(read_marker(raw / p.dest) or (raw / p.dest / (MARKER + ".stale")).is_file()
                                    for p in src.parts):
         # the user's own files (no part of ours is there): take them as they are
-        entry.update(status="local", parts=[{"dir": src.dir, "kind": "local",
-                                             "files": _local_records(top, previous, src.name)}])
+        entry.update(_local_entry(src, top, raw, previous))
         return entry
-    if offline:
-        raise DownloadError(f"source {src.name!r} is not in {top} and offline mode forbids fetching it; "
-                            f"{how_to_provide(src, raw)}; or unset OFFLINE/HF_HUB_OFFLINE")
+    if offline or not src.parts:
+        why = "offline mode forbids fetching it" if offline else "nothing fetches it"
+        raise DownloadError(f"source {src.name!r} is not in {top} and {why}; {src.how_to_get_at(raw)}"
+                            + ("; or unset OFFLINE/HF_HUB_OFFLINE" if offline else ""))
     statuses = []
     for part in src.parts:
         d = raw / part.dest
@@ -549,28 +528,29 @@ def _do_source(src: Source, raw: Path, dl: Any, offline: bool, previous: dict[st
         if (d / (MARKER + ".stale")).is_file():   # ours, changed since: fetch it again
             shutil.rmtree(d)
         elif _present(d):
-            entry["parts"].append({"dir": part.dest, "kind": "local", "files": file_records(d)})
+            entry["parts"].append({"dir": part.dest, "kind": "local", "files": file_records(d, contain=raw)})
             statuses.append("local")
             continue
-        log.info("download %s: %s %s -> %s", src.name, part.kind, _strip_url_secrets(part.repo) or "urls", d)
+        log.info("download %s: %s %s -> %s", src.name, part.kind, redact_url(part.repo) or "urls", d)
         t0 = time.time()
-        m = fetch_part(part, src, raw, dl)
+        m = fetch_part(part, src, raw, cfg)
         log.info("download %s: %d files, %.1f MB in %.1fs", src.name, m["n_files"], m["bytes"] / 1e6, time.time() - t0)
         entry["parts"].append(m)
         statuses.append("downloaded")
     entry["status"] = "downloaded" if "downloaded" in statuses else ("complete" if set(statuses) == {"complete"} else "local")
     entry["time"] = _now()
     if multi:
-        (top / MARKER).write_text(json.dumps({"source": src.name, "license": src.license, "url": src.url,
-                                              "parts": entry["parts"], "time": entry["time"]}, indent=2) + "\n")
+        marker = json.dumps({"source": src.name, "license": src.license, "url": src.url,
+                             "parts": entry["parts"], "time": entry["time"]}, indent=2) + "\n"
+        atomic_write(top / MARKER, lambda f: f.write(marker.encode()))
     return entry
 
 
-def run_download(cfg, table: Optional[dict[str, Source]] = None) -> dict[str, Any]:
+def run_download(cfg, specs: Optional[dict[str, SourceSpec]] = None) -> dict[str, Any]:
     """Fetch every selected source into cfg.data.raw_dir; returns (and writes) the download manifest.
 
-    ``table`` replaces ``SOURCES_TABLE`` (tests point it at loopback servers)."""
-    table = table or SOURCES_TABLE
+    ``specs`` replaces the config's registry of sources (tests point parts at loopback servers)."""
+    specs = specs or registry(cfg.data)
     dl = cfg.data.download
     if "://" in cfg.data.raw_dir:
         raise UserFacingError(f"data.raw_dir must be a local directory, got {cfg.data.raw_dir}")
@@ -580,46 +560,42 @@ def run_download(cfg, table: Optional[dict[str, Source]] = None) -> dict[str, An
         raw.mkdir(parents=True, exist_ok=True)
     if not offline:
         _clean_stale_tmp(raw)
-    chosen, skipped = selected_sources(cfg)
+    _, skipped = download_plan(cfg)
     try:
         previous = json.loads((raw / MANIFEST).read_text())
     except (OSError, ValueError):
         previous = {}
     manifest: dict[str, Any] = {"raw_dir": str(raw), "offline": offline, "time": _now(), "sources": {}}
     errors: list[str] = []
-    for name in SOURCES:
-        src = table[name]
+    for name, src in specs.items():
         if name in skipped:
-            manifest["sources"][name] = {"source": name, "domain": src.domain, "dir": src.dir,
+            manifest["sources"][name] = {"source": name, "domain": src.domain, "dir": src.raw_dir,
                                          "status": "skipped", "reason": skipped[name]}
             continue
         try:
-            entry = _do_source(src, raw, dl, offline, previous)
+            entry = _do_source(src, raw, cfg, offline, previous)
         except Exception as e:
-            msg = redact(str(e) or type(e).__name__)
-            entry = {"source": name, "domain": src.domain, "dir": src.dir, "license": src.license,
-                     "status": "missing" if offline else "failed", "error": msg, "how": how_to_provide(src, raw)}
+            msg = scrub(str(e) or type(e).__name__)
+            entry = {"source": name, "domain": src.domain, "dir": src.raw_dir, "license": src.license,
+                     "status": "missing" if offline else "failed", "error": msg, "how": src.how_to_get_at(raw)}
             if offline and cfg.data.allow_missing:
                 log.warning("source %s is missing (recorded; ALLOW_MISSING_DATA is set): %s", name, msg)
             elif not offline and cfg.data.allow_missing:
                 entry["status"] = "missing"
                 log.warning("source %s could not be fetched (recorded as missing): %s", name, msg)
             else:
-                errors.append(f"{name}: {msg}" if offline else f"{name}: {msg}; {how_to_provide(src, raw)}")
+                errors.append(f"{name}: {msg}" if offline else f"{name}: {msg}; {src.how_to_get_at(raw)}")
                 log.error("source %s failed: %s", name, msg)
         entry["n_files"] = sum(len(p.get("files", [])) for p in entry.get("parts", []))
         manifest["sources"][name] = entry
         log.info("source %-15s %s", name, entry["status"])
     text = json.dumps(manifest, indent=2) + "\n"
-    tmpf = raw / f".{MANIFEST}.tmp-{os.getpid()}"
     try:
-        tmpf.write_text(text)
-        os.replace(tmpf, raw / MANIFEST)
+        atomic_write(raw / MANIFEST, lambda f: f.write(text.encode()))
     except OSError as e:   # a read-only raw dir of the user's own files: the output's copy is enough
         if any(ent.get("status") == "downloaded" for ent in manifest["sources"].values()):
             raise
         log.warning("cannot write %s (%s); the manifest is in the output only", raw / MANIFEST, e.strerror or e)
-    from pipeline.storage import open_store
     open_store(cfg).write_text(f"data/{MANIFEST}", text)
     if errors:
         raise UserFacingError("download failed for " + str(len(errors)) + " source(s):\n  " + "\n  ".join(errors)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -35,8 +34,8 @@ import pyarrow as pa
 
 from pipeline.download import sha256_file
 from pipeline.errors import UserFacingError
-from pipeline.sources import REGISTRY, Opts, Quarantine, Raw, Reject, finalize_sft, get_source, norm_key, text_hash
-from pipeline.sources.base import UNKNOWN_FORMAT
+from pipeline.sources import Opts, Quarantine, Reject, SourceSpec, finalize_sft, norm_key, selected_sources, text_hash
+from pipeline.sources.base import OUTSIDE_RAW_DIR, TOO_LARGE, UNKNOWN_FORMAT, SourceFiles, record_chars
 from pipeline.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -56,51 +55,57 @@ SHUFFLE_LIMIT = 200_000
 
 
 # ---- step 1: one file -> records (runs in Ray workers, or in-process for the baseline) --------
-def file_events(source: str, path: str, rel: str, opts: Opts) -> Iterator[tuple[str, dict]]:
+def file_events(src: SourceSpec, path: str, rel: str, opts: Opts) -> Iterator[tuple[str, dict]]:
     """('r', record) / ('q', quarantine row) for each record of one file, then ('f', file facts)."""
-    src = get_source(source)
     p = Path(path)
     try:
         for item in src.read(p, rel, opts):
             if isinstance(item, Quarantine):
                 yield "q", item.as_row()
                 continue
+            n = record_chars(item.data, opts.max_record_chars)
+            if n > opts.max_record_chars:  # before anything is built from it (corpus text, prompts, tokens)
+                yield "q", Quarantine(src.name, item.file, item.location, TOO_LARGE,
+                                      f"more than {opts.max_record_chars:,} characters of text "
+                                      "(data.max_record_chars)").as_row()
+                continue
             try:
                 row = src.normalize(item, opts)
                 sft, rejected = finalize_sft(src.build_sft(row), row, opts.max_response_chars)
             except Reject as e:
-                yield "q", Quarantine(source, item.file, item.location, e.reason, e.snippet).as_row()
+                yield "q", Quarantine(src.name, item.file, item.location, e.reason, e.snippet).as_row()
                 continue
             yield "r", {"row": row, "sft": sft, "sft_rejected": rejected, "hash": text_hash(row["text"])}
     except Exception as e:  # a reader bug or an unexpected format: the file is quarantined, the run goes on
         log.exception("reading %s failed", rel)
-        yield "q", Quarantine(source, rel, "file", "reader_error", f"{type(e).__name__}: {e}"[:300]).as_row()
+        yield "q", Quarantine(src.name, rel, "file", "reader_error", f"{type(e).__name__}: {e}"[:300]).as_row()
     yield "f", {"rel": rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
 
 
-def _ray_file_events(item: dict) -> Iterator[dict]:
+def _ray_file_events(item: dict, src: SourceSpec, opts: Opts) -> Iterator[dict]:
     """Ray Data flat_map UDF: one uniform row type (kind, payload JSON) for every event."""
-    opts = Opts(**json.loads(item["opts"]))
-    for kind, payload in file_events(item["source"], item["path"], item["rel"], opts):
+    for kind, payload in file_events(src, item["path"], item["rel"], opts):
         yield {"kind": kind, "payload": json.dumps(payload, ensure_ascii=False)}
 
 
-def _stream_events(items: list[dict], use_ray: bool) -> Iterator[tuple[str, dict]]:
+def _stream_events(src: SourceSpec, items: list[dict], opts: Opts, use_ray: bool) -> Iterator[tuple[str, dict]]:
     """Events of all files, in file order. Closing the generator stops reading."""
     if not items:
         return
     if not use_ray:
         for it in items:
-            yield from file_events(it["source"], it["path"], it["rel"], Opts(**json.loads(it["opts"])))
+            yield from file_events(src, it["path"], it["rel"], opts)
         return
     import ray.data
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 16)).flat_map(_ray_file_events)
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 16)).flat_map(
+        _ray_file_events, fn_kwargs={"src": src, "opts": opts})
     for row in ds.iter_rows():
         yield row["kind"], json.loads(row["payload"])
 
 
 # ---- small helpers ---------------------------------------------------------------------------
-def _h(*parts: Any) -> str:
+def digest(*parts: Any) -> str:
+    """The sha256 of JSON-encoded parts (fingerprints of inputs and settings)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -199,19 +204,14 @@ def _delete_prefix(store: Store, directory: str, name_prefix: str = "") -> None:
             store.delete(rel)
 
 
-def _read_table(store: Store, rel: str, columns: Optional[list[str]] = None) -> pa.Table:
-    import io
-    import pyarrow.parquet as pq
-    return pq.read_table(io.BytesIO(store.read_bytes(rel)), columns=columns)
-
-
 # ---- step 2: one source ----------------------------------------------------------------------
-def _prepare_source(name: str, raw_dir: Path, files: list[Path], cfg, store: Store, opts: Opts,
+def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, opts: Opts,
                     seen: set[str], use_ray: bool) -> dict:
-    src = get_source(name)
+    name = src.name
     d = cfg.data
     cap = d.max_docs_per_source
-    rels = [p.relative_to(raw_dir).as_posix() for p in files]
+    files = [p for p, _ in listing.read]
+    rels = [rel for _, rel in listing.read]
     _delete_prefix(store, f"data/corpus/{src.domain}", f"{name}-")
     store.delete(f"data/quarantine/{name}")
     store.delete(f"data/_work/sft/{src.domain}/{name}")
@@ -226,15 +226,21 @@ def _prepare_source(name: str, raw_dir: Path, files: list[Path], cfg, store: Sto
     stopped_early = False
 
     # files under the source's folder that no pattern matches are reported, not guessed at
-    for p in src.unmatched_files(raw_dir):
-        rel = p.relative_to(raw_dir).as_posix()
+    for p, rel in listing.unmatched:
         read += 1
         q_by_reason[UNKNOWN_FORMAT] += 1
         quarantine.add(Quarantine(name, rel, "file", UNKNOWN_FORMAT, f"no {name} reader for this file layout").as_row())
         file_facts[rel] = {"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p), "status": "quarantined (unknown format)"}
+    # links that leave the raw directory are refused, never opened
+    for p, rel in listing.refused:
+        read += 1
+        q_by_reason[OUTSIDE_RAW_DIR] += 1
+        quarantine.add(Quarantine(name, rel, "link", OUTSIDE_RAW_DIR, "a symbolic link that resolves outside the raw "
+                                  "directory: not followed (copy the data into the raw directory instead)").as_row())
+        file_facts[rel] = {"path": rel, "size": None, "sha256": None, "status": "refused (link outside the raw directory)"}
 
-    items = [{"source": name, "path": str(p), "rel": rel, "opts": json.dumps(opts.__dict__)} for p, rel in zip(files, rels)]
-    stream = _stream_events(items, use_ray)
+    items = [{"path": str(p), "rel": rel} for p, rel in zip(files, rels)]
+    stream = _stream_events(src, items, opts, use_ray)
     try:
         for kind, ev in stream:
             if kind == "f":
@@ -278,7 +284,7 @@ def _prepare_source(name: str, raw_dir: Path, files: list[Path], cfg, store: Sto
     quarantined = sum(q_by_reason.values())
     assert read == kept + quarantined + deduplicated + capped, (name, read, kept, quarantined, deduplicated, capped)
     return {
-        "status": "ok", "domain": src.domain, "raw_subdir": src.subdir, "license": src.license, "url": src.url,
+        "status": "ok", "domain": src.domain, "raw_subdir": src.raw_dir, "license": src.license, "url": src.url,
         "files": [file_facts[r] for r in sorted(file_facts)],
         "read": read, "kept": kept, "quarantined": quarantined, "quarantined_by_reason": dict(sorted(q_by_reason.items())),
         "deduplicated": deduplicated, "capped": capped, "cap": cap, "stopped_early": stopped_early,
@@ -286,6 +292,7 @@ def _prepare_source(name: str, raw_dir: Path, files: list[Path], cfg, store: Sto
         "sft_examples": sum(sft_tasks.values()), "sft_by_task": dict(sorted(sft_tasks.items())),
         "sft_rejected": dict(sorted(sft_rejected.items())),
         "corpus_shards": corpus.parts, "quarantine_shards": quarantine.parts, "staged_sft_shards": sft.parts,
+        **({"note": src.note} if src.note else {}),
     }
 
 
@@ -303,7 +310,7 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     for name in names:
         entries = []
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            t = _read_table(store, rel, ["prompt", "response", "doc_id", "task", "group"]).to_pylist()
+            t = store.read_table(rel, ["prompt", "response", "doc_id", "task", "group"]).to_pylist()
             for ri, r in enumerate(t):
                 u = _unit(seed, f"{r['doc_id']}|{r['task']}|{norm_key(r['prompt'])[:200]}")
                 entries.append((u, r["doc_id"], r["task"], si, ri, r["group"], tuple(_dup_keys(r))))
@@ -351,7 +358,7 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     groups: dict[str, set] = {s: set() for s in SPLITS}
     for name in names:
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            for ri, r in enumerate(_read_table(store, rel).to_pylist()):
+            for ri, r in enumerate(store.read_table(rel).to_pylist()):
                 if (si, ri) not in chosen[name]:
                     continue
                 r["split"] = sp = split_of_group[r["group"]]
@@ -386,11 +393,6 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
 
 
 # ---- the stage -------------------------------------------------------------------------------
-def selected_sources(cfg) -> list[str]:
-    """Sources to prepare: cfg.data.sources whose domain is in cfg.domains, in the registry's order."""
-    return [n for n in REGISTRY if n in cfg.data.sources and REGISTRY[n].domain in cfg.domains]
-
-
 def run_prepare(cfg, use_ray: bool = True) -> dict:
     """Prepare every selected source and domain; returns the manifest (also at data/manifest.json).
 
@@ -399,14 +401,17 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
     d = cfg.data
     raw_dir = Path(d.raw_dir).expanduser().resolve()
     store = open_store(cfg)
-    opts = Opts(min_text_chars=d.min_text_chars, max_response_chars=d.max_response_chars, txt_chunk_chars=d.txt_chunk_chars)
-    names = selected_sources(cfg)
+    opts = Opts(min_text_chars=d.min_text_chars, max_response_chars=d.max_response_chars, txt_chunk_chars=d.txt_chunk_chars,
+                max_record_chars=d.max_record_chars, max_whole_file_bytes=d.max_whole_file_mb << 20)
+    specs = {s.name: s for s in selected_sources(cfg)}
+    names = list(specs)
 
-    files = {n: REGISTRY[n].files(raw_dir) for n in names}
-    missing = [n for n in names if not files[n]]
+    listings = {n: specs[n].listing(raw_dir) for n in names}
+    present = {n: bool(listings[n].read or listings[n].refused) for n in names}
+    missing = [n for n in names if not present[n]]
     if missing and not d.allow_missing:
-        lines = [f"  - {n}: nothing under {raw_dir / REGISTRY[n].subdir} matching {', '.join(REGISTRY[n].patterns)}; "
-                 f"{REGISTRY[n].how_to_get}" for n in missing]
+        lines = [f"  - {n}: nothing under {specs[n].folder(raw_dir)} matching {', '.join(specs[n].patterns)}; "
+                 f"{specs[n].how_to_get_at(raw_dir)}" for n in missing]
         raise UserFacingError("raw data missing for source(s) " + ", ".join(missing) + ":\n" + "\n".join(lines) +
                               "\nOr set ALLOW_MISSING_DATA=1 (data.allow_missing: true) to record them as missing and go on, "
                               "or leave them out of data.sources.")
@@ -416,15 +421,16 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
     src_fp: dict[str, str] = {}
     chain: dict[str, str] = {}
     for n in names:
-        dom = REGISTRY[n].domain
-        listing = [(p.relative_to(raw_dir).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                   for p in files[n] + REGISTRY[n].unmatched_files(raw_dir)]
-        src_fp[n] = _h(n, settings, listing, chain.get(dom, ""))
+        dom = specs[n].domain
+        ls = listings[n]
+        listing = [(rel, p.stat().st_size, p.stat().st_mtime_ns) for p, rel in ls.read + ls.unmatched]
+        listing += [(rel, "refused", p.lstat().st_mtime_ns) for p, rel in ls.refused]
+        src_fp[n] = digest(n, specs[n].declaration, settings, listing, chain.get(dom, ""))
         chain[dom] = src_fp[n]
-    domains = [dm for dm in cfg.domains if any(REGISTRY[n].domain == dm for n in names)]
-    dom_fp = {dm: _h(dm, [src_fp[n] for n in names if REGISTRY[n].domain == dm], d.max_sft_per_domain, d.split, d.split_seed)
+    domains = [dm for dm in cfg.domains if any(specs[n].domain == dm for n in names)]
+    dom_fp = {dm: digest(dm, [src_fp[n] for n in names if specs[n].domain == dm], d.max_sft_per_domain, d.split, d.split_seed)
               for dm in domains}
-    run_fp = _h(CODE_VERSION, dom_fp, cfg.domains, names)
+    run_fp = digest(CODE_VERSION, dom_fp, cfg.domains, names)
 
     done = store.read_json_or("data/_SUCCESS")
     if isinstance(done, dict) and done.get("fingerprint") == run_fp and store.is_file("data/manifest.json"):
@@ -432,37 +438,29 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         return store.read_json("data/manifest.json")
     store.delete("data/_SUCCESS")
 
-    todo = [n for n in names if files[n] and (store.read_json_or(f"data/_work/sources/{n}.json") or {}).get("fingerprint") != src_fp[n]]
+    todo = [n for n in names if present[n] and (store.read_json_or(f"data/_work/sources/{n}.json") or {}).get("fingerprint") != src_fp[n]]
     if use_ray and todo:
-        from pipeline.raycluster import ensure_ray
-        import ray.data
-        ensure_ray(cfg)
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # canonical order: caps and dedupe independent of block layout
-        ctx.target_max_block_size = 8 * 1024 * 1024  # small blocks: a capped source stops soon after its cap
-        ctx.enable_progress_bars = False
-        # the driver consumes one record at a time: cap what readers may run ahead (bounded memory)
-        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-            object_store_memory=READ_AHEAD_BYTES)
+        _start_ray_data(cfg)
 
     src_manifest: dict[str, dict] = {}
     seen: dict[str, set[str]] = defaultdict(set)
     for n in names:
-        src = REGISTRY[n]
-        if not files[n]:
-            src_manifest[n] = {"status": "missing", "domain": src.domain, "raw_subdir": src.subdir, "files": [],
+        src = specs[n]
+        if not present[n]:
+            src_manifest[n] = {"status": "missing", "domain": src.domain, "raw_subdir": src.raw_dir, "files": [],
+                               "license": src.license, "url": src.url,
                                "read": 0, "kept": 0, "quarantined": 0, "quarantined_by_reason": {}, "deduplicated": 0,
-                               "capped": 0, "how_to_get": src.how_to_get}
+                               "capped": 0, "how_to_get": src.how_to_get_at(raw_dir)}
             continue
         marker = store.read_json_or(f"data/_work/sources/{n}.json")
         if isinstance(marker, dict) and marker.get("fingerprint") == src_fp[n]:
             log.info("prepare: %s already done; skipped", n)
             src_manifest[n] = marker["manifest"]
             for rel in src_manifest[n].get("corpus_shards", []):
-                seen[src.domain].update(text_hash(t) for t in _read_table(store, rel, ["text"]).column("text").to_pylist())
+                seen[src.domain].update(text_hash(t) for t in store.read_table(rel, ["text"]).column("text").to_pylist())
             continue
         ts = time.time()
-        m = _prepare_source(n, raw_dir, files[n], cfg, store, opts, seen[src.domain], use_ray)
+        m = _prepare_source(src, listings[n], cfg, store, opts, seen[src.domain], use_ray)
         m["seconds"] = round(time.time() - ts, 2)
         store.write_json(f"data/_work/sources/{n}.json", {"fingerprint": src_fp[n], "manifest": m})
         src_manifest[n] = m
@@ -471,9 +469,9 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
 
     dom_manifest: dict[str, dict] = {}
     for dm in cfg.domains:
-        dnames = [n for n in names if REGISTRY[n].domain == dm]
-        present = [n for n in dnames if src_manifest[n]["status"] == "ok"]
-        if not present or not sum(src_manifest[n]["kept"] for n in present):
+        dnames = [n for n in names if specs[n].domain == dm]
+        present_ok = [n for n in dnames if src_manifest[n]["status"] == "ok"]
+        if not present_ok or not sum(src_manifest[n]["kept"] for n in present_ok):
             dom_manifest[dm] = {"status": "empty", "sources": dnames, "corpus_rows": 0, "sft_rows": {s: 0 for s in SPLITS},
                                 "reason": "no source of this domain was selected" if not dnames else
                                           "no records: every source is missing or fully quarantined"}
@@ -484,7 +482,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         if isinstance(marker, dict) and marker.get("fingerprint") == dom_fp[dm]:
             dom_manifest[dm] = marker["manifest"]
             continue
-        dom_manifest[dm] = _prepare_domain(dm, present, src_manifest, cfg, store)
+        dom_manifest[dm] = _prepare_domain(dm, present_ok, src_manifest, cfg, store)
         store.write_json(f"data/_work/domains/{dm}.json", {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
 
     manifest = {
@@ -492,7 +490,8 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         "domains_requested": list(cfg.domains), "sources_selected": names,
         "settings": {"max_docs_per_source": d.max_docs_per_source, "max_sft_per_domain": d.max_sft_per_domain,
                      "split": d.split, "split_seed": d.split_seed, "min_text_chars": d.min_text_chars,
-                     "max_response_chars": d.max_response_chars, "txt_chunk_chars": d.txt_chunk_chars},
+                     "max_response_chars": d.max_response_chars, "txt_chunk_chars": d.txt_chunk_chars,
+                     "max_record_chars": d.max_record_chars, "max_whole_file_mb": d.max_whole_file_mb},
         "sources": src_manifest, "domains": dom_manifest,
         "totals": {k: sum(m.get(k, 0) for m in src_manifest.values()) for k in ("read", "kept", "quarantined", "deduplicated", "capped")},
     }
@@ -502,3 +501,17 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
     store.write_json("data/_SUCCESS", {"fingerprint": run_fp})
     log.info("prepare: done in %.1fs: %s", time.time() - t0, manifest["totals"])
     return manifest
+
+
+def _start_ray_data(cfg) -> None:
+    """Ray, and Ray Data settings that keep the stream in canonical order with bounded memory."""
+    from pipeline.raycluster import ensure_ray
+    import ray.data
+    ensure_ray(cfg)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # canonical order: caps and dedupe independent of block layout
+    ctx.target_max_block_size = 8 * 1024 * 1024  # small blocks: a capped source stops soon after its cap
+    ctx.enable_progress_bars = False
+    # the driver consumes one record at a time: cap what readers may run ahead (bounded memory)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=READ_AHEAD_BYTES)

@@ -9,13 +9,13 @@ Reads (each may be missing: the report says so instead of failing)
     runs/<run_name>/domains/<domain>.json     the domain's state (failed with its cause, skipped, running)
     eval/matrix.json                          base + every adapter on every domain's test set
 Writes, through the output Store (local or s3://)
-    report/summary.json   the DESIGN.md contract (per domain and run-level facts)
+    report/summary.json   per domain and run-level facts (the contract in docs/ARCHITECTURE.md, 'Report')
     report/summary.md     the same as tables, plots linked
     report/summary.html   one self-contained file: CSS inline, plots embedded as base64 PNG
     report/loss_curves.png  report/perplexity.png  report/eval_matrix.png
 
-Nothing secret is written: the config comes from ``cfg.redacted()``, and every text written is
-scrubbed of the values of credential environment variables and of tokens in URLs.
+Nothing secret is written: the config comes from ``cfg.redacted()``, and every text written goes
+through ``pipeline.redaction.scrub`` (credential values from the environment, URL secrets, HF tokens).
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.redaction import scrub
 from pipeline.storage import Store, StorageError, open_store
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 PACKAGES = ("domain-adapters", "ray", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers",
             "safetensors", "huggingface_hub", "pyarrow", "pandas", "boto3", "pydantic", "PyYAML", "matplotlib")
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-              "RAY_AUTH_TOKEN", "GITHUB_TOKEN", "WANDB_API_KEY")
 METRICS = ("train_loss", "val_loss", "test_loss", "val_ppl", "test_ppl", "base_val_loss", "base_test_loss",
            "base_val_ppl", "base_test_ppl", "tokens_per_s", "peak_memory_gb", "wall_time_s", "steps")
 
@@ -606,24 +604,6 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
               "<details><summary>Config (redacted)</summary><pre>" + _h(json.dumps(rep["config"], indent=2)) + "</pre></details>",
               "</main></body></html>"]
     return "\n".join(p for p in parts if p)
-
-
-# ---- secrets -----------------------------------------------------------------------------------------
-
-_URL_SECRET = re.compile(r"([?&](?:token|key|signature|sig|access_token|X-Amz-[A-Za-z-]+)=)[^&\s\"'<]+", re.I)
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s\"'<]+@")
-
-
-def scrub(text: str, environ: Optional[dict] = None) -> str:
-    """Remove credential values (from the environment) and URL tokens / user:password parts from text."""
-    env = os.environ if environ is None else environ
-    for k in SECRET_ENV:
-        v = env.get(k)
-        if v and len(v) >= 6:
-            text = text.replace(v, "***")
-            text = text.replace(json.dumps(v)[1:-1], "***")
-    text = _URL_SECRET.sub(r"\1***", text)
-    return _URL_USERINFO.sub("***@", text)
 
 
 # ---- the stage ----------------------------------------------------------------------------------------

@@ -2,42 +2,51 @@
 
 Everything the pipeline writes goes through a ``Store`` rooted at ``--output``. Paths given to its
 methods are relative, '/'-separated, and checked so that nothing can write outside the root.
-Writes are atomic: local files are written to a temporary name and renamed; S3 objects appear
-whole when their PUT (or multipart upload) completes, so a retried write replaces, never
-duplicates.
+Writes are atomic: local files are written to a temporary name and renamed (``atomic_write``, the
+one place that does it; files get the mode the umask gives, 0644 by default, directories 0755);
+S3 objects appear whole when their PUT (or multipart upload) completes, so a retried write
+replaces, never duplicates.
+
+Reading Parquet: ``read_table(rel, columns=...)`` reads one file or a directory of shards through
+the store's pyarrow filesystem; ``parquet_paths(rel)`` gives (paths, filesystem) for
+``ray.data.read_parquet``. Directories are copied with ``pyarrow.fs.copy_files`` (streamed, never
+read whole into memory): ``upload_dir`` / ``download_dir``.
 
 S3 endpoint, region and credentials are read here and nowhere else: config ``storage.*``, else the
 standard AWS variables (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``,
 ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
 ``AWS_PROFILE``). They are passed explicitly to pyarrow's S3FileSystem, to Ray Train's storage
 (via ``ray_storage``) and to boto3, and never written or logged: ``repr`` of every object here
-hides them, and error messages name the endpoint without any user:password part.
+hides them, and error messages name the endpoint through ``pipeline.redaction``.
 
-I/O errors are sorted into three kinds (``classify``):
-  transient (connection refused/reset, timeouts, 5xx, SlowDown): retried with exponential backoff,
-      ``storage.retries`` times (0.5 s, 1 s, 2 s, 4 s, 8 s, 8 s, ...);
-  not found: raised at once as ``StorageNotFound`` (a ``StorageError`` and a ``FileNotFoundError``);
-  permanent (wrong credentials, access denied, no such bucket, bad request): raised at once as a
-      ``StorageError`` whose message says what to fix.
+Retries: one policy, the AWS SDKs' own "standard" mode, sized from ``storage.retries`` (retries
+after the first attempt) in both clients: pyarrow's ``AwsStandardS3RetryStrategy`` and botocore's
+``retries={"mode": "standard"}``. They retry what is transient (connection refused/reset,
+timeouts, 5xx, throttling) with jittered exponential backoff and never retry auth errors. What
+still fails is turned into a ``StorageError`` whose message says what to fix (``_storage_error``):
+not found -> ``StorageNotFound`` (also a ``FileNotFoundError``); credentials, access denied, no
+such bucket -> the fix; unreachable or failing after the retries -> check the server, the
+endpoint, or raise ``storage.retries``.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import threading
-import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TypeVar
+from typing import IO, Any, Callable, Optional, TypeVar
 
 import pyarrow.fs as pafs
 
 from pipeline.errors import UserFacingError
+from pipeline.redaction import redact_url
 
 T = TypeVar("T")
 log = logging.getLogger("pipeline.storage")
@@ -49,16 +58,6 @@ class StorageError(UserFacingError):
 
 class StorageNotFound(StorageError, FileNotFoundError):
     """The object or file does not exist (catch as StorageError or FileNotFoundError)."""
-
-
-# Counters for tests and benchmarks: how often I/O was retried, and how often we gave up.
-STATS: dict[str, int] = {"retries": 0, "gave_up": 0}
-_STATS_LOCK = threading.Lock()
-
-
-def _bump(key: str) -> None:
-    with _STATS_LOCK:
-        STATS[key] += 1
 
 
 @dataclass(frozen=True)
@@ -93,10 +92,10 @@ class S3Settings:
 
     @property
     def safe_endpoint(self) -> str:
-        """The endpoint for messages: no user:password part, no query string."""
+        """The endpoint for messages, secrets masked."""
         if not self.endpoint_url:
             return "the default AWS endpoint"
-        return _strip_userinfo(self.endpoint_url)
+        return redact_url(self.endpoint_url)
 
     def with_credentials(self) -> "S3Settings":
         """Settings with explicit keys: from the environment, else resolved once from the profile."""
@@ -125,11 +124,6 @@ class S3Settings:
                              self.session_token, self.profile, self.retries))
 
 
-def _strip_userinfo(url: str) -> str:
-    url = re.sub(r"//[^/@]+@", "//", url)
-    return url.split("?", 1)[0]
-
-
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -146,10 +140,15 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def _endpoint_parts(endpoint_url: str) -> tuple[str, str]:
-    scheme, sep, host = endpoint_url.partition("://")
-    if not sep:
-        return "https", endpoint_url.rstrip("/")
-    return scheme, host.rstrip("/")
+    """(scheme, host[:port]) of an endpoint URL; a bare host means https. Userinfo, path and query dropped."""
+    url = endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}"
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.netloc.rsplit("@", 1)[-1]
+
+
+def _attempts(settings: S3Settings) -> int:
+    """Total attempts per request: the first one plus storage.retries."""
+    return max(0, int(settings.retries)) + 1
 
 
 def arrow_s3(settings: S3Settings, for_ray: bool = False) -> pafs.S3FileSystem:
@@ -159,9 +158,9 @@ def arrow_s3(settings: S3Settings, for_ray: bool = False) -> pafs.S3FileSystem:
     public = (settings.endpoint_url, settings.region, settings.retries, settings.profile)
     settings = settings.with_credentials()
     kw: dict[str, Any] = dict(region=settings.region, connect_timeout=5, request_timeout=60,
-                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+                              retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_attempts(settings)))
     if settings.endpoint_url:
-        scheme, host = _endpoint_parts(_strip_userinfo(settings.endpoint_url))
+        scheme, host = _endpoint_parts(settings.endpoint_url)
         kw["endpoint_override"] = host
         kw["scheme"] = scheme
     if settings.access_key:
@@ -199,11 +198,11 @@ def boto3_client(settings: S3Settings):
     import boto3
     from botocore.config import Config as BotoConfig
     kw: dict[str, Any] = dict(region_name=settings.region,
-                              config=BotoConfig(retries={"max_attempts": 3, "mode": "standard"},
+                              config=BotoConfig(retries={"total_max_attempts": _attempts(settings), "mode": "standard"},
                                                 connect_timeout=5, read_timeout=60,
                                                 s3={"addressing_style": "path"} if settings.endpoint_url else None))
     if settings.endpoint_url:
-        scheme, host = _endpoint_parts(_strip_userinfo(settings.endpoint_url))
+        scheme, host = _endpoint_parts(settings.endpoint_url)
         kw["endpoint_url"] = f"{scheme}://{host}"
     if settings.access_key:
         session = boto3.session.Session()
@@ -227,20 +226,14 @@ def safe_rel(rel: str) -> str:
     return norm
 
 
-# ---- error classification and retries ------------------------------------------------------
+# ---- errors -----------------------------------------------------------------------------------
+# The SDKs retry (see the module docstring); these only name the fix for what still fails.
 
-_TRANSIENT_BOTO = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                   "ConnectionError", "ProxyConnectionError", "ResponseStreamingError", "IncompleteReadError"}
-_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
-                    "RequestTimeout", "RequestTimeoutException", "Throttling", "ThrottlingException"}
-_TRANSIENT_ARROW = ("NETWORK_CONNECTION", "curlCode", "Couldn't connect", "Connection refused", "connection reset",
-                    "Connection reset", "timed out", "Timeout", "INTERNAL_FAILURE", "SERVICE_UNAVAILABLE",
-                    "SLOW_DOWN", "THROTTLING", "HTTP response code: 5", "Unable to connect", "Broken pipe",
-                    "Empty reply", "REQUEST_TIMEOUT", "INTERNAL_ERROR", "error code 5")
-_PERMANENT_HINTS = (
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
+_HINTS = (  # (markers in the error code or text, what to do)
+    (("NO_SUCH_BUCKET", "NoSuchBucket"), "the bucket does not exist: create it first or fix the s3:// URI"),
     (("SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch"), "the secret key is wrong: check AWS_SECRET_ACCESS_KEY"),
     (("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId"), "the access key is unknown to the server: check AWS_ACCESS_KEY_ID"),
-    (("NO_SUCH_BUCKET", "NoSuchBucket"), "the bucket does not exist: create it first or fix the s3:// URI"),
     (("ACCESS_DENIED", "AccessDenied", "HTTP response code: 403", "Forbidden"),
      "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy"),
     (("INVALID_BUCKET_NAME", "InvalidBucketName"), "the bucket name is not valid"),
@@ -257,64 +250,27 @@ def _error_code(e: BaseException) -> str:
     return ""
 
 
-def classify(e: BaseException) -> tuple[str, str]:
-    """('transient' | 'notfound' | 'permanent', hint) for an exception from pyarrow, boto3 or the OS."""
-    name = type(e).__name__
-    text = f"{name} {e}"
+def _hint(text: str) -> Optional[str]:
+    """What to fix for an error whose code, class name or message is ``text``, when it says."""
+    return next((hint for markers, hint in _HINTS if any(m in text for m in markers)), None)
+
+
+def _storage_error(e: Exception, what: str, attempts: int, endpoint: str) -> Exception:
+    """The error to raise for an I/O failure the SDK gave up on: StorageNotFound, a StorageError that
+    names the fix, or ``e`` itself when it is not an I/O error (a bug should keep its traceback)."""
     code = _error_code(e)
-    if code in ("404", "NoSuchKey", "NotFound") or isinstance(e, FileNotFoundError) and not code:
-        if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text or code == "NoSuchBucket":
-            return "permanent", "the bucket does not exist: create it first or fix the s3:// URI"
-        return "notfound", "not found"
-    for markers, hint in _PERMANENT_HINTS:
-        if code in markers or any(m in text for m in markers):
-            return "permanent", hint
-    if code in _TRANSIENT_CODES or name in _TRANSIENT_BOTO:
-        return "transient", "server unreachable or busy"
-    if isinstance(e, (ConnectionError, TimeoutError)):
-        return "transient", "server unreachable or busy"
-    if isinstance(e, OSError) and any(m in text for m in _TRANSIENT_ARROW):
-        return "transient", "server unreachable or busy"
-    if isinstance(e, OSError) and "AWS Error" in text and "UNKNOWN" in text:
-        # pyarrow reports a refused connection as 'AWS Error UNKNOWN (HTTP status 0)'
-        return ("transient", "server unreachable") if "status 0" in text or "HTTP status 0" in text else ("permanent", "")
-    return "permanent", ""
-
-
-def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.5,
-          max_delay: float = 8.0, endpoint: str = "") -> T:
-    """Call fn; retry transient I/O errors with exponential backoff (base_delay * 2**i, capped).
-
-    Not-found errors raise ``StorageNotFound`` at once; permanent errors (credentials, no bucket)
-    raise ``StorageError`` at once with a hint; after the last attempt a ``StorageError`` says how
-    many attempts were made and what to check."""
-    last: Optional[BaseException] = None
-    attempts = max(1, attempts)
-    t0 = time.monotonic()
-    for i in range(attempts):
-        try:
-            return fn()
-        except StorageError:
-            raise
-        except Exception as e:
-            kind, hint = classify(e)
-            if kind == "notfound":
-                raise StorageNotFound(f"{what}: not found") from None
-            if kind == "permanent":
-                if isinstance(e, (OSError, ConnectionError)) or _error_code(e) or hint:
-                    raise StorageError(f"{what} failed: {hint or _short(e)}" + (f" ({_short(e)})" if hint else "")) from None
-                raise
-            last = e
-            if i + 1 < attempts:
-                delay = min(max_delay, base_delay * 2 ** i)
-                _bump("retries")
-                log.warning("%s: %s (attempt %d/%d); retrying in %.1fs", what, _short(e), i + 1, attempts, delay)
-                time.sleep(delay)
-    _bump("gave_up")
-    where = f" at {endpoint}" if endpoint else ""
-    raise StorageError(f"{what} failed after {attempts} attempts over {time.monotonic() - t0:.0f}s: storage{where} "
-                       f"unreachable or failing ({_short(last)}); check that the server is up and "
-                       "storage.endpoint_url / AWS_ENDPOINT_URL, or raise storage.retries") from None
+    hint = _hint(f"{type(e).__name__} {code} {e}")
+    if hint:
+        return StorageError(f"{what} failed: {hint} ({_short(e)})")
+    if code in _NOT_FOUND_CODES or (isinstance(e, FileNotFoundError) and not code):
+        return StorageNotFound(f"{what}: not found")
+    if isinstance(e, (OSError, ConnectionError, TimeoutError)) or code or type(e).__module__.startswith("botocore"):
+        where = f" at {endpoint}" if endpoint else ""
+        tries = f"after {attempts} attempts" if attempts > 1 else "after 1 attempt (storage.retries is 0)"
+        return StorageError(f"{what} failed {tries}: storage{where} unreachable or failing ({_short(e)}); "
+                            "check that the server is up and storage.endpoint_url / AWS_ENDPOINT_URL, "
+                            "or raise storage.retries")
+    return e
 
 
 def _short(e: Optional[BaseException], limit: int = 300) -> str:
@@ -322,6 +278,69 @@ def _short(e: Optional[BaseException], limit: int = 300) -> str:
         return ""
     s = f"{type(e).__name__}: {e}".replace("\n", " ")
     return s if len(s) <= limit else s[:limit] + "..."
+
+
+# ---- local files --------------------------------------------------------------------------------
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc says it (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def atomic_write(path: Path, fill: Callable[[IO[bytes]], None]) -> None:
+    """Write a local file whole or not at all: ``fill`` writes into a hidden temp file beside it, which
+    is flushed to disk, given the mode a new file gets (0666 less the umask: 0644 by default, where
+    mkstemp would leave 0600) and renamed over ``path``. A crash leaves the old file or none, plus
+    at most a hidden ``.<name>.tmp-*`` file that listings skip. Directories get 0777 less the umask."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy_into(src: Path, out: IO[bytes]) -> None:
+    with open(src, "rb") as f:
+        shutil.copyfileobj(f, out, 1 << 20)
+
+
+def _copy_tree_atomic(src_fs: pafs.FileSystem, src_dir: str, dst_dir: Path) -> None:
+    """Copy a directory tree from any filesystem into a local directory with pyarrow.fs.copy_files
+    (streamed in chunks), then move each file into place with one rename, so no file under dst_dir
+    is ever partly written. The staging directory is hidden and removed afterwards."""
+    dst_dir = Path(dst_dir)
+    dst_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dst_dir.parent, prefix=f".{dst_dir.name}.tmp-"))
+    try:
+        tree = staging / "tree"
+        tree.mkdir()  # copy_files makes sub-directories, not the top one
+        pafs.copy_files(src_dir, str(tree), src_fs, pafs.LocalFileSystem())
+        for f in sorted(p for p in tree.rglob("*") if p.is_file()):
+            target = dst_dir / f.relative_to(tree)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- the store ---------------------------------------------------------------------------------
@@ -347,7 +366,7 @@ class Store:
         else:
             self.fs = pafs.LocalFileSystem()
             self.root = self.uri
-        self._attempts = (self.s3.retries + 1) if self.s3 else 1
+        self._attempts = _attempts(self.s3) if self.s3 else 1
         self._client = None
         self._ray_fs: Optional[pafs.FileSystem] = None
 
@@ -403,8 +422,14 @@ class Store:
             self._client = boto3_client(self.s3)
         return self._client
 
-    def _retry(self, fn: Callable[[], T], what: str) -> T:
-        return retry(fn, what, self._attempts, endpoint=self.s3.safe_endpoint if self.s3 else "")
+    def _io(self, fn: Callable[[], T], what: str) -> T:
+        """Run one filesystem call (the SDK retries inside it); failures become errors that say what to fix."""
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as e:
+            raise _storage_error(e, what, self._attempts, self.s3.safe_endpoint if self.s3 else "") from None
 
     # -- checks --
     def check_writable(self) -> None:
@@ -440,25 +465,18 @@ class Store:
                 client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
             except Exception as e2:
                 code = _error_code(e2) or code
-        hints = {
-            "404": f"bucket {self.bucket!r} does not exist: create it first (for example `aws s3 mb s3://{self.bucket}`) or fix --output",
-            "NoSuchBucket": f"bucket {self.bucket!r} does not exist: create it first (for example `aws s3 mb s3://{self.bucket}`) or fix --output",
-            "403": "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
-            "Forbidden": "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
-            "AccessDenied": "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
-            "InvalidAccessKeyId": "the access key is unknown to the server: check AWS_ACCESS_KEY_ID",
-            "SignatureDoesNotMatch": "the secret key is wrong: check AWS_SECRET_ACCESS_KEY",
-            "NoCredentialsError": "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or storage.profile)",
-            "EndpointConnectionError": "cannot connect to the endpoint: check storage.endpoint_url / AWS_ENDPOINT_URL and that the server is up",
-            "ConnectTimeoutError": "connection to the endpoint timed out: check storage.endpoint_url / AWS_ENDPOINT_URL and the network",
-            "InvalidBucketName": f"{self.bucket!r} is not a valid bucket name",
-        }
-        hint = hints.get(code, "check storage.endpoint_url / AWS_ENDPOINT_URL and the credentials")
+        if code in ("404", "NoSuchBucket"):
+            hint = (f"bucket {self.bucket!r} does not exist: create it first "
+                    f"(for example `aws s3 mb s3://{self.bucket}`) or fix --output")
+        elif code in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+            hint = "cannot connect to the endpoint: check storage.endpoint_url / AWS_ENDPOINT_URL and that the server is up"
+        else:
+            hint = _hint(code) or "check storage.endpoint_url / AWS_ENDPOINT_URL and the credentials"
         raise StorageError(f"cannot use {where}: {code}: {hint}") from None
 
     # -- I/O --
     def _info(self, rel: str) -> pafs.FileInfo:
-        return self._retry(lambda: self.fs.get_file_info(self.path(rel)), f"stat {self.uri_of(rel)}")
+        return self._io(lambda: self.fs.get_file_info(self.path(rel)), f"stat {self.uri_of(rel)}")
 
     def exists(self, rel: str) -> bool:
         return self._info(rel).type != pafs.FileType.NotFound
@@ -472,44 +490,31 @@ class Store:
             raise StorageNotFound(f"{self.uri_of(rel)}: not found")
         return int(info.size)
 
-    def write_bytes(self, rel: str, data: bytes) -> str:
-        path = self.path(rel)
+    def _file_path(self, rel: str, what: str) -> str:
         if not safe_rel(rel):
-            raise StorageError("write_bytes needs a file path, not the root")
+            raise StorageError(f"{what} needs a file path, not the root")
+        return self.path(rel)
+
+    def _write(self, rel: str, fill: Callable[[IO[bytes]], None]) -> str:
+        """Write one file whole: ``fill`` writes its bytes into a binary stream."""
+        path = self._file_path(rel, "a write")
         if self.is_s3:
             def put() -> None:
                 with self.fs.open_output_stream(path) as f:
-                    f.write(data)
-            self._retry(put, f"write {self.uri_of(rel)}")
+                    fill(f)
+            self._io(put, f"write {self.uri_of(rel)}")
         else:
-            p = Path(path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, p)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(Path(path), fill)
         return self.uri_of(rel)
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        return self._write(rel, lambda f: f.write(data))
 
     def read_bytes(self, rel: str) -> bytes:
         def get() -> bytes:
             with self.fs.open_input_stream(self.path(rel)) as f:
                 return f.read()
-        if not self.is_s3:
-            try:
-                return get()
-            except FileNotFoundError:
-                raise StorageNotFound(f"read {self.uri_of(rel)}: not found") from None
-            except OSError as e:
-                if "not exist" in str(e) or "No such file" in str(e):  # pyarrow's local FS wording
-                    raise StorageNotFound(f"read {self.uri_of(rel)}: not found") from None
-                raise StorageError(f"read {self.uri_of(rel)} failed: {e}") from None
-        return self._retry(get, f"read {self.uri_of(rel)}")
+        return self._io(get, f"read {self.uri_of(rel)}")
 
     def write_text(self, rel: str, text: str) -> str:
         return self.write_bytes(rel, text.encode("utf-8"))
@@ -531,93 +536,92 @@ class Store:
             return default
 
     def write_table(self, rel: str, table) -> str:
-        """Write a pyarrow Table as one Parquet file, atomically."""
+        """Write a pyarrow Table as one Parquet file (zstd), atomically."""
         import pyarrow.parquet as pq
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        return self.write_bytes(rel, buf.getvalue())
+        return self._write(rel, lambda f: pq.write_table(table, f, compression="zstd"))
 
-    def read_table(self, rel: str):
-        """Read one Parquet file into a pyarrow Table."""
+    def read_table(self, rel: str, columns: Optional[list[str]] = None):
+        """One Parquet file, or every shard of a directory (in path order), as a pyarrow Table,
+        read through the store's filesystem; ``columns`` reads only those columns."""
         import pyarrow.parquet as pq
-        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+        paths, fs = self.parquet_paths(rel)
+        if not paths:
+            raise StorageNotFound(f"read {self.uri_of(rel)}: no Parquet file there")
+        cols = list(columns) if columns is not None else None
+        return self._io(lambda: pq.read_table(paths if len(paths) > 1 else paths[0], filesystem=fs, columns=cols,
+                                              partitioning=None), f"read {self.uri_of(rel)}")
+
+    def parquet_paths(self, rel: str) -> tuple[list[str], pafs.FileSystem]:
+        """(paths, filesystem) of the Parquet file rel, or of the .parquet files under the directory rel
+        (sorted), for ``ray.data.read_parquet(paths, filesystem=fs)`` or ``pq.read_table``. On S3 the
+        filesystem is a ``RayS3FileSystem`` (its pickle, shipped to Ray workers, holds no credentials)."""
+        fs = self._ray_filesystem()
+        if self._info(rel).type == pafs.FileType.File:
+            return [self.path(rel)], fs
+        return [self.path(r) for r in self.list_files(rel, ".parquet")], fs
 
     def list_files(self, rel: str = "", suffix: str = "") -> list[str]:
-        """Relative paths of the files under rel (recursive, sorted); hidden temp files left out."""
+        """Relative paths of the files under rel (recursive, sorted); hidden names (temp files, the
+        staging folders of a copy in progress) left out."""
         base = self.path(rel)
         sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-        infos = self._retry(lambda: self.fs.get_file_info(sel), f"list {self.uri_of(rel)}")
+        infos = self._io(lambda: self.fs.get_file_info(sel), f"list {self.uri_of(rel)}")
         out = []
         for i in infos:
             if i.type != pafs.FileType.File or not i.path.endswith(suffix):
                 continue
-            name = i.path.rsplit("/", 1)[-1]
-            if name.startswith("."):
+            r = i.path[len(self.root) + 1:] if self.root else i.path
+            if any(part.startswith(".") for part in r.split("/")):
                 continue
-            out.append(i.path[len(self.root) + 1:] if self.root else i.path)
+            out.append(r)
         return sorted(out)
 
     def delete(self, rel: str) -> None:
         path = self.path(rel)
         info = self._info(rel)
         if info.type == pafs.FileType.Directory:
-            self._retry(lambda: self.fs.delete_dir(path), f"delete {self.uri_of(rel)}")
+            self._io(lambda: self.fs.delete_dir(path), f"delete {self.uri_of(rel)}")
         elif info.type == pafs.FileType.File:
-            self._retry(lambda: self.fs.delete_file(path), f"delete {self.uri_of(rel)}")
+            self._io(lambda: self.fs.delete_file(path), f"delete {self.uri_of(rel)}")
 
+    # -- copies (pyarrow.fs.copy_files: streamed in chunks, never a whole file in memory) --
     def upload_file(self, local_file: str | Path, rel: str) -> str:
-        """Copy one local file to rel: boto3's managed transfer on S3 (multipart for big files), with retries."""
-        local_file = Path(local_file)
+        """Copy one local file to rel (on S3 a multipart upload for big files)."""
+        src = Path(local_file)
         if not self.is_s3:
-            dst = self.local_path(rel)
-            if not safe_rel(rel):
-                raise StorageError("upload_file needs a file path, not the root")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.tmp-")
-            os.close(fd)
-            try:
-                import shutil
-                shutil.copyfile(local_file, tmp)
-                os.replace(tmp, dst)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            return self.uri_of(rel)
-        key = self.key(rel)
-        self._retry(lambda: self.client.upload_file(str(local_file), self.bucket, key), f"upload {self.uri_of(rel)}")
+            return self._write(rel, lambda f: _copy_into(src, f))
+        dst = self._file_path(rel, "upload_file")
+        self._io(lambda: pafs.copy_files(str(src), dst, pafs.LocalFileSystem(), self.fs), f"upload {self.uri_of(rel)}")
         return self.uri_of(rel)
 
     def upload_dir(self, local_dir: str | Path, rel: str) -> str:
-        """Copy a local directory under rel (files written atomically, one by one)."""
+        """Copy a local directory under rel (a local store gets each file atomically)."""
         local_dir = Path(local_dir)
-        base = safe_rel(rel)
-        for f in sorted(local_dir.rglob("*")):
-            if f.is_file():
-                sub = f.relative_to(local_dir).as_posix()
-                self.upload_file(f, f"{base}/{sub}" if base else sub)
+        if not self.is_s3:
+            _copy_tree_atomic(pafs.LocalFileSystem(), str(local_dir), self.local_path(rel))
+            return self.uri_of(rel)
+        self._io(lambda: pafs.copy_files(str(local_dir), self.path(rel), pafs.LocalFileSystem(), self.fs),
+                 f"upload {local_dir} to {self.uri_of(rel)}")
         return self.uri_of(rel)
 
-    def download_dir(self, rel: str, local_dir: str | Path) -> Path:
-        local_dir = Path(local_dir)
-        base = safe_rel(rel)
-        for r in self.list_files(rel):
-            sub = r[len(base) + 1:] if base else r
-            dst = local_dir / safe_rel(sub)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(self.read_bytes(r))
-                os.replace(tmp, dst)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        return local_dir
+    def download_file(self, rel: str, local_file: str | Path) -> Path:
+        """Copy the file rel ('' for a store rooted at one object) to local_file, streamed, atomically."""
+        dst = Path(local_file)
 
-    def iter_json_lines(self, rel: str) -> Iterator[Any]:
-        for line in self.read_text(rel).splitlines():
-            if line.strip():
-                yield json.loads(line)
+        def fill(out: IO[bytes]) -> None:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+        self._io(lambda: atomic_write(dst, fill), f"download {self.uri_of(rel)} to {dst}")
+        return dst
+
+    def download_dir(self, rel: str, local_dir: str | Path) -> Path:
+        """Copy the directory rel into local_dir (each file atomically; streamed, not read into memory)."""
+        local_dir = Path(local_dir)
+        if self._info(rel).type != pafs.FileType.Directory:
+            raise StorageNotFound(f"download {self.uri_of(rel)}: no such directory")
+        self._io(lambda: _copy_tree_atomic(self.fs, self.path(rel), local_dir),
+                 f"download {self.uri_of(rel)} to {local_dir}")
+        return local_dir
 
     # -- for Ray --
     def ray_storage(self, rel: str) -> tuple[str, Optional[pafs.FileSystem]]:
@@ -626,12 +630,18 @@ class Store:
         On S3 the filesystem is a ``RayS3FileSystem``: Ray pickles it into state files it writes to
         the bucket, so its pickle holds no credentials (they are resolved again where unpickled)."""
         if self.is_s3:
-            if getattr(self, "_ray_fs", None) is None:
-                self._ray_fs = arrow_s3(self.s3, for_ray=True)
-            return self.path(rel), self._ray_fs
+            return self.path(rel), self._ray_filesystem()
         p = self.local_path(rel)
         p.mkdir(parents=True, exist_ok=True)
         return str(p), None
+
+    def _ray_filesystem(self) -> pafs.FileSystem:
+        """The filesystem to hand to Ray (its pickle holds no credentials on S3)."""
+        if not self.is_s3:
+            return self.fs
+        if getattr(self, "_ray_fs", None) is None:
+            self._ray_fs = arrow_s3(self.s3, for_ray=True)
+        return self._ray_fs
 
 
 def open_store(cfg) -> Store:

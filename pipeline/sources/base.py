@@ -1,26 +1,38 @@
-"""What every source module declares, and the small helpers they share.
+"""What every source declares, once, and the small helpers the readers share.
 
-A source is: a name and a domain, the raw subdirectory and file patterns a download leaves, and
-three functions, each with one signature:
+A source is one ``SourceSpec``: its name and domain, its folder under the raw directory, licence,
+home page, how to get it by hand, the parts ``adapters download`` fetches, the file patterns (the
+one declaration of which files it has: download keeps exactly these, prepare reads exactly these),
+and three functions, each with one signature:
 
     read(path: Path, rel: str, opts: Opts)  -> Iterator[Raw | Quarantine]   one raw record at a time
     normalize(raw: Raw, opts: Opts)         -> dict (a corpus row)           or raise Reject(reason)
     build_sft(row: dict)                    -> list[dict(task, prompt, response)]
 
+plus an optional evaluation ``task`` (an ``EvalTask``; none is declared yet). Config validation,
+download, prepare, the report's data card and the docs' source table all derive from these objects
+(``pipeline.sources.BUILTIN`` and the config's ``data.custom_sources``).
+
 ``rel`` is the file's path relative to the raw directory (posix), used in doc ids, quarantine
 entries and the manifest so they do not depend on where the raw directory lives.
+
+The raw directory is contained: a file or folder reached through a symbolic link that resolves
+outside it is never opened (``SourceSpec.listing`` reports it, prepare quarantines it as
+``outside_raw_dir``); records over ``Opts.max_record_chars`` and whole-file documents over
+``Opts.max_whole_file_bytes`` are quarantined (``too_large``, ``file_too_large``) before anything
+is built from them.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
+import os
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 # Quarantine reasons (stable strings: tests and the manifest use them)
 UNREADABLE = "unreadable_file"
@@ -36,6 +48,9 @@ EMPTY_TEXT = "empty_text"
 TOO_SHORT = "text_too_short"
 EMPTY_ANSWER = "empty_answer"
 UNKNOWN_FORMAT = "unknown_format"
+OUTSIDE_RAW_DIR = "outside_raw_dir"
+TOO_LARGE = "too_large"
+FILE_TOO_LARGE = "file_too_large"
 
 
 @dataclass
@@ -44,6 +59,8 @@ class Opts:
     min_text_chars: int = 20
     max_response_chars: int = 4000
     txt_chunk_chars: int = 2000
+    max_record_chars: int = 1_000_000
+    max_whole_file_bytes: int = 2048 << 20
 
 
 @dataclass
@@ -79,39 +96,184 @@ class Reject(Exception):
 # metadata files that Hugging Face snapshots and the download stage leave beside the data
 NOT_DATA = {"dataset_infos.json", "dataset_info.json", "dataset_dict.json", "state.json", "download_manifest.json",
             "README.md", "README.txt", "LICENSE.txt"}
+# documentation download keeps at the top of each part, beside the data files
+DOCS = ("README*", "readme*", "LICENSE*", "License*")
 
 
 @dataclass(frozen=True)
-class Source:
+class DownloadPart:
+    """One thing ``adapters download`` fetches into ``<raw_dir>/<dest>`` (``dest`` is the source's
+    folder or a folder inside it). Which files it keeps is the source's ``patterns``."""
+    dest: str
+    kind: Literal["hf", "git", "http", "s3"]
+    repo: str = ""                             # HF dataset id, git URL, or s3:// URI
+    revision: Optional[str] = None             # HF revision / git branch or tag (None: default branch)
+    files: tuple[tuple[str, str], ...] = ()    # http: (file name, config key of its URL)
+
+
+class EvalTask:
+    """Base of the evaluation task a source may declare (multiple-choice, free-text): the evaluation
+    stage defines the kinds; ``SourceSpec.task`` holds one or None."""
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """What a source's folder holds: files to read and to report, as (path, rel) pairs, and links refused."""
+    read: list[tuple[Path, str]]
+    unmatched: list[tuple[Path, str]]
+    refused: list[tuple[Path, str]]       # symbolic links that resolve outside the raw directory
+
+
+@dataclass(frozen=True)
+class SourceSpec:
     name: str
     domain: str
-    subdir: str
-    patterns: tuple[str, ...]
+    raw_dir: str                          # folder under data.raw_dir (the seed's name)
+    patterns: tuple[str, ...]             # globs relative to raw_dir ('**' = any depth): the files it reads
     read: Callable[[Path, str, Opts], Iterator[Any]]
     normalize: Callable[[Raw, Opts], dict]
     build_sft: Callable[[dict], list[dict]]
     license: str = ""
     url: str = ""
     how_to_get: str = ""
-    # optional: files under subdir that match no pattern but should be reported (not guessed)
-    report_unmatched: tuple[str, ...] = field(default_factory=tuple)
+    parts: tuple[DownloadPart, ...] = ()  # what `adapters download` fetches (none: provided by hand)
+    download_opt_in: bool = False         # fetched only when data.download.<name> is true (large sources)
+    # files under raw_dir that match no pattern but are reported as unknown_format (not guessed at)
+    report_unmatched: tuple[str, ...] = ()
+    # a file or folder read in place instead of data.raw_dir/<raw_dir> (custom sources on local disk)
+    local_path: Optional[str] = None
+    note: str = ""                        # said in the manifest (e.g. that a text-only source gives no SFT)
+    declaration: str = ""                 # what else decides its records (a custom source: its config), for re-runs
+    task: Optional[EvalTask] = None
 
-    def files(self, raw_dir: Path) -> list[Path]:
-        """Matching files, sorted by their path relative to the raw dir (the canonical order)."""
-        base = Path(raw_dir) / self.subdir
-        if not base.is_dir():
-            return []
-        found = {p for pat in self.patterns for p in base.glob(pat)
-                 if p.is_file() and not p.name.startswith(".") and p.name not in NOT_DATA}
-        return sorted(found, key=lambda p: p.relative_to(raw_dir).as_posix())
+    def how_to_get_at(self, raw_root: Path) -> str:
+        """how_to_get with <raw_dir> replaced by the raw directory."""
+        return self.how_to_get.replace("<raw_dir>", str(raw_root))
 
-    def unmatched_files(self, raw_dir: Path) -> list[Path]:
-        base = Path(raw_dir) / self.subdir
-        out = set()
-        for pat in self.report_unmatched:
-            out |= {p for p in base.glob(pat) if p.is_file() and not p.name.startswith(".") and p.name not in NOT_DATA}
-        out -= set(self.files(raw_dir))
-        return sorted(out, key=lambda p: p.relative_to(raw_dir).as_posix())
+    def folder(self, raw_root: Path) -> Path:
+        return Path(self.local_path) if self.local_path else Path(raw_root) / self.raw_dir
+
+    def listing(self, raw_root: Path) -> SourceFiles:
+        """The files under the source's folder, sorted by rel (the canonical order); rel is the path
+        relative to the raw dir (for a local custom source: ``<raw_dir>/<path inside it>``)."""
+        base = self.folder(raw_root)
+        if self.local_path and base.is_file():
+            return SourceFiles([(base, f"{self.raw_dir}/{base.name}")], [], [])
+        root = base if self.local_path else Path(raw_root)
+        found, refused = walk_contained(base, root)
+        read, unmatched = [], []
+        match, report = glob_matcher(self.patterns), glob_matcher(self.report_unmatched)
+        for p, inner in found:
+            if p.name in NOT_DATA:
+                continue
+            if match(inner):
+                read.append((p, f"{self.raw_dir}/{inner}"))
+            elif report(inner):
+                unmatched.append((p, f"{self.raw_dir}/{inner}"))
+        # a linked folder is refused whatever it holds; a linked file only when it would be read or reported
+        refused_rel = [(p, f"{self.raw_dir}/{inner}".rstrip("/")) for p, inner in refused
+                       if p.is_dir() or match(inner) or report(inner)]
+        return SourceFiles(read, unmatched, refused_rel)
+
+    def files(self, raw_root: Path) -> list[Path]:
+        """The files the reader reads, in canonical order."""
+        return [p for p, _ in self.listing(raw_root).read]
+
+
+# ---- file patterns and the contained walk ----------------------------------------------------
+
+def _glob_regex(pattern: str) -> str:
+    """A glob relative to a folder as a regex on '/'-paths: '*' and '?' stay within one name, '**'
+    is any number of folders (also none), as pathlib's glob reads them."""
+    out = []
+    parts = pattern.split("/")
+    for k, seg in enumerate(parts):
+        last = k == len(parts) - 1
+        if seg == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        rx, i = "", 0
+        while i < len(seg):
+            c = seg[i]
+            if c == "*":
+                rx += "[^/]*"
+            elif c == "?":
+                rx += "[^/]"
+            elif c == "[" and seg.find("]", i + 2) > 0:  # a class: [abc], [!abc]
+                end = seg.find("]", i + 2)
+                body = seg[i + 1:end]
+                rx += "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]"
+                i = end
+            else:
+                rx += re.escape(c)
+            i += 1
+        out.append(rx + ("" if last else "/"))
+    return "".join(out)
+
+
+def glob_matcher(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """A test 'does this '/'-path (relative to the source folder) match one of the patterns'."""
+    if not patterns:
+        return lambda rel: False
+    rx = re.compile("|".join(f"(?:{_glob_regex(p)})" for p in patterns))
+    return lambda rel: rx.fullmatch(rel) is not None
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether path, with every symbolic link resolved, is root or lies under it."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def walk_contained(base: Path, root: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(files, refused) under base as (path, path relative to base), hidden names skipped.
+    A symbolic link is followed only when it resolves inside root; one that leaves it is refused and
+    never opened (a linked folder outside is not walked). Each real folder is walked once (no loops)."""
+    if not base.is_dir():
+        return [], []
+    if not inside(base, root):
+        return [], [(base, "")]
+    files: list[tuple[Path, str]] = []
+    refused: list[tuple[Path, str]] = []
+    seen = {os.path.realpath(base)}
+    stack: list[tuple[Path, str]] = [(base, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            p, rel = Path(e.path), prefix + e.name
+            if e.is_symlink() and not inside(p, root):
+                refused.append((p, rel))
+            elif e.is_dir():
+                real = os.path.realpath(p)
+                if real not in seen:
+                    seen.add(real)
+                    stack.append((p, rel + "/"))
+            elif e.is_file():
+                files.append((p, rel))
+    return sorted(files, key=lambda x: x[1]), sorted(refused, key=lambda x: x[1])
+
+
+def record_chars(data: Any, limit: int) -> int:
+    """Characters of text in a record (strings in nested dicts and lists), counted up to just past limit."""
+    total = 0
+    stack = [data]
+    while stack and total <= limit:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, bytes):
+            total += len(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return total
 
 
 # ---- text helpers ----------------------------------------------------------------------------
@@ -165,7 +327,7 @@ def meta(row: dict) -> dict:
     return json.loads(row["metadata"]) if row.get("metadata") else {}
 
 
-def truncate(text: str, limit: int) -> str:
+def shorten_text(text: str, limit: int) -> str:
     """Cut at a sentence or word boundary at or below limit characters."""
     if len(text) <= limit:
         return text
@@ -178,8 +340,15 @@ def truncate(text: str, limit: int) -> str:
 
 
 # ---- reading helpers -------------------------------------------------------------------------
-def read_bytes_or_quarantine(path: Path, rel: str, source: str) -> tuple[Optional[bytes], Optional[Quarantine]]:
+def read_bytes_or_quarantine(path: Path, rel: str, source: str, opts: Opts) -> tuple[Optional[bytes], Optional[Quarantine]]:
+    """A whole file's bytes (for formats read whole: JSON documents, XML), or its quarantine entry:
+    unreadable, empty, or larger than opts.max_whole_file_bytes (checked before reading)."""
     try:
+        size = path.stat().st_size
+        if size > opts.max_whole_file_bytes:
+            return None, Quarantine(source, rel, "file", FILE_TOO_LARGE,
+                                    f"{size:,} bytes, over the limit of {opts.max_whole_file_bytes:,} for files read "
+                                    "whole; raise data.max_whole_file_mb to read it")
         data = path.read_bytes()
     except OSError as e:
         return None, Quarantine(source, rel, "file", UNREADABLE, str(e))
@@ -248,9 +417,9 @@ def iter_parquet(path: Path, rel: str, source: str, batch_rows: int = 2048) -> I
         yield Quarantine(source, rel, f"row {n}", BAD_PARQUET, str(e)[:200])
 
 
-def iter_json_file(path: Path, rel: str, source: str) -> tuple[Any, Optional[Quarantine]]:
+def iter_json_file(path: Path, rel: str, source: str, opts: Opts) -> tuple[Any, Optional[Quarantine]]:
     """A whole JSON document (files of this kind are a few MB to a few hundred MB)."""
-    data, q = read_bytes_or_quarantine(path, rel, source)
+    data, q = read_bytes_or_quarantine(path, rel, source, opts)
     if q:
         return None, q
     text, q = decode_or_quarantine(data, rel, source)
@@ -262,9 +431,33 @@ def iter_json_file(path: Path, rel: str, source: str) -> tuple[Any, Optional[Qua
         return None, Quarantine(source, rel, f"line {e.lineno} col {e.colno}", BAD_JSON, f"{e.msg}: {text[max(0, e.pos - 60): e.pos + 60]}")
 
 
-def iter_csv(path: Path, rel: str, source: str, required: tuple[str, ...]) -> Iterator[Any]:
-    """Rows of a CSV file with a header, streamed; wrong column counts and bad bytes quarantined."""
-    csv.field_size_limit(1 << 30)
+def iter_json_records(path: Path, rel: str, source: str, opts: Opts) -> Iterator[Any]:
+    """Records of a JSON list of objects (or an object whose "data" is that list); a file that is not
+    one JSON document is read as JSON lines (saved as .json)."""
+    obj, q = iter_json_file(path, rel, source, opts)
+    if q:
+        if q.reason == BAD_JSON:
+            yield from iter_jsonl(path, rel, source)
+        else:
+            yield q
+        return
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        yield Quarantine(source, rel, "file", UNKNOWN_FORMAT, "expected a JSON list of records")
+        return
+    for i, v in enumerate(obj):
+        if isinstance(v, dict):
+            yield Raw(source, rel, f"item {i}", v)
+        else:
+            yield Quarantine(source, rel, f"item {i}", BAD_JSON, str(v)[:200])
+
+
+def iter_csv(path: Path, rel: str, source: str, required: tuple[str, ...], opts: Opts) -> Iterator[Any]:
+    """Rows of a CSV file with a header, streamed; wrong column counts and bad bytes quarantined. A field
+    longer than opts.max_record_chars stops being read where it passes the limit (csv's field size
+    limit) and its row is quarantined as too_large."""
+    csv.field_size_limit(opts.max_record_chars)
     with open(path, "rb") as fb:
         head = fb.read(1)
         if not head:
@@ -291,6 +484,10 @@ def iter_csv(path: Path, rel: str, source: str, required: tuple[str, ...]) -> It
             except StopIteration:
                 break
             except csv.Error as e:
+                if "field larger than field limit" in str(e):  # the row is dropped, the next line read
+                    yield Quarantine(source, rel, f"line {line}", TOO_LARGE,
+                                     f"a field over data.max_record_chars ({opts.max_record_chars:,})")
+                    continue
                 yield Quarantine(source, rel, f"line {line}", BAD_CSV, str(e))
                 break
             if not cells or (len(cells) == 1 and not cells[0].strip()):
@@ -302,7 +499,7 @@ def iter_csv(path: Path, rel: str, source: str, required: tuple[str, ...]) -> It
             try:
                 row = {h: c.encode("utf-8", "surrogateescape").decode("utf-8") if _has_surrogate(c) else c
                        for h, c in zip(header, cells)}
-            except UnicodeDecodeError as e:
+            except UnicodeDecodeError:
                 yield Quarantine(source, rel, f"line {line}", NOT_UTF8, "|".join(cells)[:150].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
                 continue
             yield Raw(source, rel, f"line {line}", row)
@@ -340,7 +537,7 @@ def finalize_sft(examples: list[dict], row: dict, max_response_chars: int) -> tu
     group = meta(row).get("group") or row["doc_id"]
     for ex in examples:
         prompt = (ex.get("prompt") or "").strip()
-        resp = truncate((ex.get("response") or "").strip(), max_response_chars)
+        resp = shorten_text((ex.get("response") or "").strip(), max_response_chars)
         reason = None
         if not resp or not prompt:
             reason = EMPTY_RESPONSE

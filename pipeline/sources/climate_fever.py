@@ -3,7 +3,7 @@ evidence_label, article, evidence, entropy, votes}]) or the Hugging Face Parquet
 One record = one claim with its evidences."""
 from __future__ import annotations
 
-from .base import (Opts, Raw, Reject, Source, clean, corpus_row, iter_jsonl, iter_parquet, meta, stable_id,
+from .base import (DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_jsonl, iter_parquet, meta, stable_id,
                    EMPTY_TEXT, MISSING_FIELD)
 
 NAME, DOMAIN = "climate_fever", "ecology"
@@ -65,7 +65,8 @@ def build_sft(row: dict) -> list[dict]:
     return out
 
 
-SOURCE = Source(NAME, DOMAIN, "climate_fever", ("**/*.jsonl", "**/*.parquet"), read, normalize, build_sft,
+SOURCE = SourceSpec(NAME, DOMAIN, "climate_fever", ("**/*.jsonl", "**/*.parquet"), read, normalize, build_sft,
                 license="research use; cite Diggelmann et al. 2020", url="https://github.com/tdiggelm/climate-fever-dataset",
+                parts=(DownloadPart("climate_fever", "git", "https://github.com/tdiggelm/climate-fever-dataset.git"),),
                 how_to_get="adapters download (git clone tdiggelm/climate-fever-dataset or Hugging Face climate_fever), or put "
                            "dataset/climate-fever.jsonl under <raw_dir>/climate_fever/")

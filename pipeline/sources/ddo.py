@@ -3,7 +3,7 @@ title, category, rounds [[{side, text}, ...], ...] and participants; users.json 
 its size and checksum are recorded, it yields no records). One record = one debate."""
 from __future__ import annotations
 
-from .base import (Opts, Quarantine, Raw, Reject, Source, clean, corpus_row, iter_json_file, meta, stable_id,
+from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, meta, stable_id,
                    BAD_JSON, EMPTY_TEXT)
 
 NAME, DOMAIN = "ddo", "debate"
@@ -12,7 +12,7 @@ NAME, DOMAIN = "ddo", "debate"
 def read(path, rel, opts: Opts):
     if path.name != "debates.json":
         return  # users.json: profiles only, checksummed by prepare, no records
-    obj, q = iter_json_file(path, rel, NAME)
+    obj, q = iter_json_file(path, rel, NAME, opts)
     if q:
         yield q
         return
@@ -63,7 +63,8 @@ def build_sft(row: dict) -> list[dict]:
     return out
 
 
-SOURCE = Source(NAME, DOMAIN, "DDO", ("debates.json", "users.json"), read, normalize, build_sft,
+SOURCE = SourceSpec(NAME, DOMAIN, "DDO", ("debates.json", "users.json"), read, normalize, build_sft,
                 license="research use; cite Durmus & Cardie 2019", url="https://www.cs.cornell.edu/~esindurmus/ddo.html",
+                parts=(DownloadPart("DDO", "http", files=(("debates.json", "ddo_debates_url"), ("users.json", "ddo_users_url"))),),
                 how_to_get="set DDO_DEBATES_URL and DDO_USERS_URL (or DDO_GDRIVE_FOLDER_URL) and run adapters download, "
                            "or put debates.json and users.json under <raw_dir>/DDO/")

@@ -2,14 +2,14 @@
 Extract, Abstract, Citation, OriginalDebateFileName, DebateCamp, Tag, Year, ... One record = one row."""
 from __future__ import annotations
 
-from .base import Opts, Raw, Reject, Source, clean, corpus_row, iter_csv, meta, stable_id, text_hash, EMPTY_TEXT
+from .base import DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_csv, meta, stable_id, text_hash, EMPTY_TEXT
 
 NAME, DOMAIN = "debatesum", "debate"
 REQUIRED = ("Full-Document", "Extract", "Abstract")
 
 
 def read(path, rel, opts: Opts):
-    yield from iter_csv(path, rel, NAME, REQUIRED)
+    yield from iter_csv(path, rel, NAME, REQUIRED, opts)
 
 
 def normalize(raw: Raw, opts: Opts) -> dict:
@@ -43,6 +43,7 @@ def build_sft(row: dict) -> list[dict]:
     return out
 
 
-SOURCE = Source(NAME, DOMAIN, "DebateSum", ("**/*.csv",), read, normalize, build_sft,
+SOURCE = SourceSpec(NAME, DOMAIN, "DebateSum", ("**/*.csv",), read, normalize, build_sft,
                 license="MIT", url="https://huggingface.co/datasets/Hellisotherpeople/DebateSum",
+                parts=(DownloadPart("DebateSum", "hf", "Hellisotherpeople/DebateSum"),),
                 how_to_get="adapters download (Hugging Face Hellisotherpeople/DebateSum), or put debateall.csv under <raw_dir>/DebateSum/")

@@ -4,8 +4,8 @@ article_id, stance_label (1 support, -1 contest, 0 none). One record = one line.
 (evidence/, CEPE/) have other layouts: they are reported as unknown_format, not guessed at."""
 from __future__ import annotations
 
-from .base import (Opts, Quarantine, Raw, Reject, Source, clean, corpus_row, iter_lines, meta, stable_id,
-                   EMPTY_TEXT, MISSING_FIELD, UNKNOWN_FORMAT, WRONG_COLUMNS)
+from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_lines, meta, stable_id,
+                   EMPTY_TEXT, MISSING_FIELD, WRONG_COLUMNS)
 
 NAME, DOMAIN = "iam", "debate"
 NCOL = 5
@@ -55,7 +55,8 @@ def build_sft(row: dict) -> list[dict]:
                  m.get("stance"), "None: the sentence gives background but takes no stance on the motion.")}]
 
 
-SOURCE = Source(NAME, DOMAIN, "IAM", ("claims/*.txt", "stance/*.txt"), read, normalize, build_sft,
+SOURCE = SourceSpec(NAME, DOMAIN, "IAM", ("claims/*.txt", "stance/*.txt"), read, normalize, build_sft,
                 license="research use; cite Cheng et al., ACL 2022", url="https://github.com/LiyingCheng95/IAM",
+                parts=(DownloadPart("IAM", "git", "https://github.com/LiyingCheng95/IAM.git"),),
                 how_to_get="adapters download (git clone of LiyingCheng95/IAM), or copy its claims/ and stance/ folders to <raw_dir>/IAM/",
                 report_unmatched=("**/*.txt",))

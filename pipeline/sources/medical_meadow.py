@@ -3,8 +3,8 @@ lavita/MedQuAD (Parquet/JSON with question/answer columns), each under
 medical_qa_collection/<owner__name>/. One record = one row."""
 from __future__ import annotations
 
-from .base import (Opts, Quarantine, Raw, Reject, Source, clean, corpus_row, iter_json_file, iter_jsonl, iter_parquet,
-                   meta, stable_id, text_hash, BAD_JSON, EMPTY_ANSWER, EMPTY_TEXT, UNKNOWN_FORMAT)
+from .base import (DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_records, iter_jsonl,
+                   iter_parquet, meta, stable_id, text_hash, EMPTY_ANSWER, EMPTY_TEXT, UNKNOWN_FORMAT)
 
 NAME, DOMAIN = "medical_meadow", "medicine"
 
@@ -15,23 +15,7 @@ def read(path, rel, opts: Opts):
     elif path.suffix == ".jsonl":
         yield from iter_jsonl(path, rel, NAME)
     else:
-        obj, q = iter_json_file(path, rel, NAME)
-        if q:
-            if q.reason == BAD_JSON:  # maybe JSON lines saved as .json
-                yield from iter_jsonl(path, rel, NAME)
-            else:
-                yield q
-            return
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list):
-            yield Quarantine(NAME, rel, "file", UNKNOWN_FORMAT, "expected a JSON list of records")
-            return
-        for i, v in enumerate(obj):
-            if isinstance(v, dict):
-                yield Raw(NAME, rel, f"item {i}", v)
-            else:
-                yield Quarantine(NAME, rel, f"item {i}", BAD_JSON, str(v)[:200])
+        yield from iter_json_records(path, rel, NAME, opts)
 
 
 def normalize(raw: Raw, opts: Opts) -> dict:
@@ -65,8 +49,12 @@ def build_sft(row: dict) -> list[dict]:
     return [{"task": "qa", "prompt": f"{instr}\n\nQuestion: {m['question']}", "response": m["answer"]}]
 
 
-SOURCE = Source(NAME, DOMAIN, "medical_qa_collection", ("*/**/*.json", "*/**/*.jsonl", "*/**/*.parquet"), read, normalize, build_sft,
+MEADOW = ("medical_flashcards", "wikidoc", "wikidoc_patient_information", "health_advice", "mediqa")
+SOURCE = SourceSpec(NAME, DOMAIN, "medical_qa_collection", ("*/**/*.json", "*/**/*.jsonl", "*/**/*.parquet"), read, normalize, build_sft,
                 license="see each dataset card (medalpaca medical_meadow_*: mostly CC BY; lavita/MedQuAD: CC BY 4.0)",
                 url="https://huggingface.co/medalpaca",
+                parts=tuple(DownloadPart(f"medical_qa_collection/medalpaca__medical_meadow_{n}", "hf",
+                                         f"medalpaca/medical_meadow_{n}") for n in MEADOW)
+                + (DownloadPart("medical_qa_collection/lavita__MedQuAD", "hf", "lavita/MedQuAD"),),
                 how_to_get="adapters download (Hugging Face medalpaca/medical_meadow_* and lavita/MedQuAD), or put each under "
                            "<raw_dir>/medical_qa_collection/<owner__name>/")

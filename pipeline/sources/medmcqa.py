@@ -2,7 +2,7 @@
 (cop 1..4), with question, opa..opd, cop, exp, subject_name, topic_name. One record = one question."""
 from __future__ import annotations
 
-from .base import (Opts, Quarantine, Raw, Reject, Source, clean, corpus_row, iter_jsonl, iter_parquet, meta,
+from .base import (DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_jsonl, iter_parquet, meta,
                    stable_id, EMPTY_TEXT, MISSING_FIELD)
 
 NAME, DOMAIN = "medmcqa", "medicine"
@@ -55,6 +55,7 @@ def build_sft(row: dict) -> list[dict]:
     return [{"task": "qa_multiple_choice", "prompt": prompt, "response": resp}]
 
 
-SOURCE = Source(NAME, DOMAIN, "medmcqa", ("**/*.parquet", "**/*.json", "**/*.jsonl"), read, normalize, build_sft,
+SOURCE = SourceSpec(NAME, DOMAIN, "medmcqa", ("**/*.parquet", "**/*.json", "**/*.jsonl"), read, normalize, build_sft,
                 license="Apache-2.0", url="https://huggingface.co/datasets/openlifescienceai/medmcqa",
+                parts=(DownloadPart("medmcqa", "hf", "openlifescienceai/medmcqa"),),
                 how_to_get="adapters download (Hugging Face openlifescienceai/medmcqa), or put its Parquet/JSON under <raw_dir>/medmcqa/")

@@ -12,8 +12,8 @@ import functools
 import re
 from pathlib import Path
 
-from .base import (Opts, Quarantine, Raw, Reject, Source, clean, corpus_row, iter_lines, iter_parquet, local, meta,
-                   parse_xml, read_bytes_or_quarantine, stable_id, EMPTY_TEXT, UNKNOWN_FORMAT)
+from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_lines, iter_parquet, local, meta,
+                   inside, parse_xml, read_bytes_or_quarantine, stable_id, EMPTY_TEXT, UNKNOWN_FORMAT)
 
 NAME, DOMAIN = "openstax", "education"
 SKIP = {"figure", "media", "image", "caption", "footnote", "metadata", "note-title"}
@@ -63,6 +63,8 @@ def _book_titles(repo: str) -> dict[str, str]:
     """module id -> book title, from the repo's collections/*.collection.xml."""
     out: dict[str, str] = {}
     for coll in sorted(Path(repo).glob("collections/*.collection.xml")):
+        if not inside(coll, repo) or coll.stat().st_size > 64 << 20:  # a link out of the repo, or not a collection
+            continue
         root, q = parse_xml(coll.read_bytes(), coll.name, NAME)
         if q:
             continue
@@ -77,8 +79,8 @@ def _book_titles(repo: str) -> dict[str, str]:
     return out
 
 
-def _read_cnxml(path: Path, rel: str):
-    data, q = read_bytes_or_quarantine(path, rel, NAME)
+def _read_cnxml(path: Path, rel: str, opts: Opts):
+    data, q = read_bytes_or_quarantine(path, rel, NAME, opts)
     if q:
         yield q
         return
@@ -167,7 +169,7 @@ def _read_txt(path: Path, rel: str, opts: Opts):
 
 def read(path, rel, opts: Opts):
     if path.name == "index.cnxml":
-        yield from _read_cnxml(path, rel)
+        yield from _read_cnxml(path, rel, opts)
     elif path.suffix == ".txt":
         yield from _read_txt(path, rel, opts)
     elif path.suffix == ".parquet":
@@ -249,8 +251,11 @@ def build_sft(row: dict) -> list[dict]:
     return out
 
 
-SOURCE = Source(NAME, DOMAIN, "openstax", ("**/*.txt", "**/*.parquet", "**/modules/*/index.cnxml", "**/collections/*.collection.xml"),
+SOURCE = SourceSpec(NAME, DOMAIN, "openstax", ("**/*.txt", "**/*.parquet", "**/modules/*/index.cnxml", "**/collections/*.collection.xml"),
                 read, normalize, build_sft,
                 license="CC BY 4.0 / CC BY-NC-SA 4.0 (per book; see each LICENSE)", url="https://openstax.org",
+                parts=(DownloadPart("openstax/crumb__openstax-text", "hf", "crumb/openstax-text"),
+                       DownloadPart("openstax/osbooks-introduction-philosophy", "git",
+                                    "https://github.com/openstax/osbooks-introduction-philosophy.git")),
                 how_to_get="adapters download (Hugging Face crumb/openstax-text or git clone openstax/osbooks-*), or put TXT books, "
                            "Parquet or osbooks repos under <raw_dir>/openstax/")

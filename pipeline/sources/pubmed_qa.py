@@ -5,7 +5,7 @@ LABELS, MESHES, LONG_ANSWER, final_decision, ...) or Hugging Face Parquet: qiaoj
 One record = one question."""
 from __future__ import annotations
 
-from .base import (Opts, Quarantine, Raw, Reject, Source, clean, corpus_row, iter_json_file, iter_parquet, meta,
+from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, iter_parquet, meta,
                    stable_id, BAD_JSON, EMPTY_TEXT, MISSING_FIELD)
 
 NAME, DOMAIN = "pubmed_qa", "medicine"
@@ -15,7 +15,7 @@ def read(path, rel, opts: Opts):
     if path.suffix == ".parquet":
         yield from iter_parquet(path, rel, NAME)
         return
-    obj, q = iter_json_file(path, rel, NAME)
+    obj, q = iter_json_file(path, rel, NAME, opts)
     if q:
         yield q
         return
@@ -74,6 +74,7 @@ def build_sft(row: dict) -> list[dict]:
              "response": resp}]
 
 
-SOURCE = Source(NAME, DOMAIN, "pubmed_qa", ("**/ori_pqal.json", "**/*.parquet"), read, normalize, build_sft,
+SOURCE = SourceSpec(NAME, DOMAIN, "pubmed_qa", ("**/ori_pqal.json", "**/*.parquet"), read, normalize, build_sft,
                 license="MIT", url="https://github.com/pubmedqa/pubmedqa",
+                parts=(DownloadPart("pubmed_qa", "git", "https://github.com/pubmedqa/pubmedqa.git"),),
                 how_to_get="adapters download (git clone pubmedqa/pubmedqa or Hugging Face), or put data/ori_pqal.json under <raw_dir>/pubmed_qa/")

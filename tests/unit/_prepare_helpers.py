@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import load_config
 from pipeline.prepare import file_events
-from pipeline.sources import REGISTRY, Opts
+from pipeline.sources import BUILTIN, Opts
 
 ROOT = Path(__file__).resolve().parents[2]
 RAW = ROOT / "fixtures" / "raw"
@@ -24,11 +24,11 @@ def make_cfg(raw, out, *sets: str, domains=None):
 
 
 def events(source: str, raw: Path = RAW, opts: Opts | None = None):
-    """All events of a source's files under raw, in canonical order (no Ray)."""
-    src = REGISTRY[source]
+    """All events of a built-in source's files under raw, in canonical order (no Ray)."""
+    src = BUILTIN[source]
     out = []
-    for p in src.files(raw):
-        out.extend(file_events(source, str(p), p.relative_to(raw).as_posix(), opts or Opts()))
+    for p, rel in src.listing(raw).read:
+        out.extend(file_events(src, str(p), rel, opts or Opts()))
     return out
 
 

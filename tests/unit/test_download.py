@@ -21,6 +21,7 @@ import pytest
 from pipeline import download as dl
 from pipeline.config import Config, load_config
 from pipeline.errors import UserFacingError
+from pipeline.sources import BUILTIN, DownloadPart
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -214,8 +215,8 @@ def git_repo(tmp_path):
 
 
 def only_table(**parts) -> dict:
-    """SOURCES_TABLE with some sources' parts replaced (pointing at loopback)."""
-    t = dict(dl.SOURCES_TABLE)
+    """The built-in sources with some sources' parts replaced (pointing at loopback)."""
+    t = dict(BUILTIN)
     for name, p in parts.items():
         t[name] = replace(t[name], parts=(p,) if not isinstance(p, tuple) else p)
     return t
@@ -346,8 +347,8 @@ def test_ddo_without_urls_names_the_env_vars(tmp_path):
 
 def test_git_clone_records_commit_and_keeps_only_reader_files(tmp_path, git_repo):
     url, commit = git_repo
-    table = only_table(iam=dl.Part("IAM", "git", url, patterns=dl.SOURCES_TABLE["iam"].parts[0].patterns))
-    m = dl.run_download(make_cfg(tmp_path, {"only": ["iam"]}), table=table)
+    table = only_table(iam=DownloadPart("IAM", "git", url))
+    m = dl.run_download(make_cfg(tmp_path, {"only": ["iam"]}), specs=table)
     iam = tmp_path / "raw" / "IAM"
     assert (iam / "stance" / "train.txt").is_file() and (iam / "README.md").is_file()
     assert not (iam / "code.py").exists() and not (iam / ".git").exists()
@@ -357,9 +358,9 @@ def test_git_clone_records_commit_and_keeps_only_reader_files(tmp_path, git_repo
 
 
 def test_git_unknown_repo_fails_clearly(tmp_path):
-    table = only_table(iam=dl.Part("IAM", "git", f"file://{tmp_path}/nope.git"))
+    table = only_table(iam=DownloadPart("IAM", "git", f"file://{tmp_path}/nope.git"))
     with pytest.raises(UserFacingError, match="iam: git clone"):
-        dl.run_download(make_cfg(tmp_path, {"only": ["iam"]}), table=table)
+        dl.run_download(make_cfg(tmp_path, {"only": ["iam"]}), specs=table)
     assert not (tmp_path / "raw" / "IAM").exists()
 
 
@@ -383,12 +384,33 @@ def test_hf_snapshot_from_loopback_hub(tmp_path, hub_server, monkeypatch):
     assert not any("images/big.bin" in h and h.startswith("GET") for h in hub_server.hits)
 
 
+def test_custom_source_from_the_hub_lands_in_raw_custom_and_is_prepared(tmp_path, hub_server, monkeypatch):
+    """A data.custom_sources entry naming a Hugging Face dataset is fetched like a built-in HF source,
+    keeping only files of its format, then read by prepare from <raw_dir>/custom/<name>/."""
+    from pipeline.prepare import run_prepare
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
+    mine = {"name": "my_debates", "domain": "debate", "path": "hf://Hellisotherpeople/DebateSum", "format": "csv",
+            "prompt": "Full-Document", "response": "Abstract"}
+    cfg = make_cfg(tmp_path, {"only": ["my_debates"], "hf_endpoint": hub_server.url}, custom_sources=[mine],
+                   min_text_chars=5, sources=[])  # no built-in source: the custom one only
+    m = dl.run_download(cfg)
+    d = tmp_path / "raw" / "custom" / "my_debates"
+    assert m["sources"]["my_debates"]["status"] == "downloaded" and m["sources"]["debatesum"]["status"] == "skipped"
+    assert sorted(p.name for p in d.iterdir()) == [".complete.json", "README.md", "train.csv"]
+    assert json.loads((d / ".complete.json").read_text())["commit"] == SHA
+    cfg.data.download.offline = True  # offline now: what is on disk is complete, nothing fetched
+    n = len(hub_server.hits)
+    assert dl.run_download(cfg)["sources"]["my_debates"]["status"] == "complete" and len(hub_server.hits) == n
+    p = run_prepare(cfg, use_ray=False)["sources"]["my_debates"]
+    assert (p["kept"], p["sft_by_task"], p["files"][0]["path"]) == (1, {"instruction": 1}, "custom/my_debates/train.csv")
+
+
 def test_hf_unknown_dataset_fails_without_retrying(tmp_path, hub_server, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hfhome"))
-    table = only_table(debatesum=dl.Part("DebateSum", "hf", "nobody/nothing", patterns=("*.csv",)))
+    table = only_table(debatesum=DownloadPart("DebateSum", "hf", "nobody/nothing"))
     with pytest.raises(UserFacingError, match="nobody/nothing"):
         dl.run_download(make_cfg(tmp_path, {"only": ["debatesum"], "hf_endpoint": hub_server.url,
-                                            "retries": 3}), table=table)
+                                            "retries": 3}), specs=table)
     assert len([h for h in hub_server.hits if "nobody" in h]) == 1
 
 
@@ -397,11 +419,11 @@ def test_hf_unknown_dataset_fails_without_retrying(tmp_path, hub_server, monkeyp
 def test_only_skip_and_opencaselist_opt_in_env_spellings(tmp_path):
     base = {"DOWNLOAD_ONLY": "DebateSum,IAM", "DOWNLOAD_SKIP": "iam"}
     cfg = load_config(None, sets=["model.base=tiny", "resources.device=cpu"], environ={**base})
-    chosen, skipped = dl.selected_sources(cfg)
+    chosen, skipped = dl.download_plan(cfg)
     assert chosen == ["debatesum"] and "DOWNLOAD_SKIP" in skipped["iam"] and "DOWNLOAD_ONLY" in skipped["ddo"]
     for env in ({}, {"DOWNLOAD_OPENCASLIST": "1"}, {"DOWNLOAD_OPENCASELIST": "true"}):
         cfg = load_config(None, sets=["model.base=tiny", "resources.device=cpu"], environ=env)
-        chosen, skipped = dl.selected_sources(cfg)
+        chosen, skipped = dl.download_plan(cfg)
         assert ("opencaselist" in chosen) == bool(env), env
         if not env:
             assert "DOWNLOAD_OPENCASELIST" in skipped["opencaselist"]
@@ -469,19 +491,32 @@ def test_bundled_fixtures_offline(tmp_path, fixtures_raw, no_network):
     assert any(e["status"] == "local" for e in m["sources"].values())
 
 
-def test_download_filters_keep_every_file_the_readers_read(fixtures_raw):
-    """For each source fetched into its own directory, the files the reader picks from the bundled
-    fixtures pass the download filter (so download and readers agree on patterns)."""
-    import importlib
+def test_download_keeps_exactly_the_files_the_readers_read(tmp_path, fixtures_raw):
+    """The one declaration of a source's files: pruning a fetched copy of each source (with extra files a
+    repository or snapshot brings) leaves exactly the files its reader reads, plus README/LICENSE."""
+    import shutil
+    raw = tmp_path / "raw"
+    shutil.copytree(fixtures_raw, raw)
     checked = 0
-    for name, src in dl.SOURCES_TABLE.items():
-        if len(src.parts) != 1 or src.parts[0].kind == "http" or not src.parts[0].patterns:
-            continue
-        reader = importlib.import_module(f"pipeline.sources.{name}").SOURCE
-        base = fixtures_raw / src.dir
-        for f in reader.files(fixtures_raw):
-            rel = f.relative_to(base).as_posix()
-            assert dl._matches(rel, src.parts[0].patterns), (name, rel, src.parts[0].patterns)
+    for name, spec in BUILTIN.items():
+        for part in spec.parts:
+            d = raw / part.dest
+            if not d.is_dir():
+                continue
+            (d / "README.md").write_text("docs")
+            (d / "setup.py").write_text("not data")
+            (d / "notes").mkdir(exist_ok=True)
+            (d / "notes" / "LICENSE").write_text("below the top: not kept")
+            before = set(spec.files(raw))
+            dl._prune(d, dl.keep_filter(spec, part))
+            assert set(spec.files(raw)) == before, name
+            left = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
+            assert left == {p.relative_to(d).as_posix() for p in before if d in p.parents} | {"README.md"}, name
             checked += 1
-    if checked == 0:
-        pytest.skip("no fixtures to check against")
+    assert checked >= 9
+    # MedQuAD: download and reader agree on the collection folders (*_QA), and nothing else is read
+    spec = BUILTIN["medquad"]
+    (raw / "MedQuAD" / "scripts").mkdir()
+    (raw / "MedQuAD" / "scripts" / "schema.xml").write_text("<x/>")
+    assert not any("scripts" in str(p) for p in spec.files(raw))
+    assert dl.hf_allow_patterns(BUILTIN["debatesum"], BUILTIN["debatesum"].parts[0])[:2] == ["**/*.csv", "*.csv"]

@@ -4,10 +4,8 @@ re-runs, a run killed halfway then re-run, missing sources, domain selection."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +14,7 @@ from pipeline.prepare import SPLITS, balanced_quotas, run_prepare, split_of
 from pipeline.sources.base import stable_id
 from pipeline.storage import Store
 
-from ._prepare_helpers import DAMAGED, RAW, all_rows, make_cfg, ray_local, read_rows  # noqa: F401 (fixture)
+from ._prepare_helpers import DAMAGED, RAW, ROOT, all_rows, make_cfg, ray_local, read_rows  # noqa: F401 (fixture)
 
 CAP, SFT_CAP = 50, 120
 
@@ -225,3 +223,33 @@ def test_unknown_layout_is_reported_not_guessed(tmp_path):
     assert any(f["path"] == "IAM/evidence/train.txt" and f["status"].startswith("quarantined") for f in s["files"])
     q = read_rows(tmp_path / "out", "data/quarantine/iam/*.parquet")
     assert [(r["file"], r["reason"]) for r in q] == [("IAM/evidence/train.txt", "unknown_format")]
+
+
+@pytest.mark.slow
+def test_fifth_domain_from_a_custom_jsonl(prepared, tmp_path):
+    """configs/custom_example.yaml's own data (fixtures/custom/law.jsonl, domain "law") goes through the
+    same accounting, caps, dedupe and split as the built-ins, in Ray; the built-in domains' rows are
+    the same as without it."""
+    from pipeline.config import load_config
+    _, out0, m0 = prepared
+    out = tmp_path / "law"
+    cfg = load_config(ROOT / "configs" / "custom_example.yaml", output=str(out), environ={},
+                      sets=[f"data.max_docs_per_source={CAP}", f"data.max_sft_per_domain={SFT_CAP}",
+                            "resources.num_cpus=2"])
+    m = run_prepare(cfg)
+    s = m["sources"]["harbour_code"]
+    assert (s["status"], s["domain"], s["read"], s["quarantined"], s["deduplicated"]) == ("ok", "law", 60, 0, 0)
+    assert s["kept"] == CAP and s["capped"] == 10 and s["sft_by_task"] == {"instruction": CAP}
+    assert s["files"] == [{"path": "custom/harbour_code/law.jsonl", "size": (ROOT / "fixtures/custom/law.jsonl").stat().st_size,
+                           "sha256": s["files"][0]["sha256"], "status": "read"}]
+    law = m["domains"]["law"]
+    assert law["status"] == "ok" and sum(law["sft_rows"].values()) == CAP and all(law["sft_rows"].values())
+    rows = read_rows(out, "data/sft/law/*/*.parquet")
+    assert len(rows) == CAP and {(r["domain"], r["source"], r["task"]) for r in rows} == {("law", "harbour_code", "instruction")}
+    assert {s_: sum(r["split"] == s_ for r in rows) for s_ in SPLITS} == law["sft_rows"]
+    where = {}
+    for r in rows:  # a prompt never crosses splits
+        assert where.setdefault(r["prompt"], r["split"]) == r["split"]
+    assert read_rows(out, "data/corpus/law/harbour_code-*.parquet")[0]["license"] == "invented for the project (CC0)"
+    for dm in ("debate", "medicine", "education", "ecology"):
+        assert read_rows(out, f"data/sft/{dm}/*/*.parquet") == read_rows(out0, f"data/sft/{dm}/*/*.parquet"), dm

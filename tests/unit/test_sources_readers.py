@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from pipeline.config import SOURCE_DOMAIN, SOURCES
 from pipeline.prepare import file_events
-from pipeline.sources import REGISTRY, Opts
+from pipeline.sources import BUILTIN, SOURCES, Opts
 from pipeline.sources.base import norm_key
 
 from ._prepare_helpers import DAMAGED, RAW, events, quarantined, records
@@ -20,10 +19,16 @@ EXPECTED_READ = {"debatesum": 120, "opencaselist": 80, "iam": 145, "ddo": 60, "m
                  "medquad": 114, "medical_meadow": 140, "openstax": 85, "climate_fever": 90}
 
 
-def test_registry_matches_config():
-    assert list(REGISTRY) == list(SOURCES)
-    for name, src in REGISTRY.items():
-        assert src.domain == SOURCE_DOMAIN[name] and src.patterns and src.how_to_get
+DOMAIN_OF = {"debatesum": "debate", "opencaselist": "debate", "iam": "debate", "ddo": "debate", "medmcqa": "medicine",
+             "pubmed_qa": "medicine", "medquad": "medicine", "medical_meadow": "medicine", "openstax": "education",
+             "climate_fever": "ecology"}
+
+
+def test_registry_declares_every_source_once():
+    assert list(BUILTIN) == list(SOURCES) == list(DOMAIN_OF)
+    for name, src in BUILTIN.items():
+        assert src.domain == DOMAIN_OF[name] and src.patterns and src.how_to_get and src.license and src.parts
+        assert src.task is None  # no evaluation task is declared yet
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -33,12 +38,12 @@ def test_reader_reads_fixture(source):
     qs = [e for k, e in evs if k == "q"]
     files = [e for k, e in evs if k == "f"]
     assert len(recs) + len(qs) == EXPECTED_READ[source]
-    assert len(files) == len(REGISTRY[source].files(RAW)) and all(len(f["sha256"]) == 64 for f in files)
+    assert len(files) == len(BUILTIN[source].files(RAW)) and all(len(f["sha256"]) == 64 for f in files)
     ids = set()
     for r in recs:
         row = r["row"]
         assert set(row) == CORPUS_KEYS
-        assert row["source"] == source and row["domain"] == SOURCE_DOMAIN[source]
+        assert row["source"] == source and row["domain"] == DOMAIN_OF[source]
         assert len(row["text"]) >= 20 and row["title"]
         md = json.loads(row["metadata"])
         assert md["group"]
@@ -242,6 +247,14 @@ def test_unexpected_reader_error_is_quarantined(tmp_path, monkeypatch):
     monkeypatch.setattr(cf, "iter_jsonl", broken)
     p = tmp_path / "x.jsonl"
     p.write_text('{"claim_id": "1", "claim": "a claim text that is long enough", "claim_label": "SUPPORTS"}\n')
-    evs = list(file_events("climate_fever", str(p), "climate_fever/x.jsonl", Opts()))
+    evs = list(file_events(BUILTIN["climate_fever"], str(p), "climate_fever/x.jsonl", Opts()))
     assert [k for k, _ in evs] == ["q", "f"]
     assert evs[0][1]["reason"] == "reader_error" and "disk went away" in evs[0][1]["snippet"]
+
+
+def test_docs_table_is_the_registry():
+    from pipeline.sources import sources_table
+    from ._prepare_helpers import ROOT
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    block = doc.split("<!-- sources-table:start -->\n", 1)[1].split("\n<!-- sources-table:end -->", 1)[0]
+    assert block == sources_table(), "docs/ARCHITECTURE.md's source table is stale: regenerate it (see the text above it)"

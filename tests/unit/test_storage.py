@@ -10,8 +10,7 @@ import pytest
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.errors import UserFacingError
-from pipeline.storage import (S3Settings, Store, StorageError, StorageNotFound, classify, is_s3, retry, safe_rel,
-                              split_s3)
+from pipeline.storage import S3Settings, Store, StorageError, StorageNotFound, is_s3, safe_rel, split_s3
 
 
 @pytest.fixture
@@ -53,6 +52,8 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(store, monkeypatch):
 def test_hidden_temp_files_are_not_listed(store):
     store.write_text("a/b.txt", "x")
     (store.local_path("a") / ".b.txt.tmp-123").write_text("partial")
+    (store.local_path("a") / ".c.tmp-9" / "tree").mkdir(parents=True)  # a copy killed half-way
+    (store.local_path("a") / ".c.tmp-9" / "tree" / "w.bin").write_text("partial")
     assert store.list_files() == ["a/b.txt"]
 
 
@@ -76,6 +77,48 @@ def test_upload_and_download_dir_local(store, tmp_path):
     assert store.list_files("adapters") == ["adapters/debate/adapter_config.json", "adapters/debate/sub/w.bin"]
     dst = store.download_dir("adapters/debate", tmp_path / "back")
     assert (dst / "sub" / "w.bin").read_bytes() == b"\x00\x01"
+
+
+def test_read_table_projects_columns_and_reads_a_directory_of_shards(store):
+    store.write_table("data/sft/d/train/part-00000.parquet", pa.table({"prompt": ["a", "b"], "response": ["1", "2"]}))
+    store.write_table("data/sft/d/train/part-00001.parquet", pa.table({"prompt": ["c"], "response": ["3"]}))
+    (store.local_path("data/sft/d/train") / ".part-00002.parquet.tmp-1").write_bytes(b"half written")
+    one = store.read_table("data/sft/d/train/part-00001.parquet", columns=["response"])
+    assert one.column_names == ["response"] and one.to_pylist() == [{"response": "3"}]
+    both = store.read_table("data/sft/d/train", columns=["prompt"])
+    assert both.column("prompt").to_pylist() == ["a", "b", "c"]  # shards in path order, temp files skipped
+    paths, fs = store.parquet_paths("data/sft/d/train")
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["part-00000.parquet", "part-00001.parquet"]
+    import pyarrow.parquet as pq
+    assert pq.read_table(paths, filesystem=fs).num_rows == 3
+    with pytest.raises(StorageNotFound):
+        store.read_table("data/sft/d/val")
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_outputs_are_readable_as_the_umask_allows(tmp_path, umask, file_mode, dir_mode):
+    """Files the store writes get 0666 and directories 0777 less the umask (mkstemp alone gives 0600)."""
+    old = os.umask(umask)
+    try:
+        store = Store(str(tmp_path / "out"))
+        store.write_json("report/summary.json", {"a": 1})
+        store.write_table("data/sft/d/train/part-00000.parquet", pa.table({"x": [1]}))
+        src = tmp_path / "adapter"
+        (src / "sub").mkdir(parents=True)
+        (src / "adapter_config.json").write_text("{}")
+        (src / "sub" / "w.bin").write_bytes(b"\x00")
+        os.chmod(src / "adapter_config.json", 0o600)  # the source's own mode does not leak into the output
+        store.upload_dir(src, "adapters/d")
+        store.upload_file(src / "adapter_config.json", "adapters/e/adapter_config.json")
+        back = store.download_dir("adapters/d", tmp_path / "back")
+    finally:
+        os.umask(old)
+    root = store.local_path()
+    files = [p for p in list(root.rglob("*")) + list(back.rglob("*")) if p.is_file()]
+    dirs = [p for p in list(root.rglob("*")) + list(back.rglob("*")) if p.is_dir()]
+    assert len(files) == 7 and dirs
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(file_mode)}, [(p, oct(p.stat().st_mode)) for p in files]
+    assert {oct(p.stat().st_mode & 0o777) for p in dirs} == {oct(dir_mode)}
 
 
 def test_check_writable_local_gives_a_clear_error(tmp_path):
@@ -179,75 +222,50 @@ def test_s3_store_repr_and_pickle_hide_nothing_needed(monkeypatch):
     assert isinstance(pickle.loads(blob), storage.RayS3FileSystem)
 
 
-# ---- retries --------------------------------------------------------------------------------
+# ---- retries and errors ---------------------------------------------------------------------
+# The SDKs retry (their "standard" mode, sized from storage.retries); the store only names the fix.
 
-@pytest.fixture
-def no_sleep(monkeypatch):
-    slept: list[float] = []
-    monkeypatch.setattr(storage.time, "sleep", lambda s: slept.append(s))
-    return slept
-
-
-def test_transient_errors_are_retried_with_backoff(no_sleep):
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 4:
-            raise OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Couldn't connect to server")
-        return "ok"
-    before = storage.STATS["retries"]
-    assert retry(flaky, "write x", attempts=6) == "ok"
-    assert len(calls) == 4 and no_sleep == [0.5, 1.0, 2.0]
-    assert storage.STATS["retries"] - before == 3
+def test_retries_are_sized_from_storage_retries_in_both_sdks():
+    s = S3Settings("http://127.0.0.1:9", "eu-west-1", "AK", "SK", None, None, 7)
+    c = storage.boto3_client(s)
+    assert c.meta.config.retries == {"total_max_attempts": 8, "mode": "standard"}
+    assert storage._attempts(s) == 8 and storage._attempts(S3Settings(None, None, retries=0)) == 1
 
 
-def test_backoff_is_capped_and_gives_up_with_a_clear_message(no_sleep):
-    def down():
-        raise ConnectionRefusedError("Connection refused")
-    with pytest.raises(StorageError, match=r"write s3://b/x failed after 7 attempts.*at http://h:1.*server is up") as ei:
-        retry(down, "write s3://b/x", attempts=7, endpoint="http://h:1")
-    assert no_sleep == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
-    assert "Traceback" not in str(ei.value)
-
-
-def test_permanent_and_not_found_errors_are_not_retried(no_sleep):
-    def denied():
-        raise OSError("AWS Error SIGNATURE_DOES_NOT_MATCH during PutObject operation")
-    with pytest.raises(StorageError, match="AWS_SECRET_ACCESS_KEY"):
-        retry(denied, "write x", attempts=5)
-
-    def missing():
-        raise FileNotFoundError("nope")
-    with pytest.raises(StorageNotFound):
-        retry(missing, "read x", attempts=5)
-
-    def bug():
-        raise KeyError("a programming error")
-    with pytest.raises(KeyError):
-        retry(bug, "read x", attempts=5)
-    assert no_sleep == []
-
-
-@pytest.mark.parametrize("exc,kind", [
-    (OSError("AWS Error NETWORK_CONNECTION ... curlCode: 7, Could not connect to server"), "transient"),
-    (OSError("AWS Error INTERNAL_FAILURE during UploadPart operation"), "transient"),
-    (OSError("AWS Error SLOW_DOWN during PutObject"), "transient"),
-    (TimeoutError("timed out"), "transient"),
-    (OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body."), "permanent"),
-    (OSError("AWS Error INVALID_ACCESS_KEY_ID during CreateMultipartUpload"), "permanent"),
-    (OSError("AWS Error NO_SUCH_BUCKET during CreateMultipartUpload"), "permanent"),
-    (FileNotFoundError("Path does not exist 'b/k'"), "notfound"),
+@pytest.mark.parametrize("exc,fix", [
+    (OSError("AWS Error SIGNATURE_DOES_NOT_MATCH during PutObject operation"), "AWS_SECRET_ACCESS_KEY"),
+    (OSError("AWS Error INVALID_ACCESS_KEY_ID during CreateMultipartUpload"), "AWS_ACCESS_KEY_ID"),
+    (OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body."), "bucket policy"),
+    (OSError("AWS Error NO_SUCH_BUCKET during CreateMultipartUpload"), "create it first"),
+    (FileNotFoundError("Bucket 'b' not found: AWS Error NO_SUCH_BUCKET"), "create it first"),
 ])
-def test_classify(exc, kind):
-    assert classify(exc)[0] == kind
+def test_permanent_errors_name_the_fix(exc, fix):
+    err = storage._storage_error(exc, "write s3://b/x", 6, "http://h:1")
+    assert type(err) is StorageError and fix in str(err) and "attempts" not in str(err)
 
 
-def test_boto_errors_are_classified():
+def test_what_the_sdk_gave_up_on_says_how_often_and_what_to_check():
+    exc = OSError("AWS Error NETWORK_CONNECTION during PutObject operation: curlCode: 7, Couldn't connect to server")
+    err = storage._storage_error(exc, "write s3://b/x", 6, "http://h:1")
+    assert isinstance(err, StorageError)
+    assert "write s3://b/x failed after 6 attempts" in str(err) and "at http://h:1" in str(err)
+    assert "server is up" in str(err) and "storage.retries" in str(err)
+    assert "storage.retries is 0" in str(storage._storage_error(exc, "w", 1, ""))
+
+
+def test_not_found_and_bugs():
+    from botocore.exceptions import ClientError
+    assert isinstance(storage._storage_error(FileNotFoundError("Path does not exist 'b/k'"), "read x", 3, ""),
+                      StorageNotFound)
+    assert isinstance(storage._storage_error(ClientError({"Error": {"Code": "NoSuchKey"}}, "GetObject"), "r", 3, ""),
+                      StorageNotFound)
+    bug = KeyError("a programming error")
+    assert storage._storage_error(bug, "read x", 3, "") is bug  # not an I/O error: raised as it is
+
+
+def test_boto_errors_name_the_fix():
     from botocore.exceptions import ClientError, EndpointConnectionError
-    assert classify(EndpointConnectionError(endpoint_url="http://h:1"))[0] == "transient"
-    assert classify(ClientError({"Error": {"Code": "SlowDown"}}, "PutObject"))[0] == "transient"
-    assert classify(ClientError({"Error": {"Code": "503"}}, "PutObject"))[0] == "transient"
-    assert classify(ClientError({"Error": {"Code": "NoSuchKey"}}, "GetObject"))[0] == "notfound"
-    kind, hint = classify(ClientError({"Error": {"Code": "InvalidAccessKeyId"}}, "PutObject"))
-    assert kind == "permanent" and "AWS_ACCESS_KEY_ID" in hint
+    err = storage._storage_error(ClientError({"Error": {"Code": "InvalidAccessKeyId"}}, "PutObject"), "w", 3, "")
+    assert "AWS_ACCESS_KEY_ID" in str(err)
+    err = storage._storage_error(EndpointConnectionError(endpoint_url="http://h:1"), "w", 3, "http://h:1")
+    assert "failed after 3 attempts" in str(err) and "server is up" in str(err)

@@ -1,0 +1,43 @@
+"""Secrets out of text: the one redaction helper for everything the pipeline logs or writes.
+
+    redact_url(url)          a URL with its user:password part and secret query values masked
+    scrub(text, environ)     any text: credential values taken from the environment (by value), URLs
+                             inside it as redact_url does, Hugging Face tokens (hf_...)
+
+Callers: config.Config.redacted (URLs in the config), storage (endpoints in messages), download
+(URLs and errors in logs and manifests), report (every file it writes). jobs/submit.py keeps its own
+checks (it refuses, rather than masks, secrets in a job's runtime_env).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Mapping, Optional
+
+MASK = "***"
+# environment variables whose values are credentials: masked wherever they appear, by value
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+              "RAY_AUTH_TOKEN", "GITHUB_TOKEN", "WANDB_API_KEY")
+_MIN_SECRET_LEN = 6  # shorter values ("1", "true") would mask ordinary words
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s\"'<>]+@")
+_SECRET_PARAM = re.compile(r"([?&](?:token|key|signature|sig|access_token|X-Amz-[A-Za-z-]+)=)[^&#\s\"'<>]+", re.I)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{10,}")
+
+
+def redact_url(url: str) -> str:
+    """``https://user:pw@host/x?token=abc`` -> ``https://***@host/x?token=***`` (also inside longer text)."""
+    url = _USERINFO.sub(MASK + "@", str(url))
+    return _SECRET_PARAM.sub(r"\1" + MASK, url)
+
+
+def scrub(text: str, environ: Optional[Mapping[str, str]] = None) -> str:
+    """Text with credential values (from ``environ``, default os.environ), URL secrets and HF tokens masked."""
+    env = os.environ if environ is None else environ
+    text = str(text)
+    for name in SECRET_ENV:
+        value = env.get(name)
+        if value and len(value) >= _MIN_SECRET_LEN:
+            text = text.replace(value, MASK).replace(json.dumps(value)[1:-1], MASK)
+    return _HF_TOKEN.sub("hf_" + MASK, redact_url(text))

@@ -1,0 +1,164 @@
+"""data.custom_sources: the config (names, mappings, where the data lives, new domains), and each
+format and record shape read through prepare (in-process; the fifth-domain run with Ray is in
+test_prepare.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.prepare import run_prepare
+from pipeline.sources import registry, selected_sources
+
+from ._prepare_helpers import RAW, ROOT, make_cfg, read_rows
+
+LAW = ROOT / "fixtures" / "custom" / "law.jsonl"
+
+
+def custom(**kw) -> str:
+    """A --set value declaring one custom source."""
+    return "data.custom_sources=[" + json.dumps(kw) + "]"
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+def test_example_config_declares_a_fifth_domain():
+    cfg = load_config(ROOT / "configs" / "custom_example.yaml", environ={})
+    c = cfg.data.custom_sources[0]
+    assert cfg.domains[-1] == "law" and c.domain == "law" and c.where == "local"
+    assert Path(c.path) == LAW  # relative to the YAML file
+    assert [s.name for s in selected_sources(cfg)][-1] == "harbour_code"
+
+
+def test_domains_default_to_builtin_and_custom(tmp_path):
+    cfg = make_cfg(RAW, tmp_path, custom(name="law_qa", domain="law", path=str(LAW), format="jsonl",
+                                         prompt="question", response="answer"))
+    assert cfg.domains == ["debate", "medicine", "education", "ecology", "law"]
+
+
+@pytest.mark.parametrize("domains,per_domain", [(["debate", "astrology"], None), (["debate"], "astrology")])
+def test_unknown_domain_is_a_config_error_naming_the_known_ones(tmp_path, domains, per_domain):
+    sets = [f"train.per_domain={{{per_domain}: {{max_steps: 3}}}}"] if per_domain else []
+    with pytest.raises(ConfigError) as e:
+        make_cfg(RAW, tmp_path, *sets, domains=domains)
+    msg = str(e.value)
+    assert "astrology" in msg and "debate, medicine, education, ecology" in msg
+    if not per_domain:
+        assert "no source provides" in msg and "data.custom_sources" in msg
+
+
+@pytest.mark.parametrize("kw,err", [
+    (dict(prompt="q"), "map exactly one record shape"),
+    (dict(prompt="q", response="a", text="t"), "map exactly one record shape"),
+    (dict(), "map exactly one record shape"),
+    (dict(name="medquad", text="t"), "is a built-in source"),
+    (dict(name="Law QA", text="t"), "not a valid name"),
+    (dict(path="gs://bucket/x", text="t"), "use a local path, s3://bucket/prefix or a Hugging Face dataset id"),
+    (dict(format="xml", text="t"), "format"),
+])
+def test_custom_source_mistakes_are_named(tmp_path, kw, err):
+    base = dict(name="law_qa", domain="law", path=str(LAW), format="jsonl")
+    with pytest.raises(ConfigError, match=err):
+        make_cfg(RAW, tmp_path, custom(**{**base, **kw}))
+
+
+def test_where_the_data_lives(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    def where(path, fmt="jsonl"):
+        cfg = make_cfg(RAW, tmp_path, custom(name="x", domain="law", path=path, format=fmt, text="t"))
+        return cfg.data.custom_sources[0]
+    assert where("s3://bucket/law/").where == "s3"
+    hf = where("hf://someone/law-qa")
+    assert hf.where == "hf" and hf.hf_id == "someone/law-qa"
+    assert where("someone/law-qa").where == "hf"                       # no such local path
+    local = where("data/law.jsonl")                                     # ends in .<format>: a path
+    assert local.where == "local" and local.path == str(tmp_path / "data" / "law.jsonl")
+    spec = registry(make_cfg(RAW, tmp_path, custom(name="x", domain="law", path="hf://someone/law-qa",
+                                                   format="parquet", text="t")).data)["x"]
+    assert [(p.kind, p.repo, p.dest) for p in spec.parts] == [("hf", "someone/law-qa", "custom/x")]
+    assert spec.patterns == ("**/*.parquet",)
+
+
+def test_custom_names_in_download_selection_and_redaction(tmp_path):
+    cfg = load_config(None, sets=["model.base=tiny", "resources.device=cpu",
+                                  custom(name="law_qa", domain="law", path="s3://bucket/law?X-Amz-Signature=abc123",
+                                         format="jsonl", text="t")],
+                      environ={"DOWNLOAD_ONLY": "law_qa"})
+    assert cfg.data.download.only == ["law_qa"]
+    assert "abc123" not in json.dumps(cfg.redacted())
+    with pytest.raises(ConfigError, match="unknown source.*known sources: .*law_qa"):
+        load_config(None, sets=["model.base=tiny", "resources.device=cpu",
+                                custom(name="law_qa", domain="law", path=str(LAW), format="jsonl", text="t")],
+                    environ={"DOWNLOAD_SKIP": "law"})
+
+
+# ---- formats and record shapes through prepare ------------------------------------------------
+
+CHAT = [
+    {"messages": [{"role": "system", "content": "You answer questions on the Harbour Town Code."},
+                  {"role": "user", "content": "May I fish from the harbour wall?"},
+                  {"role": "assistant", "content": "Yes, with the free yearly fishing card (section 9.1)."},
+                  {"role": "user", "content": "And may my children swim off the harbour steps?"},
+                  {"role": "assistant", "content": "No: swimming in the harbour is forbidden (section 9.3)."}]},
+    {"messages": [{"role": "user", "content": "Who hears complaints against the town?"},
+                  {"role": "assistant", "content": "The town ombudsman, within thirty days (section 10.1)."}]},
+    {"messages": [{"role": "robot", "content": "beep"}]},                        # not a chat: quarantined
+    {"messages": [{"role": "user", "content": "A question that nobody answered at all?"}]},  # no answer
+]
+
+
+def _prepare(tmp_path, **kw):
+    out = tmp_path / "out"
+    cfg = make_cfg(RAW, out, custom(name="mine", domain="law", **kw), domains=["law"])
+    return run_prepare(cfg, use_ray=False), out
+
+
+def test_chat_messages_in_parquet(tmp_path):
+    d = tmp_path / "chats"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist(CHAT), d / "part-0.parquet")
+    m, out = _prepare(tmp_path, path=str(d), format="parquet", messages="messages")
+    s = m["sources"]["mine"]
+    assert (s["read"], s["kept"], s["quarantined_by_reason"]) == (4, 2, {"empty_answer": 1, "missing_field": 1})
+    assert s["files"][0]["path"] == "custom/mine/part-0.parquet"
+    sft = sorted(read_rows(out, "data/sft/law/*/*.parquet"), key=lambda r: len(r["prompt"]))
+    assert [r["task"] for r in sft] == ["chat"] * 3
+    assert sft[0]["prompt"] == "Who hears complaints against the town?"
+    assert sft[1]["prompt"] == "You answer questions on the Harbour Town Code.\n\nMay I fish from the harbour wall?"
+    assert sft[2]["prompt"].startswith("System: You answer") and sft[2]["prompt"].endswith(
+        "User: And may my children swim off the harbour steps?")
+    assert sft[2]["response"] == "No: swimming in the harbour is forbidden (section 9.3)."
+
+
+def test_csv_with_messages_as_json_and_a_missing_column(tmp_path):
+    import csv
+    f = tmp_path / "law.csv"
+    with open(f, "w", newline="") as fh:
+        csv.writer(fh).writerows([["id", "chat"], ["1", json.dumps(CHAT[1]["messages"])]])
+    m, out = _prepare(tmp_path, path=str(f), format="csv", messages="chat")
+    assert m["sources"]["mine"]["kept"] == 1 and len(read_rows(out, "data/sft/law/*/*.parquet")) == 1
+    m, _ = _prepare(tmp_path, path=str(f), format="csv", prompt="question", response="answer")
+    assert m["sources"]["mine"]["quarantined_by_reason"] == {"unknown_format": 1}  # header lacks the columns
+
+
+def test_json_list_and_text_only_source(tmp_path):
+    f = tmp_path / "notes.json"
+    f.write_text(json.dumps([{"body": "The harbour master keeps the register of moorings.\nIt is public."},
+                             {"body": ""}, {"other": "x"}]))
+    m, out = _prepare(tmp_path, path=str(f), format="json", text="body")
+    s = m["sources"]["mine"]
+    assert (s["kept"], s["sft_examples"], s["quarantined_by_reason"]) == (1, 0, {"empty_text": 1, "missing_field": 1})
+    assert s["note"] == "text-only source: corpus rows, no SFT examples"
+    corpus = read_rows(out, "data/corpus/law/*.parquet")
+    assert corpus[0]["text"] == "The harbour master keeps the register of moorings.\nIt is public."  # lines kept
+    assert m["domains"]["law"]["sft_rows"] == {"train": 0, "val": 0, "test": 0}
+
+
+def test_missing_local_path_is_named(tmp_path):
+    from pipeline.errors import UserFacingError
+    with pytest.raises(UserFacingError, match="mine: nothing under .*nope.jsonl.*fix data.custom_sources\\[mine\\].path"):
+        _prepare(tmp_path, path=str(tmp_path / "nope.jsonl"), format="jsonl", text="t")
