@@ -38,22 +38,9 @@ SFT_COLUMNS = ["prompt", "response", "doc_id", "split"]
 CHARS_PER_TOKEN_BOUND = 32
 
 
-def _parquet_source(store, rel: str) -> tuple[list[str], object]:
-    """(paths, filesystem) of the Parquet shards under rel, for ray.data.read_parquet (credentials never
-    travel in the filesystem's pickle: see storage.RayS3FileSystem)."""
-    files = store.list_files(rel, ".parquet")
-    _, fs = store.ray_storage("")
-    return [store.path(f) for f in files], fs
-
-
 def read_split(store, domain: str, split: str, columns=("prompt", "response", "doc_id")):
     """One split's SFT rows as a pyarrow Table, read in this process (evaluation, the bench)."""
-    import pyarrow as pa
-    files = store.list_files(f"data/sft/{domain}/{split}", ".parquet")
-    if not files:
-        raise FileNotFoundError(f"no SFT shards for domain {domain!r} split {split!r} under "
-                                f"{store.uri_of(f'data/sft/{domain}/{split}')}: run `adapters prepare` first")
-    return pa.concat_tables([store.read_table(f).select(list(columns)) for f in files])
+    return store.read_table(f"data/sft/{domain}/{split}", columns=list(columns))
 
 
 def cut_prompt_response(p: list[int], r: list[int], max_len: int) -> tuple[list[int], list[int]]:
@@ -102,7 +89,7 @@ def tokenized_dataset(store, domain: str, cfg):
     """One Ray Dataset over the domain's SFT shards (all splits; column `split`), read by Ray Data from
     the store and tokenized inside the pipeline."""
     import ray.data
-    paths, fs = _parquet_source(store, f"data/sft/{domain}")
+    paths, fs = store.parquet_paths(f"data/sft/{domain}")
     if not any(f"/train/" in p for p in paths):
         raise FileNotFoundError(f"no SFT train shards for domain {domain!r} under {store.uri_of(f'data/sft/{domain}')}")
     # num_cpus=0: the domain's training workers hold the CPUs they asked for, and this light read and

@@ -99,6 +99,7 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
     todo: list[str] = []
     known: dict[str, dict] = {}
     problems = []
+    prepared = (store.read_json_or("data/manifest.json") or {}).get("domains", {})
     for d in cfg.domains:
         rep = finished_report(store, cfg, d)
         if rep is not None:
@@ -107,9 +108,12 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
             known[d] = {**rep, "status": "finished", "skipped": True}
             continue
         missing = [s for s in SPLITS if not store.list_files(f"data/sft/{d}/{s}", ".parquet")]
-        if "train" in missing or "val" in missing:
+        rows = ((prepared.get(d) or {}).get("sft_rows") or {}).get("train")
+        if "train" in missing or "val" in missing or rows == 0:
             msg = (f"no SFT data for domain {d} (missing splits {missing} under {store.uri_of(f'data/sft/{d}')}); "
-                   "run `adapters prepare` or remove the domain from `domains`")
+                   "run `adapters prepare` or remove the domain from `domains`" if missing else
+                   f"prepare made no training examples for domain {d} ({(prepared.get(d) or {}).get('reason') or 'its sources gave no prompt/response pairs'}; "
+                   "see data/manifest.json); a text-only custom source gives corpus rows only")
             log.warning(msg)
             write_state(store, cfg, d, "skipped", error=msg)
             known[d] = {"domain": d, "status": "skipped", "error": msg}

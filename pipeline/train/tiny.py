@@ -30,21 +30,13 @@ def tiny_fingerprint(cfg) -> str:
 
 def _texts(cfg, store) -> list[str]:
     """The mixed corpus: data/corpus/<domain> text when present, else the SFT train prompts+responses."""
-    import pyarrow.parquet as pq
-    import io
     texts: list[str] = []
     for domain in cfg.domains:
-        files = store.list_files(f"data/corpus/{domain}", ".parquet")
-        col = ["text"]
-        if not files:
-            files = store.list_files(f"data/sft/{domain}/train", ".parquet")
-            col = ["prompt", "response"]
-        for f in files:
-            t = pq.read_table(io.BytesIO(store.read_bytes(f)), columns=col).to_pydict()
-            if col == ["text"]:
-                texts.extend(x for x in t["text"] if x)
-            else:
-                texts.extend(f"{p}\n{r}" for p, r in zip(t["prompt"], t["response"]))
+        if store.list_files(f"data/corpus/{domain}", ".parquet"):
+            texts.extend(x for x in store.read_table(f"data/corpus/{domain}", columns=["text"]).column("text").to_pylist() if x)
+        elif store.list_files(f"data/sft/{domain}/train", ".parquet"):
+            t = store.read_table(f"data/sft/{domain}/train", columns=["prompt", "response"]).to_pydict()
+            texts.extend(f"{p}\n{r}" for p, r in zip(t["prompt"], t["response"]))
     if not texts:
         raise RuntimeError(f"no text to build the tiny model from under {store.uri_of('data')}: run `adapters prepare` first")
     return texts
