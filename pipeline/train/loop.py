@@ -37,6 +37,7 @@ import resource
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -302,6 +303,7 @@ class DomainRecipe:
         self.last_eval: Optional[tuple[int, float, int]] = None   # (step, val loss, target tokens)
         self.t_start = time.time()
         self.t_loop: Optional[float] = None        # when this attempt's first step started (for the ETA)
+        self.startup: dict[str, float] = {}        # seconds from the recipe's start to each start-up milestone
 
     # -- setup ---------------------------------------------------------------------------------------
     def resolve_device(self) -> str:
@@ -314,8 +316,6 @@ class DomainRecipe:
         from pipeline.train.lora_fused import fuse_lora
         from pipeline.train.model import add_lora, compute_dtype, load_model, load_tokenizer, resolve_base
         cfg, t, h = self.cfg, self.cfg.train, self.hyper
-        if not self.data["train"]:
-            raise RuntimeError(f"domain {self.domain}: no training examples (every example was empty or all prompt)")
         self.device = self.resolve_device()
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -329,6 +329,12 @@ class DomainRecipe:
         base_path = resolve_base(cfg, self.store)
         self.tok = load_tokenizer(base_path, cfg)
         base_model = load_model(base_path, cfg, self.device)
+        self.startup["model_loaded_s"] = round(time.time() - self.t_start, 2)
+        if isinstance(self.data, Future):  # tokenization ran while the model loaded (train_loop_per_worker)
+            self.data = self.data.result()
+        self.startup["data_ready_s"] = round(time.time() - self.t_start, 2)
+        if not self.data["train"]:
+            raise RuntimeError(f"domain {self.domain}: no training examples (every example was empty or all prompt)")
         kernels.apply_fused_kernels(base_model, self.device, t.fused_kernels)   # Liger on CUDA when installed
         self.model = add_lora(base_model, h.lora, cfg, t.gradient_checkpointing)
         self.fused_lora = fuse_lora(self.model, t.fused_lora)                   # one autograd step per LoRA layer
@@ -431,7 +437,9 @@ class DomainRecipe:
         from pipeline.train.data import collate
         st, h = self.state, self.hyper
         t0 = time.time()
-        self.t_loop = self.t_loop or t0
+        if self.t_loop is None:
+            self.t_loop = t0
+            self.startup["first_step_s"] = round(t0 - self.t_start, 2)
         examples, pad = self.data["train"], self.tok.pad_token_id
         micro = self._next_micro_batches()
         # the whole step's target count (all workers' rows): each worker's loss is its share of the mean
@@ -583,7 +591,7 @@ class DomainRecipe:
             "peak_memory_gb": peak_memory_gb(self.device, self.mem), "wall_time_s": time.time() - self.t_start,
             "peak_reserved_gb": self.mem.overall()[1] / 2**30 if self.mem else None,
             "checkpointing": kernels.checkpointing_record(self.model, t.gradient_checkpointing, self.budget),
-            "train_time_s": st.train_time, "steps": st.step, "epochs": st.epoch + st.batch / max(1, len(self.plan)),
+            "train_time_s": st.train_time, "startup": self.startup, "steps": st.step, "epochs": st.epoch + st.batch / max(1, len(self.plan)),
             "n_examples": {s: len(self.data[s]) for s in ("train", "val", "test")},
             "n_target_tokens": {"val": n_val, "test": n_test},
             "history": st.history, "resumed_from_step": st.resumed_from,
@@ -600,9 +608,10 @@ class DomainRecipe:
         return report
 
 
-def train_domain(cfg, domain: str, data: dict, session, recipe_cls: type = DomainRecipe,
+def train_domain(cfg, domain: str, data: "dict | Future", session, recipe_cls: type = DomainRecipe,
                  fingerprint: Optional[str] = None) -> dict:
-    """Train one domain's adapter on `data` ({split: [Example]}) and return its training report."""
+    """Train one domain's adapter on `data` ({split: [Example]}, or a Future of it that setup waits for
+    after loading the model) and return its training report."""
     recipe = recipe_cls(cfg, domain, data, session, fingerprint)
     recipe.setup()
     recipe.restore()
@@ -635,10 +644,15 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.train.device import CudaUnavailableError
     from pipeline.train.faults import with_faults
     cfg, domain = config["cfg"], config["domain"]
-    data = collect(ray.train.get_dataset_shard("sft").iter_batches(batch_size=256, batch_format="numpy"))
+    shard = ray.train.get_dataset_shard("sft")
     session = RaySession(open_store(cfg), cfg.run_name, domain)
-    try:
-        train_domain(cfg, domain, data, session, with_faults(DomainRecipe, config.get("faults")), config.get("fingerprint"))
-    except (NonFiniteLossError, IncompatibleCheckpointError, CudaUnavailableError) as e:
-        # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
-        write_fatal(cfg, domain, f"{type(e).__name__}: {e}")
+    # Ray Data reads and tokenizes in its own processes while this one loads the model: start-up takes
+    # the longer of the two, not their sum
+    with ThreadPoolExecutor(1, thread_name_prefix="collect") as pool:
+        data = pool.submit(collect, shard.iter_batches(batch_size=256, batch_format="numpy"))
+        try:
+            train_domain(cfg, domain, data, session, with_faults(DomainRecipe, config.get("faults")),
+                         config.get("fingerprint"))
+        except (NonFiniteLossError, IncompatibleCheckpointError, CudaUnavailableError) as e:
+            # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
+            write_fatal(cfg, domain, f"{type(e).__name__}: {e}")
