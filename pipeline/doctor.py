@@ -452,22 +452,11 @@ def load_and_generate(cfg, rep: Report, path: Optional[str]) -> None:
     t0 = time.time()
     try:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from pipeline.train.model import load_model, load_tokenizer
         cuda = cfg.resources.device == "cuda"
-        if cfg.model.compute_dtype != "auto":
-            dtype = getattr(torch, cfg.model.compute_dtype)
-        elif cuda:
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.float32
-        kw: dict[str, Any] = {"dtype": dtype, "device_map": {"": 0 if cuda else "cpu"},
-                              "trust_remote_code": cfg.model.trust_remote_code, "revision": cfg.model.revision}
-        if cfg.model.quantization == "nf4":
-            kw["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.model.double_quant,
-                bnb_4bit_compute_dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision)
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        # the trainer's own loaders: trust_remote_code is passed from the config on every from_pretrained
+        tok = load_tokenizer(path, cfg)
+        model = load_model(path, cfg, "cuda:0" if cuda else "cpu")
         dev = next(model.parameters()).device
         ids = tok("The heart pumps", return_tensors="pt").to(dev)
         with torch.no_grad():

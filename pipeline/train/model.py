@@ -118,6 +118,15 @@ def attn_implementation(cfg, device: str) -> str:
 
 # ---- loading ---------------------------------------------------------------------------------
 
+def _refuse_remote_code(e: Exception, path: str, cfg) -> None:
+    """transformers refused code shipped with the model (trust_remote_code false): say so, and what to do."""
+    if not cfg.model.trust_remote_code and "custom code" in str(e):
+        raise ModelLoadError(
+            f"the model at {path} ships its own code (a custom model_type / auto_map) and model.trust_remote_code "
+            "is false, so none of it was run. Read that code, then set model.trust_remote_code: true to allow it, "
+            "or use a model whose architecture transformers supports itself") from None
+
+
 def load_tokenizer(path: str, cfg):
     from transformers import AutoTokenizer
     try:
@@ -125,6 +134,7 @@ def load_tokenizer(path: str, cfg):
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision if path == cfg.model.base else None,
                                             trust_remote_code=bool(cfg.model.trust_remote_code))
     except Exception as e:
+        _refuse_remote_code(e, path, cfg)
         raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}; set model.base to a model that ships one") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -151,6 +161,9 @@ def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None):
     except OSError as e:
         raise ModelLoadError(f"base model not found at {path}: {e}. Set model.base to a Hugging Face id, "
                              "a local directory or an s3:// URI") from None
+    except ValueError as e:
+        _refuse_remote_code(e, path, cfg)
+        raise
     if not quantize:
         model.to(device)
     elif device == "cpu":

@@ -41,3 +41,35 @@ def test_remote_code_in_a_model_directory_never_runs_by_default(tmp_path, model_
     else:
         assert model_type == "llama" and type(model).__name__ == "LlamaForCausalLM"  # the library's own class
     assert not marker.exists(), "the model directory's own code was executed"
+
+
+def test_custom_model_type_never_runs(tmp_path):
+    """`adapters doctor --load` on a directory whose config names a custom model_type and ships its code,
+    with 'y' typed on stdin: transformers must never ask (every from_pretrained gets trust_remote_code from
+    the config) and nothing of the directory's code runs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    d, marker = _evil_model(tmp_path, "evil")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "pipeline", "doctor", "--config", str(root / "configs/demo.yaml"),
+                        "--set", f"model.base={d}", "--set", "model.quantization=none",
+                        "--output", str(tmp_path / "out"), "--load"],
+                       input="y\ny\ny\n", capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    out = r.stdout + r.stderr
+    assert "Do you wish to run the custom code" not in out
+    assert not marker.exists(), "the model directory's own code was executed"
+    load_rows = [line for line in out.splitlines() if line.lstrip().startswith("load")]
+    assert load_rows and "FAIL" in load_rows[0] and "trust_remote_code" in out, out[-3000:]
+    # the tokenizer loader on its own: the library's own class, or a refusal naming the setting; never the code
+    from pipeline.train.model import ModelLoadError, load_tokenizer
+    cfg = load_config(None, sets=[f"model.base={d}", "resources.device=cpu", f"output={tmp_path / 'o2'}"], environ={})
+    try:
+        tok = load_tokenizer(str(d), cfg)
+    except ModelLoadError as e:
+        assert "trust_remote_code" in str(e)
+    else:
+        assert type(tok).__module__.startswith("transformers.")
+    assert not marker.exists()
