@@ -303,9 +303,9 @@ def check_ray(cfg, rep: Report, connect: bool = True, timeout_s: float = 3.0) ->
     if not connect:
         rep.add("ray", PASS, f"{addr} reachable (not connected: pre-flight)")
         return {}
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-            "r = ray.cluster_resources(); n = [x for x in ray.nodes() if x.get('Alive')]; "
-            "print('@@' + json.dumps({'resources': r, 'nodes': [x.get('Resources', {}) for x in n]}))" % addr)
+    code = ("import ray; from pipeline.capacity import read_capacity; "
+            "ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "print('@@' + read_capacity().model_dump_json())" % addr)
     try:
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
@@ -318,18 +318,21 @@ def check_ray(cfg, rep: Report, connect: bool = True, timeout_s: float = 3.0) ->
         auth = re.search(r"auth|token|UNAUTHENTICATED|Unauthenticated", p.stderr or "")
         rep.add("ray", FAIL, f"ray.init({addr!r}) failed: {last}", _AUTH_FIX if auth else _RAY_FIX)
         return {}
-    data = json.loads(line[2:])
-    res = data["resources"]
-    gpus = res.get("GPU", 0)
-    types = sorted({k.split(":", 1)[1] for node in data["nodes"] for k in node if k.startswith("accelerator_type:")})
-    detail = (f"{addr}: {len(data['nodes'])} node(s), {res.get('CPU', 0):g} CPUs, {gpus:g} GPUs"
-              + (f" ({', '.join(types)})" if types else ""))
-    if cfg.resources.device == "cuda" and gpus < cfg.resources.gpus_per_trial:
-        rep.add("ray", FAIL, detail + f"; a trial needs {cfg.resources.gpus_per_trial:g} GPU",
-                "add GPU workers to the cluster (start them with --num-gpus) or lower resources.gpus_per_trial")
-    else:
-        rep.add("ray", PASS, detail)
-    return data
+    from pipeline.capacity import Capacity
+    cap = Capacity.model_validate_json(line[2:])
+    ray_row(cfg, rep, addr, cap)
+    return cap.model_dump()
+
+
+def ray_row(cfg, rep: Report, addr: str, cap) -> None:
+    """The cluster's capacity against a trial's needs (pipeline.capacity.assess, as the train stage
+    decides): fits now PASS; none now but an autoscaler can add nodes INFO; nothing can FAIL."""
+    from pipeline.capacity import assess
+    types = sorted({k.split(":", 1)[1] for node in cap.nodes for k in node if k.startswith("accelerator_type:")})
+    verdict = assess(cap, cfg.resources, len(cfg.domains))
+    detail = f"{addr}: {verdict.detail}" + (f" ({', '.join(types)})" if types else "")
+    status = {"ready": PASS, "scale_up": INFO, "may_scale_up": INFO, "impossible": FAIL}[verdict.state]
+    rep.add("ray", status, detail, verdict.fix)
 
 
 # ---- output --------------------------------------------------------------------------------------
