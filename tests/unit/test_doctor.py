@@ -224,3 +224,38 @@ def test_require_cuda_for_workers(tmp_path):
     doctor.require_cuda(make_cfg(tmp_path))   # cpu config: nothing to check
     with pytest.raises(UserFacingError, match="CUDA cannot be used"):
         doctor.require_cuda(make_cfg(tmp_path, device="cuda"))
+
+
+SMI_3090 = """
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 550.120                Driver Version: 550.120        CUDA Version: 12.4     |
+|-----------------------------------------+------------------------+----------------------+
+|   0  NVIDIA GeForce RTX 3090        Off |   00000000:01:00.0 Off |                  N/A |
+"""
+
+
+def _torch_build(tmp_path, device, torch_cuda, driver, driver_cuda):
+    rep = doctor.Report()
+    doctor.check_torch_build(make_cfg(tmp_path, device=device), rep, {
+        "torch": "2.13.0" + ("" if torch_cuda else "+cpu"), "runtime": torch_cuda, "driver": driver,
+        "driver_cuda": driver_cuda})
+    return rows(rep).get("torch build")
+
+
+def test_doctor_names_the_install_route_the_driver_needs(tmp_path):
+    """PyPI's torch is the CUDA 13.0 build (driver >= 580); a 3090 workstation on driver 550 needs torch's
+    CUDA 12 build; a driver older than 525 runs neither."""
+    assert doctor.parse_nvidia_smi(SMI_3090) == {"driver": "550.120", "driver_cuda": "12.4"}
+    r = _torch_build(tmp_path, "cuda", "13.0", **doctor.parse_nvidia_smi(SMI_3090))
+    assert r.status == "FAIL" and "built for CUDA 13.0, newer than the driver 550.120 runs CUDA <= 12.4" in r.detail
+    assert "CUDA 12 route" in r.fix and doctor.TORCH_CUDA12_INDEX in r.fix and ">= 580" in r.fix
+    r = _torch_build(tmp_path, "cuda", "12.8", "550.120", "12.4")
+    assert r.status == "PASS" and "built for CUDA 12.8" in r.detail
+    r = _torch_build(tmp_path, "cuda", "13.0", "580.95.05", None)       # no header: from the driver version
+    assert r.status == "PASS"
+    r = _torch_build(tmp_path, "cuda", None, "595.58.03", "13.2")       # the CPU wheel on a GPU machine
+    assert r.status == "FAIL" and "CPU build" in r.detail and "CUDA 13.0 route: pip install -e '.[gpu]'" in r.fix
+    assert _torch_build(tmp_path, "cpu", None, "595.58.03", "13.2").status == "INFO"
+    r = _torch_build(tmp_path, "cuda", "13.0", "470.82.01", None)
+    assert r.status == "FAIL" and r.fix.startswith("upgrade the NVIDIA driver")
+    assert _torch_build(tmp_path, "cuda", None, None, None) is None      # no driver: the cuda row speaks
