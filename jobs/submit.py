@@ -288,15 +288,20 @@ def connect(address: str, environ: Optional[dict] = None, retry_s: float = RETRY
 
 
 def submit(client, plan: dict, retry_s: float = RETRY_S) -> str:
-    """Upload the working_dir and submit; a resubmission after a lost reply finds its own job."""
+    """Upload the working_dir and submit. When a retried submission finds its id taken, the earlier try went
+    through after all (its reply was lost): that job is ours. A taken id on the first try is an error."""
+    tries = 0
+
     def once() -> str:
+        nonlocal tries
+        tries += 1
         try:
             return client.submit_job(entrypoint=shlex.join(plan["entrypoint"]), runtime_env=plan["runtime_env"],
                                      metadata=plan["metadata"], submission_id=plan["submission_id"],
                                      entrypoint_num_cpus=plan.get("entrypoint_num_cpus"))
         except RuntimeError as e:
-            if "already exists" in str(e) and client.get_job_info(plan["submission_id"]):
-                return plan["submission_id"]   # an earlier attempt went through after all
+            if tries > 1 and "already exists" in str(e):
+                return plan["submission_id"]
             raise
     return with_retry(once, "submitting", retry_s)
 

@@ -21,7 +21,7 @@ Ray 2.60 has no public API for an autoscaler's node types, so this reads what Ra
   autoscaler (KubeRay ``autoscalerOptions.version: v2``) is asked with ``ray.autoscaler.v2.sdk``;
 - the node types an autoscaler may launch (resources, max_workers), first found of:
   1. the cluster config an autoscaler reported to GCS (``ray._private.state.state.get_cluster_config()``,
-     which Ray Data reads; Ray 2.60's autoscalers do not fill it yet, newer ones do);
+     which Ray Data reads; Ray 2.60's autoscalers leave it empty, later v2 autoscalers report it);
   2. the autoscaling config file the head's monitor was started with (``--autoscaling-config`` on
      its command line, matched by GCS port), when the driver runs on the head (a submitted job does);
   3. ``~/ray_bootstrap_config.yaml``, the cluster launcher's copy on the head (Ray Tune checks the
@@ -56,11 +56,15 @@ class NodeType(BaseModel):
 
 
 class Capacity(BaseModel):
+    """The cluster now and, when an autoscaler runs, what it may launch (read_capacity builds it; doctor's
+    subprocess sends it back as JSON)."""
     nodes: list[dict[str, float]] = Field(description="resources of each alive node now")
     autoscaler: Optional[Literal["v1", "v2"]] = None
     node_types: Optional[list[NodeType]] = Field(None, description="None: not readable from here")
     max_workers: Optional[int] = Field(None, description="cluster-wide cap on worker nodes, if known")
     node_types_from: Optional[str] = None
+    running: dict[str, int] = Field(default_factory=dict,
+                                    description="worker nodes per type that are up now (launches under way are not)")
 
     @property
     def resources(self) -> dict[str, float]:
@@ -74,20 +78,20 @@ class Capacity(BaseModel):
         return sum(fits(n, bundle) for n in self.nodes)
 
     def slots_addable(self, bundle: dict[str, float]) -> Optional[float]:
-        """How many more bundles the autoscaler's node types can hold at most: None when the node types
-        are unknown, math.inf when nothing limits them. Counts every type up to its max_workers, the
-        largest per-node first, within the cluster-wide max_workers; workers already running are not
-        subtracted (an upper bound: it only caps how many trials are queued at once)."""
+        """How many more bundles the autoscaler can make room for: None when its node types are unknown,
+        math.inf when nothing limits them. Each type up to its max_workers less its nodes already up (those
+        are in `nodes`; a launch under way is still to come), the types with the most bundles per node first,
+        within the cluster-wide max_workers."""
         if self.node_types is None:
             return None
-        per_node = sorted(((fits(t.resources, bundle), t.max_workers) for t in self.node_types),
-                          key=lambda x: x[0], reverse=True)
-        budget = self.max_workers if self.max_workers is not None else math.inf
+        per_node = sorted(((fits(t.resources, bundle), t) for t in self.node_types), key=lambda x: x[0], reverse=True)
+        budget = (self.max_workers - sum(self.running.values())) if self.max_workers is not None else math.inf
         total = 0.0
-        for k, limit in per_node:
+        for k, t in per_node:
             if k == 0 or budget <= 0:
                 continue
-            n = min(budget, limit if limit is not None else math.inf)
+            room = (t.max_workers - self.running.get(t.name, 0)) if t.max_workers is not None else math.inf
+            n = max(0.0, min(budget, room))
             total += k * n
             budget -= n
         return total
@@ -100,6 +104,7 @@ class Capacity(BaseModel):
             if self.node_types is not None:
                 out += " (worker types: " + (", ".join(
                     f"{t.name} {_fmt(t.resources)} x{t.max_workers if t.max_workers is not None else 'any'}"
+                    + (f", {self.running[t.name]} up" if self.running.get(t.name) else "")
                     for t in self.node_types) or "none") + ")"
         return out
 
@@ -190,23 +195,50 @@ def _read_yaml(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
-def _autoscaler_from_status(gcs_address: str) -> Optional[str]:
-    """'v2' / 'v1' when an autoscaler (not the read-only monitor) reports to GCS, else None."""
+def _autoscaler_from_status(gcs_address: str) -> tuple[Optional[str], dict[str, int]]:
+    """('v2' | 'v1' | None, worker nodes per type that are up) from what the autoscaler reports to GCS; None
+    when no autoscaler reports (the read-only monitor of a head started without one names its types
+    after node ids)."""
     from ray.autoscaler.v2.utils import is_autoscaler_v2
     if is_autoscaler_v2(fetch_from_server=True):
         from ray.autoscaler.v2.sdk import get_cluster_status
         st = get_cluster_status(gcs_address)
-        names = {n.ray_node_type_name for n in st.active_nodes + st.idle_nodes + st.pending_nodes}
-        names |= {r.ray_node_type_name for r in st.pending_launches}
-        return "v2" if any(n and not _READONLY_NODE_TYPE.match(n) for n in names) else None
-    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
-    from ray.experimental.internal_kv import _internal_kv_get
-    raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
-    if not raw:
-        return None
-    report = json.loads(raw).get("autoscaler_report") or {}
-    names = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
-    return "v1" if any(not _READONLY_NODE_TYPE.match(n) for n in names) else None
+        up = [n.ray_node_type_name for n in st.active_nodes + st.idle_nodes]
+        names = set(up) | {n.ray_node_type_name for n in st.pending_nodes} | {r.ray_node_type_name for r in st.pending_launches}
+        running = {k: up.count(k) for k in set(up)}
+    else:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+        raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+        running = {}
+        for part in ("active_nodes", "idle_nodes"):
+            for k, n in (report.get(part) or {}).items():
+                running[k] = running.get(k, 0) + int(n)
+        names = set(running) | set(report.get("pending_launches") or {})
+    if not any(k and not _READONLY_NODE_TYPE.match(k) for k in names):
+        return None, {}
+    return ("v2" if is_autoscaler_v2() else "v1"), running
+
+
+def _node_types(gcs_port: int, autoscaler_seen: bool) -> tuple[Optional[list[NodeType]], Optional[int], Optional[str]]:
+    """(worker node types, cluster-wide max_workers, where they were read), first found of: the cluster config
+    in GCS, this cluster's monitor's --autoscaling-config, ~/ray_bootstrap_config.yaml (only when an
+    autoscaler reports: a stale copy must not invent one)."""
+    try:
+        types, cap = _from_gcs_cluster_config()
+        if types is not None:
+            return types, cap, "the cluster config in GCS"
+    except Exception as e:  # noqa: BLE001 - private API: absent or changed means "not known"
+        log.debug("GCS cluster config not readable: %s", e)
+    path = _monitor_config_path(gcs_port)
+    if path is None and autoscaler_seen and Path(BOOTSTRAP_CONFIG).expanduser().is_file():
+        path = Path(BOOTSTRAP_CONFIG).expanduser()
+    config = _read_yaml(path) if path is not None else None
+    if config is None:
+        return None, None, None
+    types, cap = node_types_from_config(config)
+    return types, cap, str(path)
 
 
 def read_capacity() -> Capacity:
@@ -215,30 +247,18 @@ def read_capacity() -> Capacity:
     nodes = [{k: float(v) for k, v in (n.get("Resources") or {}).items()} for n in ray.nodes() if n.get("Alive")]
     gcs_address = ray.get_runtime_context().gcs_address
     try:
-        autoscaler = _autoscaler_from_status(gcs_address)
+        autoscaler, running = _autoscaler_from_status(gcs_address)
     except Exception as e:  # noqa: BLE001 - a status we cannot read is "no autoscaler seen"
         log.debug("autoscaler status not readable: %s", e)
-        autoscaler = None
-    types, cap, source = None, None, None
-    try:
-        types, cap = _from_gcs_cluster_config()
-        source = "the cluster config in GCS" if types is not None else None
-    except Exception as e:  # noqa: BLE001 - private API: absent or changed means "not known"
-        log.debug("GCS cluster config not readable: %s", e)
-    if types is None:
-        path = _monitor_config_path(int(gcs_address.rpartition(":")[2]))
-        if path is not None:
-            autoscaler = autoscaler or "v1"   # a monitor with an autoscaling config is an autoscaler
-        elif autoscaler and Path(BOOTSTRAP_CONFIG).expanduser().is_file():
-            path = Path(BOOTSTRAP_CONFIG).expanduser()
-        config = _read_yaml(path) if path is not None else None
-        if config is not None:
-            types, cap = node_types_from_config(config)
-            source = str(path) if types is not None else None
-    if types is not None and autoscaler is None:
-        autoscaler = "v2" if source == "the cluster config in GCS" else "v1"
-    return Capacity(nodes=nodes, autoscaler=autoscaler, node_types=types if autoscaler else None,
-                    max_workers=cap if autoscaler else None, node_types_from=source if autoscaler else None)
+        autoscaler, running = None, {}
+    types, cap, source = _node_types(int(gcs_address.rpartition(":")[2]), autoscaler is not None)
+    if source is not None:   # an autoscaling config in use means an autoscaler, reported yet or not
+        autoscaler = autoscaler or ("v2" if source == "the cluster config in GCS" else "v1")
+    if autoscaler is None:
+        return Capacity(nodes=nodes)
+    names = {t.name for t in types} if types is not None else None
+    return Capacity(nodes=nodes, autoscaler=autoscaler, node_types=types, max_workers=cap, node_types_from=source,
+                    running={k: n for k, n in running.items() if names is None or k in names})
 
 
 # ---- deciding ------------------------------------------------------------------------------------

@@ -132,9 +132,15 @@ def test_demo_scales_from_zero_gpus(fake_gpu_cluster: RayHead, tmp_path: Path) -
     print(f"GPU worker nodes: 0 before; {ever} launched by the autoscaler ({alive} alive at the end); "
           f"job {wall:.0f}s")
     assert 0 < ever <= MAX_GPU_WORKERS
-    # the train stage queued every domain for the autoscaler instead of stopping at "0 GPUs"
-    assert re.search(r"no GPU for a trial now .* the autoscaler can add nodes for 2 trial\(s\): 4 trial\(s\) are queued",
-                     log), log[-8000:]
+    # the train stage queued every domain for what the cluster can grow to (2 GPU workers), instead of
+    # stopping at "0 GPUs". Ray Data's own autoscaling may already have launched GPU workers during
+    # prepare (the only worker type here has the CPUs it asks for), so the line reads one of three ways.
+    line = re.search(r"(no GPU for a trial now|the Ray cluster has \d+ node\(s\)[^\n]*trial\(s\) fit now)[^\n]*", log)
+    assert line, log[-8000:]
+    assert re.search(r"the autoscaler can add nodes for 2 trial\(s\) at once: 4 trial\(s\) are queued|"
+                     r"1 trial\(s\) fit now, up to 2 once the autoscaler adds nodes|2 trial\(s\) fit now$",
+                     line.group(0)), line.group(0)
+    print(f"train stage: {line.group(0)}")
     for d in DOMAINS:
         rep = json.loads((out / "adapters" / d / "training_report.json").read_text())
         assert rep["status"] == "finished", (d, rep)

@@ -69,6 +69,17 @@ def test_cluster_wide_max_workers_bounds_the_growth(tmp_path):
     assert max_concurrent(cfg(tmp_path), unlimited) == 4
 
 
+def test_workers_already_up_count_against_the_limits(tmp_path):
+    types = [NodeType(name="gpu", resources={"CPU": 1, "GPU": 1}, max_workers=2)]
+    one_up = Capacity(nodes=[{"CPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}], autoscaler="v1", node_types=types,
+                      max_workers=2, running={"gpu": 1})
+    v = assess(one_up, cfg(tmp_path).resources)
+    assert v.state == "ready" and v.slots_max == 2 and "1 trial(s) fit now, up to 2" in v.detail
+    all_up = one_up.model_copy(update={"nodes": one_up.nodes + [{"CPU": 1.0, "GPU": 1.0}], "running": {"gpu": 2}})
+    v = assess(all_up, cfg(tmp_path).resources)
+    assert v.slots_max == 2 and v.detail.endswith("2 trial(s) fit now") and max_concurrent(cfg(tmp_path), all_up) == 2
+
+
 def test_autoscaler_without_gpu_types_is_an_error_with_the_fix(tmp_path):
     cap = Capacity(nodes=[CPU_HEAD], autoscaler="v1", max_workers=4,
                    node_types=[NodeType(name="cpu.worker", resources={"CPU": 16}, max_workers=4)])
