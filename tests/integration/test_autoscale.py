@@ -124,7 +124,7 @@ def test_demo_scales_from_zero_gpus(fake_gpu_cluster: RayHead, tmp_path: Path) -
         cmd += ["--set", s]
     t0 = time.time()
     r = subprocess.run(cmd, env={**head.env, "RAY_ADDRESS": head.address}, cwd=str(ROOT), capture_output=True,
-                       text=True, timeout=840)
+                       text=True, timeout=600)
     wall = time.time() - t0
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-8000:]
