@@ -7,6 +7,10 @@ OUTPUT ?= output/demo
 CONFIG ?= configs/demo.yaml
 RAY_ADDRESS ?= http://127.0.0.1:8265
 PYTEST_ARGS ?=
+# GPU machines: EXTRAS=dev,gpu. A driver older than 580 (CUDA 12): TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# installs torch's CUDA 12 build of the same pinned version first (docs/CLUSTER.md, "GPU installs").
+EXTRAS ?= dev
+TORCH_INDEX ?=
 
 .PHONY: venv demo test test-fast submit clean
 
@@ -16,7 +20,8 @@ $(BIN)/python:
 
 # Reinstall when the dependency list changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+	$(if $(TORCH_INDEX),$(BIN)/pip install -q "torch==$$(sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)" --index-url $(TORCH_INDEX))
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Submit the pipeline (or one stage) to a Ray cluster with ``ray job submit``.
+"""Submit the pipeline (or one stage) to a Ray cluster through Ray's ``JobSubmissionClient``.
 
     python -m jobs.submit --config configs/demo.yaml --output output/demo [--address http://HEAD:8265]
                           [--stage run|download|prepare|train|report] [--set key=value ...]
@@ -19,12 +19,18 @@ What it does, in order:
    S3 and Hugging Face credentials belong on the cluster's nodes (environment, IAM role, ~/.aws).
 3. Local paths given here (``--output``, ``--raw-dir``) are made absolute, because the job runs in
    a copy of the repository elsewhere; on a multi-node cluster use ``s3://`` for ``--output``.
-4. Runs ``ray job submit --working-dir . --runtime-env-json ... --submission-id ... --metadata-json
-   ... -- python -m jobs.<stage> --config ... --output ...`` with ``RAY_AUTH_MODE=token`` (unless
-   set otherwise) and the token from where Ray looks for it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
-   ~/.ray/auth_token). The token itself is never printed or passed on a command line.
-5. Prints the job id and the dashboard URL, streams the job's logs (unless ``--no-wait``), and exits
-   0 only if the job SUCCEEDED.
+4. ``JobSubmissionClient.submit_job`` uploads the working_dir (zipped, content-addressed in the
+   cluster's GCS) and submits ``python -m jobs.<stage> --config ... --output ...`` with the
+   submission id, metadata and entrypoint resources. Token auth is on unless RAY_AUTH_MODE says
+   otherwise: the client sends ``Authorization: Bearer <token>`` on every request (the log tail's
+   websocket too). The token is the one Ray itself would load (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+   ~/.ray/auth_token); it is never printed or passed on a command line.
+   Right after ``ray start`` the head's job agent may not be registered yet: the job server answers
+   HTTP 500 "No available agent to submit job", and the dashboard may refuse connections for a
+   moment. Both are retried with backoff for up to --retry-s seconds (default 60); nothing else is.
+5. Prints the job id and the dashboard URL, follows the job's logs (``tail_job_logs``) unless
+   ``--no-wait``, and exits 0 only if the job SUCCEEDED (1 otherwise, 2 for a problem found before
+   sending, 130 on Ctrl-C, which leaves the job running and says how to stop it).
 
 Job metadata (shown in the dashboard's job page and ``GET /api/jobs/``): ``job_name``,
 ``output_uri``, ``run_name``, ``stage``, ``config``.
@@ -32,21 +38,23 @@ Job metadata (shown in the dashboard's job page and ``GET /api/jobs/``): ``job_n
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
 import secrets
-import shutil
-import subprocess
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_MODULES = {"run": "jobs.run_pipeline", "download": "jobs.download", "prepare": "jobs.prepare",
                  "train": "jobs.train", "report": "jobs.report"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+RETRY_S = 60.0   # how long a submission waits for a head that is still starting
+T = TypeVar("T")
 
 # Never shipped with the job (gitignore syntax, relative to the working dir). Ray also honours
 # .gitignore / .rayignore; these are explicit so a missing .gitignore line cannot ship data.
@@ -79,16 +87,6 @@ class SubmitError(RuntimeError):
 
 # ---- pieces, each testable on its own --------------------------------------------------------
 
-def ray_executable() -> str:
-    sibling = Path(sys.executable).with_name("ray")
-    if sibling.exists():
-        return str(sibling)
-    found = shutil.which("ray")
-    if not found:
-        raise SubmitError("the `ray` command was not found: pip install 'ray[default]==2.60.0' (or activate the venv)")
-    return found
-
-
 def job_address(cli_address: Optional[str], environ: Optional[dict] = None) -> str:
     env = os.environ if environ is None else environ
     addr = cli_address or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS") or DEFAULT_ADDRESS
@@ -118,17 +116,23 @@ def ray_token(environ: Optional[dict] = None) -> Optional[str]:
         return None
 
 
-def auth_env(environ: Optional[dict] = None) -> dict[str, str]:
-    """The environment for the ray CLI: token auth on unless RAY_AUTH_MODE says otherwise."""
-    env = dict(os.environ if environ is None else environ)
-    env.setdefault("RAY_AUTH_MODE", "token")
-    if env["RAY_AUTH_MODE"].lower() == "token" and not ray_token(env):
+def auth_headers(environ: Optional[dict] = None) -> dict[str, str]:
+    """The Authorization header for the job server: token auth is on unless RAY_AUTH_MODE says otherwise.
+
+    JobSubmissionClient would load the same token itself (when RAY_AUTH_MODE=token), but Ray's token
+    loader keeps the first token a process loads; handing it over explicitly makes the token sent the
+    one the payload was checked against, and lets one process submit with another environment."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return {}
+    token = ray_token(env)
+    if not token:
         raise SubmitError(
             "Ray token authentication is on but no token was found. Copy the head node's token "
             "(on the head: `ray get-auth-token`) into ~/.ray/auth_token on this machine, or point "
             "RAY_AUTH_TOKEN_PATH at a file holding it. (RAY_AUTH_MODE=disabled only for clusters "
             "started without auth.)")
-    return env
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _abs_local(p: str) -> str:
@@ -140,8 +144,8 @@ def _redact_uri(uri: str) -> str:
     return re.sub(r"([?&](?:token|key|signature|sig|X-Amz-[A-Za-z-]+)=)[^&]+", r"\1***", uri, flags=re.I)
 
 
-def runtime_env(extra_env: Optional[list[str]] = None, environ: Optional[dict] = None) -> dict:
-    """excludes + env_vars; the working_dir is given to ``ray job submit --working-dir``."""
+def runtime_env(working_dir: Path, extra_env: Optional[list[str]] = None, environ: Optional[dict] = None) -> dict:
+    """working_dir + excludes + env_vars."""
     env = os.environ if environ is None else environ
     env_vars = dict(FIXED_ENV)
     for name in PASSTHROUGH_ENV:
@@ -156,7 +160,7 @@ def runtime_env(extra_env: Optional[list[str]] = None, environ: Optional[dict] =
         if name not in env:
             raise SubmitError(f"--env {name}: not set in this shell")
         env_vars[name] = env[name]
-    return {"excludes": list(EXCLUDES), "env_vars": env_vars}
+    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env_vars}
 
 
 def check_no_secrets(payload: dict, environ: Optional[dict] = None) -> None:
@@ -202,7 +206,8 @@ def _shipped(path: Path, root: Path) -> bool:
 
 
 def build(args: argparse.Namespace, environ: Optional[dict] = None) -> dict:
-    """Everything that will be sent: the ray CLI argv (without the binary), and a summary."""
+    """Everything that will be sent (address, submission_id, metadata, runtime_env, entrypoint argv,
+    entrypoint_num_cpus) and the job's dashboard URL; raises SubmitError before anything is sent."""
     env = os.environ if environ is None else environ
     sys.path.insert(0, str(REPO))
     from pipeline.config import ConfigError, load_config
@@ -241,38 +246,80 @@ def build(args: argparse.Namespace, environ: Optional[dict] = None) -> dict:
         f"adapters-{cfg.run_name}-{stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}")
     metadata = {"job_name": job_name, "output_uri": _redact_uri(output), "run_name": cfg.run_name,
                 "stage": stage, "config": config_rel}
-    renv = runtime_env(args.env, env)
+    renv = runtime_env(working_dir, args.env, env)
     entry = job_command(stage, config_rel, output, raw_dir, args.set, args.domains)
     check_no_secrets({"runtime_env": renv, "metadata": metadata, "entrypoint": entry}, env)
-    argv = ["job", "submit", "--address", address, "--working-dir", str(working_dir),
-            "--runtime-env-json", json.dumps(renv), "--submission-id", submission_id,
-            "--metadata-json", json.dumps(metadata)]
-    if args.entrypoint_num_cpus is not None:
-        argv += ["--entrypoint-num-cpus", str(args.entrypoint_num_cpus)]
-    if args.no_wait:
-        argv.append("--no-wait")
-    argv += ["--", *entry]
-    return {"argv": argv, "address": address, "submission_id": submission_id, "metadata": metadata,
-            "runtime_env": renv, "entrypoint": entry,
+    return {"address": address, "submission_id": submission_id, "metadata": metadata, "runtime_env": renv,
+            "entrypoint": entry, "entrypoint_num_cpus": args.entrypoint_num_cpus,
             "dashboard_url": f"{address}/#/jobs/{submission_id}"}
 
 
-def final_status(address: str, submission_id: str, env: dict) -> str:
-    """The job's status from the dashboard's job API (GET /api/jobs/<id>), with the token if auth is on."""
-    import urllib.request
+# ---- talking to the job server -----------------------------------------------------------------
 
-    headers = {}
-    if env.get("RAY_AUTH_MODE", "").lower() == "token":
-        headers["Authorization"] = f"Bearer {ray_token(env)}"
-    req = urllib.request.Request(f"{address}/api/jobs/{submission_id}", headers=headers)
-    for attempt in range(5):
+def _starting_up(e: Exception) -> bool:
+    """A head that is still starting: no job agent registered yet (the job server's HTTP 500 "No
+    available agent to submit job") or the dashboard not accepting connections yet. Auth errors,
+    a bad request or a duplicate id are not retried."""
+    return isinstance(e, ConnectionError) or (isinstance(e, RuntimeError) and "No available agent" in str(e))
+
+
+def with_retry(call: Callable[[], T], what: str, retry_s: float = RETRY_S, sleep=time.sleep) -> T:
+    """call() until it succeeds or fails for another reason than a starting head; waits 1, 2, 4, 8, 8..
+    seconds between tries, at most retry_s in all. (Hand-written: Ray's client retries nothing, and
+    one policy serves both the connection and the submission.)"""
+    waited, delay = 0.0, 1.0
+    while True:
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return str(json.loads(r.read().decode()).get("status") or "UNKNOWN")
-        except Exception as e:  # noqa: BLE001 - reported as UNKNOWN below; never echo the request
-            err = type(e).__name__
-            time.sleep(2 * (attempt + 1))
-    return f"UNKNOWN ({err})"
+            return call()
+        except Exception as e:  # noqa: BLE001 - classified just below
+            if not _starting_up(e) or waited + delay > retry_s:
+                raise
+            print(f"{what}: the head is still starting ({str(e).splitlines()[0][:160]}); retrying in {delay:.0f}s",
+                  file=sys.stderr, flush=True)
+            sleep(delay)
+            waited, delay = waited + delay, min(8.0, delay * 2)
+
+
+def connect(address: str, environ: Optional[dict] = None, retry_s: float = RETRY_S):
+    """A JobSubmissionClient for the head's dashboard URL, with the token header (see auth_headers)."""
+    from ray.job_submission import JobSubmissionClient
+    headers = auth_headers(environ)
+    return with_retry(lambda: JobSubmissionClient(address, headers=headers), "connecting", retry_s)
+
+
+def submit(client, plan: dict, retry_s: float = RETRY_S) -> str:
+    """Upload the working_dir and submit. When a retried submission finds its id taken, the earlier try went
+    through after all (its reply was lost): that job is ours. A taken id on the first try is an error."""
+    tries = 0
+
+    def once() -> str:
+        nonlocal tries
+        tries += 1
+        try:
+            return client.submit_job(entrypoint=shlex.join(plan["entrypoint"]), runtime_env=plan["runtime_env"],
+                                     metadata=plan["metadata"], submission_id=plan["submission_id"],
+                                     entrypoint_num_cpus=plan.get("entrypoint_num_cpus"))
+        except RuntimeError as e:
+            if tries > 1 and "already exists" in str(e):
+                return plan["submission_id"]
+            raise
+    return with_retry(once, "submitting", retry_s)
+
+
+def follow(client, submission_id: str) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            print(chunk, end="", flush=True)
+    try:
+        asyncio.run(tail())
+    except RuntimeError as e:  # the log stream broke off: the status below still tells the outcome
+        print(f"\n(log stream ended: {str(e).splitlines()[0][:200]})", file=sys.stderr)
+    status = client.get_job_status(submission_id)
+    while not status.is_terminal():
+        time.sleep(2)
+        status = client.get_job_status(submission_id)
+    return str(status.value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -291,6 +338,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also pass this (non-secret) environment variable to the job, e.g. HF_ENDPOINT")
     p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver (default: none)")
     p.add_argument("--working-dir", default=str(REPO), help="code shipped with the job (default: the repository)")
+    p.add_argument("--retry-s", type=float, default=RETRY_S,
+                   help=f"how long to retry while the head is still starting (default {RETRY_S:g})")
     p.add_argument("--no-wait", action="store_true", help="return after submitting; do not stream logs")
     p.add_argument("--dry-run", action="store_true", help="print what would be sent, send nothing")
     return p
@@ -304,23 +353,33 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps({k: plan[k] for k in ("address", "submission_id", "metadata", "runtime_env",
                                                    "entrypoint", "dashboard_url")}, indent=2))
             return 0
-        env = auth_env()
-        ray = ray_executable()
+        client = connect(plan["address"], retry_s=args.retry_s)
     except SubmitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"Submitting {plan['metadata']['job_name']} as job {plan['submission_id']} to {plan['address']}")
+    except Exception as e:  # noqa: BLE001 - unreachable head, auth refused: Ray's message says which
+        print(f"error: cannot reach the job server at {plan['address']}: {e}", file=sys.stderr)
+        return 1
+    sid = plan["submission_id"]
+    print(f"Submitting {plan['metadata']['job_name']} as job {sid} to {plan['address']}")
     print(f"  output: {plan['metadata']['output_uri']}")
     print(f"  dashboard: {plan['dashboard_url']}", flush=True)
-    rc = subprocess.run([ray, *plan["argv"]], env=env).returncode
-    if rc != 0 and args.no_wait:
-        return rc
+    try:
+        submit(client, plan, retry_s=args.retry_s)
+    except Exception as e:  # noqa: BLE001 - auth refused, bad request, head gone: Ray's message says which
+        print(f"error: job {sid} was not submitted: {e}", file=sys.stderr)
+        return 1
     if args.no_wait:
-        print(f"Submitted. Follow it: ray job logs -f {plan['submission_id']}   dashboard: {plan['dashboard_url']}")
+        print(f"Submitted. Follow it: ray job logs -f {sid}   dashboard: {plan['dashboard_url']}")
         return 0
-    status = final_status(plan["address"], plan["submission_id"], env) if rc == 0 else "FAILED or not submitted"
-    print(f"Job {plan['submission_id']}: {status}   dashboard: {plan['dashboard_url']}")
-    return 0 if status == "SUCCEEDED" else (rc or 1)
+    try:
+        status = follow(client, sid)
+    except KeyboardInterrupt:
+        print(f"\nStopped following; job {sid} keeps running. Follow it: ray job logs -f {sid}   "
+              f"stop it: ray job stop {sid}", file=sys.stderr)
+        return 130
+    print(f"Job {sid}: {status}   dashboard: {plan['dashboard_url']}")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 if __name__ == "__main__":

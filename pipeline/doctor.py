@@ -131,10 +131,28 @@ def check_packages(rep: Report, cfg=None) -> None:
 
 # ---- CUDA, GPUs, bitsandbytes --------------------------------------------------------------------
 
+def probe_driver() -> dict[str, Optional[str]]:
+    """The NVIDIA driver from `nvidia-smi`: {'driver': '575.57.08', 'driver_cuda': '12.9'} (the newest CUDA it
+    runs, from the header), or Nones when there is no nvidia-smi / no driver."""
+    try:
+        r = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"driver": None, "driver_cuda": None}
+    return parse_nvidia_smi(r.stdout)
+
+
+def parse_nvidia_smi(header: str) -> dict[str, Optional[str]]:
+    drv = re.search(r"Driver Version:\s*([\d.]+)", header)
+    cu = re.search(r"CUDA Version:\s*([\d.]+)", header)
+    return {"driver": drv.group(1) if drv else None, "driver_cuda": cu.group(1) if cu else None}
+
+
 def probe_cuda() -> dict[str, Any]:
-    """What torch can see: {'available', 'cause', 'torch', 'runtime', 'gpus': [{name, memory_gb, cc, bf16}]}."""
+    """What torch can see: {'available', 'cause', 'torch', 'runtime', 'gpus': [{name, memory_gb, cc, bf16}],
+    'driver', 'driver_cuda'}."""
     import torch
-    info: dict[str, Any] = {"torch": torch.__version__, "runtime": torch.version.cuda, "gpus": [], "cause": None}
+    info: dict[str, Any] = {"torch": torch.__version__, "runtime": torch.version.cuda, "gpus": [], "cause": None,
+                            **probe_driver()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -159,13 +177,54 @@ def probe_cuda() -> dict[str, Any]:
         p = torch.cuda.get_device_properties(i)
         info["gpus"].append({"index": i, "name": p.name, "memory_gb": p.total_memory / GB, "cc": f"{p.major}.{p.minor}",
                              "bf16": p.major >= 8})
-    try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=10)
-        info["driver"] = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
-    except (OSError, subprocess.TimeoutExpired):
-        info["driver"] = None
     return info
+
+
+# Two ways to install the pinned torch on Linux x86-64 (docs/CLUSTER.md, "GPU installs"). PyPI's wheel is built
+# for PYPI_TORCH_CUDA (tests/unit/test_gpu_install.py checks this against the wheel's own metadata); an older
+# driver needs torch's CUDA 12 build from PyTorch's index. NVIDIA's minimum driver per CUDA major version
+# (minor version compatibility): CUDA 13.x >= 580, 12.x >= 525.
+PYPI_TORCH_CUDA = "13.0"
+MIN_DRIVER = {13: 580, 12: 525}
+TORCH_CUDA12_INDEX = "https://download.pytorch.org/whl/cu128"
+
+
+def driver_max_cuda(driver: Optional[str], driver_cuda: Optional[str]) -> Optional[int]:
+    """The newest CUDA major version a driver runs: nvidia-smi's own 'CUDA Version', else from its version."""
+    if driver_cuda:
+        return int(driver_cuda.split(".")[0])
+    if not driver:
+        return None
+    major = int(driver.split(".")[0])
+    return max((cu for cu, need in MIN_DRIVER.items() if major >= need), default=0)
+
+
+def install_route(max_cuda: int) -> str:
+    """The commands that give this machine a torch its driver runs."""
+    torch_pin = _pins().get("torch", "<pin>")
+    if max_cuda >= int(PYPI_TORCH_CUDA.split(".")[0]):
+        return f"the CUDA {PYPI_TORCH_CUDA} route: pip install -e '.[gpu]' (PyPI's torch=={torch_pin} is that build)"
+    if max_cuda >= 12:
+        return (f"the CUDA 12 route: make venv EXTRAS=dev,gpu TORCH_INDEX={TORCH_CUDA12_INDEX} (or pip install "
+                f"torch=={torch_pin} --index-url {TORCH_CUDA12_INDEX}, then pip install -e '.[gpu]'); or upgrade the "
+                f"driver to >= {MIN_DRIVER[13]} for the CUDA {PYPI_TORCH_CUDA} route")
+    return f"upgrade the NVIDIA driver: >= {MIN_DRIVER[13]} for PyPI's torch (CUDA {PYPI_TORCH_CUDA}), >= {MIN_DRIVER[12]} for its CUDA 12 build"
+
+
+def check_torch_build(cfg, rep: Report, info: dict[str, Any]) -> None:
+    """Which torch build this machine's driver needs, and whether the installed one is it."""
+    max_cuda = driver_max_cuda(info.get("driver"), info.get("driver_cuda"))
+    if max_cuda is None:
+        return   # no NVIDIA driver here (a CPU machine or a CPU-only head node): the cuda row says what that means
+    want = cfg.resources.device == "cuda"
+    torch_cuda = info.get("runtime")
+    drv = f"driver {info.get('driver') or '?'} runs CUDA <= {info.get('driver_cuda') or f'{max_cuda}.x'}"
+    if torch_cuda and int(torch_cuda.split(".")[0]) <= max_cuda:
+        rep.add("torch build", PASS, f"torch {info.get('torch')} is built for CUDA {torch_cuda}; {drv}")
+        return
+    what = (f"torch {info.get('torch')} is built for CUDA {torch_cuda}, newer than the {drv}" if torch_cuda else
+            f"torch {info.get('torch')} is a CPU build; {drv}")
+    rep.add("torch build", FAIL if want else INFO, what, install_route(max_cuda))
 
 
 def check_cuda(cfg, rep: Report) -> dict[str, Any]:
@@ -182,7 +241,10 @@ def check_cuda(cfg, rep: Report) -> dict[str, Any]:
                     f"the Ray cluster at {addr}, and each worker checks CUDA itself before it starts",
                     "nothing, if this is a CPU-only head node; `adapters doctor` checks the cluster's GPU resources")
         elif want_cuda:
-            fix = ("install the CUDA build of torch (pip install torch==<pin> from PyPI, not the +cpu wheel)"
+            max_cuda = driver_max_cuda(info.get("driver"), info.get("driver_cuda"))
+            fix = ("install a CUDA build of torch that this driver runs: " + install_route(max_cuda)
+                   if max_cuda is not None and ("CPU-only build" in info["cause"] or "too old" in info["cause"]) else
+                   "install the CUDA build of torch (PyPI's torch==<pin> on Linux x86-64, not the +cpu wheel)"
                    if "CPU-only build" in info["cause"] else
                    "check the driver with nvidia-smi; error 304 / NVML errors usually mean the driver and the "
                    "container's CUDA do not match, or the GPU is not passed into the container (--gpus all); "
@@ -303,9 +365,9 @@ def check_ray(cfg, rep: Report, connect: bool = True, timeout_s: float = 3.0) ->
     if not connect:
         rep.add("ray", PASS, f"{addr} reachable (not connected: pre-flight)")
         return {}
-    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-            "r = ray.cluster_resources(); n = [x for x in ray.nodes() if x.get('Alive')]; "
-            "print('@@' + json.dumps({'resources': r, 'nodes': [x.get('Resources', {}) for x in n]}))" % addr)
+    code = ("import ray; from pipeline.capacity import read_capacity; "
+            "ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "print('@@' + read_capacity().model_dump_json())" % addr)
     try:
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
@@ -318,18 +380,21 @@ def check_ray(cfg, rep: Report, connect: bool = True, timeout_s: float = 3.0) ->
         auth = re.search(r"auth|token|UNAUTHENTICATED|Unauthenticated", p.stderr or "")
         rep.add("ray", FAIL, f"ray.init({addr!r}) failed: {last}", _AUTH_FIX if auth else _RAY_FIX)
         return {}
-    data = json.loads(line[2:])
-    res = data["resources"]
-    gpus = res.get("GPU", 0)
-    types = sorted({k.split(":", 1)[1] for node in data["nodes"] for k in node if k.startswith("accelerator_type:")})
-    detail = (f"{addr}: {len(data['nodes'])} node(s), {res.get('CPU', 0):g} CPUs, {gpus:g} GPUs"
-              + (f" ({', '.join(types)})" if types else ""))
-    if cfg.resources.device == "cuda" and gpus < cfg.resources.gpus_per_trial:
-        rep.add("ray", FAIL, detail + f"; a trial needs {cfg.resources.gpus_per_trial:g} GPU",
-                "add GPU workers to the cluster (start them with --num-gpus) or lower resources.gpus_per_trial")
-    else:
-        rep.add("ray", PASS, detail)
-    return data
+    from pipeline.capacity import Capacity
+    cap = Capacity.model_validate_json(line[2:])
+    ray_row(cfg, rep, addr, cap)
+    return cap.model_dump()
+
+
+def ray_row(cfg, rep: Report, addr: str, cap) -> None:
+    """The cluster's capacity against a trial's needs (pipeline.capacity.assess, as the train stage
+    decides): fits now PASS; none now but an autoscaler can add nodes INFO; nothing can FAIL."""
+    from pipeline.capacity import assess
+    types = sorted({k.split(":", 1)[1] for node in cap.nodes for k in node if k.startswith("accelerator_type:")})
+    verdict = assess(cap, cfg.resources, len(cfg.domains))
+    detail = f"{addr}: {verdict.detail}" + (f" ({', '.join(types)})" if types else "")
+    status = {"ready": PASS, "scale_up": INFO, "may_scale_up": INFO, "impossible": FAIL}[verdict.state]
+    rep.add("ray", status, detail, verdict.fix)
 
 
 # ---- output --------------------------------------------------------------------------------------
@@ -601,6 +666,7 @@ def collect(cfg, load: bool = False, full: bool = True) -> Report:
     rep = Report()
     check_packages(rep, cfg)
     cuda = check_cuda(cfg, rep)
+    check_torch_build(cfg, rep, cuda)
     check_bitsandbytes(cfg, rep, cuda)
     # the driver may be a CPU-only head node: then the cluster's GPUs are what count, so connect even in
     # pre-flight (bounded) rather than let Tune wait forever for GPUs that are not there

@@ -39,7 +39,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import pytest
 
@@ -164,8 +164,12 @@ def wait_for_dashboard(url: str, headers: dict[str, str], timeout_s: float = 120
     raise TimeoutError(f"Ray dashboard at {url} did not answer within {timeout_s}s (last error: {last})")
 
 
-def start_head(num_cpus: int = 4, extra_env: Optional[dict[str, str]] = None) -> RayHead:
-    """Start a token-authenticated head on loopback. Call ``stop_cluster(head.temp_dir)`` after."""
+def start_head(num_cpus: int = 4, extra_env: Optional[dict[str, str]] = None, extra_args: Sequence[str] = (),
+               gcs_port: Optional[int] = None, wait_for_jobs_api: bool = True) -> RayHead:
+    """Start a token-authenticated head on loopback. Call ``stop_cluster(head.temp_dir)`` after.
+    ``extra_args`` go to ``ray start --head`` (e.g. --autoscaling-config); ``gcs_port`` when the
+    caller must know it beforehand (an autoscaling config names it); ``wait_for_jobs_api=False``
+    returns as soon as ``ray start`` does, as a user's next command would run."""
     missing = missing_dashboard_deps()
     if missing:
         raise RuntimeError(
@@ -191,11 +195,11 @@ def start_head(num_cpus: int = 4, extra_env: Optional[dict[str, str]] = None) ->
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
     token_file = home / ".ray" / "auth_token"
     assert token_file.is_file(), f"ray get-auth-token --generate wrote no {token_file}"
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port = gcs_port or free_port(), free_port()
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+           f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats", *extra_args]
     head = RayHead(address=f"127.0.0.1:{gcs_port}", dashboard_url=f"http://127.0.0.1:{dash_port}",
                    temp_dir=temp_dir, home=home, env=env)
     try:
@@ -206,7 +210,8 @@ def start_head(num_cpus: int = 4, extra_env: Optional[dict[str, str]] = None) ->
         r = subprocess.run(cmd, env=start_env, cwd=str(ROOT), capture_output=True, text=True, timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"ray start --head failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-        wait_for_dashboard(head.dashboard_url, head.auth_headers())
+        if wait_for_jobs_api:
+            wait_for_dashboard(head.dashboard_url, head.auth_headers())
     except BaseException:
         stop_cluster(temp_dir)
         shutil.rmtree(base, ignore_errors=True)

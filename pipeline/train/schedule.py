@@ -130,15 +130,16 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
     return todo, known
 
 
-def max_concurrent(cfg) -> int:
-    import ray
+def max_concurrent(cfg, capacity=None) -> int:
+    """resources.max_concurrent_trials, else as many trials as the cluster holds once its autoscaler
+    has added what it can (not only the GPUs present at start), at most one per domain."""
+    from pipeline.capacity import assess, read_capacity
     r = cfg.resources
     if r.max_concurrent_trials:
         return r.max_concurrent_trials
-    res = ray.cluster_resources()
-    if r.device == "cuda":
-        return max(1, int(res.get("GPU", 0) // r.gpus_per_trial))
-    return max(1, int(res.get("CPU", 1) // r.cpus_per_trial))
+    n = len(cfg.domains)
+    v = assess(capacity or read_capacity(), r, n)
+    return max(1, min(n, v.slots_max if v.slots_max is not None else n))
 
 
 def _summarize(error: str) -> str:
@@ -231,20 +232,15 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     write_state(store, cfg, domain, "finished", report=report)
 
 
-def check_resources(cfg) -> None:
-    """Fail at once when a trial could never be scheduled (Tune would wait forever)."""
-    import ray
+def check_resources(cfg, capacity=None) -> None:
+    """Fail at once when no trial could ever be scheduled (Tune would wait forever); when none fits now
+    but an autoscaler can add nodes, say so and go on: the queued trials are what it scales up for."""
+    from pipeline.capacity import assess, read_capacity
     from pipeline.errors import UserFacingError
-    r = cfg.resources
-    res = ray.cluster_resources()
-    if r.device == "cuda" and res.get("GPU", 0) < r.gpus_per_trial:
-        raise UserFacingError(
-            f"resources.device is cuda but the Ray cluster has {res.get('GPU', 0):g} GPU(s) (a trial needs "
-            f"{r.gpus_per_trial:g}): start Ray on GPU nodes (check `nvidia-smi` and that torch sees CUDA), "
-            "or set resources.device: cpu to train on CPUs")
-    if res.get("CPU", 0) < r.cpus_per_trial:
-        raise UserFacingError(f"resources.cpus_per_trial is {r.cpus_per_trial:g} but the Ray cluster has "
-                              f"{res.get('CPU', 0):g} CPU(s): lower resources.cpus_per_trial")
+    v = assess(capacity or read_capacity(), cfg.resources, len(cfg.domains))
+    if v.state == "impossible":
+        raise UserFacingError(f"{v.detail}: {v.fix}")
+    log.info("%s%s", v.detail, f" ({v.fix})" if v.fix else "")
 
 
 def _tune_copied_secrets() -> list[str]:

@@ -37,6 +37,7 @@ def test_doctor_gpu_table_and_load(tmp_path, capsys):
     rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip()}
     assert "PASS" in rows["cuda"] and "GPU(s)" in rows["cuda"]
     assert "PASS" in rows["gpu"]
+    assert "PASS" in rows["torch"] and "built for CUDA" in rows["torch"], rows["torch"]   # the driver runs this torch
     assert "PASS" in rows["bitsandbytes"], rows["bitsandbytes"]
     assert "PASS" in rows["load"] and "cuda" in rows["load"], rows["load"]
     assert "PASS" in rows["memory"]

@@ -59,6 +59,17 @@ def test_cluster_yaml_passes_rays_validator(path: str) -> None:
     assert "--dashboard-host=127.0.0.1" in starts  # reached through an SSH tunnel, not an open port
 
 
+def test_aws_nodes_get_a_current_gpu_ami() -> None:
+    """Not Ray's `latest_dlami` (in Ray 2.60: Deep Learning AMI Ubuntu 18.04 V71.0, CUDA 11.2, whose driver
+    cannot run CUDA 13): an AMI ID, or the public SSM parameter of AWS's current GPU-driver DLAMI."""
+    cfg = _prepared("cluster-aws.yaml")
+    for name, nt in cfg["available_node_types"].items():
+        ami = nt["node_config"]["ImageId"]
+        assert re.match(r"^(ami-[0-9a-f]{8,17}|resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+                        r"base-oss-nvidia-driver-gpu-ubuntu-2\d\.04/latest/ami-id)$", ami), (name, ami)
+    assert "latest_dlami" not in "\n".join(ln.split("#")[0] for ln in (ROOT / "cluster-aws.yaml").read_text().splitlines())
+
+
 def test_validator_is_not_a_no_op() -> None:
     import jsonschema
     from ray.autoscaler._private.util import validate_config
@@ -97,9 +108,10 @@ def test_versions_agree_with_pyproject() -> None:
     min_py = tuple(int(x) for x in re.match(r">=\s*(\d+)\.(\d+)", requires).groups())
     gpu_tag, = _from_tags("containers/Dockerfile")
     cpu_tag, = _from_tags("containers/Dockerfile.cpu")
-    for tag, platform in ((gpu_tag, r"cu12\d"), (cpu_tag, "cpu")):
-        m = re.match(rf"^rayproject/ray:(?P<ray>[\d.]+)-py(?P<py>3\d+)-(?P<plat>{platform})$", tag)
-        assert m, f"{tag}: expected rayproject/ray:<ray>-py3XX-{platform}"
+    # both on Ray's own image without a system CUDA: the GPU image's CUDA is the one torch's wheel brings
+    for tag in (gpu_tag, cpu_tag):
+        m = re.match(r"^rayproject/ray:(?P<ray>[\d.]+)-py(?P<py>3\d+)-cpu$", tag)
+        assert m, f"{tag}: expected rayproject/ray:<ray>-py3XX-cpu"
         assert m["ray"] == ray_pin, f"{tag} has Ray {m['ray']}, pyproject pins {ray_pin}"
         py = (3, int(m["py"][1:]))
         assert py >= min_py, f"{tag}: Python {py} is below requires-python {requires}"
@@ -110,8 +122,14 @@ def test_versions_agree_with_pyproject() -> None:
         assert f'org.opencontainers.image.version="{version}"' in text, df
         assert "pyproject.toml" in text, f"{df} must install the pins from pyproject.toml"
     assert f'"torch=={torch_pin}"' in (ROOT / "containers/Dockerfile.cpu").read_text()
-    # the GPU image gets the [gpu] extra (fused kernels) from the same pins
-    assert "['optional-dependencies']['gpu']" in (ROOT / "containers/Dockerfile").read_text()
+    # the GPU image gets the [gpu] extra (fused kernels) from the same pins, and tells the NVIDIA container
+    # runtime which CUDA torch's wheel needs (the default build: PyPI's; doctor.PYPI_TORCH_CUDA is checked
+    # against that wheel's metadata in tests/unit/test_gpu_install.py)
+    from pipeline.doctor import PYPI_TORCH_CUDA
+    gpu_text = (ROOT / "containers/Dockerfile").read_text()
+    assert "['optional-dependencies']['gpu']" in gpu_text
+    assert f'ARG REQUIRE_CUDA="cuda>={PYPI_TORCH_CUDA}"' in gpu_text
+    assert "NVIDIA_REQUIRE_CUDA=${REQUIRE_CUDA}" in gpu_text
     assert _pyproject()["project"]["optional-dependencies"]["gpu"], "pyproject.toml lost its [gpu] extra"
     # the images the launcher configs and the RayJob use carry the project version
     rayjob = yaml.safe_load((ROOT / "containers/rayjob.yaml").read_text())

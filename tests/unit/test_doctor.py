@@ -167,16 +167,17 @@ def _listening_port():
 
 def test_ray_auth_error_is_explained_and_gpu_resources_checked(tmp_path, monkeypatch):
     """ray.init runs in a subprocess (bounded); its outcome is faked here: an auth failure, then a
-    cluster without GPUs for a cuda config, then one with GPUs."""
+    cluster without GPUs (and no autoscaler) for a cuda config, then one with GPUs."""
     import subprocess as sp
+    from pipeline.capacity import Capacity
     srv = _listening_port()
     addr = f"127.0.0.1:{srv.getsockname()[1]}"
     try:
         results = iter([
             sp.CompletedProcess([], 1, "", "ConnectionError: Failed to connect to GCS: UNAUTHENTICATED: invalid auth token"),
-            sp.CompletedProcess([], 0, '@@{"resources": {"CPU": 8}, "nodes": [{"CPU": 8}]}\n', ""),
-            sp.CompletedProcess([], 0, '@@{"resources": {"CPU": 8, "GPU": 2}, "nodes": [{"GPU": 2, '
-                                       '"accelerator_type:RTX": 1}]}\n', ""),
+            sp.CompletedProcess([], 0, "@@" + Capacity(nodes=[{"CPU": 8}]).model_dump_json() + "\n", ""),
+            sp.CompletedProcess([], 0, "@@" + Capacity(nodes=[{"CPU": 8, "GPU": 2, "accelerator_type:RTX": 1}])
+                                .model_dump_json() + "\n", ""),
         ])
         monkeypatch.setattr(doctor.subprocess, "run", lambda *a, **k: next(results))
         rep = doctor.Report()
@@ -184,9 +185,9 @@ def test_ray_auth_error_is_explained_and_gpu_resources_checked(tmp_path, monkeyp
         assert rep.rows[-1].status == "FAIL" and "RAY_AUTH_MODE=token" in rep.rows[-1].fix
         gpu_cfg = make_cfg(tmp_path, resources={"device": "cuda", "ray_address": addr})
         doctor.check_ray(gpu_cfg, rep)
-        assert rep.rows[-1].status == "FAIL" and "0 GPUs" in rep.rows[-1].detail and "--num-gpus" in rep.rows[-1].fix
+        assert rep.rows[-1].status == "FAIL" and "0 GPU" in rep.rows[-1].detail and "--num-gpus" in rep.rows[-1].fix
         doctor.check_ray(gpu_cfg, rep)
-        assert rep.rows[-1].status == "PASS" and "2 GPUs (RTX)" in rep.rows[-1].detail
+        assert rep.rows[-1].status == "PASS" and "2 GPU: 2 trial(s) fit now (RTX)" in rep.rows[-1].detail
     finally:
         srv.close()
 
@@ -194,19 +195,27 @@ def test_ray_auth_error_is_explained_and_gpu_resources_checked(tmp_path, monkeyp
 def test_cpu_only_driver_of_a_gpu_cluster_is_not_a_failure(tmp_path, monkeypatch):
     """A CPU head node driving GPU workers: no local CUDA is a WARN; the cluster's GPUs decide."""
     import subprocess as sp
+    from pipeline.capacity import Capacity
     srv = _listening_port()
     addr = f"127.0.0.1:{srv.getsockname()[1]}"
     try:
-        out = '@@{"resources": {"CPU": 8, "GPU": 1}, "nodes": [{"GPU": 1}]}\n'
+        out = "@@" + Capacity(nodes=[{"CPU": 8}, {"CPU": 4, "GPU": 1}]).model_dump_json() + "\n"
         monkeypatch.setattr(doctor.subprocess, "run", lambda *a, **k: sp.CompletedProcess([], 0, out, ""))
         cfg = make_cfg(tmp_path, resources={"device": "cuda", "ray_address": addr})
         rep = doctor.collect(cfg, full=False)
         r = rows(rep)
-        assert r["cuda"].status == "WARN" and r["ray"].status == "PASS" and "1 GPUs" in r["ray"].detail
+        assert r["cuda"].status == "WARN" and r["ray"].status == "PASS" and "1 GPU" in r["ray"].detail
         doctor.preflight(cfg)
-        out = '@@{"resources": {"CPU": 8}, "nodes": [{"CPU": 8}]}\n'
-        with pytest.raises(UserFacingError, match="0 GPUs"):
+        out = "@@" + Capacity(nodes=[{"CPU": 8}]).model_dump_json() + "\n"
+        with pytest.raises(UserFacingError, match="0 GPU"):
             doctor.preflight(cfg)
+        # no GPU yet, but an autoscaler that adds GPU workers: INFO, and the run goes ahead
+        from pipeline.capacity import NodeType
+        out = "@@" + Capacity(nodes=[{"CPU": 8}], autoscaler="v1", node_types=[
+            NodeType(name="gpu", resources={"CPU": 4, "GPU": 1}, max_workers=4)]).model_dump_json() + "\n"
+        rep = doctor.collect(cfg, full=False)
+        assert rows(rep)["ray"].status == "INFO" and "autoscaler can add nodes" in rows(rep)["ray"].detail
+        doctor.preflight(cfg)
     finally:
         srv.close()
 
@@ -215,3 +224,38 @@ def test_require_cuda_for_workers(tmp_path):
     doctor.require_cuda(make_cfg(tmp_path))   # cpu config: nothing to check
     with pytest.raises(UserFacingError, match="CUDA cannot be used"):
         doctor.require_cuda(make_cfg(tmp_path, device="cuda"))
+
+
+SMI_3090 = """
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 550.120                Driver Version: 550.120        CUDA Version: 12.4     |
+|-----------------------------------------+------------------------+----------------------+
+|   0  NVIDIA GeForce RTX 3090        Off |   00000000:01:00.0 Off |                  N/A |
+"""
+
+
+def _torch_build(tmp_path, device, torch_cuda, driver, driver_cuda):
+    rep = doctor.Report()
+    doctor.check_torch_build(make_cfg(tmp_path, device=device), rep, {
+        "torch": "2.13.0" + ("" if torch_cuda else "+cpu"), "runtime": torch_cuda, "driver": driver,
+        "driver_cuda": driver_cuda})
+    return rows(rep).get("torch build")
+
+
+def test_doctor_names_the_install_route_the_driver_needs(tmp_path):
+    """PyPI's torch is the CUDA 13.0 build (driver >= 580); a 3090 workstation on driver 550 needs torch's
+    CUDA 12 build; a driver older than 525 runs neither."""
+    assert doctor.parse_nvidia_smi(SMI_3090) == {"driver": "550.120", "driver_cuda": "12.4"}
+    r = _torch_build(tmp_path, "cuda", "13.0", **doctor.parse_nvidia_smi(SMI_3090))
+    assert r.status == "FAIL" and "built for CUDA 13.0, newer than the driver 550.120 runs CUDA <= 12.4" in r.detail
+    assert "CUDA 12 route" in r.fix and doctor.TORCH_CUDA12_INDEX in r.fix and ">= 580" in r.fix
+    r = _torch_build(tmp_path, "cuda", "12.8", "550.120", "12.4")
+    assert r.status == "PASS" and "built for CUDA 12.8" in r.detail
+    r = _torch_build(tmp_path, "cuda", "13.0", "580.95.05", None)       # no header: from the driver version
+    assert r.status == "PASS"
+    r = _torch_build(tmp_path, "cuda", None, "595.58.03", "13.2")       # the CPU wheel on a GPU machine
+    assert r.status == "FAIL" and "CPU build" in r.detail and "CUDA 13.0 route: pip install -e '.[gpu]'" in r.fix
+    assert _torch_build(tmp_path, "cpu", None, "595.58.03", "13.2").status == "INFO"
+    r = _torch_build(tmp_path, "cuda", "13.0", "470.82.01", None)
+    assert r.status == "FAIL" and r.fix.startswith("upgrade the NVIDIA driver")
+    assert _torch_build(tmp_path, "cuda", None, None, None) is None      # no driver: the cuda row speaks

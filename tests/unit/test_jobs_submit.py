@@ -36,7 +36,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def test_plan_ships_code_not_data_or_credentials(tmp_path: Path) -> None:
     env = _env(tmp_path, MAX_SFT_PER_DOMAIN="50", OFFLINE="1")
     plan = js.build(_args(output="output/x", set=["train.max_steps=3"]), environ=env)
-    sent = json.dumps({k: plan[k] for k in ("runtime_env", "metadata", "entrypoint", "argv")})
+    sent = json.dumps({k: plan[k] for k in ("runtime_env", "metadata", "entrypoint")})
     assert SECRET not in sent
     renv = plan["runtime_env"]
     for must in ("/.venv", "/.git", "/output", "/raw", "/data", "/test-artifacts", "/.devbundle", ".env", "auth_token"):
@@ -51,7 +51,7 @@ def test_plan_ships_code_not_data_or_credentials(tmp_path: Path) -> None:
     assert "--raw-dir" not in plan["entrypoint"]
     assert plan["metadata"]["job_name"] == "adapters-run-demo"
     assert plan["metadata"]["output_uri"] == out
-    assert plan["argv"][plan["argv"].index("--working-dir") + 1] == str(ROOT)
+    assert renv["working_dir"] == str(ROOT)
     assert plan["submission_id"].startswith("adapters-demo-run-")
     # two submissions of the same command get different ids (a resubmission is never refused as a duplicate)
     assert js.build(_args(output="output/x"), environ=env)["submission_id"] != plan["submission_id"]
@@ -89,10 +89,42 @@ def test_gcs_address_is_explained() -> None:
 
 def test_no_token_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(js.SubmitError, match="ray get-auth-token"):
-        js.auth_env({"HOME": str(tmp_path)})
-    assert js.auth_env({"HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"})["RAY_AUTH_MODE"] == "disabled"
-    env = js.auth_env(_env(tmp_path))
-    assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in env
+        js.auth_headers({"HOME": str(tmp_path)})
+    assert js.auth_headers({"HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}) == {}
+    assert js.auth_headers(_env(tmp_path)) == {"Authorization": f"Bearer {SECRET}-raytoken"}
+    assert js.auth_headers({"RAY_AUTH_TOKEN": "tok-from-env-0123", **_env(tmp_path)}) == {
+        "Authorization": "Bearer tok-from-env-0123"}          # Ray's order: the variable, then the files
+
+
+def test_retry_only_while_the_head_is_starting() -> None:
+    """The job server's answer while no job agent is registered (job_head.py), and a refused connection,
+    are retried with backoff within the bound; anything else fails at once."""
+    agent = RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                         "please try again later..")
+    calls, slept = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise agent if len(calls) == 1 else ConnectionError("Failed to connect to Ray at address: x.")
+        return "adapters-x"
+    assert js.with_retry(flaky, "submitting", retry_s=60, sleep=slept.append) == "adapters-x"
+    assert slept == [1.0, 2.0]
+
+    def always():
+        raise agent
+    slept.clear()
+    with pytest.raises(RuntimeError, match="No available agent"):
+        js.with_retry(always, "submitting", retry_s=10, sleep=slept.append)
+    assert slept and sum(slept) <= 10                     # bounded
+
+    def forbidden():
+        calls.append(1)
+        raise RuntimeError("Request failed with status code 400: bad runtime_env.")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="400"):
+        js.with_retry(forbidden, "submitting", retry_s=60, sleep=slept.append)
+    assert len(calls) == 1                                 # not retried
 
 
 def test_dry_run_cli_prints_plan_without_token(tmp_path: Path) -> None:

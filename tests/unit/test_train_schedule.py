@@ -87,15 +87,3 @@ def test_merged_export_refuses_nan(tmp_path):
     save_file(sd, str(f))
     with pytest.raises(NonFiniteWeightsError, match="NaN/inf"):
         export_merged(cfg, "debate", store)
-
-
-def test_cuda_without_gpus_fails_at_once(monkeypatch, tmp_path):
-    import ray
-    from pipeline.train.schedule import check_resources
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    cfg = tiny_config(str(tmp_path), resources={"device": "cuda"})
-    with pytest.raises(UserFacingError, match="has 0 GPU.*resources.device: cpu"):
-        check_resources(cfg)
-    check_resources(tiny_config(str(tmp_path)))  # cpu: 0.5 per trial fits
-    with pytest.raises(UserFacingError, match="cpus_per_trial"):
-        check_resources(tiny_config(str(tmp_path), resources={"device": "cpu", "cpus_per_trial": 4}))
