@@ -267,9 +267,12 @@ def assess(cap: Capacity, resources, trials: int = 1) -> Verdict:
     """Can the domain trials run here, now or once the autoscaler has added nodes?"""
     bundle = trial_bundle(resources)
     what = "GPU" if "GPU" in bundle else "CPU"
-    need = f"a trial needs {_fmt(bundle)} on one node"
-    now = cap.slots_now(bundle)
+    workers = resources.workers_per_trial   # a trial's workers may sit on different nodes
+    need = f"a trial needs {_fmt(bundle)} on one node" + (f" for each of its {workers} workers" if workers > 1 else "")
+    now = cap.slots_now(bundle) // workers
     add = cap.slots_addable(bundle) if cap.autoscaler else 0.0
+    if add is not None and not math.isinf(add):
+        add = (cap.slots_now(bundle) % workers + int(add)) // workers
     slots_max = None if add is None or math.isinf(add) else now + int(add)
     where = f"the Ray cluster has {cap.describe()}"
     if now >= 1:

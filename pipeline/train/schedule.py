@@ -177,10 +177,11 @@ def _heartbeat(store, cfg, domain: str, driver: dict) -> Iterator[None]:
 def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     """One domain: a TorchTrainer with resources.workers_per_trial workers. Runs inside a Tune trial."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
     from pipeline.storage import open_store
     from pipeline.train.data import tokenized_dataset
+    from pipeline.train.device import FAKE_GPU_ENV
     from pipeline.train.faults import FaultPlan
     from pipeline.train.loop import CHECKPOINT_SCORE, fatal_rel, train_loop_per_worker
 
@@ -201,6 +202,8 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
         try:
             trainer = TorchTrainer(
                 train_loop_per_worker,
+                # the fake-GPU test hook computes on the CPU, where torch has no NCCL
+                torch_config=TorchConfig(backend="gloo") if os.environ.get(FAKE_GPU_ENV) == "1" else None,
                 train_loop_config={"cfg": cfg, "domain": domain, "faults": FaultPlan.parse(faults, domain),
                                    "fingerprint": domain_fingerprint(cfg, domain)},
                 scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=cuda,

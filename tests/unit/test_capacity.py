@@ -143,3 +143,18 @@ def test_doctor_row_follows_the_verdict(tmp_path, state, status):
     row = rep.rows[-1]
     assert row.name == "ray" and row.status == status and row.detail.startswith("10.0.0.1:6379: ")
     assert bool(row.fix) == (state == "impossible")
+
+
+def test_workers_per_trial_count_as_one_trial(tmp_path):
+    """resources.workers_per_trial: 2 GPUs now hold one two-worker trial; one GPU holds none."""
+    two = Capacity(nodes=[CPU_HEAD, {"CPU": 16, "GPU": 2}])
+    c = cfg(tmp_path, workers_per_trial=2)
+    v = assess(two, c.resources, 4)
+    assert v.state == "ready" and v.slots_now == 1 and "for each of its 2 workers" not in v.detail
+    assert max_concurrent(c, two) == 1
+    one = Capacity(nodes=[CPU_HEAD, {"CPU": 16, "GPU": 1}])
+    assert assess(one, c.resources, 4).state == "impossible"
+    with pytest.raises(UserFacingError, match="for each of its 2 workers"):
+        check_resources(c, one)
+    # the AWS cluster grows by one-GPU nodes: 8 GPUs at most, so 4 two-worker trials
+    assert assess(aws(), c.resources, 4).slots_max == 4
