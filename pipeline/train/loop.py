@@ -304,6 +304,7 @@ class DomainRecipe:
         self.t_start = time.time()
         self.t_loop: Optional[float] = None        # when this attempt's first step started (for the ETA)
         self.startup: dict[str, float] = {}        # seconds from the recipe's start to each start-up milestone
+        self.trial_started: Optional[float] = None  # time.time() when the Tune trial began (Ray runs only)
 
     # -- setup ---------------------------------------------------------------------------------------
     def resolve_device(self) -> str:
@@ -440,6 +441,8 @@ class DomainRecipe:
         if self.t_loop is None:
             self.t_loop = t0
             self.startup["first_step_s"] = round(t0 - self.t_start, 2)
+            if self.trial_started is not None:  # worker group start, dataset set-up, this recipe's start-up
+                self.startup["trial_start_to_first_step_s"] = round(t0 - self.trial_started, 2)
         examples, pad = self.data["train"], self.tok.pad_token_id
         micro = self._next_micro_batches()
         # the whole step's target count (all workers' rows): each worker's loss is its share of the mean
@@ -609,10 +612,11 @@ class DomainRecipe:
 
 
 def train_domain(cfg, domain: str, data: "dict | Future", session, recipe_cls: type = DomainRecipe,
-                 fingerprint: Optional[str] = None) -> dict:
+                 fingerprint: Optional[str] = None, trial_started: Optional[float] = None) -> dict:
     """Train one domain's adapter on `data` ({split: [Example]}, or a Future of it that setup waits for
     after loading the model) and return its training report."""
     recipe = recipe_cls(cfg, domain, data, session, fingerprint)
+    recipe.trial_started = trial_started
     recipe.setup()
     recipe.restore()
     recipe.evaluate_base()
@@ -651,8 +655,8 @@ def train_loop_per_worker(config: dict) -> None:
     with ThreadPoolExecutor(1, thread_name_prefix="collect") as pool:
         data = pool.submit(collect, shard.iter_batches(batch_size=256, batch_format="numpy"))
         try:
-            train_domain(cfg, domain, data, session, with_faults(DomainRecipe, config.get("faults")),
-                         config.get("fingerprint"))
+            recipe_cls = with_faults(DomainRecipe, config.get("faults"))
+            train_domain(cfg, domain, data, session, recipe_cls, config.get("fingerprint"), config.get("trial_started"))
         except (NonFiniteLossError, IncompatibleCheckpointError, CudaUnavailableError) as e:
             # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
             write_fatal(cfg, domain, f"{type(e).__name__}: {e}")

@@ -185,6 +185,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     from pipeline.train.faults import FaultPlan
     from pipeline.train.loop import CHECKPOINT_SCORE, fatal_rel, train_loop_per_worker
 
+    trial_started = time.time()
     domain = params["domain"]
     store = open_store(cfg)
     old = f"adapters/{domain}/training_report.json"
@@ -205,7 +206,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
                 # the fake-GPU test hook computes on the CPU, where torch has no NCCL
                 torch_config=TorchConfig(backend="gloo") if os.environ.get(FAKE_GPU_ENV) == "1" else None,
                 train_loop_config={"cfg": cfg, "domain": domain, "faults": FaultPlan.parse(faults, domain),
-                                   "fingerprint": domain_fingerprint(cfg, domain)},
+                                   "fingerprint": domain_fingerprint(cfg, domain), "trial_started": trial_started},
                 scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=cuda,
                                                        resources_per_worker=per_worker),
                 run_config=ray.train.RunConfig(

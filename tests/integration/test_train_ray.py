@@ -28,6 +28,20 @@ def ray_local():
     ray.shutdown()
 
 
+def tensorboard_tags(path: Path) -> set[str]:
+    """The scalar tags in a TensorBoard event file (TFRecord framing: length, crc, event proto, crc)."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    data, i, tags = path.read_bytes(), 0, set()
+    while i < len(data):
+        n = struct.unpack("<Q", data[i:i + 8])[0]
+        ev = event_pb2.Event()
+        ev.ParseFromString(data[i + 12:i + 12 + n])
+        tags.update(v.tag for v in ev.summary.value)
+        i += 12 + n + 4
+    return tags
+
+
 def _state(store, cfg, d):
     return store.read_json(f"runs/{cfg.run_name}/domains/{d}.json")
 
@@ -64,6 +78,15 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
     matrix = store.read_json("eval/matrix.json")
     assert matrix["models"] == ["base", "debate", "medicine", "education"]
     assert matrix["loss"]["debate"]["debate"] < matrix["loss"]["base"]["debate"]
+    # the workers' metrics reached each domain's Tune trial every log_every steps: its result.json and its
+    # TensorBoard event file carry them
+    for d in ("debate", "ecology"):
+        trial = next(p for p in (tmp_path / "runs/t/tune").glob(f"*/*domain={d}_*") if p.is_dir())
+        results = [json.loads(x) for x in (trial / "result.json").read_text().splitlines() if x.strip()]
+        steps = [r["step"] for r in results if r.get("train_loss") == r.get("train_loss") and "train_loss" in r]
+        assert {2, 4}.issubset(steps), steps
+        tags = tensorboard_tags(next(trial.glob("events.out.tfevents.*")))
+        assert {"ray/tune/train_loss", "ray/tune/val_loss", "ray/tune/tokens_per_s", "ray/tune/step"} <= tags, tags
 
     # re-run without faults: finished domains are skipped, the failed ones train
     monkeypatch.delenv("DOMAIN_ADAPTERS_FAULTS")
