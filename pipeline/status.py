@@ -254,7 +254,7 @@ def prepare_state(store, run_name: Optional[str], now: Optional[float] = None,
         man = _read(store, "data/manifest.json") or {}
         doms = man.get("domains") or {}
         return StageState("finished", f"{len(doms)} domain(s) in data/manifest.json" if doms else "")
-    partial = store.is_file("data/manifest.json") or store.list_files("data/sft") or store.list_files("data/_work")
+    partial = any(f != "data/download_manifest.json" for f in store.list_files("data"))
     if recorded is not None and recorded.state not in ("finished",):
         if partial and recorded.state == "stale":
             recorded.detail += "; data/ holds partial output"
