@@ -71,6 +71,7 @@ NOISE = tuple(re.compile(p) for p in (
     r"To visualize your results with TensorBoard",
     r"Wrote the latest version of all result files",
     r"Experiment has been interrupted, but the most recent state was saved",
+    r"Stop signal received \(e\.g\. via SIGINT/Ctrl\+C\), ending Ray Tune run",
     r"Resume (experiment|training) with: ",
     # libraries
     LIBRARY_WARNING,

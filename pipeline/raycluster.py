@@ -185,7 +185,8 @@ def shutdown_ray() -> None:
 
 
 def log_cluster(dashboard_url: Optional[str] = None) -> dict[str, float]:
-    """Log the cluster's resources, nodes and dashboard URL; returns the resources."""
+    """Log the cluster's nodes, CPUs, GPUs, object store, custom resources and dashboard URL in one line;
+    returns the resources."""
     import ray
 
     res = ray.cluster_resources()
@@ -193,11 +194,12 @@ def log_cluster(dashboard_url: Optional[str] = None) -> dict[str, float]:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
     except Exception:  # noqa: BLE001 - informational only
         nodes = []
-    log.info("Ray cluster: %d node(s), %g CPU, %g GPU, %.1f GiB object store; resources: %s",
+    custom = {k: v for k, v in sorted(res.items())
+              if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:")}
+    url = (dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}") if dashboard_url else None
+    log.info("Ray cluster: %d node(s), %g CPU, %g GPU, %.1f GiB object store%s; dashboard: %s",
              len(nodes), res.get("CPU", 0), res.get("GPU", 0), res.get("object_store_memory", 0) / 2**30,
-             {k: v for k, v in sorted(res.items()) if not k.startswith("node:")})
-    if dashboard_url:
-        log.info("Ray dashboard: %s", dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}")
+             f"; other resources: {custom}" if custom else "", url or "none")
     return res
 
 
