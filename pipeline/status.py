@@ -185,7 +185,7 @@ def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional
        aside when it starts, so a report there is the newest attempt's)
     3. its state file says failed / skipped / interrupted -> that, with the recorded cause
     4. its state file says running -> running or stale (``liveness``)
-    5. its state file says finished -> finished
+    5. its state file says finished, but the training report is gone -> not started (it will be trained again)
     6. no state file: data/manifest.json marks the domain empty -> skipped; else not started
     """
     run, rec = _newest_record(store, "domains", domain, run_name, listing)
@@ -203,6 +203,9 @@ def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional
     elif state == "running":
         out.state, live = liveness(rec, now)
         out.cause = ("training did not finish: " + live) if out.state == "stale" else f"training: {live}"
+    elif state == "finished":
+        out.cause = (f"recorded as finished, but adapters/{domain}/training_report.json is gone: "
+                     "the next `adapters train` trains it again")
     elif state is not None:
         out.state = str(state)
     elif isinstance(rep, Unreadable):

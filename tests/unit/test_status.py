@@ -65,18 +65,25 @@ def test_output_only_cli_prints_table_and_finds_extra_domains(tree, capsys):
 
 
 def test_newest_run_wins_and_config_picks_its_run(tree, tmp_path, capsys):
-    put(tree, "runs/old/domains/medicine.json", {"domain": "medicine", "state": "finished", "val_loss": 9.0,
+    put(tree, "runs/old/domains/medicine.json", {"domain": "medicine", "state": "interrupted", "error": "stopped in 2020",
                                                  "updated": "2020-01-01T00:00:00+00:00"})
     assert collect_status(Store(str(tree)), None, None)["domains"]["medicine"].state == "failed"
-    assert collect_status(Store(str(tree)), "old", ["medicine"])["domains"]["medicine"].state == "finished"
+    assert collect_status(Store(str(tree)), "old", ["medicine"])["domains"]["medicine"].state == "interrupted"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"run_name: old\noutput: {tree}\ndomains: [medicine, debate]\nmodel: {{base: tiny}}\n"
                    "resources: {device: cpu}\n")
     assert run_status(config_path=str(cfg)) == 0
     out = capsys.readouterr().out
-    assert "run: old" in out and "9.0000" in out and "ecology" not in out
+    assert "run: old" in out and "stopped in 2020" in out and "ecology" not in out
     # debate has an adapter but no state in run 'old': the training report still says finished
     assert any(ln.startswith("debate") and "finished" in ln for ln in out.splitlines())
+
+
+def test_finished_state_without_its_adapter_is_not_finished(tree):
+    """The report counts an adapter as finished only when its training report is there; status agrees."""
+    (tree / "adapters" / "debate" / "training_report.json").unlink()
+    st = collect_status(Store(str(tree)), "demo", ["debate"])["domains"]["debate"]
+    assert st.state == "not started" and "training_report.json is gone" in st.cause
 
 
 def test_empty_incomplete_and_missing_outputs(tmp_path, capsys):
