@@ -100,6 +100,7 @@ class Console:
         self._early: list[str] = []           # lines before the file is open
         self._held_blank = 0        # blank lines seen since the last line: shown only between two shown lines
         self._last_shown = False
+        self._ignored: dict[str, list] = {}   # "Exception ignored in" blocks being read, by Ray's line prefix
 
     # -- lines ----------------------------------------------------------------------------------
     def to_file(self, line: str) -> None:
@@ -118,22 +119,52 @@ class Console:
         """One complete line (without its newline); ``drawn``: characters of it already on the console."""
         with self.lock:
             self.to_file(line)
-            if not line.strip():
-                if console and self.verbose:
-                    real.write(line + "\n")
-                else:
-                    self._held_blank += 1
-                return
-            show = console and (self.verbose or not is_noise(line))
-            held, self._held_blank = self._held_blank, 0
-            if show:
-                if held and self._last_shown:
-                    real.write("\n" * held)
-                real.write(line[drawn:] + "\n")
-                real.flush()
-            elif drawn:
-                real.write("\n")
-            self._last_shown = show
+            if self.verbose or not self._in_ignored_exception(line, real, drawn, console):
+                self._show(line, real, drawn, console)
+
+    def _show(self, line: str, real: TextIO, drawn: int, console: bool) -> None:
+        if not line.strip():
+            if console and self.verbose:
+                real.write(line + "\n")
+            else:
+                self._held_blank += 1
+            return
+        show = console and (self.verbose or not is_noise(line))
+        held, self._held_blank = self._held_blank, 0
+        if show:
+            if held and self._last_shown:
+                real.write("\n" * held)
+            real.write(line[drawn:] + "\n")
+            real.flush()
+        elif drawn:
+            real.write("\n")
+        self._last_shown = show
+
+    def _in_ignored_exception(self, line: str, real: TextIO, drawn: int, console: bool) -> bool:
+        """Hold an "Exception ignored in: ..." block (Python prints it when an exception escapes a weakref
+        callback or __del__) until its last line; drop it from the console when it is Ray's SIGTERM handler
+        stopping a worker (SystemExit raised wherever the worker was: harmless, nothing to switch off);
+        show it otherwise. True when the line was taken."""
+        plain = ANSI.sub("", line)
+        m = RAY_PREFIX.match(plain)
+        prefix = m.group(0) if m else ""
+        body = plain[len(prefix):]
+        block = self._ignored.get(prefix)
+        if block is None:
+            if not body.startswith("Exception ignored in: "):
+                return False
+            self._ignored[prefix] = [(line, real, drawn, console)]
+            return True
+        block.append((line, real, drawn, console))
+        if not body or body[0].isspace() or body.startswith("Traceback"):
+            return True   # the traceback goes on
+        del self._ignored[prefix]
+        if body.startswith("SystemExit") and any("in sigterm_handler" in b[0] for b in block):
+            self._last_shown = False
+        else:
+            for args in block:
+                self._show(*args)
+        return True
 
     def draw(self, text: str, real: TextIO) -> bool:
         """Part of a line that redraws itself with '\\r' (a progress bar): to the console now, unless noise."""
@@ -167,6 +198,10 @@ class Console:
             if isinstance(h, RecordHandler) and h.console is self:
                 root.removeHandler(h)
         with self.lock:
+            for block in self._ignored.values():   # never finished: show what there is
+                for args in block:
+                    self._show(*args)
+            self._ignored.clear()
             if self.file is not None:
                 self.file.close()
                 self.file = None

@@ -144,3 +144,29 @@ def test_warnings_are_one_line_and_library_ones_file_only():
                         "(transformers/modeling_utils.py:3312)")
     assert lines[1].startswith("warning: UserWarning: tensor to scalar (") and lines[1].endswith("logs.py:7)")
     assert is_noise(lines[0]) and not is_noise(lines[1])
+
+
+RAY_SIGTERM_IN_WEAKREF = """\x1b[36m(_trial pid=15729)\x1b[0m Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f8>
+\x1b[36m(_trial pid=15729)\x1b[0m Traceback (most recent call last):
+\x1b[36m(_trial pid=15729)\x1b[0m   File "/usr/lib/python3.11/_weakrefset.py", line 39, in _remove
+\x1b[36m(_trial pid=15729)\x1b[0m     def _remove(item, selfref=ref(self)):
+\x1b[36m(_trial pid=15729)\x1b[0m 
+\x1b[36m(_trial pid=15729)\x1b[0m   File "/venv/lib/python3.11/site-packages/ray/_private/worker.py", line 1063, in sigterm_handler
+\x1b[36m(_trial pid=15729)\x1b[0m     raise_sys_exit_with_custom_error_message(
+\x1b[36m(_trial pid=15729)\x1b[0m SystemExit: 1"""
+OTHER_IGNORED = """(pid=7) Exception ignored in: <function Foo.__del__ at 0x7f8>
+(pid=7) Traceback (most recent call last):
+(pid=7)   File "/work/pipeline/train/loop.py", line 10, in __del__
+(pid=7) ValueError: a real problem"""
+
+
+def test_ignored_exception_from_rays_sigterm_handler_is_file_only_others_shown(routed):
+    console, out, err, path = routed(verbose=False)
+    print(RAY_SIGTERM_IN_WEAKREF.replace("\n", "\n(pid=9) interleaved line from another worker\n", 1))
+    print(OTHER_IGNORED)
+    console.close()
+    shown = out.getvalue()
+    assert "sigterm_handler" not in shown and "SystemExit" not in shown
+    assert "(pid=9) interleaved line from another worker" in shown
+    assert OTHER_IGNORED in shown
+    assert "in sigterm_handler" in path.read_text() and "SystemExit: 1" in path.read_text()
