@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -88,7 +89,6 @@ class _Signals:
     def cleaning_up(self) -> None:
         def now(signum, frame):
             sys.__stderr__.write("interrupted again: exiting without clean-up\n")
-            import os
             os._exit(EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT)
         for s in self._old:
             signal.signal(s, now)
@@ -121,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except Exception:  # noqa: BLE001 - a bug: its traceback goes to the console and the log file
-        log.exception("unexpected error (a bug; the traceback above is in the log file too)")
+        log.exception("unexpected error (a bug: please report it with the log file named above)")
         return EXIT_FAILED
     finally:
         signals.cleaning_up()

@@ -304,7 +304,6 @@ def setup_console(verbose: bool = False) -> Console:
             root.removeHandler(h)
     root.addHandler(RecordHandler(console))
     root.setLevel(logging.INFO)
-    logging.Formatter.converter = time.localtime
     warnings.showwarning = show_warning
     return console
 
