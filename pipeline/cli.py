@@ -1,28 +1,45 @@
-"""`adapters <stage>`; `python -m pipeline <stage>` does the same.
+"""`adapters <command>`; `python -m pipeline <command>` does the same.
 
     adapters download|prepare|train|report|run --config FILE [--raw-dir DIR] [--output URI]
-                                               [--set key=value ...] [--domains a,b]
+                                               [--set key=value ...] [--domains a,b] [--verbose]
     adapters doctor --config FILE [--load]
     adapters status --output URI
+
+The CLI owns what a person sees of a run: the console and its log file (pipeline.logs), one line per
+user error, the failed domains listed last, one line on Ctrl-C with the command that resumes, the exit
+status (EXIT_STATUS, printed by ``adapters --help``), a record of each stage while it runs
+(pipeline.status.StageRecord), and a local Ray stopped on every way out (pipeline.raycluster).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
+import signal
 import sys
 import time
 from typing import Optional
 
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import UserFacingError
+from pipeline.config import SOURCE_DOMAIN, ConfigError, load_config
+from pipeline.errors import UsageError, UserFacingError
 
 log = logging.getLogger("pipeline")
 
 STAGES = ("download", "prepare", "train", "report", "run")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_STATUS = """exit status:
+  0    done: for train and run, every selected domain finished (now or in an earlier run)
+  1    a domain failed or had nothing to train, or a stage failed; the causes are printed last
+  2    usage or config error, nothing ran: no prepared data yet, prepare produced no SFT data, a domain
+       no source provides, an unknown key or bad value; the message names the fix
+  130  interrupted by Ctrl-C (143: by SIGTERM): trials stopped, state files say interrupted, the local
+       Ray stopped; the command that resumes is printed"""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adapters", description="Train one QLoRA adapter per subject domain on Ray.")
+    p = argparse.ArgumentParser(prog="adapters", description="Train one QLoRA adapter per subject domain on Ray.",
+                                epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
 
     def common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -32,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
         sp.add_argument("--domains", help="comma-separated subset of the config's domains, e.g. debate,medicine")
+        sp.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and the libraries' own lines on the console (always in the log file "
+                             "under runs/<run_name>/logs/)")
 
     helps = {"download": "fetch raw sources, with checksums and completion markers",
              "prepare": "Ray Data: raw files -> corpus and SFT Parquet shards + manifest",
@@ -39,11 +59,12 @@ def _parser() -> argparse.ArgumentParser:
              "report": "summary.json / .md / .html and plots",
              "run": "download, prepare, train and report"}
     for name in STAGES:
-        common(sub.add_parser(name, help=helps[name]))
+        common(sub.add_parser(name, help=helps[name], epilog=EXIT_STATUS,
+                              formatter_class=argparse.RawDescriptionHelpFormatter))
     d = sub.add_parser("doctor", help="pre-flight checks: packages, CUDA, Ray, output, base model, memory")
     common(d)
     d.add_argument("--load", action="store_true", help="also load the base model in 4-bit and generate once")
-    s = sub.add_parser("status", help="each domain's state from what is in the output tree")
+    s = sub.add_parser("status", help="each stage's and domain's state from what is in the output tree")
     common(s, config_required=False)
     return p
 
@@ -52,62 +73,182 @@ def _domains(arg: Optional[str]) -> Optional[list[str]]:
     return [x.strip() for x in arg.split(",") if x.strip()] if arg else None
 
 
+class _Signals:
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C, so both unwind through the same clean-up; once that
+    has begun, a second signal exits at once (the watchdog of pipeline.raycluster stops a local Ray)."""
+
+    def __init__(self):
+        self.received = signal.SIGINT
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        signal.signal(signal.SIGTERM, self._term)
+
+    def _term(self, signum, frame):
+        self.received = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    def cleaning_up(self) -> None:
+        def now(signum, frame):
+            sys.__stderr__.write("interrupted again: exiting without clean-up\n")
+            os._exit(EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT)
+        for s in self._old:
+            signal.signal(s, now)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    from pipeline.logs import setup_console
+    from pipeline.raycluster import shutdown_ray
+    console = setup_console(verbose=args.verbose)
+    signals = _Signals()
+    args.resume = f"adapters {shlex.join(argv)}"
     try:
-        if args.command == "status":
-            from pipeline.status import run_status
-            return run_status(config_path=args.config, output=args.output, sets=args.set, domains=_domains(args.domains))
-        cfg = load_config(args.config, sets=args.set, raw_dir=args.raw_dir, output=args.output)
-        if args.domains:
-            wanted = _domains(args.domains)
-            unknown = [d for d in wanted if d not in cfg.domains]
-            if unknown:
-                raise ConfigError(f"--domains names {unknown}, which the config does not list (domains: {cfg.domains})")
-            cfg.domains = wanted
-        if args.command == "doctor":
-            from pipeline.doctor import run_doctor
-            return run_doctor(cfg, load=args.load)
-        return run_stages(cfg, args.command)
+        return _dispatch(args, console)
+    except KeyboardInterrupt:
+        signals.cleaning_up()
+        shutdown_ray()
+        how = "SIGTERM" if signals.received == signal.SIGTERM else "Ctrl-C"
+        print(f"interrupted ({how}); finished work is kept. Resume with: {args.resume}", file=sys.stderr)
+        return EXIT_SIGTERM if signals.received == signal.SIGTERM else EXIT_SIGINT
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except UserFacingError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
+    except Exception:  # noqa: BLE001 - a bug: its traceback goes to the console and the log file
+        log.exception("unexpected error (a bug: please report it with the log file named above)")
+        return EXIT_FAILED
+    finally:
+        signals.cleaning_up()
+        try:
+            shutdown_ray()
+        finally:
+            console.close()
+            signals.restore()
 
 
-def run_stages(cfg, command: str) -> int:
+def _dispatch(args, console) -> int:
+    if args.command == "status":
+        from pipeline.status import run_status
+        return run_status(config_path=args.config, output=args.output, sets=args.set, domains=_domains(args.domains))
+    from pipeline.raycluster import normalize_ray_address
+    cfg = load_config(args.config, sets=args.set, raw_dir=args.raw_dir, output=args.output)
+    if args.domains:
+        wanted = _domains(args.domains)
+        unknown = [d for d in wanted if d not in cfg.domains]
+        if unknown:
+            raise ConfigError(f"--domains names {unknown}, which the config does not list (domains: {cfg.domains})")
+        cfg.domains = wanted
+    check_domains(cfg)
+    normalize_ray_address(cfg)
+    if args.command == "doctor":
+        from pipeline.doctor import run_doctor
+        return run_doctor(cfg, load=args.load)
+    return run_stages(cfg, args, console)
+
+
+def check_domains(cfg) -> None:
+    """Every selected domain must have a source, and a selected one: else nothing could ever be trained for it."""
+    for d in cfg.domains:
+        known = [s for s, dom in SOURCE_DOMAIN.items() if dom == d]
+        if not known:
+            raise UsageError(f"domains lists {d!r}, which no source provides (domains with sources: "
+                             f"{', '.join(sorted(set(SOURCE_DOMAIN.values())))}): remove it from domains")
+        if not any(s in cfg.data.sources for s in known):
+            raise UsageError(f"domain {d!r} has none of its sources ({', '.join(known)}) in data.sources: "
+                             f"add one to data.sources or remove {d!r} from domains")
+
+
+def _command(stage: str, args, cfg) -> str:
+    """The `adapters` command line for ``stage`` with this invocation's config and output."""
+    parts = ["adapters", stage]
+    if args.config:
+        parts += ["--config", args.config]
+    parts += ["--output", cfg.output]
+    return shlex.join(parts)
+
+
+def check_prepared(cfg, store, args) -> None:
+    """Before training: prepare finished and produced SFT data for at least one selected domain."""
+    from pipeline.status import prepare_state
+    st = prepare_state(store, None)   # data/ is shared by every run name: any run's prepare counts
+    data = store.uri_of("data")
+    if st.state == "not started":
+        raise UsageError(f"no prepared data under {data}: run `{_command('prepare', args, cfg)}` first")
+    if st.state == "running":
+        raise UsageError(f"prepare is still running on {data} ({st.detail}): wait for it to finish")
+    if st.state != "finished":
+        raise UsageError(f"prepare did not finish ({st.state}): run `{_command('prepare', args, cfg)}` again; it resumes")
+    if any(store.list_files(f"data/sft/{d}/train", ".parquet") and store.list_files(f"data/sft/{d}/val", ".parquet")
+           for d in cfg.domains):
+        return
+    manifest = store.read_json_or("data/manifest.json") or {}
+    why = "; ".join(f"{d}: {((manifest.get('domains') or {}).get(d) or {}).get('reason') or 'no train/val split'}"
+                    for d in cfg.domains)
+    raise UsageError(f"prepare produced no SFT data for {', '.join(cfg.domains)} ({why}): check the raw data "
+                     f"(`adapters download`, --raw-dir) and data.sources, then run `{_command('prepare', args, cfg)}` again")
+
+
+def run_stages(cfg, args, console) -> int:
+    from pipeline.logs import log_file_for
+    from pipeline.status import StageRecord
     from pipeline.storage import StorageError, open_store
+    command = args.command
     stages = STAGES[:-1] if command == "run" else (command,)
     try:
-        open_store(cfg).check_writable()
+        store = open_store(cfg)
+        store.check_writable()
     except StorageError as e:
         raise UserFacingError(str(e)) from None
+    path, upload = log_file_for(cfg, command)
+    console.open_file(path, upload)
+    log.info("log file: %s%s", upload[0].uri_of(upload[1]) if upload else path,
+             "" if console.verbose else " (--verbose shows all of it here)")
+    results: Optional[dict] = None
     for stage in stages:
-        t0 = time.time()
-        log.info("stage %s: starting (output %s)", stage, cfg.output)
-        if stage == "download":
-            from pipeline.download import run_download
-            run_download(cfg)
-        elif stage == "prepare":
-            from pipeline.prepare import run_prepare
-            run_prepare(cfg)
-        elif stage == "train":
-            from pipeline.doctor import preflight
-            preflight(cfg)  # the checks that cost nothing: fail now, not at step 5,000
-            from pipeline.train import run_train
-            results = run_train(cfg)
-            failed = [d for d, r in results.items() if r.get("status") != "finished"]
-            if failed:
-                log.error("domains failed: %s (see the report)", failed)
-        elif stage == "report":
-            from pipeline.report import run_report
-            paths = run_report(cfg)
-            log.info("report written: %s", paths.get("html") or paths)
-        log.info("stage %s: done in %.1fs", stage, time.time() - t0)
-    return 0
+        with StageRecord(store, cfg.run_name, stage, args.resume):
+            t0 = time.time()
+            log.info("stage %s: starting (output %s)", stage, cfg.output)
+            if stage == "download":
+                from pipeline.download import run_download
+                run_download(cfg)
+            elif stage == "prepare":
+                from pipeline.prepare import run_prepare
+                run_prepare(cfg)
+            elif stage == "train":
+                check_prepared(cfg, store, args)
+                from pipeline.doctor import preflight
+                preflight(cfg)  # the checks that cost nothing: fail now, not at step 5,000
+                from pipeline.train import run_train
+                results = run_train(cfg)
+            elif stage == "report":
+                from pipeline.report import run_report
+                run_report(cfg)   # it logs where the report is
+            log.info("stage %s: done in %.1fs", stage, time.time() - t0)
+    return _verdict(results, cfg, args)
+
+
+def _verdict(results: Optional[dict], cfg, args) -> int:
+    """0 when every trained domain finished; else the domains that did not, with their causes, last."""
+    from pipeline.status import cause_line
+    if not results:
+        return EXIT_OK
+    bad = {d: r for d, r in results.items() if r.get("status") != "finished"}
+    if not bad:
+        return EXIT_OK
+    lines = [f"error: {len(bad)} of {len(results)} domain(s) did not finish:"]
+    width = max(len(d) for d in bad)
+    for d, r in bad.items():
+        lines.append(f"  {d.ljust(width)}  {r.get('status')}: {cause_line(r.get('error') or 'no cause recorded', 400)}")
+    lines.append(f"  details: `adapters status --output {cfg.output}` and the report; after fixing the cause, "
+                 f"the same command trains only what is not finished")
+    print("\n".join(lines), file=sys.stderr)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -1,24 +1,49 @@
-"""Connect to Ray once: the cluster a job was submitted to, a configured address, or a local one.
+"""Connect to Ray once per process, and leave nothing of a local Ray behind.
 
-Three cases, in this order:
+    ensure_ray(cfg)     join the cluster a job was submitted to or a configured one, else start a local one
+    join_address(cfg)   the address to join, or None for a local Ray of this run's own
+    normalize_ray_address(cfg)   'local' (config or RAY_ADDRESS) read as "not set" everywhere after (the CLI calls it)
+    shutdown_ray()      stop the local Ray this process started (the CLI calls it on every way out; atexit too)
+    setup_worker()      Ray's worker_process_setup_hook, given to every worker of the run through runtime_env
+
+Which cluster, in this order:
 
 1. Inside ``ray job submit``: the job supervisor sets RAY_ADDRESS (and the job's runtime_env and
-   metadata in RAY_JOB_CONFIG_JSON_ENV_VAR). We join that cluster and pass no runtime_env of our
-   own, except environment variables the job did not set: Ray refuses a driver runtime_env that
-   conflicts with the job's. ``resources.ray_address`` is ignored here: the job already runs on
-   the cluster it was submitted to.
-2. ``resources.ray_address`` ('auto' joins a ``ray start`` cluster on this machine; host:port or
-   ray://host:10001 joins a remote one), else RAY_ADDRESS from the environment.
-3. Neither: a local Ray for this process (no dashboard; ``ray.init`` turns token auth on for it).
+   metadata in RAY_JOB_CONFIG_JSON_ENV_VAR). We join that cluster and add to the job's runtime_env
+   only what it does not set: Ray refuses a driver runtime_env that conflicts with the job's.
+   ``resources.ray_address`` is ignored there: the job already runs on the cluster it was submitted to.
+2. ``join_address(cfg)``: ``resources.ray_address``, else RAY_ADDRESS ('auto' joins a ``ray start``
+   cluster on this machine; host:port or ray://host:10001 a remote one). ``local`` means case 3.
+3. Neither: a local Ray for this process, started with ``address="local"``. A plain ``ray.init()``
+   would join whatever cluster Ray's ``ray_current_cluster`` file names (another ``ray start`` on the
+   machine, perhaps another user's, whose token we do not have); when one is running, one INFO line says
+   so. The dashboard starts when its dependencies are installed (``ray[default]``); its URL is logged.
+   ``ray.init`` turns token auth on for it.
+
+A local Ray's processes share the driver's fate (Linux PR_SET_PDEATHSIG) except two: the raylet's
+dashboard agent and runtime-env agent notice the raylet's death within ~2 s, then try to report it to
+the GCS, which died with the driver, and linger ~60 s (measured on Ray 2.60 after a SIGKILL of the
+driver). ``shutdown_ray`` covers normal exit, errors, Ctrl-C and SIGTERM (the CLI turns SIGTERM into
+KeyboardInterrupt). For SIGKILL, ``start_watchdog`` runs a small process (``python -m
+pipeline.raycluster <pid>``) that keeps the list of the driver's descendants and kills those left
+the moment the driver is gone: its stdin pipe closes without the driver's "bye". Ray has a reaper of
+this kind, but starts it only where the kernel offers no fate sharing (it does on Linux).
 
 Token authentication needs nothing here: Ray reads the token from RAY_AUTH_TOKEN,
 RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token itself. Nothing in this module logs it.
 """
 from __future__ import annotations
 
+import atexit
+import importlib.util
 import json
 import logging
 import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
@@ -26,6 +51,12 @@ log = logging.getLogger(__name__)
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # Set for every worker of the run: tokenizers fork threads otherwise; logs stream as they happen.
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+WORKER_SETUP_HOOK = "pipeline.raycluster.setup_worker"
+LOCAL = "local"
+# what the dashboard needs beyond ray itself (the `default` extra of ray)
+DASHBOARD_MODULES = ("aiohttp", "aiohttp_cors", "opencensus", "prometheus_client", "grpc")
+
+_local: dict[str, Any] = {}   # the local Ray this process started: {"watchdog": Popen or None}
 
 
 def submitted_job_config(environ: Optional[dict] = None) -> Optional[dict[str, Any]]:
@@ -41,13 +72,52 @@ def submitted_job_config(environ: Optional[dict] = None) -> Optional[dict[str, A
 
 
 def driver_runtime_env(job: Optional[dict], environ: Optional[dict] = None) -> Optional[dict]:
-    """The runtime_env to give ray.init: WORKER_ENV keys the job does not already set, or None."""
+    """The runtime_env to give ray.init: WORKER_ENV keys and the worker setup hook, less what the job sets."""
     env = os.environ if environ is None else environ
-    wanted = {k: env.get(k, v) for k, v in WORKER_ENV.items()}
-    if job is not None:
-        already = ((job.get("runtime_env") or {}).get("env_vars") or {})
-        wanted = {k: v for k, v in wanted.items() if k not in already}
-    return {"env_vars": wanted} if wanted else None
+    job_env = ((job or {}).get("runtime_env") or {})
+    wanted = {k: env.get(k, v) for k, v in WORKER_ENV.items() if k not in (job_env.get("env_vars") or {})}
+    out: dict[str, Any] = {"env_vars": wanted} if wanted else {}
+    if "worker_process_setup_hook" not in job_env:
+        out["worker_process_setup_hook"] = WORKER_SETUP_HOOK
+    return out or None
+
+
+def join_address(cfg, environ: Optional[dict] = None) -> Optional[str]:
+    """resources.ray_address, else RAY_ADDRESS; None (a local Ray) when neither is set or it is 'local'."""
+    env = os.environ if environ is None else environ
+    addr = (cfg.resources.ray_address or env.get("RAY_ADDRESS") or "").strip()
+    return None if addr in ("", LOCAL) else addr
+
+
+def normalize_ray_address(cfg) -> None:
+    """'local' (resources.ray_address, else RAY_ADDRESS) means a local Ray of this run's own: make it read
+    as 'nothing set' for the rest of the process (doctor's checks, Ray's own processes). The config's
+    'local' wins over a RAY_ADDRESS in the environment, as any resources.ray_address does."""
+    if (cfg.resources.ray_address or "").strip() == LOCAL:
+        cfg.resources.ray_address = None
+        os.environ.pop("RAY_ADDRESS", None)
+    elif not cfg.resources.ray_address and os.environ.get("RAY_ADDRESS", "").strip() == LOCAL:
+        del os.environ["RAY_ADDRESS"]
+
+
+def current_cluster_file(environ: Optional[dict] = None) -> Path:
+    """Where ``ray start`` records the cluster a plain ``ray.init()`` would join (Ray's own rule:
+    RAY_TMPDIR, else TMPDIR on Linux, else /tmp; then ray/ray_current_cluster)."""
+    env = os.environ if environ is None else environ
+    base = env.get("RAY_TMPDIR") or (env.get("TMPDIR") if sys.platform.startswith("linux") else None) or "/tmp"
+    return Path(base) / "ray" / "ray_current_cluster"
+
+
+def running_cluster(environ: Optional[dict] = None) -> Optional[str]:
+    """The address another ``ray start`` on this machine recorded, or None."""
+    try:
+        return current_cluster_file(environ).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def dashboard_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in DASHBOARD_MODULES)
 
 
 def ensure_ray(cfg) -> None:
@@ -66,23 +136,56 @@ def ensure_ray(cfg) -> None:
                  meta.get("job_name", "?"), meta.get("output_uri", "?"))
         if cfg.resources.ray_address:
             log.info("resources.ray_address=%s is ignored inside a submitted job", cfg.resources.ray_address)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", runtime_env=runtime_env, log_to_driver=True)
+        ctx = ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", runtime_env=runtime_env, log_to_driver=True)
+    elif join_address(cfg):
+        log.info("joining Ray cluster at %s", join_address(cfg))
+        ctx = ray.init(address=join_address(cfg), runtime_env=runtime_env, log_to_driver=True)
     else:
-        address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-        if address:
-            log.info("joining Ray cluster at %s", address)
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        else:
-            kw = {}
-            if cfg.resources.num_cpus:
-                kw["num_cpus"] = cfg.resources.num_cpus
-            log.info("starting a local Ray (%s)", kw or "all cores")
-            ray.init(include_dashboard=False, runtime_env=runtime_env, **kw)
-    log_cluster()
+        ctx = _start_local(cfg, runtime_env)
+    log_cluster(getattr(ctx, "dashboard_url", None))
 
 
-def log_cluster() -> dict[str, float]:
-    """Log the cluster's resources, nodes and dashboard URL; returns the resources."""
+def _start_local(cfg, runtime_env: Optional[dict]):
+    import ray
+
+    kw: dict[str, Any] = {}
+    if cfg.resources.num_cpus:
+        kw["num_cpus"] = cfg.resources.num_cpus
+    other = running_cluster()
+    if other:
+        log.info("a Ray cluster started with `ray start` runs on this machine (%s); this run starts its own "
+                 "local Ray (set RAY_ADDRESS or resources.ray_address to join that one)", other)
+    dashboard = dashboard_available()
+    log.info("starting a local Ray (%s%s)", kw or "all cores", "" if dashboard else
+             "; no dashboard: `pip install 'ray[default]'` for it")
+    previous = os.environ.pop("RAY_ADDRESS", None)   # 'local' is ours to read; Ray's processes must not see it
+    try:
+        ctx = ray.init(address=LOCAL, include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=True, **kw)
+    finally:
+        if previous is not None:
+            os.environ["RAY_ADDRESS"] = previous
+    _local["watchdog"] = start_watchdog()
+    atexit.register(shutdown_ray)
+    return ctx
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray this process started (its processes end with it); nothing for a joined cluster."""
+    if not _local:
+        return
+    import ray
+
+    watchdog = _local.pop("watchdog", None)
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        stop_watchdog(watchdog)
+
+
+def log_cluster(dashboard_url: Optional[str] = None) -> dict[str, float]:
+    """Log the cluster's nodes, CPUs, GPUs, object store, custom resources and dashboard URL in one line;
+    returns the resources."""
     import ray
 
     res = ray.cluster_resources()
@@ -90,15 +193,91 @@ def log_cluster() -> dict[str, float]:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
     except Exception:  # noqa: BLE001 - informational only
         nodes = []
-    gpus = res.get("GPU", 0)
-    log.info("Ray cluster: %d node(s), %g CPU, %g GPU, %.1f GiB object store; resources: %s",
-             len(nodes), res.get("CPU", 0), gpus, res.get("object_store_memory", 0) / 2**30,
-             {k: v for k, v in sorted(res.items()) if not k.startswith("node:")})
-    try:
-        from ray._private.worker import get_dashboard_url
-        url = get_dashboard_url()
-    except Exception:  # noqa: BLE001 - private API; informational only
-        url = None
-    if url:
-        log.info("Ray dashboard: %s", url if url.startswith("http") else f"http://{url}")
+    custom = {k: v for k, v in sorted(res.items())
+              if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:")}
+    url = (dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}") if dashboard_url else None
+    log.info("Ray cluster: %d node(s), %g CPU, %g GPU, %.1f GiB object store%s; dashboard: %s",
+             len(nodes), res.get("CPU", 0), res.get("GPU", 0), res.get("object_store_memory", 0) / 2**30,
+             f"; other resources: {custom}" if custom else "", url or "none")
     return res
+
+
+def setup_worker() -> None:
+    """worker_process_setup_hook: runs once in every Ray worker process of the run (local or submitted).
+
+    Pins RAY_ADDRESS to the worker's own cluster (Ray's State API, which Ray Train's placement-group
+    cleaner calls, otherwise looks up ray_current_cluster and may query another cluster on the machine),
+    and makes warnings one line each (pipeline.logs)."""
+    import ray
+    from pipeline.logs import setup_worker as setup_worker_logs
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    setup_worker_logs()
+
+
+# ---- the watchdog for a SIGKILLed driver -----------------------------------------------------------
+
+def start_watchdog() -> Optional[subprocess.Popen]:
+    """Start the orphan watchdog for this process's local Ray (see the module docstring)."""
+    try:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.raycluster", str(os.getpid())],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, close_fds=True)
+    except OSError as e:
+        log.warning("could not start the watchdog that stops this run's Ray if the driver is killed: %s", e)
+        return None
+
+
+def stop_watchdog(proc: Optional[subprocess.Popen]) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.stdin.write(b"bye\n")
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        proc.kill()
+
+
+def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int:
+    """The watchdog's loop: refresh the driver's descendants every ``interval_s``; when stdin closes
+    without "bye", SIGTERM those still alive (same pid and start time), SIGKILL after ``grace_s``."""
+    import psutil
+
+    me = os.getpid()
+    known: dict[int, float] = {}
+    while True:
+        try:
+            for p in psutil.Process(driver_pid).children(recursive=True):
+                if p.pid != me:
+                    known.setdefault(p.pid, p.create_time())
+        except psutil.Error:
+            pass
+        ready, _, _ = select.select([sys.stdin], [], [], interval_s)
+        if ready:
+            line = sys.stdin.readline()
+            if line.strip() == "bye":
+                return 0
+            if line == "":
+                break
+    procs = []
+    for pid, created in known.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created:
+                p.send_signal(signal.SIGTERM)
+                procs.append(p)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a Ctrl-C for the driver's terminal is not for us
+    raise SystemExit(watch(int(sys.argv[1])))

@@ -80,30 +80,17 @@ def _ppl(loss: Any) -> Optional[float]:
 
 
 def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> dict:
-    """One domain's row of the report: status (finished / failed / skipped / missing), cause, metrics."""
-    rep, rep_problem = _read(store, f"adapters/{domain}/training_report.json")
-    state, _ = _read(store, f"runs/{cfg.run_name}/domains/{domain}.json")
+    """One domain's row of the report: status and cause (pipeline.status.domain_state, the same words
+    `adapters status` shows), metrics."""
+    from pipeline.status import domain_state
+    rep, _ = _read(store, f"adapters/{domain}/training_report.json")
     rep = rep if isinstance(rep, dict) else None
-    state = state if isinstance(state, dict) else None
     dman = ((manifest or {}).get("domains") or {}).get(domain) or {}
-
-    out: dict[str, Any] = {"domain": domain, "status": "missing", "cause": None}
-    if rep is not None and rep.get("status", "finished") == "finished":
-        out["status"] = "finished"
-    elif state is not None and state.get("state") in ("failed", "skipped"):
-        out["status"] = state["state"]
-        out["cause"] = state.get("error") or ("skipped" if state["state"] == "skipped" else "failed (no cause recorded)")
-    elif dman.get("status") == "empty":
-        out["status"] = "skipped"
-        out["cause"] = f"no data: {dman.get('reason') or 'the domain has no records'}"
-    elif state is not None and state.get("state") == "running":
-        out["cause"] = f"training did not finish (last state 'running', updated {state.get('updated')})"
-    elif rep_problem:
-        out["cause"] = f"training report unreadable: {rep_problem}"
-    else:
-        out["cause"] = "not trained: no training report and no state file"
-    if state is not None:
-        out["state"] = {k: state.get(k) for k in ("state", "updated", "error") if k in state}
+    st = domain_state(store, cfg.run_name, domain, manifest)
+    out: dict[str, Any] = {"domain": domain, "status": st.state, "cause": st.cause}
+    if isinstance(st.record, dict) and st.record:
+        out["state"] = {k: st.record.get(k) for k in ("state", "updated", "error") if k in st.record}
+    rep = rep if st.state == "finished" else None  # metrics only from the adapter that counts
 
     n = (rep or {}).get("n_examples") or dman.get("sft_rows") or {}
     out["examples"] = {s: n.get(s) for s in SPLITS}
@@ -114,7 +101,7 @@ def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> 
             for pre in ("", "base_"):
                 if out[f"{pre}{split}_ppl"] is None:
                     out[f"{pre}{split}_ppl"] = _ppl(out[f"{pre}{split}_loss"])
-    out["adapter_uri"] = (rep or {}).get("adapter_uri") or (state or {}).get("adapter_uri") if out["status"] == "finished" else None
+    out["adapter_uri"] = st.adapter_uri
     if out["test_ppl"] and out["base_test_ppl"]:
         out["test_ppl_change_pct"] = 100.0 * (out["test_ppl"] / out["base_test_ppl"] - 1.0)
     else:
@@ -235,7 +222,9 @@ def build_summary(cfg, store: Store) -> dict:
 
 # ---- plots ------------------------------------------------------------------------------------------
 
-STATUS_COLORS = {"finished": "#1a7f37", "failed": "#cf222e", "skipped": "#9a6700", "missing": "#6e7781"}
+# one colour per pipeline.status.STATES word
+STATUS_COLORS = {"finished": "#1a7f37", "failed": "#cf222e", "skipped": "#9a6700", "interrupted": "#bc4c00",
+                 "running": "#0969da", "stale": "#8250df", "not started": "#6e7781", "unknown": "#6e7781"}
 
 
 def _plt():
@@ -477,7 +466,7 @@ th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:to
 th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr:nth-child(even) td{background:#fbfcfd}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;font-weight:600}
-.finished{background:#1a7f37}.failed{background:#cf222e}.skipped{background:#9a6700}.missing{background:#6e7781}
+{badges}
 .cause{color:#57606a;font-size:12px;display:block;margin-top:2px;overflow-wrap:break-word}
 td.status{min-width:220px;max-width:320px}td.uri{font-size:11px;word-break:break-all;min-width:160px;max-width:260px}
 h1 code{font-size:inherit}th{white-space:normal}
@@ -488,7 +477,7 @@ pre{background:#f6f8fa;padding:10px;overflow:auto;max-height:420px}
 .card b{display:block;font-size:20px}td.diag{font-weight:700;outline:2px solid #0969da;outline-offset:-2px}
 td.sha{font-family:ui-monospace,monospace;font-size:11px;word-break:break-all}
 #repro td:first-child{white-space:nowrap}
-"""
+""".replace("{badges}", "".join(f".{k.replace(' ', '-')}{{background:{v}}}" for k, v in STATUS_COLORS.items()))
 
 
 def _h(x: Any) -> str:
@@ -534,8 +523,8 @@ def _matrix_html(matrix: dict, key: str) -> str:
 
 
 def _ordered_counts(counts: dict) -> list[tuple[str, int]]:
-    order = ["finished", "failed", "skipped", "missing"]
-    return sorted(counts.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+    from pipeline.status import STATES
+    return sorted(counts.items(), key=lambda kv: (STATES.index(kv[0]) if kv[0] in STATES else len(STATES), kv[0]))
 
 
 def render_html(summary: dict, plots: dict[str, bytes]) -> str:
@@ -547,12 +536,12 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         b64 = base64.b64encode(plots[name]).decode("ascii")
         return f'<img class="plot" id="plot-{name.split(".")[0]}" alt="{_h(alt)}" src="data:image/png;base64,{b64}">'
 
-    cards = "".join(f'<div class="card"><span class="badge {k}">{_h(k)}</span><b>{v}</b>domains</div>'
+    cards = "".join(f'<div class="card"><span class="badge {_h(k.replace(" ", "-"))}">{_h(k)}</span><b>{v}</b>domains</div>'
                     for k, v in _ordered_counts(s["status_counts"]))
     head, rows = _results_rows(s)
     hrows = []
     for d, r in zip(s["domains"].values(), rows):
-        status = f'<span class="badge {_h(d["status"])}">{_h(d["status"])}</span>'
+        status = f'<span class="badge {_h(d["status"].replace(" ", "-"))}">{_h(d["status"])}</span>'
         if d.get("cause"):
             status += f'<span class="cause">{_h(d["cause"][:600])}</span>'
         hrows.append([_h(r[0]), status] + [_h(c) for c in r[2:]])

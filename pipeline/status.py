@@ -1,44 +1,76 @@
-"""`adapters status`: each domain's state, read from what is in the output tree (local or s3://).
+"""What state each stage and domain is in, read from the output tree (local or s3://). `adapters status`,
+the report (pipeline.report) and the CLI's checks all use these functions, so they use the same words.
 
-    runs/<run_name>/domains/<domain>.json     {"domain", "state", "error", "updated", "val_loss", "adapter_uri"}
-    adapters/<domain>/training_report.json     exists only for a finished adapter (val_loss, ...)
-    data/_SUCCESS, data/manifest.json          the data stage
-    data/download_manifest.json                the download stage
-    report/summary.json                        the report
+    domain_state(store, run_name, domain, manifest) -> DomainState
+    prepare_state(store, run_name) -> StageState
+    collect_status(store, run_name, domains) -> {"stages": {stage: StageState}, "domains": {domain: DomainState}}
+    StageRecord(store, run_name, stage, command)   the CLI's record of a stage while it runs, then how it ended
 
-With a config, its run_name and domains are used. With only --output, the domains shown are the
-default four plus any found in the tree, and every run's state files are read (the newest state of a
-domain wins). Exit status: 0 when the output could be read (whatever the states), 1 when it is
-missing or unreadable.
+States (``STATES``):
+    finished     the domain's adapter is there / the stage completed
+    failed       it stopped with an error (the cause is kept)
+    skipped      a domain with nothing to train (no SFT data)
+    interrupted  stopped by Ctrl-C or SIGTERM; or prepare output that is partial, with no record saying why
+    running      recorded as running and its driver is alive (heartbeat recent, or its PID alive on this host)
+    stale        recorded as running, but the heartbeat is older than STALE_AFTER_S and the driver is gone
+                 (its PID is not alive on this host, or it ran on another host): killed, or the machine went away
+    not started  nothing recorded yet
+    unknown      its state file cannot be read
+
+Files read:
+    runs/<run>/domains/<domain>.json    written by pipeline.train: {"domain", "state", "error", "updated",
+                                        "val_loss", "adapter_uri"} and, while running, "pid", "host" (the
+                                        driver's) and "heartbeat" (UTC ISO time, refreshed at least every 60 s)
+    runs/<run>/stages/<stage>.json      written by StageRecord: {"stage", "state", "error", "command", "updated",
+                                        "pid", "host", "heartbeat"}
+    adapters/<domain>/training_report.json   a finished adapter (status "finished", val_loss, adapter_uri, ...)
+    data/_SUCCESS, data/manifest.json, data/sft/, data/_work/   the prepare stage's output
+    data/download_manifest.json, report/summary.json           the download and report stages
+
+With a run name, that run's state files are read; without one (``adapters status --output`` only), every
+run's, and the newest state of a domain or stage wins. Exit status of ``adapters status``: 0 when the
+output could be read (whatever the states), 1 when it is missing or unreadable.
 """
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
 from pipeline.config import DOMAINS
 
-
-def _fmt_loss(x: Any) -> str:
-    try:
-        return f"{float(x):.4f}"
-    except (TypeError, ValueError):
-        return "?"
+STATES = ("finished", "failed", "skipped", "interrupted", "running", "stale", "not started", "unknown")
+STALE_AFTER_S = 180.0   # three missed heartbeats of the trials' 60 s
+HEARTBEAT_S = 30.0      # how often StageRecord refreshes a running stage's heartbeat
+STAGES = ("download", "prepare", "train", "report")
 
 
-def _age(ts: Any) -> str:
-    if not ts:
-        return ""
+# ---- time and liveness --------------------------------------------------------------------------
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _epoch(ts: Any) -> Optional[float]:
+    if ts in (None, ""):
+        return None
     try:
         if isinstance(ts, (int, float)):
-            t = datetime.fromtimestamp(float(ts), timezone.utc)
-        else:
-            t = datetime.fromisoformat(str(ts).replace("Z", "+00:00"))
-            if t.tzinfo is None:
-                t = t.replace(tzinfo=timezone.utc)
-        s = (datetime.now(timezone.utc) - t).total_seconds()
-    except (ValueError, OverflowError, OSError):
-        return str(ts)
+            return float(ts)
+        t = datetime.fromisoformat(str(ts).replace("Z", "+00:00"))
+        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _ago(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "at an unknown time"
+    s = max(0.0, seconds)
     if s < 120:
         return f"{s:.0f}s ago"
     if s < 7200:
@@ -48,95 +80,295 @@ def _age(ts: Any) -> str:
     return f"{s / 86400:.0f} days ago"
 
 
-def _ts_key(ts: Any) -> float:
+def pid_alive(pid: Any, host: Any) -> Optional[bool]:
+    """Whether the recorded process runs: True / False when it ran on this host, None when that cannot be told."""
+    if not pid or not host or host != socket.gethostname():
+        return None
     try:
-        if isinstance(ts, (int, float)):
-            return float(ts)
-        t = datetime.fromisoformat(str(ts).replace("Z", "+00:00"))
-        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
-    except (TypeError, ValueError):
-        return 0.0
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (ValueError, OverflowError, OSError):
+        return None
+    return True
 
 
-def _read_json(store, rel: str) -> Optional[dict]:
+def liveness(rec: dict, now: Optional[float] = None) -> tuple[str, str]:
+    """("running" | "stale", detail) for a record whose state is "running"."""
+    now = time.time() if now is None else now
+    beat = _epoch(rec.get("heartbeat")) or _epoch(rec.get("updated"))
+    age = None if beat is None else now - beat
+    alive = pid_alive(rec.get("pid"), rec.get("host"))
+    who = f"pid {rec['pid']} on {rec.get('host') or '?'}" if rec.get("pid") else "its driver"
+    if alive is not True and (age is None or age > STALE_AFTER_S):
+        gone = "is gone" if alive is False else "cannot be checked from here"
+        return "stale", (f"recorded as running, but the last heartbeat was {_ago(age)} and {who} {gone}: "
+                         "it did not finish; run the same command again to resume")
+    return "running", f"heartbeat {_ago(age)} ({who})"
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+
+class Unreadable(dict):
+    """A file that exists but is not a JSON object."""
+
+
+def _read(store, rel: str) -> Optional[dict]:
+    """The JSON object at rel; None when missing; Unreadable when damaged."""
     try:
         if not store.is_file(rel):
             return None
         d = store.read_json(rel)
-        return d if isinstance(d, dict) else None
-    except (ValueError, OSError, Exception):
-        return {"_unreadable": True}
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - damaged JSON, undecodable bytes, a storage error: shown, not raised
+        return Unreadable()
+    return d if isinstance(d, dict) else Unreadable()
 
 
-def collect_status(store, run_name: Optional[str], domains: Optional[list[str]]) -> dict[str, Any]:
-    """{'stages': {...}, 'domains': {domain: {'state', 'detail', ...}}} from an output Store."""
-    files = store.list_files("runs", suffix=".json")
-    states: dict[str, list[tuple[str, dict]]] = {}
-    for rel in files:
-        parts = rel.split("/")   # runs/<run>/domains/<domain>.json
-        if len(parts) == 4 and parts[2] == "domains" and (run_name is None or parts[1] == run_name):
-            d = _read_json(store, rel)
-            if d is not None:
-                states.setdefault(parts[3][:-5], []).append((parts[1], d))
-    adapters = {r.split("/")[1] for r in store.list_files("adapters", suffix="training_report.json")
-                if len(r.split("/")) == 3}
-    if domains is None:
-        domains = list(DOMAINS) + sorted((set(states) | adapters) - set(DOMAINS))
+def _newest_record(store, kind: str, name: str, run_name: Optional[str],
+                   listing: Optional[list[str]] = None) -> tuple[Optional[str], Optional[dict]]:
+    """(run, record) of runs/<run>/<kind>/<name>.json: that run's, or the newest over all runs
+    (``listing``: the .json files under runs/, when the caller has listed them already)."""
+    if run_name is not None:
+        return run_name, _read(store, f"runs/{run_name}/{kind}/{name}.json")
+    if listing is None:
+        listing = store.list_files("runs", suffix=".json")
+    found = []
+    for rel in listing:
+        parts = rel.split("/")
+        if len(parts) == 4 and parts[2] == kind and parts[3] == f"{name}.json":
+            found.append((parts[1], _read(store, rel)))
+    if not found:
+        return None, None
+    return max(found, key=lambda x: (_epoch((x[1] or {}).get("heartbeat")) or 0,
+                                     _epoch((x[1] or {}).get("updated")) or 0))
 
-    out: dict[str, Any] = {"domains": {}, "stages": {}}
-    dm = _read_json(store, "data/download_manifest.json")
-    if dm is None:
-        out["stages"]["download"] = ("not run", "")
+
+def cause_line(text: Any, limit: int = 300) -> str:
+    """One line of an error text: its first line (the cause, by the contract of pipeline.train), or for a
+    bare traceback its last line (the exception)."""
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return (lines[-1] if lines[0].startswith("Traceback") else lines[0])[:limit]
+
+
+# ---- domains -----------------------------------------------------------------------------------------
+
+@dataclass
+class DomainState:
+    domain: str
+    state: str
+    cause: Optional[str] = None          # why it is not finished (a failed domain's error, cause first)
+    run: Optional[str] = None            # the run whose state file was read
+    val_loss: Optional[float] = None
+    adapter_uri: Optional[str] = None
+    record: Optional[dict] = field(default=None, repr=False)   # the state file, as read
+
+    def detail(self) -> str:
+        """One line for the status table."""
+        if self.state == "finished":
+            vl = "?" if self.val_loss is None else f"{float(self.val_loss):.4f}"
+            return f"val loss {vl}; adapter {self.adapter_uri}"
+        return cause_line(self.cause)
+
+
+def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional[dict] = None,
+                 now: Optional[float] = None, listing: Optional[list[str]] = None) -> DomainState:
+    """One domain's state. In this order:
+
+    1. its state file cannot be read -> unknown
+    2. adapters/<domain>/training_report.json says finished -> finished (a trial moves an older report
+       aside when it starts, so a report there is the newest attempt's)
+    3. its state file says failed / skipped / interrupted -> that, with the recorded cause
+    4. its state file says running -> running or stale (``liveness``)
+    5. its state file says finished, but the training report is gone -> not started (it will be trained again)
+    6. no state file: data/manifest.json marks the domain empty -> skipped; else not started
+    """
+    run, rec = _newest_record(store, "domains", domain, run_name, listing)
+    rep = _read(store, f"adapters/{domain}/training_report.json")
+    out = DomainState(domain, "not started", run=run, record=rec)
+    if isinstance(rec, Unreadable):
+        out.state, out.cause = "unknown", f"runs/{run}/domains/{domain}.json is not valid JSON"
+        return out
+    state = (rec or {}).get("state")
+    if rep is not None and not isinstance(rep, Unreadable) and rep.get("status", "finished") == "finished":
+        out.state = "finished"
+    elif state in ("failed", "skipped", "interrupted"):
+        out.state = state
+        out.cause = rec.get("error") or f"{state} (no cause recorded)"
+    elif state == "running":
+        out.state, live = liveness(rec, now)
+        out.cause = ("training did not finish: " + live) if out.state == "stale" else f"training: {live}"
+    elif state == "finished":
+        out.cause = (f"recorded as finished, but adapters/{domain}/training_report.json is gone: "
+                     "the next `adapters train` trains it again")
+    elif state is not None:
+        out.state = str(state)
+    elif isinstance(rep, Unreadable):
+        out.state, out.cause = "unknown", f"adapters/{domain}/training_report.json is not valid JSON"
     else:
-        srcs = dm.get("sources", {}) if isinstance(dm, dict) else {}
-        counts: dict[str, int] = {}
-        for e in srcs.values():
-            counts[e.get("status", "?")] = counts.get(e.get("status", "?"), 0) + 1
-        out["stages"]["download"] = ("done", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    if store.is_file("data/_SUCCESS"):
-        man = _read_json(store, "data/manifest.json") or {}
-        doms = man.get("domains", {}) if isinstance(man, dict) else {}
-        out["stages"]["prepare"] = ("finished", f"{len(doms)} domain(s) in data/manifest.json" if doms else "")
-    elif store.exists("data/manifest.json") or store.list_files("data/sft"):
-        out["stages"]["prepare"] = ("incomplete", "data/ has files but no _SUCCESS: re-run prepare")
-    else:
-        out["stages"]["prepare"] = ("not started", "")
-    if store.is_file("report/summary.json"):
-        out["stages"]["report"] = ("written", store.uri_of("report/summary.html") if store.is_file("report/summary.html")
-                                   else store.uri_of("report/summary.json"))
-    else:
-        out["stages"]["report"] = ("not written", "")
-
-    for dom in domains:
-        cand = states.get(dom, [])
-        run, st = max(cand, key=lambda x: _ts_key(x[1].get("updated"))) if cand else (None, None)
-        report = _read_json(store, f"adapters/{dom}/training_report.json") if dom in adapters else None
-        row: dict[str, Any] = {"run": run}
-        state = (st or {}).get("state")
-        if st is not None and st.get("_unreadable"):
-            row.update(state="unknown", detail=f"runs/{run}/domains/{dom}.json is not valid JSON")
-        elif state == "finished" or (state is None and report is not None):
-            vl = (st or {}).get("val_loss")
-            if vl is None and report and not report.get("_unreadable"):
-                vl = report.get("val_loss")
-            uri = (st or {}).get("adapter_uri") or (report or {}).get("adapter_uri") or store.uri_of(f"adapters/{dom}")
-            row.update(state="finished", detail=f"val loss {_fmt_loss(vl)}; adapter {uri}", val_loss=vl)
-        elif state == "failed":
-            err = str(st.get("error") or "no cause recorded").strip().splitlines()
-            row.update(state="failed", detail=(err[-1] if err else "")[:300], error=st.get("error"))
-        elif state == "running":
-            row.update(state="running", detail=f"updated {_age(st.get('updated'))}".strip()
-                       + (f"; an older adapter exists (val loss {_fmt_loss(report.get('val_loss'))})"
-                          if report and not report.get("_unreadable") else ""))
-        elif state == "skipped":
-            row.update(state="skipped", detail=str(st.get("error") or ""))
-        elif state is not None:
-            row.update(state=str(state), detail="")
+        dman = ((manifest or {}).get("domains") or {}).get(domain) or {}
+        if dman.get("status") == "empty":
+            out.state = "skipped"
+            out.cause = f"no data: {dman.get('reason') or 'the domain has no records'}"
         else:
-            row.update(state="not started", detail="")
-        out["domains"][dom] = row
+            out.cause = "not trained: no training report and no state file"
+    if out.state == "finished":
+        rep_ok = rep if isinstance(rep, dict) and not isinstance(rep, Unreadable) else {}
+        out.cause = None
+        out.val_loss = rep_ok.get("val_loss", (rec or {}).get("val_loss"))
+        out.adapter_uri = rep_ok.get("adapter_uri") or (rec or {}).get("adapter_uri") or store.uri_of(f"adapters/{domain}")
     return out
 
+
+# ---- stages --------------------------------------------------------------------------------------------
+
+@dataclass
+class StageState:
+    state: str
+    detail: str = ""
+
+
+def _recorded(rec: Optional[dict], now: Optional[float]) -> Optional[StageState]:
+    """The state a stage record gives, or None without one."""
+    if rec is None:
+        return None
+    if isinstance(rec, Unreadable):
+        return StageState("unknown", "its record under runs/ is not valid JSON")
+    state = rec.get("state")
+    if state == "running":
+        return StageState(*liveness(rec, now))
+    return StageState(str(state or "unknown"), cause_line(rec.get("error")))
+
+
+def prepare_state(store, run_name: Optional[str], now: Optional[float] = None,
+                  listing: Optional[list[str]] = None) -> StageState:
+    """finished (data/_SUCCESS), running, stale, failed, interrupted (also: partial output and no record
+    saying otherwise) or not started."""
+    _, rec = _newest_record(store, "stages", "prepare", run_name, listing)
+    recorded = _recorded(rec, now)
+    if recorded is not None and recorded.state == "running":
+        return recorded
+    if store.is_file("data/_SUCCESS"):
+        man = _read(store, "data/manifest.json") or {}
+        doms = man.get("domains") or {}
+        return StageState("finished", f"{len(doms)} domain(s) in data/manifest.json" if doms else "")
+    partial = any(f != "data/download_manifest.json" for f in store.list_files("data"))
+    if recorded is not None and recorded.state not in ("finished",):
+        if partial and recorded.state == "stale":
+            recorded.detail += "; data/ holds partial output"
+        return recorded
+    if partial:
+        return StageState("interrupted", "data/ holds partial output and no _SUCCESS (prepare stopped before "
+                                         "the end): run `adapters prepare` again; it resumes")
+    return StageState("not started")
+
+
+def collect_status(store, run_name: Optional[str], domains: Optional[list[str]],
+                   now: Optional[float] = None) -> dict[str, Any]:
+    """{'stages': {stage: StageState}, 'domains': {domain: DomainState}} from an output Store."""
+    manifest = _read(store, "data/manifest.json")
+    manifest = None if isinstance(manifest, Unreadable) else manifest
+    listing = store.list_files("runs", suffix=".json") if run_name is None else None
+    if domains is None:
+        found = {r.split("/")[3][:-5] for r in (listing or []) if len(r.split("/")) == 4 and r.split("/")[2] == "domains"}
+        found |= {r.split("/")[1] for r in store.list_files("adapters", suffix="training_report.json")
+                  if len(r.split("/")) == 3}
+        domains = list(DOMAINS) + sorted(found - set(DOMAINS))
+    doms = {d: domain_state(store, run_name, d, manifest, now, listing) for d in domains}
+
+    stages: dict[str, StageState] = {}
+    dm = _read(store, "data/download_manifest.json")
+    if dm is None:
+        stages["download"] = StageState("not started")
+    elif isinstance(dm, Unreadable):
+        stages["download"] = StageState("unknown", "data/download_manifest.json is not valid JSON")
+    else:
+        counts: dict[str, int] = {}
+        for e in (dm.get("sources") or {}).values():
+            counts[e.get("status", "?")] = counts.get(e.get("status", "?"), 0) + 1
+        stages["download"] = StageState("finished", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    stages["prepare"] = prepare_state(store, run_name, now, listing)
+    stages["train"] = train_state(list(doms.values()),
+                                  _recorded(_newest_record(store, "stages", "train", run_name, listing)[1], now))
+    if store.is_file("report/summary.json"):
+        stages["report"] = StageState("finished", store.uri_of("report/summary.html") if store.is_file("report/summary.html")
+                                      else store.uri_of("report/summary.json"))
+    else:
+        stages["report"] = (_recorded(_newest_record(store, "stages", "report", run_name, listing)[1], now)
+                            or StageState("not started"))
+    return {"stages": stages, "domains": doms}
+
+
+def train_state(domains: list[DomainState], recorded: Optional[StageState]) -> StageState:
+    """The train stage: its record when there is one, else what its domains say; the detail counts them."""
+    counts: dict[str, int] = {}
+    for d in domains:
+        counts[d.state] = counts.get(d.state, 0) + 1
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATES if s in counts)
+    if recorded is None:
+        first = next((s for s in ("running", "stale", "interrupted", "failed", "unknown") if s in counts), None)
+        recorded = StageState(first or ("not started" if set(counts) <= {"not started"} else "finished"))
+    recorded.detail = "; ".join(x for x in (recorded.detail, summary) if x)
+    return recorded
+
+
+# ---- the record the CLI keeps of a stage ----------------------------------------------------------------
+
+class StageRecord:
+    """runs/<run>/stages/<stage>.json while the CLI runs a stage: "running" with the driver's pid and host and
+    a heartbeat a thread refreshes every HEARTBEAT_S; on exit finished, interrupted (KeyboardInterrupt) or
+    failed (the exception's first line). Writing it never fails the stage (a warning is logged)."""
+
+    def __init__(self, store, run_name: str, stage: str, command: str):
+        self.store, self.rel = store, f"runs/{run_name}/stages/{stage}.json"
+        self.base = {"stage": stage, "command": command, "pid": os.getpid(), "host": socket.gethostname()}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._warned = False
+
+    def write(self, state: str, error: Optional[str] = None) -> None:
+        now = utc_now()
+        rec = {**self.base, "state": state, "error": error, "updated": now}
+        if state == "running":
+            rec["heartbeat"] = now
+        try:
+            self.store.write_json(self.rel, rec)
+        except Exception as e:  # noqa: BLE001 - the stage's own work decides its outcome, not its record
+            if not self._warned:
+                import logging
+                logging.getLogger(__name__).warning("could not write %s: %s", self.store.uri_of(self.rel), e)
+                self._warned = True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self.write("running")
+
+    def __enter__(self) -> "StageRecord":
+        self.write("running")
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.base['stage']}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if exc_type is None:
+            self.write("finished")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.write("interrupted", "stopped by Ctrl-C or SIGTERM")
+        else:
+            from pipeline.errors import UserFacingError
+            self.write("failed", str(exc) if isinstance(exc, UserFacingError) else f"{exc_type.__name__}: {exc}")
+        return False
+
+
+# ---- `adapters status` -------------------------------------------------------------------------------------
 
 def _print_table(rows: list[tuple[str, str, str]], head: tuple[str, str, str]) -> None:
     w0 = max(len(r[0]) for r in rows + [head])
@@ -160,8 +392,8 @@ def run_status(config_path: Optional[str] = None, output: Optional[str] = None,
     elif output:
         uri = output
     else:
-        from pipeline.errors import UserFacingError
-        raise UserFacingError("status needs --output URI (or --config FILE)")
+        from pipeline.errors import UsageError
+        raise UsageError("status needs --output URI (or --config FILE)")
     try:
         store = Store(uri, storage_cfg)
         if not store.exists(""):
@@ -170,11 +402,11 @@ def run_status(config_path: Optional[str] = None, output: Optional[str] = None,
         if wanted:
             domains = list(wanted)
         st = collect_status(store, run_name, domains)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - an unreadable output is this command's answer
         print(f"cannot read {uri}: {type(e).__name__}: {e}")
         return 1
     print(f"output: {store.uri}" + (f"   run: {run_name}" if run_name else ""))
-    _print_table([(k, v[0], v[1]) for k, v in st["stages"].items()], ("stage", "state", "detail"))
+    _print_table([(k, v.state, v.detail) for k, v in st["stages"].items()], ("stage", "state", "detail"))
     print()
-    _print_table([(d, r["state"], r["detail"]) for d, r in st["domains"].items()], ("domain", "state", "detail"))
+    _print_table([(d, r.state, r.detail()) for d, r in st["domains"].items()], ("domain", "state", "detail"))
     return 0

@@ -141,8 +141,8 @@ def stop_cluster(temp_dir: Path, grace_s: float = 5.0) -> int:
 def missing_dashboard_deps() -> list[str]:
     """Modules that ``ray[default]`` adds and the dashboard's job server needs, if absent."""
     import importlib.util
-    return [m for m in ("aiohttp", "aiohttp_cors", "opencensus", "prometheus_client", "grpc")
-            if importlib.util.find_spec(m) is None]
+    from pipeline.raycluster import DASHBOARD_MODULES
+    return [m for m in DASHBOARD_MODULES if importlib.util.find_spec(m) is None]
 
 
 def wait_for_dashboard(url: str, headers: dict[str, str], timeout_s: float = 120) -> None:

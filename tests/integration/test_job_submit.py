@@ -36,14 +36,16 @@ SUBMIT = [sys.executable, "-m", "jobs.submit"]
 # inside a submitted job (no runtime_env conflict), a remote task that sees the job's env_vars,
 # and a look at what the working_dir shipped.
 TRIVIAL = r"""
-import json, logging, os, ray
+import json, logging, os, ray, warnings
 logging.basicConfig(level=logging.INFO)
 from pipeline.config import load_config
 from pipeline.raycluster import ensure_ray
 ensure_ray(load_config("configs/demo.yaml"))
 @ray.remote(num_cpus=0.1)
 def probe():
-    return {"tok_par": os.environ.get("TOKENIZERS_PARALLELISM"), "cwd_files": sorted(os.listdir("."))}
+    return {"tok_par": os.environ.get("TOKENIZERS_PARALLELISM"), "cwd_files": sorted(os.listdir(".")),
+            "setup_hook": getattr(warnings.showwarning, "__module__", None),
+            "worker_ray_address": os.environ.get("RAY_ADDRESS"), "gcs": ray.get_runtime_context().gcs_address}
 out = ray.get(probe.remote())
 out["driver_files"] = sorted(os.listdir("."))
 out["fixtures_raw"] = os.path.isdir("fixtures/raw")
@@ -112,6 +114,8 @@ def test_trivial_job_through_submit_path(ray_head: RayHead, tmp_path: Path) -> N
     assert "PROBE {" in printed.out                    # tail_job_logs streamed the job's output
     probe = json.loads("{" + logs.split("PROBE {", 1)[1].splitlines()[0])
     assert probe["tok_par"] == "false"                 # the job's env_vars reach the workers
+    assert probe["setup_hook"] == "pipeline.logs"      # worker_process_setup_hook ran in the job's worker
+    assert probe["worker_ray_address"] == probe["gcs"]
     assert probe["fixtures_raw"] is True               # the demo's fixtures ship
     for never in (".venv", ".git", "output", "test-artifacts", ".devbundle", ".whl"):
         assert never not in probe["driver_files"], f"{never} was shipped with the job"

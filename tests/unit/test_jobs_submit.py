@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs import submit as js
-from pipeline.raycluster import driver_runtime_env, submitted_job_config
+from pipeline.raycluster import WORKER_SETUP_HOOK, driver_runtime_env, submitted_job_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-VALUE-never-shipped-0123456789"
@@ -151,7 +151,12 @@ def test_raycluster_inside_a_job_adds_only_missing_env() -> None:
            "metadata": {"job_name": "x"}}
     environ = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
     assert submitted_job_config(environ) == job
-    assert driver_runtime_env(job, {}) is None                 # nothing to add: no conflict possible
+    # env vars the job sets are not set again (Ray refuses a conflicting driver runtime_env); the worker
+    # setup hook is added, as the job sets none
+    assert driver_runtime_env(job, {}) == {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     assert driver_runtime_env({"runtime_env": {}}, {}) == {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                                                       "PYTHONUNBUFFERED": "1"}}
+                                                                       "PYTHONUNBUFFERED": "1"},
+                                                          "worker_process_setup_hook": WORKER_SETUP_HOOK}
+    own_hook = {"runtime_env": {**job["runtime_env"], "worker_process_setup_hook": "mine.setup"}}
+    assert driver_runtime_env(own_hook, {}) is None          # the job's own hook stays; nothing to add
     assert submitted_job_config({}) is None

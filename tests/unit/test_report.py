@@ -174,11 +174,11 @@ def test_no_secrets_in_any_report_file(cfg):
 
 
 def test_partial_inputs_do_not_crash(cfg):
-    """Nothing but a config: every domain missing, no matrix, no data card; still a full report."""
+    """Nothing but a config: every domain not started, no matrix, no data card; still a full report."""
     store = Store(cfg.output)
     out = run_report(cfg)
     s = store.read_json("report/summary.json")
-    assert {d["status"] for d in s["domains"].values()} == {"missing"}
+    assert {d["status"] for d in s["domains"].values()} == {"not started"}
     assert all("not trained" in d["cause"] for d in s["domains"].values())
     assert s["eval_matrix"] is None and "no eval/matrix.json" in s["eval_matrix_note"]
     assert s["data"]["available"] is False and "prepare not run" in s["data_note"]
@@ -198,7 +198,7 @@ def test_damaged_and_running_inputs(cfg):
     store.write_text("eval/matrix.json", "[]")
     run_report(cfg)
     s = store.read_json("report/summary.json")
-    assert s["domains"]["medicine"]["status"] == "missing"
+    assert s["domains"]["medicine"]["status"] == "stale"  # "running" with no heartbeat and no driver to check
     assert "did not finish" in s["domains"]["medicine"]["cause"]
     assert s["domains"]["debate"]["val_ppl"] == pytest.approx(math.exp(rep["val_loss"]))
     assert s["eval_matrix"] is None

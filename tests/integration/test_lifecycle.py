@@ -1,0 +1,275 @@
+"""A run's lifecycle, with real `adapters` processes and a real local Ray (issue 18, items 2, 5 and 6):
+
+- the demo run: exit 0, at most 80 console lines (of which `make demo` adds 2), the log file has the rest;
+  the report and `adapters status` agree on every domain
+- a failing domain (fault injection): exit 1, the failed domain and its cause printed last
+- Ctrl-C (SIGINT to the process group, as a terminal sends it) during prepare and during training: exit 130,
+  one line and no traceback, state `interrupted`, none of the run's processes left after a bound
+- SIGKILL of the driver: the local Ray's processes are gone within a bound (Ray alone leaves its dashboard
+  and runtime-env agents for ~60 s); `adapters status` then says `stale`, not `running`
+- another `ray start` cluster on the machine (its own HOME and temp dir): a local run does not join it,
+  with and without RAY_ADDRESS=local
+
+Ctrl-C during training needs the train side of the contract (pipeline/train stops the trials, writes
+`interrupted` state files and raises KeyboardInterrupt again).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import psutil
+import pytest
+
+from pipeline.status import STALE_AFTER_S, collect_status
+from pipeline.storage import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+FIXTURES_RAW = ROOT / "fixtures" / "raw"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+ORPHAN_BOUND_S = 20   # a local Ray's processes must be gone this long after its driver is
+MAKE_DEMO_LINES = 2   # `make demo` echoes the command and the report's path
+
+
+class Run:
+    """An `adapters` process in a session of its own; SIGINT at its default, as in a terminal."""
+
+    def __init__(self, tmp: Path, *argv: str, env: Optional[dict] = None, name: str = "run"):
+        self.log = tmp / f"{name}.console"
+        e = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
+        e.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=ROOT, env=e,
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.seen: set[int] = set()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def lines(self) -> list[str]:
+        return self.text().splitlines()
+
+    def remember_descendants(self) -> None:
+        try:
+            self.seen |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.Error:
+            pass
+
+    def wait_until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            self.remember_descendants()
+            if cond():
+                return
+            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}:\n{self.text()[-4000:]}"
+            time.sleep(0.5)
+        raise AssertionError(f"no {what} within {timeout}s:\n{self.text()[-4000:]}")
+
+    def wait(self, timeout: float = 600) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def left_after(self, bound_s: float) -> list[str]:
+        """The run's processes (seen while it ran) still alive ``bound_s`` after the driver ended."""
+        deadline = time.time() + bound_s
+        while True:
+            alive = []
+            for pid in self.seen:
+                try:
+                    p = psutil.Process(pid)
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(f"{pid} {' '.join(p.cmdline())[:120]}")
+                except psutil.Error:
+                    continue
+            if not alive or time.time() > deadline:
+                return alive
+            time.sleep(0.5)
+
+
+def console_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`make demo`'s command, once for the module: (output dir, Run)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    out = tmp / "out"
+    run = Run(tmp, "run", "--config", DEMO, "--output", str(out), name="demo")
+    rc = run.wait(timeout=800)
+    assert rc == 0, run.text()[-6000:]
+    return out, run
+
+
+def test_demo_is_quiet_and_its_log_file_complete(demo):
+    out, run = demo
+    lines = console_lines(run.text())
+    assert len(lines) + MAKE_DEMO_LINES <= 80, "\n".join(lines)
+    assert not any(re.search(r"Reporting training result|Configuration for experiment|Tuner\.restore|"
+                             r"streaming_executor|FutureWarning|kernels-community|PYTHON worker processes", ln)
+                   for ln in lines), "\n".join(lines)
+    assert any(re.search(r"Ray cluster: .*; dashboard: http://", ln) for ln in lines)
+    logs = list((out / "runs" / "demo" / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in lines[0]
+    text = logs[0].read_text()
+    assert "Reporting training result" in text and "Configuration for experiment" in text
+    assert all(ln.split(" ", 2)[-1] in text for ln in lines if " INFO pipeline" in ln)
+    print(f"demo console: {len(lines)} lines (+{MAKE_DEMO_LINES} from make); log file: {len(text.splitlines())} lines")
+
+
+def test_demo_report_and_status_agree(demo):
+    out, _ = demo
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    st = collect_status(Store(str(out)), "demo", None)
+    assert {d: r["status"] for d, r in summary["domains"].items()} == {d: s.state for d, s in st["domains"].items()} \
+        == {d: "finished" for d in ("debate", "medicine", "education", "ecology")}
+    assert {k: v.state for k, v in st["stages"].items()} == {s: "finished" for s in ("download", "prepare", "train", "report")}
+
+
+def test_failing_domain_exits_1_with_its_cause_last(demo, tmp_path):
+    out, _ = demo
+    shutil.rmtree(out / "adapters" / "ecology")   # to retrain it, as a user would; the others stay finished
+    run = Run(tmp_path, "train", "--config", DEMO, "--output", str(out), "--set", "run_name=faulty",
+              env={"DOMAIN_ADAPTERS_FAULTS": "ecology:raise"})
+    rc = run.wait()
+    lines = run.lines()
+    assert rc == 1, run.text()[-4000:]
+    tail = lines[-3:]
+    assert tail[0] == "error: 1 of 4 domain(s) did not finish:", run.text()[-4000:]
+    assert tail[1].split()[:2] == ["ecology", "failed:"] and "injected failure" in tail[1]
+    assert tail[2].strip().startswith("details: `adapters status")
+    st = collect_status(Store(str(out)), "faulty", None)["domains"]
+    assert {d: s.state for d, s in st.items()} == {"debate": "finished", "medicine": "finished",
+                                                   "education": "finished", "ecology": "failed"}
+
+
+def _big_climate_fever(raw: Path, files: int = 40, per_file: int = 1500) -> None:
+    """Enough unique Climate-FEVER records that prepare runs for a while (reads the bundled fixture)."""
+    src = [json.loads(ln) for ln in (FIXTURES_RAW / "climate_fever" / "dataset" / "climate-fever.jsonl")
+           .read_text().splitlines() if ln.strip()]
+    d = raw / "climate_fever" / "dataset"
+    d.mkdir(parents=True)
+    n = 0
+    for f in range(files):
+        with open(d / f"part-{f:03d}.jsonl", "w") as fh:
+            for i in range(per_file):
+                r = dict(src[i % len(src)])
+                n += 1
+                r["claim_id"], r["claim"] = str(n), f"{r['claim']} (variant {n})"
+                r["evidences"] = r["evidences"][:1]
+                fh.write(json.dumps(r) + "\n")
+
+
+def test_ctrl_c_during_prepare(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _big_climate_fever(raw)
+    argv = ["prepare", "--config", DEMO, "--output", str(out), "--raw-dir", str(raw), "--domains", "ecology",
+            "--set", "data.sources=[climate_fever]", "--set", "data.max_docs_per_source=1000000"]
+    run = Run(tmp_path, *argv)
+    run.wait_until(lambda: "Ray cluster:" in run.text(), 240, "local Ray")
+    time.sleep(3)   # into Ray Data's reading
+    run.remember_descendants()
+    assert not (out / "data" / "_SUCCESS").exists(), "prepare finished before the interrupt: make the data bigger"
+    os.killpg(run.proc.pid, signal.SIGINT)
+    rc = run.wait(timeout=120)
+    lines = run.lines()
+    after = lines[next(i for i, ln in enumerate(lines) if "Ray cluster:" in ln) + 1:]
+    assert rc == 130, run.text()[-4000:]
+    assert not any("Traceback" in ln for ln in lines), run.text()[-4000:]
+    assert [ln for ln in after if ln.startswith("interrupted")] == [
+        f"interrupted (Ctrl-C); finished work is kept. Resume with: adapters {shlex.join(argv)}"]
+    assert lines[-1].startswith("interrupted (Ctrl-C)")
+    assert run.left_after(ORPHAN_BOUND_S) == []
+    st = collect_status(Store(str(out)), None, ["ecology"])["stages"]["prepare"]
+    assert st.state == "interrupted", st
+
+
+def _fresh_train(tmp_path: Path, out: Path, run_name: str, **kw) -> Run:
+    shutil.rmtree(out / "adapters" / "debate", ignore_errors=True)
+    return Run(tmp_path, "train", "--config", DEMO, "--output", str(out), "--domains", "debate",
+               "--set", f"run_name={run_name}", "--set", "train.max_steps=400", "--set", "train.checkpoint_every=50",
+               name=run_name, **kw)
+
+
+def _training(out: Path, run_name: str) -> Callable[[], bool]:
+    def cond() -> bool:
+        f = out / "runs" / run_name / "domains" / "debate.json"
+        try:
+            return json.loads(f.read_text()).get("state") == "running"
+        except (OSError, ValueError):
+            return False
+    return cond
+
+
+def test_ctrl_c_during_training(demo, tmp_path):
+    """Waits for the train side of the contract (interrupted state files, KeyboardInterrupt re-raised)."""
+    out, _ = demo
+    run = _fresh_train(tmp_path, out, "ctrlc")
+    run.wait_until(_training(out, "ctrlc"), 300, "a running trial")
+    time.sleep(5)
+    run.remember_descendants()
+    os.killpg(run.proc.pid, signal.SIGINT)
+    rc = run.wait(timeout=180)
+    lines = run.lines()
+    assert rc == 130, run.text()[-4000:]
+    assert not any("Traceback" in ln for ln in lines) and lines[-1].startswith("interrupted (Ctrl-C)")
+    assert sum(ln.startswith("interrupted") for ln in lines) == 1 and not any("Tuner.restore" in ln for ln in lines)
+    assert run.left_after(ORPHAN_BOUND_S) == []
+    st = collect_status(Store(str(out)), "ctrlc", ["debate"])
+    assert st["domains"]["debate"].state == "interrupted" and st["stages"]["train"].state == "interrupted"
+    assert not (out / "adapters" / "debate" / "training_report.json").exists()   # the trial was stopped
+
+
+def test_sigkill_leaves_no_ray_processes_and_status_says_stale(demo, tmp_path):
+    out, _ = demo
+    run = _fresh_train(tmp_path, out, "killed")
+    run.wait_until(_training(out, "killed"), 300, "a running trial")
+    time.sleep(3)
+    run.remember_descendants()
+    assert any("raylet" in " ".join(psutil.Process(p).cmdline()) for p in run.seen if psutil.pid_exists(p))
+    t0 = time.time()
+    run.proc.send_signal(signal.SIGKILL)   # the driver only, as the OOM killer would
+    run.wait(timeout=30)
+    left = run.left_after(ORPHAN_BOUND_S)
+    assert left == [], left
+    print(f"SIGKILL: the run's {len(run.seen)} processes gone {time.time() - t0:.1f}s after the driver")
+    later = time.time() + STALE_AFTER_S + 1
+    st = collect_status(Store(str(out)), "killed", ["debate"], now=later)
+    assert st["domains"]["debate"].state == "stale" and st["stages"]["train"].state == "stale"
+    now = collect_status(Store(str(out)), "killed", ["debate"])
+    assert now["stages"]["train"].state in ("running", "stale")   # within the bound, the heartbeat is recent
+
+
+def test_a_local_run_does_not_join_another_ray_start_cluster(tmp_path):
+    from tests.fixtures_ray import start_head, stop_cluster
+    head = start_head(num_cpus=1)
+    try:
+        base = head.temp_dir.parent
+        assert (head.temp_dir / "ray_current_cluster").is_file()
+        foreign_sessions = set(head.temp_dir.glob("session_2*"))
+        home = tmp_path / "home"
+        home.mkdir()
+        env = {"RAY_TMPDIR": str(base), "HOME": str(home)}   # where a plain ray.init() finds that cluster
+        for name, extra in (("plain", {}), ("local", {"RAY_ADDRESS": "local"})):
+            run = Run(tmp_path, "prepare", "--config", DEMO, "--output", str(tmp_path / name), "--domains", "debate",
+                      "--set", "data.sources=[iam]", env={**env, **extra}, name=name)
+            rc = run.wait(timeout=300)
+            assert rc == 0, run.text()[-4000:]
+            port = head.address.rsplit(":", 1)[1]
+            assert re.search(rf"a Ray cluster started with `ray start` runs on this machine \([0-9.]+:{port}\); "
+                             r"this run starts its own local Ray", run.text()), run.text()
+            for s in foreign_sessions:
+                assert not list((s / "logs").glob(f"python-core-driver-*_{run.proc.pid}.log")), f"{name} joined it"
+    finally:
+        stop_cluster(head.temp_dir)
+        shutil.rmtree(head.temp_dir.parent, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""The CLI's exit status and messages for user errors (exit 2, one line, the right fix), failed domains
+(exit 1, causes last), and what `--help` says. In-process `main()`; no Ray is started by these cases."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import EXIT_STATUS, _verdict, main
+from pipeline.config import load_config
+from pipeline.raycluster import join_address, normalize_ray_address
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+
+
+def run(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
+    rc = main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out.splitlines(), cap.err.splitlines()
+
+
+def errors(err: list[str]) -> list[str]:
+    return [ln for ln in err if ln.startswith("error:")]
+
+
+def test_help_documents_the_exit_status(capsys):
+    for argv in (["--help"], ["run", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert EXIT_STATUS in out and "130  interrupted by Ctrl-C" in out
+        assert "--verbose" in out or argv == ["--help"]
+    readme = (ROOT / "README.md").read_text()
+    for code in ("| 0 |", "| 1 |", "| 2 |", "| 130 |"):
+        assert code in readme, f"README lacks the exit status row {code}"
+
+
+def test_train_before_any_prepare_is_one_line_with_the_fix(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "train", "--config", DEMO, "--output", str(out))
+    assert rc == 2
+    assert errors(err) == [f"error: no prepared data under {out}/data: run "
+                           f"`adapters prepare --config {DEMO} --output {out}` first"]
+    assert not any("Traceback" in ln for ln in err)
+
+
+def test_train_after_a_prepare_that_produced_nothing(tmp_path, capsys):
+    """A real prepare over an empty raw directory (missing sources allowed) finishes with no SFT data."""
+    out, raw = tmp_path / "out", tmp_path / "raw"
+    raw.mkdir()
+    rc, _, _ = run(capsys, "prepare", "--config", DEMO, "--output", str(out), "--raw-dir", str(raw),
+                   "--set", "data.allow_missing=true")
+    assert rc == 0 and (out / "data" / "_SUCCESS").is_file()
+    rc, _, err = run(capsys, "train", "--config", DEMO, "--output", str(out), "--domains", "debate,ecology")
+    assert rc == 2
+    (line,) = errors(err)
+    assert line.startswith("error: prepare produced no SFT data for debate, ecology (debate: no records")
+    assert "adapters download" in line and f"`adapters prepare --config {DEMO} --output {out}` again" in line
+    assert "first" not in line   # not "run prepare first": it ran
+
+
+def test_train_after_an_interrupted_prepare(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "data" / "_work" / "sources").mkdir(parents=True)
+    (out / "data" / "_work" / "sources" / "iam.json").write_text(json.dumps({"fingerprint": "x"}))
+    rc, _, err = run(capsys, "train", "--config", DEMO, "--output", str(out))
+    assert rc == 2
+    assert errors(err) == [f"error: prepare did not finish (interrupted): run "
+                           f"`adapters prepare --config {DEMO} --output {out}` again; it resumes"]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["domains=[debate,astrology]"], "error: domains lists 'astrology', which no source provides"),
+    (["data.sources=[iam]", "domains=[medicine]"], "error: domain 'medicine' has none of its sources"),
+    (["train.no_such_key=1"], "error: "),
+    (["train.max_steps=-3"], "error: "),
+])
+def test_config_and_domain_errors_exit_2_before_anything_runs(tmp_path, capsys, sets, message):
+    argv = ["run", "--config", DEMO, "--output", str(tmp_path / "out")]
+    for s in sets:
+        argv += ["--set", s]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2
+    assert len(errors(err)) == 1 and errors(err)[0].startswith(message), err
+    assert not (tmp_path / "out").exists()   # nothing ran, nothing written
+
+
+def test_failed_domains_are_listed_last_with_their_cause(capsys, tmp_path):
+    cfg = load_config(DEMO, output=str(tmp_path))
+    results = {"debate": {"status": "finished"}, "medicine": {"status": "finished", "skipped": True},
+               "ecology": {"status": "failed", "error": "RuntimeError: injected failure\nTraceback (most recent ..."},
+               "education": {"status": "skipped", "error": "no SFT data for domain education (...)"}}
+    assert _verdict({"debate": {"status": "finished"}, "medicine": {"status": "finished", "skipped": True}}, cfg, None) == 0
+    assert _verdict(results, cfg, None) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: 2 of 4 domain(s) did not finish:"
+    assert err[1].split() == ["ecology", "failed:", "RuntimeError:", "injected", "failure"]
+    assert err[2].split()[:3] == ["education", "skipped:", "no"]
+    assert err[3].strip().startswith("details: `adapters status --output")
+
+
+def test_ray_address_local_means_a_local_ray(monkeypatch, tmp_path):
+    cfg = load_config(DEMO, output=str(tmp_path))
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    normalize_ray_address(cfg)
+    assert "RAY_ADDRESS" not in os.environ and join_address(cfg) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert join_address(cfg) == "10.0.0.1:6379"
+    cfg.resources.ray_address = "local"   # the config's 'local' wins over the environment's address
+    normalize_ray_address(cfg)
+    assert join_address(cfg) is None and "RAY_ADDRESS" not in os.environ
+    assert join_address(cfg, {"RAY_ADDRESS": "local"}) is None
