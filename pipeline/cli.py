@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Optional
 
-from pipeline.config import SOURCE_DOMAIN, ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.errors import UsageError, UserFacingError
 
 log = logging.getLogger("pipeline")
@@ -144,24 +144,11 @@ def _dispatch(args, console) -> int:
         if unknown:
             raise ConfigError(f"--domains names {unknown}, which the config does not list (domains: {cfg.domains})")
         cfg.domains = wanted
-    check_domains(cfg)
     normalize_ray_address(cfg)
     if args.command == "doctor":
         from pipeline.doctor import run_doctor
         return run_doctor(cfg, load=args.load)
     return run_stages(cfg, args, console)
-
-
-def check_domains(cfg) -> None:
-    """Every selected domain must have a source, and a selected one: else nothing could ever be trained for it."""
-    for d in cfg.domains:
-        known = [s for s, dom in SOURCE_DOMAIN.items() if dom == d]
-        if not known:
-            raise UsageError(f"domains lists {d!r}, which no source provides (domains with sources: "
-                             f"{', '.join(sorted(set(SOURCE_DOMAIN.values())))}): remove it from domains")
-        if not any(s in cfg.data.sources for s in known):
-            raise UsageError(f"domain {d!r} has none of its sources ({', '.join(known)}) in data.sources: "
-                             f"add one to data.sources or remove {d!r} from domains")
 
 
 def _command(stage: str, args, cfg) -> str:

@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 from pipeline.redaction import redact_url
 
 # the built-in sources and their domains, derived from the registry (pipeline/sources: no heavy imports)
-from pipeline.sources import DOMAINS, SOURCES  # noqa: E402
+from pipeline.sources import BUILTIN, DOMAINS, SOURCES  # noqa: E402
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -330,11 +330,15 @@ class Config(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _default_domains(cls, d: Any) -> Any:
-        """Without a domains list: every built-in domain and every custom source's domain."""
+        """Without a domains list: the domains of the selected sources (data.sources, default all built-ins,
+        and every custom source), in registry order."""
         if isinstance(d, dict) and "domains" not in d:
-            custom = ((d.get("data") or {}).get("custom_sources") or []) if isinstance(d.get("data"), dict) else []
-            extra = [c["domain"] for c in custom if isinstance(c, dict) and isinstance(c.get("domain"), str)]
-            d = {**d, "domains": list(dict.fromkeys(list(DOMAINS) + extra))}
+            data = d.get("data") if isinstance(d.get("data"), dict) else {}
+            chosen = data.get("sources", list(SOURCES))
+            builtin = [BUILTIN[s].domain for s in SOURCES if isinstance(chosen, list) and s in chosen]
+            custom = [c["domain"] for c in data.get("custom_sources") or []
+                      if isinstance(c, dict) and isinstance(c.get("domain"), str)]
+            d = {**d, "domains": list(dict.fromkeys(builtin + custom)) or list(DOMAINS)}
         return d
 
     @field_validator("domains")
@@ -356,6 +360,12 @@ class Config(_Strict):
         if unknown:
             raise ValueError(f"domains names {unknown}, which no source provides; known domains: {', '.join(known)} "
                              "(to bring your own data, add a data.custom_sources entry with that domain)")
+        custom = {c.domain for c in self.data.custom_sources}
+        for d in self.domains:
+            own = [s for s, spec in BUILTIN.items() if spec.domain == d]
+            if d not in custom and not any(s in self.data.sources for s in own):
+                raise ValueError(f"domain {d!r} has none of its sources ({', '.join(own)}) in data.sources: add one "
+                                 f"to data.sources or remove {d!r} from domains")
         unknown = [d for d in self.train.per_domain if d not in self.domains]
         if unknown:
             raise ValueError(f"train.per_domain names {unknown}, which are not in domains {self.domains} "
@@ -471,19 +481,24 @@ def env_overrides(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
 
 
 def _format_validation_error(e: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+    """One line per problem, naming the key and the fix (one problem: one line in all)."""
+    lines = []
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent = ".".join(str(p) for p in err["loc"][:-1])
-            lines.append(f"  {key}: unknown key; remove it or fix its spelling"
+            lines.append(f"{key}: unknown key; remove it or fix its spelling"
                          + (f" (see the keys of {parent!r} in configs/default.yaml)" if parent else ""))
         elif err["type"] == "missing":
-            lines.append(f"  {key}: required; add it to the config or pass --set {key}=...")
+            lines.append(f"{key}: required; add it to the config or pass --set {key}=...")
+        elif not key:  # a rule across keys: its message names them
+            lines.append(msg)
         else:
-            lines.append(f"  {key}: {msg} (got {err.get('input')!r})")
-    return "\n".join(lines)
+            lines.append(f"{key}: {msg} (got {err.get('input')!r})")
+    if len(lines) == 1:
+        return f"invalid config ({source}): {lines[0]}"
+    return "\n".join([f"invalid config ({source}):"] + [f"  {x}" for x in lines])
 
 
 def _resolve_paths(d: dict, base_dir: Path) -> None:

@@ -15,33 +15,12 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def require_prepared_data(cfg, store) -> None:
-    """Fail at once, with the right fix, when there is nothing to train on."""
-    from pipeline.errors import UserFacingError
-    if not store.is_file("data/_SUCCESS"):
-        partial = bool(store.list_files("data/sft", ".parquet"))
-        raise UserFacingError(
-            f"no prepared data under {store.uri_of('data')}"
-            + (" (a prepare was interrupted: data/_SUCCESS is missing)" if partial else "")
-            + ": run `adapters prepare` with the same --config and --output first (or `adapters run`)")
-    manifest = store.read_json_or("data/manifest.json") or {}
-    doms = manifest.get("domains", {})
-    rows = {d: ((doms.get(d) or {}).get("sft_rows") or {}).get("train", 0) for d in cfg.domains}
-    if not any(rows.values()) and manifest:
-        reasons = "; ".join(f"{d}: {(doms.get(d) or {}).get('reason') or 'no SFT rows'}" for d in cfg.domains)
-        raise UserFacingError(
-            f"prepare produced no training examples for {', '.join(cfg.domains)} ({reasons}). Check that "
-            f"data.raw_dir ({cfg.data.raw_dir}) holds the sources (data/manifest.json under {store.uri} counts what "
-            "was read and quarantined, and why), then run `adapters prepare` again")
-
-
 def run_train(cfg) -> dict[str, dict]:
     from pipeline.raycluster import ensure_ray
     from pipeline.storage import open_store
     from pipeline.train.schedule import run_domains
 
     store = open_store(cfg)
-    require_prepared_data(cfg, store)
     ensure_ray(cfg)
     if cfg.model.base == "tiny":
         from pipeline.train.tiny import ensure_tiny

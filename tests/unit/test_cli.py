@@ -75,8 +75,8 @@ def test_train_after_an_interrupted_prepare(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sets, message", [
-    (["domains=[debate,astrology]"], "error: domains lists 'astrology', which no source provides"),
-    (["data.sources=[iam]", "domains=[medicine]"], "error: domain 'medicine' has none of its sources"),
+    (["domains=[debate,astrology]"], f"error: invalid config ({DEMO}): domains names ['astrology'], which no source provides"),
+    (["data.sources=[iam]", "domains=[medicine]"], f"error: invalid config ({DEMO}): domain 'medicine' has none of its sources"),
     (["train.no_such_key=1"], "error: "),
     (["train.max_steps=-3"], "error: "),
 ])

@@ -217,7 +217,7 @@ def test_report_and_status_agree_on_every_state(tmp_path):
     put(out, "runs/demo/domains/unk.json", "{not json")
     put(out, "data/manifest.json", {"domains": {"empty": {"status": "empty", "reason": "no records"}}})
     cfg = load_config(root / "configs" / "demo.yaml", output=str(out))
-    cfg.domains = domains
+    cfg = cfg.model_copy(update={"domains": domains})   # invented domain names, one per state word
     report = build_summary(cfg, Store(str(out)))["domains"]
     status = collect_status(Store(str(out)), "demo", domains)["domains"]
     assert {d: report[d]["status"] for d in domains} == {d: status[d].state for d in domains}
