@@ -56,6 +56,7 @@ NOISE = tuple(re.compile(p) for p in (
     r"(Starting execution of|Execution plan of) Dataset ",
     r"Dataset \S+ execution finished in",
     r"Progress bars disabled\. To enable",
+    r"Estimated parquet (encoding ratio|reader batch size)",
     # Ray Train V2: controller, workers, placement-group cleaner
     r"Reporting training result \d+: TrainingReport\(",
     r"Checkpoint successfully created at: ",
@@ -64,7 +65,7 @@ NOISE = tuple(re.compile(p) for p in (
     r"world_rank=\d+, local_rank=\d+, node_rank=\d+",
     r"Setting up process group for: ",
     r"Failed to query Ray Train Controller actor state",
-    r"Actor with class name: 'PreemptionWatcher'",
+    r"Actor with class name: '[^']+' and ID: '\w+' has constructor arguments in the object store",
     # Ray Tune (the pipeline prints its own summary and the `adapters` command that resumes)
     r"^[╭├╰│]",
     r"View detailed results here: ",

@@ -104,7 +104,7 @@ def tokenized_dataset(store, domain: str, cfg):
     finally:
         ctx.use_datasource_v2 = classic
     return ds.map_batches(Tokenize, fn_constructor_kwargs={"cfg": cfg}, batch_size=256, batch_format="numpy",
-                          concurrency=1, num_cpus=0)
+                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
 
 
 # ---- 3: examples in the worker -------------------------------------------------------------------

@@ -218,5 +218,5 @@ def fuse_lora(model, mode: str = "auto") -> int:
     if skipped:
         log.info("fused LoRA: %d layers patched, %d left to PEFT (unsupported base): %s", n, len(skipped), skipped[:4])
     else:
-        log.info("fused LoRA: %d layers patched", n)
+        log.debug("fused LoRA: %d layers patched", n)  # the training report has fused_lora_layers
     return n
