@@ -136,6 +136,7 @@ def run_ours(cfg, base: str, domain: str, targets: str, steps: int, variant: str
     return dict(who="project", variant=variant, targets=targets, real_tok_s=real, padded_tok_s=padded,
                 loss=sum(h["loss"] for h in hist[-5:]) / max(1, len(hist[-5:])),
                 losses=[round(h["loss"], 4) for h in rep["history"]["train"]],
+                step_s=[round(h["time"], 3) for h in rep["history"]["train"]],
                 peak_alloc_gb=rep["peak_memory_gb"],   # over the whole run (the trainer resets the stats per step)
                 peak_reserved_gb=rep.get("peak_reserved_gb") or torch.cuda.max_memory_reserved() / 2 ** 30,
                 checkpointing=rep.get("checkpointing"), fused_lora_layers=rep.get("fused_lora_layers"),

@@ -447,24 +447,22 @@ class DomainRecipe:
         micro = self._next_micro_batches()
         # the whole step's target count (all workers' rows): each worker's loss is its share of the mean
         n_targets = sum(e.n_target_tokens for rows in micro for row in rows for e in (examples[i] for i in row))
-        step_loss, tokens, widest, padded = 0.0, 0, 0, 0
+        # collated up front, and the loss read back once per step: the GPU never waits for the CPU in between
+        batches = [collate(examples, rows, pad) for rows in map(self.replicas.mine, micro) if rows]
+        summed = None
         if self.budget:
             self.budget.before_step()
-        for rows in micro:
-            rows = self.replicas.mine(rows)
-            if not rows:
-                continue
-            b = collate(examples, rows, pad)
+        for b in batches:
             ls = self.micro_loss(b)
             if self.budget:
                 self.budget.after_forward(b["input_ids"].numel())
             loss = ls / n_targets
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            step_loss += float(ls.detach())
-            tokens += b["n_tokens"]
-            padded += b["input_ids"].numel()
-            widest = max(widest, b["input_ids"].numel())
-        step_loss = self.replicas.sum_gradients(self.params, step_loss)
+            summed = ls.detach() if summed is None else summed + ls.detach()
+        tokens = sum(b["n_tokens"] for b in batches)
+        padded = sum(b["input_ids"].numel() for b in batches)
+        widest = max((b["input_ids"].numel() for b in batches), default=0)
+        step_loss = self.replicas.sum_gradients(self.params, float(summed) if summed is not None else 0.0)
         tokens, padded = (int(x) for x in self.replicas.sum([float(tokens), float(padded)]))
         if not math.isfinite(step_loss):
             raise NonFiniteLossError(

@@ -39,7 +39,7 @@ def _examples(tok, n=12):
 def test_gpu_nf4_packed_equals_unpacked(gpu_env, attn):
     import torch
     from pipeline.train.data import collate, plan_batches
-    from pipeline.train.loop import loss_sum
+    from pipeline.train.kernels import loss_sum
     from pipeline.train.model import add_lora, load_model, resolve_base
     if attn == "flash_attention_2":
         pytest.importorskip("flash_attn")
