@@ -242,3 +242,21 @@ def test_resume_keeps_the_best_adapter_of_before_the_crash(env, tmp_path):
     assert resumed["exported_step"] == full["exported_step"] < 10
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
     assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=1e-6)
+
+
+def test_a_huge_text_is_cut_by_characters_before_tokenizing(env):
+    """A 20 MB response (a record under data.max_record_chars can still be long) costs no more to
+    tokenize than a long document, and the tokens kept are those that tokenizing the whole text and
+    cutting by tokens keeps."""
+    import time
+    from pipeline.train.data import cut_prompt_response
+    _, _, tok = env
+    prompt, head = "Summarize the card.", "The plan solves the harm because " * 40
+    t0 = time.perf_counter()
+    ids, labels = tokenize_example(tok, "x" * 5_000_000 + prompt, head + "evidence " * 2_500_000, 128, True)
+    assert time.perf_counter() - t0 < 2.0
+    assert len(ids) == 128 and any(x != IGNORE for x in labels)
+    # 60k characters: long enough to be cut, short enough to tokenize whole for the reference
+    long_prompt, long_response = "word " * 12_000 + prompt, head + "evidence " * 6_000
+    p, r = cut_prompt_response(*encode_example(tok, long_prompt, long_response, "auto"), 128)
+    assert tokenize_example(tok, long_prompt, long_response, 128, True) == (p + r, [IGNORE] * len(p) + r)
