@@ -137,13 +137,8 @@ def _dispatch(args, console) -> int:
         from pipeline.status import run_status
         return run_status(config_path=args.config, output=args.output, sets=args.set, domains=_domains(args.domains))
     from pipeline.raycluster import normalize_ray_address
-    cfg = load_config(args.config, sets=args.set, raw_dir=args.raw_dir, output=args.output)
-    if args.domains:
-        wanted = _domains(args.domains)
-        unknown = [d for d in wanted if d not in cfg.domains]
-        if unknown:
-            raise ConfigError(f"--domains names {unknown}, which the config does not list (domains: {cfg.domains})")
-        cfg.domains = wanted
+    cfg = load_config(args.config, sets=args.set, raw_dir=args.raw_dir, output=args.output,
+                      domains=_domains(args.domains))
     normalize_ray_address(cfg)
     if args.command == "doctor":
         from pipeline.doctor import run_doctor

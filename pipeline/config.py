@@ -552,8 +552,12 @@ def load_config(path: Optional[str | Path] = None, sets: Optional[list[str]] = N
         _set_key(d, "data.raw_dir", str(Path(raw_dir).resolve()) if "://" not in raw_dir else raw_dir, "--raw-dir")
     if output:
         _set_key(d, "output", output if "://" in output else str(Path(output).resolve()), "--output")
-    if domains:
-        _set_key(d, "domains", domains, "--domains")
+    if domains:  # --domains narrows the config's list (validated with it: a domain's sources must be selected)
+        listed = d.get("domains")
+        unknown = [x for x in domains if isinstance(listed, list) and x not in listed]
+        if unknown:
+            raise ConfigError(f"--domains names {unknown}, which the config does not list (domains: {listed})")
+        _set_key(d, "domains", list(domains), "--domains")
     try:
         return Config.model_validate(d)
     except ValidationError as e:
