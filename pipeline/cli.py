@@ -4,6 +4,7 @@
                                                [--set key=value ...] [--domains a,b]
     adapters doctor --config FILE [--load]
     adapters status --output URI
+    adapters generate --output URI --domain D [--base] "prompt" ...   (pipeline/eval/generate.py)
 """
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--load", action="store_true", help="also load the base model in 4-bit and generate once")
     s = sub.add_parser("status", help="each domain's state from what is in the output tree")
     common(s, config_required=False)
+    g = sub.add_parser("generate", help="answers to prompts from the base model and domain adapters (pipeline/eval/generate.py)")
+    g.add_argument("prompt", nargs="*", help="prompt text(s)")
+    g.add_argument("--output", help="the run's output (local or s3://); its adapters and settings are used")
+    g.add_argument("--config", help="the run's YAML (default: the settings recorded with the adapters)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    g.add_argument("--domain", action="append", default=[], help="a domain whose adapter answers (repeatable, or a,b)")
+    g.add_argument("--base", action="store_true", help="the base model answers too")
+    g.add_argument("--prompts", help="a JSONL file with one {\"prompt\": ...} per line")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--out-file", help="also write the answers as JSONL here")
     return p
 
 
@@ -56,6 +68,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:
+        if args.command == "generate":
+            from pipeline.eval.generate import main_generate
+            return main_generate(args)
         if args.command == "status":
             from pipeline.status import run_status
             return run_status(config_path=args.config, output=args.output, sets=args.set, domains=_domains(args.domains))
