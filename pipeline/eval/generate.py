@@ -47,10 +47,10 @@ def read_prompts(path: str) -> list[str]:
 def config_from_output(output: str, domains: list[str], sets: Optional[list[str]] = None):
     """A Config for generating from a finished output without its YAML: what the adapters were trained
     with, from adapters/<domain>/training_report.json (the first finished one when only --base)."""
-    from pipeline.config import Config, ConfigError, _set_key
+    from pipeline.config import Config, ConfigError, _parse_scalar, _set_key
     from pipeline.storage import Store
     store = Store(output)
-    names = domains or sorted({f.split("/")[1] for f in store.list_files("adapters", "training_report.json")})
+    names = list(domains) + sorted({f.split("/")[1] for f in store.list_files("adapters", "training_report.json")})
     rep = next((store.read_json(f"adapters/{d}/training_report.json") for d in names
                 if store.is_file(f"adapters/{d}/training_report.json")), None)
     if rep is None:
@@ -63,7 +63,6 @@ def config_from_output(output: str, domains: list[str], sets: Optional[list[str]
          "resources": {"device": "cuda" if str(rep.get("device", "cpu")).startswith("cuda") else "cpu"}}
     for item in sets or []:
         k, _, v = item.partition("=")
-        from pipeline.config import _parse_scalar
         _set_key(d, k.strip(), _parse_scalar(v), "--set")
     try:
         return Config.model_validate(d)

@@ -256,3 +256,47 @@ def test_batched_generation_equals_one_at_a_time(tiny):
     together = generate_texts(model, tok, prompts, 12, "cpu", batch_tokens=4096)
     alone = [generate_texts(model, tok, [p], 12, "cpu", batch_tokens=4096)[0] for p in prompts]
     assert together == alone and any(together)
+
+
+# ---- the matrix and the report sections ----------------------------------------------------------------
+
+def _synthetic_scores(plan, ev):
+    """base right on a third of the choices, the domain's adapter on all but one; generations scored."""
+    out = {}
+    for model, right in (("base", lambda i: i % 3 == 0), ("medicine", lambda i: i != 1), ("debate", lambda i: i % 3 == 0)):
+        res = []
+        for i, it in enumerate(plan.items):
+            r = {"key": it.key, "loss_sum": 10.0 - (5.0 if model == "medicine" else 0.0) + i % 3, "n_tokens": 10}
+            if it.kind == "multiple_choice" and it.gold is not None:
+                pred = it.gold if right(i) else (it.gold + 1) % len(it.choices)
+                r.update(choice_ll=[0.0] * len(it.choices), pred=pred, pred_norm=pred)
+            if it.generate or it.side_by_side:
+                r["generation"] = f"<script>alert({i})</script> ``` answer {model}"
+                if it.generate:
+                    r.update(rouge_l=0.2 + 0.01 * i, f1=0.3)
+            res.append(r)
+        out[model] = {"medicine": mx.example_rows(plan, res)}
+    return out
+
+
+def test_matrix_verdicts_summary_and_escaped_report_sections():
+    from pipeline import report
+    ev = EvalConfig(generation_samples=4, side_by_side=2, bootstrap_resamples=500)
+    rows = [{"prompt": f"Abstract {i}. <b>Question</b>?", "response": ("Yes. Because." if i % 2 else "No. Because."),
+             "doc_id": f"p{i}", "source": "pubmed_qa", "task": "qa_with_context"} for i in range(40)]
+    rows += _rows(n_mc=0, n_free=6, bad=2)
+    plan = DatasetPlan(domain="medicine", items=tuple(build_items(rows, "medicine", registry(), ev)), test_rows=len(rows))
+    m = mx.build_matrix([plan], _synthetic_scores(plan, ev), ev)
+    assert m["models"] == ["base", "medicine", "debate"] and m["counts"]["medicine"]["multiple_choice_unscored"] == 2
+    v = m["verdicts"]["medicine"]
+    assert v["metric"] == "acc" and v["verdict"] == "better" and v["p"] < 1e-4 and v["n"] == 40
+    assert m["comparisons"]["medicine"]["medicine"]["loss"]["verdict"] == "better"          # lower loss
+    assert m["comparisons"]["debate"]["medicine"]["acc"]["verdict"] == "no significant difference"   # same answers
+    assert m["summary"]["off_diagonal"]["acc"] == {"cells": 1, "mean_difference": 0.0, "better": 0, "worse": 0,
+                                                   "no significant difference": 1}
+    assert m["tasks"]["medicine"]["pubmed_qa/qa_with_context"]["unscored"] == 2
+    md, page = "\n".join(report._eval_md(m)), "\n".join(report._eval_html(m))
+    assert "- **medicine**: better (accuracy +" in md and "### Tasks per domain" in md and "#### medicine, example 2" in md
+    assert "````text" in md                       # a longer fence than the generation's own ``` run
+    assert "<script>" not in page and "&lt;script&gt;alert(" in page and 'id="side-by-side-medicine"' in page
+    assert "&lt;b&gt;Question&lt;/b&gt;" in page or "<b>Question</b>" not in page
