@@ -18,7 +18,6 @@ models, data and eval settings are unchanged (``fingerprint``) keeps the existin
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -36,15 +35,14 @@ def _task_logging() -> None:
     logging.getLogger("pipeline").setLevel(logging.INFO)
 
 
-def evaluate_models(cfg, plans: list, models: list[str]) -> dict[str, dict[str, list[dict]]]:
-    """Ray task: score `models` ("base" and/or adapter names) on every plan; model -> dataset -> results."""
+def evaluate_models(cfg, plans: list, names: list[str]) -> dict[str, dict[str, list[dict]]]:
+    """Ray task: score the models `names` ("base" and/or adapter names) on every plan; model -> dataset -> results."""
     import torch
-    from pipeline.eval.scoring import TokenizedPlan, score_items, summary_line
+    from pipeline.eval.scoring import BaseAndAdapters, TokenizedPlan, score_items, summary_line
     from pipeline.storage import open_store
     from pipeline.train.device import worker_device
-    from pipeline.train.export import _local_dir
     from pipeline.train.kernels import apply_fused_kernels
-    from pipeline.train.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
+    from pipeline.train.model import load_model, load_tokenizer, resolve_base
     _task_logging()
     device = worker_device(cfg)
     if device == "cpu":
@@ -56,22 +54,9 @@ def evaluate_models(cfg, plans: list, models: list[str]) -> dict[str, dict[str, 
     apply_fused_kernels(model, device, cfg.train.fused_kernels)
     tokenized = {p.domain: TokenizedPlan(tok, p, cfg.train, cfg.eval.max_new_tokens) for p in plans}
     out: dict[str, dict[str, list[dict]]] = {}
-    peft = None
-    for name in models:
-        ctx = contextlib.nullcontext()
-        if name == "base":
-            target = peft or model
-            if peft is not None:
-                ctx = peft.disable_adapter()
-        else:
-            path = _local_dir(store, f"adapters/{name}")
-            if peft is None:
-                peft = load_adapter_onto(model, path, adapter_name=name)
-            else:
-                peft.load_adapter(path, adapter_name=name)
-            peft.set_adapter(name)
-            target = peft
-        with ctx:
+    models = BaseAndAdapters(model, store)
+    for name in names:
+        with models.use(name) as target:
             for p in plans:
                 t0 = time.time()
                 res = score_items(target, tok, tokenized[p.domain], p, device, cfg.eval, cfg.train,

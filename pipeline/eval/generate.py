@@ -74,11 +74,10 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
                  temperature: float = 0.0) -> list[dict]:
     """Every prompt through the base model (include_base) and each domain's adapter; one dict per answer."""
     import torch
-    from pipeline.eval.scoring import generate_texts, prompt_ids
+    from pipeline.eval.scoring import BaseAndAdapters, generate_texts, prompt_ids
     from pipeline.storage import open_store
     from pipeline.train.device import worker_device
-    from pipeline.train.export import _local_dir
-    from pipeline.train.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
+    from pipeline.train.model import load_model, load_tokenizer, resolve_base
     if not prompts:
         raise UserFacingError("no prompt: give one or more prompts as arguments or --prompts FILE.jsonl")
     if not domains and not include_base:
@@ -104,16 +103,11 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
         log.info("generate: %s answered %d prompt(s)", name, len(texts))
         return [{"model": name, "prompt": p, "output": o} for p, o in zip(prompts, texts)]
 
-    out = answers(model, "base") if include_base else []
-    peft = None
-    for d in domains:
-        path = _local_dir(store, f"adapters/{d}")
-        if peft is None:
-            peft = load_adapter_onto(model, path, adapter_name=d)
-        else:
-            peft.load_adapter(path, adapter_name=d)
-        peft.set_adapter(d)
-        out += answers(peft, d)
+    models = BaseAndAdapters(model, store)
+    out = []
+    for name in (["base"] if include_base else []) + domains:
+        with models.use(name) as m:
+            out += answers(m, name)
     return out
 
 

@@ -13,6 +13,7 @@
         batched (left-padded, longest first) greedy or sampled generation; flex attention is swapped for
         SDPA while generating (flex's decoding path is for >= 128 queries)
     score_items(model, tok, tp, plan, device, ev, side_by_side) -> one result dict per item
+    BaseAndAdapters(model, store).use(name)                 the base model or an adapter on it (PEFT switching)
 """
 from __future__ import annotations
 
@@ -32,6 +33,37 @@ MAX_GENERATION_BATCH = 64
 
 def _lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+class BaseAndAdapters:
+    """The base model loaded once and the output's adapters on top of it, switched with PEFT
+    (load_adapter / set_adapter; the base model itself through disable_adapter())."""
+
+    def __init__(self, model, store):
+        self.model, self.store, self.peft = model, store, None
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        """`with models.use("base" | domain) as m:` the model to run."""
+        from pipeline.train.export import _local_dir
+        from pipeline.train.model import load_adapter_onto
+        if name == "base":
+            if self.peft is None:
+                yield self.model
+            else:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            return
+        if self.peft is None or name not in self.peft.peft_config:
+            path = _local_dir(self.store, f"adapters/{name}")
+            if self.peft is None:
+                self.peft = load_adapter_onto(self.model, path, adapter_name=name)
+            else:
+                self.peft.load_adapter(path, adapter_name=name)
+        self.peft.set_adapter(name)
+        yield self.peft
 
 
 # ---- tokenization -------------------------------------------------------------------------------
