@@ -72,7 +72,9 @@ def prompt_ids(tok, prompt: str, template: str, max_len: int) -> list[int]:
     """The prompt in the training format, up to where the response starts; its end kept when too long."""
     from pipeline.train.data import CHARS_PER_TOKEN_BOUND
     from pipeline.train.model import encode_example
-    p, _ = encode_example(tok, prompt[-CHARS_PER_TOKEN_BOUND * max_len:], "", template)
+    # the prompt part does not depend on the response; a non-empty one keeps encode_example on the chat
+    # template's path exactly when training was on it
+    p, _ = encode_example(tok, prompt[-CHARS_PER_TOKEN_BOUND * max_len:], ".", template)
     return p[-max_len:]
 
 
