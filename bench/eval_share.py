@@ -4,7 +4,11 @@
                                [--max-examples N] [--generation-samples 64] [--max-new-tokens 128]
                                [--domains debate,medicine,education,ecology]
 
-What it does, one after the other (needs a CUDA GPU; about 5 minutes on an H200):
+Run it from the repository root with the project importable by Ray's workers too (installed, or
+PYTHONPATH=$PWD as docs/TRAINING.md's GPU recipe sets it).
+
+What it does, one after the other (needs a CUDA GPU; about 5 minutes on an H200, --steps and the
+eval sizes make it shorter):
   1. the project's prepare stage on --data and the bench's 7B random-weight Mistral-architecture base
      model (bench/train_throughput.py's: built once under --work, shared with that bench);
   2. each domain trained for --steps optimizer steps with configs/default.yaml's settings
