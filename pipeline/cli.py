@@ -4,6 +4,7 @@
                                                [--set key=value ...] [--domains a,b] [--verbose]
     adapters doctor --config FILE [--load]
     adapters status --output URI
+    adapters generate --output URI --domain D [--base] "prompt" ...   (pipeline/eval/generate.py)
 
 The CLI owns what a person sees of a run: the console and its log file (pipeline.logs), one line per
 user error, the failed domains listed last, one line on Ctrl-C with the command that resumes, the exit
@@ -66,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--load", action="store_true", help="also load the base model in 4-bit and generate once")
     s = sub.add_parser("status", help="each stage's and domain's state from what is in the output tree")
     common(s, config_required=False)
+    g = sub.add_parser("generate", help="answers to prompts from the base model and domain adapters (pipeline/eval/generate.py)")
+    g.add_argument("prompt", nargs="*", help="prompt text(s)")
+    g.add_argument("--output", help="the run's output (local or s3://); its adapters and settings are used")
+    g.add_argument("--config", help="the run's YAML (default: the settings recorded with the adapters)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    g.add_argument("--domain", action="append", default=[], help="a domain whose adapter answers (repeatable, or a,b)")
+    g.add_argument("--base", action="store_true", help="the base model answers too")
+    g.add_argument("--prompts", help="a JSONL file with one {\"prompt\": ...} per line")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--out-file", help="also write the answers as JSONL here")
+    g.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' own lines too")
     return p
 
 
@@ -133,6 +146,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _dispatch(args, console) -> int:
+    if args.command == "generate":
+        from pipeline.eval.generate import main_generate
+        return main_generate(args)
     if args.command == "status":
         from pipeline.status import run_status
         return run_status(config_path=args.config, output=args.output, sets=args.set, domains=_domains(args.domains))

@@ -299,6 +299,29 @@ class ResourcesConfig(_Strict):
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray started by the pipeline")
 
 
+class EvalConfig(_Strict):
+    """The evaluation after training (pipeline/eval, docs/EVALUATION.md): the base model and every adapter on
+    every domain's test split. train.eval_matrix: false also turns it off."""
+    enabled: bool = Field(True, description="evaluate after training (adapters train / run)")
+    max_examples: Optional[int] = Field(None, ge=1, description="test rows per domain scored for loss and multiple "
+                                        "choice (a seeded sample; None: all)")
+    generation_samples: int = Field(64, ge=0, description="free-text test rows per domain generated (greedy) and "
+                                    "scored with ROUGE-L and token F1 (a seeded sample)")
+    side_by_side: int = Field(5, ge=0, description="test prompts per domain shown in the report with the base "
+                              "model's and the domain adapter's answers")
+    max_new_tokens: int = Field(128, ge=1, description="tokens generated per answer")
+    tokens_per_batch: Optional[int] = Field(None, ge=64, description="packed tokens per scoring batch (None: 4 x "
+                                            "train.tokens_per_micro_batch: no gradients are kept)")
+    bootstrap_resamples: int = Field(1000, ge=100, description="resamples of each bootstrap 95% interval")
+    permutation_resamples: int = Field(10000, ge=100, description="sign patterns of a paired permutation test "
+                                       "(exact when 2**n is fewer)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of 'better' / 'worse'")
+    seed: int = Field(1234, description="samples, bootstrap and permutations")
+    workers: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
+        "auto", description="Ray tasks the models are spread over, each loading the base model once (auto: one per "
+        "GPU on CUDA, one on the CPU)")
+
+
 class StorageConfig(_Strict):
     endpoint_url: Optional[str] = Field(None, description="S3 endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     region: Optional[str] = Field(None, description="S3 region (else AWS_REGION / AWS_DEFAULT_REGION)")
@@ -319,6 +342,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("run_name")
     @classmethod

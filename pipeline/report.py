@@ -7,7 +7,8 @@ Reads (each may be missing: the report says so instead of failing)
     data/download_manifest.json               versions (revision / commit) of downloaded sources
     adapters/<domain>/training_report.json    a finished adapter's metrics and loss history
     runs/<run_name>/domains/<domain>.json     the domain's state (failed with its cause, skipped, running)
-    eval/matrix.json                          base + every adapter on every domain's test set
+    eval/matrix.json                          base + every adapter on every domain's test set: loss, task
+                                              metrics with intervals, verdicts, side-by-side generations
 Writes, through the output Store (local or s3://)
     report/summary.json   per domain and run-level facts (the contract in docs/ARCHITECTURE.md, 'Report')
     report/summary.md     the same as tables, plots linked
@@ -28,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -381,6 +383,167 @@ def _matrix_rows(matrix: dict, key: str) -> tuple[list[str], list[list[str]]]:
     return ["model \\ test set"] + ds, rows
 
 
+# ---- the evaluation sections (eval/matrix.json: pipeline/eval) ---------------------------------------
+
+EVAL_METRICS = {"loss": "test loss", "ppl": "test perplexity", "acc": "accuracy", "acc_norm": "accuracy (length-normalised)",
+                "rouge_l": "ROUGE-L (F)", "f1": "token F1"}
+TASK_METRICS = ("acc", "acc_norm", "rouge_l", "f1")
+
+
+def _nd(metric: str) -> int:
+    return 2 if metric == "ppl" else 3
+
+
+def _cell_text(c: Optional[dict], metric: str) -> str:
+    """value [low, high] (n=...) of one matrix cell."""
+    if not c or c.get("value") is None:
+        return "–"
+    nd = _nd(metric)
+    ci = f" [{_f(c.get('low'), nd)}, {_f(c.get('high'), nd)}]" if c.get("low") is not None else ""
+    return f"{_f(c['value'], nd)}{ci} (n={c.get('n')})"
+
+
+def _diff_text(c: dict, metric: str) -> str:
+    if c.get("difference") is None:
+        return "–"
+    nd = _nd(metric)
+    return f"{c['difference']:+.{nd}f} [{_f(c.get('low'), nd)}, {_f(c.get('high'), nd)}]"
+
+
+def _p_text(c: dict) -> str:
+    return "–" if c.get("p") is None else f"{c['p']:.3g} ({c.get('test')})"
+
+
+def _eval_has(matrix: dict, metric: str) -> bool:
+    return any((c or {}).get("value") is not None for per in ((matrix.get("metrics") or {}).get(metric) or {}).values()
+               for c in per.values())
+
+
+def _metric_matrix_rows(matrix: dict, metric: str) -> tuple[list[str], list[list[str]]]:
+    ds = list(matrix["datasets"])
+    vals = (matrix.get("metrics") or {}).get(metric) or {}
+    rows = [[m if m == "base" else f"adapter: {m}"] + [_cell_text(vals.get(m, {}).get(d), metric) for d in ds]
+            for m in matrix["models"]]
+    return ["model \\ test set"] + ds, rows
+
+
+def _verdict_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
+    """Each adapter against the base model on its own domain, every measured metric; the headline first."""
+    metrics, comps = matrix.get("metrics") or {}, matrix.get("comparisons") or {}
+    rows = []
+    for d in matrix["datasets"]:
+        head = (matrix.get("verdicts") or {}).get(d, {}).get("metric")
+        order = [head] + [m for m in ("loss", "acc", "acc_norm", "rouge_l", "f1") if m != head] if head else []
+        for m in order:
+            c = (comps.get(d) or {}).get(d, {}).get(m) or {}
+            if not c.get("n"):
+                continue
+            rows.append([d if m == head else "", EVAL_METRICS[m] + (" (headline)" if m == head else ""), _i(c["n"]),
+                         _cell_text(metrics.get(m, {}).get("base", {}).get(d), m),
+                         _cell_text(metrics.get(m, {}).get(d, {}).get(d), m), _diff_text(c, m), _p_text(c), c["verdict"]])
+    return ["domain", "metric", "paired examples", "base [95% CI]", "adapter [95% CI]", "difference [95% CI]",
+            "p (test)", "verdict"], rows
+
+
+def _interference_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for part, label in (("diagonal", "own domain"), ("off_diagonal", "other domains")):
+        for m, c in ((matrix.get("summary") or {}).get(part) or {}).items():
+            if c.get("cells"):
+                rows.append([label, EVAL_METRICS.get(m, m), _i(c["cells"]),
+                             "–" if c.get("mean_difference") is None else f"{c['mean_difference']:+.{_nd(m)}f}",
+                             _i(c.get("better")), _i(c.get("worse")), _i(c.get("no significant difference"))])
+    return ["adapters on", "metric", "cells", "mean difference vs base", "better", "worse", "no significant difference"], rows
+
+
+def _task_rows(matrix: dict, domain: str) -> tuple[list[str], list[list[str]]]:
+    """One domain's tasks (source/SFT task): kind, rows, rows not scored, base vs the domain's adapter."""
+    rows = []
+    for name, t in ((matrix.get("tasks") or {}).get(domain) or {}).items():
+        shown = [k for k in ("acc", "acc_norm", "rouge_l", "f1", "loss") if k in t.get("metrics", {})]
+        for k, m in enumerate(shown):
+            per = t["metrics"][m]
+            first = [name, t["kind"].replace("_", " "), _i(t["rows"]), _i(t.get("unscored"))] if k == 0 else ["", "", "", ""]
+            rows.append(first + [EVAL_METRICS[m], _cell_text(per.get("base"), m), _cell_text(per.get(domain), m)])
+    return ["task", "kind", "test rows", "not scored", "metric", "base [95% CI]", f"{domain} adapter [95% CI]"], rows
+
+
+def _fence(text: Optional[str]) -> list[str]:
+    """A fenced Markdown block that no run of backticks inside the text can close."""
+    text = "(none)" if text is None else str(text)
+    longest = max((len(r) for r in re.findall(r"`+", text)), default=0)
+    f = "`" * max(3, longest + 1)
+    return [f + "text", text, f]
+
+
+def _eval_md(matrix: dict) -> list[str]:
+    """The evaluation's Markdown sections after the loss and perplexity matrices."""
+    L: list[str] = []
+    if not matrix.get("metrics"):
+        return L
+    L += ["### Adapter vs base model on its own domain", "",
+          "Same test examples for both; 95% intervals are percentile bootstraps over examples; accuracy is compared with "
+          "McNemar's exact test, the other metrics with a paired permutation test; a verdict is 'better' or 'worse' "
+          f"when p < {(matrix.get('settings') or {}).get('alpha', 0.05)}. The headline metric is accuracy where a domain "
+          "has multiple-choice rows, else ROUGE-L.", ""]
+    for d, v in (matrix.get("verdicts") or {}).items():
+        L.append(f"- **{d}**: {v['verdict']} ({EVAL_METRICS.get(v['metric'], v['metric'])} "
+                 f"{_diff_text(v, v['metric'])}, p {'n/a' if v.get('p') is None else format(v['p'], '.3g')}, n={v.get('n')})")
+    L += ["", _md_table(*_verdict_rows(matrix)), "", "### Interference: adapters on the other domains", "",
+          _md_table(*_interference_rows(matrix)), ""]
+    for m in TASK_METRICS:
+        if _eval_has(matrix, m):
+            L += [f"### {EVAL_METRICS[m][0].upper() + EVAL_METRICS[m][1:]}", "", _md_table(*_metric_matrix_rows(matrix, m)), ""]
+    c = matrix.get("counts") or {}
+    L += ["### Tasks per domain", ""]
+    for d in matrix["datasets"]:
+        n = c.get(d) or {}
+        L += [f"#### {d}", "", f"{_i(n.get('items'))} test rows scored for loss; {_i(n.get('multiple_choice_scored'))} "
+              f"multiple-choice rows scored ({_i(n.get('multiple_choice_unscored'))} without a readable gold answer, not "
+              f"scored); {_i(n.get('generated'))} free-text rows generated.", "", _md_table(*_task_rows(matrix, d)), ""]
+    L += ["### Side-by-side generations", ""]
+    for d, items in (matrix.get("side_by_side") or {}).items():
+        for k, it in enumerate(items, 1):
+            L += [f"#### {d}, example {k} ({it.get('source')}/{it.get('task')})", "", "Prompt:", *_fence(it.get("prompt")), "",
+                  "Reference:", *_fence(it.get("reference")), "", "Base model:", *_fence(it.get("base")), "",
+                  f"{d} adapter:", *_fence(it.get("adapter")), ""]
+    return L
+
+
+def _eval_html(matrix: dict) -> list[str]:
+    """The evaluation's HTML sections after the loss and perplexity matrices (every text escaped)."""
+    if not matrix.get("metrics"):
+        return []
+    esc = lambda hr: (hr[0], _esc_rows(hr[1]))  # noqa: E731
+    parts = ["<h3>Adapter vs base model on its own domain</h3>",
+             '<p class="note">Same test examples for both; 95% intervals: percentile bootstrap over examples; accuracy: '
+             "McNemar's exact test, other metrics: paired permutation test. Headline: accuracy where a domain has "
+             "multiple-choice rows, else ROUGE-L.</p><ul>"]
+    for d, v in (matrix.get("verdicts") or {}).items():
+        cls = {"better": "finished", "worse": "failed"}.get(v["verdict"], "missing")
+        parts.append(f'<li><b>{_h(d)}</b>: <span class="badge {cls}">{_h(v["verdict"])}</span> '
+                     f"{_h(EVAL_METRICS.get(v['metric'], v['metric']))} {_h(_diff_text(v, v['metric']))}, "
+                     f"p {_h('n/a' if v.get('p') is None else format(v['p'], '.3g'))}</li>")
+    parts += ["</ul>", _html_table(*esc(_verdict_rows(matrix)), None, "eval-verdicts"),
+              "<h3>Interference: adapters on the other domains</h3>",
+              _html_table(*esc(_interference_rows(matrix)), [None, None, "num", "num", "num", "num", "num"], "eval-interference")]
+    for m in TASK_METRICS:
+        if _eval_has(matrix, m):
+            parts += [f"<h3>{_h(EVAL_METRICS[m][0].upper() + EVAL_METRICS[m][1:])}</h3>",
+                      _html_table(*esc(_metric_matrix_rows(matrix, m)), None, f"matrix-{m}")]
+    parts.append("<h3>Tasks per domain</h3>")
+    for d in matrix["datasets"]:
+        parts += [f"<h4>{_h(d)}</h4>", _html_table(*esc(_task_rows(matrix, d)), None, f"tasks-{_h(d)}")]
+    parts.append("<h3>Side-by-side generations</h3>")
+    for d, items in (matrix.get("side_by_side") or {}).items():
+        rows = [[_h(f"{it.get('source')}/{it.get('task')}")] +
+                [f'<pre class="gen">{_h(it.get(k) if it.get(k) is not None else "(none)")}</pre>'
+                 for k in ("prompt", "reference", "base", "adapter")] for it in items]
+        parts += [f"<h4>{_h(d)}</h4>", _html_table(["task", "prompt", "reference", "base model", f"{d} adapter"], rows, None,
+                                                    f"side-by-side-{_h(d)}")]
+    return parts
+
+
 def _source_rows(card: dict) -> tuple[list[str], list[list[str]]]:
     head = ["source", "domain", "status", "read", "kept", "quarantined", "deduplicated", "capped", "license", "version"]
     rows = [[n, s.get("domain") or "–", s.get("status") or "–", _i(s["read"]), _i(s["kept"]), _i(s["quarantined"]),
@@ -434,6 +597,7 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
               "Test perplexity:", "", _md_table(*_matrix_rows(s["eval_matrix"], "ppl")), ""]
         if "eval_matrix.png" in plots:
             L += ["![Evaluation matrix](eval_matrix.png)", ""]
+        L += _eval_md(s["eval_matrix"])
     else:
         L += [f"Not available: {s['eval_matrix_note']}.", ""]
     L += ["## Data card", ""]
@@ -477,6 +641,7 @@ pre{background:#f6f8fa;padding:10px;overflow:auto;max-height:420px}
 .card b{display:block;font-size:20px}td.diag{font-weight:700;outline:2px solid #0969da;outline-offset:-2px}
 td.sha{font-family:ui-monospace,monospace;font-size:11px;word-break:break-all}
 #repro td:first-child{white-space:nowrap}
+pre.gen{margin:0;max-height:260px;white-space:pre-wrap;overflow-wrap:anywhere;font-size:11px}
 """.replace("{badges}", "".join(f".{k.replace(' ', '-')}{{background:{v}}}" for k, v in STATUS_COLORS.items()))
 
 
@@ -564,7 +729,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
                   "greener is lower (better).</p>",
                   "<h3>Test loss</h3>", _matrix_html(s["eval_matrix"], "loss"),
                   "<h3>Test perplexity</h3>", _matrix_html(s["eval_matrix"], "ppl"),
-                  img("eval_matrix.png", "Evaluation matrix heat map")]
+                  img("eval_matrix.png", "Evaluation matrix heat map")] + _eval_html(s["eval_matrix"])
     else:
         parts.append(f'<p class="note">Not available: {_h(s["eval_matrix_note"])}.</p>')
     parts.append("<h2>Data card</h2>")

@@ -9,7 +9,7 @@ and three functions, each with one signature:
     normalize(raw: Raw, opts: Opts)         -> dict (a corpus row)           or raise Reject(reason)
     build_sft(row: dict)                    -> list[dict(task, prompt, response)]
 
-plus an optional evaluation ``task`` (an ``EvalTask``; none is declared yet). Config validation,
+plus how the evaluation scores each SFT task (``tasks``: ``MultipleChoice`` or ``FreeText``). Config validation,
 download, prepare, the report's data card and the docs' source table all derive from these objects
 (``pipeline.sources.BUILTIN`` and the config's ``data.custom_sources``).
 
@@ -30,9 +30,9 @@ import json
 import os
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, Optional
 
 # Quarantine reasons (stable strings: tests and the manifest use them)
 UNREADABLE = "unreadable_file"
@@ -112,8 +112,43 @@ class DownloadPart:
 
 
 class EvalTask:
-    """Base of the evaluation task a source may declare (multiple-choice, free-text): the evaluation
-    stage defines the kinds; ``SourceSpec.task`` holds one or None."""
+    """How the evaluation stage (pipeline/eval) scores a source's SFT test rows of one SFT task.
+    Two kinds: ``MultipleChoice`` and ``FreeText``. A source declares them in ``SourceSpec.tasks``
+    (SFT task name -> EvalTask); an SFT task it does not name is scored as ``FREE_TEXT``."""
+    kind: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class MultipleChoice(EvalTask):
+    """Scored like lm-evaluation-harness: the log-likelihood of each choice as the continuation of the
+    row's prompt (in the training prompt format); ``acc`` takes the most likely choice, ``acc_norm`` the
+    most likely per character of the choice. The gold choice is the one the row's response starts
+    with (the longest such choice, followed by a non-word character or the end); a row whose response
+    starts with none is not scored, and counted."""
+    choices: tuple[str, ...]
+    kind: ClassVar[str] = "multiple_choice"
+
+    def __post_init__(self) -> None:
+        if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices) or not all(c.strip() for c in self.choices):
+            raise ValueError(f"MultipleChoice needs two or more distinct non-empty choices, got {self.choices!r}")
+
+    def gold(self, response: str) -> Optional[int]:
+        """Index of the choice the response starts with, or None."""
+        best = None
+        for i, c in enumerate(self.choices):
+            if response.startswith(c) and (len(response) == len(c) or not (response[len(c)].isalnum() or response[len(c)] == "_")):
+                if best is None or len(c) > len(self.choices[best]):
+                    best = i
+        return best
+
+
+@dataclass(frozen=True)
+class FreeText(EvalTask):
+    """Greedy generation from the row's prompt, scored against its response with ROUGE-L (F) and token F1."""
+    kind: ClassVar[str] = "free_text"
+
+
+FREE_TEXT = FreeText()
 
 
 @dataclass(frozen=True)
@@ -144,7 +179,8 @@ class SourceSpec:
     local_path: Optional[str] = None
     note: str = ""                        # said in the manifest (e.g. that a text-only source gives no SFT)
     declaration: str = ""                 # what else decides its records (a custom source: its config), for re-runs
-    task: Optional[EvalTask] = None
+    # how the evaluation scores each of its SFT tasks (SFT task name -> EvalTask); others: FREE_TEXT
+    tasks: Mapping[str, EvalTask] = field(default_factory=dict)
 
     def how_to_get_at(self, raw_root: Path) -> str:
         """how_to_get with <raw_dir> replaced by the raw directory."""
@@ -174,6 +210,10 @@ class SourceSpec:
         refused_rel = [(p, f"{self.raw_dir}/{inner}".rstrip("/")) for p, inner in refused
                        if p.is_dir() or match(inner) or report(inner)]
         return SourceFiles(read, unmatched, refused_rel)
+
+    def eval_task(self, sft_task: str) -> EvalTask:
+        """The evaluation task of one of this source's SFT tasks (free text unless declared)."""
+        return self.tasks.get(sft_task, FREE_TEXT)
 
     def files(self, raw_root: Path) -> list[Path]:
         """The files the reader reads, in canonical order."""

@@ -3,7 +3,7 @@ evidence_label, article, evidence, entropy, votes}]) or the Hugging Face Parquet
 One record = one claim with its evidences."""
 from __future__ import annotations
 
-from .base import (DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_jsonl, iter_parquet, meta, stable_id,
+from .base import (DownloadPart, MultipleChoice, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_jsonl, iter_parquet, meta, stable_id,
                    EMPTY_TEXT, MISSING_FIELD)
 
 NAME, DOMAIN = "climate_fever", "ecology"
@@ -69,4 +69,6 @@ SOURCE = SourceSpec(NAME, DOMAIN, "climate_fever", ("**/*.jsonl", "**/*.parquet"
                 license="research use; cite Diggelmann et al. 2020", url="https://github.com/tdiggelm/climate-fever-dataset",
                 parts=(DownloadPart("climate_fever", "git", "https://github.com/tdiggelm/climate-fever-dataset.git"),),
                 how_to_get="adapters download (git clone tdiggelm/climate-fever-dataset or Hugging Face climate_fever), or put "
-                           "dataset/climate-fever.jsonl under <raw_dir>/climate_fever/")
+                           "dataset/climate-fever.jsonl under <raw_dir>/climate_fever/",
+                # the response starts with the verdict: "Refuted. Among the evidence, ..."
+                tasks={"claim_verification": MultipleChoice(tuple(VERDICT[k] for k in CLAIM_LABELS))})

@@ -3,7 +3,7 @@ title, category, rounds [[{side, text}, ...], ...] and participants; users.json 
 its size and checksum are recorded, it yields no records). One record = one debate."""
 from __future__ import annotations
 
-from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, meta, stable_id,
+from .base import (FREE_TEXT, DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, meta, stable_id,
                    BAD_JSON, EMPTY_TEXT)
 
 NAME, DOMAIN = "ddo", "debate"
@@ -67,4 +67,6 @@ SOURCE = SourceSpec(NAME, DOMAIN, "DDO", ("debates.json", "users.json"), read, n
                 license="research use; cite Durmus & Cardie 2019", url="https://www.cs.cornell.edu/~esindurmus/ddo.html",
                 parts=(DownloadPart("DDO", "http", files=(("debates.json", "ddo_debates_url"), ("users.json", "ddo_users_url"))),),
                 how_to_get="set DDO_DEBATES_URL and DDO_USERS_URL (or DDO_GDRIVE_FOLDER_URL) and run adapters download, "
-                           "or put debates.json and users.json under <raw_dir>/DDO/")
+                           "or put debates.json and users.json under <raw_dir>/DDO/",
+                # no label per turn (votes are per debate): turns are scored as free text
+                tasks={"debate_turn": FREE_TEXT})

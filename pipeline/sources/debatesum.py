@@ -2,7 +2,7 @@
 Extract, Abstract, Citation, OriginalDebateFileName, DebateCamp, Tag, Year, ... One record = one row."""
 from __future__ import annotations
 
-from .base import DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_csv, meta, stable_id, text_hash, EMPTY_TEXT
+from .base import FREE_TEXT, DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_csv, meta, stable_id, text_hash, EMPTY_TEXT
 
 NAME, DOMAIN = "debatesum", "debate"
 REQUIRED = ("Full-Document", "Extract", "Abstract")
@@ -46,4 +46,5 @@ def build_sft(row: dict) -> list[dict]:
 SOURCE = SourceSpec(NAME, DOMAIN, "DebateSum", ("**/*.csv",), read, normalize, build_sft,
                 license="MIT", url="https://huggingface.co/datasets/Hellisotherpeople/DebateSum",
                 parts=(DownloadPart("DebateSum", "hf", "Hellisotherpeople/DebateSum"),),
-                how_to_get="adapters download (Hugging Face Hellisotherpeople/DebateSum), or put debateall.csv under <raw_dir>/DebateSum/")
+                how_to_get="adapters download (Hugging Face Hellisotherpeople/DebateSum), or put debateall.csv under <raw_dir>/DebateSum/",
+                tasks={"claim_extraction": FREE_TEXT, "evidence_for_claim": FREE_TEXT})

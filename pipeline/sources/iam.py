@@ -4,11 +4,12 @@ article_id, stance_label (1 support, -1 contest, 0 none). One record = one line.
 (evidence/, CEPE/) have other layouts: they are reported as unknown_format, not guessed at."""
 from __future__ import annotations
 
-from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_lines, meta, stable_id,
+from .base import (FREE_TEXT, DownloadPart, MultipleChoice, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_lines, meta, stable_id,
                    EMPTY_TEXT, MISSING_FIELD, WRONG_COLUMNS)
 
 NAME, DOMAIN = "iam", "debate"
 NCOL = 5
+STANCE_ANSWERS = ("Support", "Contest", "None")   # claim_detection's answers, as its responses start
 
 
 def read(path, rel, opts: Opts):
@@ -59,4 +60,6 @@ SOURCE = SourceSpec(NAME, DOMAIN, "IAM", ("claims/*.txt", "stance/*.txt"), read,
                 license="research use; cite Cheng et al., ACL 2022", url="https://github.com/LiyingCheng95/IAM",
                 parts=(DownloadPart("IAM", "git", "https://github.com/LiyingCheng95/IAM.git"),),
                 how_to_get="adapters download (git clone of LiyingCheng95/IAM), or copy its claims/ and stance/ folders to <raw_dir>/IAM/",
-                report_unmatched=("**/*.txt",))
+                report_unmatched=("**/*.txt",),
+                # claim_detection's response starts with "Support:", "Contest:" or "None:"
+                tasks={"claim_detection": MultipleChoice(STANCE_ANSWERS), "debate_turn": FREE_TEXT})

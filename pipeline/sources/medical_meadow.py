@@ -3,7 +3,7 @@ lavita/MedQuAD (Parquet/JSON with question/answer columns), each under
 medical_qa_collection/<owner__name>/. One record = one row."""
 from __future__ import annotations
 
-from .base import (DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_records, iter_jsonl,
+from .base import (FREE_TEXT, DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_records, iter_jsonl,
                    iter_parquet, meta, stable_id, text_hash, EMPTY_ANSWER, EMPTY_TEXT, UNKNOWN_FORMAT)
 
 NAME, DOMAIN = "medical_meadow", "medicine"
@@ -57,4 +57,5 @@ SOURCE = SourceSpec(NAME, DOMAIN, "medical_qa_collection", ("*/**/*.json", "*/**
                                          f"medalpaca/medical_meadow_{n}") for n in MEADOW)
                 + (DownloadPart("medical_qa_collection/lavita__MedQuAD", "hf", "lavita/MedQuAD"),),
                 how_to_get="adapters download (Hugging Face medalpaca/medical_meadow_* and lavita/MedQuAD), or put each under "
-                           "<raw_dir>/medical_qa_collection/<owner__name>/")
+                           "<raw_dir>/medical_qa_collection/<owner__name>/",
+                tasks={"qa": FREE_TEXT})

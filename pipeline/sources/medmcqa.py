@@ -2,7 +2,7 @@
 (cop 1..4), with question, opa..opd, cop, exp, subject_name, topic_name. One record = one question."""
 from __future__ import annotations
 
-from .base import (DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_jsonl, iter_parquet, meta,
+from .base import (DownloadPart, MultipleChoice, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_jsonl, iter_parquet, meta,
                    stable_id, EMPTY_TEXT, MISSING_FIELD)
 
 NAME, DOMAIN = "medmcqa", "medicine"
@@ -58,4 +58,6 @@ def build_sft(row: dict) -> list[dict]:
 SOURCE = SourceSpec(NAME, DOMAIN, "medmcqa", ("**/*.parquet", "**/*.json", "**/*.jsonl"), read, normalize, build_sft,
                 license="Apache-2.0", url="https://huggingface.co/datasets/openlifescienceai/medmcqa",
                 parts=(DownloadPart("medmcqa", "hf", "openlifescienceai/medmcqa"),),
-                how_to_get="adapters download (Hugging Face openlifescienceai/medmcqa), or put its Parquet/JSON under <raw_dir>/medmcqa/")
+                how_to_get="adapters download (Hugging Face openlifescienceai/medmcqa), or put its Parquet/JSON under <raw_dir>/medmcqa/",
+                # the response starts with the letter: "B) <option>. <explanation>"
+                tasks={"qa_multiple_choice": MultipleChoice(tuple(LETTERS))})

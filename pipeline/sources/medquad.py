@@ -4,7 +4,7 @@ one QA pair. Some collections have every answer removed upstream (copyright): su
 quarantined as empty_answer and never become QA targets."""
 from __future__ import annotations
 
-from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, local, meta, parse_xml,
+from .base import (FREE_TEXT, DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, local, meta, parse_xml,
                    read_bytes_or_quarantine, stable_id, EMPTY_ANSWER, EMPTY_TEXT, UNKNOWN_FORMAT)
 
 NAME, DOMAIN = "medquad", "medicine"
@@ -55,4 +55,5 @@ def build_sft(row: dict) -> list[dict]:
 SOURCE = SourceSpec(NAME, DOMAIN, "MedQuAD", ("*_QA/*.xml",), read, normalize, build_sft,
                 license="CC BY 4.0", url="https://github.com/abachaa/MedQuAD",
                 parts=(DownloadPart("MedQuAD", "git", "https://github.com/abachaa/MedQuAD.git"),),
-                how_to_get="adapters download (git clone abachaa/MedQuAD), or copy its collection folders to <raw_dir>/MedQuAD/")
+                how_to_get="adapters download (git clone abachaa/MedQuAD), or copy its collection folders to <raw_dir>/MedQuAD/",
+                tasks={"qa": FREE_TEXT})

@@ -2,7 +2,7 @@
 tag, cite, fullcite, summary, spoken, fulltext, pocket, hat, block, side, ... One record = one row."""
 from __future__ import annotations
 
-from .base import DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_parquet, meta, stable_id, text_hash, EMPTY_TEXT
+from .base import FREE_TEXT, DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_parquet, meta, stable_id, text_hash, EMPTY_TEXT
 
 NAME, DOMAIN = "opencaselist", "debate"
 
@@ -47,4 +47,5 @@ SOURCE = SourceSpec(NAME, DOMAIN, "OpenDebateEvidence", ("**/*.parquet",), read,
                 license="see the dataset card (Yusuf5/OpenCaselist)", url="https://huggingface.co/datasets/Yusuf5/OpenCaselist",
                 parts=(DownloadPart("OpenDebateEvidence", "hf", "Yusuf5/OpenCaselist"),), download_opt_in=True,
                 how_to_get="DOWNLOAD_OPENCASELIST=1 adapters download (it is large), or put its Parquet shards under <raw_dir>/OpenDebateEvidence/; "
-                           "or drop 'opencaselist' from data.sources")
+                           "or drop 'opencaselist' from data.sources",
+                tasks={"debate_turn": FREE_TEXT, "claim_extraction": FREE_TEXT})

@@ -12,7 +12,7 @@ import functools
 import re
 from pathlib import Path
 
-from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_lines, iter_parquet, local, meta,
+from .base import (FREE_TEXT, DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_lines, iter_parquet, local, meta,
                    inside, parse_xml, read_bytes_or_quarantine, stable_id, EMPTY_TEXT, UNKNOWN_FORMAT)
 
 NAME, DOMAIN = "openstax", "education"
@@ -258,4 +258,5 @@ SOURCE = SourceSpec(NAME, DOMAIN, "openstax", ("**/*.txt", "**/*.parquet", "**/m
                        DownloadPart("openstax/osbooks-introduction-philosophy", "git",
                                     "https://github.com/openstax/osbooks-introduction-philosophy.git")),
                 how_to_get="adapters download (Hugging Face crumb/openstax-text or git clone openstax/osbooks-*), or put TXT books, "
-                           "Parquet or osbooks repos under <raw_dir>/openstax/")
+                           "Parquet or osbooks repos under <raw_dir>/openstax/",
+                tasks={"explain_concept": FREE_TEXT, "write_section": FREE_TEXT, "continue_textbook": FREE_TEXT})

@@ -5,10 +5,11 @@ LABELS, MESHES, LONG_ANSWER, final_decision, ...) or Hugging Face Parquet: qiaoj
 One record = one question."""
 from __future__ import annotations
 
-from .base import (DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, iter_parquet, meta,
+from .base import (DownloadPart, MultipleChoice, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, iter_parquet, meta,
                    stable_id, BAD_JSON, EMPTY_TEXT, MISSING_FIELD)
 
 NAME, DOMAIN = "pubmed_qa", "medicine"
+DECISIONS = ("yes", "no", "maybe")
 
 
 def read(path, rel, opts: Opts):
@@ -54,7 +55,7 @@ def normalize(raw: Raw, opts: Opts) -> dict:
     pmid, question, contexts, long_answer, decision, meshes = _fields(raw.data)
     if not question:
         raise Reject(EMPTY_TEXT, pmid)
-    if decision not in ("yes", "no", "maybe"):
+    if decision not in DECISIONS:
         raise Reject(MISSING_FIELD, f"final_decision {decision!r}")
     text = question + "\n\n" + "\n".join(contexts) + (f"\n\nConclusion: {long_answer}" if long_answer else "")
     return corpus_row(
@@ -77,4 +78,6 @@ def build_sft(row: dict) -> list[dict]:
 SOURCE = SourceSpec(NAME, DOMAIN, "pubmed_qa", ("**/ori_pqal.json", "**/*.parquet"), read, normalize, build_sft,
                 license="MIT", url="https://github.com/pubmedqa/pubmedqa",
                 parts=(DownloadPart("pubmed_qa", "git", "https://github.com/pubmedqa/pubmedqa.git"),),
-                how_to_get="adapters download (git clone pubmedqa/pubmedqa or Hugging Face), or put data/ori_pqal.json under <raw_dir>/pubmed_qa/")
+                how_to_get="adapters download (git clone pubmedqa/pubmedqa or Hugging Face), or put data/ori_pqal.json under <raw_dir>/pubmed_qa/",
+                # the response starts with the decision: "Yes. <long answer>"
+                tasks={"qa_with_context": MultipleChoice(tuple(d.capitalize() for d in DECISIONS))})

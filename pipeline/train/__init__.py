@@ -6,7 +6,8 @@ TorchTrainer (resources.workers_per_trial workers, one by default).
 
 Modules: model (base model, 4-bit, LoRA, prompt format), tiny (the demo base model), data (Ray
 Data tokenization, packing), loop (the per-worker recipe), faults (test fault injection), device
-(the worker's CUDA check), schedule (trials), evaluate (eval matrix), export (adapters/<domain>/).
+(the worker's CUDA check), schedule (trials), export (adapters/<domain>/). The evaluation after
+training is pipeline.eval.
 """
 from __future__ import annotations
 
@@ -35,12 +36,9 @@ def run_train(cfg) -> dict[str, dict]:
             except Exception as e:
                 log.error("merged export of %s failed: %s", d, e)
                 results[d]["merged_error"] = str(e)
-    if cfg.train.eval_matrix and done:
-        from pipeline.train.evaluate import run_eval_matrix
-        try:
-            run_eval_matrix(cfg, store, done)
-        except Exception as e:  # the adapters stand; the matrix is a by-product
-            log.error("eval matrix failed: %s", e)
+    if done:
+        from pipeline.eval import run_stage
+        run_stage(cfg, store, done)
     for d, r in results.items():
         log.info("domain %s: %s%s", d, r.get("status"),
                  f" val_loss {r['val_loss']:.4f} (base {r['base_val_loss']:.4f})" if r.get("status") == "finished"

@@ -198,8 +198,8 @@ def test_damaged_inputs_quarantined_and_run_goes_on(ray_local, tmp_path):
 @pytest.mark.slow
 def test_cap_keeps_the_first_records_and_stops_reading(prepared):
     _, out, m = prepared
-    cf = m["sources"]["climate_fever"]  # one file of 90 claims: 50 kept, the rest read and counted as capped
-    assert (cf["read"], cf["kept"], cf["capped"]) == (90, CAP, 40) and not cf["stopped_early"]
+    cf = m["sources"]["climate_fever"]  # one file of 200 claims: 50 kept, the rest read and counted as capped
+    assert (cf["read"], cf["kept"], cf["capped"]) == (200, CAP, 150) and not cf["stopped_early"]
     corpus = read_rows(out, "data/corpus/ecology/climate_fever-*.parquet")
     assert corpus and \
         sorted(r["doc_id"] for r in corpus) == sorted(stable_id("climate_fever", str(i)) for i in range(CAP))

@@ -8,15 +8,15 @@ import pytest
 
 from pipeline.prepare import file_events
 from pipeline.sources import BUILTIN, SOURCES, Opts
-from pipeline.sources.base import norm_key
+from pipeline.sources.base import EvalTask, norm_key
 
 from ._prepare_helpers import DAMAGED, RAW, events, quarantined, records
 
 CORPUS_KEYS = {"doc_id", "domain", "source", "title", "text", "metadata", "license", "url"}
 SFT_KEYS = {"prompt", "response", "domain", "source", "doc_id", "task", "group"}
 # records each source's fixture holds (fixtures/make_fixtures.py)
-EXPECTED_READ = {"debatesum": 120, "opencaselist": 80, "iam": 145, "ddo": 60, "medmcqa": 120, "pubmed_qa": 60,
-                 "medquad": 114, "medical_meadow": 140, "openstax": 85, "climate_fever": 90}
+EXPECTED_READ = {"debatesum": 120, "opencaselist": 80, "iam": 145, "ddo": 60, "medmcqa": 120, "pubmed_qa": 100,
+                 "medquad": 114, "medical_meadow": 140, "openstax": 85, "climate_fever": 200}
 
 
 DOMAIN_OF = {"debatesum": "debate", "opencaselist": "debate", "iam": "debate", "ddo": "debate", "medmcqa": "medicine",
@@ -28,7 +28,7 @@ def test_registry_declares_every_source_once():
     assert list(BUILTIN) == list(SOURCES) == list(DOMAIN_OF)
     for name, src in BUILTIN.items():
         assert src.domain == DOMAIN_OF[name] and src.patterns and src.how_to_get and src.license and src.parts
-        assert src.task is None  # no evaluation task is declared yet
+        assert src.tasks and all(isinstance(t, EvalTask) and t.kind for t in src.tasks.values())
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -56,6 +56,10 @@ def test_reader_reads_fixture(source):
             # a response never merely copies the prompt's context
             assert len(norm_key(ex["response"])) <= 12 or norm_key(ex["response"]) not in norm_key(ex["prompt"])
             assert ex["doc_id"] == row["doc_id"]
+            # the evaluation knows how to score it: every SFT task is declared, a multiple-choice one has its gold
+            task = BUILTIN[source].tasks.get(ex["task"])
+            assert task is not None, f"{source}: SFT task {ex['task']!r} has no evaluation task in SourceSpec.tasks"
+            assert task.kind != "multiple_choice" or task.gold(ex["response"]) is not None, ex["response"][:80]
     assert len(ids) == len(recs), "doc_id must be unique within a source"
 
 

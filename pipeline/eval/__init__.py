@@ -1,0 +1,145 @@
+"""Evaluation stage: the base model and every adapter on every domain's test split, after training.
+
+    run_eval(cfg, store, adapters) -> matrix dict (None when there is nothing to evaluate)
+        writes eval/scores/<model>/<dataset>.parquet (one row per test item) and eval/matrix.json
+
+Modules: plan (which test rows, how each is scored: from the sources' declared tasks), scoring (the
+model side: packed log-likelihoods, batched generation), metrics (ROUGE-L, token F1), stats
+(bootstrap intervals, paired tests), matrix (cells, comparisons, verdicts), generate
+(`adapters generate`).
+
+How it runs: the driver plans (reads the test splits, picks the samples), then Ray tasks score, one
+per group of models (``eval.workers``; auto: one per GPU on CUDA, one on the CPU). Each task loads the
+base model once (4-bit as configured; CUDA checked on its node, no CPU fallback), tokenizes each
+dataset once, then switches models with PEFT (``load_adapter`` / ``set_adapter``; the base model is the
+same weights with ``disable_adapter()``): reloading a 7B base per adapter costs more than scoring a
+test split, and the adapters' weights are small. One INFO line per model x dataset. A re-run whose
+models, data and eval settings are unchanged (``fingerprint``) keeps the existing matrix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+def _task_logging() -> None:
+    """INFO lines of a Ray task reach the driver's console (its stdout is forwarded)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+
+
+def evaluate_models(cfg, plans: list, names: list[str]) -> dict[str, dict[str, list[dict]]]:
+    """Ray task: score the models `names` ("base" and/or adapter names) on every plan; model -> dataset -> results."""
+    import torch
+    from pipeline.eval.scoring import BaseAndAdapters, TokenizedPlan, score_items, summary_line
+    from pipeline.storage import open_store
+    from pipeline.train.device import worker_device
+    from pipeline.train.kernels import apply_fused_kernels
+    from pipeline.train.model import load_model, load_tokenizer, resolve_base
+    _task_logging()
+    device = worker_device(cfg)
+    if device == "cpu":
+        torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
+    store = open_store(cfg)
+    base = resolve_base(cfg, store)
+    tok = load_tokenizer(base, cfg)
+    model = load_model(base, cfg, device)
+    apply_fused_kernels(model, device, cfg.train.fused_kernels)
+    tokenized = {p.domain: TokenizedPlan(tok, p, cfg.train, cfg.eval.max_new_tokens) for p in plans}
+    out: dict[str, dict[str, list[dict]]] = {}
+    models = BaseAndAdapters(model, store)
+    for name in names:
+        with models.use(name) as target:
+            for p in plans:
+                t0 = time.time()
+                res = score_items(target, tok, tokenized[p.domain], p, device, cfg.eval, cfg.train,
+                                  side_by_side=name in ("base", p.domain))
+                out.setdefault(name, {})[p.domain] = res
+                log.info("eval: %s on %s test (%d items): %s (%.1fs)", "base model" if name == "base" else f"{name} adapter",
+                         p.domain, len(p.items), summary_line(p, res), time.time() - t0)
+    return out
+
+
+def model_groups(cfg, models: list[str]) -> list[list[str]]:
+    """Models split over eval.workers tasks (auto: the GPUs the cluster has on CUDA, else one)."""
+    n = cfg.eval.workers
+    if n == "auto":
+        n = 1
+        if cfg.resources.device == "cuda":
+            import ray
+            n = int(ray.cluster_resources().get("GPU", 0) // max(cfg.resources.gpus_per_trial, 1e-9)) or 1
+    n = max(1, min(int(n), len(models)))
+    return [models[i::n] for i in range(n)]
+
+
+def fingerprint(cfg, store, adapters: list[str]) -> str:
+    """What decides the matrix: eval settings, prompt format, base model, data, each adapter's report."""
+    from pipeline.train.loop import compat_record
+    manifest = store.read_json_or("data/manifest.json") or {}
+    reports = {a: hashlib.sha256(store.read_bytes(f"adapters/{a}/training_report.json")).hexdigest() for a in adapters}
+    d = {"eval": cfg.eval.model_dump(mode="json"), "compat": compat_record(cfg, cfg.domains[0]),
+         "domains": cfg.domains, "data": manifest.get("fingerprint"), "adapters": reports}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_eval(cfg, store, adapters: list[str]) -> Optional[dict]:
+    import pyarrow as pa
+    import ray
+    from pipeline.eval.matrix import build_matrix, example_rows
+    from pipeline.eval.plan import plan_dataset
+    from pipeline.sources import registry
+    t0 = time.time()
+    reg = registry(cfg.data)
+    plans = [p for p in (plan_dataset(cfg, store, d, reg) for d in cfg.domains) if p is not None]
+    if not plans:
+        log.warning("eval: no domain has test rows under %s: nothing to evaluate", store.uri_of("data/sft"))
+        return None
+    fp = fingerprint(cfg, store, adapters)
+    old = store.read_json_or("eval/matrix.json")
+    if isinstance(old, dict) and old.get("fingerprint") == fp:
+        log.info("eval: %s is up to date (same models, data and eval settings): kept", store.uri_of("eval/matrix.json"))
+        return old
+    models = ["base"] + list(adapters)
+    groups = model_groups(cfg, models)
+    r = cfg.resources
+    opts = {"num_cpus": r.cpus_per_trial, "num_gpus": r.gpus_per_trial if r.device == "cuda" else 0}
+    log.info("eval: %d model(s) on %d test set(s) (%s) in %d Ray task(s)", len(models), len(plans),
+             ", ".join(f"{p.domain} {len(p.items)}" for p in plans), len(groups))
+    plans_ref = ray.put(plans)
+    task = ray.remote(**opts)(evaluate_models)
+    results: dict[str, dict[str, list[dict]]] = {}
+    for part in ray.get([task.remote(cfg, plans_ref, g) for g in groups]):
+        results.update(part)
+    scores = {m: {p.domain: example_rows(p, results[m][p.domain]) for p in plans} for m in models}
+    for m, per in scores.items():
+        for d, rows in per.items():
+            store.write_table(f"eval/scores/{m}/{d}.parquet", pa.Table.from_pylist(rows))
+    matrix = build_matrix(plans, scores, cfg.eval)
+    matrix.update(fingerprint=fp, wall_time_s=time.time() - t0)
+    store.write_json("eval/matrix.json", matrix)
+    for d, v in matrix["verdicts"].items():
+        log.info("eval: %s adapter vs base on %s: %s %s (difference %s, p=%s)", d, d, v["metric"], v["verdict"],
+                 "n/a" if v["difference"] is None else f"{v['difference']:+.4f}", "n/a" if v["p"] is None else f"{v['p']:.3g}")
+    log.info("eval: written to %s in %.1fs", store.uri_of("eval/matrix.json"), time.time() - t0)
+    return matrix
+
+
+def run_stage(cfg, store, adapters: list[str]) -> Optional[dict]:
+    """The evaluation as the step after training (adapters train / run): off with eval.enabled: false (or
+    the older train.eval_matrix: false); a failure is logged, the adapters stand."""
+    if not cfg.eval.enabled or not cfg.train.eval_matrix:
+        log.info("eval: off (%s: false)", "eval.enabled" if not cfg.eval.enabled else
+                 "train.eval_matrix; the evaluation's settings are now under eval:, e.g. eval.enabled")
+        return None
+    try:
+        return run_eval(cfg, store, adapters)
+    except Exception as e:  # noqa: BLE001 - the adapters stand; the evaluation is a by-product
+        log.error("eval failed: %s: %s", type(e).__name__, str(e)[:2000])
+        return None

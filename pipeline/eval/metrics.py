@@ -1,0 +1,54 @@
+"""Free-text scores of a generation against its reference: ROUGE-L (F) and token F1.
+
+    words(text)                   -> lowercase alphanumeric tokens (what both scores compare)
+    rouge_l(prediction, reference) -> ROUGE-L F-measure: LCS of the two token sequences, F with beta 1
+    token_f1(prediction, reference) -> SQuAD-style bag-of-tokens F1 (multiset overlap)
+
+Hand-written (a few lines each) instead of a dependency: rouge_score pulls nltk and absl for a
+dynamic-programming loop, and the package itself needs only numpy. Tokenization follows
+rouge_score's default tokenizer (lowercase, every run of non-alphanumeric characters a separator,
+no stemming). Two empty texts score 1.0 (they agree); one empty text scores 0.0.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _f(precision: float, recall: float) -> float:
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (O(len(a) * len(b)) time, O(len(b)) memory)."""
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    p, r = words(prediction), words(reference)
+    if not p and not r:
+        return 1.0
+    lcs = lcs_length(p, r)
+    return _f(lcs / len(p), lcs / len(r)) if p and r else 0.0
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    p, r = words(prediction), words(reference)
+    if not p and not r:
+        return 1.0
+    common = sum((Counter(p) & Counter(r)).values())
+    return _f(common / len(p), common / len(r)) if p and r else 0.0

@@ -1,0 +1,284 @@
+"""Model-side scoring, run inside the evaluation's Ray task (and by `adapters generate`).
+
+    TokenizedPlan.build(tok, plan, train, max_new_tokens)  a domain's items as token sequences, once per task:
+        a loss sequence per item (the training format and masking: pipeline.train.data.tokenize_example),
+        one sequence per choice of a scored multiple-choice item (prompt in the training format, then the
+        choice's tokens as they start a training response, only those tokens scored), and the prompt of
+        each item to generate from
+    sequence_logprobs(model, examples, rows, seq_len, pad_id, device) -> (sum of target log-probs, target tokens)
+        per sequence, packed several to a row (first-fit decreasing, per-example position ids: packed
+        sequences never attend to each other, as in training); the LM head runs on target tokens only,
+        in chunks, so the (tokens x vocabulary) logits are never held at once
+    generate_texts(model, tok, prompts, max_new_tokens, device, batch_tokens, temperature, seed) -> texts
+        batched (left-padded, longest first) greedy or sampled generation; flex attention is swapped for
+        SDPA while generating (flex's decoding path is for >= 128 queries)
+    score_items(model, tok, tp, plan, device, ev, side_by_side) -> one result dict per item
+    BaseAndAdapters(model, store).use(name)                 the base model or an adapter on it (PEFT switching)
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import numpy as np
+
+from pipeline.eval.metrics import rouge_l, token_f1
+
+log = logging.getLogger(__name__)
+
+HEAD_CHUNK_TOKENS = 2048     # LM-head rows computed at once when scoring
+MAX_GENERATION_BATCH = 64
+
+
+def _lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+class BaseAndAdapters:
+    """The base model loaded once and the output's adapters on top of it, switched with PEFT
+    (load_adapter / set_adapter; the base model itself through disable_adapter())."""
+
+    def __init__(self, model, store):
+        self.model, self.store, self.peft = model, store, None
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        """`with models.use("base" | domain) as m:` the model to run."""
+        from pipeline.train.export import _local_dir
+        from pipeline.train.model import load_adapter_onto
+        if name == "base":
+            if self.peft is None:
+                yield self.model
+            else:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            return
+        if self.peft is None or name not in self.peft.peft_config:
+            path = _local_dir(self.store, f"adapters/{name}")
+            if self.peft is None:
+                self.peft = load_adapter_onto(self.model, path, adapter_name=name)
+            else:
+                self.peft.load_adapter(path, adapter_name=name)
+        self.peft.set_adapter(name)
+        yield self.peft
+
+
+# ---- tokenization -------------------------------------------------------------------------------
+
+def prompt_ids(tok, prompt: str, template: str, max_len: int) -> list[int]:
+    """The prompt in the training format, up to where the response starts; its end kept when too long."""
+    from pipeline.train.data import CHARS_PER_TOKEN_BOUND
+    from pipeline.train.model import encode_example
+    # the prompt part does not depend on the response; a non-empty one keeps encode_example on the chat
+    # template's path exactly when training was on it
+    p, _ = encode_example(tok, prompt[-CHARS_PER_TOKEN_BOUND * max_len:], ".", template)
+    return p[-max_len:]
+
+
+def choice_ids(tok, prompt: str, choice: str, template: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, choice ids): the choice's tokens as they open a training response (its end-of-turn
+    tokens cut: the shortest prefix of the response tokens that decodes to text holding the choice)."""
+    from pipeline.train.data import CHARS_PER_TOKEN_BOUND
+    from pipeline.train.model import encode_example
+    p, r = encode_example(tok, prompt[-CHARS_PER_TOKEN_BOUND * 4096:], choice, template)
+    for k in range(1, len(r) + 1):
+        if choice.strip() in tok.decode(r[:k], skip_special_tokens=True):
+            return p, r[:k]
+    return p, r
+
+
+class TokenizedPlan:
+    """A DatasetPlan's token sequences (built once per task: the tokenizer is the same for every model)."""
+
+    def __init__(self, tok, plan, train, max_new_tokens: int):
+        from pipeline.train.data import IGNORE, Example, cut_prompt_response, tokenize_example
+        self.examples: list = []
+        self.loss_of: dict[int, int] = {}             # item index -> its loss sequence
+        self.choices_of: dict[int, list[int]] = {}     # item index -> one sequence per choice
+        self.prompts: dict[int, list[int]] = {}        # item index -> prompt ids to generate from
+        L = train.max_seq_length
+        for i, it in enumerate(plan.items):
+            ids, labels = tokenize_example(tok, it.prompt, it.response, L, train.mask_prompt, train.chat_template)
+            ex = Example(ids, labels)
+            if len(ex) >= 2 and ex.n_target_tokens > 0:
+                self.loss_of[i] = self._add(ex)
+            if it.kind == "multiple_choice" and it.gold is not None:
+                seqs = []
+                for c in it.choices:
+                    p, r = choice_ids(tok, it.prompt, c, train.chat_template)
+                    p, r = cut_prompt_response(p, r, L)
+                    seqs.append(self._add(Example(p + r, [IGNORE] * len(p) + r)))
+                self.choices_of[i] = seqs
+            if it.generate or it.side_by_side:
+                self.prompts[i] = prompt_ids(tok, it.prompt, train.chat_template, max(16, L - max_new_tokens))
+
+    def _add(self, ex) -> int:
+        self.examples.append(ex)
+        return len(self.examples) - 1
+
+
+# ---- log-likelihoods ----------------------------------------------------------------------------
+
+def _head_logprobs(lm, h, y):
+    """log p(y | h) for hidden states h (N x H) and targets y (N), through the LM head in chunks. The
+    logit scaling and soft-capping follow pipeline.train.kernels.loss_sum."""
+    import torch
+    head = lm.get_output_embeddings()
+    scale = getattr(lm.config, "logit_scale", None)
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], HEAD_CHUNK_TOKENS):
+        logits = head(h[s:s + HEAD_CHUNK_TOKENS])
+        if scale not in (None, 1, 1.0):
+            logits = logits * scale
+        if cap:
+            logits = (logits / cap).tanh() * cap
+        out[s:s + HEAD_CHUNK_TOKENS] = logits.float().log_softmax(-1).gather(1, y[s:s + HEAD_CHUNK_TOKENS, None])[:, 0]
+    return out
+
+
+def _owners(examples, batch, width: int):
+    """(rows x width) example index of each target position (-1 elsewhere), laid out as collate does."""
+    import torch
+    own = torch.full((len(batch), width), -1, dtype=torch.long)
+    for r, row in enumerate(batch):
+        o = 0
+        for i in row:
+            n = len(examples[i])
+            own[r, o:o + n - 1] = i
+            o += n
+    return own
+
+
+def sequence_logprobs(model, examples, rows: int, seq_len: int, pad_id: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of log-probs of each sequence's target tokens, its target tokens), packed and batched."""
+    import torch
+    from pipeline.train.data import collate, plan_batches
+    from pipeline.train.kernels import pad_batch
+    sums = torch.zeros(len(examples), dtype=torch.float64)
+    counts = torch.zeros(len(examples), dtype=torch.long)
+    if not examples:
+        return sums.numpy(), counts.numpy()
+    lm = _lm(model)
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))   # first-fit decreasing
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for b in plan_batches([len(e) for e in examples], order, rows, seq_len, packing=True):
+            batch = pad_batch(collate(examples, b, pad_id), getattr(model, "_seq_multiple", 1))
+            own = _owners(examples, b, batch["input_ids"].shape[1])
+            ids, pos = batch["input_ids"].to(device), batch["position_ids"].to(device)
+            tgt = batch["targets"]
+            sel = tgt != -100
+            if hasattr(lm, "get_decoder") and lm.get_output_embeddings() is not None:
+                hidden = lm.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+                lp = _head_logprobs(lm, hidden[sel.to(device)], tgt[sel].to(device))
+            else:
+                logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[sel.to(device)].float()
+                lp = logits.log_softmax(-1).gather(1, tgt[sel].to(device)[:, None])[:, 0]
+            who = own[sel]
+            sums.index_add_(0, who, lp.double().cpu())
+            counts.index_add_(0, who, torch.ones_like(who))
+    model.train(was_training)
+    return sums.numpy(), counts.numpy()
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _generation_attention(model):
+    """SDPA while generating when the model runs flex attention (its decoding path is not used in training)."""
+    lm = _lm(model)
+    impl = getattr(lm.config, "_attn_implementation", None)
+    switched = impl == "flex_attention" and hasattr(lm, "set_attn_implementation")
+    if switched:
+        lm.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if switched:
+            lm.set_attn_implementation(impl)
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = getattr(_lm(model).generation_config, "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([] if ids is None else [ids])
+    return sorted(set(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
+
+
+def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, device, batch_tokens: int,
+                   temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Generations for token-id prompts (in their order); greedy when temperature is 0."""
+    import torch
+    out = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    sample = temperature > 0
+    kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if sample else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if sample:
+        torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    i = 0
+    with torch.no_grad(), _generation_attention(model):
+        while i < len(order):
+            width = len(prompts[order[i]]) + max_new_tokens
+            chunk = order[i:i + max(1, min(MAX_GENERATION_BATCH, batch_tokens // width))]
+            L = max(len(prompts[j]) for j in chunk)
+            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), L), dtype=torch.long)
+            for r, j in enumerate(chunk):   # left padding: every prompt ends where generation starts
+                ids[r, L - len(prompts[j]):] = torch.tensor(prompts[j])
+                mask[r, L - len(prompts[j]):] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad, eos_token_id=_eos_ids(model, tok), use_cache=True, **kw)
+            for r, j in enumerate(chunk):
+                out[j] = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
+            i += len(chunk)
+    model.train(was_training)
+    return out
+
+
+# ---- one model on one dataset -------------------------------------------------------------------
+
+def score_items(model, tok, tp: TokenizedPlan, plan, device, ev, train, side_by_side: bool) -> list[dict]:
+    """Per item: loss (sum, tokens), choice log-likelihoods and predictions, generation and its scores."""
+    rows = max(1, (ev.tokens_per_batch or 4 * train.tokens_per_micro_batch) // train.max_seq_length)
+    sums, counts = sequence_logprobs(model, tp.examples, rows, train.max_seq_length, tok.pad_token_id, device)
+    want = [i for i, it in enumerate(plan.items) if i in tp.prompts and (it.generate or side_by_side)]
+    texts = generate_texts(model, tok, [tp.prompts[i] for i in want], ev.max_new_tokens, device,
+                           rows * train.max_seq_length) if want else []
+    generated = dict(zip(want, texts))
+    results = []
+    for i, it in enumerate(plan.items):
+        r: dict = {"key": it.key}
+        if i in tp.loss_of:
+            j = tp.loss_of[i]
+            r.update(loss_sum=float(-sums[j]), n_tokens=int(counts[j]))
+        if i in tp.choices_of:
+            ll = [float(sums[j]) for j in tp.choices_of[i]]
+            norm = [x / max(1, len(c)) for x, c in zip(ll, it.choices)]
+            r.update(choice_ll=ll, pred=int(np.argmax(ll)), pred_norm=int(np.argmax(norm)))
+        if i in generated:
+            r["generation"] = generated[i]
+            if it.generate:
+                r.update(rouge_l=rouge_l(generated[i], it.response), f1=token_f1(generated[i], it.response))
+        results.append(r)
+    return results
+
+
+def summary_line(plan, results: list[dict]) -> str:
+    """Loss, accuracy and ROUGE-L of one model on one dataset, for the progress log."""
+    tok = sum(r.get("n_tokens", 0) for r in results)
+    parts = [f"loss {sum(r.get('loss_sum', 0.0) for r in results) / tok:.4f}" if tok else "loss n/a"]
+    mc = [(r["pred"], it.gold) for it, r in zip(plan.items, results) if "pred" in r]
+    if mc:
+        parts.append(f"acc {sum(p == g for p, g in mc) / len(mc):.3f} ({len(mc)} scored)")
+    rl = [r["rouge_l"] for r in results if "rouge_l" in r]
+    if rl:
+        parts.append(f"ROUGE-L {sum(rl) / len(rl):.3f} ({len(rl)} generated)")
+    return ", ".join(parts)

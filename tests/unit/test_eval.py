@@ -1,0 +1,302 @@
+"""The evaluation's parts on CPU without Ray: free-text metrics against hand-computed cases, the
+bootstrap interval and the paired tests against scipy, the sources' multiple-choice gold answers,
+the plan (samples, unscored rows), the scorer against a model whose log-likelihoods are known
+(acc / acc_norm exactly as expected), packed scoring == training's evaluation on the tiny model,
+and batched generation == one prompt at a time."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
+
+from pipeline.config import EvalConfig  # noqa: E402
+from pipeline.eval import matrix as mx  # noqa: E402
+from pipeline.eval import stats  # noqa: E402
+from pipeline.eval.metrics import lcs_length, rouge_l, token_f1, words  # noqa: E402
+from pipeline.eval.plan import DatasetPlan, build_items  # noqa: E402
+from pipeline.sources import BUILTIN, registry  # noqa: E402
+from pipeline.sources.base import MultipleChoice  # noqa: E402
+
+
+# ---- ROUGE-L and token F1 -----------------------------------------------------------------------
+
+def test_rouge_l_hand_computed():
+    # reference: the cat sat on the mat (6); prediction: the cat lay on a mat (6)
+    # LCS = the cat on mat (4): P = R = 4/6 -> F = 2/3
+    assert lcs_length(words("the cat lay on a mat"), words("the cat sat on the mat")) == 4
+    assert rouge_l("the cat lay on a mat", "the cat sat on the mat") == pytest.approx(2 / 3)
+    # prediction: "mat the cat" (3), reference 6 words: LCS "the cat" = 2 -> P 2/3, R 2/6 -> F = 2*(2/3*1/3)/(1) = 4/9
+    assert rouge_l("Mat, the CAT!", "the cat sat on the mat") == pytest.approx(4 / 9)
+    assert rouge_l("", "") == 1.0 and rouge_l("x", "") == 0.0 and rouge_l("a b", "c d") == 0.0
+
+
+def test_token_f1_hand_computed():
+    # prediction: the the cat (3), reference: the cat sat (3): overlap min counts the:1, cat:1 = 2 -> F = 2/3
+    assert token_f1("the the cat", "the cat sat") == pytest.approx(2 / 3)
+    # prediction 2 tokens, reference 4, overlap 2: P 1, R 1/2 -> F 2/3; punctuation and case ignored
+    assert token_f1("Yes, SUPPORTED.", "yes it is supported") == pytest.approx(2 / 3)
+    assert token_f1("", "") == 1.0 and token_f1("a", "") == 0.0
+
+
+# ---- intervals and tests against scipy -------------------------------------------------------------
+
+def test_bootstrap_interval_matches_scipy():
+    x = np.random.default_rng(0).random(37)
+    ours = stats.bootstrap_interval(stats.mean_of, [x], 2000, seed=11)
+    ref = scipy.stats.bootstrap((x,), np.mean, n_resamples=2000, method="percentile", vectorized=True,
+                                rng=np.random.default_rng(11)).confidence_interval
+    assert ours == pytest.approx((ref.low, ref.high), rel=1e-12)
+    # the token-weighted loss: a ratio of sums, examples resampled as pairs
+    num, den = np.random.default_rng(1).random(25) * 40, np.random.default_rng(2).integers(5, 30, 25).astype(float)
+    ours = stats.bootstrap_interval(stats.ratio_of, [num, den], 1500, seed=3)
+    ref = scipy.stats.bootstrap((num, den), lambda a, b, axis=-1: a.sum(axis) / b.sum(axis), paired=True,
+                                n_resamples=1500, method="percentile", vectorized=True,
+                                rng=np.random.default_rng(3)).confidence_interval
+    assert ours == pytest.approx((ref.low, ref.high), rel=1e-12)
+    assert stats.bootstrap_interval(stats.mean_of, [[]], 100, 0) == (None, None)
+
+
+def _scipy_paired(a, b, n_resamples, rng=None):
+    return scipy.stats.permutation_test((b, a), lambda x, y, axis=-1: (x - y).mean(axis), permutation_type="samples",
+                                        n_resamples=n_resamples, rng=rng).pvalue
+
+
+def test_paired_permutation_matches_scipy():
+    rng = np.random.default_rng(4)
+    base = rng.random(12)
+    other = base + rng.normal(0.1, 0.2, 12)
+    assert stats.paired_permutation(base, other, 10000, seed=1) == pytest.approx(_scipy_paired(base, other, np.inf), rel=1e-12)
+    # larger n: Monte Carlo (our draws differ from scipy's): within the Monte Carlo error
+    base, other = rng.random(60), rng.random(60) + 0.05
+    ours = stats.paired_permutation(base, other, 20000, seed=1)
+    assert abs(ours - _scipy_paired(base, other, 20000, np.random.default_rng(5))) < 0.02
+    assert stats.paired_permutation(base, base, 1000, 0) == 1.0
+
+
+def test_mcnemar_exact_matches_scipy_binomtest():
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        a, b = rng.random(40) < 0.4, rng.random(40) < 0.7
+        only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+        ref = scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+        assert stats.mcnemar_exact(a, b) == pytest.approx(ref, rel=1e-12)
+
+
+def test_verdict():
+    assert stats.verdict(0.01, 0.2, True, 0.05) == "better"
+    assert stats.verdict(0.01, 0.2, False, 0.05) == "worse"          # a loss that went up
+    assert stats.verdict(0.01, -0.3, False, 0.05) == "better"
+    assert stats.verdict(0.2, 0.5, True, 0.05) == "no significant difference"
+    assert stats.verdict(None, None, True, 0.05) == "no significant difference"
+
+
+# ---- the sources' tasks and the plan -----------------------------------------------------------------
+
+def test_sources_declare_multiple_choice_gold_from_their_responses():
+    def gold(source, task, response):
+        return BUILTIN[source].eval_task(task).gold(response)
+    assert gold("medmcqa", "qa_multiple_choice", "C) Levothyroxine. Because ...") == 2
+    assert gold("pubmed_qa", "qa_with_context", "Maybe. The benefit was modest.") == 2
+    assert gold("climate_fever", "claim_verification", "Not enough information. Among the evidence, ...") == 2
+    assert gold("climate_fever", "claim_verification", "Disputed. Among ...") == 3
+    assert gold("iam", "claim_detection", "Contest: the sentence gives a reason to reject the motion.") == 1
+    assert gold("climate_fever", "claim_verification", "Supportedly true") is None    # not a choice followed by a break
+    assert gold("medmcqa", "qa_multiple_choice", "E) none") is None
+    assert BUILTIN["ddo"].eval_task("debate_turn").kind == "free_text"       # DDO turns carry no label
+    assert BUILTIN["medquad"].eval_task("anything_else").kind == "free_text"
+    assert MultipleChoice(("No", "Not sure")).gold("Not sure, maybe") == 1        # the longest choice that fits
+    with pytest.raises(ValueError):
+        MultipleChoice(("A",))
+
+
+def _rows(n_mc=6, n_free=5, bad=1):
+    rows = [{"prompt": f"Abstract {i}. Question?", "response": ("Yes. Because." if i % 2 else "No. Because."),
+             "doc_id": f"p{i}", "source": "pubmed_qa", "task": "qa_with_context"} for i in range(n_mc)]
+    rows += [{"prompt": f"Question {i}?", "response": f"Answer {i}.", "doc_id": f"q{i}", "source": "medquad", "task": "qa"}
+             for i in range(n_free)]
+    rows += [{"prompt": "Abstract x.", "response": "Perhaps.", "doc_id": "px", "source": "pubmed_qa",
+              "task": "qa_with_context"} for _ in range(bad)]
+    return rows
+
+
+def test_plan_samples_and_unscored_rows():
+    ev = EvalConfig(generation_samples=3, side_by_side=4, seed=7)
+    items = build_items(_rows(), "medicine", registry(), ev)
+    again = build_items(list(reversed(_rows())), "medicine", registry(), ev)
+    assert items == again                                  # input order does not matter: sorted by key
+    assert [it.key for it in items] == sorted(it.key for it in items)
+    mc = [it for it in items if it.kind == "multiple_choice"]
+    assert len(mc) == 7 and sum(it.gold is None for it in mc) == 1 and mc[0].choices == ("Yes", "No", "Maybe")
+    assert sum(it.generate for it in items) == 3 and all(it.kind == "free_text" for it in items if it.generate)
+    shown = [it for it in items if it.side_by_side]
+    assert len(shown) == 4 and sum(it.generate for it in shown) == 3     # the sample first, then another row
+    capped = build_items(_rows(), "medicine", registry(), EvalConfig(max_examples=5, seed=7))
+    assert len(capped) == 5
+    # a source the registry does not know is free text
+    free = build_items([{"prompt": "p", "response": "r", "doc_id": "d", "source": "fixture", "task": "qa"}], "x", registry(),
+                       EvalConfig())
+    assert free[0].kind == "free_text" and free[0].generate
+
+
+# ---- the scorer against a model with known log-likelihoods -----------------------------------------
+
+class CharTokenizer:
+    """One token per ASCII character (ids 3..130), bos 1, eos 2, pad 0; no chat template (the simple format)."""
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + ord(c) for c in text]     # ASCII text
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i - 3) for i in ids if i >= 3)
+
+
+class BigramModel(torch.nn.Module):
+    """log p(next | previous token) = log_softmax(table[previous]): every sequence's log-likelihood is
+    known in closed form. Exposes what the scorer uses of a causal LM (decoder, output embeddings)."""
+
+    def __init__(self, vocab=131, seed=0):
+        super().__init__()
+        self.table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+        self.head = torch.nn.Linear(vocab, vocab, bias=False)
+        self.head.weight.data = self.table.T.contiguous()
+        self.config = type("C", (), {})()
+        self.vocab = vocab
+
+    def get_decoder(self):
+        model = self
+
+        def decoder(input_ids, position_ids=None, use_cache=False):
+            return type("O", (), {"last_hidden_state": torch.nn.functional.one_hot(input_ids, model.vocab).float()})()
+        return decoder
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def logp(self, ids: list[int]) -> float:
+        lp = self.table.log_softmax(-1)
+        return float(sum(lp[a, b] for a, b in zip(ids, ids[1:])))
+
+
+def test_scorer_gives_the_expected_acc_and_acc_norm_for_known_loglikelihoods():
+    from pipeline.eval.scoring import TokenizedPlan, score_items
+    from pipeline.train.model import SIMPLE_PROMPT
+    tok, model = CharTokenizer(), BigramModel()
+    nl, b, c, d = (tok.encode(x)[0] for x in "\nbcd")
+    # after the prompt (it ends in a newline) "b" is the likeliest first token, "c" next; "c" and "d" then
+    # follow each other almost surely: "b" wins on the sum (acc), "cdcd" per character (acc_norm)
+    model.table[nl, b], model.table[nl, c], model.table[c, d], model.table[d, c] = 14.8, 14.0, 20.0, 20.0
+    model.head.weight.data = model.table.T.contiguous()
+    train = tiny_config("/tmp/unused").train.model_copy(update={"max_seq_length": 96, "tokens_per_micro_batch": 192})
+    ev = EvalConfig(generation_samples=0, side_by_side=0)
+    task = MultipleChoice(("ab", "b", "cdcd", "zz"))
+    golds = [1, 1, 1, 1, 1, 2, 2, 0, 3, 0, 3, 1]
+    rows = [{"prompt": f"question {i}", "response": task.choices[g] + " because", "doc_id": str(i), "source": "s",
+             "task": "t"} for i, g in enumerate(golds)]
+    items = [it.model_copy(update={"kind": "multiple_choice", "choices": task.choices, "gold": task.gold(it.response)})
+             for it in build_items(rows, "d", {}, ev)]
+    plan = DatasetPlan(domain="d", items=tuple(items), test_rows=len(items))
+    results = score_items(model, tok, TokenizedPlan(tok, plan, train, 8), plan, "cpu", ev, train, side_by_side=False)
+    for it, r in zip(plan.items, results):
+        p = [tok.bos_token_id] + tok.encode(SIMPLE_PROMPT.format(prompt=it.prompt))
+        ll = [model.logp(p + tok.encode(ch)) - model.logp(p) for ch in it.choices]     # the continuation only
+        assert r["choice_ll"] == pytest.approx(ll, abs=1e-4)
+        assert (r["pred"], r["pred_norm"]) == (1, 2)
+        full = p + tok.encode(it.response) + [tok.eos_token_id]                          # loss: the response tokens
+        assert r["loss_sum"] == pytest.approx(-(model.logp(full) - model.logp(p)), abs=1e-4)
+        assert r["n_tokens"] == len(full) - len(p)
+    cells = mx.cells(mx.example_rows(plan, results), ev)
+    assert cells["acc"]["value"] == 6 / 12 and cells["acc_norm"]["value"] == 2 / 12 and cells["acc"]["n"] == 12
+    assert cells["acc"]["low"] <= 0.5 <= cells["acc"]["high"]
+
+
+# ---- the tiny model: packed scoring and batched generation ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from pipeline.storage import Store
+    from pipeline.train.model import load_model, load_tokenizer, resolve_base
+    from pipeline.train.tiny import ensure_tiny
+    out = tmp_path_factory.mktemp("eval-tiny")
+    cfg = tiny_config(str(out), model__tiny__pretrain_steps=10)
+    store = Store(str(out))
+    write_sft(store, domains=["debate"], n=(20, 5, 5))
+    ensure_tiny(cfg, store)
+    path = resolve_base(cfg, store)
+    return cfg, load_tokenizer(path, cfg), load_model(path, cfg, "cpu")
+
+
+def test_packed_loss_equals_training_evaluation(tiny):
+    from pipeline.eval.scoring import sequence_logprobs
+    from pipeline.train.data import Example, tokenize_example
+    from pipeline.train.loop import evaluate
+    cfg, tok, model = tiny
+    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 24, 9)]
+    sums, counts = sequence_logprobs(model, ex, rows=2, seq_len=128, pad_id=tok.pad_token_id, device="cpu")
+    loss, n = evaluate(model, ex, rows=4, seq_len=128, pad_id=tok.pad_token_id, device="cpu")
+    assert counts.sum() == n and -sums.sum() / counts.sum() == pytest.approx(loss, rel=1e-5)
+    # one sequence at a time gives the same per-example sums as packed several to a row
+    single = [sequence_logprobs(model, [e], rows=1, seq_len=128, pad_id=tok.pad_token_id, device="cpu")[0][0] for e in ex[:5]]
+    assert single == pytest.approx(list(sums[:5]), abs=1e-3)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    from pipeline.eval.scoring import generate_texts, prompt_ids
+    cfg, tok, model = tiny
+    prompts = [prompt_ids(tok, r["prompt"] + " " * i, "auto", 100) for i, r in enumerate(sft_rows("medicine", 5, 3))]
+    together = generate_texts(model, tok, prompts, 12, "cpu", batch_tokens=4096)
+    alone = [generate_texts(model, tok, [p], 12, "cpu", batch_tokens=4096)[0] for p in prompts]
+    assert together == alone and any(together)
+
+
+# ---- the matrix and the report sections ----------------------------------------------------------------
+
+def _synthetic_scores(plan, ev):
+    """base right on a third of the choices, the domain's adapter on all but one; generations scored."""
+    out = {}
+    for model, right in (("base", lambda i: i % 3 == 0), ("medicine", lambda i: i != 1), ("debate", lambda i: i % 3 == 0)):
+        res = []
+        for i, it in enumerate(plan.items):
+            r = {"key": it.key, "loss_sum": 10.0 - (5.0 if model == "medicine" else 0.0) + i % 3, "n_tokens": 10}
+            if it.kind == "multiple_choice" and it.gold is not None:
+                pred = it.gold if right(i) else (it.gold + 1) % len(it.choices)
+                r.update(choice_ll=[0.0] * len(it.choices), pred=pred, pred_norm=pred)
+            if it.generate or it.side_by_side:
+                r["generation"] = f"<script>alert({i})</script> ``` answer {model}"
+                if it.generate:
+                    r.update(rouge_l=0.2 + 0.01 * i, f1=0.3)
+            res.append(r)
+        out[model] = {"medicine": mx.example_rows(plan, res)}
+    return out
+
+
+def test_matrix_verdicts_summary_and_escaped_report_sections():
+    from pipeline import report
+    ev = EvalConfig(generation_samples=4, side_by_side=2, bootstrap_resamples=500)
+    rows = [{"prompt": f"Abstract {i}. <b>Question</b>?", "response": ("Yes. Because." if i % 2 else "No. Because."),
+             "doc_id": f"p{i}", "source": "pubmed_qa", "task": "qa_with_context"} for i in range(40)]
+    rows += _rows(n_mc=0, n_free=6, bad=2)
+    plan = DatasetPlan(domain="medicine", items=tuple(build_items(rows, "medicine", registry(), ev)), test_rows=len(rows))
+    m = mx.build_matrix([plan], _synthetic_scores(plan, ev), ev)
+    assert m["models"] == ["base", "medicine", "debate"] and m["counts"]["medicine"]["multiple_choice_unscored"] == 2
+    v = m["verdicts"]["medicine"]
+    assert v["metric"] == "acc" and v["verdict"] == "better" and v["p"] < 1e-4 and v["n"] == 40
+    assert m["comparisons"]["medicine"]["medicine"]["loss"]["verdict"] == "better"          # lower loss
+    assert m["comparisons"]["debate"]["medicine"]["acc"]["verdict"] == "no significant difference"   # same answers
+    assert m["summary"]["off_diagonal"]["acc"] == {"cells": 1, "mean_difference": 0.0, "better": 0, "worse": 0,
+                                                   "no significant difference": 1}
+    assert m["tasks"]["medicine"]["pubmed_qa/qa_with_context"]["unscored"] == 2
+    md, page = "\n".join(report._eval_md(m)), "\n".join(report._eval_html(m))
+    assert "- **medicine**: better (accuracy +" in md and "### Tasks per domain" in md and "#### medicine, example 2" in md
+    assert "````text" in md                       # a longer fence than the generation's own ``` run
+    assert "<script>" not in page and "&lt;script&gt;alert(" in page and 'id="side-by-side-medicine"' in page
+    assert "&lt;b&gt;Question&lt;/b&gt;" in page or "<b>Question</b>" not in page
