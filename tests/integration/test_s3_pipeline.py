@@ -113,10 +113,11 @@ def test_demo_run_to_s3_every_object_present_and_readable(s3_server):
     assert {d: summary["domains"][d]["status"] for d in DOMAINS} == {d: "finished" for d in DOMAINS}
     assert summary["domains"]["debate"]["adapter_uri"] == f"{uri}/adapters/debate"
     assert set(json.loads(get("eval/matrix.json"))["models"]) == {"base", *DOMAINS}
-    # the medicine worker died at step 5 and came back from a checkpoint stored in S3 (step 4, or step 2
-    # when Ray had not yet registered the step-4 one: a worker that dies right after reporting loses it)
+    # the medicine worker died at step 5 and came back from a checkpoint stored in S3 (step 4; or step 3, the
+    # evaluation that lowered the val loss, or 2, when Ray had not yet registered the later one: a worker
+    # that dies right after reporting loses it)
     med = json.loads(get("adapters/medicine/training_report.json"))
-    assert med["resumed_from_step"] in (2, 4) and med["steps"] == 6, med.get("resumed_from_step")
+    assert med["resumed_from_step"] in (2, 3, 4) and med["steps"] == 6, med.get("resumed_from_step")
     assert "faults/medicine-crash-5" in " ".join(keys)
 
     # the same command again: finished work is skipped, adapters untouched
