@@ -56,14 +56,19 @@ def evaluate_models(cfg, plans: list, names: list[str]) -> dict[str, dict[str, l
     out: dict[str, dict[str, list[dict]]] = {}
     models = BaseAndAdapters(model, store)
     for name in names:
+        who, t_model = "base model" if name == "base" else f"{name} adapter", time.time()
         with models.use(name) as target:
             for p in plans:
                 t0 = time.time()
                 res = score_items(target, tok, tokenized[p.domain], p, device, cfg.eval, cfg.train,
                                   side_by_side=name in ("base", p.domain))
                 out.setdefault(name, {})[p.domain] = res
-                log.info("eval: %s on %s test (%d items): %s (%.1fs)", "base model" if name == "base" else f"{name} adapter",
-                         p.domain, len(p.items), summary_line(p, res), time.time() - t0)
+                # every cell is in eval/matrix.json; the console gets one progress line per model (below)
+                log.debug("eval: %s on %s test (%d items): %s (%.1fs)", who, p.domain, len(p.items),
+                          summary_line(p, res), time.time() - t0)
+        own = out[name].get(name)
+        log.info("eval: %s done on %d test set(s) in %.1fs%s", who, len(plans), time.time() - t_model,
+                 f"; own domain: {summary_line(next(p for p in plans if p.domain == name), own)}" if own else "")
     return out
 
 
