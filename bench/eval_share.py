@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from train_throughput import bench_config, build_base, prepare_data  # noqa: E402
+from train_throughput import bench_config, build_base, cuda_or_exit, prepare_data  # noqa: E402
 
 DOMAINS = ("debate", "medicine", "education", "ecology")
 
@@ -82,11 +81,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="eval.max_new_tokens (default 128)")
     ap.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
+    cuda_or_exit()
     import torch
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     domains = [d for d in a.domains.split(",") if d]
     t_start = time.time()
     sets = [f"eval.{k}={v}" for k, v in (("max_examples", a.max_examples), ("generation_samples", a.generation_samples),

@@ -37,13 +37,9 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/bench-startup")
     ap.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
+    from train_throughput import bench_config, build_base, cuda_or_exit, prepare_data
+    cuda_or_exit()
     import torch
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
-    import logging
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from train_throughput import bench_config, build_base, prepare_data
     from pipeline.storage import open_store
     from pipeline.train import run_train
     from pipeline.train.data import read_split

@@ -63,6 +63,16 @@ def bf16_matmul_tflops() -> float:
 BASE_SETS = ["data.allow_missing=true", "data.download.offline=true", "resources.device=cpu"]
 
 
+def cuda_or_exit() -> None:
+    """A bench needs a CUDA GPU: say so and exit 2 without one; INFO logging otherwise."""
+    import logging
+    import torch
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        raise SystemExit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
 def bench_config(data_dir: str, out: str, sets=()):
     """configs/default.yaml (the project's defaults) on the bench's raw data and work folder, plus `sets`."""
     from pipeline.config import load_config
@@ -203,12 +213,8 @@ def main() -> int:
                     help="also run the trainer with these config overrides (repeatable)")
     ap.add_argument("--profile", metavar="NAME", help="profile this variant (default or a --variant name)")
     a = ap.parse_args()
+    cuda_or_exit()
     import torch
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 2
-    import logging
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     t0 = time.time()
     cfg = bench_config(a.data, f"{a.work}/out")
     prepare_data(cfg)

@@ -265,17 +265,31 @@ def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int
         try:
             p = psutil.Process(pid)
             if p.create_time() == created:
-                p.send_signal(signal.SIGTERM)
                 procs.append(p)
         except psutil.Error:
             continue
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    terminate(procs, grace_s)
+    return 0
+
+
+def terminate(procs: list, grace_s: float) -> list:
+    """SIGTERM each psutil.Process, then SIGKILL those still alive after ``grace_s``; returns those killed."""
+    import psutil
+
+    sent = []
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+            sent.append(p)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(sent, timeout=grace_s)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
-    return 0
+    return alive
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -113,22 +112,16 @@ def stop_cluster(temp_dir: Path, grace_s: float = 5.0) -> int:
     """Stop the processes of the cluster that uses ``temp_dir`` (SIGTERM, then SIGKILL). Returns how many."""
     import psutil
 
+    from pipeline.raycluster import terminate
+
     pids = _cluster_pids(temp_dir)
     procs = []
     for pid in pids:
         try:
-            p = psutil.Process(pid)
-            p.send_signal(signal.SIGTERM)
-            procs.append(p)
+            procs.append(psutil.Process(pid))
         except psutil.Error:
             continue
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    psutil.wait_procs(terminate(procs, grace_s), timeout=5)
     # Workers started late (or re-parented) may still name the dir: one more pass, at once.
     for pid in _cluster_pids(temp_dir):
         try:
