@@ -139,11 +139,6 @@ def _abs_local(p: str) -> str:
     return p if "://" in p else str(Path(p).expanduser().resolve())
 
 
-def _redact_uri(uri: str) -> str:
-    uri = re.sub(r"//[^/@]+@", "//***@", uri)
-    return re.sub(r"([?&](?:token|key|signature|sig|X-Amz-[A-Za-z-]+)=)[^&]+", r"\1***", uri, flags=re.I)
-
-
 def runtime_env(working_dir: Path, extra_env: Optional[list[str]] = None, environ: Optional[dict] = None) -> dict:
     """working_dir + excludes + env_vars."""
     env = os.environ if environ is None else environ
@@ -211,6 +206,7 @@ def build(args: argparse.Namespace, environ: Optional[dict] = None) -> dict:
     env = os.environ if environ is None else environ
     sys.path.insert(0, str(REPO))
     from pipeline.config import ConfigError, load_config
+    from pipeline.redaction import redact_url
 
     working_dir = Path(args.working_dir).resolve()
     config_path = Path(args.config)
@@ -244,7 +240,7 @@ def build(args: argparse.Namespace, environ: Optional[dict] = None) -> dict:
     job_name = args.job_name or f"adapters-{stage}-{cfg.run_name}"
     submission_id = args.submission_id or (
         f"adapters-{cfg.run_name}-{stage}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}")
-    metadata = {"job_name": job_name, "output_uri": _redact_uri(output), "run_name": cfg.run_name,
+    metadata = {"job_name": job_name, "output_uri": redact_url(output), "run_name": cfg.run_name,
                 "stage": stage, "config": config_rel}
     renv = runtime_env(working_dir, args.env, env)
     entry = job_command(stage, config_rel, output, raw_dir, args.set, args.domains)
