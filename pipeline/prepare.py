@@ -50,6 +50,8 @@ STAGED_SFT_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt", "response", 
 MAX_READ_PAST_CAP = 10_000
 # how far (bytes of blocks in the object store) the Ray readers may run ahead of the driver
 READ_AHEAD_BYTES = 512 * 1024 * 1024
+# a source that takes longer than this logs how far it is, every this many seconds
+PROGRESS_EVERY_S = 15.0
 # SFT splits up to this many rows are written in a seeded shuffled order (held in memory); larger ones stream
 SHUFFLE_LIMIT = 200_000
 
@@ -241,8 +243,13 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
 
     items = [{"path": str(p), "rel": rel} for p, rel in zip(files, rels)]
     stream = _stream_events(src, items, opts, use_ray)
+    next_progress = time.monotonic() + PROGRESS_EVERY_S
     try:
         for kind, ev in stream:
+            if time.monotonic() >= next_progress:  # a long source says how far it is (no bars: logs and jobs)
+                log.info("prepare: %s: %d records read, %d kept, %d of %d files done", name, read, kept,
+                         len(file_facts), len(files))
+                next_progress = time.monotonic() + PROGRESS_EVERY_S
             if kind == "f":
                 file_facts[ev["rel"]] = {"path": ev["rel"], "size": ev["size"], "sha256": ev["sha256"], "status": "read"}
                 if cap is not None and kept >= cap:

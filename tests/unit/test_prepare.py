@@ -253,3 +253,18 @@ def test_fifth_domain_from_a_custom_jsonl(prepared, tmp_path):
     assert read_rows(out, "data/corpus/law/harbour_code-*.parquet")[0]["license"] == "invented for the project (CC0)"
     for dm in ("debate", "medicine", "education", "ecology"):
         assert read_rows(out, f"data/sft/{dm}/*/*.parquet") == read_rows(out0, f"data/sft/{dm}/*/*.parquet"), dm
+
+
+def test_a_long_source_logs_how_far_it_is(tmp_path, monkeypatch, caplog):
+    """Progress for prepare: a source that reads for longer than PROGRESS_EVERY_S says how many records
+    and files it has done (here every record, with the interval at 0)."""
+    import logging
+    import pipeline.prepare as prepare
+    monkeypatch.setattr(prepare, "PROGRESS_EVERY_S", 0.0)
+    cfg = make_cfg(RAW, tmp_path / "out", "data.sources=[climate_fever]", domains=["ecology"])
+    with caplog.at_level(logging.INFO, logger="pipeline.prepare"):
+        m = run_prepare(cfg, use_ray=False)
+    lines = [r.getMessage() for r in caplog.records if "records read" in r.getMessage()]
+    read = m["sources"]["climate_fever"]["read"]
+    assert len(lines) >= read and lines[-1].startswith(f"prepare: climate_fever: {read} records read")
+    assert lines[0].startswith("prepare: climate_fever: 0 records read, 0 kept, 0 of 1 files done")
