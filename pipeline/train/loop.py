@@ -74,7 +74,7 @@ def compat_record(cfg, domain: str) -> dict:
            "train.chat_template": t.chat_template, "train.seed": t.seed}
     if cfg.model.base == "tiny":
         from pipeline.train.tiny import tiny_fingerprint
-        rec["model.tiny"] = tiny_fingerprint(cfg)
+        rec["model.tiny"] = tiny_fingerprint(cfg)   # model.tiny and the texts it was built from
     return rec
 
 

@@ -21,20 +21,36 @@ log = logging.getLogger(__name__)
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
 
-def tiny_fingerprint(cfg) -> str:
+def _text_files(store) -> dict[str, list[str]]:
+    """The Parquet files the tiny model learns from, per domain: every prepared domain's corpus, else
+    its SFT train split. Every prepared domain, not only those a run selected: `--domains` must not
+    rebuild (and change) the base model the other domains' adapters were trained on."""
+    corpus, sft = {}, {}
+    for f in store.list_files("data/corpus", ".parquet"):
+        corpus.setdefault(f.split("/")[2], []).append(f)
+    for f in store.list_files("data/sft", ".parquet"):
+        if f.split("/")[3] == "train":
+            sft.setdefault(f.split("/")[2], []).append(f)
+    return {d: corpus.get(d) or sft[d] for d in sorted(set(corpus) | set(sft))}
+
+
+def tiny_fingerprint(cfg, store=None) -> str:
+    """What the tiny model is built from: model.tiny and the text files (names and sizes)."""
     import hashlib
+    from pipeline.storage import open_store
+    store = store or open_store(cfg)
     d = cfg.model.tiny.model_dump(mode="json")
-    d["domains"] = sorted(cfg.domains)
+    d["text"] = [(f, store.size(f)) for files in _text_files(store).values() for f in files]
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _texts(cfg, store) -> list[str]:
-    """The mixed corpus: data/corpus/<domain> text when present, else the SFT train prompts+responses."""
+    """The mixed corpus of every prepared domain (see _text_files)."""
     texts: list[str] = []
-    for domain in cfg.domains:
-        if store.list_files(f"data/corpus/{domain}", ".parquet"):
+    for domain, files in _text_files(store).items():
+        if files[0].startswith("data/corpus/"):
             texts.extend(x for x in store.read_table(f"data/corpus/{domain}", columns=["text"]).column("text").to_pylist() if x)
-        elif store.list_files(f"data/sft/{domain}/train", ".parquet"):
+        else:
             t = store.read_table(f"data/sft/{domain}/train", columns=["prompt", "response"]).to_pydict()
             texts.extend(f"{p}\n{r}" for p, r in zip(t["prompt"], t["response"]))
     if not texts:
@@ -106,7 +122,7 @@ def ensure_tiny(cfg, store=None) -> str:
     import torch
     from pipeline.storage import open_store
     store = store or open_store(cfg)
-    fp = tiny_fingerprint(cfg)
+    fp = tiny_fingerprint(cfg, store)
     meta = store.read_json_or("base_model/tiny_meta.json")
     if meta and meta.get("fingerprint") == fp:
         return store.uri_of("base_model")
@@ -122,7 +138,7 @@ def ensure_tiny(cfg, store=None) -> str:
     if store.exists("base_model"):
         store.delete("base_model")
     with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d, safe_serialization=True)
+        model.save_pretrained(d)
         tok.save_pretrained(d)
         store.upload_dir(d, "base_model")
     n_params = sum(p.numel() for p in model.parameters())

@@ -87,3 +87,21 @@ def test_merged_export_refuses_nan(tmp_path):
     save_file(sd, str(f))
     with pytest.raises(NonFiniteWeightsError, match="NaN/inf"):
         export_merged(cfg, "debate", store)
+
+
+def test_a_domain_subset_does_not_rebuild_the_tiny_base(tmp_path):
+    """`--domains debate` after a run of all four must train on the same base model the others used
+    (it was rebuilt from the subset's text, and the other domains' resumes then failed as incompatible)."""
+    from pipeline.train.tiny import ensure_tiny, tiny_fingerprint
+    store = Store(str(tmp_path))
+    write_sft(store, n=(16, 4, 4))
+    cfg = tiny_config(str(tmp_path), model__tiny__pretrain_steps=0)
+    ensure_tiny(cfg, store)
+    built = store.read_json("base_model/tiny_meta.json")
+    subset = tiny_config(str(tmp_path), domains=["debate"], model__tiny__pretrain_steps=0)
+    assert tiny_fingerprint(subset) == tiny_fingerprint(cfg)
+    ensure_tiny(subset, store)
+    assert store.read_json("base_model/tiny_meta.json") == built        # not rebuilt
+    assert compat_record(subset, "debate") == compat_record(cfg, "debate")
+    write_sft(store, domains=["debate"], n=(20, 4, 4))                   # other training text: a new base
+    assert tiny_fingerprint(cfg) != built["fingerprint"]
