@@ -260,6 +260,15 @@ def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int
                 return 0
             if line == "":
                 break
+    # the driver is gone, its children re-parented: workers the raylet started since the last refresh are
+    # children of processes already known, so one more sweep from those finds them
+    for pid in list(known):
+        try:
+            for c in psutil.Process(pid).children(recursive=True):
+                if c.pid != me:
+                    known.setdefault(c.pid, c.create_time())
+        except psutil.Error:
+            continue
     procs = []
     for pid, created in known.items():
         try:

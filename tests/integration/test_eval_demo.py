@@ -1,7 +1,7 @@
 """The evaluation end to end on the demo (configs/demo.yaml: real Ray, the tiny model, the fixtures),
 and `adapters generate` from that run's output on local disk and on the S3 server.
 
-One demo run (module fixture, subprocess `python -m pipeline run`) is shared by the tests:
+One demo run (the session's, tests/fixtures_demo.py, shared with test_lifecycle) serves the tests:
   - the report has task metrics with intervals, verdicts and side-by-side generations for every domain,
     per-example scores are in eval/scores/<model>/<dataset>.parquet, and some adapter beats the base
     model on its own domain on a task metric with a significant difference (the fixtures' answers follow
@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.fixtures_demo import demo_run  # noqa: F401  (the fixture)
 from tests.fixtures_s3 import s3_server  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,15 +38,12 @@ def _env(**extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval-demo") / "out"
-    cmd = [sys.executable, "-m", "pipeline", "run", "--config", "configs/demo.yaml", "--output", str(out),
-           "--set", "resources.num_cpus=2"]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1800)
+def demo(demo_run):
+    """The session's demo run (tests/fixtures_demo.py, shared with test_lifecycle): (output dir, its console)."""
+    out, run = demo_run
     ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "eval_demo_run.log").write_text(r.stdout + r.stderr)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
-    return out, r.stdout + r.stderr
+    (ARTIFACTS / "eval_demo_run.log").write_text(run.text())
+    return out, run.text()
 
 
 def test_report_has_task_metrics_intervals_verdicts_and_generations(demo):
@@ -65,7 +63,7 @@ def test_report_has_task_metrics_intervals_verdicts_and_generations(demo):
         shown = m["side_by_side"][d]
         assert len(shown) == 5 and all(s["prompt"] and s["reference"] and s["base"] is not None and s["adapter"] is not None
                                        for s in shown)
-        assert f"eval: {d} adapter on {d} test" in log          # one progress line per model x dataset
+        assert f"eval: {d} adapter done on " in log             # one progress line per model
     # multiple choice where the sources have labels: MedMCQA + PubMedQA, Climate-FEVER
     assert m["counts"]["medicine"]["multiple_choice_scored"] > 0 and m["counts"]["ecology"]["multiple_choice_scored"] > 0
     assert set(m["tasks"]["ecology"]) == {"climate_fever/claim_verification"}

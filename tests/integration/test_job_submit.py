@@ -288,7 +288,7 @@ def test_demo_pipeline_job(ray_head: RayHead, tmp_path: Path) -> None:
     # progress in the job logs: the CLI's stage lines and the training loop's step/loss lines
     logs1 = _logs(ray_head, sid1)
     assert "stage train: starting" in logs and "stage report: done" in logs
-    assert re.search(r"step \d+ loss [\d.]+", logs1 + logs), "no step/loss lines in the jobs' logs"
+    assert re.search(r"step \d+/\d+ loss [\d.]+", logs1 + logs), "no step/loss lines in the jobs' logs"
     _assert_no_token(ray_head, logs, logs1, json.dumps(listed[sid]), json.dumps(listed[sid1]), r.stdout, r1.stdout,
                      *(p.read_text(errors="replace") for p in out.rglob("*.json")))
     print(f"demo pipeline: first job {'stopped after a checkpoint' if killed else 'finished'} at {t_killed:.1f}s; "

@@ -21,79 +21,21 @@ import re
 import shlex
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import psutil
 import pytest
 
 from pipeline.status import STALE_AFTER_S, collect_status
 from pipeline.storage import Store
+from tests.fixtures_demo import DEMO, ROOT, Run, demo_run  # noqa: F401  (demo_run: the fixture)
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = str(ROOT / "configs" / "demo.yaml")
 FIXTURES_RAW = ROOT / "fixtures" / "raw"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ORPHAN_BOUND_S = 20   # a local Ray's processes must be gone this long after its driver is
 MAKE_DEMO_LINES = 2   # `make demo` echoes the command and the report's path
-
-
-class Run:
-    """An `adapters` process in a session of its own; SIGINT at its default, as in a terminal."""
-
-    def __init__(self, tmp: Path, *argv: str, env: Optional[dict] = None, name: str = "run"):
-        self.log = tmp / f"{name}.console"
-        e = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
-        e.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=ROOT, env=e,
-                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        self.seen: set[int] = set()
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def lines(self) -> list[str]:
-        return self.text().splitlines()
-
-    def remember_descendants(self) -> None:
-        try:
-            self.seen |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        except psutil.Error:
-            pass
-
-    def wait_until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            self.remember_descendants()
-            if cond():
-                return
-            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}:\n{self.text()[-4000:]}"
-            time.sleep(0.5)
-        raise AssertionError(f"no {what} within {timeout}s:\n{self.text()[-4000:]}")
-
-    def wait(self, timeout: float = 600) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def left_after(self, bound_s: float) -> list[str]:
-        """The run's processes (seen while it ran) still alive ``bound_s`` after the driver ended."""
-        deadline = time.time() + bound_s
-        while True:
-            alive = []
-            for pid in self.seen:
-                try:
-                    p = psutil.Process(pid)
-                    if p.status() != psutil.STATUS_ZOMBIE:
-                        alive.append(f"{pid} {' '.join(p.cmdline())[:120]}")
-                except psutil.Error:
-                    continue
-            if not alive or time.time() > deadline:
-                return alive
-            time.sleep(0.5)
 
 
 def console_lines(text: str) -> list[str]:
@@ -101,14 +43,9 @@ def console_lines(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`make demo`'s command, once for the module: (output dir, Run)."""
-    tmp = tmp_path_factory.mktemp("demo")
-    out = tmp / "out"
-    run = Run(tmp, "run", "--config", DEMO, "--output", str(out), name="demo")
-    rc = run.wait(timeout=800)
-    assert rc == 0, run.text()[-6000:]
-    return out, run
+def demo(demo_run):
+    """`make demo`'s command, run once for the session (tests/fixtures_demo.py): (output dir, Run)."""
+    return demo_run
 
 
 def test_demo_is_quiet_and_its_log_file_complete(demo):

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 SETS = ["--set", "train.max_steps=40", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=20",
-        "--set", "model.tiny.pretrain_steps=20"]
+        "--set", "model.tiny.pretrain_steps=20", "--set", "eval.enabled=false"]
 
 
 def _cmd(stage: str, out: Path, *extra: str) -> list[str]:

@@ -10,8 +10,10 @@ the command lines of every process, sampled while the run was going.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -35,11 +37,18 @@ def _command_lines() -> list[str]:
     return out
 
 
-def test_no_credential_in_output_ray_logs_console_or_ps(s3_server, tmp_path):
+@pytest.fixture
+def ray_tmp():
+    """Short, under /tmp: Ray's socket paths (<temp>/ray/session_<time>_<pid>/sockets/plasma_store) must
+    stay under 108 characters, which pytest's tmp_path does not leave room for."""
+    d = Path(tempfile.mkdtemp(prefix="sec-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_no_credential_in_output_ray_logs_console_or_ps(s3_server, ray_tmp):
     bucket = s3_server.make_bucket()
     uri = f"s3://{bucket}/secrets-run"
-    ray_tmp = tmp_path / "rt"   # short: Ray's socket paths must stay under 108 characters
-    ray_tmp.mkdir()
     env = {**os.environ, **s3_server.env(), "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1",
            "DOMAIN_ADAPTERS_FAULTS": "ecology:raise"}
     env.pop("RAY_ADDRESS", None)

@@ -75,7 +75,7 @@ def _emit_sample(early: str = "") -> None:
     print("\n".join(NOISE_LINES))
     print("\n".join(SHOWN_LINES), file=sys.stderr)
     logging.getLogger("pipeline.cli").info("stage train: starting")
-    logging.getLogger("ray.data.something").info("a library's INFO record")
+    logging.getLogger("somelib.data").info("a library's INFO record")   # not ray.*: Ray may have made "ray" not propagate (an earlier test's ray.init)
     logging.getLogger("somelib").warning("a library's WARNING record")
     # a progress bar written in pieces, the way tqdm does it
     sys.stdout.write("\rLoading weights:   0%| 0/2")
