@@ -1,5 +1,5 @@
-"""Shared pytest set-up. Heavier fixtures (S3 server, Ray cluster) live in tests/fixtures_*.py and are
-imported explicitly by the test modules that use them."""
+"""Shared pytest set-up. Heavier fixtures live in tests/fixtures_*.py: the session ones (S3 server, the
+demo run) are registered below; the module-scoped Ray cluster is imported by the modules that use it."""
 import os
 import sys
 from pathlib import Path
@@ -14,6 +14,11 @@ ARTIFACTS = ROOT / "test-artifacts"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 sys.path.insert(0, str(ROOT))
+
+# the session fixtures, registered here rather than imported by each module that uses them: a
+# session fixture imported into two modules runs once per module
+from tests.fixtures_demo import demo_run  # noqa: E402,F401
+from tests.fixtures_s3 import s3_server  # noqa: E402,F401
 
 
 

@@ -1,6 +1,6 @@
 """A real S3 server (SeaweedFS) on loopback for tests, started once per session and always stopped.
 
-    from tests.fixtures_s3 import s3_server      # then take `s3_server` as a test argument
+    take `s3_server` as a test argument (tests/conftest.py registers it for the session)
 
 The server enforces credentials: it is started with an S3 identity config holding one admin
 identity (``s3_server.access_key`` / ``s3_server.secret_key``), so a request signed with any other

@@ -15,7 +15,8 @@ holds the LoRA weights, optimizer, scheduler, RNG states, the data position (epo
 history, the best evaluation so far and the compatibility record; it is reported with the val loss of
 its weights (CHECKPOINT_SCORE; UNSCORED when the step was not evaluated), so Ray's CheckpointConfig
 keeps the best ones by val loss plus the latest. On a retry (FailureConfig) or a re-run with the same output and run_name, Ray hands
-the latest one back and the recipe continues from it; one made with another base model, LoRA shape or
+the latest one back (or a newer complete one found in storage, when the driver died before Ray's
+run snapshot named it) and the recipe continues from it; one made with another base model, LoRA shape or
 data layout is refused with IncompatibleCheckpointError. A non-finite loss or gradient norm stops the
 domain with NonFiniteLossError (nothing is checkpointed or exported after it).
 
@@ -121,9 +122,38 @@ class RaySession:
         self.store, self.prefix = store, f"runs/{run_name}/train/{domain}"
 
     def restore_dir(self) -> Optional[str]:
-        if self._ckpt is None:
-            return None
-        return self._ckpt.to_directory(tempfile.mkdtemp(prefix="restore-"))
+        """Ray's latest checkpoint, or a newer complete one in the run's storage. Ray registers a
+        checkpoint in its run snapshot only after the worker has uploaded it, when the controller next
+        polls; a driver killed in between leaves checkpoints that Ray's snapshot does not name."""
+        ray_dir = self._ckpt.to_directory(tempfile.mkdtemp(prefix="restore-")) if self._ckpt else None
+        ray_step = _checkpoint_step(ray_dir) if ray_dir else -1
+        for rel, step in self._stored_checkpoints():
+            if step <= ray_step:
+                break
+            local = tempfile.mkdtemp(prefix="restore-")
+            try:
+                self.store.download_dir(rel, local)
+                _check_checkpoint_loads(local)
+            except Exception as e:  # noqa: BLE001 - cut short by the kill: an older one is used
+                log.warning("checkpoint %s is incomplete (%s): not used", self.store.uri_of(rel), e)
+                shutil.rmtree(local, ignore_errors=True)
+                continue
+            log.info("checkpoint of step %d found in storage, newer than Ray's run snapshot names (%s)",
+                     step, ray_step if ray_step >= 0 else "none")
+            if ray_dir:
+                shutil.rmtree(ray_dir, ignore_errors=True)
+            return local
+        return ray_dir
+
+    def _stored_checkpoints(self) -> list[tuple[str, int]]:
+        """(directory, step) of the checkpoints with a train_state.json in storage, newest first."""
+        found = []
+        for rel in self.store.list_files(self.prefix, "train_state.json"):
+            try:
+                found.append((rel.rsplit("/", 1)[0], int(self.store.read_json(rel)["step"])))
+            except Exception:  # noqa: BLE001 - being written or deleted: not this one
+                continue
+        return sorted(found, key=lambda c: -c[1])
 
     def checkpoint_file(self, step: int, name: str) -> Optional[bytes]:
         """`name` from the kept checkpoint of `step` (Ray keeps the best by val loss), or None."""
@@ -138,6 +168,22 @@ class RaySession:
     def report(self, metrics: dict, ckpt_dir: Optional[str] = None) -> None:
         import ray.train
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+
+CHECKPOINT_FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "train_state.json")
+
+
+def _checkpoint_step(ck_dir: str) -> int:
+    with open(os.path.join(ck_dir, "train_state.json")) as f:
+        return int(json.load(f)["step"])
+
+
+def _check_checkpoint_loads(ck_dir: str) -> None:
+    """Every file of a checkpoint is there and reads (a copy cut short does not)."""
+    import torch
+    _checkpoint_step(ck_dir)
+    for name in CHECKPOINT_FILES[:-1]:
+        torch.load(os.path.join(ck_dir, name), map_location="cpu", weights_only=name != "rng.pt")
 
 
 # ---- workers of one domain ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import pytest
 
 from pipeline.status import STALE_AFTER_S, collect_status
 from pipeline.storage import Store
-from tests.fixtures_demo import DEMO, ROOT, Run, demo_run  # noqa: F401  (demo_run: the fixture)
+from tests.fixtures_demo import DEMO, ROOT, Run
 
 FIXTURES_RAW = ROOT / "fixtures" / "raw"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -21,7 +21,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.fixtures_s3 import s3_server  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = ["debate", "medicine", "education", "ecology"]

@@ -7,7 +7,6 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.report import run_report
 from pipeline.storage import Store
-from tests.fixtures_s3 import s3_server  # noqa: F401  (the fixture)
 from tests.unit.test_report import write_tree
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,6 @@ import pytest
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.storage import S3Settings, Store, StorageError, StorageNotFound
-from tests.fixtures_s3 import s3_server  # noqa: F401  (the fixture)
 
 
 def settings(srv, retries: int = 5, secret: str | None = None, key: str | None = None) -> S3Settings:

@@ -260,3 +260,41 @@ def test_a_huge_text_is_cut_by_characters_before_tokenizing(env):
     long_prompt, long_response = "word " * 12_000 + prompt, head + "evidence " * 6_000
     p, r = cut_prompt_response(*encode_example(tok, long_prompt, long_response, "auto"), 128)
     assert tokenize_example(tok, long_prompt, long_response, 128, True) == (p + r, [IGNORE] * len(p) + r)
+
+
+def _stored_checkpoint(root: Path, step: int, cut_short: bool = False) -> Path:
+    d = root / f"checkpoint_{step:08d}"
+    d.mkdir(parents=True)
+    for name in ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.pt"):
+        torch.save({"step": torch.tensor(step)}, d / name)
+    if cut_short:  # the upload was cut short by a kill: a truncated file
+        (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:20])
+    (d / "train_state.json").write_text(json.dumps({"step": step}))
+    return d
+
+
+def test_ray_session_resumes_from_a_stored_checkpoint_newer_than_rays_snapshot(tmp_path):
+    """A driver killed after a worker uploaded checkpoints but before Ray's run snapshot named them:
+    the newest complete one in storage is used; a truncated one is passed over; Ray's own is kept
+    when it is the newest."""
+    import ray.train
+    from pipeline.train.loop import RaySession
+    store = Store(str(tmp_path / "out"))
+    root = tmp_path / "out/runs/demo/train/debate"
+    _stored_checkpoint(root, 10)
+    _stored_checkpoint(root, 20)
+    _stored_checkpoint(root, 30, cut_short=True)
+
+    def session(ray_ckpt):
+        s = RaySession.__new__(RaySession)  # outside a Ray Train worker: the checkpoint Ray would hand back
+        s._ckpt, s.store, s.prefix = ray_ckpt, store, "runs/demo/train/debate"
+        return s
+
+    def step_of(d):
+        return json.loads((Path(d) / "train_state.json").read_text())["step"]
+
+    assert step_of(session(None).restore_dir()) == 20
+    assert step_of(session(ray.train.Checkpoint.from_directory(str(root / "checkpoint_00000010"))).restore_dir()) == 20
+    newer = _stored_checkpoint(tmp_path / "ray", 40)
+    assert step_of(session(ray.train.Checkpoint.from_directory(str(newer))).restore_dir()) == 40
+    assert [step for _, step in session(None)._stored_checkpoints()] == [30, 20, 10]
