@@ -75,7 +75,6 @@ PASSTHROUGH_ENV = (
     "OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
     "DDO_DEBATES_URL", "DDO_USERS_URL", "DDO_GDRIVE_FOLDER_URL",
 )
-FIXED_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|ACCESS_KEY|PRIVATE|AUTH|API_KEY|SESSION", re.I)
 _SECRET_VALUE_VARS = ("RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
                       "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -142,7 +141,8 @@ def _abs_local(p: str) -> str:
 def runtime_env(working_dir: Path, extra_env: Optional[list[str]] = None, environ: Optional[dict] = None) -> dict:
     """working_dir + excludes + env_vars."""
     env = os.environ if environ is None else environ
-    env_vars = dict(FIXED_ENV)
+    from pipeline.raycluster import WORKER_ENV
+    env_vars = dict(WORKER_ENV)
     for name in PASSTHROUGH_ENV:
         if env.get(name, "").strip():
             env_vars[name] = env[name]

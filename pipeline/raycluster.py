@@ -49,8 +49,11 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-# Set for every worker of the run: tokenizers fork threads otherwise; logs stream as they happen.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+# Set for every worker of the run (a value already in the environment wins): tokenizers fork threads
+# otherwise; logs stream as they happen; Ray Train's controller takes a worker's report every health
+# check (2 s by default) and the worker waits in ray.train.report until it does (a queue of one): polled
+# every 0.5 s, fast steps (the demo's, a small model's) are not held back, at one small call per worker.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 WORKER_SETUP_HOOK = "pipeline.raycluster.setup_worker"
 LOCAL = "local"
 # what the dashboard needs beyond ray itself (the `default` extra of ray)

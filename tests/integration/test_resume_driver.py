@@ -1,10 +1,16 @@
-"""Issue 7, item 2: the driver killed (SIGKILL, no clean-up) after a checkpoint, then the same command
-run again with the same output and run name -> it resumes from that checkpoint; a new run name
-starts fresh. Real processes, a real local Ray, the demo config (one domain, few steps)."""
+"""Your own data, and a driver that dies (issues 7 item 2, 16 item 2). configs/custom_example.yaml adds
+a fifth domain ("law") from a JSONL file (fixtures/custom/law.jsonl) through `data.custom_sources`:
+1. `adapters run` prepares it and starts training; the driver is killed (SIGKILL, no clean-up, with its
+   local Ray) once two checkpoints exist;
+2. the same command again resumes from one of those checkpoints, not from step 0, and prepares, trains,
+   evaluates and reports the custom domain like a built-in one;
+3. a new run name on the same output starts fresh.
+Real processes, a real local Ray."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,13 +22,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
+CONFIG = ROOT / "configs/custom_example.yaml"
+RUN = "custom_example"   # its run_name
 SETS = ["--set", "train.max_steps=40", "--set", "train.checkpoint_every=10", "--set", "train.eval_every=20",
-        "--set", "model.tiny.pretrain_steps=20", "--set", "eval.enabled=false"]
+        "--set", "model.tiny.pretrain_steps=30", "--set", "eval.generation_samples=4", "--set", "resources.num_cpus=2"]
 
 
 def _cmd(stage: str, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", stage, "--config", str(ROOT / "configs/demo.yaml"),
-            "--output", str(out), "--domains", "debate", *SETS, *extra]
+    return [sys.executable, "-m", "pipeline", stage, "--config", str(CONFIG), "--output", str(out),
+            "--domains", "law", *SETS, *extra]
 
 
 def _env() -> dict:
@@ -33,7 +41,7 @@ def _env() -> dict:
 
 def _checkpoint_steps(out: Path, run: str) -> list[int]:
     steps = []
-    for f in (out / "runs" / run / "train" / "debate").glob("checkpoint_*/train_state.json"):
+    for f in (out / "runs" / run / "train" / "law").glob("checkpoint_*/train_state.json"):
         try:
             steps.append(json.loads(f.read_text())["step"])
         except (OSError, ValueError):
@@ -41,40 +49,50 @@ def _checkpoint_steps(out: Path, run: str) -> list[int]:
     return sorted(steps)
 
 
-def test_driver_killed_after_checkpoint_resumes_and_new_run_name_starts_fresh(tmp_path):
+def test_custom_domain_driver_killed_after_checkpoint_resumes_and_new_run_name_starts_fresh(tmp_path):
     out = tmp_path / "out"
-    subprocess.run(_cmd("prepare", out), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=300)
 
-    # 1. start training, kill the whole process group (driver and its local Ray) once two checkpoints exist
+    # 1. prepare and start training, kill the whole process group (driver and its local Ray) once two
+    #    checkpoints exist
     log1 = open(tmp_path / "run1.log", "w")
-    p = subprocess.Popen(_cmd("train", out), cwd=ROOT, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
+    p = subprocess.Popen(_cmd("run", out), cwd=ROOT, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
                          start_new_session=True)
     deadline = time.time() + 400
     try:
-        while time.time() < deadline and len(_checkpoint_steps(out, "demo")) < 2 and p.poll() is None:
+        while time.time() < deadline and len(_checkpoint_steps(out, RUN)) < 2 and p.poll() is None:
             time.sleep(1)
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
-    steps_before = _checkpoint_steps(out, "demo")
+    steps_before = _checkpoint_steps(out, RUN)
     assert len(steps_before) >= 2, (tmp_path / "run1.log").read_text()[-3000:]
-    assert not (out / "adapters/debate/training_report.json").exists(), "killed run must not look finished"
+    assert not (out / "adapters/law/training_report.json").exists(), "killed run must not look finished"
 
     # 2. the same command again: resumes from a checkpoint of the killed run, not from step 0
-    r = subprocess.run(_cmd("train", out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_cmd("run", out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rep = json.loads((out / "adapters/debate/training_report.json").read_text())
+    rep = json.loads((out / "adapters/law/training_report.json").read_text())
     assert rep["status"] == "finished" and rep["steps"] == 40
     assert rep["resumed_from_step"] in steps_before and rep["resumed_from_step"] >= 10, rep["resumed_from_step"]
     assert f"resumed from step {rep['resumed_from_step']}" in r.stdout + r.stderr
     assert rep["val_loss"] < rep["base_val_loss"]
+    assert (out / "adapters/law/adapter_model.safetensors").is_file()
+    #    the custom source went through prepare like a built-in one, and the domain is in the report
+    manifest = json.loads((out / "data/manifest.json").read_text())
+    law = manifest["sources"]["harbour_code"]
+    assert law["domain"] == "law" and law["kept"] > 0 and law["read"] == law["kept"] + law["quarantined"] + \
+        law["deduplicated"] + law["capped"]
+    assert all(manifest["domains"]["law"]["sft_rows"][s] > 0 for s in ("train", "val", "test"))
+    summary = json.loads((out / "report/summary.json").read_text())
+    assert summary["domains"]["law"]["status"] == "finished"
+    matrix = json.loads((out / "eval/matrix.json").read_text())
+    assert "law" in matrix["models"] and "law" in matrix["datasets"]
 
-    # 3. a new run name on the same output starts fresh, though checkpoints of run "demo" are there
+    # 3. a new run name on the same output starts fresh, though checkpoints of the first run are there
     #    (the finished adapter is removed first, as a user does to retrain; else it is skipped as done)
-    import shutil
-    shutil.rmtree(out / "adapters/debate")
-    r = subprocess.run(_cmd("train", out, "--set", "run_name=fresh"), cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=600)
+    shutil.rmtree(out / "adapters/law")
+    r = subprocess.run(_cmd("train", out, "--set", "run_name=fresh", "--set", "eval.enabled=false"), cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    fresh = json.loads((out / "adapters/debate/training_report.json").read_text())
+    fresh = json.loads((out / "adapters/law/training_report.json").read_text())
     assert fresh["resumed_from_step"] is None and fresh["steps"] == 40

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs import submit as js
-from pipeline.raycluster import WORKER_SETUP_HOOK, driver_runtime_env, submitted_job_config
+from pipeline.raycluster import WORKER_ENV, WORKER_SETUP_HOOK, driver_runtime_env, submitted_job_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-VALUE-never-shipped-0123456789"
@@ -42,8 +42,7 @@ def test_plan_ships_code_not_data_or_credentials(tmp_path: Path) -> None:
     for must in ("/.venv", "/.git", "/output", "/raw", "/data", "/test-artifacts", "/.devbundle", ".env", "auth_token"):
         assert must in renv["excludes"]
     assert not any(e.startswith(("fixtures", "/fixtures")) for e in renv["excludes"])
-    assert renv["env_vars"] == {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                                "MAX_SFT_PER_DOMAIN": "50", "OFFLINE": "1"}
+    assert renv["env_vars"] == {**WORKER_ENV, "MAX_SFT_PER_DOMAIN": "50", "OFFLINE": "1"}
     # the output is absolute (the job runs in a copy of the repo); the demo's fixtures ship, so no --raw-dir
     assert plan["entrypoint"][:3] == ["python", "-m", "jobs.run_pipeline"]
     out = plan["entrypoint"][plan["entrypoint"].index("--output") + 1]
@@ -147,16 +146,18 @@ def test_stage_modules_are_thin_cli_calls(stage: str) -> None:
 
 
 def test_raycluster_inside_a_job_adds_only_missing_env() -> None:
-    job = {"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}},
-           "metadata": {"job_name": "x"}}
+    job = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "metadata": {"job_name": "x"}}
     environ = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)}
     assert submitted_job_config(environ) == job
     # env vars the job sets are not set again (Ray refuses a conflicting driver runtime_env); the worker
     # setup hook is added, as the job sets none
     assert driver_runtime_env(job, {}) == {"worker_process_setup_hook": WORKER_SETUP_HOOK}
-    assert driver_runtime_env({"runtime_env": {}}, {}) == {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                                                       "PYTHONUNBUFFERED": "1"},
+    assert driver_runtime_env({"runtime_env": {}}, {}) == {"env_vars": WORKER_ENV,
                                                           "worker_process_setup_hook": WORKER_SETUP_HOOK}
+    assert WORKER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"  # reports of fast steps are not held back
+    older = {"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}}}
+    assert driver_runtime_env(older, {}) == {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"},
+                                             "worker_process_setup_hook": WORKER_SETUP_HOOK}
     own_hook = {"runtime_env": {**job["runtime_env"], "worker_process_setup_hook": "mine.setup"}}
     assert driver_runtime_env(own_hook, {}) is None          # the job's own hook stays; nothing to add
     assert submitted_job_config({}) is None
