@@ -228,17 +228,20 @@ def run_stages(cfg, args, console) -> int:
                 from pipeline.report import run_report
                 run_report(cfg)   # it logs where the report is
             log.info("stage %s: done in %.1fs", stage, time.time() - t0)
-    return _verdict(results, cfg, args)
+    return _verdict(results, cfg, args, console)
 
 
-def _verdict(results: Optional[dict], cfg, args) -> int:
+def _verdict(results: Optional[dict], cfg, args, console) -> int:
     """0 when every trained domain finished; else the domains that did not, with their causes, last."""
+    from pipeline.raycluster import shutdown_ray
     from pipeline.status import cause_line
     if not results:
         return EXIT_OK
     bad = {d: r for d, r in results.items() if r.get("status") != "finished"}
     if not bad:
         return EXIT_OK
+    console.settle_workers()   # the failed workers' last lines first,
+    shutdown_ray()             # and none after the summary
     lines = [f"error: {len(bad)} of {len(results)} domain(s) did not finish:"]
     width = max(len(d) for d in bad)
     for d, r in bad.items():

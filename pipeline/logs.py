@@ -102,6 +102,7 @@ class Console:
         self._held_blank = 0        # blank lines seen since the last line: shown only between two shown lines
         self._last_shown = False
         self._ignored: dict[str, list] = {}   # "Exception ignored in" blocks being read, by Ray's line prefix
+        self.last_worker_line = 0.0           # time.monotonic() of the last line Ray forwarded from a worker
 
     # -- lines ----------------------------------------------------------------------------------
     def to_file(self, line: str) -> None:
@@ -119,6 +120,8 @@ class Console:
     def line(self, line: str, real: TextIO, drawn: int = 0, console: bool = True) -> None:
         """One complete line (without its newline); ``drawn``: characters of it already on the console."""
         with self.lock:
+            if RAY_PREFIX.match(ANSI.sub("", line)):
+                self.last_worker_line = time.monotonic()
             self.to_file(line)
             if self.verbose or not self._in_ignored_exception(line, real, drawn, console):
                 self._show(line, real, drawn, console)
@@ -166,6 +169,16 @@ class Console:
             for args in block:
                 self._show(*args)
         return True
+
+    def settle_workers(self, quiet_s: float = 1.0, limit_s: float = 5.0) -> None:
+        """Wait, at most ``limit_s``, until no worker line has arrived for ``quiet_s``. Ray forwards a worker's
+        output to the driver asynchronously: a failed worker's traceback can arrive after its trial has
+        ended, and would land under a summary meant to be the last thing printed."""
+        start = time.monotonic()
+        while time.monotonic() - start < limit_s:
+            if time.monotonic() - max(self.last_worker_line, start) >= quiet_s:
+                return
+            time.sleep(0.05)
 
     def draw(self, text: str, real: TextIO) -> bool:
         """Part of a line that redraws itself with '\\r' (a progress bar): to the console now, unless noise."""

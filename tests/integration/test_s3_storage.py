@@ -12,10 +12,18 @@ import pytest
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.storage import S3Settings, Store, StorageError, StorageNotFound
+from tests.fixtures_s3 import serve_s3
 
 
 def settings(srv, retries: int = 5, secret: str | None = None, key: str | None = None) -> S3Settings:
     return S3Settings(srv.endpoint, srv.region, key or srv.access_key, secret or srv.secret_key, None, None, retries)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A server of this module's own: its outage tests stop and restart it, which takes much longer with the
+    objects that the pipeline tests leave in the session's server."""
+    yield from serve_s3(tmp_path_factory)
 
 
 @pytest.fixture

@@ -170,3 +170,30 @@ def test_ignored_exception_from_rays_sigterm_handler_is_file_only_others_shown(r
     assert "(pid=9) interleaved line from another worker" in shown
     assert OTHER_IGNORED in shown
     assert "in sigterm_handler" in path.read_text() and "SystemExit: 1" in path.read_text()
+
+
+def test_settle_waits_for_late_worker_lines_then_returns(routed):
+    """A failed worker's traceback that Ray forwards after the trial ended is printed before the summary."""
+    import threading
+    import time
+    console, out, err, _ = routed(verbose=False)
+
+    def late_traceback() -> None:
+        for i in range(3):
+            time.sleep(0.3)
+            print(f"\x1b[36m(RayTrainWorker pid=7)\x1b[0m RuntimeError: late line {i}", file=sys.stderr)
+
+    t = threading.Thread(target=late_traceback)
+    t0 = time.monotonic()
+    t.start()
+    console.settle_workers(quiet_s=0.6, limit_s=5.0)
+    waited = time.monotonic() - t0
+    print("error: 1 of 4 domain(s) did not finish:", file=sys.stderr)
+    t.join()
+    console.close()
+    lines = err.getvalue().splitlines()
+    assert "late line 2" in lines[-2] and lines[-1].startswith("error:"), lines
+    assert 1.4 <= waited < 4.5, waited   # the last line came at ~0.9 s; the limit (5 s) was not reached
+    t0 = time.monotonic()
+    console.settle_workers(quiet_s=0.2, limit_s=5.0)   # nothing arriving: returns after quiet_s
+    assert time.monotonic() - t0 < 1.0
