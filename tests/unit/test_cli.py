@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,11 @@ def test_failed_domains_are_listed_last_with_their_cause(capsys, tmp_path):
     results = {"debate": {"status": "finished"}, "medicine": {"status": "finished", "skipped": True},
                "ecology": {"status": "failed", "error": "RuntimeError: injected failure\nTraceback (most recent ..."},
                "education": {"status": "skipped", "error": "no SFT data for domain education (...)"}}
-    assert _verdict({"debate": {"status": "finished"}, "medicine": {"status": "finished", "skipped": True}}, cfg, None) == 0
-    assert _verdict(results, cfg, None) == 1
+    from pipeline.logs import Console
+    console = Console(False, sys.stdout, sys.stderr)   # no worker lines: it settles after its quiet time
+    assert _verdict({"debate": {"status": "finished"}, "medicine": {"status": "finished", "skipped": True}}, cfg, None,
+                    console) == 0
+    assert _verdict(results, cfg, None, console) == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: 2 of 4 domain(s) did not finish:"
     assert err[1].split() == ["ecology", "failed:", "RuntimeError:", "injected", "failure"]
