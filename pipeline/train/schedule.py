@@ -20,8 +20,9 @@ resources.workers_per_trial workers (one by default).
   dashboard's trial table and Tune's TensorBoard / CSV / JSON loggers under runs/<run_name>/tune/ carry
   train_loss, val_loss, tokens_per_s, step.
 - Secrets: Ray Tune copies AWS_* credentials from the driver's environment into each trial actor's
-  runtime_env, which Ray writes to its logs. They are hidden from Tune while it starts trials; the
-  trials get them from the environment their node already has.
+  runtime_env, which Ray writes to its logs. Their names are taken out of the set Tune copies while it
+  runs (the driver keeps them for Tune's own storage calls); the trials get them from the environment
+  their node already has.
 """
 from __future__ import annotations
 
@@ -247,25 +248,32 @@ def check_resources(cfg, capacity=None) -> None:
     log.info("%s%s", v.detail, f" ({v.fix})" if v.fix else "")
 
 
-def _tune_copied_secrets() -> list[str]:
-    """The credential variables Ray Tune copies from the driver's environment into trial runtime_envs."""
-    try:
-        from ray.tune.execution.class_cache import ENV_VARS_TO_PROPAGATE as copied
-    except ImportError:  # moved in another Ray version: the ones 2.60 copies
-        copied = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
-    return sorted(v for v in copied if any(w in v for w in ("KEY", "SECRET", "TOKEN", "PASSWORD")))
+def _is_secret_name(name: str) -> bool:
+    return any(w in name for w in ("KEY", "SECRET", "TOKEN", "PASSWORD"))
 
 
 @contextlib.contextmanager
-def secrets_hidden_from_tune() -> Iterator[None]:
-    """Take credentials out of this process's environment while Tune starts trials. This driver's own
-    Store resolved them already; the trials' workers read them from their node's environment (a local
-    Ray's nodes inherited this process's environment when they started)."""
-    saved = {k: os.environ.pop(k) for k in _tune_copied_secrets() if k in os.environ}
+def secrets_kept_from_tune_trials() -> Iterator[None]:
+    """Ray Tune copies the variables named in its ENV_VARS_TO_PROPAGATE (AWS_* credentials among them)
+    from the driver's environment into every trial actor's runtime_env, which Ray writes to its logs. The
+    credential names are taken out of that set while Tune runs. The driver keeps its environment: Tune's
+    own calls to the run's storage on S3 (experiment state, a failed trial's error file) need it. The
+    trials get the credentials from the environment their node already has (a local Ray's nodes inherited
+    this process's at ray.init)."""
+    try:
+        from ray.tune.execution import class_cache
+        copied = class_cache.ENV_VARS_TO_PROPAGATE
+    except (ImportError, AttributeError):  # not where Ray 2.60 keeps it: nothing to take out
+        log.warning("Ray Tune's list of copied environment variables was not found; credentials in this "
+                    "environment may reach the trials' runtime_env")
+        yield
+        return
+    secret = {v for v in copied if _is_secret_name(v)}
+    copied -= secret   # in place: Tune reads the same set object when it starts each trial
     try:
         yield
     finally:
-        os.environ.update(saved)
+        copied |= secret
 
 
 def _tune_loggers(cfg) -> list:
@@ -306,7 +314,7 @@ def run_domains(cfg, store) -> dict[str, dict]:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         try:
-            with secrets_hidden_from_tune():
+            with secrets_kept_from_tune_trials():
                 tuner.fit()  # errors of single trials are in the state files
         except KeyboardInterrupt:
             mark_interrupted(store, cfg, todo)

@@ -105,3 +105,22 @@ def test_a_domain_subset_does_not_rebuild_the_tiny_base(tmp_path):
     assert compat_record(subset, "debate") == compat_record(cfg, "debate")
     write_sft(store, domains=["debate"], n=(20, 4, 4))                   # other training text: a new base
     assert tiny_fingerprint(cfg) != built["fingerprint"]
+
+
+def test_credentials_are_kept_from_tune_trials_not_from_the_driver(monkeypatch):
+    """Tune copies what its ENV_VARS_TO_PROPAGATE names into every trial's runtime_env (logged by Ray): the
+    credential names leave that set while Tune runs; the driver's environment keeps them (Tune's own S3
+    calls, e.g. for a failed trial's error file, need them); afterwards the set is as it was."""
+    import os
+    from ray.tune.execution import class_cache
+    from pipeline.train.schedule import secrets_kept_from_tune_trials
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    before = set(class_cache.ENV_VARS_TO_PROPAGATE)
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} <= before
+    with secrets_kept_from_tune_trials():
+        kept = set(class_cache.ENV_VARS_TO_PROPAGATE)
+        assert not {v for v in kept if v.startswith("AWS_")}
+        assert kept and kept < before   # Tune's and Train's own settings are still copied
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert set(class_cache.ENV_VARS_TO_PROPAGATE) == before
