@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import secrets
 import shlex
 import sys
@@ -75,7 +74,6 @@ PASSTHROUGH_ENV = (
     "OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
     "DDO_DEBATES_URL", "DDO_USERS_URL", "DDO_GDRIVE_FOLDER_URL",
 )
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|ACCESS_KEY|PRIVATE|AUTH|API_KEY|SESSION", re.I)
 _SECRET_VALUE_VARS = ("RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
                       "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
@@ -142,12 +140,13 @@ def runtime_env(working_dir: Path, extra_env: Optional[list[str]] = None, enviro
     """working_dir + excludes + env_vars."""
     env = os.environ if environ is None else environ
     from pipeline.raycluster import WORKER_ENV
+    from pipeline.redaction import is_secret_name
     env_vars = dict(WORKER_ENV)
     for name in PASSTHROUGH_ENV:
         if env.get(name, "").strip():
             env_vars[name] = env[name]
     for name in extra_env or []:
-        if _SECRET_NAME.search(name):
+        if is_secret_name(name):
             raise SubmitError(
                 f"--env {name}: that looks like a credential, and credentials never go in a job's "
                 "runtime_env (it is stored in the cluster and shown in the dashboard). Give it to the "

@@ -247,15 +247,9 @@ def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int
     without "bye", SIGTERM those still alive (same pid and start time), SIGKILL after ``grace_s``."""
     import psutil
 
-    me = os.getpid()
-    known: dict[int, float] = {}
+    known: dict[int, float] = {}   # pid -> start time of every process seen under the driver
     while True:
-        try:
-            for p in psutil.Process(driver_pid).children(recursive=True):
-                if p.pid != me:
-                    known.setdefault(p.pid, p.create_time())
-        except psutil.Error:
-            pass
+        _add_descendants(driver_pid, known)
         ready, _, _ = select.select([sys.stdin], [], [], interval_s)
         if ready:
             line = sys.stdin.readline()
@@ -266,12 +260,7 @@ def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int
     # the driver is gone, its children re-parented: workers the raylet started since the last refresh are
     # children of processes already known, so one more sweep from those finds them
     for pid in list(known):
-        try:
-            for c in psutil.Process(pid).children(recursive=True):
-                if c.pid != me:
-                    known.setdefault(c.pid, c.create_time())
-        except psutil.Error:
-            continue
+        _add_descendants(pid, known)
     procs = []
     for pid, created in known.items():
         try:
@@ -282,6 +271,17 @@ def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int
             continue
     terminate(procs, grace_s)
     return 0
+
+
+def _add_descendants(pid: int, known: dict[int, float]) -> None:
+    """Add pid's descendants (not this watchdog) to known, with their start times; a gone pid adds none."""
+    import psutil
+    try:
+        for p in psutil.Process(pid).children(recursive=True):
+            if p.pid != os.getpid():
+                known.setdefault(p.pid, p.create_time())
+    except psutil.Error:
+        pass
 
 
 def terminate(procs: list, grace_s: float) -> list:

@@ -1,12 +1,14 @@
 """Secrets out of text: the one redaction helper for everything the pipeline logs or writes.
 
+    is_secret_name(name)     whether an environment variable's name says it holds a credential
     redact_url(url)          a URL with its user:password part and secret query values masked
     scrub(text, environ)     any text: credential values taken from the environment (by value), URLs
                              inside it as redact_url does, Hugging Face tokens (hf_...)
 
 Callers: config.Config.redacted (URLs in the config), storage (endpoints in messages), download
-(URLs and errors in logs and manifests), report (every file it writes). jobs/submit.py keeps its own
-checks (it refuses, rather than masks, secrets in a job's runtime_env).
+(URLs and errors in logs and manifests), report (every file it writes); is_secret_name: jobs/submit.py
+(it refuses, rather than masks, a credential in a job's runtime_env) and train/schedule.py (keeps
+credentials out of what Ray Tune copies into its trials).
 """
 from __future__ import annotations
 
@@ -21,9 +23,15 @@ SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
               "RAY_AUTH_TOKEN", "GITHUB_TOKEN", "WANDB_API_KEY")
 _MIN_SECRET_LEN = 6  # shorter values ("1", "true") would mask ordinary words
 
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|ACCESS_KEY|PRIVATE|AUTH|API_KEY|SESSION", re.I)
 _USERINFO = re.compile(r"(?<=://)[^/@\s\"'<>]+@")
 _SECRET_PARAM = re.compile(r"([?&](?:token|key|signature|sig|access_token|X-Amz-[A-Za-z-]+)=)[^&#\s\"'<>]+", re.I)
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{10,}")
+
+
+def is_secret_name(name: str) -> bool:
+    """``AWS_SECRET_ACCESS_KEY``, ``HF_TOKEN``, ``AWS_SESSION_TOKEN`` ... -> True."""
+    return bool(_SECRET_NAME.search(name))
 
 
 def redact_url(url: str) -> str:

@@ -157,12 +157,12 @@ class RaySession:
 
     def checkpoint_file(self, step: int, name: str) -> Optional[bytes]:
         """`name` from the kept checkpoint of `step` (Ray keeps the best by val loss), or None."""
-        for rel in self.store.list_files(self.prefix, "train_state.json"):
-            try:
-                if self.store.read_json(rel).get("step") == step:
-                    return self.store.read_bytes(rel.rsplit("/", 1)[0] + "/" + name)
-            except Exception:  # noqa: BLE001 - a checkpoint being deleted or written: not this one
-                continue
+        for rel, found in self._stored_checkpoints():
+            if found == step:
+                try:
+                    return self.store.read_bytes(f"{rel}/{name}")
+                except Exception:  # noqa: BLE001 - deleted meanwhile (Ray keeps only the best few)
+                    return None
         return None
 
     def report(self, metrics: dict, ckpt_dir: Optional[str] = None) -> None:

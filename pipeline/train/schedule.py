@@ -248,10 +248,6 @@ def check_resources(cfg, capacity=None) -> None:
     log.info("%s%s", v.detail, f" ({v.fix})" if v.fix else "")
 
 
-def _is_secret_name(name: str) -> bool:
-    return any(w in name for w in ("KEY", "SECRET", "TOKEN", "PASSWORD"))
-
-
 @contextlib.contextmanager
 def secrets_kept_from_tune_trials() -> Iterator[None]:
     """Ray Tune copies the variables named in its ENV_VARS_TO_PROPAGATE (AWS_* credentials among them)
@@ -260,6 +256,7 @@ def secrets_kept_from_tune_trials() -> Iterator[None]:
     own calls to the run's storage on S3 (experiment state, a failed trial's error file) need it. The
     trials get the credentials from the environment their node already has (a local Ray's nodes inherited
     this process's at ray.init)."""
+    from pipeline.redaction import is_secret_name
     try:
         from ray.tune.execution import class_cache
         copied = class_cache.ENV_VARS_TO_PROPAGATE
@@ -268,7 +265,7 @@ def secrets_kept_from_tune_trials() -> Iterator[None]:
                     "environment may reach the trials' runtime_env")
         yield
         return
-    secret = {v for v in copied if _is_secret_name(v)}
+    secret = {v for v in copied if is_secret_name(v)}
     copied -= secret   # in place: Tune reads the same set object when it starts each trial
     try:
         yield
