@@ -257,10 +257,22 @@ def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int
                 return 0
             if line == "":
                 break
-    # the driver is gone, its children re-parented: workers the raylet started since the last refresh are
-    # children of processes already known, so one more sweep from those finds them
+    # the driver is gone, its children re-parented. Freeze what is known (a raylet then starts no more
+    # workers), then sweep from those once more: workers started since the last refresh are their children
+    for p in _still_known(known):
+        try:
+            p.suspend()
+        except psutil.Error:
+            continue
     for pid in list(known):
         _add_descendants(pid, known)
+    terminate(_still_known(known), grace_s)
+    return 0
+
+
+def _still_known(known: dict[int, float]) -> list:
+    """The processes of known still running (same pid and start time, not a reused pid)."""
+    import psutil
     procs = []
     for pid, created in known.items():
         try:
@@ -269,8 +281,7 @@ def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int
                 procs.append(p)
         except psutil.Error:
             continue
-    terminate(procs, grace_s)
-    return 0
+    return procs
 
 
 def _add_descendants(pid: int, known: dict[int, float]) -> None:
@@ -292,6 +303,7 @@ def terminate(procs: list, grace_s: float) -> list:
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)
+            p.resume()   # a stopped process acts on SIGTERM once continued
             sent.append(p)
         except psutil.Error:
             continue
