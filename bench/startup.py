@@ -36,6 +36,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--work", default="/tmp/bench-startup")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--timeline", help="also write Ray's timeline of the stage here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another config override (repeatable), e.g. train.eval_max_batches=2")
     a = ap.parse_args()
     from train_throughput import bench_config, build_base, cuda_or_exit, prepare_data
     cuda_or_exit()
@@ -53,8 +56,8 @@ def main() -> int:
     rows = {s: read_split(store, a.domain, s).num_rows for s in ("train", "val", "test")}
     cfg = bench_config(a.data, f"{a.work}/out", [
         f"model.base={base}", "resources.device=cuda", f"train.max_steps={a.steps}", "train.eval_every=1000000",
-        "train.checkpoint_every=1000000", "train.eval_max_batches=2", "train.log_every=1", "train.eval_matrix=false",
-        "resources.cpus_per_trial=4", f"run_name=startup-{int(time.time())}"])
+        "train.checkpoint_every=1000000", "train.log_every=1", "train.eval_matrix=false",
+        "resources.cpus_per_trial=4", f"run_name=startup-{int(time.time())}", *a.set])
     cfg.domains = [a.domain]
     torch.cuda.empty_cache()
     t0 = time.time()
@@ -66,16 +69,23 @@ def main() -> int:
     st = res["startup"]
     out = {"domain": a.domain, "sft_rows": rows, "steps": res["steps"], "train_stage_wall_s": round(wall, 1),
            "trial_start_to_first_step_s": st.get("trial_start_to_first_step_s"),
+           "trial_start_to_worker_process_s": st.get("trial_start_to_worker_process_s"),
+           "trial_start_to_worker_fn_s": st.get("trial_start_to_worker_fn_s"),
+           "trial_start_to_recipe_s": st.get("trial_start_to_recipe_s"),
            "recipe_model_loaded_s": st.get("model_loaded_s"), "recipe_data_ready_s": st.get("data_ready_s"),
            "recipe_first_step_s": st.get("first_step_s"), "train_time_s": round(res["train_time_s"], 1),
            "busy_share": round(res["train_time_s"] / wall, 3), "real_tok_s": round(res["tokens_per_s"])}
     print("RESULT " + json.dumps(out), flush=True)
     print(f"\n{a.domain}: {sum(rows.values())} SFT rows ({rows['train']} train); trial start -> first step "
-          f"{out['trial_start_to_first_step_s']} s (in the worker: model loaded {out['recipe_model_loaded_s']} s, data "
+          f"{out['trial_start_to_first_step_s']} s (after the trial's start: worker process {out['trial_start_to_worker_process_s']} s, "
+          f"train function {out['trial_start_to_worker_fn_s']} s, recipe {out['trial_start_to_recipe_s']} s; in the recipe: model loaded {out['recipe_model_loaded_s']} s, data "
           f"ready {out['recipe_data_ready_s']} s, first step {out['recipe_first_step_s']} s); {res['steps']} steps in "
           f"{out['train_time_s']} s of a {out['train_stage_wall_s']} s train stage: busy share {out['busy_share']:.1%}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
+    if a.timeline:  # Ray's task and actor events (chrome://tracing format) for the whole stage
+        import ray
+        ray.timeline(filename=a.timeline)
     return 0
 
 

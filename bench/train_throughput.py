@@ -155,23 +155,52 @@ def run_ours(cfg, base: str, domain: str, targets: str, steps: int, variant: str
 
 
 def profile_steps(cfg, domain: str, data: dict) -> dict:
-    """A 4-step run of the trainer under torch.profiler: the GPU kernels that took the most time
-    (the model load's quantization and one eval batch per split are in the totals too)."""
+    """A 7-step run of the trainer under torch.profiler. For the steady steps (5-7: steps 1-4 compile
+    kernels and settle the memory budget) it prints the wall time, the time the GPU ran any kernel
+    (union of kernel intervals), the kernel count and the longest GPU idle gaps; then the ops that
+    took the most CPU time and the kernels that took the most GPU time over the whole run."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
-    from pipeline.train.loop import LocalSession, train_domain
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from pipeline.train.loop import DomainRecipe, LocalSession, train_domain
+
+    class MarkedRecipe(DomainRecipe):
+        def train_step(self):
+            with record_function("bench_step"):
+                super().train_step()
+                torch.cuda.synchronize()
+
     c = cfg.model_copy(deep=True)
-    c.train.max_steps = 4
+    c.train.max_steps = 7
     c.train.eval_max_batches = 1
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with tempfile.TemporaryDirectory() as d:
-            train_domain(c, domain, data, LocalSession(d, resume=False))
+            train_domain(c, domain, data, LocalSession(d, resume=False), MarkedRecipe)
         torch.cuda.synchronize()
+    events = prof.events()
+    steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "bench_step")
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    for i, (t0, t1) in enumerate(steps[4:], start=5):
+        inside = [(max(a, t0), min(b, t1)) for a, b in kernels if b > t0 and a < t1]
+        busy, cur_a, cur_b, gaps = 0.0, None, None, []
+        for a, b in inside:
+            if cur_b is None or a > cur_b:
+                if cur_b is not None:
+                    busy += cur_b - cur_a
+                    gaps.append((a - cur_b, cur_b - t0))
+                cur_a, cur_b = a, b
+            else:
+                cur_b = max(cur_b, b)
+        if cur_b is not None:
+            busy += cur_b - cur_a
+        gaps.sort(reverse=True)
+        wall = t1 - t0
+        print(f"PROFILE step {i}: wall {wall/1e3:.1f} ms, GPU busy {busy/1e3:.1f} ms ({busy/wall:.1%}), "
+              f"{len(inside)} kernels; longest idle gaps (ms at ms): "
+              + ", ".join(f"{g/1e3:.1f}@{at/1e3:.0f}" for g, at in gaps[:12]), flush=True)
     ka = prof.key_averages()
-    table = ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90)
-    ops = ka.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=60)
-    print(table, flush=True)
-    print(ops, flush=True)
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70), flush=True)
+    print(ka.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90), flush=True)
     return {"profile": True}
 
 
@@ -257,7 +286,7 @@ def main() -> int:
     if a.profile:
         name, sets = next(v for v in variants if v[0] == a.profile)
         for targets in a.targets.split(",")[-1:]:
-            run_ours(bench_config(a.data, f"{a.work}/out", sets), base, a.domain, targets, 4, profile=True)
+            run_ours(bench_config(a.data, f"{a.work}/out", sets), base, a.domain, targets, 7, profile=True)
     print(f"\n{'who':8} {'variant':16} {'targets':7} {'real tok/s':>10} {'padded tok/s':>12} {'MFU':>6} "
           f"{'peak alloc GB':>13} {'reserved GB':>11} {'loss':>7}")
     for r in rows:

@@ -354,14 +354,18 @@ def loss_sum(model, batch: dict, device, fused: bool = False) -> Any:
     batch = pad_batch(batch, getattr(model, "_seq_multiple", 1))
     ids = batch["input_ids"].to(device, non_blocking=True)
     pos = batch["position_ids"].to(device, non_blocking=True)
-    tgt = batch["targets"].to(device, non_blocking=True)
+    # the target positions are found where the batch was collated (the CPU): a boolean index on the
+    # device would make the CPU wait for the whole forward before it could queue the head and backward
+    flat = batch["targets"].reshape(-1)
+    where = (flat != -100).nonzero().squeeze(1)
+    y = flat[where].to(device, non_blocking=True)
+    where = where.to(device, non_blocking=True)
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    sel = tgt != -100
     if not hasattr(lm, "get_decoder") or lm.get_output_embeddings() is None:
         logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        return F.cross_entropy(logits[sel].float(), tgt[sel], reduction="sum")
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, where).float(), y, reduction="sum")
     hidden = lm.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-    h, y = hidden[sel], tgt[sel]
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
     head = lm.get_output_embeddings()
     if fused:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss

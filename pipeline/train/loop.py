@@ -4,10 +4,11 @@
     train_domain(cfg, domain, data, session, recipe_cls=DomainRecipe) -> training report
         recipe.setup()          device (checked on this node), model (4-bit), LoRA, kernels, optimizer, schedule
         recipe.restore()        the latest checkpoint, if any (refused when made with other settings)
-        recipe.evaluate_base()  the base model's val/test loss (adapter off), once per domain
         while not recipe.done():
             recipe.train_step()     one optimizer step over grad_accum packed micro-batches
             recipe.after_step()     log + report to Tune (every log_every), evaluate, checkpoint
+        recipe.evaluate_base()  the base model's val/test loss (adapter off), once per domain: after
+                                training, so that the first step does not wait for it
         recipe.save()           the adapter with the lowest val loss exported, with its report
 
 A checkpoint (every train.checkpoint_every steps, and at every evaluation that lowers the val loss)
@@ -245,7 +246,7 @@ def evaluate(model, examples, rows: int, seq_len: int, pad_id: int, device, max_
     replicas = replicas or Replicas()
     was_training = model.training
     model.eval()
-    tot, n = 0.0, 0
+    summed, n = None, 0
     with torch.no_grad():
         for i, b in enumerate(epoch_plan(examples, 0, 0, rows, seq_len, packing, shuffle=False)):
             if max_batches is not None and i >= max_batches:
@@ -253,10 +254,11 @@ def evaluate(model, examples, rows: int, seq_len: int, pad_id: int, device, max_
             if i % replicas.size != replicas.rank:
                 continue
             batch = collate(examples, b, pad_id)
-            tot += float(loss_sum(model, batch, device))
+            loss = loss_sum(model, batch, device).double()   # summed on the device, read back once
+            summed = loss if summed is None else summed + loss
             n += batch["n_targets"]
     model.train(was_training)
-    tot, n = replicas.sum([tot, float(n)])
+    tot, n = replicas.sum([float(summed) if summed is not None else 0.0, float(n)])
     return (tot / n if n else float("nan")), int(n)
 
 
@@ -350,7 +352,9 @@ class DomainRecipe:
         self.t_start = time.time()
         self.t_loop: Optional[float] = None        # when this attempt's first step started (for the ETA)
         self.startup: dict[str, float] = {}        # seconds from the recipe's start to each start-up milestone
-        self.trial_started: Optional[float] = None  # time.time() when the Tune trial began (Ray runs only)
+        # time.time() of the trial's start-up marks (Ray runs only): "trial" (the Tune trial began),
+        # "worker_process" (Ray started this worker's process), "worker_fn" (the train function began)
+        self.marks: dict[str, float] = {}
 
     # -- setup ---------------------------------------------------------------------------------------
     def resolve_device(self) -> str:
@@ -487,8 +491,13 @@ class DomainRecipe:
         if self.t_loop is None:
             self.t_loop = t0
             self.startup["first_step_s"] = round(t0 - self.t_start, 2)
-            if self.trial_started is not None:  # worker group start, dataset set-up, this recipe's start-up
-                self.startup["trial_start_to_first_step_s"] = round(t0 - self.trial_started, 2)
+            trial = self.marks.get("trial")
+            if trial is not None:  # Ray's worker group and dataset set-up, then this recipe's start-up
+                self.startup["trial_start_to_first_step_s"] = round(t0 - trial, 2)
+                for name, t in (("worker_process", self.marks.get("worker_process")),
+                                ("worker_fn", self.marks.get("worker_fn")), ("recipe", self.t_start)):
+                    if t is not None:
+                        self.startup[f"trial_start_to_{name}_s"] = round(t - trial, 2)
         examples, pad = self.data["train"], self.tok.pad_token_id
         micro = self._next_micro_batches()
         # the whole step's target count (all workers' rows): each worker's loss is its share of the mean
@@ -656,18 +665,18 @@ class DomainRecipe:
 
 
 def train_domain(cfg, domain: str, data: "dict | Future", session, recipe_cls: type = DomainRecipe,
-                 fingerprint: Optional[str] = None, trial_started: Optional[float] = None) -> dict:
+                 fingerprint: Optional[str] = None, marks: Optional[dict] = None) -> dict:
     """Train one domain's adapter on `data` ({split: [Example]}, or a Future of it that setup waits for
     after loading the model) and return its training report."""
     recipe = recipe_cls(cfg, domain, data, session, fingerprint)
-    recipe.trial_started = trial_started
+    recipe.marks = dict(marks or {})
     recipe.setup()
     recipe.restore()
-    recipe.evaluate_base()
     recipe.model.train()
     while not recipe.done():
         recipe.train_step()
         recipe.after_step()
+    recipe.evaluate_base()
     return recipe.save()
 
 
@@ -691,6 +700,9 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.train.data import collect
     from pipeline.train.device import CudaUnavailableError
     from pipeline.train.faults import with_faults
+    import psutil
+    marks = {"trial": config.get("trial_started"), "worker_process": psutil.Process().create_time(),
+             "worker_fn": time.time()}
     cfg, domain = config["cfg"], config["domain"]
     shard = ray.train.get_dataset_shard("sft")
     session = RaySession(open_store(cfg), cfg.run_name, domain)
@@ -700,7 +712,7 @@ def train_loop_per_worker(config: dict) -> None:
         data = pool.submit(collect, shard.iter_batches(batch_size=256, batch_format="numpy"))
         try:
             recipe_cls = with_faults(DomainRecipe, config.get("faults"))
-            train_domain(cfg, domain, data, session, recipe_cls, config.get("fingerprint"), config.get("trial_started"))
+            train_domain(cfg, domain, data, session, recipe_cls, config.get("fingerprint"), marks)
         except (NonFiniteLossError, IncompatibleCheckpointError, CudaUnavailableError) as e:
             # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
             write_fatal(cfg, domain, f"{type(e).__name__}: {e}")
