@@ -100,6 +100,7 @@ def build_base(path: str, arch: str, texts: list[str]) -> None:
     c = dict(ARCHS[arch])
     config = AutoConfig.for_model(c.pop("model_type"), **c)
     if not (Path(path) / "config.json").exists():
+        torch.manual_seed(0)  # the same weights in every call: losses compare across calls and trees
         with torch.device("cuda"):
             m = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         m.save_pretrained(path)
@@ -241,9 +242,15 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                     help="also run the trainer with these config overrides (repeatable)")
     ap.add_argument("--profile", metavar="NAME", help="profile this variant (default or a --variant name)")
+    ap.add_argument("--memory-cap-gb", type=float,
+                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24 for an RTX 3090")
     a = ap.parse_args()
     cuda_or_exit()
     import torch
+    if a.memory_cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.memory_cap_gb * 2**30 / total))
+        print(f"memory cap: {a.memory_cap_gb:g} GB of {total / 2**30:.0f} GB", flush=True)
     t0 = time.time()
     cfg = bench_config(a.data, f"{a.work}/out")
     prepare_data(cfg)

@@ -701,8 +701,9 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.train.device import CudaUnavailableError
     from pipeline.train.faults import with_faults
     import psutil
-    marks = {"trial": config.get("trial_started"), "worker_process": psutil.Process().create_time(),
-             "worker_fn": time.time()}
+    trial = config.get("trial_started")
+    # a worker process that Ray had started before this trial (a pooled one) counts as ready at its start
+    marks = {"trial": trial, "worker_process": max(psutil.Process().create_time(), trial or 0.0), "worker_fn": time.time()}
     cfg, domain = config["cfg"], config["domain"]
     shard = ray.train.get_dataset_shard("sft")
     session = RaySession(open_store(cfg), cfg.run_name, domain)

@@ -68,6 +68,10 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
         assert rep["test_loss"] < rep["base_test_loss"]
         assert rep["tokens_per_s"] > 0 and rep["peak_memory_gb"] > 0 and rep["steps"] == cfg.train.max_steps
         assert [v["step"] for v in rep["history"]["val"]] == [6, 12]
+        # start-up marks of the Ray path, in the order they happen (bench/startup.py prints them)
+        st = rep["startup"]
+        marks = [st[f"trial_start_to_{m}_s"] for m in ("worker_process", "worker_fn", "recipe", "first_step")]
+        assert all(0 <= a <= b for a, b in zip(marks, marks[1:])) and marks[-1] < 600, st
         assert _state(store, cfg, d)["state"] == "finished"
         for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
             assert store.is_file(f"adapters/{d}/{f}"), f

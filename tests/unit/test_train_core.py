@@ -298,3 +298,30 @@ def test_ray_session_resumes_from_a_stored_checkpoint_newer_than_rays_snapshot(t
     newer = _stored_checkpoint(tmp_path / "ray", 40)
     assert step_of(session(ray.train.Checkpoint.from_directory(str(newer))).restore_dir()) == 40
     assert [step for _, step in session(None)._stored_checkpoints()] == [30, 20, 10]
+
+
+def test_first_step_does_not_wait_for_the_base_evaluation_and_the_base_loss_is_the_base_models(env, tmp_path):
+    """The base model's val/test loss is measured after training (a whole-split evaluation before the first
+    step delayed it by ~25 s on a 7B model, bench/NOTES.md); it is still the base model's loss, adapter off."""
+    cfg, store, tok = env
+    calls = []
+
+    class Recorded(DomainRecipe):
+        def train_step(self):
+            calls.append("train_step")
+            super().train_step()
+
+        def evaluate_base(self):
+            calls.append("evaluate_base")
+            super().evaluate_base()
+
+    cfg = _cfg_steps(cfg, max_steps=3, eval_every=100, checkpoint_every=100, learning_rate=0.01, warmup_steps=0)
+    data = data_for(tok)
+    rep = train_domain(cfg, "debate", data, LocalSession(str(tmp_path), resume=False), Recorded)
+    assert calls == ["train_step"] * 3 + ["evaluate_base"]
+    from pipeline.train.loop import evaluate
+    base = load_model(resolve_base(cfg, store), cfg, "cpu")
+    loss, _ = evaluate(base, data["val"], rows=cfg.train.tokens_per_micro_batch // cfg.train.max_seq_length,
+                       seq_len=cfg.train.max_seq_length, pad_id=tok.pad_token_id, device="cpu")
+    assert rep["base_val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert rep["val_loss"] < rep["base_val_loss"]
