@@ -123,19 +123,12 @@ class TokenizedPlan:
 # ---- log-likelihoods ----------------------------------------------------------------------------
 
 def _head_logprobs(lm, h, y):
-    """log p(y | h) for hidden states h (N x H) and targets y (N), through the LM head in chunks. The
-    logit scaling and soft-capping follow pipeline.train.kernels.loss_sum."""
+    """log p(y | h) for hidden states h (N x H) and targets y (N), through the LM head in chunks."""
     import torch
-    head = lm.get_output_embeddings()
-    scale = getattr(lm.config, "logit_scale", None)
-    cap = getattr(lm.config, "final_logit_softcapping", None)
+    from pipeline.train.kernels import head_logits
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], HEAD_CHUNK_TOKENS):
-        logits = head(h[s:s + HEAD_CHUNK_TOKENS])
-        if scale not in (None, 1, 1.0):
-            logits = logits * scale
-        if cap:
-            logits = (logits / cap).tanh() * cap
+        logits = head_logits(lm, h[s:s + HEAD_CHUNK_TOKENS])
         out[s:s + HEAD_CHUNK_TOKENS] = logits.float().log_softmax(-1).gather(1, y[s:s + HEAD_CHUNK_TOKENS, None])[:, 0]
     return out
 

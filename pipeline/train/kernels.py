@@ -8,6 +8,7 @@
                                                      RoPE by device (CUDA tensors: Liger; others: the original)
     set_sequence_multiple(model, 128)                flex attention: widen short micro-batches
     loss_sum(model, batch, device, fused)            summed cross-entropy over the target tokens
+    head_logits(lm, h)                               the LM head with the architecture's logit scaling / soft-capping
 
 Measured on an H100 (bench/NOTES.md): flex attention over packed examples was 2.25x SDPA with a
 block mask; Liger's kernels +26% and -27% peak memory; computing the LM head only on target
@@ -366,15 +367,20 @@ def loss_sum(model, batch: dict, device, fused: bool = False) -> Any:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, where).float(), y, reduction="sum")
     hidden = lm.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
-    head = lm.get_output_embeddings()
     if fused:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y)
-    logits = head(h)
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(lm.get_output_embeddings().weight, h, y)
+    return F.cross_entropy(head_logits(lm, h).float(), y, reduction="sum")
+
+
+def head_logits(lm, h) -> Any:
+    """The LM head's logits for hidden states h, with the architecture's logit scaling and soft-capping
+    (the evaluation's scoring uses this too)."""
+    logits = lm.get_output_embeddings()(h)
     scale = getattr(lm.config, "logit_scale", None)
     if scale not in (None, 1, 1.0):
         logits = logits * scale
     cap = getattr(lm.config, "final_logit_softcapping", None)
     if cap:
         logits = (logits / cap).tanh() * cap
-    return F.cross_entropy(logits.float(), y, reduction="sum")
+    return logits

@@ -230,3 +230,22 @@ def test_plan_checkpointing_integer_auto_cpu_and_off():
     assert kernels.kept_layers(model) == 0
     t.gradient_checkpointing = False
     assert kernels.plan_checkpointing(model, t, mem, 1024) is None
+
+
+def test_logit_scaling_and_soft_capping_are_applied_once_for_training_and_scoring():
+    """Architectures with a logit scale or soft-capping (Gemma 2, Cohere): the training loss and the
+    evaluation's log-likelihood scoring go through the same head_logits."""
+    import torch.nn.functional as F
+    from pipeline.eval.scoring import _head_logprobs
+    model = _tiny_lm()
+    model.config.logit_scale, model.config.final_logit_softcapping = 0.5, 2.0
+    b = _batch()
+    sel = b["targets"] != -100
+    with torch.no_grad():
+        hidden = model.model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).last_hidden_state[sel]
+        logits = torch.tanh(model.lm_head(hidden) * 0.5 / 2.0) * 2.0
+        want = F.cross_entropy(logits, b["targets"][sel], reduction="sum")
+        assert float(kernels.loss_sum(model, b, "cpu")) == pytest.approx(float(want), rel=1e-5)
+        lp = _head_logprobs(model, hidden, b["targets"][sel])
+        assert float(-lp.sum()) == pytest.approx(float(want), rel=1e-5)
+        assert float(logits.abs().max()) <= 2.0  # capped
