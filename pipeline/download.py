@@ -146,6 +146,10 @@ def _prune(root: Path, keep: Callable[[str], bool]) -> None:
 
 def _retry(fn: Callable[[], Any], what: str, retries: int, transient: Callable[[BaseException], bool],
            base_delay: float = 1.0) -> Any:
+    """The download stage's one retry policy, for the transports that have none of their own that we can
+    size (urllib, `git clone`, the Hub's snapshot call): `retries` more attempts after the first when
+    `transient(error)`, waiting 1, 2, 4 ... s (at most 30). S3 sources go through the AWS SDKs' standard
+    retries instead (pipeline/storage.py), sized by storage.retries."""
     for attempt in range(retries + 1):
         try:
             return fn()
