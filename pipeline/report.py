@@ -46,7 +46,7 @@ SPLITS = ("train", "val", "test")
 PACKAGES = ("domain-adapters", "ray", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "tokenizers",
             "safetensors", "huggingface_hub", "pyarrow", "pandas", "boto3", "pydantic", "PyYAML", "matplotlib")
 METRICS = ("train_loss", "val_loss", "test_loss", "val_ppl", "test_ppl", "base_val_loss", "base_test_loss",
-           "base_val_ppl", "base_test_ppl", "tokens_per_s", "peak_memory_gb", "wall_time_s", "steps")
+           "base_val_ppl", "base_test_ppl", "tokens_per_s", "peak_memory_gb", "wall_time_s", "busy_share", "steps")
 
 
 # ---- reading the output tree -----------------------------------------------------------------
@@ -360,7 +360,7 @@ def _i(x: Any) -> str:
 
 def _results_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     head = ["domain", "status", "train / val / test examples", "train loss", "val loss (base)", "test loss (base)",
-            "val ppl (base)", "test ppl (base)", "test ppl change", "tokens/s", "peak mem GB", "wall time s", "adapter"]
+            "val ppl (base)", "test ppl (base)", "test ppl change", "tokens/s", "peak mem GB", "wall time s", "busy %", "adapter"]
     rows = []
     for d in summary["domains"].values():
         ex = d["examples"]
@@ -370,7 +370,8 @@ def _results_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
                      f"{_f(d['val_loss'])} ({_f(d['base_val_loss'])})", f"{_f(d['test_loss'])} ({_f(d['base_test_loss'])})",
                      f"{_f(d['val_ppl'], 2)} ({_f(d['base_val_ppl'], 2)})", f"{_f(d['test_ppl'], 2)} ({_f(d['base_test_ppl'], 2)})",
                      "–" if chg is None else f"{chg:+.1f}%", _f(d["tokens_per_s"], 0), _f(d["peak_memory_gb"], 2),
-                     _f(d["wall_time_s"], 1), d.get("adapter_uri") or "–"])
+                     _f(d["wall_time_s"], 1), "–" if d.get("busy_share") is None else f"{100 * d['busy_share']:.0f}",
+                     d.get("adapter_uri") or "–"])
     return head, rows
 
 

@@ -355,6 +355,7 @@ class DomainRecipe:
         # time.time() of the trial's start-up marks (Ray runs only): "trial" (the Tune trial began),
         # "worker_process" (Ray started this worker's process), "worker_fn" (the train function began)
         self.marks: dict[str, float] = {}
+        self.restored_train_time = 0.0             # step time of the attempts before this one (from a checkpoint)
 
     # -- setup ---------------------------------------------------------------------------------------
     def resolve_device(self) -> str:
@@ -434,6 +435,7 @@ class DomainRecipe:
         _set_rng_state(torch.load(os.path.join(ck, "rng.pt"), weights_only=False))
         self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         self.state.resumed_from = saved["step"]
+        self.restored_train_time = self.state.train_time
         self.plan = self._epoch_plan()
         best = self.state.best
         if best and best["step"] == saved["step"]:
@@ -645,6 +647,9 @@ class DomainRecipe:
             "exported_step": st.best["step"] if st.best else st.step, "export_reason": reason, "stopped_early": st.stopped,
             "tokens_per_s": st.tokens / max(st.train_time, 1e-9), "tokens": st.tokens,
             "peak_memory_gb": peak_memory_gb(self.device, self.mem), "wall_time_s": time.time() - self.t_start,
+            # this attempt's optimizer steps over its wall time from the trial's start (the recipe's, off Ray)
+            # to here: what start-up, evaluations and checkpoints leave of the device's time to training
+            "busy_share": (st.train_time - self.restored_train_time) / max(time.time() - self.marks.get("trial", self.t_start), 1e-9),
             "peak_reserved_gb": self.mem.overall()[1] / 2**30 if self.mem else None,
             "checkpointing": kernels.checkpointing_record(self.model, t.gradient_checkpointing, self.budget),
             "train_time_s": st.train_time, "startup": self.startup, "steps": st.step, "epochs": st.epoch + st.batch / max(1, len(self.plan)),

@@ -58,7 +58,7 @@ def fake_report(domain: str, base: float, final: float, uri: str) -> dict:
             "test_loss": final + 0.07, "val_ppl": math.exp(final + 0.05), "test_ppl": math.exp(final + 0.07),
             "base_val_loss": base, "base_test_loss": base + 0.01, "base_val_ppl": math.exp(base),
             "base_test_ppl": math.exp(base + 0.01), "tokens_per_s": 1834.2, "peak_memory_gb": 0.41,
-            "wall_time_s": 61.3, "steps": 40, "n_examples": {"train": 160, "val": 20, "test": 20},
+            "wall_time_s": 61.3, "busy_share": 0.62, "steps": 40, "n_examples": {"train": 160, "val": 20, "test": 20},
             "history": {"train": train, "val": val}, "adapter_uri": uri}
 
 
@@ -114,7 +114,7 @@ def test_full_report(cfg):
     deb = d["debate"]
     assert deb["examples"] == {"train": 160, "val": 20, "test": 20}
     for k in ("train_loss", "val_loss", "test_loss", "val_ppl", "test_ppl", "base_val_loss", "base_test_loss",
-              "base_val_ppl", "base_test_ppl", "tokens_per_s", "peak_memory_gb", "wall_time_s"):
+              "base_val_ppl", "base_test_ppl", "tokens_per_s", "peak_memory_gb", "wall_time_s", "busy_share"):
         assert isinstance(deb[k], float), k
     assert deb["adapter_uri"] == store.uri_of("adapters/debate")
     assert deb["test_ppl_change_pct"] < 0
@@ -137,6 +137,8 @@ def test_full_report(cfg):
     md = store.read_text("report/summary.md")
     assert "| domain | status | train / val / test examples |" in md
     assert re.search(r"\| debate \| finished \| 160 / 20 / 20 \|", md)
+    assert "| tokens/s | peak mem GB | wall time s | busy % | adapter |" in md
+    assert re.search(r"\| 1,834 \| 0\.41 \| 61\.3 \| 62 \| ", md)
     assert "| education | failed: OutOfMemoryError" in md
     assert "| model \\ test set | debate | medicine | education |" in md
     assert "| adapter: medicine | 3.950 | 2.910 | 3.790 |" in md

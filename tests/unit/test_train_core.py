@@ -325,3 +325,5 @@ def test_first_step_does_not_wait_for_the_base_evaluation_and_the_base_loss_is_t
                        seq_len=cfg.train.max_seq_length, pad_id=tok.pad_token_id, device="cpu")
     assert rep["base_val_loss"] == pytest.approx(loss, rel=1e-5)
     assert rep["val_loss"] < rep["base_val_loss"]
+    assert 0 < rep["busy_share"] < 1 and rep["busy_share"] == pytest.approx(
+        rep["train_time_s"] / rep["wall_time_s"], rel=0.05)  # off Ray both clocks start with the recipe
