@@ -178,7 +178,9 @@ def profile_steps(cfg, domain: str, data: dict) -> dict:
             train_domain(c, domain, data, LocalSession(d, resume=False), MarkedRecipe)
         torch.cuda.synchronize()
     events = prof.events()
-    steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "bench_step")
+    # the CPU range of each step (the profiler also records a GPU-side annotation of the same name)
+    steps = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.name == "bench_step" and e.device_type == torch.autograd.DeviceType.CPU)
     kernels = sorted((e.time_range.start, e.time_range.end) for e in events
                      if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
     for i, (t0, t1) in enumerate(steps[4:], start=5):
