@@ -171,14 +171,17 @@ import json, os, sys
 sys.path.insert(0, "tests")
 import ray
 from fixtures_train import tiny_config, write_sft
+from pipeline.raycluster import WORKER_ENV
 from pipeline.storage import Store
 from pipeline.train import run_train
 out = sys.argv[1]
 write_sft(Store(out), domains=["debate", "medicine"])
 # two (fake) GPUs; DOMAIN_ADAPTERS_FAKE_GPU=1 lets a cuda trial compute on this CPU-only machine, except
-# where the no_cuda fault makes its worker check CUDA for real (a node whose CUDA is unusable)
+# where the no_cuda fault makes its worker check CUDA for real (a node whose CUDA is unusable). WORKER_ENV
+# as the module's ray_local and the pipeline's own Ray have it (a Ray that this script starts is used as it
+# is: ensure_ray adds nothing to it); without it Ray Train's controller polls its workers every 2 s, not 0.5 s
 ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
-         runtime_env={"env_vars": {"DOMAIN_ADAPTERS_FAKE_GPU": "1", "TOKENIZERS_PARALLELISM": "false"}})
+         runtime_env={"env_vars": {**WORKER_ENV, "DOMAIN_ADAPTERS_FAKE_GPU": "1", "TOKENIZERS_PARALLELISM": "false"}})
 os.environ["DOMAIN_ADAPTERS_FAULTS"] = "medicine:no_cuda"
 cfg = tiny_config(out, domains=["debate", "medicine"], train__max_steps=4, train__eval_matrix=False,
                   resources={"device": "cuda", "cpus_per_trial": 0.5, "gpus_per_trial": 1, "max_concurrent_trials": 2})
