@@ -711,7 +711,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         if d.get("cause"):
             status += f'<span class="cause">{_h(d["cause"][:600])}</span>'
         hrows.append([_h(r[0]), status] + [_h(c) for c in r[2:]])
-    num = [None, "status"] + ["num"] * 10 + ["uri"]
+    num = [None, "status"] + ["num"] * (len(head) - 3) + ["uri"]   # domain, status, the figures, the adapter URI
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
