@@ -10,7 +10,7 @@ steps, no evaluation matrix. It prints, from the domain's training report:
 
   trial start -> first optimizer step   worker group start, Ray Data read + tokenization, model load (4-bit)
   recipe start -> model loaded / data ready / first step
-  busy share                            training step time / wall time of the whole train stage
+  busy share                            the training report's: step time / wall time from the trial's start
 
 The worker loads the model while Ray Data tokenizes (loop.train_loop_per_worker), so "data ready" and
 "model loaded" overlap. Needs a CUDA GPU. Not a test: it prints figures.
@@ -74,13 +74,13 @@ def main() -> int:
            "trial_start_to_recipe_s": st.get("trial_start_to_recipe_s"),
            "recipe_model_loaded_s": st.get("model_loaded_s"), "recipe_data_ready_s": st.get("data_ready_s"),
            "recipe_first_step_s": st.get("first_step_s"), "train_time_s": round(res["train_time_s"], 1),
-           "busy_share": round(res["train_time_s"] / wall, 3), "real_tok_s": round(res["tokens_per_s"])}
+           "busy_share": round(res["busy_share"], 3), "real_tok_s": round(res["tokens_per_s"])}
     print("RESULT " + json.dumps(out), flush=True)
     print(f"\n{a.domain}: {sum(rows.values())} SFT rows ({rows['train']} train); trial start -> first step "
           f"{out['trial_start_to_first_step_s']} s (after the trial's start: worker process {out['trial_start_to_worker_process_s']} s, "
           f"train function {out['trial_start_to_worker_fn_s']} s, recipe {out['trial_start_to_recipe_s']} s; in the recipe: model loaded {out['recipe_model_loaded_s']} s, data "
           f"ready {out['recipe_data_ready_s']} s, first step {out['recipe_first_step_s']} s); {res['steps']} steps in "
-          f"{out['train_time_s']} s of a {out['train_stage_wall_s']} s train stage: busy share {out['busy_share']:.1%}")
+          f"{out['train_time_s']} s of a {out['train_stage_wall_s']} s train stage; busy share from the trial's start {out['busy_share']:.1%}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     if a.timeline:  # Ray's task and actor events (chrome://tracing format) for the whole stage

@@ -352,8 +352,9 @@ class DomainRecipe:
         self.t_start = time.time()
         self.t_loop: Optional[float] = None        # when this attempt's first step started (for the ETA)
         self.startup: dict[str, float] = {}        # seconds from the recipe's start to each start-up milestone
-        # time.time() of the trial's start-up marks (Ray runs only): "trial" (the Tune trial began),
-        # "worker_process" (Ray started this worker's process), "worker_fn" (the train function began)
+        # time.time() of the trial's start-up marks (Ray runs only, each present when known): "trial" (the
+        # Tune trial began), "worker_process" (Ray started this worker's process), "worker_fn" (the train
+        # function began)
         self.marks: dict[str, float] = {}
         self.restored_train_time = 0.0             # step time of the attempts before this one (from a checkpoint)
 
@@ -706,9 +707,11 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.train.device import CudaUnavailableError
     from pipeline.train.faults import with_faults
     import psutil
+    marks = {"worker_fn": time.time()}
     trial = config.get("trial_started")
-    # a worker process that Ray had started before this trial (a pooled one) counts as ready at its start
-    marks = {"trial": trial, "worker_process": max(psutil.Process().create_time(), trial or 0.0), "worker_fn": time.time()}
+    if trial is not None:
+        # a worker process that Ray had started before this trial (a pooled one) counts as ready at its start
+        marks.update(trial=trial, worker_process=max(psutil.Process().create_time(), trial))
     cfg, domain = config["cfg"], config["domain"]
     shard = ray.train.get_dataset_shard("sft")
     session = RaySession(open_store(cfg), cfg.run_name, domain)
