@@ -3,6 +3,7 @@
     python bench/train_throughput.py --data ../shared/data/real [--arch mistral7b|llama1b]
                                      [--targets qv,all] [--steps 14] [--seed-recipe ../shared/bench/seed_recipe.py]
                                      [--variant NAME:key=value,key=value ...] [--profile NAME]
+                                     [--trl sdpa,flex_attention] [--memory-cap-gb 24]
 
 --variant runs the project's trainer again under other settings (same data, same model), e.g.
 --variant peft_lora:train.fused_lora=off; the first variant is always "default" (no overrides).
@@ -14,7 +15,11 @@ For each LoRA target set it runs, one after the other in this process's run:
      project's *default* training settings (configs/default.yaml: packed 2048-token sequences,
      8192 tokens per micro-batch, gradient checkpointing, flex attention, fused kernels when
      installed), on SFT rows that the project's own prepare stage made from --data;
-  2. the seed's recipe (../shared/bench/seed_recipe.py: HF Trainer, every example padded to 512,
+  2. the peer a user would run instead (bench/trl_peer.py: TRL's SFTTrainer with Liger kernels and
+     padding-free BFD packing, 4 x 2048 tokens per micro-batch x accumulation 2), once per attention
+     implementation in --trl (flash_attention_2 too when it is installed), on the very token ids the
+     project's trainer trains on, under the same memory cap, each in a child process;
+  3. the seed's recipe (../shared/bench/seed_recipe.py: HF Trainer, every example padded to 512,
      batch 2 x accumulation 8, q_proj,v_proj or all linear) on the same sources,
 and prints real (non-padding) tokens/s, padded tokens/s, MFU (4 x parameters FLOPs per real token
 against a bf16 matmul rate measured here), peak allocated and reserved memory, then the ratios.
@@ -109,12 +114,53 @@ def build_base(path: str, arch: str, texts: list[str]) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
 
 
+def tokenized(cfg, domain: str) -> dict:
+    """The domain's SFT rows as the project's trainer sees them: {split: [Example]} (same code as a trial)."""
+    from pipeline.storage import open_store
+    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, read_split
+    store, tokenize = open_store(cfg), Tokenize(cfg)
+    return collect(tokenize(read_split(store, domain, split, columns=SFT_COLUMNS).to_pydict())
+                   for split in ("train", "val", "test"))
+
+
+def run_trl(cfg, base: str, domain: str, targets: str, attn: str, steps: int, cap_gb, work: str) -> dict:
+    """TRL's SFTTrainer (bench/trl_peer.py) in a child process on the same token ids as the project's trainer."""
+    from pipeline.train.data import IGNORE
+    c = cfg.model_copy(deep=True)
+    c.model.base = base
+    rows = Path(work) / f"trl-rows-{domain}.jsonl"
+    if not rows.exists():
+        with open(rows, "w") as f:
+            for e in tokenized(c, domain)["train"]:
+                f.write(json.dumps({"input_ids": e.input_ids.tolist(),
+                                    "completion_mask": (e.labels != IGNORE).astype(int).tolist()}) + "\n")
+    cmd = [sys.executable, str(ROOT / "bench/trl_peer.py"), "--base", base, "--rows", str(rows), "--targets", targets,
+           "--attn", attn, "--steps", str(steps), "--lr", str(c.train.learning_rate)]
+    if cap_gb:
+        cmd += ["--memory-cap-gb", str(cap_gb)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"^RESULT (.*)$", p.stdout, re.M)
+    if not m:
+        return dict(who="trl", variant=f"trl-{attn}", targets=targets, error=(p.stdout + p.stderr)[-1500:])
+    return json.loads(m.group(1))
+
+
+def trl_attentions(requested: str) -> list[str]:
+    """The attention implementations to run TRL with: those asked for, plus flash_attention_2 when installed."""
+    out = [x for x in requested.split(",") if x]
+    try:
+        import flash_attn  # noqa: F401
+        if "flash_attention_2" not in out:
+            out.append("flash_attention_2")
+    except ImportError:
+        print("TRL: flash_attention_2 not run (flash-attn is not installed here)", flush=True)
+    return out
+
+
 def run_ours(cfg, base: str, domain: str, targets: str, steps: int, variant: str = "default",
              profile: bool = False) -> dict:
     import torch
-    from pipeline.train.data import Tokenize, collect, read_split
     from pipeline.train.loop import LocalSession, train_domain
-    from pipeline.storage import open_store
     c = cfg.model_copy(deep=True)
     c.model.base = base
     c.resources.device = "cuda"
@@ -125,10 +171,7 @@ def run_ours(cfg, base: str, domain: str, targets: str, steps: int, variant: str
     c.train.checkpoint_every = 10 ** 6
     c.train.eval_max_batches = 2
     c.train.log_every = 1
-    store = open_store(c)
-    tokenize = Tokenize(c)
-    data = collect(tokenize(read_split(store, domain, split, columns=("prompt", "response", "doc_id", "split")).to_pydict())
-                   for split in ("train", "val", "test"))
+    data = tokenized(c, domain)
     torch.cuda.empty_cache()
     if profile:
         return profile_steps(c, domain, data)
@@ -238,7 +281,10 @@ def main() -> int:
     ap.add_argument("--seed-steps", type=int, default=8)
     ap.add_argument("--domain", default="medicine")
     ap.add_argument("--seed-recipe", default=str(ROOT.parent / "shared/bench/seed_recipe.py"))
-    ap.add_argument("--no-seed", action="store_true", help="only the project's trainer")
+    ap.add_argument("--no-seed", action="store_true", help="no seed recipe")
+    ap.add_argument("--trl", default="sdpa,flex_attention",
+                    help="attention implementations to run TRL's SFTTrainer with ('' for none)")
+    ap.add_argument("--trl-steps", type=int, default=10)
     ap.add_argument("--work", default="/tmp/bench-train")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
@@ -287,6 +333,10 @@ def main() -> int:
             import gc
             gc.collect()
             torch.cuda.empty_cache()
+        for attn in trl_attentions(a.trl) if a.trl else []:
+            r = run_trl(cfg, base, a.domain, targets, attn, a.trl_steps, a.memory_cap_gb, a.work)
+            print("RESULT " + json.dumps(r), flush=True)
+            rows.append(r)
         if not a.no_seed:
             r = run_seed(a.seed_recipe, a.data, a.arch, targets, a.seed_steps, base)
             r["variant"] = "seed recipe"
@@ -308,11 +358,19 @@ def main() -> int:
         print(f"{r['who']:8} {r.get('variant', ''):16} {r['targets']:7} {r['real_tok_s']:>10,.0f} {r['padded_tok_s']:>12,.0f} "
               f"{mfu:>6.1%} {r['peak_alloc_gb']:>13.1f} {r['peak_reserved_gb']:>11.1f} {loss:>7}")
     for targets in a.targets.split(","):
-        seed = next((r for r in rows if r["who"] == "seed" and r["targets"] == targets and "error" not in r), None)
-        for r in rows:
-            if r["who"] == "project" and r["targets"] == targets and "error" not in r and seed:
-                print(f"ratio {targets} {r['variant']}: {r['real_tok_s'] / seed['real_tok_s']:.1f}x real tokens/s; "
-                      f"peak {r['peak_alloc_gb']:.1f} GB (budget 20 GB for a 24 GB RTX 3090)")
+        ok = [r for r in rows if r["targets"] == targets and "error" not in r]
+        seed = next((r for r in ok if r["who"] == "seed"), None)
+        trl_best = max((r for r in ok if r["who"] == "trl"), key=lambda r: r["real_tok_s"], default=None)
+        for r in ok:
+            if r["who"] != "project":
+                continue
+            vs = []
+            if trl_best:
+                vs.append(f"{r['real_tok_s'] / trl_best['real_tok_s']:.2f}x TRL-best ({trl_best['variant']})")
+            if seed:
+                vs.append(f"{r['real_tok_s'] / seed['real_tok_s']:.1f}x the seed recipe")
+            print(f"ratio {targets} {r['variant']}: " + ", ".join(vs) +
+                  f"; peak {r['peak_alloc_gb']:.1f} GB (budget 20 GB for a 24 GB RTX 3090)")
     if a.json:
         Path(a.json).write_text(json.dumps(dict(rows=rows, tflops=tflops, params=nparams), indent=2))
     return 0
