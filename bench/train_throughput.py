@@ -304,8 +304,8 @@ def main() -> int:
     prepare_data(cfg)
     from pipeline.storage import open_store
     from pipeline.train.data import read_split
-    texts = [p + "\n" + r for p, r in zip(*[read_split(open_store(cfg), a.domain, "train").column(c).to_pylist()
-                                              for c in ("prompt", "response")])]
+    texts = ["\n".join(m["content"] for m in msgs)
+             for msgs in read_split(open_store(cfg), a.domain, "train").column("messages").to_pylist()]
     base = f"{a.work}/base-{a.arch}"
     build_base(base, a.arch, texts)
     tflops = bf16_matmul_tflops()

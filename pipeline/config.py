@@ -58,19 +58,47 @@ class DownloadConfig(_Strict):
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+FILE_TYPES = ("jsonl", "json", "csv", "parquet")
+# record formats and the fields each reads: field -> the column names tried when not overridden
+RECORD_FORMATS: dict[str, dict[str, tuple[str, ...]]] = {
+    "openai": {"messages": ("messages",)},
+    "sharegpt": {"conversations": ("conversations", "conversation", "messages")},
+    "alpaca": {"instruction": ("instruction",), "input": ("input",), "output": ("output",),
+               "system": ("system",), "history": ("history",)},
+    "prompt_completion": {"prompt": ("prompt",), "response": ("completion", "response")},
+    "text": {"text": ("text",)},
+}
+OPTIONAL_FIELDS = {"input", "system", "history"}   # alpaca: read when the record has them
+
+
 class CustomSourceConfig(_Strict):
     """One of your own datasets (data.custom_sources): read, quarantined, capped, deduplicated, split
-    and trained like a built-in source (pipeline/sources/custom.py). Map exactly one shape of record:
-    prompt + response, messages, or text (corpus only)."""
+    and trained like a built-in source (pipeline/sources/custom.py). ``format`` names the record
+    format (openai, sharegpt, alpaca, prompt_completion, text; detected from the first record when
+    left out); the column keys override the column each field is read from."""
     name: str = Field(..., description="names the source in the manifest and directories (lowercase, digits, '_')")
     domain: str = Field(..., description="a built-in domain or a new one (then list it in domains)")
     path: str = Field(..., description="a local file or folder, s3://bucket/prefix, or a Hugging Face dataset id "
                                        "(hf://owner/name, or owner/name when no such local path exists)")
-    format: Literal["jsonl", "json", "csv", "parquet"]
-    prompt: Optional[str] = Field(None, description="column holding the prompt (with response)")
-    response: Optional[str] = Field(None, description="column holding the answer (with prompt)")
-    messages: Optional[str] = Field(None, description="column holding a chat: [{role, content}, ...]")
-    text: Optional[str] = Field(None, description="column holding plain text: corpus only, no SFT examples")
+    format: Optional[Literal["openai", "sharegpt", "alpaca", "prompt_completion", "text"]] = Field(
+        None, description="the record format; left out: detected (one line says which)")
+    files: Optional[Literal["jsonl", "json", "csv", "parquet"]] = Field(
+        None, description="the file type; left out: every jsonl, json, csv and parquet file, read by its suffix")
+    prompt: Optional[str] = Field(None, description="prompt_completion: column of the prompt")
+    response: Optional[str] = Field(None, description="prompt_completion: column of the answer (completion/response)")
+    messages: Optional[str] = Field(None, description="openai: column of the chat [{role, content}, ...]")
+    conversations: Optional[str] = Field(None, description="sharegpt: column of the chat [{from, value}, ...]")
+    instruction: Optional[str] = Field(None, description="alpaca: column of the instruction")
+    input: Optional[str] = Field(None, description="alpaca: column of the input (appended to the instruction)")
+    output: Optional[str] = Field(None, description="alpaca: column of the answer")
+    system: Optional[str] = Field(None, description="alpaca: column of a system message")
+    history: Optional[str] = Field(None, description="alpaca: column of earlier [instruction, output] pairs")
+    text: Optional[str] = Field(None, description="text: column of plain text (corpus only, no SFT examples)")
+    subset: Optional[str] = Field(None, description="a dataset folder laid out as on the Hugging Face Hub: the "
+                                  "subset (config) folder to read")
+    split: Optional[str] = Field(None, description="only files of this split (train, test, ...: a folder or a "
+                                 "file name starting with it)")
+    data_files: list[str] = Field(default_factory=list, description="globs (relative to the dataset) of the files to read")
     revision: Optional[str] = Field(None, description="Hugging Face revision (branch, tag or commit)")
     license: str = Field("not stated (data.custom_sources)", description="shown in the data card")
 
@@ -88,26 +116,47 @@ class CustomSourceConfig(_Strict):
     def _locate(cls, d: Any) -> Any:
         """A local path becomes absolute (workers find it too); owner/name that is no local path and does
         not end in .<format> is a Hugging Face id."""
-        if not isinstance(d, dict) or not isinstance(d.get("path"), str):
+        if not isinstance(d, dict):
+            return d
+        if d.get("format") in FILE_TYPES and "files" not in d:  # the older spelling: format: jsonl
+            d = {**d, "files": d["format"]}
+            d.pop("format")
+        if not isinstance(d.get("path"), str):
             return d
         v = d["path"].strip()
         if "://" in v and not v.startswith(("s3://", "hf://")):
             raise ValueError(f"path {v!r}: use a local path, s3://bucket/prefix or a Hugging Face dataset id (hf://owner/name)")
         if v.startswith("hf://") and not _HF_ID.match(v[len("hf://"):]):
             raise ValueError(f"path {v!r} is not a Hugging Face dataset id: use hf://owner/name")
-        hf_like = _HF_ID.match(v) and not os.path.exists(v) and not v.endswith(f".{d.get('format')}")
+        hf_like = _HF_ID.match(v) and not os.path.exists(v) and not v.endswith(tuple(f".{t}" for t in FILE_TYPES))
         if "://" not in v and not hf_like:
             v = os.path.abspath(os.path.expanduser(v))
         return {**d, "path": v}
 
     @model_validator(mode="after")
     def _mapping(self) -> "CustomSourceConfig":
-        shapes = [k for k, on in (("prompt/response", self.prompt or self.response), ("messages", self.messages),
-                                  ("text", self.text)) if on]
-        if len(shapes) != 1 or (shapes == ["prompt/response"] and not (self.prompt and self.response)):
-            raise ValueError(f"data.custom_sources {self.name!r}: map exactly one record shape: prompt and response "
-                             f"columns, or a messages column, or a text column (got {shapes or 'none'})")
+        given = [f for f in ALL_FIELDS if getattr(self, f)]
+        fits = [k for k, fields in RECORD_FORMATS.items() if set(given) <= set(fields)]
+        if self.format is None and given:
+            if not fits:
+                raise ValueError(f"data.custom_sources {self.name!r}: map exactly one record shape: the columns "
+                                 f"{given} belong to different formats ({_formats_doc()})")
+            object.__setattr__(self, "format", fits[0])  # the columns name the format (no re-validation)
+        elif self.format is not None and self.format not in fits:
+            wrong = [f for f in given if f not in RECORD_FORMATS[self.format]]
+            raise ValueError(f"data.custom_sources {self.name!r}: format {self.format} reads "
+                             f"{', '.join(RECORD_FORMATS[self.format])}; {wrong} belong to another format "
+                             f"(map exactly one record shape: {_formats_doc()})")
         return self
+
+    def column(self, field: str, record: Optional[dict] = None) -> Optional[str]:
+        """The column a field is read from: the override, else the first default the record has."""
+        if getattr(self, field):
+            return getattr(self, field)
+        names = next(v[field] for v in RECORD_FORMATS.values() if field in v)
+        if record is not None:
+            return next((n for n in names if n in record), names[0])
+        return names[0]
 
     @property
     def where(self) -> Literal["local", "s3", "hf"]:
@@ -121,8 +170,15 @@ class CustomSourceConfig(_Strict):
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The columns this mapping reads (a CSV header must have them)."""
-        return tuple(c for c in (self.prompt, self.response, self.messages, self.text) if c)
+        """The overridden columns this mapping must read (a CSV header must have them)."""
+        return tuple(getattr(self, f) for f in ALL_FIELDS if getattr(self, f) and f not in OPTIONAL_FIELDS)
+
+
+ALL_FIELDS = tuple(dict.fromkeys(f for fields in RECORD_FORMATS.values() for f in fields))
+
+
+def _formats_doc() -> str:
+    return "; ".join(f"{k}: {', '.join(v)}" for k, v in RECORD_FORMATS.items())
 
 
 class DataConfig(_Strict):
@@ -137,6 +193,10 @@ class DataConfig(_Strict):
     allow_missing: bool = Field(False, description="record missing sources instead of failing (ALLOW_MISSING_DATA=1)")
     min_text_chars: int = Field(20, ge=1)
     max_response_chars: int = Field(4000, ge=100)
+    system_messages: dict[str, str] = Field(default_factory=dict, description="per domain: a system message "
+                                            "opening every SFT conversation of that domain that has none")
+    min_kept_share: float = Field(0.5, ge=0.0, le=1.0, description="prepare fails when a source keeps fewer "
+                                  "than this share of its records (the rest quarantined), or keeps none")
     max_record_chars: int = Field(1_000_000, ge=1000, description="a record with more text than this is "
                                   "quarantined as too_large before anything is built from it")
     max_whole_file_mb: int = Field(2048, ge=1, description="files read whole (JSON documents, XML) larger than "
@@ -161,6 +221,9 @@ class DataConfig(_Strict):
         custom = [c.name for c in self.custom_sources]
         if len(set(custom)) != len(custom):
             raise ValueError(f"data.custom_sources names a source twice: {custom}")
+        bad = [d for d in self.system_messages if d not in self.domains_known]
+        if bad:
+            raise ValueError(f"data.system_messages: unknown domain(s) {bad}; known domains: {', '.join(self.domains_known)}")
         known = list(SOURCES) + custom
         for key, names in (("data.sources", self.sources), ("data.download.only (DOWNLOAD_ONLY)", self.download.only),
                            ("data.download.skip (DOWNLOAD_SKIP)", self.download.skip)):

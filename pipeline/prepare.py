@@ -35,17 +35,19 @@ import pyarrow as pa
 from pipeline.download import sha256_file
 from pipeline.errors import UserFacingError
 from pipeline.sources import Opts, Quarantine, Reject, SourceSpec, finalize_sft, norm_key, selected_sources, text_hash
-from pipeline.sources.base import OUTSIDE_RAW_DIR, TOO_LARGE, UNKNOWN_FORMAT, SourceFiles, record_chars
+from pipeline.sources.base import OUTSIDE_RAW_DIR, TOO_LARGE, UNKNOWN_FORMAT, SourceFiles, prompt_text, record_chars
 from pipeline.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "prepare-v2"
+CODE_VERSION = "prepare-v3"  # v3: SFT rows are conversations (messages)
 SPLITS = ("train", "val", "test")
 CORPUS_SCHEMA = pa.schema([(k, pa.string()) for k in ("doc_id", "domain", "source", "title", "text", "metadata", "license", "url")])
-SFT_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt", "response", "domain", "source", "doc_id", "task", "group", "split")])
+# an SFT row is one conversation: messages = [{role: system|user|assistant, content}], ending in an answer
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+SFT_SCHEMA = pa.schema([("messages", MESSAGES_TYPE)] + [(k, pa.string()) for k in ("domain", "source", "doc_id", "task", "group", "split")])
 QUARANTINE_SCHEMA = pa.schema([(k, pa.string()) for k in ("source", "file", "location", "reason", "snippet")])
-STAGED_SFT_SCHEMA = pa.schema([(k, pa.string()) for k in ("prompt", "response", "domain", "source", "doc_id", "task", "group")])
+STAGED_SFT_SCHEMA = pa.schema([("messages", MESSAGES_TYPE)] + [(k, pa.string()) for k in ("domain", "source", "doc_id", "task", "group")])
 # after the cap is reached, reading goes on to the end of the current file, but never more than this
 MAX_READ_PAST_CAP = 10_000
 # how far (bytes of blocks in the object store) the Ray readers may run ahead of the driver
@@ -73,7 +75,8 @@ def file_events(src: SourceSpec, path: str, rel: str, opts: Opts) -> Iterator[tu
                 continue
             try:
                 row = src.normalize(item, opts)
-                sft, rejected = finalize_sft(src.build_sft(row), row, opts.max_response_chars)
+                sft, rejected = finalize_sft(src.build_sft(row), row, opts.max_response_chars,
+                                             opts.system_messages.get(row["domain"], ""))
             except Reject as e:
                 yield "q", Quarantine(src.name, item.file, item.location, e.reason, e.snippet).as_row()
                 continue
@@ -147,12 +150,13 @@ LONG_RESPONSE = 200
 
 
 def _dup_keys(r: dict) -> list[str]:
-    """Texts that must not cross splits: the whole example (prompt + response), and a long response on
-    its own (the same card or answer under another prompt). Short templated responses ("None: ...") and
-    shared prompt templates are not keys: they would merge whole tasks into one group."""
-    keys = ["x:" + text_hash(r["prompt"] + "\x1f" + r["response"])]
-    if len(r["response"]) >= LONG_RESPONSE:
-        keys.append("r:" + text_hash(r["response"]))
+    """Texts that must not cross splits: the whole conversation, and each long answer on its own (the
+    same card or answer under another prompt). Short templated answers ("None: ...") and shared prompt
+    templates are not keys: they would merge whole tasks into one group."""
+    msgs = r["messages"]
+    keys = ["x:" + text_hash("\x1f".join(m["content"] for m in msgs if m["role"] != "system"))]
+    keys += sorted({"r:" + text_hash(m["content"]) for m in msgs
+                    if m["role"] == "assistant" and len(m["content"]) >= LONG_RESPONSE})
     return keys
 
 
@@ -317,9 +321,9 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     for name in names:
         entries = []
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            t = store.read_table(rel, ["prompt", "response", "doc_id", "task", "group"]).to_pylist()
+            t = store.read_table(rel, ["messages", "doc_id", "task", "group"]).to_pylist()
             for ri, r in enumerate(t):
-                u = _unit(seed, f"{r['doc_id']}|{r['task']}|{norm_key(r['prompt'])[:200]}")
+                u = _unit(seed, f"{r['doc_id']}|{r['task']}|{norm_key(prompt_text(r['messages']))[:200]}")
                 entries.append((u, r["doc_id"], r["task"], si, ri, r["group"], tuple(_dup_keys(r))))
         keys[name] = entries
     counts = {n: len(e) for n, e in keys.items()}
@@ -370,14 +374,14 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
                     continue
                 r["split"] = sp = split_of_group[r["group"]]
                 n_split[sp] += 1
-                sft_chars[sp] += len(r["prompt"]) + len(r["response"])
+                sft_chars[sp] += sum(len(m["content"]) for m in r["messages"])
                 groups[sp].add(r["group"])
                 (held[sp].append if shuffle else writers[sp].add)(r)
     shards: dict[str, list[str]] = {}
     for s in SPLITS:
         w = writers[s]
         if shuffle:
-            for r in sorted(held[s], key=lambda r: (_unit(seed + 1, f"{r['doc_id']}|{r['task']}|{r['prompt'][:100]}"), r["doc_id"])):
+            for r in sorted(held[s], key=lambda r: (_unit(seed + 1, f"{r['doc_id']}|{r['task']}|{prompt_text(r['messages'])[:100]}"), r["doc_id"])):
                 w.add(r)
         w.flush()
         if not w.parts:  # an empty split still gets a (zero-row) shard so readers find the schema
@@ -409,8 +413,9 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
     raw_dir = Path(d.raw_dir).expanduser().resolve()
     store = open_store(cfg)
     opts = Opts(min_text_chars=d.min_text_chars, max_response_chars=d.max_response_chars, txt_chunk_chars=d.txt_chunk_chars,
-                max_record_chars=d.max_record_chars, max_whole_file_bytes=d.max_whole_file_mb << 20)
-    specs = {s.name: s for s in selected_sources(cfg)}
+                max_record_chars=d.max_record_chars, max_whole_file_bytes=d.max_whole_file_mb << 20,
+                system_messages=dict(d.system_messages))
+    specs = {s.name: _with_format(s, cfg, raw_dir, opts) for s in selected_sources(cfg)}
     names = list(specs)
 
     listings = {n: specs[n].listing(raw_dir) for n in names}
@@ -471,8 +476,11 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         m["seconds"] = round(time.time() - ts, 2)
         store.write_json(f"data/_work/sources/{n}.json", {"fingerprint": src_fp[n], "manifest": m})
         src_manifest[n] = m
-        log.info("prepare: %s read=%d kept=%d quarantined=%d deduplicated=%d capped=%d (%.1fs)",
-                 n, m["read"], m["kept"], m["quarantined"], m["deduplicated"], m["capped"], m["seconds"])
+        top = Counter(m["quarantined_by_reason"]).most_common(1)
+        log.info("prepare: %s read=%d kept=%d quarantined=%d%s deduplicated=%d capped=%d sft=%d (%.1fs)",
+                 n, m["read"], m["kept"], m["quarantined"], f" (top: {top[0][0]} {top[0][1]})" if top else "",
+                 m["deduplicated"], m["capped"], m.get("sft_examples", 0), m["seconds"])
+    _check_kept_shares(src_manifest, specs, d.min_kept_share, store)
 
     dom_manifest: dict[str, dict] = {}
     for dm in cfg.domains:
@@ -508,6 +516,48 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
     store.write_json("data/_SUCCESS", {"fingerprint": run_fp})
     log.info("prepare: done in %.1fs: %s", time.time() - t0, manifest["totals"])
     return manifest
+
+
+def _with_format(spec: SourceSpec, cfg, raw_dir: Path, opts: Opts) -> SourceSpec:
+    """A custom source whose format is left out: the format its first record's columns say, said in one line."""
+    from pipeline.sources.custom import custom_spec, detect_format, first_record
+    c = next((c for c in cfg.data.custom_sources if c.name == spec.name), None)
+    if c is None or c.format is not None:
+        return spec
+    rec = first_record(spec, raw_dir, opts)
+    fmt = detect_format(rec.data) if rec else None
+    if fmt is None:
+        return spec  # nothing to read, or no known columns: its records are quarantined with their columns
+    log.info("prepare: %s: format not set; assumed %s from the columns of %s (%s); set data.custom_sources[%s].format "
+             "to choose", spec.name, fmt, rec.file, ", ".join(sorted(map(str, rec.data)))[:120], spec.name)
+    return custom_spec(c.model_copy(update={"format": fmt}))
+
+
+def _check_kept_shares(src_manifest: dict[str, dict], specs: dict[str, SourceSpec], min_share: float, store: Store) -> None:
+    """No source lost in silence: one that read records but kept none, or fewer than min_share of those it
+    did not deduplicate or cap (the rest quarantined), fails prepare, with its top reasons and an example each."""
+    bad = []
+    for n, m in src_manifest.items():
+        judged = m.get("kept", 0) + m.get("quarantined", 0)
+        if m.get("status") != "ok" or not judged or (m["kept"] and m["kept"] >= min_share * judged):
+            continue
+        examples: dict[str, str] = {}
+        for rel in m.get("quarantine_shards", []):
+            for q in store.read_table(rel, ["reason", "file", "location", "snippet"]).to_pylist():
+                examples.setdefault(q["reason"], f"{q['file']} {q['location']}: {q['snippet'][:160]}")
+        reasons = Counter(m["quarantined_by_reason"]).most_common(3)
+        fix = ("fix the mapping in data.custom_sources[{0}] (format and the columns: docs/TRAINING.md, 'Your data')"
+               .format(n) if specs[n].declaration else "check the source's files")
+        bad.append(f"  - {n}: kept {m['kept']} of {judged} records ({m['quarantined']} quarantined)
+" +
+                   "".join(f"      {r}: {k} (e.g. {examples.get(r, '')})
+" for r, k in reasons) + f"      {fix}")
+    if bad:
+        raise UserFacingError(f"prepare: source(s) kept less than data.min_kept_share ({min_share}) of their records:
+"
+                              + "
+".join(bad) + "
+Or lower data.min_kept_share (0 accepts any share).")
 
 
 def _start_ray_data(cfg) -> None:

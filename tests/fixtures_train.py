@@ -28,7 +28,8 @@ def sft_rows(domain: str, n: int, seed: int) -> list[dict]:
     rows = []
     for i in range(n):
         w = [rng.choice(words) for _ in range(4)]
-        rows.append({"prompt": q.format(a=w[0], b=w[1], c=w[2]), "response": a.format(a=w[1], b=w[2], c=w[3], d=w[0]),
+        rows.append({"messages": [{"role": "user", "content": q.format(a=w[0], b=w[1], c=w[2])},
+                                  {"role": "assistant", "content": a.format(a=w[1], b=w[2], c=w[3], d=w[0])}],
                      "domain": domain, "source": "fixture", "doc_id": f"{domain}-{seed}-{i}", "task": "qa",
                      "group": f"{domain}-{seed}-{i}"})
     return rows

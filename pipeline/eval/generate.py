@@ -95,7 +95,8 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
     tok = load_tokenizer(base, cfg)
     model = load_model(base, cfg, device)
     t = cfg.train
-    ids = [prompt_ids(tok, p, t.chat_template, max(16, t.max_seq_length - max_new_tokens)) for p in prompts]
+    # each prompt as a user turn, through the chat template the adapters were trained with
+    ids = [prompt_ids(tok, [{"role": "user", "content": p}], max(16, t.max_seq_length - max_new_tokens)) for p in prompts]
     batch_tokens = cfg.eval.tokens_per_batch or 4 * t.tokens_per_micro_batch
 
     def answers(m, name: str) -> list[dict]:

@@ -68,22 +68,23 @@ class BaseAndAdapters:
 
 # ---- tokenization -------------------------------------------------------------------------------
 
-def prompt_ids(tok, prompt: str, template: str, max_len: int) -> list[int]:
-    """The prompt in the training format, up to where the response starts; its end kept when too long."""
-    from pipeline.train.data import CHARS_PER_TOKEN_BOUND
-    from pipeline.train.model import encode_example
-    # the prompt part does not depend on the response; a non-empty one keeps encode_example on the chat
-    # template's path exactly when training was on it
-    p, _ = encode_example(tok, prompt[-CHARS_PER_TOKEN_BOUND * max_len:], ".", template)
-    return p[-max_len:]
+def prompt_ids(tok, messages: list[dict], max_len: int) -> list[int]:
+    """What a server sends the model for these turns (the chat template with its generation prompt, as
+    training encodes them); its end kept when too long."""
+    from pipeline.train.data import CHARS_PER_TOKEN_BOUND, _cut_texts
+    from pipeline.train.model import prompt_tokens
+    return prompt_tokens(tok, _cut_texts(messages, CHARS_PER_TOKEN_BOUND * max_len))[-max_len:]
 
 
-def choice_ids(tok, prompt: str, choice: str, template: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, choice ids): the choice's tokens as they open a training response (its end-of-turn
-    tokens cut: the shortest prefix of the response tokens that decodes to text holding the choice)."""
-    from pipeline.train.data import CHARS_PER_TOKEN_BOUND
-    from pipeline.train.model import encode_example
-    p, r = encode_example(tok, prompt[-CHARS_PER_TOKEN_BOUND * 4096:], choice, template)
+def choice_ids(tok, messages: list[dict], choice: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, choice ids): the choice's tokens as they open a trained answer to these turns (its
+    end-of-turn tokens cut: the shortest prefix of the answer tokens that decodes to text holding the choice)."""
+    from pipeline.train.data import CHARS_PER_TOKEN_BOUND, _cut_texts
+    from pipeline.train.model import encode_conversation
+    ids, trained = encode_conversation(tok, _cut_texts(list(messages) + [{"role": "assistant", "content": choice}],
+                                                       CHARS_PER_TOKEN_BOUND * 4096))[-1]
+    start = next(k for k in range(len(trained) - 1, -1, -1) if trained[k] and (k == 0 or not trained[k - 1]))
+    p, r = ids[:start], [t for t, on in zip(ids[start:], trained[start:]) if on]  # the last answer: the choice
     for k in range(1, len(r) + 1):
         if choice.strip() in tok.decode(r[:k], skip_special_tokens=True):
             return p, r[:k]
@@ -94,26 +95,27 @@ class TokenizedPlan:
     """A DatasetPlan's token sequences (built once per task: the tokenizer is the same for every model)."""
 
     def __init__(self, tok, plan, train, max_new_tokens: int):
-        from pipeline.train.data import IGNORE, Example, cut_prompt_response, tokenize_example
+        from pipeline.train.data import IGNORE, Example, cut_prompt_response, tokenize_conversation
         self.examples: list = []
         self.loss_of: dict[int, int] = {}             # item index -> its loss sequence
         self.choices_of: dict[int, list[int]] = {}     # item index -> one sequence per choice
         self.prompts: dict[int, list[int]] = {}        # item index -> prompt ids to generate from
         L = train.max_seq_length
         for i, it in enumerate(plan.items):
-            ids, labels = tokenize_example(tok, it.prompt, it.response, L, train.mask_prompt, train.chat_template)
+            # the loss of the row as trained: the last sequence holds the reference answer
+            ids, labels = tokenize_conversation(tok, it.conversation, L, train.mask_prompt)[-1]
             ex = Example(ids, labels)
             if len(ex) >= 2 and ex.n_target_tokens > 0:
                 self.loss_of[i] = self._add(ex)
             if it.kind == "multiple_choice" and it.gold is not None:
                 seqs = []
                 for c in it.choices:
-                    p, r = choice_ids(tok, it.prompt, c, train.chat_template)
+                    p, r = choice_ids(tok, it.prompt_messages, c)
                     p, r = cut_prompt_response(p, r, L)
                     seqs.append(self._add(Example(p + r, [IGNORE] * len(p) + r)))
                 self.choices_of[i] = seqs
             if it.generate or it.side_by_side:
-                self.prompts[i] = prompt_ids(tok, it.prompt, train.chat_template, max(16, L - max_new_tokens))
+                self.prompts[i] = prompt_ids(tok, it.prompt_messages, max(16, L - max_new_tokens))
 
     def _add(self, ex) -> int:
         self.examples.append(ex)

@@ -7,7 +7,7 @@ and three functions, each with one signature:
 
     read(path: Path, rel: str, opts: Opts)  -> Iterator[Raw | Quarantine]   one raw record at a time
     normalize(raw: Raw, opts: Opts)         -> dict (a corpus row)           or raise Reject(reason)
-    build_sft(row: dict)                    -> list[dict(task, prompt, response)]
+    build_sft(row: dict)                    -> list[dict(task, prompt, response)] or list[dict(task, messages)]
 
 plus how the evaluation scores each SFT task (``tasks``: ``MultipleChoice`` or ``FreeText``). Config validation,
 download, prepare, the report's data card and the docs' source table all derive from these objects
@@ -61,6 +61,7 @@ class Opts:
     txt_chunk_chars: int = 2000
     max_record_chars: int = 1_000_000
     max_whole_file_bytes: int = 2048 << 20
+    system_messages: dict = field(default_factory=dict)   # domain -> system message (data.system_messages)
 
 
 @dataclass
@@ -568,26 +569,53 @@ def local(tag: str) -> str:
 # ---- SFT helpers -----------------------------------------------------------------------------
 EMPTY_RESPONSE = "empty_response"
 COPIES_PROMPT = "response_copies_prompt"
+ROLES = ("system", "user", "assistant")
 
 
-def finalize_sft(examples: list[dict], row: dict, max_response_chars: int) -> tuple[list[dict], dict[str, int]]:
-    """Check and complete a record's SFT examples: no empty response, no response that only copies
-    the prompt; responses cut to max_response_chars. Returns (examples, rejected counts by reason)."""
+def conversation(ex: dict, system: str = "") -> list[dict[str, str]]:
+    """An SFT example as a conversation (OpenAI roles, text content): a prompt/response pair is the
+    one-turn case (the prompt a user turn), after ``system`` when the domain has a system message and
+    the example none of its own."""
+    if "messages" in ex:
+        msgs = [{"role": m["role"], "content": (m["content"] or "").strip()} for m in ex["messages"]]
+    else:
+        msgs = [{"role": "user", "content": (ex.get("prompt") or "").strip()},
+                {"role": "assistant", "content": (ex.get("response") or "").strip()}]
+    if system and not (msgs and msgs[0]["role"] == "system"):
+        msgs = [{"role": "system", "content": system}] + msgs
+    return msgs
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """Everything before the last answer, as text (duplicate keys, the split's order, a report's prompt)."""
+    return "\n\n".join(m["content"] for m in messages[:-1] if m["content"])
+
+
+def finalize_sft(examples: list[dict], row: dict, max_response_chars: int,
+                 system: str = "") -> tuple[list[dict], dict[str, int]]:
+    """Check and complete a record's SFT examples, each as one conversation (``messages``): it ends in
+    an assistant turn, no answer is empty, no answer only copies the turns before it; answers cut to
+    max_response_chars. Returns (examples, rejected counts by reason)."""
     out, rejected = [], {}
     group = meta(row).get("group") or row["doc_id"]
     for ex in examples:
-        prompt = (ex.get("prompt") or "").strip()
-        resp = shorten_text((ex.get("response") or "").strip(), max_response_chars)
+        msgs = conversation(ex, system)
+        for m in msgs:
+            if m["role"] == "assistant":
+                m["content"] = shorten_text(m["content"], max_response_chars)
         reason = None
-        if not resp or not prompt:
+        answers = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        if (not answers or msgs[-1]["role"] != "assistant" or any(not msgs[k]["content"] for k in answers)
+                or not any(m["role"] == "user" and m["content"] for m in msgs)):
             reason = EMPTY_RESPONSE
         else:
-            nr = norm_key(resp)
-            if len(nr) >= 1 and nr in norm_key(prompt) and len(nr) > 12:
-                reason = COPIES_PROMPT
+            for k in answers:
+                nr = norm_key(msgs[k]["content"])
+                if len(nr) > 12 and nr in norm_key(prompt_text(msgs[:k + 1])):
+                    reason = COPIES_PROMPT
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
-        out.append({"prompt": prompt, "response": resp, "domain": row["domain"], "source": row["source"],
+        out.append({"messages": msgs, "domain": row["domain"], "source": row["source"],
                     "doc_id": row["doc_id"], "task": ex["task"], "group": f"{row['source']}:{group}"})
     return out, rejected

@@ -5,9 +5,11 @@ One batch, from a shard to the optimizer:
 1. ``tokenized_dataset(store, domain, cfg)`` has Ray Data read ``data/sft/<domain>/<split>/*.parquet``
    (all three splits; each row carries its ``split``) straight from the store, and
 2. ``Tokenize`` (its ``map_batches`` step, a callable class that loads the tokenizer once per Ray Data
-   worker) applies the prompt format (pipeline.train.model.encode_example), truncates to
+   worker) encodes each row's ``messages`` with the tokenizer's chat template turn by turn
+   (pipeline.train.model.encode_conversation: the tokens a server's template gives), truncates to
    max_seq_length (texts are cut by characters first, so a huge field costs little) and writes
-   ``input_ids`` and ``labels`` (-100 on prompt tokens when train.mask_prompt) plus ``key``.
+   ``input_ids`` and ``labels`` (-100 on everything but the assistant turns when train.mask_prompt)
+   plus ``key``.
 3. The worker collects its shard once (``collect``: int32 arrays, sorted by key so the order never
    depends on Ray Data's block order) and, each epoch, shuffles with a seeded permutation and packs
    examples into micro-batches of ``rows x max_seq_length`` tokens (``plan_batches``; rows =
@@ -31,19 +33,19 @@ IGNORE = -100
 
 # ---- 1-2: Ray Data -----------------------------------------------------------------------------
 
-SFT_COLUMNS = ["prompt", "response", "doc_id", "split"]
+SFT_COLUMNS = ["messages", "doc_id", "split"]
 # Texts are cut to this many characters per token of max_seq_length before tokenizing: no tokenizer
 # makes tokens that long, so nothing that could be kept is lost, and a hostile 60 MB field costs no
 # more to tokenize than a long document.
 CHARS_PER_TOKEN_BOUND = 32
 
 
-def read_split(store, domain: str, split: str, columns=("prompt", "response", "doc_id")):
+def read_split(store, domain: str, split: str, columns=("messages", "doc_id")):
     """One split's SFT rows as a pyarrow Table, read in this process (evaluation, the bench)."""
     return store.read_table(f"data/sft/{domain}/{split}", columns=list(columns))
 
 
-def cut_prompt_response(p: list[int], r: list[int], max_len: int) -> tuple[list[int], list[int]]:
+def cut_prompt_response(p: list, r: list, max_len: int) -> tuple[list, list]:
     """Keep at most half the length for the prompt (its end), the response fills the rest (its start)."""
     if len(p) + len(r) <= max_len:
         return p, r
@@ -52,21 +54,41 @@ def cut_prompt_response(p: list[int], r: list[int], max_len: int) -> tuple[list[
     return p, r[: max_len - len(p)]
 
 
-def tokenize_example(tok, prompt: str, response: str, max_len: int, mask_prompt: bool,
-                     template: str = "auto") -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one example; labels are -100 on the prompt when mask_prompt."""
-    from pipeline.train.model import encode_example
-    limit = CHARS_PER_TOKEN_BOUND * max_len
-    p, r = encode_example(tok, prompt[-limit:], response[:limit], template)
-    p, r = cut_prompt_response(p, r, max_len)
-    ids = p + r
-    labels = ([IGNORE] * len(p) + r) if mask_prompt else list(ids)
-    return ids, labels
+def row_messages(messages) -> list[dict]:
+    """A Parquet ``messages`` cell (a list of {role, content}; numpy arrays out of Ray Data) as plain dicts."""
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+
+
+def _cut_texts(messages: list[dict], limit: int) -> list[dict]:
+    """Each turn cut to limit characters before tokenizing: an answer keeps its start, any other turn its end."""
+    return [{"role": m["role"], "content": m["content"][:limit] if m["role"] == "assistant" else m["content"][-limit:]}
+            for m in messages]
+
+
+def tokenize_conversation(tok, messages: list[dict], max_len: int, mask_prompt: bool) -> list[tuple[list[int], list[int]]]:
+    """[(input_ids, labels)] for one conversation (usually one sequence: pipeline.train.model.
+    encode_conversation); labels are -100 outside the assistant turns when mask_prompt. A sequence
+    over max_len keeps the end of what precedes the first answer (at most half) and what follows from
+    its start."""
+    from pipeline.train.model import encode_conversation
+    out = []
+    for ids, trained in encode_conversation(tok, _cut_texts(messages, CHARS_PER_TOKEN_BOUND * max_len)):
+        s0 = trained.index(True) if True in trained else len(ids)
+        p, r = cut_prompt_response(list(zip(ids[:s0], trained[:s0])), list(zip(ids[s0:], trained[s0:])), max_len)
+        ids = [i for i, _ in p + r]
+        labels = [i if (t or not mask_prompt) else IGNORE for i, t in p + r]
+        out.append((ids, labels))
+    return out
+
+
+def example_key(doc_id: str, messages: list[dict]) -> str:
+    """A row's stable key (the order of the collected examples; the evaluation's row order)."""
+    return hashlib.sha1("\x00".join([doc_id] + [f"{m['role']}\x01{m['content']}" for m in messages]).encode()).hexdigest()
 
 
 class Tokenize:
-    """Ray Data map_batches callable: prompt/response -> input_ids, labels, key (split kept). The
-    tokenizer is loaded once per Ray Data worker, when the class is constructed there."""
+    """Ray Data map_batches callable: messages -> input_ids, labels, key (split kept). The tokenizer is
+    loaded once per Ray Data worker, when the class is constructed there."""
 
     def __init__(self, cfg):
         from pipeline.train.model import load_tokenizer, resolve_base
@@ -75,14 +97,16 @@ class Tokenize:
 
     def __call__(self, batch: dict) -> dict:
         t = self.train
-        ids_out, lab_out, keys = [], [], []
-        for prompt, response, doc_id in zip(batch["prompt"], batch["response"], batch["doc_id"]):
-            ids, labels = tokenize_example(self.tok, str(prompt), str(response), t.max_seq_length, t.mask_prompt,
-                                           t.chat_template)
-            ids_out.append(np.asarray(ids, dtype=np.int32))
-            lab_out.append(np.asarray(labels, dtype=np.int32))
-            keys.append(hashlib.sha1(f"{doc_id}\x00{prompt}\x00{response}".encode()).hexdigest())
-        return {"input_ids": ids_out, "labels": lab_out, "key": keys, "split": batch["split"]}
+        ids_out, lab_out, keys, splits = [], [], [], []
+        for messages, doc_id, split in zip(batch["messages"], batch["doc_id"], batch["split"]):
+            msgs = row_messages(messages)
+            key = example_key(str(doc_id), msgs)
+            for n, (ids, labels) in enumerate(tokenize_conversation(self.tok, msgs, t.max_seq_length, t.mask_prompt)):
+                ids_out.append(np.asarray(ids, dtype=np.int32))
+                lab_out.append(np.asarray(labels, dtype=np.int32))
+                keys.append(key if n == 0 else f"{key}:{n}")
+                splits.append(split)
+        return {"input_ids": ids_out, "labels": lab_out, "key": keys, "split": splits}
 
 
 def tokenized_dataset(store, domain: str, cfg):

@@ -1,18 +1,21 @@
 """Base model resolution and loading: 'tiny' / Hugging Face id / local directory / s3:// URI.
 
     resolve_base(cfg)              -> a local directory or a Hugging Face id that from_pretrained takes
-    load_tokenizer(path, cfg)      -> the tokenizer (pad token set)
+    load_tokenizer(path, cfg)      -> the tokenizer (pad token set; a chat template, see below)
     load_model(path, cfg, device)  -> the causal LM: 4-bit NF4 (double quant) when model.quantization
                                       is nf4, else plain weights in the compute dtype
     add_lora(model, lora, cfg)     -> the PEFT model with only the LoRA weights trainable (lora: config.LoraSettings)
-    encode_example(tok, prompt, response, template) -> (prompt_ids, response_ids)
+    encode_conversation(tok, messages) -> [(input_ids, trained)]: the tokens and which of them carry loss
 
-Prompt format: the tokenizer's chat template when it has one and train.chat_template is 'auto';
-otherwise the simple template below (documented in docs/ARCHITECTURE.md via this module):
+Prompt format: always the tokenizer's chat template, applied the way a server applies it (vLLM, Ray
+Serve, transformers pipelines, OpenAI-style clients): turn by turn, the system message in its own
+slot. A tokenizer without one (or train.chat_template: simple) gets DEFAULT_CHAT_TEMPLATE, which
+load_tokenizer sets on it, so it is saved with every adapter's tokenizer files and served the same:
 
-    <bos>### Question:\n{prompt}\n\n### Answer:\n{response}<eos>
+    <bos>### System:\n{system}\n\n### Question:\n{user}\n\n### Answer:\n{assistant}<eos>\n\n...
 
-The prompt part (everything up to and including "### Answer:\n") is what train.mask_prompt masks.
+Loss covers each assistant turn's content and its end-of-turn token (the template's tokens up to and
+including the tokenizer's EOS), nothing else, as TRL's ``assistant_only_loss`` does.
 """
 from __future__ import annotations
 
@@ -26,7 +29,15 @@ from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
-SIMPLE_PROMPT = "### Question:\n{prompt}\n\n### Answer:\n"
+# The chat template of a tokenizer that has none (or train.chat_template: simple). Each assistant turn
+# opens with the same "### Answer:\n" that the generation prompt ends with, so a prompt is a prefix of
+# its answered conversation.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ '### System:\\n' + m['content'] + '\\n\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ '### Question:\\n' + m['content'] + '\\n\\n' }}"
+    "{% else %}{{ '### Answer:\\n' + m['content'] + eos_token + '\\n\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### Answer:\\n' }}{% endif %}")
 
 
 class ModelLoadError(RuntimeError):
@@ -138,6 +149,8 @@ def load_tokenizer(path: str, cfg):
         raise ModelLoadError(f"cannot load the tokenizer of {path}: {e}; set model.base to a model that ships one") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if cfg.train.chat_template == "simple" or not getattr(tok, "chat_template", None):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE  # saved with the adapter: served as trained
     return tok
 
 
@@ -211,8 +224,8 @@ def _peft_on_transformers5():
 
 # ---- prompt format ---------------------------------------------------------------------------
 
-def uses_chat_template(tok, template: str) -> bool:
-    return template == "auto" and bool(getattr(tok, "chat_template", None))
+class TemplateError(ValueError):
+    """The chat template does not render an answer as a continuation of its own generation prompt."""
 
 
 def _ids(x) -> list[int]:
@@ -221,15 +234,66 @@ def _ids(x) -> list[int]:
     return list(x)
 
 
-def encode_example(tok, prompt: str, response: str, template: str = "auto") -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids): their concatenation is the training sequence; the response ends in EOS."""
-    if uses_chat_template(tok, template):
-        msgs = [{"role": "user", "content": prompt}]
-        p = _ids(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
-        full = _ids(tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=True))
-        if full[:len(p)] == p and len(full) > len(p):
-            return p, full[len(p):]
-    p = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
-        tok.encode(SIMPLE_PROMPT.format(prompt=prompt), add_special_tokens=False)
-    r = tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
-    return p, r
+def prompt_tokens(tok, messages: list[dict]) -> list[int]:
+    """What a server feeds the model for these turns: the template with the generation prompt."""
+    return _ids(tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
+
+
+def _answer(tok, messages: list[dict], k: int, prompt: list[int]) -> tuple[list[int], int]:
+    """(tokens after the generation prompt of messages[:k] up to the end of turn k, how many of them
+    are trained: up to and including the first EOS, or all when the template emits none)."""
+    full = _ids(tok.apply_chat_template(list(messages[:k + 1]), tokenize=True))
+    if full[:len(prompt)] == prompt:
+        ans = full[len(prompt):]
+    else:  # a token merged across the boundary: the answer's text after the prompt's text, tokenized alone
+        p_text = tok.apply_chat_template(list(messages[:k]), add_generation_prompt=True, tokenize=False)
+        f_text = tok.apply_chat_template(list(messages[:k + 1]), tokenize=False)
+        if f_text.startswith(p_text):
+            a_text = f_text[len(p_text):]
+        else:  # the template renders the turns before differently once answered (Mistral v0.3 moves the
+            # system message to the last user turn): the answer as rendered, with the whitespace before
+            # it that the generation prompt does not end in
+            content = messages[k]["content"]
+            i = f_text.rfind(content) if content else -1
+            if i < 0:
+                raise TemplateError("the chat template does not render the assistant's answer as given; set "
+                                    "train.chat_template: simple to train with the documented default template")
+            while i > 0 and f_text[i - 1].isspace() and not p_text.endswith(f_text[i - 1:i]):
+                i -= 1
+            a_text = f_text[i:]
+        ans = tok.encode(a_text, add_special_tokens=False)
+    eos = tok.eos_token_id
+    n = ans.index(eos) + 1 if eos is not None and eos in ans else len(ans)
+    return ans, n
+
+
+def encode_conversation(tok, messages: list[dict]) -> list[tuple[list[int], list[bool]]]:
+    """The training sequence(s) of one conversation: [(input_ids, trained)], trained True on the tokens
+    that carry loss (each assistant turn's answer and its end-of-turn token).
+
+    Usually one sequence: for every assistant turn k the ids so far extend to exactly
+    ``apply_chat_template(messages[:k], add_generation_prompt=True)`` (what a server sends), then the
+    answer's tokens follow; so the sequence is the template over the whole conversation. A template
+    that renders earlier turns differently once more follow (one that moves the system message into
+    the last user turn, or drops earlier reasoning) cannot give one such sequence: then each assistant
+    turn is its own sequence, its server prompt plus its answer."""
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" and k > 0]
+    if not turns:
+        return []
+    ids: list[int] = []
+    trained: list[bool] = []
+    for k in turns:
+        p = prompt_tokens(tok, messages[:k])
+        if p[:len(ids)] != ids:
+            break
+        ans, n = _answer(tok, messages, k, p)
+        trained += [False] * (len(p) - len(ids)) + [True] * n + [False] * (len(ans) - n)
+        ids = p + ans
+    else:
+        return [(ids, trained)]
+    out = []
+    for k in turns:
+        p = prompt_tokens(tok, messages[:k])
+        ans, n = _answer(tok, messages, k, p)
+        out.append((p + ans, [False] * len(p) + [True] * n + [False] * (len(ans) - n)))
+    return out

@@ -51,8 +51,8 @@ def _texts(cfg, store) -> list[str]:
         if files[0].startswith("data/corpus/"):
             texts.extend(x for x in store.read_table(f"data/corpus/{domain}", columns=["text"]).column("text").to_pylist() if x)
         else:
-            t = store.read_table(f"data/sft/{domain}/train", columns=["prompt", "response"]).to_pydict()
-            texts.extend(f"{p}\n{r}" for p, r in zip(t["prompt"], t["response"]))
+            t = store.read_table(f"data/sft/{domain}/train", columns=["messages"]).column("messages").to_pylist()
+            texts.extend("\n".join(m["content"] for m in msgs) for msgs in t)
     if not texts:
         raise RuntimeError(f"no text to build the tiny model from under {store.uri_of('data')}: run `adapters prepare` first")
     return texts
