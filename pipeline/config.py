@@ -196,7 +196,7 @@ class DataConfig(_Strict):
     system_messages: dict[str, str] = Field(default_factory=dict, description="per domain: a system message "
                                             "opening every SFT conversation of that domain that has none")
     min_kept_share: float = Field(0.5, ge=0.0, le=1.0, description="prepare fails when a source keeps fewer "
-                                  "than this share of its records (the rest quarantined), or keeps none")
+                                  "than this share of its records (the rest quarantined), or keeps none; 0 turns the check off")
     max_record_chars: int = Field(1_000_000, ge=1000, description="a record with more text than this is "
                                   "quarantined as too_large before anything is built from it")
     max_whole_file_mb: int = Field(2048, ge=1, description="files read whole (JSON documents, XML) larger than "

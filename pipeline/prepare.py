@@ -539,7 +539,7 @@ def _check_kept_shares(src_manifest: dict[str, dict], specs: dict[str, SourceSpe
     bad = []
     for n, m in src_manifest.items():
         judged = m.get("kept", 0) + m.get("quarantined", 0)
-        if m.get("status") != "ok" or not judged or (m["kept"] and m["kept"] >= min_share * judged):
+        if m.get("status") != "ok" or not judged or not min_share or (m["kept"] and m["kept"] >= min_share * judged):
             continue
         examples: dict[str, str] = {}
         for rel in m.get("quarantine_shards", []):
@@ -548,16 +548,11 @@ def _check_kept_shares(src_manifest: dict[str, dict], specs: dict[str, SourceSpe
         reasons = Counter(m["quarantined_by_reason"]).most_common(3)
         fix = ("fix the mapping in data.custom_sources[{0}] (format and the columns: docs/TRAINING.md, 'Your data')"
                .format(n) if specs[n].declaration else "check the source's files")
-        bad.append(f"  - {n}: kept {m['kept']} of {judged} records ({m['quarantined']} quarantined)
-" +
-                   "".join(f"      {r}: {k} (e.g. {examples.get(r, '')})
-" for r, k in reasons) + f"      {fix}")
+        bad.append(f"  - {n}: kept {m['kept']} of {judged} records ({m['quarantined']} quarantined)\n" +
+                   "".join(f"      {r}: {k} (e.g. {examples.get(r, '')})\n" for r, k in reasons) + f"      {fix}")
     if bad:
-        raise UserFacingError(f"prepare: source(s) kept less than data.min_kept_share ({min_share}) of their records:
-"
-                              + "
-".join(bad) + "
-Or lower data.min_kept_share (0 accepts any share).")
+        raise UserFacingError(f"prepare: source(s) kept less than data.min_kept_share ({min_share}) of their records:\n"
+                              + "\n".join(bad) + "\nOr lower data.min_kept_share (0 turns this check off).")
 
 
 def _start_ray_data(cfg) -> None:

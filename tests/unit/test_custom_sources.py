@@ -52,9 +52,10 @@ def test_unknown_domain_is_a_config_error_naming_the_known_ones(tmp_path, domain
 
 
 @pytest.mark.parametrize("kw,err", [
-    (dict(prompt="q"), "map exactly one record shape"),
+    (dict(prompt="q", messages="m"), "map exactly one record shape"),
     (dict(prompt="q", response="a", text="t"), "map exactly one record shape"),
-    (dict(), "map exactly one record shape"),
+    (dict(format="sharegpt", prompt="q"), "format sharegpt reads conversations; \\['prompt'\\] belong to another"),
+    (dict(format="alpaca", messages="m"), "map exactly one record shape"),
     (dict(name="medquad", text="t"), "is a built-in source"),
     (dict(name="Law QA", text="t"), "not a valid name"),
     (dict(path="gs://bucket/x", text="t"), "use a local path, s3://bucket/prefix or a Hugging Face dataset id"),
@@ -111,9 +112,9 @@ CHAT = [
 ]
 
 
-def _prepare(tmp_path, **kw):
+def _prepare(tmp_path, *sets, **kw):
     out = tmp_path / "out"
-    cfg = make_cfg(RAW, out, custom(name="mine", domain="law", **kw), domains=["law"])
+    cfg = make_cfg(RAW, out, custom(name="mine", domain="law", **kw), *sets, domains=["law"])
     return run_prepare(cfg, use_ray=False), out
 
 
@@ -125,13 +126,11 @@ def test_chat_messages_in_parquet(tmp_path):
     s = m["sources"]["mine"]
     assert (s["read"], s["kept"], s["quarantined_by_reason"]) == (4, 2, {"empty_answer": 1, "missing_field": 1})
     assert s["files"][0]["path"] == "custom/mine/part-0.parquet"
-    sft = sorted(read_rows(out, "data/sft/law/*/*.parquet"), key=lambda r: len(r["prompt"]))
-    assert [r["task"] for r in sft] == ["chat"] * 3
-    assert sft[0]["prompt"] == "Who hears complaints against the town?"
-    assert sft[1]["prompt"] == "You answer questions on the Harbour Town Code.\n\nMay I fish from the harbour wall?"
-    assert sft[2]["prompt"].startswith("System: You answer") and sft[2]["prompt"].endswith(
-        "User: And may my children swim off the harbour steps?")
-    assert sft[2]["response"] == "No: swimming in the harbour is forbidden (section 9.3)."
+    # one row per conversation, every turn kept in its slot (system first): training encodes it turn by turn
+    sft = sorted(read_rows(out, "data/sft/law/*/*.parquet"), key=lambda r: len(r["messages"]))
+    assert [r["task"] for r in sft] == ["chat"] * 2
+    assert sft[0]["messages"] == CHAT[1]["messages"]
+    assert sft[1]["messages"] == CHAT[0]["messages"]
 
 
 def test_csv_with_messages_as_json_and_a_missing_column(tmp_path):
@@ -141,15 +140,19 @@ def test_csv_with_messages_as_json_and_a_missing_column(tmp_path):
         csv.writer(fh).writerows([["id", "chat"], ["1", json.dumps(CHAT[1]["messages"])]])
     m, out = _prepare(tmp_path, path=str(f), format="csv", messages="chat")
     assert m["sources"]["mine"]["kept"] == 1 and len(read_rows(out, "data/sft/law/*/*.parquet")) == 1
-    m, _ = _prepare(tmp_path, path=str(f), format="csv", prompt="question", response="answer")
-    assert m["sources"]["mine"]["quarantined_by_reason"] == {"unknown_format": 1}  # header lacks the columns
+    from pipeline.errors import UserFacingError
+    with pytest.raises(UserFacingError, match=r"(?s)mine: kept 0 of 1 records.*unknown_format: 1 \(e\.g\. custom/mine/law\.csv "
+                       r"header: missing columns \['question', 'answer'\].*fix the mapping in data.custom_sources\[mine\]"):
+        _prepare(tmp_path, path=str(f), format="csv", prompt="question", response="answer")  # header lacks the columns
+    m, _ = _prepare(tmp_path, "data.min_kept_share=0", path=str(f), format="csv", prompt="question", response="answer")
+    assert m["sources"]["mine"]["quarantined_by_reason"] == {"unknown_format": 1}
 
 
 def test_json_list_and_text_only_source(tmp_path):
     f = tmp_path / "notes.json"
     f.write_text(json.dumps([{"body": "The harbour master keeps the register of moorings.\nIt is public."},
                              {"body": ""}, {"other": "x"}]))
-    m, out = _prepare(tmp_path, path=str(f), format="json", text="body")
+    m, out = _prepare(tmp_path, "data.min_kept_share=0.3", path=str(f), format="json", text="body")
     s = m["sources"]["mine"]
     assert (s["kept"], s["sft_examples"], s["quarantined_by_reason"]) == (1, 0, {"empty_text": 1, "missing_field": 1})
     assert s["note"] == "text-only source: corpus rows, no SFT examples"

@@ -15,12 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
-from pipeline.train.data import IGNORE, Example, collate, plan_batches, tokenize_example  # noqa: E402
+from pipeline.train.data import IGNORE, Example, collate, plan_batches, tokenize_conversation  # noqa: E402
 from pipeline.train.faults import FaultPlan, with_faults  # noqa: E402
 from pipeline.train.kernels import loss_sum  # noqa: E402
 from pipeline.train.loop import (DomainRecipe, IncompatibleCheckpointError, LocalSession,  # noqa: E402
                                  NonFiniteLossError, check_compat, compat_record, train_domain)
-from pipeline.train.model import add_lora, encode_example, load_model, load_tokenizer, resolve_base  # noqa: E402
+from pipeline.train.model import (DEFAULT_CHAT_TEMPLATE, add_lora, encode_conversation, load_model,  # noqa: E402
+                                  load_tokenizer, prompt_tokens, resolve_base)
 from pipeline.train.tiny import ensure_tiny  # noqa: E402
 
 
@@ -36,8 +37,12 @@ def env(tmp_path_factory):
 
 
 def examples(tok, domain: str, split_seed: int, n: int, max_len=128, mask=True):
-    return [Example(*tokenize_example(tok, r["prompt"], r["response"], max_len, mask))
+    return [Example(*tokenize_conversation(tok, r["messages"], max_len, mask)[0])
             for r in sft_rows(domain, n, split_seed)]
+
+
+def chat(prompt: str, response: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 def data_for(tok, domain="debate"):
@@ -46,15 +51,18 @@ def data_for(tok, domain="debate"):
 
 def test_prompt_masking(env):
     cfg, _, tok = env
-    p, r = encode_example(tok, "Argue the plan side.", "The plan wins.", "auto")
-    ids, labels = tokenize_example(tok, "Argue the plan side.", "The plan wins.", 128, mask_prompt=True)
-    assert ids == p + r and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    # the tiny tokenizer has no chat template: it gets the documented default, the way serving will
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    p = prompt_tokens(tok, chat("Argue the plan side.", "")[:1])
+    [(ids, labels)] = tokenize_conversation(tok, chat("Argue the plan side.", "The plan wins."), 128, mask_prompt=True)
+    r = tok.encode("The plan wins.", add_special_tokens=False) + [tok.eos_token_id]
+    assert ids[:len(p)] == p and ids[0] == tok.bos_token_id and ids[len(p):len(p) + len(r)] == r
     assert labels[: len(p)] == [IGNORE] * len(p)
-    assert labels[len(p):] == r
-    _, unmasked = tokenize_example(tok, "Argue the plan side.", "The plan wins.", 128, mask_prompt=False)
+    assert [x for x in labels if x != IGNORE] == r  # the answer and its EOS, nothing after it
+    [(_, unmasked)] = tokenize_conversation(tok, chat("Argue the plan side.", "The plan wins."), 128, mask_prompt=False)
     assert unmasked == ids
     # truncation keeps a response part and never more than max_len tokens
-    ids, labels = tokenize_example(tok, "word " * 200, "answer " * 200, 64, mask_prompt=True)
+    [(ids, labels)] = tokenize_conversation(tok, chat("word " * 200, "answer " * 200), 64, mask_prompt=True)
     assert len(ids) == 64 and any(x != IGNORE for x in labels)
 
 
@@ -253,13 +261,15 @@ def test_a_huge_text_is_cut_by_characters_before_tokenizing(env):
     _, _, tok = env
     prompt, head = "Summarize the card.", "The plan solves the harm because " * 40
     t0 = time.perf_counter()
-    ids, labels = tokenize_example(tok, "x" * 5_000_000 + prompt, head + "evidence " * 2_500_000, 128, True)
+    [(ids, labels)] = tokenize_conversation(tok, chat("x" * 5_000_000 + prompt, head + "evidence " * 2_500_000), 128, True)
     assert time.perf_counter() - t0 < 2.0
     assert len(ids) == 128 and any(x != IGNORE for x in labels)
     # 60k characters: long enough to be cut, short enough to tokenize whole for the reference
     long_prompt, long_response = "word " * 12_000 + prompt, head + "evidence " * 6_000
-    p, r = cut_prompt_response(*encode_example(tok, long_prompt, long_response, "auto"), 128)
-    assert tokenize_example(tok, long_prompt, long_response, 128, True) == (p + r, [IGNORE] * len(p) + r)
+    [(full, trained)] = encode_conversation(tok, chat(long_prompt, long_response))
+    s0 = trained.index(True)
+    p, r = cut_prompt_response(full[:s0], full[s0:], 128)
+    assert tokenize_conversation(tok, chat(long_prompt, long_response), 128, True) == [(p + r, [IGNORE] * len(p) + r)]
 
 
 def _stored_checkpoint(root: Path, step: int, cut_short: bool = False) -> Path:
