@@ -60,10 +60,10 @@ def _loss_grads(model, batch):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gpu_fused_lora_matches_peft_nf4_bf16(env, checkpointing):
     import torch
-    from pipeline.train.data import Example, collate, tokenize_example
+    from pipeline.train.data import Example, collate, tokenize_conversation
     from pipeline.train.lora_fused import fuse_lora
     cfg, store, tok = env
-    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 16, 1)]
+    ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 16, 1)]
     batch = collate(ex, [list(range(0, 8)), list(range(8, 16))], tok.pad_token_id)
     model = _model(cfg, store, checkpointing)
     ref = _loss_grads(model, batch)
@@ -101,10 +101,10 @@ def test_gpu_rope_dispatch_matches_plain_rope_on_packed_rows(env):
     import sys
     import torch
     from pipeline.train import kernels
-    from pipeline.train.data import Example, collate, tokenize_example
+    from pipeline.train.data import Example, collate, tokenize_conversation
     from pipeline.train.model import load_model, resolve_base
     cfg, store, tok = env
-    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 8, 2)]
+    ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 8, 2)]
     batch = collate(ex, [[0, 1, 2, 3], [4, 5, 6, 7]], tok.pad_token_id)
     model = load_model(resolve_base(cfg, store), cfg, "cuda")
     ids, pos = batch["input_ids"].cuda(), batch["position_ids"].cuda()

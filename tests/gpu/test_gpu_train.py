@@ -30,9 +30,9 @@ def gpu_env(tmp_path_factory):
 
 
 def _examples(tok, n=12):
-    from pipeline.train.data import Example, tokenize_example
+    from pipeline.train.data import Example, tokenize_conversation
     rows = sft_rows("debate", n, 1) + sft_rows("medicine", n, 1)
-    return [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in rows]
+    return [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in rows]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention", "flash_attention_2"])

@@ -36,7 +36,7 @@ def test_prepare_real_data(real_data, ray_local, tmp_path):
     assert all("12_MPlusHerbsSupplements_QA" in r["file"] for r in q)
     sft = read_rows(out, "data/sft/medicine/*/*.parquet")
     med = [r for r in sft if r["source"] == "medquad"]
-    assert med and all(r["response"].strip() for r in med)
+    assert med and all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"].strip() for r in med)
     corpus = read_rows(out, "data/corpus/medicine/medquad-*.parquet")
     assert not any("MPlusHerbsSupplements" in r["url"] or "12_MPlus" in json.loads(r["metadata"]).get("collection", "") for r in corpus)
     # CNXML: no markup in the text, section titles kept

@@ -110,7 +110,7 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch):
     from pipeline.errors import UserFacingError
     from pipeline.train import run_train
-    from pipeline.train.data import Tokenize, collect, read_split
+    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, read_split
     from pipeline.train.loop import LocalSession, train_domain
     from pipeline.train.schedule import domain_fingerprint
     store = Store(str(tmp_path / "ray"))
@@ -130,7 +130,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monk
     ref_cfg.output = str(tmp_path / "ref")
     ref_store.upload_dir(tmp_path / "ray" / "base_model", "base_model")
     tokenize = Tokenize(cfg)
-    batches = [tokenize(read_split(store, "debate", s, columns=("prompt", "response", "doc_id", "split")).to_pydict())
+    batches = [tokenize(read_split(store, "debate", s, columns=SFT_COLUMNS).to_pydict())
                for s in ("train", "val", "test")]
     ref = train_domain(ref_cfg, "debate", collect(batches), LocalSession(str(tmp_path / "ref-ck"), resume=False),
                        fingerprint=domain_fingerprint(cfg, "debate"))

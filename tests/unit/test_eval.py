@@ -118,13 +118,18 @@ def test_sources_declare_multiple_choice_gold_from_their_responses():
 
 
 def _rows(n_mc=6, n_free=5, bad=1):
-    rows = [{"prompt": f"Abstract {i}. Question?", "response": ("Yes. Because." if i % 2 else "No. Because."),
+    rows = [{**chat(f"Abstract {i}. Question?", ("Yes. Because." if i % 2 else "No. Because.")),
              "doc_id": f"p{i}", "source": "pubmed_qa", "task": "qa_with_context"} for i in range(n_mc)]
-    rows += [{"prompt": f"Question {i}?", "response": f"Answer {i}.", "doc_id": f"q{i}", "source": "medquad", "task": "qa"}
+    rows += [{**chat(f"Question {i}?", f"Answer {i}."), "doc_id": f"q{i}", "source": "medquad", "task": "qa"}
              for i in range(n_free)]
-    rows += [{"prompt": "Abstract x.", "response": "Perhaps.", "doc_id": "px", "source": "pubmed_qa",
+    rows += [{**chat("Abstract x.", "Perhaps."), "doc_id": "px", "source": "pubmed_qa",
               "task": "qa_with_context"} for _ in range(bad)]
     return rows
+
+
+def chat(prompt: str, response: str) -> dict:
+    """An SFT row's conversation: one user turn and its answer."""
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
 
 
 def test_plan_samples_and_unscored_rows():
@@ -141,7 +146,7 @@ def test_plan_samples_and_unscored_rows():
     capped = build_items(_rows(), "medicine", registry(), EvalConfig(max_examples=5, seed=7))
     assert len(capped) == 5
     # a source the registry does not know is free text
-    free = build_items([{"prompt": "p", "response": "r", "doc_id": "d", "source": "fixture", "task": "qa"}], "x", registry(),
+    free = build_items([{**chat("p", "r"), "doc_id": "d", "source": "fixture", "task": "qa"}], "x", registry(),
                        EvalConfig())
     assert free[0].kind == "free_text" and free[0].generate
 
@@ -149,9 +154,18 @@ def test_plan_samples_and_unscored_rows():
 # ---- the scorer against a model with known log-likelihoods -----------------------------------------
 
 class CharTokenizer:
-    """One token per ASCII character (ids 3..130), bos 1, eos 2, pad 0; no chat template (the simple format)."""
+    """One token per ASCII character (ids 3..130), bos 1, eos 2, pad 0; the default chat template (what
+    load_tokenizer gives a tokenizer without one), rendered by jinja2 as transformers renders it."""
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    chat_template = None
+    from pipeline.train.model import DEFAULT_CHAT_TEMPLATE as chat_template
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        import jinja2
+        text = jinja2.Template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                          bos_token="\x01", eos_token="\x02")
+        if not tokenize:
+            return text
+        return [{"\x01": 1, "\x02": 2}.get(ch) or self.encode(ch)[0] for ch in text]
 
     def encode(self, text, add_special_tokens=False):
         return [3 + ord(c) for c in text]     # ASCII text
@@ -189,7 +203,6 @@ class BigramModel(torch.nn.Module):
 
 def test_scorer_gives_the_expected_acc_and_acc_norm_for_known_loglikelihoods():
     from pipeline.eval.scoring import TokenizedPlan, score_items
-    from pipeline.train.model import SIMPLE_PROMPT
     tok, model = CharTokenizer(), BigramModel()
     nl, b, c, d = (tok.encode(x)[0] for x in "\nbcd")
     # after the prompt (it ends in a newline) "b" is the likeliest first token, "c" next; "c" and "d" then
@@ -200,14 +213,14 @@ def test_scorer_gives_the_expected_acc_and_acc_norm_for_known_loglikelihoods():
     ev = EvalConfig(generation_samples=0, side_by_side=0)
     task = MultipleChoice(("ab", "b", "cdcd", "zz"))
     golds = [1, 1, 1, 1, 1, 2, 2, 0, 3, 0, 3, 1]
-    rows = [{"prompt": f"question {i}", "response": task.choices[g] + " because", "doc_id": str(i), "source": "s",
+    rows = [{**chat(f"question {i}", task.choices[g] + " because"), "doc_id": str(i), "source": "s",
              "task": "t"} for i, g in enumerate(golds)]
     items = [it.model_copy(update={"kind": "multiple_choice", "choices": task.choices, "gold": task.gold(it.response)})
              for it in build_items(rows, "d", {}, ev)]
     plan = DatasetPlan(domain="d", items=tuple(items), test_rows=len(items))
     results = score_items(model, tok, TokenizedPlan(tok, plan, train, 8), plan, "cpu", ev, train, side_by_side=False)
     for it, r in zip(plan.items, results):
-        p = [tok.bos_token_id] + tok.encode(SIMPLE_PROMPT.format(prompt=it.prompt))
+        p = [tok.bos_token_id] + tok.encode(f"### Question:\n{it.prompt}\n\n### Answer:\n")   # the default template
         ll = [model.logp(p + tok.encode(ch)) - model.logp(p) for ch in it.choices]     # the continuation only
         assert r["choice_ll"] == pytest.approx(ll, abs=1e-4)
         assert (r["pred"], r["pred_norm"]) == (1, 2)
@@ -237,10 +250,10 @@ def tiny(tmp_path_factory):
 
 def test_packed_loss_equals_training_evaluation(tiny):
     from pipeline.eval.scoring import sequence_logprobs
-    from pipeline.train.data import Example, tokenize_example
+    from pipeline.train.data import Example, tokenize_conversation
     from pipeline.train.loop import evaluate
     cfg, tok, model = tiny
-    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 24, 9)]
+    ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 24, 9)]
     sums, counts = sequence_logprobs(model, ex, rows=2, seq_len=128, pad_id=tok.pad_token_id, device="cpu")
     loss, n = evaluate(model, ex, rows=4, seq_len=128, pad_id=tok.pad_token_id, device="cpu")
     assert counts.sum() == n and -sums.sum() / counts.sum() == pytest.approx(loss, rel=1e-5)
@@ -252,7 +265,8 @@ def test_packed_loss_equals_training_evaluation(tiny):
 def test_batched_generation_equals_one_at_a_time(tiny):
     from pipeline.eval.scoring import generate_texts, prompt_ids
     cfg, tok, model = tiny
-    prompts = [prompt_ids(tok, r["prompt"] + " " * i, "auto", 100) for i, r in enumerate(sft_rows("medicine", 5, 3))]
+    prompts = [prompt_ids(tok, [{"role": "user", "content": r["messages"][0]["content"] + " " * i}], 100)
+               for i, r in enumerate(sft_rows("medicine", 5, 3))]
     together = generate_texts(model, tok, prompts, 12, "cpu", batch_tokens=4096)
     alone = [generate_texts(model, tok, [p], 12, "cpu", batch_tokens=4096)[0] for p in prompts]
     assert together == alone and any(together)
@@ -282,7 +296,7 @@ def _synthetic_scores(plan, ev):
 def test_matrix_verdicts_summary_and_escaped_report_sections():
     from pipeline import report
     ev = EvalConfig(generation_samples=4, side_by_side=2, bootstrap_resamples=500)
-    rows = [{"prompt": f"Abstract {i}. <b>Question</b>?", "response": ("Yes. Because." if i % 2 else "No. Because."),
+    rows = [{**chat(f"Abstract {i}. <b>Question</b>?", ("Yes. Because." if i % 2 else "No. Because.")),
              "doc_id": f"p{i}", "source": "pubmed_qa", "task": "qa_with_context"} for i in range(40)]
     rows += _rows(n_mc=0, n_free=6, bad=2)
     plan = DatasetPlan(domain="medicine", items=tuple(build_items(rows, "medicine", registry(), ev)), test_rows=len(rows))

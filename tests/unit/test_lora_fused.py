@@ -117,9 +117,9 @@ def _nf4_model(cfg, store, checkpointing=False):
 
 
 def test_fused_equals_peft_on_nf4_base(nf4_env):
-    from pipeline.train.data import Example, collate, tokenize_example
+    from pipeline.train.data import Example, collate, tokenize_conversation
     cfg, store, tok = nf4_env
-    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 4, 1)]
+    ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 4, 1)]
     batch = collate(ex, [[0, 1], [2, 3]], tok.pad_token_id)
     model = _nf4_model(cfg, store)
     assert type(model.base_model.model.model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"

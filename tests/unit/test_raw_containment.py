@@ -111,7 +111,7 @@ def test_a_2mb_field_is_too_large_before_anything_is_built(tmp_path):
         q = read_rows(out, f"data/quarantine/{name}/*.parquet")
         assert [(r["location"], r["reason"]) for r in q] == [(where, "too_large")]
         assert len(q[0]["snippet"]) < 300
-    assert max(len(r["prompt"]) + len(r["response"]) for r in read_rows(out, "data/sft/*/*/*.parquet")) < 10_000
+    assert max(sum(len(m["content"]) for m in r["messages"]) for r in read_rows(out, "data/sft/*/*/*.parquet")) < 10_000
     # the limit is a setting: raised, the same record is kept
     m = run_prepare(make_cfg(raw, tmp_path / "out2", "data.allow_missing=true", "data.max_record_chars=3000000",
                              domains=["ecology"]), use_ray=False)

@@ -10,10 +10,23 @@ from pipeline.prepare import file_events
 from pipeline.sources import BUILTIN, SOURCES, Opts
 from pipeline.sources.base import EvalTask, norm_key
 
-from ._prepare_helpers import DAMAGED, RAW, events, quarantined, records
+from ._prepare_helpers import DAMAGED, RAW, events, quarantined
+from ._prepare_helpers import records as _records
 
 CORPUS_KEYS = {"doc_id", "domain", "source", "title", "text", "metadata", "license", "url"}
-SFT_KEYS = {"prompt", "response", "domain", "source", "doc_id", "task", "group"}
+SFT_KEYS = {"messages", "domain", "source", "doc_id", "task", "group"}
+
+
+def flat(ex: dict) -> dict:
+    """A built-in source's SFT example: one user turn and its answer (no system message configured),
+    with the two as prompt and response for the checks below."""
+    msgs = ex["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"], msgs
+    return {**ex, "prompt": msgs[0]["content"], "response": msgs[1]["content"]}
+
+
+def records(source, raw=RAW):
+    return [{**r, "sft": [flat(ex) for ex in r["sft"]]} for r in _records(source, raw)]
 # records each source's fixture holds (fixtures/make_fixtures.py)
 EXPECTED_READ = {"debatesum": 120, "opencaselist": 80, "iam": 145, "ddo": 60, "medmcqa": 120, "pubmed_qa": 100,
                  "medquad": 114, "medical_meadow": 140, "openstax": 85, "climate_fever": 200}
@@ -35,6 +48,8 @@ def test_registry_declares_every_source_once():
 def test_reader_reads_fixture(source):
     evs = events(source)
     recs = [e for k, e in evs if k == "r"]
+    assert all(set(ex) == SFT_KEYS for r in recs for ex in r["sft"])
+    recs = [{**r, "sft": [flat(ex) for ex in r["sft"]]} for r in recs]
     qs = [e for k, e in evs if k == "q"]
     files = [e for k, e in evs if k == "f"]
     assert len(recs) + len(qs) == EXPECTED_READ[source]
@@ -51,7 +66,6 @@ def test_reader_reads_fixture(source):
         # only a short fragment (a book's front matter) may give no SFT example
         assert r["sft"] or len(row["text"]) < 200, f"{source}: a kept record without SFT examples: {row['title']}"
         for ex in r["sft"]:
-            assert set(ex) == SFT_KEYS
             assert ex["response"].strip() and ex["prompt"].strip()
             # a response never merely copies the prompt's context
             assert len(norm_key(ex["response"])) <= 12 or norm_key(ex["response"]) not in norm_key(ex["prompt"])

@@ -67,7 +67,7 @@ def test_merged_export_refuses_nan(tmp_path):
     from safetensors.torch import load_file, save_file
     from pipeline.train.export import NonFiniteWeightsError, export_merged
     from pipeline.train.loop import LocalSession, train_domain
-    from pipeline.train.data import Example, tokenize_example
+    from pipeline.train.data import Example, tokenize_conversation
     from pipeline.train.model import load_tokenizer
     from pipeline.train.tiny import ensure_tiny
     from fixtures_train import sft_rows
@@ -76,7 +76,7 @@ def test_merged_export_refuses_nan(tmp_path):
     cfg = tiny_config(str(tmp_path), domains=["debate"], model__tiny__pretrain_steps=0, train__max_steps=2)
     ensure_tiny(cfg, store)
     tok = load_tokenizer(resolve_base(cfg, store), cfg)
-    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 16, 1)]
+    ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 16, 1)]
     train_domain(cfg, "debate", {"train": ex[:12], "val": ex[12:14], "test": ex[14:]}, LocalSession(str(tmp_path / "ck")))
     uri = export_merged(cfg, "debate", store)
     assert store.is_file("adapters/debate/merged/model.safetensors") and uri.endswith("adapters/debate/merged")

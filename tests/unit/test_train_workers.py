@@ -16,12 +16,12 @@ from pipeline.storage import Store  # noqa: E402
 
 
 def _data(cfg, store):
-    from pipeline.train.data import Example, tokenize_example
+    from pipeline.train.data import Example, tokenize_conversation
     from pipeline.train.model import load_tokenizer, resolve_base
     tok = load_tokenizer(resolve_base(cfg, store), cfg)
 
     def ex(seed, n):
-        return [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", n, seed)]
+        return [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", n, seed)]
     # 17 training examples, two to a row: micro-batches of 4, 4 and 1 rows (one worker has nothing in the last)
     return {"train": ex(1, 17), "val": ex(2, 9), "test": ex(3, 9)}
 
