@@ -68,4 +68,7 @@ def build(family: str, where: Path) -> str:
     fast.chat_template = template
     path = where / family
     fast.save_pretrained(path)
+    from transformers import LlamaConfig  # a model directory's config, so model.base can name the folder
+    LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)
     return str(path)

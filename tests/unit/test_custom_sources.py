@@ -165,3 +165,126 @@ def test_missing_local_path_is_named(tmp_path):
     from pipeline.errors import UserFacingError
     with pytest.raises(UserFacingError, match="mine: nothing under .*nope.jsonl.*fix data.custom_sources\\[mine\\].path"):
         _prepare(tmp_path, path=str(tmp_path / "nope.jsonl"), format="jsonl", text="t")
+
+
+# ---- the formats people have, by name -----------------------------------------------------------
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _sft(out: Path, domain: str = "law") -> list[dict]:
+    return read_rows(out, f"data/sft/{domain}/*/*.parquet")
+
+
+SHAREGPT = [{"id": f"c{i}", "conversations": [
+    {"from": "system", "value": "You are a helpful support agent."},
+    {"from": "human", "value": f"My router {i} blinks red. What now?"},
+    {"from": "gpt", "value": "Unplug it for thirty seconds, then plug it back in."},
+    {"from": "user", "value": "Still red."},
+    {"from": "chatgpt", "value": f"Then call your provider about line {i}: it may be down."}]} for i in range(6)]
+
+
+def test_sharegpt_speakers_and_aliases(tmp_path):
+    bad = {"id": "x", "conversations": [{"from": "tool", "value": "{}"}, {"from": "gpt", "value": "ok"}]}
+    m, out = _prepare(tmp_path, path=str(_jsonl(tmp_path / "chats.jsonl", SHAREGPT + [bad])), format="sharegpt")
+    s = m["sources"]["mine"]
+    assert (s["kept"], s["quarantined_by_reason"], s["sft_by_task"]) == (6, {"missing_field": 1}, {"chat": 6})
+    rows = sorted(_sft(out), key=lambda r: r["messages"][1]["content"])
+    assert rows[0]["messages"] == [
+        {"role": "system", "content": "You are a helpful support agent."},
+        {"role": "user", "content": "My router 0 blinks red. What now?"},
+        {"role": "assistant", "content": "Unplug it for thirty seconds, then plug it back in."},
+        {"role": "user", "content": "Still red."},
+        {"role": "assistant", "content": "Then call your provider about line 0: it may be down."}]
+    q = read_rows(out, "data/quarantine/mine/*.parquet")
+    assert "conversations[0] is not {from:" in q[0]["snippet"] and "tool" in q[0]["snippet"]
+
+
+def test_sharegpt_mapped_as_openai_fails_prepare_with_the_reason_and_an_example(tmp_path):
+    """The user's report: a ShareGPT file read with the wrong mapping lost every record in silence."""
+    from pipeline.errors import UserFacingError
+    f = _jsonl(tmp_path / "chats.jsonl", SHAREGPT)
+    with pytest.raises(UserFacingError, match=r"(?s)mine: kept 0 of 6 records \(6 quarantined\).*missing_field: 6 "
+                                              r"\(e\.g\. custom/mine/chats\.jsonl line 1: no column 'messages'; columns: "
+                                              r"conversations, id\).*fix the mapping in data\.custom_sources\[mine\]"):
+        _prepare(tmp_path, path=str(f), format="openai")
+
+
+def test_alpaca_input_is_part_of_the_user_turn_and_splits_by_conversation(tmp_path):
+    pairs = [("The cat sleeps.", "Le chat dort."), ("The dog runs.", "Le chien court."), ("I read a book.", "Je lis un livre.")]
+    recs = [{"instruction": "Translate to French", "input": f"{en} ({i})", "output": f"{fr} ({i})"}
+            for i in range(10) for en, fr in pairs]
+    recs.append({"instruction": "Name a French city.", "input": "", "output": "Lyon.", "system": "Answer briefly.",
+                 "history": [["Name a French river.", "The Loire."]]})
+    f = tmp_path / "alpaca.json"
+    f.write_text(json.dumps(recs))
+    m, out = _prepare(tmp_path, path=str(f), format="alpaca")
+    assert m["sources"]["mine"]["kept"] == 31 and m["sources"]["mine"]["sft_by_task"] == {"instruction": 31}
+    rows = _sft(out)
+    users = sorted(r["messages"][-2]["content"] for r in rows)
+    assert len(set(users)) == 31 and "Translate to French\n\nThe cat sleeps. (0)" in users  # the input is kept
+    # 30 pairs under one instruction are 30 conversations: they spread over the splits
+    splits = {r["split"] for r in rows if r["messages"][-2]["content"].startswith("Translate")}
+    assert splits == {"train", "val", "test"}
+    city = next(r for r in rows if r["messages"][-1]["content"] == "Lyon.")
+    assert city["messages"] == [{"role": "system", "content": "Answer briefly."},
+                                {"role": "user", "content": "Name a French river."},
+                                {"role": "assistant", "content": "The Loire."},
+                                {"role": "user", "content": "Name a French city."},
+                                {"role": "assistant", "content": "Lyon."}]
+
+
+def test_prompt_completion_and_a_format_detected_with_one_line(tmp_path, caplog):
+    import logging
+    recs = [{"prompt": f"What does section {i} of the harbour code regulate?", "completion": f"Moorings, part {i}."}
+            for i in range(4)]
+    f = _jsonl(tmp_path / "pc.jsonl", recs)
+    with caplog.at_level(logging.INFO, logger="pipeline.prepare"):
+        m, out = _prepare(tmp_path, path=str(f))                      # no format: detected
+    said = [r.getMessage() for r in caplog.records if "format not set" in r.getMessage()]
+    assert said == ["prepare: mine: format not set; assumed prompt_completion from the columns of custom/mine/pc.jsonl "
+                    "(completion, prompt); set data.custom_sources[mine].format to choose"]
+    assert sorted(r["messages"][0]["content"] for r in _sft(out)) == sorted(r["prompt"] for r in recs)
+    assert all(r["messages"][1]["content"].startswith("Moorings") for r in _sft(out))
+    # the same with the column names overridden
+    g = _jsonl(tmp_path / "qa.jsonl", [{"q": r["prompt"], "a": r["completion"]} for r in recs])
+    m, out = _prepare(tmp_path, path=str(g), format="prompt_completion", prompt="q", response="a")
+    assert m["sources"]["mine"]["kept"] == 4
+
+
+def test_dataset_folder_laid_out_as_on_the_hub_with_subset_split_and_data_files(tmp_path):
+    """A local dataset folder as the Hub lays out a dataset with two subsets (configs) and splits."""
+    ds = tmp_path / "ds"
+    for subset in ("en", "fr"):
+        (ds / subset).mkdir(parents=True)
+        for split in ("train", "test"):
+            rows = [{"messages": [{"role": "user", "content": f"{subset} {split} question {i}?"},
+                                  {"role": "assistant", "content": f"{subset} {split} answer {i}."}]} for i in range(3)]
+            pq.write_table(pa.Table.from_pylist(rows), ds / subset / f"{split}-00000-of-00001.parquet")
+    (ds / "README.md").write_text("---\nconfigs: ...\n---\n")
+    m, out = _prepare(tmp_path, path=str(ds), subset="fr", split="test")
+    s = m["sources"]["mine"]
+    assert [f["path"] for f in s["files"]] == ["custom/mine/fr/test-00000-of-00001.parquet"] and s["kept"] == 3
+    assert {r["messages"][0]["content"].rsplit(" ", 2)[0] for r in _sft(out)} == {"fr test"}
+    m, _ = _prepare(tmp_path, path=str(ds), data_files=["en/train-*.parquet", "fr/train-*.parquet"])
+    assert [f["path"] for f in m["sources"]["mine"]["files"]] == [
+        "custom/mine/en/train-00000-of-00001.parquet", "custom/mine/fr/train-00000-of-00001.parquet"]
+    # the Hub's own dataset id: the same patterns are what download keeps
+    spec = registry(make_cfg(RAW, tmp_path, custom(name="x", domain="law", path="hf://someone/law-chats", subset="fr",
+                                                   split="test", files="parquet")).data)["x"]
+    assert "fr/**/test-*.parquet" in spec.patterns and all(p.startswith("fr/") for p in spec.patterns)
+
+
+def test_per_domain_system_message_opens_builtin_rows(tmp_path):
+    out = tmp_path / "out"
+    cfg = make_cfg(RAW, out, "data.sources=[climate_fever]",
+                   'data.system_messages={ecology: "You check climate claims against the evidence."}', domains=["ecology"])
+    run_prepare(cfg, use_ray=False)
+    rows = read_rows(out, "data/sft/ecology/*/*.parquet")
+    assert rows and all([m["role"] for m in r["messages"]] == ["system", "user", "assistant"] and
+                        r["messages"][0]["content"] == "You check climate claims against the evidence." for r in rows)
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match="data.system_messages: unknown domain"):
+        make_cfg(RAW, out, 'data.system_messages={astrology: "x"}')
