@@ -60,8 +60,12 @@ def _parser() -> argparse.ArgumentParser:
              "report": "summary.json / .md / .html and plots",
              "run": "download, prepare, train and report"}
     for name in STAGES:
-        common(sub.add_parser(name, help=helps[name], epilog=EXIT_STATUS,
-                              formatter_class=argparse.RawDescriptionHelpFormatter))
+        sp = sub.add_parser(name, help=helps[name], epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
+        common(sp)
+        if name in ("prepare", "run"):
+            sp.add_argument("--show-examples", type=int, default=0, metavar="N",
+                            help="after prepare, print N train rows per domain as training encodes them, the "
+                                 "trained tokens between ⟦ ⟧")
     d = sub.add_parser("doctor", help="pre-flight checks: packages, CUDA, Ray, output, base model, memory")
     common(d)
     d.add_argument("--load", action="store_true", help="also load the base model in 4-bit and generate once")
@@ -218,6 +222,9 @@ def run_stages(cfg, args, console) -> int:
             elif stage == "prepare":
                 from pipeline.prepare import run_prepare
                 run_prepare(cfg)
+                if getattr(args, "show_examples", 0):
+                    from pipeline.train.preview import show_examples
+                    show_examples(cfg, store, args.show_examples)
             elif stage == "train":
                 check_prepared(cfg, store, args)
                 from pipeline.doctor import preflight

@@ -127,3 +127,23 @@ def test_tokenize_reads_rows_as_ray_data_hands_them(tmp_path, toks):
 def test_prompt_tokens_are_the_generation_prompt(toks):
     tok = toks["llama3"]
     assert prompt_tokens(tok, CHAT[:2]) == ids_of(tok.apply_chat_template(CHAT[:2], add_generation_prompt=True, tokenize=True))
+
+
+def test_show_examples_marks_the_trained_part_of_a_prepared_row(tmp_path):
+    """`adapters prepare --show-examples N`: a multi-turn row as trained, the answers between ⟦ ⟧."""
+    from pipeline.cli import _parser
+    from pipeline.prepare import run_prepare
+    from pipeline.storage import open_store
+    from pipeline.train.preview import show_examples
+    base = build("chatml", tmp_path)
+    f = tmp_path / "chats.jsonl"
+    f.write_text(json.dumps({"messages": CHAT}) + "\n")
+    cfg = load_config(None, sets=[f"model.base={base}", "resources.device=cpu", "data.split={train: 1.0, val: 0.0, test: 0.0}",
+                                  "data.custom_sources=[" + json.dumps({"name": "mine", "domain": "law", "path": str(f)}) + "]"],
+                      output=str(tmp_path / "out"), domains=["law"], environ={})
+    run_prepare(cfg, use_ray=False)
+    [text] = show_examples(cfg, open_store(cfg), 3)
+    assert text.startswith("<|im_start|>system\nYou are a helpful support agent.<|im_end|>\n<|im_start|>user\nMy router")
+    assert "<|im_start|>assistant\n⟦Unplug it for thirty seconds, then plug it back in.<|im_end|>⟧\n<|im_start|>user\nStill red." in text
+    assert text.count("⟦") == 2 and "⟦Then call your provider: the line may be down.<|im_end|>⟧\n" in text
+    assert _parser().parse_args(["prepare", "--config", "x.yaml", "--show-examples", "3"]).show_examples == 3
