@@ -7,8 +7,9 @@ own CUDA context, so its peak memory is its own); not a test, it prints one RESU
                              [--steps 10] [--memory-cap-gb 24]
 
 ROWS.jsonl holds one pre-tokenized example per line, `{"input_ids": [...], "completion_mask": [...]}`,
-exactly the ids the project's trainer trains on (its chat template and prompt masking), so both
-trainers see the same tokens; TRL takes pre-tokenized rows as they are (a dataset with `input_ids`
+exactly the ids the project's trainer trains on (each row's conversation through the chat template
+turn by turn; `completion_mask` marks every assistant turn, multi-turn rows included), so both
+trainers see the same tokens and the same loss positions; TRL takes pre-tokenized rows as they are (a dataset with `input_ids`
 is not tokenized again) and with `completion_only_loss` trains on the completion tokens only.
 
 The settings are the ones a user would pick from TRL's documentation for QLoRA on one GPU
