@@ -587,7 +587,7 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
          f"Output `{s['output']}`, generated {s['generated_at']}. Domains: "
          + ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items())) + ".", "",
          "## Results per domain", "", _md_table(*_results_rows(s)), "",
-         "Losses are mean token cross-entropy on the assistant turns' tokens (each answer and its end-of-turn token); perplexity = exp(loss). "
+         "Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). "
          "Figures in parentheses are the base model's.", ""]
     for name, title in (("loss_curves.png", "Loss curves"), ("perplexity.png", "Base vs adapter perplexity")):
         if name in plots:
@@ -720,7 +720,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         f'<p class="note">Output <code>{_h(s["output"])}</code> &middot; generated {_h(s["generated_at"])}</p>',
         f'<div class="cards">{cards}</div>',
         "<h2>Results per domain</h2>", _html_table(head, hrows, num, "results"),
-        '<p class="note">Losses are mean token cross-entropy on the assistant turns' tokens (each answer and its end-of-turn token); perplexity = exp(loss). '
+        '<p class="note">Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). '
         "Figures in parentheses are the base model's.</p>",
         img("loss_curves.png", "Loss curves per domain"), img("perplexity.png", "Base vs adapter perplexity"),
         "<h2>Evaluation matrix</h2>",
