@@ -113,7 +113,7 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
         if "train" in missing or "val" in missing or rows == 0:
             msg = (f"no SFT data for domain {d} (missing splits {missing} under {store.uri_of(f'data/sft/{d}')}); "
                    "run `adapters prepare` or remove the domain from `domains`" if missing else
-                   f"prepare made no training examples for domain {d} ({(prepared.get(d) or {}).get('reason') or 'its sources gave no prompt/response pairs'}; "
+                   f"prepare made no training examples for domain {d} ({(prepared.get(d) or {}).get('reason') or 'its sources gave no conversations to train on'}; "
                    "see data/manifest.json); a text-only custom source gives corpus rows only")
             log.warning(msg)
             write_state(store, cfg, d, "skipped", error=msg)

@@ -73,7 +73,10 @@ def test_a_source_folder_that_is_a_link_out_is_refused(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     os.symlink(RAW / "climate_fever", raw / "climate_fever")  # the whole folder lives outside
-    m = run_prepare(make_cfg(raw, tmp_path / "out", domains=["ecology"]), use_ray=False)
+    from pipeline.errors import UserFacingError
+    with pytest.raises(UserFacingError, match=r"climate_fever: kept 0 of 1 records.*\n.*outside_raw_dir: 1"):
+        run_prepare(make_cfg(raw, tmp_path / "out", domains=["ecology"]), use_ray=False)  # nothing kept: loud
+    m = run_prepare(make_cfg(raw, tmp_path / "out", "data.min_kept_share=0", domains=["ecology"]), use_ray=False)
     s = m["sources"]["climate_fever"]
     assert (s["read"], s["kept"], s["quarantined_by_reason"]) == (1, 0, {"outside_raw_dir": 1})
     assert m["domains"]["ecology"]["status"] == "empty"
@@ -123,8 +126,12 @@ def test_a_whole_file_json_over_the_limit_is_not_loaded(tmp_path):
     (raw / "pubmed_qa" / "data").mkdir(parents=True)
     doc = {str(i): {"QUESTION": "Is it so?", "CONTEXTS": ["x" * 1000], "final_decision": "yes"} for i in range(1500)}
     (raw / "pubmed_qa" / "data" / "ori_pqal.json").write_text(json.dumps(doc))  # ~1.6 MB
+    from pipeline.errors import UserFacingError
+    with pytest.raises(UserFacingError, match=r"(?s)pubmed_qa: kept 0 of 1.*file_too_large: 1 .*raise data.max_whole_file_mb"):
+        run_prepare(make_cfg(raw, tmp_path / "out", "data.allow_missing=true", "data.max_whole_file_mb=1",
+                             domains=["medicine"]), use_ray=False)   # the source lost everything: said, with the fix
     m = run_prepare(make_cfg(raw, tmp_path / "out", "data.allow_missing=true", "data.max_whole_file_mb=1",
-                             domains=["medicine"]), use_ray=False)
+                             "data.min_kept_share=0", domains=["medicine"]), use_ray=False)
     s = m["sources"]["pubmed_qa"]
     assert (s["read"], s["kept"], s["quarantined_by_reason"]) == (1, 0, {"file_too_large": 1})
     q = read_rows(tmp_path / "out", "data/quarantine/pubmed_qa/*.parquet")
