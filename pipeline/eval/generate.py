@@ -95,11 +95,14 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
     tok = load_tokenizer(base, cfg)
     model = load_model(base, cfg, device)
     t = cfg.train
-    # each prompt as a user turn, through the chat template the adapters were trained with
-    ids = [prompt_ids(tok, [{"role": "user", "content": p}], max(16, t.max_seq_length - max_new_tokens)) for p in prompts]
     batch_tokens = cfg.eval.tokens_per_batch or 4 * t.tokens_per_micro_batch
 
     def answers(m, name: str) -> list[dict]:
+        # each prompt as a user turn, after the domain's system message (data.system_messages) as in its
+        # training rows, through the chat template the adapters were trained with
+        system = cfg.data.system_messages.get(name, "")
+        ids = [prompt_ids(tok, ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}],
+                          max(16, t.max_seq_length - max_new_tokens)) for p in prompts]
         texts = generate_texts(m, tok, ids, max_new_tokens, device, batch_tokens, temperature, cfg.seed)
         log.info("generate: %s answered %d prompt(s)", name, len(texts))
         return [{"model": name, "prompt": p, "output": o} for p, o in zip(prompts, texts)]

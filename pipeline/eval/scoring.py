@@ -71,17 +71,17 @@ class BaseAndAdapters:
 def prompt_ids(tok, messages: list[dict], max_len: int) -> list[int]:
     """What a server sends the model for these turns (the chat template with its generation prompt, as
     training encodes them); its end kept when too long."""
-    from pipeline.train.data import CHARS_PER_TOKEN_BOUND, _cut_texts
+    from pipeline.train.data import CHARS_PER_TOKEN_BOUND, cut_texts
     from pipeline.train.model import prompt_tokens
-    return prompt_tokens(tok, _cut_texts(messages, CHARS_PER_TOKEN_BOUND * max_len))[-max_len:]
+    return prompt_tokens(tok, cut_texts(messages, CHARS_PER_TOKEN_BOUND * max_len))[-max_len:]
 
 
 def choice_ids(tok, messages: list[dict], choice: str) -> tuple[list[int], list[int]]:
     """(prompt ids, choice ids): the choice's tokens as they open a trained answer to these turns (its
     end-of-turn tokens cut: the shortest prefix of the answer tokens that decodes to text holding the choice)."""
-    from pipeline.train.data import CHARS_PER_TOKEN_BOUND, _cut_texts
+    from pipeline.train.data import CHARS_PER_TOKEN_BOUND, cut_texts
     from pipeline.train.model import encode_conversation
-    ids, trained = encode_conversation(tok, _cut_texts(list(messages) + [{"role": "assistant", "content": choice}],
+    ids, trained = encode_conversation(tok, cut_texts(list(messages) + [{"role": "assistant", "content": choice}],
                                                        CHARS_PER_TOKEN_BOUND * 4096))[-1]
     start = next(k for k in range(len(trained) - 1, -1, -1) if trained[k] and (k == 0 or not trained[k - 1]))
     p, r = ids[:start], [t for t, on in zip(ids[start:], trained[start:]) if on]  # the last answer: the choice

@@ -59,7 +59,7 @@ def row_messages(messages) -> list[dict]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
 
 
-def _cut_texts(messages: list[dict], limit: int) -> list[dict]:
+def cut_texts(messages: list[dict], limit: int) -> list[dict]:
     """Each turn cut to limit characters before tokenizing: an answer keeps its start, any other turn its end."""
     return [{"role": m["role"], "content": m["content"][:limit] if m["role"] == "assistant" else m["content"][-limit:]}
             for m in messages]
@@ -72,7 +72,7 @@ def tokenize_conversation(tok, messages: list[dict], max_len: int, mask_prompt: 
     its start."""
     from pipeline.train.model import encode_conversation
     out = []
-    for ids, trained in encode_conversation(tok, _cut_texts(messages, CHARS_PER_TOKEN_BOUND * max_len)):
+    for ids, trained in encode_conversation(tok, cut_texts(messages, CHARS_PER_TOKEN_BOUND * max_len)):
         s0 = trained.index(True) if True in trained else len(ids)
         p, r = cut_prompt_response(list(zip(ids[:s0], trained[:s0])), list(zip(ids[s0:], trained[s0:])), max_len)
         ids = [i for i, _ in p + r]
