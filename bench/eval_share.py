@@ -48,7 +48,7 @@ def train_briefly(cfg, domain: str, steps: int) -> dict:
     """train_domain for `steps` steps; the adapter is exported to adapters/<domain>; seconds per step."""
     import torch
     from pipeline.storage import open_store
-    from pipeline.train.data import Tokenize, collect, read_split
+    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, read_split
     from pipeline.train.loop import LocalSession, train_domain
     c = cfg.model_copy(deep=True)
     c.train.max_steps, c.train.warmup_steps, c.train.log_every = steps, 1, 1
@@ -56,7 +56,7 @@ def train_briefly(cfg, domain: str, steps: int) -> dict:
     c.train.eval_max_batches = 2
     store = open_store(c)
     tokenize = Tokenize(c)
-    data = collect(tokenize(read_split(store, domain, split, columns=("prompt", "response", "doc_id", "split")).to_pydict())
+    data = collect(tokenize(read_split(store, domain, split, columns=SFT_COLUMNS).to_pydict())
                    for split in ("train", "val", "test"))
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
@@ -93,8 +93,8 @@ def main() -> int:
     from pipeline.storage import open_store
     from pipeline.train.data import read_split
     store = open_store(cfg)
-    texts = [p + "\n" + r for d in domains for p, r in zip(*[read_split(store, d, "train").column(c).to_pylist()
-                                                              for c in ("prompt", "response")])]
+    texts = ["\n".join(m["content"] for m in msgs) for d in domains
+             for msgs in read_split(store, d, "train").column("messages").to_pylist()]
     base = f"{a.work}/base-{a.arch}"
     build_base(base, a.arch, texts[:20000])
     cfg.model.base = base

@@ -49,8 +49,8 @@ def main() -> int:
     cfg = bench_config(a.data, f"{a.work}/out")
     prepare_data(cfg)
     store = open_store(cfg)
-    texts = [p + "\n" + r for p, r in zip(*[read_split(store, a.domain, "train").column(c).to_pylist()
-                                              for c in ("prompt", "response")])]
+    texts = ["\n".join(m["content"] for m in msgs)
+             for msgs in read_split(store, a.domain, "train").column("messages").to_pylist()]
     base = f"{a.work}/base-{a.arch}"
     build_base(base, a.arch, texts)
     rows = {s: read_split(store, a.domain, s).num_rows for s in ("train", "val", "test")}

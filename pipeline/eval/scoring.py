@@ -1,10 +1,10 @@
 """Model-side scoring, run inside the evaluation's Ray task (and by `adapters generate`).
 
     TokenizedPlan.build(tok, plan, train, max_new_tokens)  a domain's items as token sequences, once per task:
-        a loss sequence per item (the training format and masking: pipeline.train.data.tokenize_example),
-        one sequence per choice of a scored multiple-choice item (prompt in the training format, then the
-        choice's tokens as they start a training response, only those tokens scored), and the prompt of
-        each item to generate from
+        a loss sequence per item (its conversation as trained: pipeline.train.data.tokenize_conversation),
+        one sequence per choice of a scored multiple-choice item (the server prompt of messages[:-1], then
+        the choice's tokens as they start a trained answer, only those tokens scored), and the prompt of
+        each item to generate from (messages[:-1] through the chat template, with its generation prompt)
     sequence_logprobs(model, examples, rows, seq_len, pad_id, device) -> (sum of target log-probs, target tokens)
         per sequence, packed several to a row (first-fit decreasing, per-example position ids: packed
         sequences never attend to each other, as in training); the LM head runs on target tokens only,
