@@ -288,3 +288,16 @@ def test_per_domain_system_message_opens_builtin_rows(tmp_path):
     from pipeline.config import ConfigError
     with pytest.raises(ConfigError, match="data.system_messages: unknown domain"):
         make_cfg(RAW, out, 'data.system_messages={astrology: "x"}')
+
+
+def test_turn_order_is_checked_and_unanswered_turns_are_dropped(tmp_path):
+    u, a = ({"role": "user", "content": "Is the harbour open at night?"},
+            {"role": "assistant", "content": "Yes, the north gate stays open (section 2.4)."})
+    recs = [{"messages": [u, a, {"role": "user", "content": "Thanks, and in winter?"}]},   # last turn unanswered
+            {"messages": [u, u, a]},                                                          # two user turns
+            {"messages": [a, u, a]}]                                                          # opens with an answer
+    m, out = _prepare(tmp_path, "data.min_kept_share=0.3", path=str(_jsonl(tmp_path / "c.jsonl", recs)), format="openai")
+    assert m["sources"]["mine"]["quarantined_by_reason"] == {"bad_turn_order": 2}
+    assert [r["messages"] for r in _sft(out)] == [[u, a]]
+    q = read_rows(out, "data/quarantine/mine/*.parquet")
+    assert all("user and assistant turns alternating" in r["snippet"] for r in q)
