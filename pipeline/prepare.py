@@ -304,6 +304,8 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
         "sft_rejected": dict(sorted(sft_rejected.items())),
         "corpus_shards": corpus.parts, "quarantine_shards": quarantine.parts, "staged_sft_shards": sft.parts,
         **({"note": src.note} if src.note else {}),
+        # a custom source: the record format read (given, or detected from its first record)
+        **({"format": json.loads(src.declaration).get("format")} if src.declaration else {}),
     }
 
 

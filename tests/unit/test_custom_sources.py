@@ -246,6 +246,7 @@ def test_prompt_completion_and_a_format_detected_with_one_line(tmp_path, caplog)
     said = [r.getMessage() for r in caplog.records if "format not set" in r.getMessage()]
     assert said == ["prepare: mine: format not set; assumed prompt_completion from the columns of custom/mine/pc.jsonl "
                     "(completion, prompt); set data.custom_sources[mine].format to choose"]
+    assert m["sources"]["mine"]["format"] == "prompt_completion"   # the manifest says which format was read
     assert sorted(r["messages"][0]["content"] for r in _sft(out)) == sorted(r["prompt"] for r in recs)
     assert all(r["messages"][1]["content"].startswith("Moorings") for r in _sft(out))
     # the same with the column names overridden
