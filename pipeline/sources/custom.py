@@ -189,6 +189,8 @@ def _alpaca(c: "CustomSourceConfig", d: dict) -> list[dict[str, str]]:
         msgs += [{"role": "user", "content": pair[0].strip()}, {"role": "assistant", "content": pair[1].strip()}]
     # the input is the instruction's material (the text to translate, the passage to summarize)
     user = f"{instruction}\n\n{inp}" if instruction and inp else (instruction or inp)
+    if not user:
+        raise Reject(EMPTY_TEXT, output[:200])
     return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
