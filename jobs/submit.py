@@ -89,8 +89,10 @@ def job_address(cli_address: Optional[str], environ: Optional[dict] = None) -> s
     addr = cli_address or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if addr == "auto" or not addr.startswith(("http://", "https://")):
         # ray job submit talks to the dashboard's HTTP job server, not the GCS port.
-        host = addr.split("://")[-1].split(":")[0] if addr != "auto" else "127.0.0.1"
-        raise SubmitError(f"job address {addr!r} is not the dashboard URL: use http://{host}:8265 "
+        bare = addr.split("://")[-1]
+        shown = addr if "@" not in bare else addr[: len(addr) - len(bare)] + "***@" + bare.rsplit("@", 1)[1]
+        host = bare.rsplit("@", 1)[-1].split(":")[0] if addr != "auto" else "127.0.0.1"
+        raise SubmitError(f"job address {shown!r} is not the dashboard URL: use http://{host}:8265 "
                           "(the head's dashboard port), via --address or RAY_ADDRESS")
     return addr.rstrip("/")
 
@@ -205,8 +207,14 @@ def build(args: argparse.Namespace, environ: Optional[dict] = None) -> dict:
     env = os.environ if environ is None else environ
     sys.path.insert(0, str(REPO))
     from pipeline.config import ConfigError, load_config
-    from pipeline.redaction import redact_url
+    from pipeline.redaction import redact_args, redact_url
 
+    for value in args.set:
+        if redact_args([value]) != [value]:
+            # the entrypoint is stored by the cluster and shown in the dashboard and `ray job list`
+            raise SubmitError(f"--set {redact_args([value])[0]}: that holds a credential, and credentials never go "
+                              "in a job's command line (the cluster stores it and the dashboard shows it). Give it "
+                              "to the cluster's nodes instead: their environment or a config file there.")
     working_dir = Path(args.working_dir).resolve()
     config_path = Path(args.config)
     if not config_path.is_file():
@@ -269,7 +277,8 @@ def with_retry(call: Callable[[], T], what: str, retry_s: float = RETRY_S, sleep
         except Exception as e:  # noqa: BLE001 - classified just below
             if not _starting_up(e) or waited + delay > retry_s:
                 raise
-            print(f"{what}: the head is still starting ({str(e).splitlines()[0][:160]}); retrying in {delay:.0f}s",
+            from pipeline.redaction import scrub
+            print(f"{what}: the head is still starting ({scrub(str(e).splitlines()[0][:160])}); retrying in {delay:.0f}s",
                   file=sys.stderr, flush=True)
             sleep(delay)
             waited, delay = waited + delay, min(8.0, delay * 2)
@@ -341,31 +350,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    sys.path.insert(0, str(REPO))
+    from pipeline.redaction import redact_url, scrub
     args = _parser().parse_args(argv)
     try:
         plan = build(args)
         if args.dry_run:
-            print(json.dumps({k: plan[k] for k in ("address", "submission_id", "metadata", "runtime_env",
-                                                   "entrypoint", "dashboard_url")}, indent=2))
+            print(scrub(json.dumps({k: plan[k] for k in ("address", "submission_id", "metadata", "runtime_env",
+                                                         "entrypoint", "dashboard_url")}, indent=2)))
             return 0
         client = connect(plan["address"], retry_s=args.retry_s)
     except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {scrub(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - unreachable head, auth refused: Ray's message says which
-        print(f"error: cannot reach the job server at {plan['address']}: {e}", file=sys.stderr)
+        print(f"error: cannot reach the job server at {redact_url(plan['address'])}: {scrub(e)}", file=sys.stderr)
         return 1
     sid = plan["submission_id"]
-    print(f"Submitting {plan['metadata']['job_name']} as job {sid} to {plan['address']}")
+    print(f"Submitting {plan['metadata']['job_name']} as job {sid} to {redact_url(plan['address'])}")
     print(f"  output: {plan['metadata']['output_uri']}")
-    print(f"  dashboard: {plan['dashboard_url']}", flush=True)
+    print(f"  dashboard: {redact_url(plan['dashboard_url'])}", flush=True)
     try:
         submit(client, plan, retry_s=args.retry_s)
     except Exception as e:  # noqa: BLE001 - auth refused, bad request, head gone: Ray's message says which
-        print(f"error: job {sid} was not submitted: {e}", file=sys.stderr)
+        print(f"error: job {sid} was not submitted: {scrub(e)}", file=sys.stderr)
         return 1
     if args.no_wait:
-        print(f"Submitted. Follow it: ray job logs -f {sid}   dashboard: {plan['dashboard_url']}")
+        print(f"Submitted. Follow it: ray job logs -f {sid}   dashboard: {redact_url(plan['dashboard_url'])}")
         return 0
     try:
         status = follow(client, sid)
@@ -373,7 +384,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"\nStopped following; job {sid} keeps running. Follow it: ray job logs -f {sid}   "
               f"stop it: ray job stop {sid}", file=sys.stderr)
         return 130
-    print(f"Job {sid}: {status}   dashboard: {plan['dashboard_url']}")
+    print(f"Job {sid}: {status}   dashboard: {redact_url(plan['dashboard_url'])}")
     return 0 if status == "SUCCEEDED" else 1
 
 

@@ -118,7 +118,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.raycluster import shutdown_ray
     console = setup_console(verbose=args.verbose)
     signals = _Signals()
-    args.resume = f"adapters {shlex.join(argv)}"
+    from pipeline.redaction import redact_args
+    # shown on Ctrl-C and stored in runs/<run>/stages/*.json (in the bucket on S3): never with a secret in it
+    args.resume = f"adapters {shlex.join(redact_args(argv))}"
     try:
         return _dispatch(args, console)
     except KeyboardInterrupt:
