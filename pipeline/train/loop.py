@@ -701,7 +701,8 @@ class DomainRecipe:
                                      "no adapter was exported")
         tail = [x["loss"] for x in st.history["train"][-max(1, t.log_every):]]
         report = {
-            "domain": self.domain, "status": "finished",
+            "domain": self.domain, "status": "finished", "run_name": cfg.run_name,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "train_loss": sum(tail) / len(tail) if tail else None,
             "val_loss": val_loss, "test_loss": test_loss, "val_ppl": ppl(val_loss), "test_ppl": ppl(test_loss),
             "base_val_loss": st.base["val"], "base_test_loss": st.base["test"],
