@@ -152,7 +152,7 @@ class OutputLock:
             from botocore.exceptions import ClientError
             bucket, key = self.store.bucket, self.store.key(LOCK_FILE)
             try:
-                self.store.client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                self.store.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
                 return True
             except ClientError as e:
                 if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):

@@ -104,3 +104,29 @@ def test_a_stale_lock_is_taken_over_with_a_line(capsys, tmp_path, owner):
     rc, said = run(capsys, "report", "--config", DEMO, "--output", str(out))
     assert rc == 0, said
     assert "taking over the lock" in said and ("is gone" in said if owner == "dead pid here" else "s old" in said)
+
+
+def test_the_lock_on_s3_is_a_conditional_create(s3_server, monkeypatch):
+    """On S3 the lock object is created with If-None-Match: * (SeaweedFS, the test server, honours it: the
+    second put gets 412 PreconditionFailed), so two runs cannot both take it."""
+    from botocore.exceptions import ClientError
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = s3_server.make_bucket()
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="probe/x", Body=b"1", IfNoneMatch="*")
+    with pytest.raises(ClientError) as e:
+        client.put_object(Bucket=bucket, Key="probe/x", Body=b"2", IfNoneMatch="*")
+    assert e.value.response["Error"]["Code"] == "PreconditionFailed"
+    store = Store(f"s3://{bucket}/out")
+    first = OutputLock(store, "adapters run (first)")
+    first.acquire()
+    try:
+        from pipeline.ownership import OutputLocked
+        with pytest.raises(OutputLocked, match=r"in use by another run.*\(first\)"):
+            OutputLock(store, "adapters run (second)").acquire()
+    finally:
+        first.release()
+    assert not store.exists(LOCK_FILE)
+    with OutputLock(store, "adapters run (third)"):
+        assert json.loads(store.read_bytes(LOCK_FILE))["command"] == "adapters run (third)"
