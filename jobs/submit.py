@@ -62,10 +62,17 @@ EXCLUDES = [
     "/build", "/dist", "/.whl", "/.devbundle", "/test-artifacts",
     # outputs and raw data at the top of the repo (fixtures/raw is small and ships: the demo needs it)
     "/output", "/outputs", "/raw", "/data", "/runs", "/checkpoints",
-    # credential-looking files, anywhere
-    ".env", ".env.*", "*.pem", ".aws", ".ray", "auth_token", "credentials", "*credentials.json",
-    ".netrc", ".git-credentials",
+    # credential-looking files, anywhere: keys, tokens, env files, kubeconfigs
+    ".env", ".env.*", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "id_rsa*",
+    "id_dsa*", "id_ecdsa*", "id_ed25519*", ".ssh", ".gnupg", ".aws", ".ray", ".huggingface", "auth_token",
+    "token", "*.token", "credentials", "*credentials.json", "service-account*.json", ".netrc", ".git-credentials",
+    ".pypirc", ".kube", "kubeconfig", "*.kubeconfig", ".docker",
+    # virtualenvs and caches anywhere (not only at the top)
+    ".venv", "venv", ".venv-*", ".tox", ".nox", ".conda", ".mypy_cache", ".ruff_cache", ".cache",
 ]
+# The package Ray uploads is capped at this size: the code and the small bundled fixtures are a few MB,
+# so anything near it is data or a model that sits in the checkout and should be excluded.
+MAX_PACKAGE_MB = float(os.environ.get("SUBMIT_MAX_PACKAGE_MB", "50"))
 
 # The seed's documented switches: passed to the job when set here (they change what the job does).
 PASSTHROUGH_ENV = (
@@ -156,7 +163,48 @@ def runtime_env(working_dir: Path, extra_env: Optional[list[str]] = None, enviro
         if name not in env:
             raise SubmitError(f"--env {name}: not set in this shell")
         env_vars[name] = env[name]
-    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env_vars}
+    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES) + output_excludes(Path(working_dir)),
+            "env_vars": env_vars}
+
+
+def output_excludes(working_dir: Path) -> list[str]:
+    """Anchored excludes for every output folder this project made inside the working dir (its marker,
+    pipeline.ownership.OUTPUT_MARKER): a run's output never ships, wherever it sits."""
+    from pipeline.ownership import OUTPUT_MARKER
+    found = []
+    for dirpath, dirnames, filenames in os.walk(working_dir):
+        if OUTPUT_MARKER in filenames:
+            found.append("/" + str(Path(dirpath).relative_to(working_dir)))
+            dirnames[:] = []
+            continue
+        dirnames[:] = [d for d in dirnames if d not in (".git", ".venv", "node_modules")]
+    return [f for f in found if f != "/."]
+
+
+def package_facts(runtime_env: dict) -> dict:
+    """The working_dir package exactly as Ray builds it (its own packager, this runtime_env's excludes and
+    .gitignore as the job client uses them): {"bytes", "files", "largest": [(size, path)] top 5}."""
+    import logging
+    import tempfile
+    import zipfile
+    from ray._private.runtime_env.packaging import create_package
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    with tempfile.TemporaryDirectory(prefix="submit-pkg-") as d:
+        target = Path(d) / "package.zip"
+        create_package(runtime_env["working_dir"], target, include_gitignore=include_gitignore,
+                       excludes=runtime_env["excludes"], logger=logging.getLogger("jobs.submit.package"))
+        with zipfile.ZipFile(target) as z:
+            files = [(i.file_size, i.filename) for i in z.infolist() if not i.is_dir()]
+        return {"bytes": target.stat().st_size, "files": len(files), "names": sorted(n for _, n in files),
+                "largest": sorted(files, reverse=True)[:5]}
+
+
+def check_package(facts: dict, limit_mb: float = MAX_PACKAGE_MB) -> None:
+    if facts["bytes"] > limit_mb * 2**20:
+        big = ", ".join(f"{n} ({b / 2**20:.1f} MB)" for b, n in facts["largest"])
+        raise SubmitError(f"the job's working_dir package is {facts['bytes'] / 2**20:.1f} MB ({facts['files']} files), "
+                          f"over the {limit_mb:g} MB limit; largest: {big}. Exclude them (add them to .gitignore "
+                          "or .rayignore, or move data to s3://), or raise SUBMIT_MAX_PACKAGE_MB")
 
 
 def check_no_secrets(payload: dict, environ: Optional[dict] = None) -> None:
@@ -355,6 +403,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         plan = build(args)
+        facts = package_facts(plan["runtime_env"])
+        print(f"working_dir package: {facts['bytes'] / 2**20:.2f} MB, {facts['files']} files "
+              f"(from {plan['runtime_env']['working_dir']})", file=sys.stderr)
+        check_package(facts)
         if args.dry_run:
             print(scrub(json.dumps({k: plan[k] for k in ("address", "submission_id", "metadata", "runtime_env",
                                                          "entrypoint", "dashboard_url")}, indent=2)))

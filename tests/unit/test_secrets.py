@@ -98,3 +98,34 @@ def test_submit_refuses_a_credential_in_the_entrypoint(tmp_path):
     assert "credential" in str(e.value) and TOKEN not in str(e.value)
     args.set = ["train.max_steps=3"]
     assert "train.max_steps=3" in js.build(args, environ=_submit_env(tmp_path))["entrypoint"]
+
+
+def test_the_job_package_ray_builds_ships_no_keys_tokens_env_files_venvs_or_outputs(tmp_path):
+    """Issue 23.5: the files of the package Ray's own packager builds from the submit's runtime_env."""
+    import os
+    from jobs import submit as js
+    from pipeline.ownership import OUTPUT_MARKER
+    wd = tmp_path / "checkout"
+    secret_files = [".ssh/id_rsa", "deploy.key", "tls/server.pem", ".env", ".envrc", ".huggingface/token",
+                    ".kube/config", "kubeconfig", "ops/prod.kubeconfig", ".aws/credentials", "sub/.venv/bin/python",
+                    "venv/pyvenv.cfg", "output/demo/adapters/x.safetensors", "raw/debatesum/a.csv",
+                    "results/run1/adapters/a.bin", f"results/run1/{OUTPUT_MARKER}", ".git/config"]
+    shipped = ["pipeline/cli.py", "configs/demo.yaml", "fixtures/raw/iam/claims.txt", "README.md"]
+    for rel in secret_files + shipped:
+        (wd / rel).parent.mkdir(parents=True, exist_ok=True)
+        (wd / rel).write_text("x")
+    facts = js.package_facts(js.runtime_env(wd, [], {}))
+    assert facts["names"] == sorted(shipped), facts["names"]
+    (wd / "pipeline" / "weights.bin").write_bytes(os.urandom(2 * 2**20))
+    facts = js.package_facts(js.runtime_env(wd, [], {}))
+    assert facts["files"] == len(shipped) + 1 and facts["bytes"] > 2 * 2**20
+    with pytest.raises(js.SubmitError, match=r"over the 1 MB limit; largest: pipeline/weights.bin \(2.0 MB\)"):
+        js.check_package(facts, limit_mb=1)
+
+
+def test_submit_prints_the_package_size_and_file_count(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "jobs.submit", "--config", "configs/demo.yaml", "--output",
+                        str(tmp_path / "o"), "--dry-run"], cwd=str(ROOT), env=_submit_env(tmp_path),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "working_dir package: " in r.stderr and " MB, " in r.stderr and " files (from " in r.stderr
