@@ -128,6 +128,19 @@ def latest_checkpoint_state(store, cfg, domain: str) -> Optional[tuple[str, dict
     return best
 
 
+def _leftover_of_a_finished_adapter(store, cfg, domain: str, rep: Optional[dict], ck_state: dict,
+                                    identity: dict) -> bool:
+    """Whether this run's checkpoints of `domain` are those of its finished adapter, now not current: this
+    run finished the domain and nothing has run since (its state file says finished), and the latest
+    checkpoint was made for another identity. Resuming from them would continue the old training (a
+    changed learning rate would not retrain), or be refused as incompatible (a rebuilt base). The
+    checkpoints of an attempt that did not finish are never discarded: those are resumed or refused."""
+    if not rep or rep.get("status") != "finished":
+        return False
+    state = (store.read_json_or(state_rel(cfg, domain)) or {}).get("state")
+    return state == "finished" and ck_state.get("config_fingerprint") != identity
+
+
 def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
     """(domains to train, results known without training). Raises UserFacingError on an
     incompatible checkpoint, before any trial starts."""
@@ -139,7 +152,8 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
     prepared = (store.read_json_or("data/manifest.json") or {}).get("domains", {})
     for d in cfg.domains:
         rep = store.read_json_or(f"adapters/{d}/training_report.json")
-        why = why_not_current(rep, adapter_identity(cfg, store, d))
+        identity = adapter_identity(cfg, store, d)
+        why = why_not_current(rep, identity)
         if why is None:
             log.info("domain %s: finished earlier (adapter %s): skipped", d, rep.get("adapter_uri"))
             write_state(store, cfg, d, "finished", report=rep)
@@ -160,6 +174,11 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
             known[d] = {"domain": d, "status": "skipped", "error": msg}
             continue
         ck = latest_checkpoint_state(store, cfg, d)
+        if ck is not None and _leftover_of_a_finished_adapter(store, cfg, d, rep, ck[1], identity):
+            log.info("domain %s: the checkpoints under %s are those of the adapter it replaces: training starts "
+                     "from step 0", d, store.uri_of(f"runs/{cfg.run_name}/train/{d}"))
+            store.delete(f"runs/{cfg.run_name}/train/{d}")   # Ray Train's own run state for it too
+            ck = None
         if ck is not None:
             try:
                 check_compat(ck[1].get("compat", {}), compat_record(cfg, d), store.uri_of(ck[0].rsplit("/", 1)[0]))

@@ -180,3 +180,32 @@ def test_a_failing_run_never_changes_another_runs_finished_domain(tmp_path):
     store.write_json("runs/a/domains/mine.json", {"domain": "mine", "state": "failed", "error": "x",
                                                   "updated": "2026-01-03T00:00:00Z"})
     assert domain_state(store, "a", "mine").state == "failed"
+
+
+def test_checkpoints_of_a_replaced_adapter_are_not_resumed(tmp_path, caplog):
+    """Issue 23.2: after the demo finished, the same run with other data (a rebuilt tiny base) or another
+    learning rate must train again from step 0: its leftover checkpoints were either refused as incompatible
+    (exit 2) or resumed near max_steps (the old training continued). The checkpoints of an attempt that did
+    not finish stay (resumed, or refused as before)."""
+    import logging
+    store = Store(str(tmp_path))
+    write_sft(store, domains=["debate"])
+    old = tiny_config(str(tmp_path), domains=["debate"])
+    made = adapter_identity(old, store, "debate")
+    store.write_json("adapters/debate/training_report.json", {"status": "finished", "config_fingerprint": made})
+    store.write_json("runs/t/domains/debate.json", {"domain": "debate", "state": "finished"})
+    ck = "runs/t/train/debate/checkpoint_000003/train_state.json"
+    store.write_json(ck, {"step": 20, "compat": {**compat_record(old, "debate"), "model.tiny": "built-from-other-data"},
+                          "config_fingerprint": made})
+    new = tiny_config(str(tmp_path), domains=["debate"], train__learning_rate=0.5)
+    with caplog.at_level(logging.INFO, logger="pipeline.train.schedule"):
+        todo, _ = preflight(new, store)
+    assert todo == ["debate"] and not store.exists("runs/t/train/debate")
+    assert "are those of the adapter it replaces: training starts from step 0" in caplog.text
+    # an interrupted retraining: its checkpoints are kept (and refused when incompatible, as before)
+    store.write_json("runs/t/domains/debate.json", {"domain": "debate", "state": "interrupted"})
+    store.write_json(ck, {"step": 20, "compat": {**compat_record(old, "debate"), "model.tiny": "built-from-other-data"},
+                          "config_fingerprint": made})
+    with pytest.raises(UserFacingError, match="cannot resume"):
+        preflight(new, store)
+    assert store.exists(ck)
