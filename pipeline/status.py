@@ -346,7 +346,8 @@ class StageRecord:
 
     def write(self, state: str, error: Optional[str] = None) -> None:
         now = utc_now()
-        rec = {**self.base, "state": state, "error": error, "updated": now}
+        from pipeline.redaction import scrub
+        rec = {**self.base, "state": state, "error": scrub(error) if error else error, "updated": now}
         if state == "running":
             rec["heartbeat"] = now
         try:

@@ -100,7 +100,8 @@ def _now() -> str:
 def write_state(store, cfg, domain: str, state: str, error: Optional[str] = None,
                 report: Optional[dict] = None, driver: Optional[dict] = None) -> dict:
     """driver: {"pid", "host"} of the process that runs the stage (for `adapters status`)."""
-    rec = {"domain": domain, "state": state, "error": error, "updated": _now(),
+    from pipeline.redaction import scrub
+    rec = {"domain": domain, "state": state, "error": scrub(error) if error else error, "updated": _now(),
            "val_loss": (report or {}).get("val_loss"), "adapter_uri": (report or {}).get("adapter_uri")}
     if state == "running":
         rec.update(heartbeat=rec["updated"], **(driver or {}))

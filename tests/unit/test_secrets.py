@@ -129,3 +129,22 @@ def test_submit_prints_the_package_size_and_file_count(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "working_dir package: " in r.stderr and " MB, " in r.stderr and " files (from " in r.stderr
+
+
+def test_errors_stored_in_state_files_are_scrubbed(tmp_path):
+    """A domain's or a stage's error (stored in the output, in the bucket on S3) never holds a URL secret."""
+    import sys as _sys
+    _sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures_train import tiny_config
+    from pipeline.status import StageRecord
+    from pipeline.storage import Store
+    from pipeline.train.schedule import write_state
+    store = Store(str(tmp_path))
+    cfg = tiny_config(str(tmp_path))
+    write_state(store, cfg, "debate", "failed", error=f"GET https://user:{TOKEN}@host/x failed")
+    with pytest.raises(RuntimeError):
+        with StageRecord(store, "t", "train", "adapters train"):
+            raise RuntimeError(f"s3://{KEY}:{SECRET}@bucket/x unreachable")
+    text = _all_text(tmp_path)
+    assert "https://***@host/x" in text and "s3://***@bucket/x" in text
+    assert TOKEN not in text and SECRET not in text and KEY not in text
