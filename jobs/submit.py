@@ -62,10 +62,17 @@ EXCLUDES = [
     "/build", "/dist", "/.whl", "/.devbundle", "/test-artifacts",
     # outputs and raw data at the top of the repo (fixtures/raw is small and ships: the demo needs it)
     "/output", "/outputs", "/raw", "/data", "/runs", "/checkpoints",
-    # credential-looking files, anywhere
-    ".env", ".env.*", "*.pem", ".aws", ".ray", "auth_token", "credentials", "*credentials.json",
-    ".netrc", ".git-credentials",
+    # credential-looking files, anywhere: keys, tokens, env files, kubeconfigs
+    ".env", ".env.*", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "id_rsa*",
+    "id_dsa*", "id_ecdsa*", "id_ed25519*", ".ssh", ".gnupg", ".aws", ".ray", ".huggingface", "auth_token",
+    "token", "*.token", "credentials", "*credentials.json", "service-account*.json", ".netrc", ".git-credentials",
+    ".pypirc", ".kube", "kubeconfig", "*.kubeconfig", ".docker",
+    # virtualenvs and caches anywhere (not only at the top)
+    ".venv", "venv", ".venv-*", ".tox", ".nox", ".conda", ".mypy_cache", ".ruff_cache", ".cache",
 ]
+# The package Ray uploads is capped at this size: the code and the small bundled fixtures are a few MB,
+# so anything near it is data or a model that sits in the checkout and should be excluded.
+MAX_PACKAGE_MB = float(os.environ.get("SUBMIT_MAX_PACKAGE_MB", "50"))
 
 # The seed's documented switches: passed to the job when set here (they change what the job does).
 PASSTHROUGH_ENV = (
@@ -89,8 +96,10 @@ def job_address(cli_address: Optional[str], environ: Optional[dict] = None) -> s
     addr = cli_address or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if addr == "auto" or not addr.startswith(("http://", "https://")):
         # ray job submit talks to the dashboard's HTTP job server, not the GCS port.
-        host = addr.split("://")[-1].split(":")[0] if addr != "auto" else "127.0.0.1"
-        raise SubmitError(f"job address {addr!r} is not the dashboard URL: use http://{host}:8265 "
+        bare = addr.split("://")[-1]
+        shown = addr if "@" not in bare else addr[: len(addr) - len(bare)] + "***@" + bare.rsplit("@", 1)[1]
+        host = bare.rsplit("@", 1)[-1].split(":")[0] if addr != "auto" else "127.0.0.1"
+        raise SubmitError(f"job address {shown!r} is not the dashboard URL: use http://{host}:8265 "
                           "(the head's dashboard port), via --address or RAY_ADDRESS")
     return addr.rstrip("/")
 
@@ -154,7 +163,48 @@ def runtime_env(working_dir: Path, extra_env: Optional[list[str]] = None, enviro
         if name not in env:
             raise SubmitError(f"--env {name}: not set in this shell")
         env_vars[name] = env[name]
-    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env_vars}
+    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES) + output_excludes(Path(working_dir)),
+            "env_vars": env_vars}
+
+
+def output_excludes(working_dir: Path) -> list[str]:
+    """Anchored excludes for every output folder this project made inside the working dir (its marker,
+    pipeline.ownership.OUTPUT_MARKER): a run's output never ships, wherever it sits."""
+    from pipeline.ownership import OUTPUT_MARKER
+    found = []
+    for dirpath, dirnames, filenames in os.walk(working_dir):
+        if OUTPUT_MARKER in filenames:
+            found.append("/" + str(Path(dirpath).relative_to(working_dir)))
+            dirnames[:] = []
+            continue
+        dirnames[:] = [d for d in dirnames if d not in (".git", ".venv", "node_modules")]
+    return [f for f in found if f != "/."]
+
+
+def package_facts(runtime_env: dict) -> dict:
+    """The working_dir package exactly as Ray builds it (its own packager, this runtime_env's excludes and
+    .gitignore as the job client uses them): {"bytes", "files", "largest": [(size, path)] top 5}."""
+    import logging
+    import tempfile
+    import zipfile
+    from ray._private.runtime_env.packaging import create_package
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    with tempfile.TemporaryDirectory(prefix="submit-pkg-") as d:
+        target = Path(d) / "package.zip"
+        create_package(runtime_env["working_dir"], target, include_gitignore=include_gitignore,
+                       excludes=runtime_env["excludes"], logger=logging.getLogger("jobs.submit.package"))
+        with zipfile.ZipFile(target) as z:
+            files = [(i.file_size, i.filename) for i in z.infolist() if not i.is_dir()]
+        return {"bytes": target.stat().st_size, "files": len(files), "names": sorted(n for _, n in files),
+                "largest": sorted(files, reverse=True)[:5]}
+
+
+def check_package(facts: dict, limit_mb: float = MAX_PACKAGE_MB) -> None:
+    if facts["bytes"] > limit_mb * 2**20:
+        big = ", ".join(f"{n} ({b / 2**20:.1f} MB)" for b, n in facts["largest"])
+        raise SubmitError(f"the job's working_dir package is {facts['bytes'] / 2**20:.1f} MB ({facts['files']} files), "
+                          f"over the {limit_mb:g} MB limit; largest: {big}. Exclude them (add them to .gitignore "
+                          "or .rayignore, or move data to s3://), or raise SUBMIT_MAX_PACKAGE_MB")
 
 
 def check_no_secrets(payload: dict, environ: Optional[dict] = None) -> None:
@@ -205,8 +255,14 @@ def build(args: argparse.Namespace, environ: Optional[dict] = None) -> dict:
     env = os.environ if environ is None else environ
     sys.path.insert(0, str(REPO))
     from pipeline.config import ConfigError, load_config
-    from pipeline.redaction import redact_url
+    from pipeline.redaction import redact_args, redact_url
 
+    for value in args.set:
+        if redact_args([value]) != [value]:
+            # the entrypoint is stored by the cluster and shown in the dashboard and `ray job list`
+            raise SubmitError(f"--set {redact_args([value])[0]}: that holds a credential, and credentials never go "
+                              "in a job's command line (the cluster stores it and the dashboard shows it). Give it "
+                              "to the cluster's nodes instead: their environment or a config file there.")
     working_dir = Path(args.working_dir).resolve()
     config_path = Path(args.config)
     if not config_path.is_file():
@@ -269,7 +325,8 @@ def with_retry(call: Callable[[], T], what: str, retry_s: float = RETRY_S, sleep
         except Exception as e:  # noqa: BLE001 - classified just below
             if not _starting_up(e) or waited + delay > retry_s:
                 raise
-            print(f"{what}: the head is still starting ({str(e).splitlines()[0][:160]}); retrying in {delay:.0f}s",
+            from pipeline.redaction import scrub
+            print(f"{what}: the head is still starting ({scrub(str(e).splitlines()[0][:160])}); retrying in {delay:.0f}s",
                   file=sys.stderr, flush=True)
             sleep(delay)
             waited, delay = waited + delay, min(8.0, delay * 2)
@@ -341,31 +398,37 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    sys.path.insert(0, str(REPO))
+    from pipeline.redaction import redact_url, scrub
     args = _parser().parse_args(argv)
     try:
         plan = build(args)
+        facts = package_facts(plan["runtime_env"])
+        print(f"working_dir package: {facts['bytes'] / 2**20:.2f} MB, {facts['files']} files "
+              f"(from {plan['runtime_env']['working_dir']})", file=sys.stderr)
+        check_package(facts)
         if args.dry_run:
-            print(json.dumps({k: plan[k] for k in ("address", "submission_id", "metadata", "runtime_env",
-                                                   "entrypoint", "dashboard_url")}, indent=2))
+            print(scrub(json.dumps({k: plan[k] for k in ("address", "submission_id", "metadata", "runtime_env",
+                                                         "entrypoint", "dashboard_url")}, indent=2)))
             return 0
         client = connect(plan["address"], retry_s=args.retry_s)
     except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {scrub(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - unreachable head, auth refused: Ray's message says which
-        print(f"error: cannot reach the job server at {plan['address']}: {e}", file=sys.stderr)
+        print(f"error: cannot reach the job server at {redact_url(plan['address'])}: {scrub(e)}", file=sys.stderr)
         return 1
     sid = plan["submission_id"]
-    print(f"Submitting {plan['metadata']['job_name']} as job {sid} to {plan['address']}")
+    print(f"Submitting {plan['metadata']['job_name']} as job {sid} to {redact_url(plan['address'])}")
     print(f"  output: {plan['metadata']['output_uri']}")
-    print(f"  dashboard: {plan['dashboard_url']}", flush=True)
+    print(f"  dashboard: {redact_url(plan['dashboard_url'])}", flush=True)
     try:
         submit(client, plan, retry_s=args.retry_s)
     except Exception as e:  # noqa: BLE001 - auth refused, bad request, head gone: Ray's message says which
-        print(f"error: job {sid} was not submitted: {e}", file=sys.stderr)
+        print(f"error: job {sid} was not submitted: {scrub(e)}", file=sys.stderr)
         return 1
     if args.no_wait:
-        print(f"Submitted. Follow it: ray job logs -f {sid}   dashboard: {plan['dashboard_url']}")
+        print(f"Submitted. Follow it: ray job logs -f {sid}   dashboard: {redact_url(plan['dashboard_url'])}")
         return 0
     try:
         status = follow(client, sid)
@@ -373,7 +436,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"\nStopped following; job {sid} keeps running. Follow it: ray job logs -f {sid}   "
               f"stop it: ray job stop {sid}", file=sys.stderr)
         return 130
-    print(f"Job {sid}: {status}   dashboard: {plan['dashboard_url']}")
+    print(f"Job {sid}: {status}   dashboard: {redact_url(plan['dashboard_url'])}")
     return 0 if status == "SUCCEEDED" else 1
 
 

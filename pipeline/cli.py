@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--verbose", action="store_true",
                         help="also show Ray's and the libraries' own lines on the console (always in the log file "
                              "under runs/<run_name>/logs/)")
+        sp.add_argument("--force", action="store_true",
+                        help="use an output folder that is not empty and was not made by this project (nothing of "
+                             "yours in it is deleted; files the project writes there are replaced)")
 
     helps = {"download": "fetch raw sources, with checksums and completion markers",
              "prepare": "Ray Data: raw files -> corpus and SFT Parquet shards + manifest",
@@ -122,7 +125,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.raycluster import shutdown_ray
     console = setup_console(verbose=args.verbose)
     signals = _Signals()
-    args.resume = f"adapters {shlex.join(argv)}"
+    from pipeline.redaction import redact_args
+    # shown on Ctrl-C and stored in runs/<run>/stages/*.json (in the bucket on S3): never with a secret in it
+    args.resume = f"adapters {shlex.join(redact_args(argv))}"
     try:
         return _dispatch(args, console)
     except KeyboardInterrupt:
@@ -197,21 +202,29 @@ def check_prepared(cfg, store, args) -> None:
 
 
 def run_stages(cfg, args, console) -> int:
-    from pipeline.logs import log_file_for
-    from pipeline.status import StageRecord
+    from pipeline.ownership import OutputLock, claim_output, refuse_forbidden
     from pipeline.storage import StorageError, open_store
-    command = args.command
-    stages = STAGES[:-1] if command == "run" else (command,)
+    stages = STAGES[:-1] if args.command == "run" else (args.command,)
     try:
         store = open_store(cfg)
+        refuse_forbidden(cfg, store)   # before the write probe: never a file in `/` or the raw dir
         store.check_writable()
+        claim_output(cfg, store, force=getattr(args, "force", False))
     except StorageError as e:
         raise UserFacingError(str(e)) from None
+    with OutputLock(store, args.resume):   # one run per output: a second fails now, naming this one
+        return _run_locked(cfg, args, console, store, stages)
+
+
+def _run_locked(cfg, args, console, store, stages) -> int:
+    from pipeline.logs import log_file_for
+    from pipeline.status import StageRecord
+    command = args.command
+    results: Optional[dict] = None
     path, upload = log_file_for(cfg, command)
     console.open_file(path, upload)
     log.info("log file: %s%s", upload[0].uri_of(upload[1]) if upload else path,
              "" if console.verbose else " (--verbose shows all of it here)")
-    results: Optional[dict] = None
     for stage in stages:
         with StageRecord(store, cfg.run_name, stage, args.resume):
             t0 = time.time()

@@ -34,6 +34,8 @@ import warnings
 from pathlib import Path
 from typing import Optional, TextIO
 
+from pipeline.redaction import scrub
+
 log = logging.getLogger(__name__)
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -118,7 +120,9 @@ class Console:
                 self._early.append(text)
 
     def line(self, line: str, real: TextIO, drawn: int = 0, console: bool = True) -> None:
-        """One complete line (without its newline); ``drawn``: characters of it already on the console."""
+        """One complete line (without its newline); ``drawn``: characters of it already on the console.
+        Every line is scrubbed of secrets (pipeline.redaction) before it reaches the console or the file."""
+        line = scrub(line)
         with self.lock:
             if RAY_PREFIX.match(ANSI.sub("", line)):
                 self.last_worker_line = time.monotonic()
@@ -182,6 +186,7 @@ class Console:
 
     def draw(self, text: str, real: TextIO) -> bool:
         """Part of a line that redraws itself with '\\r' (a progress bar): to the console now, unless noise."""
+        text = scrub(text)
         with self.lock:
             if self.verbose or not is_noise(text.rsplit("\r", 1)[-1]):
                 real.write(text)

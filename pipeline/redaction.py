@@ -4,8 +4,11 @@
     redact_url(url)          a URL with its user:password part and secret query values masked
     scrub(text, environ)     any text: credential values taken from the environment (by value), URLs
                              inside it as redact_url does, Hugging Face tokens (hf_...)
+    redact_args(argv)        a command line to show or store: each argument scrubbed, and the value of a
+                             ``key=value`` (``--set``) whose key names a credential masked
 
-Callers: config.Config.redacted (URLs in the config), storage (endpoints in messages), download
+Callers: logs.Console (every console and log-file line), cli (error lines, the resume hint, the stage
+records' command), jobs/submit.py (the job's entrypoint and metadata, the --address shown), config.Config.redacted (URLs in the config), storage (endpoints in messages), download
 (URLs and errors in logs and manifests), report (every file it writes); is_secret_name: jobs/submit.py
 (it refuses, rather than masks, a credential in a job's runtime_env) and train/schedule.py (keeps
 credentials out of what Ray Tune copies into its trials).
@@ -24,6 +27,8 @@ SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
 _MIN_SECRET_LEN = 6  # shorter values ("1", "true") would mask ordinary words
 
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|ACCESS_KEY|PRIVATE|AUTH|API_KEY|SESSION", re.I)
+# a config key or option that holds a credential: its name ends so (not "tokens_per_micro_batch", "max_new_tokens")
+_SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|credentials?|access_key|secret_key|api_key|auth)$", re.I)
 _USERINFO = re.compile(r"(?<=://)[^/@\s\"'<>]+@")
 _SECRET_PARAM = re.compile(r"([?&](?:token|key|signature|sig|access_token|X-Amz-[A-Za-z-]+)=)[^&#\s\"'<>]+", re.I)
 _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{10,}")
@@ -49,3 +54,16 @@ def scrub(text: str, environ: Optional[Mapping[str, str]] = None) -> str:
         if value and len(value) >= _MIN_SECRET_LEN:
             text = text.replace(value, MASK).replace(json.dumps(value)[1:-1], MASK)
     return _HF_TOKEN.sub("hf_" + MASK, redact_url(text))
+
+
+def redact_args(argv: "list[str]", environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """``["--set", "storage.aws_secret_access_key=abc", "--address", "http://u:p@h"]`` ->
+    ``["--set", "storage.aws_secret_access_key=***", "--address", "http://***@h"]``."""
+    out: list[str] = []
+    for a in map(str, argv):
+        key, eq, _ = a.partition("=")
+        if eq and _SECRET_KEY.search(key.lstrip("-").rsplit(".", 1)[-1].replace("-", "_")):
+            out.append(f"{key}={MASK}")
+        else:
+            out.append(scrub(a, environ))
+    return out

@@ -176,13 +176,25 @@ class DomainState:
         return cause_line(self.cause)
 
 
+def _superseded(rep: dict, rec: Optional[dict], run: Optional[str]) -> bool:
+    """Whether the run's own state (a later attempt that failed, was interrupted or is running) outranks a
+    finished report in adapters/<domain>/: the report is another run_name's, or older than that state."""
+    if not rec or rec.get("state") not in ("failed", "interrupted", "running"):
+        return False
+    if rep.get("run_name") not in (None, run):
+        return True
+    made, then = _epoch(rep.get("finished_at")), _epoch(rec.get("updated"))
+    return made is not None and then is not None and then > made
+
+
 def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional[dict] = None,
                  now: Optional[float] = None, listing: Optional[list[str]] = None) -> DomainState:
     """One domain's state. In this order:
 
     1. its state file cannot be read -> unknown
-    2. adapters/<domain>/training_report.json says finished -> finished (a trial moves an older report
-       aside when it starts, so a report there is the newest attempt's)
+    2. adapters/<domain>/training_report.json says finished -> finished, unless this run's state file says
+       failed / interrupted / running and the report is another run_name's or older than that state (a
+       trial leaves an earlier adapter in place until its own export replaces it)
     3. its state file says failed / skipped / interrupted -> that, with the recorded cause
     4. its state file says running -> running or stale (``liveness``)
     5. its state file says finished, but the training report is gone -> not started (it will be trained again)
@@ -195,7 +207,8 @@ def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional
         out.state, out.cause = "unknown", f"runs/{run}/domains/{domain}.json is not valid JSON"
         return out
     state = (rec or {}).get("state")
-    if rep is not None and not isinstance(rep, Unreadable) and rep.get("status", "finished") == "finished":
+    if (rep is not None and not isinstance(rep, Unreadable) and rep.get("status", "finished") == "finished"
+            and not _superseded(rep, rec, run)):
         out.state = "finished"
     elif state in ("failed", "skipped", "interrupted"):
         out.state = state
@@ -333,7 +346,8 @@ class StageRecord:
 
     def write(self, state: str, error: Optional[str] = None) -> None:
         now = utc_now()
-        rec = {**self.base, "state": state, "error": error, "updated": now}
+        from pipeline.redaction import scrub
+        rec = {**self.base, "state": state, "error": scrub(error) if error else error, "updated": now}
         if state == "running":
             rec["heartbeat"] = now
         try:

@@ -133,6 +133,9 @@ def split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise StorageError(f"{uri!r} names no bucket: use s3://bucket/prefix")
+    if "@" in bucket:  # s3://KEY:SECRET@bucket: never echoed (redact_url masks the part before the @)
+        raise StorageError(f"{redact_url(uri)!r}: credentials do not belong in the URI; give them as "
+                           "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws or an instance role")
     if not re.match(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$", bucket):
         raise StorageError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name "
                            "(3-63 characters: lowercase letters, digits, '.', '-')")

@@ -62,6 +62,11 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds pickled objects other than tensors and plain containers (or is a pickle this
+    version never reads): refused unread, since unpickling it could run code from the output folder."""
+
+
 # ---- compatibility -------------------------------------------------------------------------------
 
 def compat_record(cfg, domain: str) -> dict:
@@ -134,7 +139,13 @@ class RaySession:
             local = tempfile.mkdtemp(prefix="restore-")
             try:
                 self.store.download_dir(rel, local)
-                _check_checkpoint_loads(local)
+                try:
+                    _check_checkpoint_loads(local)
+                except UnsafeCheckpointError as e:
+                    raise UnsafeCheckpointError(str(e).replace(local, self.store.uri_of(rel))) from None
+            except UnsafeCheckpointError:
+                shutil.rmtree(local, ignore_errors=True)
+                raise
             except Exception as e:  # noqa: BLE001 - cut short by the kill: an older one is used
                 log.warning("checkpoint %s is incomplete (%s): not used", self.store.uri_of(rel), e)
                 shutil.rmtree(local, ignore_errors=True)
@@ -171,7 +182,9 @@ class RaySession:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
 
-CHECKPOINT_FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "train_state.json")
+CHECKPOINT_FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.json", "train_state.json")
+# What an older version wrote (the RNG states as a full pickle): never read, a checkpoint holding it is refused
+PICKLED_FILES = ("rng.pt",)
 
 
 def _checkpoint_step(ck_dir: str) -> int:
@@ -179,12 +192,39 @@ def _checkpoint_step(ck_dir: str) -> int:
         return int(json.load(f)["step"])
 
 
-def _check_checkpoint_loads(ck_dir: str) -> None:
-    """Every file of a checkpoint is there and reads (a copy cut short does not)."""
+def load_tensors(path: "str | io.BytesIO", map_location: Any = "cpu", where: Optional[str] = None) -> Any:
+    """A checkpoint's .pt file: tensors and plain containers only (torch's weights_only unpickler). Anything
+    else in it is refused before it is built (UnsafeCheckpointError naming the file); nothing in it runs.
+    where: how to name the file for the user (its storage URI), default the local path."""
+    import pickle
     import torch
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(
+            f"refused {where or path}: it holds pickled objects other than tensors ({first[:200]}); nothing in it "
+            "was loaded or run. Delete that checkpoint directory (or use a new run_name) if you did not put it "
+            "there, and check who can write to the output.") from None
+
+
+def _refuse_pickles(ck_dir: str) -> None:
+    for name in PICKLED_FILES:
+        if os.path.exists(os.path.join(ck_dir, name)):
+            raise UnsafeCheckpointError(
+                f"refused the checkpoint {ck_dir}: it holds {name}, a pickle that this version never loads (an "
+                "older version's checkpoint, or a crafted one); nothing in it was read or run. Delete that "
+                "checkpoint directory or use a new run_name.")
+
+
+def _check_checkpoint_loads(ck_dir: str) -> None:
+    """Every file of a checkpoint is there and reads (a copy cut short does not); one holding anything but
+    tensors raises UnsafeCheckpointError (not a cut-short copy: the domain fails, see load_tensors)."""
     _checkpoint_step(ck_dir)
-    for name in CHECKPOINT_FILES[:-1]:
-        torch.load(os.path.join(ck_dir, name), map_location="cpu", weights_only=name != "rng.pt")
+    _refuse_pickles(ck_dir)
+    for name in CHECKPOINT_FILES[:-2]:
+        load_tensors(os.path.join(ck_dir, name))
+    _read_rng_state(os.path.join(ck_dir, "rng.json"))
 
 
 # ---- workers of one domain ---------------------------------------------------------------------------
@@ -297,20 +337,35 @@ def peak_memory_gb(device, mem=None) -> float:
 
 
 def _rng_state() -> dict:
+    """The RNG states as plain JSON (lists of ints): a checkpoint never needs a pickle to hold them."""
     import torch
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    st = {"torch": torch.get_rng_state().tolist(),
+          "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+          "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def _read_rng_state(path: str) -> dict:
+    with open(path) as f:
+        st = json.load(f)
+    if not isinstance(st, dict) or not {"torch", "numpy", "python"} <= set(st):
+        raise ValueError(f"{path}: not an RNG state record")
     return st
 
 
 def _set_rng_state(st: dict) -> None:
     import torch
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = st["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
 
 
 def _eta(seconds: float) -> str:
@@ -423,17 +478,21 @@ class DomainRecipe:
 
     # -- restore --------------------------------------------------------------------------------------
     def restore(self) -> None:
-        import torch
         ck = self.session.restore_dir()
         if not ck:
             return
         with open(os.path.join(ck, "train_state.json")) as f:
             saved = json.load(f)
-        check_compat(saved["compat"], self.compat, f"{self.store.uri_of(self.run_dir)} ({self.domain}, step {saved['step']})")
-        self._load_lora(torch.load(os.path.join(ck, "adapter.pt"), map_location=self.device))
-        self.opt.load_state_dict(torch.load(os.path.join(ck, "optimizer.pt"), map_location=self.device))
-        self.sched.load_state_dict(torch.load(os.path.join(ck, "scheduler.pt")))
-        _set_rng_state(torch.load(os.path.join(ck, "rng.pt"), weights_only=False))
+        where = f"{self.store.uri_of(self.run_dir)} ({self.domain}, step {saved['step']})"
+        check_compat(saved["compat"], self.compat, where)
+        _refuse_pickles(ck)
+
+        def load(name: str, map_location: Any = "cpu") -> Any:
+            return load_tensors(os.path.join(ck, name), map_location, where=f"{name} of the checkpoint at {where}")
+        self._load_lora(load("adapter.pt", self.device))
+        self.opt.load_state_dict(load("optimizer.pt", self.device))
+        self.sched.load_state_dict(load("scheduler.pt"))
+        _set_rng_state(_read_rng_state(os.path.join(ck, "rng.json")))
         self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         self.state.resumed_from = saved["step"]
         self.restored_train_time = self.state.train_time
@@ -448,7 +507,8 @@ class DomainRecipe:
                             "is chosen again from the evaluations after step %d", self.domain, best["step"], saved["step"])
                 self.state.best, self.state.evals_since_best = None, 0
             else:
-                self.best_weights = torch.load(io.BytesIO(raw), map_location="cpu")
+                self.best_weights = load_tensors(io.BytesIO(raw), "cpu",
+                                                 where=f"adapter.pt of the checkpoint of step {best['step']} ({where})")
         log.info("domain %s: resumed from step %d", self.domain, saved["step"])
 
     def evaluate_base(self) -> None:
@@ -608,7 +668,8 @@ class DomainRecipe:
             torch.save(get_peft_model_state_dict(self.model), os.path.join(d, "adapter.pt"))
             torch.save(self.opt.state_dict(), os.path.join(d, "optimizer.pt"))
             torch.save(self.sched.state_dict(), os.path.join(d, "scheduler.pt"))
-            torch.save(_rng_state(), os.path.join(d, "rng.pt"))
+            with open(os.path.join(d, "rng.json"), "w") as f:
+                json.dump(_rng_state(), f)
             with open(os.path.join(d, "train_state.json"), "w") as f:
                 json.dump({**asdict(self.state), "compat": self.compat, "domain": self.domain,
                            "config_fingerprint": self.fingerprint}, f)
@@ -640,7 +701,8 @@ class DomainRecipe:
                                      "no adapter was exported")
         tail = [x["loss"] for x in st.history["train"][-max(1, t.log_every):]]
         report = {
-            "domain": self.domain, "status": "finished",
+            "domain": self.domain, "status": "finished", "run_name": cfg.run_name,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "train_loss": sum(tail) / len(tail) if tail else None,
             "val_loss": val_loss, "test_loss": test_loss, "val_ppl": ppl(val_loss), "test_ppl": ppl(test_loss),
             "base_val_loss": st.base["val"], "base_test_loss": st.base["test"],
@@ -722,6 +784,6 @@ def train_loop_per_worker(config: dict) -> None:
         try:
             recipe_cls = with_faults(DomainRecipe, config.get("faults"))
             train_domain(cfg, domain, data, session, recipe_cls, config.get("fingerprint"), marks)
-        except (NonFiniteLossError, IncompatibleCheckpointError, CudaUnavailableError) as e:
+        except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError) as e:
             # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
             write_fatal(cfg, domain, f"{type(e).__name__}: {e}")

@@ -3,8 +3,12 @@ resources.workers_per_trial workers (one by default).
 
     run_domains(cfg, store) -> dict[domain, dict]
 
-- A domain whose adapters/<domain>/training_report.json carries this config's fingerprint is
-  skipped (finished earlier); a domain without SFT train shards is recorded as skipped.
+- A domain whose adapters/<domain>/training_report.json carries this run's adapter_identity (training
+  settings, the base model's fingerprint, the domain's SFT data) is skipped (finished earlier); one whose
+  identity differs is trained again, with a line saying what changed; a domain without SFT train
+  shards is recorded as skipped. adapters/ is shared by every run_name: a trial leaves the adapter
+  there until its own export replaces it, so a failing run never turns another run's finished domain
+  into "not started".
 - Before any trial starts, each domain's latest checkpoint under runs/<run_name>/train/<domain>/
   is checked against the config: another base model, LoRA shape or data layout is a clear error.
 - Trials: GPU per trial on CUDA clusters, CPU on CPU-only; resources.max_concurrent_trials, else as
@@ -54,6 +58,37 @@ def domain_fingerprint(cfg, domain: str) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def adapter_identity(cfg, store, domain: str) -> dict:
+    """Everything a finished adapter depends on, the one place that decides whether it is current:
+    "settings" (domain_fingerprint), "base" (the base model: for the tiny demo base, the fingerprint of what
+    it is built from, so a rebuilt tiny base counts; else model.base@revision), "data" (this domain's SFT
+    shards: prepare's fingerprint of its inputs, and the shards' names and sizes)."""
+    if cfg.model.base == "tiny":
+        from pipeline.train.tiny import tiny_fingerprint
+        base = "tiny:" + tiny_fingerprint(cfg, store)
+    else:
+        base = f"{cfg.model.base}@{cfg.model.revision or 'main'}"
+    shards = [(f, store.size(f)) for f in store.list_files(f"data/sft/{domain}", ".parquet")]
+    inputs = (store.read_json_or(f"data/_work/domains/{domain}.json") or {}).get("fingerprint")
+    data = hashlib.sha256(json.dumps([inputs, shards]).encode()).hexdigest()[:16]
+    return {"settings": domain_fingerprint(cfg, domain), "base": base, "data": data}
+
+
+_CHANGED = {"settings": "the training settings changed", "base": "the base model changed (rebuilt or another one)",
+            "data": "this domain's SFT data changed (prepared again from other inputs or settings)"}
+
+
+def why_not_current(rep: Optional[dict], identity: dict) -> Optional[str]:
+    """None when `rep` is a finished adapter made with `identity`; else why it is not (for the console)."""
+    if not rep or rep.get("status") != "finished":
+        return "no finished adapter"
+    made = rep.get("config_fingerprint")
+    if not isinstance(made, dict):
+        return "it was made by an older version that did not record its base model and data"
+    changed = [_CHANGED[k] for k in identity if made.get(k) != identity[k]]
+    return "; ".join(changed) or None
+
+
 def state_rel(cfg, domain: str) -> str:
     return f"runs/{cfg.run_name}/domains/{domain}.json"
 
@@ -65,7 +100,8 @@ def _now() -> str:
 def write_state(store, cfg, domain: str, state: str, error: Optional[str] = None,
                 report: Optional[dict] = None, driver: Optional[dict] = None) -> dict:
     """driver: {"pid", "host"} of the process that runs the stage (for `adapters status`)."""
-    rec = {"domain": domain, "state": state, "error": error, "updated": _now(),
+    from pipeline.redaction import scrub
+    rec = {"domain": domain, "state": state, "error": scrub(error) if error else error, "updated": _now(),
            "val_loss": (report or {}).get("val_loss"), "adapter_uri": (report or {}).get("adapter_uri")}
     if state == "running":
         rec.update(heartbeat=rec["updated"], **(driver or {}))
@@ -73,9 +109,10 @@ def write_state(store, cfg, domain: str, state: str, error: Optional[str] = None
     return rec
 
 
-def finished_report(store, cfg, domain: str) -> Optional[dict]:
+def finished_report(store, cfg, domain: str, identity: Optional[dict] = None) -> Optional[dict]:
+    """adapters/<domain>/training_report.json when it is a finished adapter made with this identity."""
     rep = store.read_json_or(f"adapters/{domain}/training_report.json")
-    if rep and rep.get("status") == "finished" and rep.get("config_fingerprint") == domain_fingerprint(cfg, domain):
+    if why_not_current(rep, identity or adapter_identity(cfg, store, domain)) is None:
         return rep
     return None
 
@@ -92,6 +129,19 @@ def latest_checkpoint_state(store, cfg, domain: str) -> Optional[tuple[str, dict
     return best
 
 
+def _leftover_of_a_finished_adapter(store, cfg, domain: str, rep: Optional[dict], ck_state: dict,
+                                    identity: dict) -> bool:
+    """Whether this run's checkpoints of `domain` are those of its finished adapter, now not current: this
+    run finished the domain and nothing has run since (its state file says finished), and the latest
+    checkpoint was made for another identity. Resuming from them would continue the old training (a
+    changed learning rate would not retrain), or be refused as incompatible (a rebuilt base). The
+    checkpoints of an attempt that did not finish are never discarded: those are resumed or refused."""
+    if not rep or rep.get("status") != "finished":
+        return False
+    state = (store.read_json_or(state_rel(cfg, domain)) or {}).get("state")
+    return state == "finished" and ck_state.get("config_fingerprint") != identity
+
+
 def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
     """(domains to train, results known without training). Raises UserFacingError on an
     incompatible checkpoint, before any trial starts."""
@@ -102,12 +152,17 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
     problems = []
     prepared = (store.read_json_or("data/manifest.json") or {}).get("domains", {})
     for d in cfg.domains:
-        rep = finished_report(store, cfg, d)
-        if rep is not None:
+        rep = store.read_json_or(f"adapters/{d}/training_report.json")
+        identity = adapter_identity(cfg, store, d)
+        why = why_not_current(rep, identity)
+        if why is None:
             log.info("domain %s: finished earlier (adapter %s): skipped", d, rep.get("adapter_uri"))
             write_state(store, cfg, d, "finished", report=rep)
             known[d] = {**rep, "status": "finished", "skipped": True}
             continue
+        if rep and rep.get("status") == "finished":
+            log.info("domain %s: the adapter finished earlier (%s) is not current: %s; training it again",
+                     d, rep.get("adapter_uri"), why)
         missing = [s for s in SPLITS if not store.list_files(f"data/sft/{d}/{s}", ".parquet")]
         rows = ((prepared.get(d) or {}).get("sft_rows") or {}).get("train")
         if "train" in missing or "val" in missing or rows == 0:
@@ -120,6 +175,11 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
             known[d] = {"domain": d, "status": "skipped", "error": msg}
             continue
         ck = latest_checkpoint_state(store, cfg, d)
+        if ck is not None and _leftover_of_a_finished_adapter(store, cfg, d, rep, ck[1], identity):
+            log.info("domain %s: the checkpoints under %s are those of the adapter it replaces: training starts "
+                     "from step 0", d, store.uri_of(f"runs/{cfg.run_name}/train/{d}"))
+            store.delete(f"runs/{cfg.run_name}/train/{d}")   # Ray Train's own run state for it too
+            ck = None
         if ck is not None:
             try:
                 check_compat(ck[1].get("compat", {}), compat_record(cfg, d), store.uri_of(ck[0].rsplit("/", 1)[0]))
@@ -189,10 +249,9 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     trial_started = time.time()
     domain = params["domain"]
     store = open_store(cfg)
-    old = f"adapters/{domain}/training_report.json"
-    if store.is_file(old):  # made with other settings: it no longer marks a current adapter
-        store.write_bytes(f"adapters/{domain}/training_report.previous.json", store.read_bytes(old))
-        store.delete(old)
+    # an adapter already in adapters/<domain>/ (another run_name's, or made with other inputs) stays until
+    # this trial's export replaces it: a trial that fails leaves it, and that run's state, as they were
+    identity = adapter_identity(cfg, store, domain)
     if store.exists(fatal_rel(cfg.run_name, domain)):
         store.delete(fatal_rel(cfg.run_name, domain))
     r = cfg.resources
@@ -207,7 +266,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
                 # the fake-GPU test hook computes on the CPU, where torch has no NCCL
                 torch_config=TorchConfig(backend="gloo") if os.environ.get(FAKE_GPU_ENV) == "1" else None,
                 train_loop_config={"cfg": cfg, "domain": domain, "faults": FaultPlan.parse(faults, domain),
-                                   "fingerprint": domain_fingerprint(cfg, domain), "trial_started": trial_started},
+                                   "fingerprint": identity, "trial_started": trial_started},
                 scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=cuda,
                                                        resources_per_worker=per_worker),
                 run_config=ray.train.RunConfig(
@@ -228,7 +287,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     fatal = store.read_json_or(fatal_rel(cfg.run_name, domain))
     if fatal:
         error = fatal["error"]
-    report = None if error else finished_report(store, cfg, domain)
+    report = None if error else finished_report(store, cfg, domain, identity)
     if report is None and error is None:
         error = "training ended without an adapter (no training_report.json was written)"
     if error:

@@ -135,15 +135,22 @@ def ensure_tiny(cfg, store=None) -> str:
         threads = torch.get_num_threads()
         losses = pretrain(model, tok, texts, cfg.model.tiny.pretrain_steps, cfg.model.tiny.seed)
         torch.set_num_threads(threads)
-    if store.exists("base_model"):
+    # only what an earlier build wrote is deleted (a folder this project did not make, used with --force,
+    # keeps its own files); a build recorded before "files" existed wrote the whole folder
+    if meta and isinstance(meta.get("files"), list):
+        for f in meta["files"] + ["tiny_meta.json"]:
+            if store.is_file(f"base_model/{f}"):
+                store.delete(f"base_model/{f}")
+    elif meta and store.exists("base_model"):
         store.delete("base_model")
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         tok.save_pretrained(d)
+        files = sorted(str(p.relative_to(d)) for p in Path(d).rglob("*") if p.is_file())
         store.upload_dir(d, "base_model")
     n_params = sum(p.numel() for p in model.parameters())
     store.write_json("base_model/tiny_meta.json", {  # written last: the completion marker
-        "fingerprint": fp, "tiny": cfg.model.tiny.model_dump(mode="json"), "parameters": n_params,
+        "fingerprint": fp, "tiny": cfg.model.tiny.model_dump(mode="json"), "parameters": n_params, "files": files,
         "texts": len(texts), "pretrain_loss_first": losses[0] if losses else None,
         "pretrain_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "build_s": round(time.time() - t0, 1)})

@@ -19,7 +19,8 @@ from pipeline.train.data import IGNORE, Example, collate, plan_batches, tokenize
 from pipeline.train.faults import FaultPlan, with_faults  # noqa: E402
 from pipeline.train.kernels import loss_sum  # noqa: E402
 from pipeline.train.loop import (DomainRecipe, IncompatibleCheckpointError, LocalSession,  # noqa: E402
-                                 NonFiniteLossError, check_compat, compat_record, train_domain)
+                                 NonFiniteLossError, UnsafeCheckpointError, check_compat, compat_record,
+                                 train_domain)
 from pipeline.train.model import (DEFAULT_CHAT_TEMPLATE, add_lora, encode_conversation, load_model,  # noqa: E402
                                   load_tokenizer, prompt_tokens, resolve_base)
 from pipeline.train.tiny import ensure_tiny  # noqa: E402
@@ -275,8 +276,9 @@ def test_a_huge_text_is_cut_by_characters_before_tokenizing(env):
 def _stored_checkpoint(root: Path, step: int, cut_short: bool = False) -> Path:
     d = root / f"checkpoint_{step:08d}"
     d.mkdir(parents=True)
-    for name in ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.pt"):
+    for name in ("adapter.pt", "optimizer.pt", "scheduler.pt"):
         torch.save({"step": torch.tensor(step)}, d / name)
+    (d / "rng.json").write_text(json.dumps({"torch": [0], "numpy": [], "python": []}))
     if cut_short:  # the upload was cut short by a kill: a truncated file
         (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:20])
     (d / "train_state.json").write_text(json.dumps({"step": step}))
@@ -337,3 +339,51 @@ def test_first_step_does_not_wait_for_the_base_evaluation_and_the_base_loss_is_t
     assert rep["val_loss"] < rep["base_val_loss"]
     assert 0 < rep["busy_share"] < 1 and rep["busy_share"] == pytest.approx(
         rep["train_time_s"] / rep["wall_time_s"], rel=0.05)  # off Ray both clocks start with the recipe
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when it is unpickled (what an attacker with write access to the
+    output would put into a checkpoint)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["rng.pt", "optimizer.pt", "adapter.pt"])
+def test_a_checkpoint_file_that_runs_code_when_unpickled_is_refused_and_nothing_runs(env, tmp_path, name):
+    """Issue 23.1: a crafted file in the checkpoint a re-run resumes from: the domain fails with one line
+    naming the file, and the payload never runs (rng.pt, the older versions' pickle, is refused unread)."""
+    import pickle
+    cfg, _, tok = env
+    with pytest.raises(SystemExit):
+        _overfit_run(cfg, tok, tmp_path / "ck", faults="debate:exit:7")
+    latest = sorted((tmp_path / "ck").glob("checkpoint_*"))[-1]
+    marker = tmp_path / "payload-ran"
+    (latest / name).write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    with pytest.raises(UnsafeCheckpointError) as e:
+        _overfit_run(cfg, tok, tmp_path / "ck")
+    assert not marker.exists(), "unpickling the checkpoint ran its code"
+    msg = str(e.value)
+    assert name in msg and "\n" not in msg and "nothing in it was" in msg, msg
+
+
+def test_a_crafted_checkpoint_in_storage_is_refused_not_passed_over(tmp_path):
+    """The storage scan of RaySession (checkpoints newer than Ray's snapshot): a cut-short copy is passed
+    over, but a file holding a code-running pickle fails the domain naming its storage URI, unrun."""
+    import pickle
+    from pipeline.train.loop import RaySession
+    store = Store(str(tmp_path / "out"))
+    root = tmp_path / "out/runs/demo/train/debate"
+    _stored_checkpoint(root, 10)
+    bad = _stored_checkpoint(root, 20)
+    marker = tmp_path / "payload-ran"
+    (bad / "scheduler.pt").write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    s = RaySession.__new__(RaySession)
+    s._ckpt, s.store, s.prefix = None, store, "runs/demo/train/debate"
+    with pytest.raises(UnsafeCheckpointError) as e:
+        s.restore_dir()
+    assert not marker.exists()
+    assert store.uri_of("runs/demo/train/debate/checkpoint_00000020") in str(e.value) and "\n" not in str(e.value)

@@ -14,7 +14,7 @@ from pipeline.errors import UserFacingError  # noqa: E402
 from pipeline.storage import Store  # noqa: E402
 from pipeline.train.loop import compat_record  # noqa: E402
 from pipeline.train.model import ModelLoadError, resolve_base  # noqa: E402
-from pipeline.train.schedule import domain_fingerprint, preflight  # noqa: E402
+from pipeline.train.schedule import adapter_identity, preflight  # noqa: E402
 
 
 def test_preflight_skips_finished_and_empty_domains(tmp_path):
@@ -22,9 +22,10 @@ def test_preflight_skips_finished_and_empty_domains(tmp_path):
     write_sft(store, domains=["debate", "medicine", "education"])
     cfg = tiny_config(str(tmp_path))
     store.write_json("adapters/debate/training_report.json",
-                     {"status": "finished", "config_fingerprint": domain_fingerprint(cfg, "debate"), "val_loss": 1.0})
+                     {"status": "finished", "config_fingerprint": adapter_identity(cfg, store, "debate"), "val_loss": 1.0})
     store.write_json("adapters/medicine/training_report.json",  # made with other settings: trains again
-                     {"status": "finished", "config_fingerprint": "0000", "val_loss": 1.0})
+                     {"status": "finished", "config_fingerprint": {**adapter_identity(cfg, store, "medicine"),
+                                                                   "settings": "0000"}, "val_loss": 1.0})
     todo, known = preflight(cfg, store)
     assert todo == ["medicine", "education"]
     assert known["debate"]["status"] == "finished" and known["debate"]["skipped"]
@@ -124,3 +125,87 @@ def test_credentials_are_kept_from_tune_trials_not_from_the_driver(monkeypatch):
         assert kept and kept < before   # Tune's and Train's own settings are still copied
         assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
     assert set(class_cache.ENV_VARS_TO_PROPAGATE) == before
+
+
+def test_a_finished_adapter_is_reused_only_while_base_data_and_settings_are_the_same(tmp_path, caplog):
+    """Issue 23.2: the demo run again with data.max_docs_per_source changed rebuilt the tiny base, yet every
+    domain was 'finished earlier: skipped'. Now each of the three changes retrains, with a line saying why."""
+    import logging
+    import pyarrow as pa
+    store = Store(str(tmp_path))
+    write_sft(store, domains=["debate"])
+    cfg = tiny_config(str(tmp_path), domains=["debate"])
+
+    def finish():
+        store.write_json("adapters/debate/training_report.json", {
+            "status": "finished", "config_fingerprint": adapter_identity(cfg, store, "debate"), "val_loss": 1.0})
+
+    def decision():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline.train.schedule"):
+            todo, _ = preflight(cfg, store)
+        return todo, " ".join(r.getMessage() for r in caplog.records)
+
+    finish()
+    assert decision() == ([], decision()[1]) and "finished earlier" in decision()[1]
+    # the tiny base is built from every prepared domain's corpus: new corpus text rebuilds it
+    store.write_table("data/corpus/medicine/x-00000.parquet", pa.table({"text": ["a new document"] * 50}))
+    todo, said = decision()
+    assert todo == ["debate"] and "the base model changed" in said and "training it again" in said
+    finish()
+    assert decision()[0] == []
+    write_sft(store, domains=["debate"], n=(25, 5, 5))   # prepared again with other settings
+    todo, said = decision()
+    assert todo == ["debate"] and "SFT data changed" in said
+    finish()
+    cfg = tiny_config(str(tmp_path), domains=["debate"], train__learning_rate=0.5)
+    todo, said = decision()
+    assert todo == ["debate"] and "training settings changed" in said and "base model" not in said
+
+
+def test_a_failing_run_never_changes_another_runs_finished_domain(tmp_path):
+    """Issue 23.2: a run under a new run_name that failed on a domain turned run a's finished domain into
+    'not started' (the trial moved the shared adapters/<domain>/ report aside). The report stays; each
+    run's status reads its own state."""
+    from pipeline.status import domain_state
+    store = Store(str(tmp_path))
+    store.write_json("adapters/mine/training_report.json", {"status": "finished", "run_name": "a", "val_loss": 1.0,
+                                                           "finished_at": "2026-01-01T00:00:00Z"})
+    store.write_json("runs/a/domains/mine.json", {"domain": "mine", "state": "finished", "updated": "2026-01-01T00:00:01Z"})
+    store.write_json("runs/b/domains/mine.json", {"domain": "mine", "state": "failed", "error": "NonFiniteLossError: ...",
+                                                  "updated": "2026-01-02T00:00:00Z"})
+    assert domain_state(store, "a", "mine").state == "finished"
+    assert domain_state(store, "b", "mine").state == "failed"
+    # run a again later failed on it (other settings): its own newer state wins over its older report
+    store.write_json("runs/a/domains/mine.json", {"domain": "mine", "state": "failed", "error": "x",
+                                                  "updated": "2026-01-03T00:00:00Z"})
+    assert domain_state(store, "a", "mine").state == "failed"
+
+
+def test_checkpoints_of_a_replaced_adapter_are_not_resumed(tmp_path, caplog):
+    """Issue 23.2: after the demo finished, the same run with other data (a rebuilt tiny base) or another
+    learning rate must train again from step 0: its leftover checkpoints were either refused as incompatible
+    (exit 2) or resumed near max_steps (the old training continued). The checkpoints of an attempt that did
+    not finish stay (resumed, or refused as before)."""
+    import logging
+    store = Store(str(tmp_path))
+    write_sft(store, domains=["debate"])
+    old = tiny_config(str(tmp_path), domains=["debate"])
+    made = adapter_identity(old, store, "debate")
+    store.write_json("adapters/debate/training_report.json", {"status": "finished", "config_fingerprint": made})
+    store.write_json("runs/t/domains/debate.json", {"domain": "debate", "state": "finished"})
+    ck = "runs/t/train/debate/checkpoint_000003/train_state.json"
+    store.write_json(ck, {"step": 20, "compat": {**compat_record(old, "debate"), "model.tiny": "built-from-other-data"},
+                          "config_fingerprint": made})
+    new = tiny_config(str(tmp_path), domains=["debate"], train__learning_rate=0.5)
+    with caplog.at_level(logging.INFO, logger="pipeline.train.schedule"):
+        todo, _ = preflight(new, store)
+    assert todo == ["debate"] and not store.exists("runs/t/train/debate")
+    assert "are those of the adapter it replaces: training starts from step 0" in caplog.text
+    # an interrupted retraining: its checkpoints are kept (and refused when incompatible, as before)
+    store.write_json("runs/t/domains/debate.json", {"domain": "debate", "state": "interrupted"})
+    store.write_json(ck, {"step": 20, "compat": {**compat_record(old, "debate"), "model.tiny": "built-from-other-data"},
+                          "config_fingerprint": made})
+    with pytest.raises(UserFacingError, match="cannot resume"):
+        preflight(new, store)
+    assert store.exists(ck)
