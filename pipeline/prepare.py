@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 
+from pipeline import neardup
 from pipeline.download import sha256_file
 from pipeline.errors import UserFacingError
 from pipeline.sources import Opts, Quarantine, Reject, SourceSpec, finalize_sft, norm_key, selected_sources, text_hash
@@ -304,6 +305,51 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
 
 
 # ---- step 3: one domain ----------------------------------------------------------------------
+def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store: Store, uf: "_UnionFind", seed: int,
+                     fractions: dict[str, float], unit_split: dict[str, str]) -> dict:
+    """Near-duplicate-aware split units (pipeline/neardup.py), in two steps over the chosen rows' 13-grams:
+    (1) merge the groups of near-duplicate rows (one mostly contained in the other), so no such pair
+    crosses splits; (2) a val or test row with >= neardup.THRESHOLD of its 13-grams in the train split
+    (several train rows may cover it together: Climate-FEVER claims citing the same evidence
+    sentences), counting neither the domain's template n-grams nor the row's own, moves to train with its whole unit, repeated until none is left. Fills unit_split
+    (unit root -> split) and returns the counts for the manifest."""
+    row_group, hashes = [], []
+    for name in names:
+        want = chosen[name]
+        for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
+            for ri, r in enumerate(store.read_table(rel, ["prompt", "response", "group"]).to_pylist()):
+                if (si, ri) in want:
+                    row_group.append(r["group"])
+                    hashes.append(neardup.row_hashes(r))
+    max_df = neardup.max_df_for(len(hashes))
+    merged = 0
+    for i, j in neardup.near_duplicate_links(hashes, max_df):
+        if uf.find(row_group[i]) != uf.find(row_group[j]):
+            uf.union(row_group[i], row_group[j])
+            merged += 1
+    roots = [uf.find(g) for g in row_group]
+    # step 2 judges a row by its n-grams without the domain's templates: a short row can be mostly prompt
+    # template, which is in train by construction and says nothing about a leak
+    hashes = neardup.without(hashes, neardup.templates(hashes, neardup.template_df_for(len(hashes))))
+    for r in roots:
+        if r not in unit_split:
+            unit_split[r] = split_of(seed, r, fractions)
+    moved_units = moved_rows = 0
+    while True:
+        pool = neardup.pool_of([h for h, r in zip(hashes, roots) if unit_split[r] == "train"])
+        held_out = [k for k, r in enumerate(roots) if unit_split[r] != "train"]
+        cover = neardup.covered([hashes[k] for k in held_out], pool)
+        move = {roots[k] for k, c in zip(held_out, cover) if c >= neardup.THRESHOLD}
+        if not move:
+            break
+        moved_units += len(move)
+        moved_rows += sum(1 for r in roots if r in move)
+        for r in move:
+            unit_split[r] = "train"
+    return {"max_df": max_df, "pair_share": neardup.PAIR_SHARE, "threshold": neardup.THRESHOLD,
+            "merged_groups": merged, "moved_to_train": {"units": moved_units, "rows": moved_rows}}
+
+
 def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store) -> dict:
     """Two passes over the staged SFT shards, so memory holds keys, not texts: (1) per row a selection
     key, its group and its duplicate-text keys -> cap, merged groups, split; (2) the rows again,
@@ -340,6 +386,10 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
                     uf.union(first_group[key], e[5])
                 else:
                     first_group[key] = e[5]
+    near = {"enabled": bool(d.near_duplicates), "ngram": neardup.NGRAM}
+    unit_split: dict[str, str] = {}
+    if d.near_duplicates:
+        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split))
     split_of_group: dict[str, str] = {}
     where: dict[str, str] = {}
     for name in names:
@@ -348,9 +398,10 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
                 continue
             g = e[5]
             if g not in split_of_group:
-                split_of_group[g] = split_of(seed, uf.find(g), d.split)
+                root = uf.find(g)
+                split_of_group[g] = unit_split.get(root) or split_of(seed, root, d.split)
             sp = split_of_group[g]
-            # the check: no group and no exact-duplicate text in two splits
+            # the check: no group and no exact-duplicate text in two splits (near-duplicates: _near_duplicates)
             for key in ("g:" + g,) + e[6]:
                 if where.setdefault(key, sp) != sp:
                     raise AssertionError(f"{domain}: {key} is in both {where[key]} and {sp}")
@@ -395,8 +446,35 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
         "groups": {s: len(groups[s]) for s in SPLITS},
         "tokens_estimate": {"corpus": corpus_chars // 4, "sft": {s: sft_chars[s] // 4 for s in SPLITS}},
         "shuffled": shuffle,
-        "cross_split_duplicates": 0, "sft_shards": shards,
+        "cross_split_duplicates": 0, "near_duplicates": near, "sft_shards": shards,
     }
+
+
+def _contamination(store: Store, domains: list[str]) -> dict:
+    """Per domain: its test rows with >= neardup.THRESHOLD of their word 13-grams in its own train split,
+    and in the other domains' train splits (the data card's table); each counted over all 13-grams (as
+    published contamination checks count) and without the domain's template 13-grams (those in more
+    than neardup.template_df_for(rows) of its rows: a short row's prompt template is in train by construction)."""
+    def hashes(dm: str, split: str) -> list:
+        return [neardup.row_hashes(r) for r in store.read_table(f"data/sft/{dm}/{split}", ["prompt", "response"]).to_pylist()]
+    rows = {dm: {s: hashes(dm, s) for s in SPLITS} for dm in domains}
+    tmpl = {}
+    for dm in domains:
+        every = [h for s in SPLITS for h in rows[dm][s]]
+        tmpl[dm] = neardup.templates(every, neardup.template_df_for(len(every)))
+    out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
+    for dm in domains:
+        test, train = rows[dm]["test"], rows[dm]["train"]
+        others = [h for o in domains if o != dm for h in rows[o]["train"]]
+        t_test = neardup.without(test, tmpl[dm])
+        out["domains"][dm] = {
+            "test_rows": len(test),
+            "in_own_train": neardup.contamination(test, train),
+            "in_other_train": neardup.contamination(test, others) if others else 0,
+            "in_own_train_without_templates": neardup.contamination(t_test, neardup.without(train, tmpl[dm])),
+            "in_other_train_without_templates": neardup.contamination(t_test, others) if others else 0,
+        }
+    return out
 
 
 # ---- the stage -------------------------------------------------------------------------------
@@ -435,7 +513,8 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         src_fp[n] = digest(n, specs[n].declaration, settings, listing, chain.get(dom, ""))
         chain[dom] = src_fp[n]
     domains = [dm for dm in cfg.domains if any(specs[n].domain == dm for n in names)]
-    dom_fp = {dm: digest(dm, [src_fp[n] for n in names if specs[n].domain == dm], d.max_sft_per_domain, d.split, d.split_seed)
+    dom_fp = {dm: digest(dm, [src_fp[n] for n in names if specs[n].domain == dm], d.max_sft_per_domain, d.split, d.split_seed,
+                       {"near_duplicates": d.near_duplicates, "ngram": neardup.NGRAM})
               for dm in domains}
     run_fp = digest(CODE_VERSION, dom_fp, cfg.domains, names)
 
@@ -492,6 +571,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         dom_manifest[dm] = _prepare_domain(dm, present_ok, src_manifest, cfg, store)
         store.write_json(f"data/_work/domains/{dm}.json", {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
 
+    contamination = _contamination(store, [dm for dm in cfg.domains if dom_manifest[dm].get("status") == "ok"])
     manifest = {
         "version": 1, "fingerprint": run_fp, "raw_dir": str(raw_dir), "output": store.uri,
         "domains_requested": list(cfg.domains), "sources_selected": names,
@@ -499,7 +579,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
                      "split": d.split, "split_seed": d.split_seed, "min_text_chars": d.min_text_chars,
                      "max_response_chars": d.max_response_chars, "txt_chunk_chars": d.txt_chunk_chars,
                      "max_record_chars": d.max_record_chars, "max_whole_file_mb": d.max_whole_file_mb},
-        "sources": src_manifest, "domains": dom_manifest,
+        "sources": src_manifest, "domains": dom_manifest, "contamination": contamination,
         "totals": {k: sum(m.get(k, 0) for m in src_manifest.values()) for k in ("read", "kept", "quarantined", "deduplicated", "capped")},
     }
     for n, m in src_manifest.items():

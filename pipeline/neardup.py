@@ -1,0 +1,145 @@
+"""Near-duplicates across splits: shared word n-grams, the split units they force, and a contamination count.
+
+    ngram_hashes(text, n)                     -> the row's distinct word n-gram hashes (uint64, sorted)
+    near_duplicate_links(rows_hashes, max_df) -> pairs (i, j) of rows that share a rare n-gram
+    contamination(test, train, threshold)     -> how many test rows have >= threshold of their n-grams in train
+
+What prepare guarantees with ``data.near_duplicates`` on (the default): two rows of one domain that
+share any word 13-gram (prompt + response in the evaluation's lowercased Unicode words) go to the same split, unless
+that 13-gram occurs in more than ``max_df`` rows of the domain (a prompt template or a stock phrase:
+grouping on it would put whole tasks into one split). One shared 13-gram is the sub-unit rule the
+sources need without a per-source key: Climate-FEVER claims that cite the same evidence sentence,
+MedQuAD answers that repeat a boilerplate paragraph, a question asked twice with different wording
+around it. Rows that are merely similar (paraphrases sharing no 13 consecutive words) are not caught,
+and nothing is checked across domains; ``contamination`` measures what is left (the data card's table).
+
+Hand-written on numpy rather than MinHash LSH (datasketch): MinHash estimates Jaccard similarity of
+whole rows, and the leak that matters here is containment (a test row half made of one or several
+train rows' sentences) which a Jaccard threshold misses when the rows differ in length; exact shared
+n-grams find it, deterministically, with one sort over (hash, row) pairs, in memory linear in the
+domain's words (the domain is capped by ``max_sft_per_domain``).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from pipeline.eval.metrics import words   # the evaluation's Unicode words (CJK per character)
+
+NGRAM = 13            # words per shingle (the contamination measure of GPT-3 / Llama reports uses 13-grams)
+PAIR_SHARE = 0.5      # two rows sharing this much of the smaller one's (non-template) n-grams are near-duplicates
+THRESHOLD = 0.5       # a test row with at least this share of its n-grams in train counts as contaminated
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_P = np.uint64(0x9E3779B97F4A7C15)   # odd multiplier of the polynomial rolling hash
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads small word ids over 64 bits (vectorised, wraps mod 2**64)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def row_hashes(row: dict, n: int = NGRAM) -> np.ndarray:
+    """An SFT row's n-gram hashes: prompt and response together (what a model sees of it)."""
+    return ngram_hashes(row["prompt"] + "\n" + row["response"], n)
+
+
+def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
+    """Distinct hashes of the text's word n-grams (a text shorter than n words: one hash of all its words)."""
+    ws = words(text)
+    if not ws:
+        return np.empty(0, np.uint64)
+    ids = _mix(np.fromiter((zlib.crc32(w.encode()) for w in ws), np.uint64, len(ws)))
+    if len(ids) < n:
+        n = len(ids)
+    win = np.lib.stride_tricks.sliding_window_view(ids, n)
+    powers = np.ones(n, np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n - 2, -1, -1):
+            powers[k] = powers[k + 1] * _P
+        h = (win * powers).sum(axis=1, dtype=np.uint64)
+    return np.unique(_mix(h))
+
+
+def _pairs(hashes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """All (hash, row) pairs, sorted by hash (rows ascending within a hash)."""
+    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    H = np.concatenate(list(hashes)) if len(hashes) else np.empty(0, np.uint64)
+    R = np.repeat(np.arange(len(hashes), dtype=np.int64), sizes)
+    order = np.lexsort((R, H))
+    return H[order], R[order]
+
+
+def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float = PAIR_SHARE) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of rows that are near-duplicates: the n-grams they share, counting only those
+    found in at most max_df rows, are at least `share` of the smaller row's n-grams (one row is mostly
+    contained in the other: a repeated answer, a claim citing the same evidence)."""
+    H, R = _pairs(hashes)
+    if len(H) < 2:
+        return []
+    starts = np.flatnonzero(np.r_[True, H[1:] != H[:-1]])
+    lengths = np.diff(np.r_[starts, len(H)])
+    keep = (lengths >= 2) & (lengths <= max_df)
+    parts = []
+    for L in np.unique(lengths[keep]):   # every pair of rows within each posting list, vectorised per length
+        s = starts[keep & (lengths == L)]
+        rows = R[s[:, None] + np.arange(L)]
+        a, b = np.triu_indices(int(L), 1)
+        parts.append(rows[:, a].ravel() * len(hashes) + rows[:, b].ravel())
+    if not parts:
+        return []
+    codes, counts = np.unique(np.concatenate(parts), return_counts=True)
+    i, j = codes // len(hashes), codes % len(hashes)
+    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    ok = counts >= share * np.minimum(sizes[i], sizes[j])
+    return list(zip(i[ok].tolist(), j[ok].tolist()))
+
+
+def covered(hashes: Sequence[np.ndarray], pool: np.ndarray) -> np.ndarray:
+    """Per row, the share of its n-grams found in `pool` (a sorted unique array)."""
+    out = np.zeros(len(hashes))
+    for k, h in enumerate(hashes):
+        if len(h):
+            out[k] = np.isin(h, pool, assume_unique=True).mean()
+    return out
+
+
+def pool_of(hashes: Sequence[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate(list(hashes))) if len(hashes) else np.empty(0, np.uint64)
+
+
+def max_df_for(n_rows: int) -> int:
+    """The most rows an n-gram may be in and still link two rows as near-duplicates: 2% of the domain, at
+    least 20 (a posting list of k rows costs k**2 / 2 pairs; a phrase that common is no evidence that
+    two rows are copies)."""
+    return max(20, n_rows // 50)
+
+
+def template_df_for(n_rows: int) -> int:
+    """An n-gram in more than this many rows of a domain (10%, at least 20) is a template (every row of a
+    task carries its prompt's n-grams); a sentence that many sources quote stays below it."""
+    return max(20, n_rows // 10)
+
+
+def templates(hashes: Sequence[np.ndarray], max_df: int) -> np.ndarray:
+    """The n-grams found in more than max_df rows (template_df_for) (prompt templates, stock phrases), sorted unique."""
+    H, _ = _pairs(hashes)
+    vals, counts = np.unique(H, return_counts=True)
+    return vals[counts > max_df]
+
+
+def without(hashes: Sequence[np.ndarray], drop: np.ndarray) -> list[np.ndarray]:
+    """Each row's n-grams minus `drop` (sorted unique)."""
+    return [h[~np.isin(h, drop, assume_unique=True)] for h in hashes]
+
+
+def contamination(test: Sequence[np.ndarray], train: Sequence[np.ndarray], threshold: float = THRESHOLD) -> int:
+    """How many test rows have at least `threshold` of their distinct n-grams somewhere in `train`
+    (templates included: the measure as published contamination checks count it)."""
+    return int((covered(test, pool_of(train)) >= threshold).sum()) if len(test) else 0
