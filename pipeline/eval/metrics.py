@@ -8,7 +8,7 @@
                                        articles count, so the figures are not comparable with SQuAD's.
 
 Tokenization, written out because every script must be scored: lowercase (str.lower), then a token
-is a run of letters or digits of any script (``[^\W_]``: Unicode word characters without the
+is a run of letters or digits of any script (``[^\\W_]``: Unicode word characters without the
 underscore), except that each CJK ideograph, kana or Hangul syllable is a token of its own (those
 scripts do not separate words with spaces; per-character tokens are how sacrebleu's ``zh`` tokenizer
 and multilingual ROUGE variants score them). On ASCII text this is exactly rouge_score's default

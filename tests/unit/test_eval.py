@@ -6,6 +6,7 @@ and batched generation == one prompt at a time."""
 from __future__ import annotations
 
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -44,6 +45,30 @@ def test_token_f1_hand_computed():
     # prediction 2 tokens, reference 4, overlap 2: P 1, R 1/2 -> F 2/3; punctuation and case ignored
     assert token_f1("Yes, SUPPORTED.", "yes it is supported") == pytest.approx(2 / 3)
     assert token_f1("", "") == 1.0 and token_f1("a", "") == 0.0
+
+
+def test_text_metrics_tokenize_any_script():
+    """The issue's cases: texts without ASCII letters scored 1.0 whatever they said."""
+    assert words("Привет, мир! Déjà-vu 42") == ["привет", "мир", "déjà", "vu", "42"]
+    assert words("糖尿病の治療") == ["糖", "尿", "病", "の", "治", "療"]     # CJK: one token per character
+    assert words("abc漢字") == ["abc", "漢", "字"]
+    # "Привет мир" vs "мир": LCS 1, P 1/2, R 1 -> 2/3
+    assert rouge_l("Привет мир", "мир") == pytest.approx(2 / 3)
+    assert rouge_l("Привет мир", "Пока") == 0.0
+    # 6 vs 5 characters, 4 in common (糖 尿 病 治): P 4/6, R 4/5 -> F 8/11
+    assert token_f1("糖尿病の治療", "糖尿病治疗") == pytest.approx(8 / 11)
+    assert rouge_l("糖尿病の治療", "糖尿病治疗") == pytest.approx(8 / 11)
+
+
+def test_words_equal_rouge_score_tokenizer_on_ascii():
+    """On ASCII text the tokens are rouge_score's default tokenizer's (tokenize.py: lowercase, every run
+    of non-[a-z0-9] replaced by a space, split, no stemming), so rouge_l is its rougeL F-measure there."""
+    import re
+    rng = random.Random(3)
+    alphabet = "abcXYZ019 _-.,;:!?'\"\t\n()/"
+    for _ in range(500):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        assert words(t) == re.sub(r"[^a-z0-9]+", " ", t.lower()).split(), t
 
 
 # ---- intervals and tests against scipy -------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""Near-duplicates never cross splits (pipeline/neardup.py and prepare's split units), on a small
+custom JSONL source, in-process (no Ray)."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import neardup
+from pipeline.config import load_config
+from pipeline.prepare import run_prepare
+
+WORDS = ("river delta estuary sediment salinity tide marsh heron reed algae nitrate oxygen plankton current "
+         "basin flood drought canopy soil root fungus beetle moth pollen seed spore lichen moss fern").split()
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def test_ngram_hashes_follow_words_not_spacing_or_case():
+    a = neardup.ngram_hashes("The  Delta, " + " ".join(WORDS[:20]))
+    assert np.array_equal(a, neardup.ngram_hashes("the delta " + " ".join(WORDS[:20]).upper()))
+    assert len(a) == 22 - 13 + 1
+    assert not np.isin(neardup.ngram_hashes(" ".join(WORDS[5:30])), a).all()
+    # Cyrillic words are words (the old [a-z0-9] rule made every Cyrillic text empty)
+    assert len(neardup.ngram_hashes("Привет мир")) == 1 and len(neardup.ngram_hashes("мир")) == 1
+    assert not np.array_equal(neardup.ngram_hashes("Привет мир"), neardup.ngram_hashes("мир"))
+
+
+def test_links_contained_rows_and_ignores_templates():
+    rng = random.Random(1)
+    template = "Check this claim against the evidence and answer supported refuted or not enough information please."
+    rows = [template + " " + _sentence(rng, 40) for _ in range(60)]
+    rows.append(template + " " + rows[3][len(template) + 1:] + " " + _sentence(rng, 10))  # row 3 plus a tail
+    h = [neardup.ngram_hashes(r) for r in rows]
+    links = neardup.near_duplicate_links(h, max_df=neardup.max_df_for(len(h)))
+    # only the copy: the template's 13-grams are in all 61 rows (> max_df = 20) and link nothing
+    assert links == [(3, 60)]
+    assert len(neardup.templates(h, neardup.template_df_for(len(h)))) > 0
+    assert neardup.contamination([h[60]], [h[3]]) == 1 and neardup.contamination([h[60]], [h[4]]) == 0
+
+
+def _prepare(tmp_path, rows: list[dict], near: bool):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg_file = tmp_path / f"cfg-{near}.yaml"
+    cfg_file.write_text(
+        "domains: [ecology]\n"
+        "data:\n"
+        f"  sources: []\n  near_duplicates: {str(near).lower()}\n"
+        "  custom_sources:\n"
+        f"    - {{name: pairs, domain: ecology, path: {data}, format: jsonl, prompt: q, response: a}}\n"
+        "  download: {offline: true}\n"
+        "model: {base: tiny}\nresources: {device: cpu, num_cpus: 1}\n")
+    out = tmp_path / f"out-{near}"
+    cfg = load_config(cfg_file, output=str(out), raw_dir=str(tmp_path), environ={})
+    m = run_prepare(cfg, use_ray=False)
+    split = {}
+    for s in ("train", "val", "test"):
+        for f in sorted((out / "data" / "sft" / "ecology" / s).glob("*.parquet")):
+            for r in pq.read_table(f).to_pylist():
+                split[r["prompt"]] = s
+    return m, split
+
+
+def test_near_duplicate_pairs_land_in_one_split(tmp_path):
+    """30 pairs of rows: the second of each pair repeats the first's answer with a sentence added and
+    another question (a different group, so the old exact-duplicate keys do not join them). Without
+    near-duplicate units some pairs cross splits; with them none does, and no test row has half its
+    13-grams in train."""
+    rng = random.Random(7)
+    rows, pairs = [], []
+    for i in range(30):
+        answer = _sentence(rng, 60)
+        q1, q2 = f"Question {i}: {_sentence(rng, 8)}?", f"Asked again {i}: {_sentence(rng, 8)}?"
+        rows += [{"q": q1, "a": answer}, {"q": q2, "a": answer + " " + _sentence(rng, 12)}]
+        pairs.append((q1, q2))
+    m0, split0 = _prepare(tmp_path, rows, near=False)
+    crossing0 = sum(split0[a] != split0[b] for a, b in pairs)
+    assert crossing0 > 0, "fixture too weak: no pair crosses splits even without near-duplicate units"
+    assert m0["contamination"]["domains"]["ecology"]["in_own_train"] > 0
+    m1, split1 = _prepare(tmp_path, rows, near=True)
+    assert len(split1) == len(rows)
+    assert [(a, split1[a], split1[b]) for a, b in pairs if split1[a] != split1[b]] == []
+    assert m1["domains"]["ecology"]["near_duplicates"]["merged_groups"] >= 30
+    assert m1["contamination"]["domains"]["ecology"]["in_own_train"] == 0
+    # deterministic: the same input gives the same splits
+    (tmp_path / "again").mkdir()
+    assert _prepare(tmp_path / "again", rows, near=True)[1] == split1
