@@ -385,9 +385,10 @@ def _matrix_rows(matrix: dict, key: str) -> tuple[list[str], list[list[str]]]:
 
 
 # ---- the evaluation sections (eval/matrix.json: pipeline/eval) ---------------------------------------
+from pipeline.eval.matrix import MAX_MAJORITY_RATE  # noqa: E402 (the bound the report states)
 
 EVAL_METRICS = {"loss": "test loss", "ppl": "test perplexity", "acc": "accuracy", "acc_norm": "accuracy (length-normalised)",
-                "rouge_l": "ROUGE-L (F)", "f1": "token F1"}
+                "rouge_l": "ROUGE-L (F)", "f1": "bag-of-words F1 (not SQuAD's)"}
 TASK_METRICS = ("acc", "acc_norm", "rouge_l", "f1")
 
 
@@ -464,9 +465,21 @@ def _task_rows(matrix: dict, domain: str) -> tuple[list[str], list[list[str]]]:
         shown = [k for k in ("acc", "acc_norm", "rouge_l", "f1", "loss") if k in t.get("metrics", {})]
         for k, m in enumerate(shown):
             per = t["metrics"][m]
-            first = [name, t["kind"].replace("_", " "), _i(t["rows"]), _i(t.get("unscored"))] if k == 0 else ["", "", "", ""]
+            first = [name, t["kind"].replace("_", " "), _i(t["rows"]), _i(t.get("unscored")), _majority_text(t)] if k == 0 else [""] * 5
             rows.append(first + [EVAL_METRICS[m], _cell_text(per.get("base"), m), _cell_text(per.get(domain), m)])
-    return ["task", "kind", "test rows", "not scored", "metric", "base [95% CI]", f"{domain} adapter [95% CI]"], rows
+    return ["task", "kind", "test rows", "not scored", "majority-class accuracy", "metric", "base [95% CI]",
+            f"{domain} adapter [95% CI]"], rows
+
+
+def _majority_text(t: dict) -> str:
+    """What always answering the most common gold choice would score, beside acc; 'trivial' when one class
+    or a majority above the bound (pipeline/eval/matrix.MAX_MAJORITY_RATE): such a task decides no verdict."""
+    r = t.get("majority_rate")
+    if r is None:
+        return "–"
+    if t.get("gold_classes", 2) < 2:
+        return f"{r:.3f} (trivial: one gold class)"
+    return f"{r:.3f}" + (" (trivial)" if t.get("trivial") else "")
 
 
 def _fence(text: Optional[str]) -> list[str]:
@@ -483,10 +496,12 @@ def _eval_md(matrix: dict) -> list[str]:
     if not matrix.get("metrics"):
         return L
     L += ["### Adapter vs base model on its own domain", "",
-          "Same test examples for both; 95% intervals are percentile bootstraps over examples; accuracy is compared with "
-          "McNemar's exact test, the other metrics with a paired permutation test; a verdict is 'better' or 'worse' "
-          f"when p < {(matrix.get('settings') or {}).get('alpha', 0.05)}. The headline metric is accuracy where a domain "
-          "has multiple-choice rows, else ROUGE-L.", ""]
+          "Same test examples for both; 95% intervals: exact Clopper-Pearson for accuracy, percentile bootstrap over "
+          "examples for loss, ROUGE-L, F1 and every difference (no bias correction: it covers less than 95% on few rows); "
+          "accuracy is compared with McNemar's exact test, the other metrics with a paired permutation test; a verdict is "
+          f"'better' or 'worse' when p < {(matrix.get('settings') or {}).get('alpha', 0.05)}, not corrected for multiple "
+          "comparisons. The headline metric is accuracy where a domain has multiple-choice rows that are not trivial "
+          f"(more than one gold class, majority-class accuracy at most {MAX_MAJORITY_RATE}), else ROUGE-L.", ""]
     for d, v in (matrix.get("verdicts") or {}).items():
         L.append(f"- **{d}**: {v['verdict']} ({EVAL_METRICS.get(v['metric'], v['metric'])} "
                  f"{_diff_text(v, v['metric'])}, p {'n/a' if v.get('p') is None else format(v['p'], '.3g')}, n={v.get('n')})")
@@ -517,9 +532,11 @@ def _eval_html(matrix: dict) -> list[str]:
         return []
     esc = lambda hr: (hr[0], _esc_rows(hr[1]))  # noqa: E731
     parts = ["<h3>Adapter vs base model on its own domain</h3>",
-             '<p class="note">Same test examples for both; 95% intervals: percentile bootstrap over examples; accuracy: '
-             "McNemar's exact test, other metrics: paired permutation test. Headline: accuracy where a domain has "
-             "multiple-choice rows, else ROUGE-L.</p><ul>"]
+             '<p class="note">Same test examples for both; 95% intervals: exact Clopper-Pearson for accuracy, percentile '
+             "bootstrap over examples for the other metrics and the differences (covers less than 95% on few rows); accuracy: "
+             "McNemar's exact test, other metrics: paired permutation test; not corrected for multiple comparisons. Headline: "
+             "accuracy where a domain has multiple-choice rows that are not trivial (two or more gold classes, majority-class "
+             f"accuracy at most {MAX_MAJORITY_RATE}), else ROUGE-L.</p><ul>"]
     for d, v in (matrix.get("verdicts") or {}).items():
         cls = {"better": "finished", "worse": "failed"}.get(v["verdict"], "missing")
         parts.append(f'<li><b>{_h(d)}</b>: <span class="badge {cls}">{_h(v["verdict"])}</span> '

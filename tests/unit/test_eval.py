@@ -5,7 +5,10 @@ the plan (samples, unscored rows), the scorer against a model whose log-likeliho
 and batched generation == one prompt at a time."""
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
+from types import SimpleNamespace
 import random
 import sys
 from pathlib import Path
@@ -113,6 +116,72 @@ def test_mcnemar_exact_matches_scipy_binomtest():
         only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
         ref = scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
         assert stats.mcnemar_exact(a, b) == pytest.approx(ref, rel=1e-12)
+
+
+def test_clopper_pearson_equals_scipy_exact():
+    for n in (1, 10, 19, 50):
+        for k in range(n + 1):
+            ci = scipy.stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+            assert stats.clopper_pearson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9), (k, n)
+    assert stats.clopper_pearson(0, 0) == (None, None)
+    lo, hi = stats.clopper_pearson(10, 10)          # a perfect score is not [1, 1]
+    assert hi == 1.0 and lo == pytest.approx(0.6915, abs=1e-4)
+
+
+def _coverage(interval, n: int, p: float) -> float:
+    """Exact coverage: the binomial probability of the k whose interval holds p (no simulation noise)."""
+    pmf = scipy.stats.binom.pmf(np.arange(n + 1), n, p)
+    return float(sum(w for k, w in enumerate(pmf) if interval(k, n)[0] <= p <= interval(k, n)[1]))
+
+
+def test_accuracy_interval_covers_at_small_n():
+    """Clopper-Pearson covers >= 95% at every (n, p) of the issue; the percentile bootstrap it replaces for
+    accuracy did not (63.5% at n=10, p=0.9 in the issue); also a seeded simulation through matrix.cell."""
+    for n in (10, 19, 20, 50, 200):
+        for p in (0.5, 0.9, 0.99):
+            assert _coverage(stats.clopper_pearson, n, p) >= 0.95, (n, p)
+
+    def boot(k, n):
+        return stats.bootstrap_interval(stats.mean_of, [[1.0] * k + [0.0] * (n - k)], 400, 0)
+    assert _coverage(boot, 10, 0.9) < 0.9          # why accuracy no longer uses it
+    rng = np.random.default_rng(42)
+    ev = SimpleNamespace(bootstrap_resamples=200, seed=0)
+    for n, p in ((10, 0.9), (19, 0.9)):
+        hits = 0
+        for _ in range(400):
+            rows = [{"key": str(i), "correct": bool(c)} for i, c in enumerate(rng.random(n) < p)]
+            c = mx.cell(rows, "acc", ev)
+            hits += c["low"] <= p <= c["high"]
+            assert c["interval"] == mx.CLOPPER_PEARSON and c["n"] == n
+        assert hits / 400 >= 0.93, (n, p, hits)
+    assert mx.cell([{"key": "a", "rouge_l": 0.5}, {"key": "b", "rouge_l": 0.7}], "rouge_l", ev)["interval"] == \
+        "percentile bootstrap 95% (200 resamples)"
+
+
+def test_majority_class_baseline_flags_trivial_tasks():
+    assert mx.majority([("iam/claim_detection", 2)] * 5) == {"majority_rate": 1.0, "gold_classes": 1, "trivial": True}
+    m = mx.majority([("a", 0), ("a", 0), ("a", 1), ("b", 1), ("b", 1), ("b", 0), ("a", None)])
+    assert m == {"majority_rate": pytest.approx(4 / 6), "gold_classes": 2, "trivial": False}
+    assert mx.majority([("a", 0)] * 19 + [("a", 1)])["trivial"]          # 95% majority > 0.9
+    assert mx.headline_metric({"multiple_choice_scored": 5, "multiple_choice_trivial": True, "generated": 3}) == "rouge_l"
+    assert mx.headline_metric({"multiple_choice_scored": 5, "multiple_choice_trivial": False, "generated": 3}) == "acc"
+
+
+def test_iam_claim_detection_has_real_classes():
+    """Every IAM sentence is a claim_detection row with its own stance (the fixtures' and the real files'
+    claims with a stance used to skip it, leaving "None" the only gold answer)."""
+    from pipeline.sources import iam
+    from tests.unit._prepare_helpers import records
+    task = BUILTIN["iam"].eval_task("claim_detection")
+    golds = Counter()
+    for rec in records("iam"):
+        out = iam.build_sft(rec["row"])
+        cd = [r for r in out if r["task"] == "claim_detection"]
+        assert len(cd) == 1
+        golds[task.choices[task.gold(cd[0]["response"])]] += 1
+        meta = json.loads(rec["row"]["metadata"])
+        assert any(r["task"] == "debate_turn" for r in out) == (meta["claim"] and meta["stance"] in ("support", "contest"))
+    assert set(golds) == {"Support", "Contest", "None"} and max(golds.values()) / sum(golds.values()) < 0.9, golds
 
 
 def test_verdict():
