@@ -66,6 +66,8 @@ def main() -> None:
                   f"{pct(c['in_own_train'], n):>15} {pct(c['in_own_train_without_templates'], n):>14} "
                   f"{pct(c['in_other_train'], n):>14} {nd.get('merged_groups', '-'):>7} "
                   f"{nd['moved_to_train']['rows'] if 'moved_to_train' in nd else '-':>6}")
+    nd_s = sum(m.get("near_duplicates", {}).get("seconds", 0) for m in res[True][0]["domains"].values())
+    print(f"near-duplicate units: {nd_s:.2f}s of prepare; contamination table: {res[True][0]['contamination']['seconds']:.2f}s")
     print(f"prepare wall time: before {res[False][1]:.1f}s, after {res[True][1]:.1f}s ({100 * (res[True][1] / res[False][1] - 1):+.0f}%)")
 
 

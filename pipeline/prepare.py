@@ -313,6 +313,7 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     (several train rows may cover it together: Climate-FEVER claims citing the same evidence
     sentences), counting neither the domain's template n-grams nor the row's own, moves to train with its whole unit, repeated until none is left. Fills unit_split
     (unit root -> split) and returns the counts for the manifest."""
+    t0 = time.time()
     row_group, hashes = [], []
     for name in names:
         want = chosen[name]
@@ -347,7 +348,8 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
         for r in move:
             unit_split[r] = "train"
     return {"max_df": max_df, "pair_share": neardup.PAIR_SHARE, "threshold": neardup.THRESHOLD,
-            "merged_groups": merged, "moved_to_train": {"units": moved_units, "rows": moved_rows}}
+            "merged_groups": merged, "moved_to_train": {"units": moved_units, "rows": moved_rows},
+            "seconds": round(time.time() - t0, 3)}
 
 
 def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store) -> dict:
@@ -571,7 +573,9 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         dom_manifest[dm] = _prepare_domain(dm, present_ok, src_manifest, cfg, store)
         store.write_json(f"data/_work/domains/{dm}.json", {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
 
+    tc = time.time()
     contamination = _contamination(store, [dm for dm in cfg.domains if dom_manifest[dm].get("status") == "ok"])
+    contamination["seconds"] = round(time.time() - tc, 3)
     manifest = {
         "version": 1, "fingerprint": run_fp, "raw_dir": str(raw_dir), "output": store.uri,
         "domains_requested": list(cfg.domains), "sources_selected": names,
