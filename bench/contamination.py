@@ -48,7 +48,7 @@ def main() -> None:
     print(f"raw: {a.raw_dir}")
     print("test rows with >= 50% of their word 13-grams in a train split; before: exact duplicates and source groups "
           "only (data.near_duplicates=false); after: near-duplicate units")
-    print("all: every 13-gram counted; w/o tmpl: the domain's template 13-grams (in > max(20, rows/10) rows) left out")
+    print("all: every 13-gram counted; w/o tmpl: the domain's template 13-grams (in > 10% of one task's rows, and 3+) left out")
     print(f"{'domain':<10} {'run':<7} {'train/val/test':>16} {'own train, all':>15} {'own, w/o tmpl':>14} "
           f"{'other domains':>14} {'merged':>7} {'moved':>6}")
     pct = (lambda k, n: f"{k} ({100 * k / n:.1f}%)" if n else "0")

@@ -314,14 +314,15 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     sentences), counting neither the domain's template n-grams nor the row's own, moves to train with its whole unit, repeated until none is left. Fills unit_split
     (unit root -> split) and returns the counts for the manifest."""
     t0 = time.time()
-    row_group, hashes = [], []
+    row_group, hashes, tasks = [], [], []
     for name in names:
         want = chosen[name]
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            for ri, r in enumerate(store.read_table(rel, ["prompt", "response", "group"]).to_pylist()):
+            for ri, r in enumerate(store.read_table(rel, ["prompt", "response", "group", "task"]).to_pylist()):
                 if (si, ri) in want:
                     row_group.append(r["group"])
                     hashes.append(neardup.row_hashes(r))
+                    tasks.append(f"{name}/{r['task']}")
     max_df = neardup.max_df_for(len(hashes))
     merged = 0
     for i, j in neardup.near_duplicate_links(hashes, max_df):
@@ -331,7 +332,7 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     roots = [uf.find(g) for g in row_group]
     # step 2 judges a row by its n-grams without the domain's templates: a short row can be mostly prompt
     # template, which is in train by construction and says nothing about a leak
-    hashes = neardup.without(hashes, neardup.templates(hashes, neardup.template_df_for(len(hashes))))
+    hashes = neardup.without(hashes, neardup.templates(hashes, tasks))
     for r in roots:
         if r not in unit_split:
             unit_split[r] = split_of(seed, r, fractions)
@@ -455,26 +456,30 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
 def _contamination(store: Store, domains: list[str]) -> dict:
     """Per domain: its test rows with >= neardup.THRESHOLD of their word 13-grams in its own train split,
     and in the other domains' train splits (the data card's table); each counted over all 13-grams (as
-    published contamination checks count) and without the domain's template 13-grams (those in more
-    than neardup.template_df_for(rows) of its rows: a short row's prompt template is in train by construction)."""
-    def hashes(dm: str, split: str) -> list:
-        return [neardup.row_hashes(r) for r in store.read_table(f"data/sft/{dm}/{split}", ["prompt", "response"]).to_pylist()]
-    rows = {dm: {s: hashes(dm, s) for s in SPLITS} for dm in domains}
-    tmpl = {}
+    published contamination checks count) and without the domain's template 13-grams (neardup.templates:
+    a short row's prompt template is in train by construction)."""
+    rows, tmpl = {}, {}
     for dm in domains:
-        every = [h for s in SPLITS for h in rows[dm][s]]
-        tmpl[dm] = neardup.templates(every, neardup.template_df_for(len(every)))
+        rows[dm] = {}
+        every, tasks = [], []
+        for s in SPLITS:
+            t = store.read_table(f"data/sft/{dm}/{s}", ["prompt", "response", "source", "task"]).to_pylist()
+            rows[dm][s] = [neardup.row_hashes(r) for r in t]
+            every += rows[dm][s]
+            tasks += [f"{r['source']}/{r['task']}" for r in t]
+        tmpl[dm] = neardup.templates(every, tasks)
+    pools = {dm: neardup.pool_of(rows[dm]["train"]) for dm in domains}
     out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
     for dm in domains:
-        test, train = rows[dm]["test"], rows[dm]["train"]
-        others = [h for o in domains if o != dm for h in rows[o]["train"]]
+        test = rows[dm]["test"]
+        others = neardup.pool_of([pools[o] for o in domains if o != dm])
         t_test = neardup.without(test, tmpl[dm])
         out["domains"][dm] = {
             "test_rows": len(test),
-            "in_own_train": neardup.contamination(test, train),
-            "in_other_train": neardup.contamination(test, others) if others else 0,
-            "in_own_train_without_templates": neardup.contamination(t_test, neardup.without(train, tmpl[dm])),
-            "in_other_train_without_templates": neardup.contamination(t_test, others) if others else 0,
+            "in_own_train": neardup.contamination(test, pools[dm]),
+            "in_other_train": neardup.contamination(test, others),
+            "in_own_train_without_templates": neardup.contamination(t_test, neardup.pool_of(neardup.without(rows[dm]["train"], tmpl[dm]))),
+            "in_other_train_without_templates": neardup.contamination(t_test, others),
         }
     return out
 
