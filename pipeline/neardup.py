@@ -45,9 +45,57 @@ def _mix(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+def _text(row: dict) -> str:
+    return row["prompt"] + "\n" + row["response"]
+
+
 def row_hashes(row: dict, n: int = NGRAM) -> np.ndarray:
     """An SFT row's n-gram hashes: prompt and response together (what a model sees of it)."""
-    return ngram_hashes(row["prompt"] + "\n" + row["response"], n)
+    return ngram_hashes(_text(row), n)
+
+
+def rows_hashes(rows: Sequence[dict], n: int = NGRAM) -> list[np.ndarray]:
+    """row_hashes of many rows at once (the same values): one rolling hash over all their words, so the
+    per-row cost is the tokenizer's, not a dozen numpy calls."""
+    toks = [words(_text(r)) for r in rows]
+    lens = np.fromiter(map(len, toks), np.int64, len(toks))
+    flat = _ids([w for ws in toks for w in ws])
+    out: list[np.ndarray] = [np.empty(0, np.uint64)] * len(rows)
+    for k in np.flatnonzero((lens > 0) & (lens < n)):      # shorter than n words: one hash of all of them
+        out[k] = ngram_hashes(" ".join(toks[k]), n)
+    full = np.flatnonzero(lens >= n)
+    if not len(full):
+        return out
+    starts = np.r_[0, np.cumsum(lens)[:-1]]
+    win = _windows(flat, n)
+    counts = lens[full] - n + 1
+    before = np.r_[0, np.cumsum(counts)[:-1]]
+    idx = np.arange(counts.sum()) - np.repeat(before, counts) + np.repeat(starts[full], counts)
+    row = np.repeat(full, counts)
+    h = _mix(win[idx])
+    order = np.lexsort((h, row))
+    h, row = h[order], row[order]
+    keep = np.r_[True, (h[1:] != h[:-1]) | (row[1:] != row[:-1])]
+    h, row = h[keep], row[keep]
+    bounds = np.searchsorted(row, full, side="left"), np.searchsorted(row, full, side="right")
+    for k, a, b in zip(full.tolist(), *bounds):
+        out[k] = h[a:b]
+    return out
+
+
+def _ids(ws: list[str]) -> np.ndarray:
+    return _mix(np.fromiter((zlib.crc32(w.encode()) for w in ws), np.uint64, len(ws)))
+
+
+def _windows(ids: np.ndarray, n: int) -> np.ndarray:
+    """Polynomial hash of every run of n consecutive ids (wraps mod 2**64)."""
+    h = np.zeros(len(ids) - n + 1, np.uint64)
+    p = np.uint64(1)
+    with np.errstate(over="ignore"):
+        for k in range(n - 1, -1, -1):
+            h += ids[k:len(ids) - n + 1 + k] * p
+            p = p * _P
+    return h
 
 
 def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
@@ -55,16 +103,8 @@ def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
     ws = words(text)
     if not ws:
         return np.empty(0, np.uint64)
-    ids = _mix(np.fromiter((zlib.crc32(w.encode()) for w in ws), np.uint64, len(ws)))
-    if len(ids) < n:
-        n = len(ids)
-    win = np.lib.stride_tricks.sliding_window_view(ids, n)
-    powers = np.ones(n, np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(n - 2, -1, -1):
-            powers[k] = powers[k + 1] * _P
-        h = (win * powers).sum(axis=1, dtype=np.uint64)
-    return _sorted_unique(_mix(h))
+    ids = _ids(ws)
+    return _sorted_unique(_mix(_windows(ids, min(n, len(ids)))))
 
 
 def _pairs(hashes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

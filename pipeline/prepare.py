@@ -318,11 +318,11 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     for name in names:
         want = chosen[name]
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            for ri, r in enumerate(store.read_table(rel, ["prompt", "response", "group", "task"]).to_pylist()):
-                if (si, ri) in want:
-                    row_group.append(r["group"])
-                    hashes.append(neardup.row_hashes(r))
-                    tasks.append(f"{name}/{r['task']}")
+            t = [r for ri, r in enumerate(store.read_table(rel, ["prompt", "response", "group", "task"]).to_pylist())
+                 if (si, ri) in want]
+            row_group += [r["group"] for r in t]
+            tasks += [f"{name}/{r['task']}" for r in t]
+            hashes += neardup.rows_hashes(t)
     max_df = neardup.max_df_for(len(hashes))
     merged = 0
     for i, j in neardup.near_duplicate_links(hashes, max_df):
@@ -464,7 +464,7 @@ def _contamination(store: Store, domains: list[str]) -> dict:
         every, tasks = [], []
         for s in SPLITS:
             t = store.read_table(f"data/sft/{dm}/{s}", ["prompt", "response", "source", "task"]).to_pylist()
-            rows[dm][s] = [neardup.row_hashes(r) for r in t]
+            rows[dm][s] = neardup.rows_hashes(t)
             every += rows[dm][s]
             tasks += [f"{r['source']}/{r['task']}" for r in t]
         tmpl[dm] = neardup.templates(every, tasks)

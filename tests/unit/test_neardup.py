@@ -90,3 +90,13 @@ def test_near_duplicate_pairs_land_in_one_split(tmp_path):
     # deterministic: the same input gives the same splits
     (tmp_path / "again").mkdir()
     assert _prepare(tmp_path / "again", rows, near=True)[1] == split1
+
+
+def test_batch_hashes_equal_one_by_one():
+    rng = random.Random(5)
+    rows = [{"prompt": _sentence(rng, rng.randrange(0, 30)), "response": _sentence(rng, rng.randrange(0, 20))} for _ in range(50)]
+    rows += [{"prompt": "", "response": ""}, {"prompt": "Привет", "response": "мир 糖尿病"}]
+    batch = neardup.rows_hashes(rows)
+    assert len(batch) == len(rows)
+    for r, h in zip(rows, batch):
+        assert np.array_equal(h, neardup.row_hashes(r)), r
