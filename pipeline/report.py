@@ -447,6 +447,36 @@ def _verdict_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
             "p (test)", "verdict"], rows
 
 
+# fewer paired rows than this and the top table says "too few rows" instead of keep / drop
+MIN_DECISION_N = 30
+
+
+def _keep_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
+    """The report's first table, one row per domain: keep the adapter or not, on what evidence (its own
+    domain's headline metric vs the base model, the loss change there, the worst loss change it causes
+    on another domain)."""
+    comps, metrics = matrix.get("comparisons") or {}, matrix.get("metrics") or {}
+    rows = []
+    for d, v in (matrix.get("verdicts") or {}).items():
+        m, n = v["metric"], v.get("n") or 0
+        if n < MIN_DECISION_N:
+            decision = f"too few rows to decide (n={n} < {MIN_DECISION_N})"
+        else:
+            decision = {"better": "keep", "worse": "drop"}.get(v["verdict"], "no evidence either way (not significant)")
+        own_loss = (comps.get(d) or {}).get(d, {}).get("loss") or {}
+        others = [(o, c.get("loss") or {}) for o, c in (comps.get(d) or {}).items() if o != d]
+        others = [(o, c) for o, c in others if c.get("difference") is not None]
+        worst = max(others, key=lambda oc: oc[1]["difference"], default=None)
+        rows.append([d, decision,
+                     f"{EVAL_METRICS.get(m, m)}: base {_cell_text(metrics.get(m, {}).get('base', {}).get(d), m)}, "
+                     f"adapter {_cell_text(metrics.get(m, {}).get(d, {}).get(d), m)}",
+                     f"{_diff_text(v, m)}; p {'–' if v.get('p') is None else format(v['p'], '.3g')}; {v['verdict']}",
+                     "–" if own_loss.get("difference") is None else f"{own_loss['difference']:+.3f} ({own_loss['verdict']})",
+                     "–" if worst is None else f"{worst[0]}: {worst[1]['difference']:+.3f} ({worst[1]['verdict']})"])
+    return ["domain", "keep this adapter?", "evidence: own-domain headline metric [95% CI]", "difference vs base [95% CI]",
+            "own test loss change", "worst loss change on another domain"], rows
+
+
 def _interference_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for part, label in (("diagonal", "own domain"), ("off_diagonal", "other domains")):
@@ -530,7 +560,7 @@ def _eval_html(matrix: dict) -> list[str]:
     """The evaluation's HTML sections after the loss and perplexity matrices (every text escaped)."""
     if not matrix.get("metrics"):
         return []
-    esc = lambda hr: (hr[0], _esc_rows(hr[1]))  # noqa: E731
+    esc = _esc_rows_head
     parts = ["<h3>Adapter vs base model on its own domain</h3>",
              '<p class="note">Same test examples for both; 95% intervals: exact Clopper-Pearson for accuracy, percentile '
              "bootstrap over examples for the other metrics and the differences (covers less than 95% on few rows); accuracy: "
@@ -602,8 +632,12 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
     s, card, rep = summary, summary["data"], summary["reproducibility"]
     L = [f"# Domain adapters: run `{s['run_name']}`", "",
          f"Output `{s['output']}`, generated {s['generated_at']}. Domains: "
-         + ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items())) + ".", "",
-         "## Results per domain", "", _md_table(*_results_rows(s)), "",
+         + ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items())) + ".", ""]
+    if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}):
+        L += ["## Which adapters to keep", "", _md_table(*_keep_rows(s["eval_matrix"])), "",
+              "Keep: the adapter beats the base model on its own domain's headline metric (p < alpha, paired test); "
+              "drop: it is worse; loss changes are test loss, lower is better. Details in the evaluation matrix below.", ""]
+    L += ["## Results per domain", "", _md_table(*_results_rows(s)), "",
          "Losses are mean token cross-entropy on response tokens; perplexity = exp(loss). "
          "Figures in parentheses are the base model's.", ""]
     for name, title in (("loss_curves.png", "Loss curves"), ("perplexity.png", "Base vs adapter perplexity")):
@@ -679,6 +713,10 @@ def _html_table(head: list[str], rows: list[list[str]], cls: Optional[list[Optio
     return "".join(out)
 
 
+def _esc_rows_head(hr: tuple[list[str], list[list[str]]]) -> tuple[list[str], list[list[str]]]:
+    return hr[0], _esc_rows(hr[1])
+
+
 def _esc_rows(rows: list[list[str]]) -> list[list[str]]:
     return [[_h(c) for c in r] for r in rows]
 
@@ -736,6 +774,10 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         f"<h1>Domain adapters: run <code>{_h(s['run_name'])}</code></h1>",
         f'<p class="note">Output <code>{_h(s["output"])}</code> &middot; generated {_h(s["generated_at"])}</p>',
         f'<div class="cards">{cards}</div>',
+        *((["<h2>Which adapters to keep</h2>", _html_table(*_esc_rows_head(_keep_rows(s["eval_matrix"])), None, "keep"),
+             '<p class="note">Keep: the adapter beats the base model on its own domain\'s headline metric (p &lt; alpha, '
+             "paired test); drop: it is worse; loss changes are test loss, lower is better.</p>"])
+          if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}) else []),
         "<h2>Results per domain</h2>", _html_table(head, hrows, num, "results"),
         '<p class="note">Losses are mean token cross-entropy on response tokens; perplexity = exp(loss). '
         "Figures in parentheses are the base model's.</p>",
