@@ -139,10 +139,12 @@ def data_card(manifest: Optional[dict], download: Optional[dict]) -> dict:
                       for f in m.get("files", []) if isinstance(f, dict)],
         }
     domains = {d: {"status": m.get("status"), "corpus_rows": m.get("corpus_rows"), "sft_rows": m.get("sft_rows"),
-                   "tokens_estimate": m.get("tokens_estimate"), "reason": m.get("reason")}
+                   "tokens_estimate": m.get("tokens_estimate"), "reason": m.get("reason"),
+                   "near_duplicates": m.get("near_duplicates")}
                for d, m in (manifest.get("domains") or {}).items()}
     return {"available": True, "fingerprint": manifest.get("fingerprint"), "settings": manifest.get("settings"),
-            "totals": manifest.get("totals") or {}, "sources": sources, "domains": domains}
+            "totals": manifest.get("totals") or {}, "sources": sources, "domains": domains,
+            "contamination": manifest.get("contamination")}
 
 
 def package_versions() -> dict[str, Optional[str]]:
@@ -621,6 +623,23 @@ def _domain_data_rows(card: dict) -> tuple[list[str], list[list[str]]]:
     return ["domain", "status", "corpus rows", "SFT train / val / test", "corpus tokens (est.)"], rows
 
 
+def _contamination_rows(card: dict) -> tuple[list[str], list[list[str]]]:
+    """Per domain: test rows with >= 50% of their word 13-grams in a train split (prepare's manifest), and
+    what the near-duplicate split did (docs/ARCHITECTURE.md, "What the split guarantees")."""
+    c = card.get("contamination") or {}
+    pct = (lambda k, n: "–" if k is None else f"{_i(k)} ({100 * k / n:.1f}%)" if n else _i(k))
+    rows = []
+    for d, x in (c.get("domains") or {}).items():
+        nd = (card["domains"].get(d) or {}).get("near_duplicates") or {}
+        n = x.get("test_rows")
+        rows.append([d, _i(n), pct(x.get("in_own_train"), n), pct(x.get("in_own_train_without_templates"), n),
+                     pct(x.get("in_other_train"), n),
+                     "off" if nd and not nd.get("enabled") else _i(nd.get("merged_groups")),
+                     _i((nd.get("moved_to_train") or {}).get("rows"))])
+    return ["domain", "test rows", "in own train (all 13-grams)", "in own train (without templates)",
+            "in other domains' train", "near-duplicate merges", "rows moved to train"], rows
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     out = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
@@ -659,6 +678,9 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
               "### Sources", "", _md_table(*_source_rows(card)), "",
               "### Quarantine reasons", "", _md_table(*_reason_rows(card)) if _reason_rows(card)[1] else "None.", "",
               "### Domains", "", _md_table(*_domain_data_rows(card)), "",
+              *(["### Contamination", "", "Test rows with 50% or more of their word 13-grams in a train split "
+                 "(templates: 13-grams in more than 10% of one task's rows).", "", _md_table(*_contamination_rows(card)), ""]
+                if card.get("contamination") else []),
               "### Files and checksums", "", _md_table(*_file_rows(card)), ""]
     else:
         L += [f"Not available: {s['data_note']}.", ""]
@@ -802,6 +824,10 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
                   if _reason_rows(card)[1] else "<p>None.</p>",
                   "<h3>Domains</h3>", _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_domain_data_rows(card)),
                                                    [None, None, "num", "num", "num"], "domains-data"),
+                  *(["<h3>Contamination</h3>", '<p class="note">Test rows with 50% or more of their word 13-grams in a '
+                     "train split (templates: 13-grams in more than 10% of one task's rows).</p>",
+                     _html_table(*_esc_rows_head(_contamination_rows(card)), [None] + ["num"] * 6, "contamination")]
+                    if card.get("contamination") else []),
                   "<details><summary>Files and checksums</summary>",
                   _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_file_rows(card)), [None, None, "num", "sha", None], "files"),
                   "</details>"]

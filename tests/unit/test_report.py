@@ -251,3 +251,20 @@ def test_report_answers_which_adapter_to_keep_first(cfg):
     assert "| debate: -0.150 (better) |" in md
     page = store.read_text("report/summary.html")
     assert page.index('<table id="keep">') < page.index('<table id="results">')
+
+
+def test_data_card_has_the_contamination_table(cfg):
+    store = Store(cfg.output)
+    write_tree(store)
+    m = fake_manifest()
+    m["domains"]["medicine"]["near_duplicates"] = {"enabled": True, "merged_groups": 75, "moved_to_train": {"units": 60, "rows": 76}}
+    m["contamination"] = {"ngram": 13, "threshold": 0.5, "domains": {"medicine": {
+        "test_rows": 250, "in_own_train": 1, "in_own_train_without_templates": 0, "in_other_train": 0,
+        "in_other_train_without_templates": 0}}}
+    store.write_json("data/manifest.json", m)
+    run_report(cfg)
+    md = store.read_text("report/summary.md")
+    assert "| medicine | 250 | 1 (0.4%) | 0 (0.0%) | 0 (0.0%) | 75 | 76 |" in md
+    assert md.index("### Contamination") > md.index("## Data card")
+    assert '<table id="contamination">' in store.read_text("report/summary.html")
+    assert store.read_json("report/summary.json")["data"]["contamination"] == m["contamination"]
