@@ -415,7 +415,9 @@ def _diff_text(c: dict, metric: str) -> str:
 
 
 def _p_text(c: dict) -> str:
-    return "–" if c.get("p") is None else f"{c['p']:.3g} ({c.get('test')})"
+    if c.get("p") is None:
+        return "–"
+    return f"{c['p']:.3g} ({c.get('test')})" + ("" if c.get("p_adjusted") is None else f"; Holm-adjusted {c['p_adjusted']:.3g}")
 
 
 def _eval_has(matrix: dict, metric: str) -> bool:
@@ -442,6 +444,8 @@ def _verdict_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
             c = (comps.get(d) or {}).get(d, {}).get(m) or {}
             if not c.get("n"):
                 continue
+            if m == head:   # the domain's verdict: decided on the Holm-adjusted p
+                c = matrix["verdicts"][d]
             rows.append([d if m == head else "", EVAL_METRICS[m] + (" (headline)" if m == head else ""), _i(c["n"]),
                          _cell_text(metrics.get(m, {}).get("base", {}).get(d), m),
                          _cell_text(metrics.get(m, {}).get(d, {}).get(d), m), _diff_text(c, m), _p_text(c), c["verdict"]])
@@ -472,7 +476,8 @@ def _keep_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([d, decision,
                      f"{EVAL_METRICS.get(m, m)}: base {_cell_text(metrics.get(m, {}).get('base', {}).get(d), m)}, "
                      f"adapter {_cell_text(metrics.get(m, {}).get(d, {}).get(d), m)}",
-                     f"{_diff_text(v, m)}; p {'–' if v.get('p') is None else format(v['p'], '.3g')}; {v['verdict']}",
+                     f"{_diff_text(v, m)}; p {'–' if v.get('p') is None else format(v['p'], '.3g')}"
+                     + ("" if v.get("p_adjusted") is None else f", Holm {v['p_adjusted']:.3g}") + f"; {v['verdict']}",
                      "–" if own_loss.get("difference") is None else f"{own_loss['difference']:+.3f} ({own_loss['verdict']})",
                      "–" if worst is None else f"{worst[0]}: {worst[1]['difference']:+.3f} ({worst[1]['verdict']})"])
     return ["domain", "keep this adapter?", "evidence: own-domain headline metric [95% CI]", "difference vs base [95% CI]",
@@ -531,12 +536,12 @@ def _eval_md(matrix: dict) -> list[str]:
           "Same test examples for both; 95% intervals: exact Clopper-Pearson for accuracy, percentile bootstrap over "
           "examples for loss, ROUGE-L, F1 and every difference (no bias correction: it covers less than 95% on few rows); "
           "accuracy is compared with McNemar's exact test, the other metrics with a paired permutation test; a verdict is "
-          f"'better' or 'worse' when p < {(matrix.get('settings') or {}).get('alpha', 0.05)}, not corrected for multiple "
-          "comparisons. The headline metric is accuracy where a domain has multiple-choice rows that are not trivial "
+          f"'better' or 'worse' when p < {(matrix.get('settings') or {}).get('alpha', 0.05)}: Holm-adjusted over the "
+          "domains for each domain's verdict (the list below), uncorrected in the other tables. The headline metric is accuracy where a domain has multiple-choice rows that are not trivial "
           f"(more than one gold class, majority-class accuracy at most {MAX_MAJORITY_RATE}), else ROUGE-L.", ""]
     for d, v in (matrix.get("verdicts") or {}).items():
         L.append(f"- **{d}**: {v['verdict']} ({EVAL_METRICS.get(v['metric'], v['metric'])} "
-                 f"{_diff_text(v, v['metric'])}, p {'n/a' if v.get('p') is None else format(v['p'], '.3g')}, n={v.get('n')})")
+                 f"{_diff_text(v, v['metric'])}, p {_p_text(v) if v.get('p') is not None else 'n/a'}, n={v.get('n')})")
     L += ["", _md_table(*_verdict_rows(matrix)), "", "### Interference: adapters on the other domains", "",
           _md_table(*_interference_rows(matrix)), ""]
     for m in TASK_METRICS:
@@ -566,14 +571,14 @@ def _eval_html(matrix: dict) -> list[str]:
     parts = ["<h3>Adapter vs base model on its own domain</h3>",
              '<p class="note">Same test examples for both; 95% intervals: exact Clopper-Pearson for accuracy, percentile '
              "bootstrap over examples for the other metrics and the differences (covers less than 95% on few rows); accuracy: "
-             "McNemar's exact test, other metrics: paired permutation test; not corrected for multiple comparisons. Headline: "
+             "McNemar's exact test, other metrics: paired permutation test; per-domain verdicts Holm-adjusted over the domains, other cells uncorrected. Headline: "
              "accuracy where a domain has multiple-choice rows that are not trivial (two or more gold classes, majority-class "
              f"accuracy at most {MAX_MAJORITY_RATE}), else ROUGE-L.</p><ul>"]
     for d, v in (matrix.get("verdicts") or {}).items():
         cls = {"better": "finished", "worse": "failed"}.get(v["verdict"], "missing")
         parts.append(f'<li><b>{_h(d)}</b>: <span class="badge {cls}">{_h(v["verdict"])}</span> '
                      f"{_h(EVAL_METRICS.get(v['metric'], v['metric']))} {_h(_diff_text(v, v['metric']))}, "
-                     f"p {_h('n/a' if v.get('p') is None else format(v['p'], '.3g'))}</li>")
+                     f"p {_h(_p_text(v) if v.get('p') is not None else 'n/a')}</li>")
     parts += ["</ul>", _html_table(*esc(_verdict_rows(matrix)), None, "eval-verdicts"),
               "<h3>Interference: adapters on the other domains</h3>",
               _html_table(*esc(_interference_rows(matrix)), [None, None, "num", "num", "num", "num", "num"], "eval-interference")]
@@ -654,7 +659,8 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
          + ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items())) + ".", ""]
     if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}):
         L += ["## Which adapters to keep", "", _md_table(*_keep_rows(s["eval_matrix"])), "",
-              "Keep: the adapter beats the base model on its own domain's headline metric (p < alpha, paired test); "
+              "Keep: the adapter beats the base model on its own domain's headline metric (Holm-adjusted p over the domains "
+              "< alpha, paired test); "
               "drop: it is worse; loss changes are test loss, lower is better. Details in the evaluation matrix below.", ""]
     L += ["## Results per domain", "", _md_table(*_results_rows(s)), "",
          "Losses are mean token cross-entropy on response tokens; perplexity = exp(loss). "
@@ -797,8 +803,8 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         f'<p class="note">Output <code>{_h(s["output"])}</code> &middot; generated {_h(s["generated_at"])}</p>',
         f'<div class="cards">{cards}</div>',
         *((["<h2>Which adapters to keep</h2>", _html_table(*_esc_rows_head(_keep_rows(s["eval_matrix"])), None, "keep"),
-             '<p class="note">Keep: the adapter beats the base model on its own domain\'s headline metric (p &lt; alpha, '
-             "paired test); drop: it is worse; loss changes are test loss, lower is better.</p>"])
+             '<p class="note">Keep: the adapter beats the base model on its own domain\'s headline metric (Holm-adjusted p over the domains '
+             "&lt; alpha, paired test); drop: it is worse; loss changes are test loss, lower is better.</p>"])
           if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}) else []),
         "<h2>Results per domain</h2>", _html_table(head, hrows, num, "results"),
         '<p class="note">Losses are mean token cross-entropy on response tokens; perplexity = exp(loss). '

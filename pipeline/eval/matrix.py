@@ -16,6 +16,9 @@ which is why each cell names its method and n):
 Every adapter is compared with the base model on every dataset over the same examples (McNemar's
 exact test for acc / acc_norm, a paired sign-flip permutation test for the others) with a paired
 bootstrap interval of the difference; its own domain is the diagonal, the others show interference.
+The per-domain verdicts (``verdicts``: each adapter on its own domain, headline metric) are decided on
+Holm-adjusted p-values over the domains (``p_adjusted``; ``p`` is the raw one); the other cells'
+verdicts are uncorrected and say so in the report.
 """
 from __future__ import annotations
 
@@ -219,6 +222,13 @@ def build_matrix(plans: list, scores: dict[str, dict[str, list[dict]]], ev) -> d
         if d in comparisons:
             h = headline_metric(counts[d])
             verdicts[d] = {"metric": h, **comparisons[d][d][h]}
+    # the per-domain verdicts are a family of tests: Holm's correction over them ("p" stays the raw p-value)
+    adjusted = stats.holm({d: v["p"] for d, v in verdicts.items() if v.get("p") is not None})
+    for d, v in verdicts.items():
+        v["p_adjusted"] = adjusted.get(d)
+        v["correction"] = f"Holm over {len(adjusted)} domain verdicts"
+        if v.get("n"):
+            v["verdict"] = stats.verdict(v["p_adjusted"], v["difference"], HIGHER_IS_BETTER[v["metric"]], ev.alpha)
     return {
         "models": models, "datasets": datasets,
         # the loss matrix as before (model -> dataset -> value), kept for readers of the old layout

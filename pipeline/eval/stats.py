@@ -16,6 +16,7 @@
                                                            sign patterns, else Monte Carlo), for ROUGE-L,
                                                            F1 and per-example loss; the p-value is
                                                            computed as scipy.stats.permutation_test does
+    holm(pvalues) -> adjusted p-values                    Holm's step-down correction (the per-domain verdicts)
     verdict(p, difference, higher_is_better, alpha) -> "better" | "worse" | "no significant difference"
 
 Hand-written because the package depends on numpy only (scipy is a test dependency: the tests compare
@@ -124,6 +125,17 @@ def paired_permutation(base: Sequence[float], other: Sequence[float], resamples:
     else:
         signs = np.where(np.random.default_rng(seed).random((resamples, n)) < 0.5, -1.0, 1.0)
     return _p_two_sided((signs * d).mean(axis=1), observed, exact)
+
+
+def holm(pvalues: dict) -> dict:
+    """Holm-Bonferroni adjusted p-values (step-down; monotone; capped at 1), same keys: a verdict at level
+    alpha on the adjusted p keeps the chance of any false 'better'/'worse' among them at most alpha."""
+    order = sorted(pvalues, key=lambda k: pvalues[k])
+    m, out, running = len(order), {}, 0.0
+    for i, k in enumerate(order):
+        running = max(running, min(1.0, (m - i) * pvalues[k]))
+        out[k] = running
+    return out
 
 
 def verdict(p: Optional[float], difference: Optional[float], higher_is_better: bool, alpha: float) -> str:

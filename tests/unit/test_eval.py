@@ -184,6 +184,14 @@ def test_iam_claim_detection_has_real_classes():
     assert set(golds) == {"Support", "Contest", "None"} and max(golds.values()) / sum(golds.values()) < 0.9, golds
 
 
+def test_holm_adjustment():
+    # sorted p: 0.01 (x3), 0.02 (x2), 0.04 (x1) -> 0.03, 0.04, 0.04 (monotone); 0.5 alone stays 0.5
+    assert stats.holm({"a": 0.04, "b": 0.01, "c": 0.02}) == pytest.approx({"b": 0.03, "c": 0.04, "a": 0.04})
+    assert stats.holm({"a": 0.5}) == {"a": 0.5} and stats.holm({}) == {}
+    assert stats.holm({"a": 0.4, "b": 0.3, "c": 0.9}) == pytest.approx({"b": 0.9, "a": 0.9, "c": 0.9})   # 3x0.3, max(0.9, 2x0.4), 0.9
+    assert stats.holm({"a": 0.6, "b": 0.5}) == {"b": 1.0, "a": 1.0}        # capped at 1
+
+
 def test_verdict():
     assert stats.verdict(0.01, 0.2, True, 0.05) == "better"
     assert stats.verdict(0.01, 0.2, False, 0.05) == "worse"          # a loss that went up
@@ -384,6 +392,7 @@ def test_matrix_verdicts_summary_and_escaped_report_sections():
     assert m["models"] == ["base", "medicine", "debate"] and m["counts"]["medicine"]["multiple_choice_unscored"] == 2
     v = m["verdicts"]["medicine"]
     assert v["metric"] == "acc" and v["verdict"] == "better" and v["p"] < 1e-4 and v["n"] == 40
+    assert v["p_adjusted"] == v["p"] and v["correction"] == "Holm over 1 domain verdicts"     # one domain: no change
     assert m["comparisons"]["medicine"]["medicine"]["loss"]["verdict"] == "better"          # lower loss
     assert m["comparisons"]["debate"]["medicine"]["acc"]["verdict"] == "no significant difference"   # same answers
     assert m["summary"]["off_diagonal"]["acc"] == {"cells": 1, "mean_difference": 0.0, "better": 0, "worse": 0,
