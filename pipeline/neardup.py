@@ -1,28 +1,31 @@
-"""Near-duplicates across splits: shared word n-grams, the split units they force, and a contamination count.
+"""Near-duplicates across splits: word n-gram hashes, near-duplicate pairs, templates, a contamination count.
 
-    ngram_hashes(text, n)                     -> the row's distinct word n-gram hashes (uint64, sorted)
-    near_duplicate_links(rows_hashes, max_df) -> pairs (i, j) of rows that share a rare n-gram
-    contamination(test, train, threshold)     -> how many test rows have >= threshold of their n-grams in train
+    rows_hashes(rows) / row_hashes(row) / ngram_hashes(text) -> distinct word 13-gram hashes (uint64, sorted)
+    near_duplicate_links(hashes, max_df)      -> pairs (i, j) of rows sharing >= PAIR_SHARE of the smaller
+                                                 one's n-grams (n-grams in more than max_df rows not counted)
+    templates(hashes, tasks)                  -> the n-grams in more than TEMPLATE_SHARE of one task's rows
+    covered(hashes, pool) / contamination(test, train) -> share of each row's n-grams in a pool; how many
+                                                 test rows reach THRESHOLD
 
-What prepare guarantees with ``data.near_duplicates`` on (the default): two rows of one domain that
-share any word 13-gram (prompt + response in the evaluation's lowercased Unicode words) go to the same split, unless
-that 13-gram occurs in more than ``max_df`` rows of the domain (a prompt template or a stock phrase:
-grouping on it would put whole tasks into one split). One shared 13-gram is the sub-unit rule the
-sources need without a per-source key: Climate-FEVER claims that cite the same evidence sentence,
-MedQuAD answers that repeat a boilerplate paragraph, a question asked twice with different wording
-around it. Rows that are merely similar (paraphrases sharing no 13 consecutive words) are not caught,
-and nothing is checked across domains; ``contamination`` measures what is left (the data card's table).
+Words are the evaluation's (pipeline/eval/metrics.words: lowercased Unicode words, CJK per character)
+of prompt + response. What prepare does with them (``data.near_duplicates``, on by default; the
+guarantee in full: docs/ARCHITECTURE.md, "What the split guarantees"): near-duplicate pairs join one
+split unit, then any val/test row with >= THRESHOLD of its non-template n-grams in train moves to
+train with its unit. The second step is what catches a Climate-FEVER claim whose evidence sentences
+are spread over several train claims; the first keeps a short row and the long one that contains it
+together whichever split they land in. Paraphrases that share no 13 consecutive words are not caught,
+and nothing is enforced across domains; ``contamination`` measures what is left (the data card's table).
 
 Hand-written on numpy rather than MinHash LSH (datasketch): MinHash estimates Jaccard similarity of
 whole rows, and the leak that matters here is containment (a test row half made of one or several
-train rows' sentences) which a Jaccard threshold misses when the rows differ in length; exact shared
+train rows' sentences), which a Jaccard threshold misses when the rows differ in length; exact shared
 n-grams find it, deterministically, with one sort over (hash, row) pairs, in memory linear in the
 domain's words (the domain is capped by ``max_sft_per_domain``).
 """
 from __future__ import annotations
 
 import zlib
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
