@@ -173,10 +173,16 @@ def pool_of(hashes: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def max_df_for(n_rows: int) -> int:
-    """The most rows an n-gram may be in and still link two rows as near-duplicates: 2% of the domain, at
-    least 20 (a posting list of k rows costs k**2 / 2 pairs; a phrase that common is no evidence that
-    two rows are copies)."""
-    return max(20, n_rows // 50)
+    """The most rows an n-gram may be in and still link two rows as near-duplicates: 2% of the domain,
+    between 20 and 100 (a posting list of k rows costs k**2 / 2 pairs; a phrase that common is no
+    evidence that two rows are copies)."""
+    return max(20, min(100, n_rows // 50))
+
+
+# above this many rows in a domain, prepare skips the near-duplicate step and the contamination table
+# (logged, and said in the manifest): both hold every row's n-grams in the driver's memory (~1.2 GB per
+# million rows of Climate-FEVER size) and tokenize in one process (~0.1 ms a row)
+MAX_ROWS = 200_000
 
 
 TEMPLATE_SHARE = 0.1  # an n-gram in more than this share of one task's rows (and in 3 or more) is that task's template

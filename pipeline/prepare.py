@@ -391,7 +391,12 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
                     first_group[key] = e[5]
     near = {"enabled": bool(d.near_duplicates), "ngram": neardup.NGRAM}
     unit_split: dict[str, str] = {}
-    if d.near_duplicates:
+    n_chosen_rows = sum(len(c) for c in chosen.values())
+    if d.near_duplicates and n_chosen_rows > neardup.MAX_ROWS:
+        near.update(enabled=False, skipped=f"{n_chosen_rows} rows > {neardup.MAX_ROWS}: exact duplicates and groups only")
+        log.warning("prepare: %s has %d SFT rows, more than %d: near-duplicates are not grouped (exact duplicates "
+                    "still are); set data.max_sft_per_domain to have them grouped", domain, n_chosen_rows, neardup.MAX_ROWS)
+    elif d.near_duplicates:
         near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split))
     split_of_group: dict[str, str] = {}
     where: dict[str, str] = {}
@@ -453,12 +458,16 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     }
 
 
-def _contamination(store: Store, domains: list[str]) -> dict:
+def _contamination(store: Store, sizes: dict[str, dict[str, int]]) -> dict:
     """Per domain: its test rows with >= neardup.THRESHOLD of their word 13-grams in its own train split,
     and in the other domains' train splits (the data card's table); each counted over all 13-grams (as
     published contamination checks count) and without the domain's template 13-grams (neardup.templates:
-    a short row's prompt template is in train by construction)."""
+    a short row's prompt template is in train by construction). sizes: domain -> its SFT rows per split."""
+    domains = list(sizes)
     rows, tmpl = {}, {}
+    big = [dm for dm in domains if sum(sizes[dm].values()) > neardup.MAX_ROWS]
+    if big:
+        return {"skipped": f"domain(s) {', '.join(big)} above {neardup.MAX_ROWS} SFT rows: not computed", "domains": {}}
     for dm in domains:
         rows[dm] = {}
         every, tasks = [], []
@@ -579,7 +588,8 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         store.write_json(f"data/_work/domains/{dm}.json", {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
 
     tc = time.time()
-    contamination = _contamination(store, [dm for dm in cfg.domains if dom_manifest[dm].get("status") == "ok"])
+    contamination = _contamination(store, {dm: dom_manifest[dm]["sft_rows"] for dm in cfg.domains
+                                           if dom_manifest[dm].get("status") == "ok"})
     contamination["seconds"] = round(time.time() - tc, 3)
     manifest = {
         "version": 1, "fingerprint": run_fp, "raw_dir": str(raw_dir), "output": store.uri,

@@ -633,7 +633,7 @@ def _contamination_rows(card: dict) -> tuple[list[str], list[list[str]]]:
     what the near-duplicate split did (docs/ARCHITECTURE.md, "What the split guarantees")."""
     c = card.get("contamination") or {}
     pct = (lambda k, n: "–" if k is None else f"{_i(k)} ({100 * k / n:.1f}%)" if n else _i(k))
-    rows = []
+    rows = [["(all)", c["skipped"]] + ["–"] * 5] if c.get("skipped") else []
     for d, x in (c.get("domains") or {}).items():
         nd = (card["domains"].get(d) or {}).get("near_duplicates") or {}
         n = x.get("test_rows")

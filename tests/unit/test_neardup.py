@@ -68,7 +68,7 @@ def _prepare(tmp_path, rows: list[dict], near: bool):
     return m, split
 
 
-def test_near_duplicate_pairs_land_in_one_split(tmp_path):
+def test_near_duplicate_pairs_land_in_one_split(tmp_path, monkeypatch):
     """30 pairs of rows: the second of each pair repeats the first's answer with a sentence added and
     another question (a different group, so the old exact-duplicate keys do not join them). Without
     near-duplicate units some pairs cross splits; with them none does, and no test row has half its
@@ -89,6 +89,13 @@ def test_near_duplicate_pairs_land_in_one_split(tmp_path):
     assert [(a, split1[a], split1[b]) for a, b in pairs if split1[a] != split1[b]] == []
     assert m1["domains"]["ecology"]["near_duplicates"]["merged_groups"] >= 30
     assert m1["contamination"]["domains"]["ecology"]["in_own_train"] == 0
+    # above neardup.MAX_ROWS rows the step is skipped, and the manifest says so
+    monkeypatch.setattr(neardup, "MAX_ROWS", 10)
+    (tmp_path / "big").mkdir()
+    m2, _ = _prepare(tmp_path / "big", rows, near=True)
+    assert m2["domains"]["ecology"]["near_duplicates"]["skipped"].startswith("60 rows > 10")
+    assert m2["contamination"]["skipped"].startswith("domain(s) ecology above 10") and m2["contamination"]["domains"] == {}
+    monkeypatch.undo()
     # deterministic: the same input gives the same splits
     (tmp_path / "again").mkdir()
     assert _prepare(tmp_path / "again", rows, near=True)[1] == split1
