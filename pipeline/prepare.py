@@ -311,8 +311,8 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     (1) merge the groups of near-duplicate rows (one mostly contained in the other), so no such pair
     crosses splits; (2) a val or test row with >= neardup.THRESHOLD of its 13-grams in the train split
     (several train rows may cover it together: Climate-FEVER claims citing the same evidence
-    sentences), counting neither the domain's template n-grams nor the row's own, moves to train with its whole unit, repeated until none is left. Fills unit_split
-    (unit root -> split) and returns the counts for the manifest."""
+    sentences), template n-grams not counted, moves to train with its whole unit, repeated until none
+    is left. Fills unit_split (unit root -> split) and returns the counts for the manifest."""
     t0 = time.time()
     row_group, hashes, tasks = [], [], []
     for name in names:
@@ -595,7 +595,8 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         "version": 1, "fingerprint": run_fp, "raw_dir": str(raw_dir), "output": store.uri,
         "domains_requested": list(cfg.domains), "sources_selected": names,
         "settings": {"max_docs_per_source": d.max_docs_per_source, "max_sft_per_domain": d.max_sft_per_domain,
-                     "split": d.split, "split_seed": d.split_seed, "min_text_chars": d.min_text_chars,
+                     "split": d.split, "split_seed": d.split_seed, "near_duplicates": d.near_duplicates,
+                     "min_text_chars": d.min_text_chars,
                      "max_response_chars": d.max_response_chars, "txt_chunk_chars": d.txt_chunk_chars,
                      "max_record_chars": d.max_record_chars, "max_whole_file_mb": d.max_whole_file_mb},
         "sources": src_manifest, "domains": dom_manifest, "contamination": contamination,
