@@ -287,15 +287,21 @@ def plot_perplexity(summary: dict) -> bytes:
     w = 0.38
     base = [d.get("base_test_ppl") for d in doms]
     ada = [d.get("test_ppl") for d in doms]
-    b1 = ax.bar([x - w / 2 for x in xs], [v or 0 for v in base], w, label="base model", color="#8c959f")
-    b2 = ax.bar([x + w / 2 for x in xs], [v or 0 for v in ada], w, label="adapter", color="#0969da")
+    # log scale: one domain's perplexity can be 1,000x another's (a linear axis flattens the rest to nothing)
+    ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+    for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):   # 20, 50, 100, not 2x10^1
+        axis_fmt(FuncFormatter(lambda v, _: f"{v:g}"))
+    floor = min([v for v in base + ada if v], default=1.0)
+    b1 = ax.bar([x - w / 2 for x in xs], [v or float("nan") for v in base], w, label="base model", color="#8c959f")
+    b2 = ax.bar([x + w / 2 for x in xs], [v or float("nan") for v in ada], w, label="adapter", color="#0969da")
     for bars, vals in ((b1, base), (b2, ada)):
         for rect, v in zip(bars, vals):
-            ax.annotate(f"{v:.1f}" if v is not None else "n/a", (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+            ax.annotate(f"{v:.1f}" if v else "n/a", (rect.get_x() + rect.get_width() / 2, v or floor),
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{d['domain']}\n({d['status']})" for d in doms], fontsize=9)
-    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_ylabel("test perplexity, log scale (lower is better)")
     ax.margins(y=0.15)
     ax.set_title("Base model vs adapter: test perplexity per domain")
     ax.legend(fontsize=8)
