@@ -30,10 +30,9 @@ import numpy as np
 
 from pipeline.eval.metrics import words   # the evaluation's Unicode words (CJK per character)
 
-NGRAM = 13            # words per shingle (the contamination measure of GPT-3 / Llama reports uses 13-grams)
+NGRAM = 13            # words per shingle (GPT-3's contamination check used 13-grams)
 PAIR_SHARE = 0.5      # two rows sharing this much of the smaller one's (non-template) n-grams are near-duplicates
 THRESHOLD = 0.5       # a test row with at least this share of its n-grams in train counts as contaminated
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _P = np.uint64(0x9E3779B97F4A7C15)   # odd multiplier of the polynomial rolling hash
 
 
@@ -131,15 +130,20 @@ def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float
     starts = np.flatnonzero(np.r_[True, H[1:] != H[:-1]])
     lengths = np.diff(np.r_[starts, len(H)])
     keep = (lengths >= 2) & (lengths <= max_df)
-    parts = []
+    part_codes, part_counts = [], []
     for L in np.unique(lengths[keep]):   # every pair of rows within each posting list, vectorised per length
-        s = starts[keep & (lengths == L)]
-        rows = R[s[:, None] + np.arange(L)]
         a, b = np.triu_indices(int(L), 1)
-        parts.append(rows[:, a].ravel() * len(hashes) + rows[:, b].ravel())
-    if not parts:
+        all_s = starts[keep & (lengths == L)]
+        step = max(1, 4_000_000 // len(a))   # posting lists per chunk: at most ~4M pairs in memory at once
+        for c in range(0, len(all_s), step):
+            rows = R[all_s[c:c + step, None] + np.arange(L)]
+            codes, counts = np.unique(rows[:, a].ravel() * len(hashes) + rows[:, b].ravel(), return_counts=True)
+            part_codes.append(codes)
+            part_counts.append(counts)
+    if not part_codes:
         return []
-    codes, counts = np.unique(np.concatenate(parts), return_counts=True)
+    codes, inverse = np.unique(np.concatenate(part_codes), return_inverse=True)
+    counts = np.bincount(inverse, weights=np.concatenate(part_counts)).astype(np.int64)
     i, j = codes // len(hashes), codes % len(hashes)
     sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
     ok = counts >= share * np.minimum(sizes[i], sizes[j])
