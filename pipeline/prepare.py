@@ -306,13 +306,14 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
 
 # ---- step 3: one domain ----------------------------------------------------------------------
 def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store: Store, uf: "_UnionFind", seed: int,
-                     fractions: dict[str, float], unit_split: dict[str, str]) -> dict:
+                     fractions: dict[str, float], unit_split: dict[str, str], keep: Optional[dict] = None) -> dict:
     """Near-duplicate-aware split units (pipeline/neardup.py), in two steps over the chosen rows' 13-grams:
     (1) merge the groups of near-duplicate rows (one mostly contained in the other), so no such pair
     crosses splits; (2) a val or test row with >= neardup.THRESHOLD of its 13-grams in the train split
     (several train rows may cover it together: Climate-FEVER claims citing the same evidence
     sentences), template n-grams not counted, moves to train with its whole unit, repeated until none
-    is left. Fills unit_split (unit root -> split) and returns the counts for the manifest."""
+    is left. Fills unit_split (unit root -> split) and returns the counts for the manifest; `keep` gets
+    the rows' hashes, tasks and splits for the contamination table (so it need not tokenize them again)."""
     t0 = time.time()
     row_group, hashes, tasks = [], [], []
     for name in names:
@@ -330,6 +331,7 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
             uf.union(row_group[i], row_group[j])
             merged += 1
     roots = [uf.find(g) for g in row_group]
+    full = hashes
     # step 2 judges a row by its n-grams without the domain's templates: a short row can be mostly prompt
     # template, which is in train by construction and says nothing about a leak
     hashes = neardup.without(hashes, neardup.templates(hashes, tasks))
@@ -348,12 +350,15 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
         moved_rows += sum(1 for r in roots if r in move)
         for r in move:
             unit_split[r] = "train"
+    if keep is not None:
+        keep.update(hashes=full, tasks=tasks, splits=[unit_split[r] for r in roots])
     return {"max_df": max_df, "pair_share": neardup.PAIR_SHARE, "threshold": neardup.THRESHOLD,
             "merged_groups": merged, "moved_to_train": {"units": moved_units, "rows": moved_rows},
             "seconds": round(time.time() - t0, 3)}
 
 
-def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store) -> dict:
+def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store,
+                    keep: Optional[dict] = None) -> dict:
     """Two passes over the staged SFT shards, so memory holds keys, not texts: (1) per row a selection
     key, its group and its duplicate-text keys -> cap, merged groups, split; (2) the rows again,
     shard by shard, to the split writers. Splits of up to SHUFFLE_LIMIT rows are written in a seeded
@@ -397,7 +402,7 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
         log.warning("prepare: %s has %d SFT rows, more than %d: near-duplicates are not grouped (exact duplicates "
                     "still are); set data.max_sft_per_domain to have them grouped", domain, n_chosen_rows, neardup.MAX_ROWS)
     elif d.near_duplicates:
-        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split))
+        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split, keep))
     split_of_group: dict[str, str] = {}
     where: dict[str, str] = {}
     for name in names:
@@ -458,24 +463,30 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     }
 
 
-def _contamination(store: Store, sizes: dict[str, dict[str, int]]) -> dict:
+def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Optional[dict] = None) -> dict:
     """Per domain: its test rows with >= neardup.THRESHOLD of their word 13-grams in its own train split,
     and in the other domains' train splits (the data card's table); each counted over all 13-grams (as
     published contamination checks count) and without the domain's template 13-grams (neardup.templates:
-    a short row's prompt template is in train by construction). sizes: domain -> its SFT rows per split."""
+    a short row's prompt template is in train by construction). sizes: domain -> its SFT rows per split;
+    known: domain -> the hashes, tasks and splits _near_duplicates kept (else the splits are read back)."""
     domains = list(sizes)
     rows, tmpl = {}, {}
     big = [dm for dm in domains if sum(sizes[dm].values()) > neardup.MAX_ROWS]
     if big:
         return {"skipped": f"domain(s) {', '.join(big)} above {neardup.MAX_ROWS} SFT rows: not computed", "domains": {}}
     for dm in domains:
-        rows[dm] = {}
-        every, tasks = [], []
-        for s in SPLITS:
-            t = store.read_table(f"data/sft/{dm}/{s}", ["prompt", "response", "source", "task"]).to_pylist()
-            rows[dm][s] = neardup.rows_hashes(t)
-            every += rows[dm][s]
-            tasks += [f"{r['source']}/{r['task']}" for r in t]
+        k = (known or {}).get(dm) or {}
+        if k.get("hashes") is not None:
+            rows[dm] = {s: [h for h, sp in zip(k["hashes"], k["splits"]) if sp == s] for s in SPLITS}
+            every, tasks = k["hashes"], k["tasks"]
+        else:
+            rows[dm] = {}
+            every, tasks = [], []
+            for s in SPLITS:
+                t = store.read_table(f"data/sft/{dm}/{s}", ["prompt", "response", "source", "task"]).to_pylist()
+                rows[dm][s] = neardup.rows_hashes(t)
+                every += rows[dm][s]
+                tasks += [f"{r['source']}/{r['task']}" for r in t]
         tmpl[dm] = neardup.templates(every, tasks)
     pools = {dm: neardup.pool_of(rows[dm]["train"]) for dm in domains}
     out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
@@ -570,6 +581,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
                  n, m["read"], m["kept"], m["quarantined"], m["deduplicated"], m["capped"], m["seconds"])
 
     dom_manifest: dict[str, dict] = {}
+    hashes_of: dict[str, dict] = {}   # domain -> its rows' 13-gram hashes, tasks, splits (for _contamination)
     for dm in cfg.domains:
         dnames = [n for n in names if specs[n].domain == dm]
         present_ok = [n for n in dnames if src_manifest[n]["status"] == "ok"]
@@ -584,12 +596,14 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         if isinstance(marker, dict) and marker.get("fingerprint") == dom_fp[dm]:
             dom_manifest[dm] = marker["manifest"]
             continue
-        dom_manifest[dm] = _prepare_domain(dm, present_ok, src_manifest, cfg, store)
+        hashes_of[dm] = {}
+        dom_manifest[dm] = _prepare_domain(dm, present_ok, src_manifest, cfg, store, hashes_of[dm])
         store.write_json(f"data/_work/domains/{dm}.json", {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
 
     tc = time.time()
     contamination = _contamination(store, {dm: dom_manifest[dm]["sft_rows"] for dm in cfg.domains
-                                           if dom_manifest[dm].get("status") == "ok"})
+                                           if dom_manifest[dm].get("status") == "ok"}, hashes_of)
+    del hashes_of
     contamination["seconds"] = round(time.time() - tc, 3)
     manifest = {
         "version": 1, "fingerprint": run_fp, "raw_dir": str(raw_dir), "output": store.uri,

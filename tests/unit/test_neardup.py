@@ -89,6 +89,11 @@ def test_near_duplicate_pairs_land_in_one_split(tmp_path, monkeypatch):
     assert [(a, split1[a], split1[b]) for a, b in pairs if split1[a] != split1[b]] == []
     assert m1["domains"]["ecology"]["near_duplicates"]["merged_groups"] >= 30
     assert m1["contamination"]["domains"]["ecology"]["in_own_train"] == 0
+    # the table from the step's own hashes equals the one read back from the written splits
+    from pipeline.prepare import _contamination
+    from pipeline.storage import Store
+    again = _contamination(Store(str(tmp_path / "out-True")), {"ecology": m1["domains"]["ecology"]["sft_rows"]})
+    assert again["domains"] == m1["contamination"]["domains"]
     # above neardup.MAX_ROWS rows the step is skipped, and the manifest says so
     monkeypatch.setattr(neardup, "MAX_ROWS", 10)
     (tmp_path / "big").mkdir()
