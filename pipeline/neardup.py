@@ -131,9 +131,13 @@ def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float
     lengths = np.diff(np.r_[starts, len(H)])
     keep = (lengths >= 2) & (lengths <= max_df)
     part_codes, part_counts = [], []
-    for L in np.unique(lengths[keep]):   # every pair of rows within each posting list, vectorised per length
-        a, b = np.triu_indices(int(L), 1)
-        all_s = starts[keep & (lengths == L)]
+    kept = np.flatnonzero(keep)
+    kept = kept[np.argsort(lengths[kept], kind="stable")]
+    bounds = np.flatnonzero(np.r_[True, np.diff(lengths[kept]) != 0, True])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):   # every pair of rows within each posting list, vectorised per length
+        L = int(lengths[kept[lo]])
+        a, b = np.triu_indices(L, 1)
+        all_s = starts[kept[lo:hi]]
         step = max(1, 4_000_000 // len(a))   # posting lists per chunk: at most ~4M pairs in memory at once
         for c in range(0, len(all_s), step):
             rows = R[all_s[c:c + step, None] + np.arange(L)]
@@ -159,12 +163,16 @@ def _member(h: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
 
 
 def covered(hashes: Sequence[np.ndarray], pool: np.ndarray) -> np.ndarray:
-    """Per row, the share of its n-grams found in `pool` (a sorted unique array)."""
-    out = np.zeros(len(hashes))
-    for k, h in enumerate(hashes):
-        if len(h):
-            out[k] = _member(h, pool).mean()
-    return out
+    """Per row, the share of its n-grams found in `pool` (a sorted unique array); 0 for a row without any."""
+    if not len(hashes):
+        return np.zeros(0)
+    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    if not sizes.sum():
+        return np.zeros(len(hashes))
+    found = np.r_[0, np.cumsum(_member(np.concatenate(list(hashes)), pool))]
+    ends = np.cumsum(sizes)
+    hits = found[ends] - found[ends - sizes]
+    return np.where(sizes > 0, hits / np.maximum(sizes, 1), 0.0)
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -204,9 +212,12 @@ def templates(hashes: Sequence[np.ndarray], tasks: Sequence[str]) -> np.ndarray:
         by_task.setdefault(t, []).append(k)
     out = []
     for rows in by_task.values():
-        H, _ = _pairs([hashes[k] for k in rows])
-        vals, counts = np.unique(H, return_counts=True)
-        out.append(vals[counts > max(2, TEMPLATE_SHARE * len(rows))])
+        H = np.sort(np.concatenate([hashes[k] for k in rows]))   # each row's hashes are distinct: a count is a row count
+        if not len(H):
+            continue
+        starts = np.flatnonzero(np.r_[True, H[1:] != H[:-1]])
+        counts = np.diff(np.r_[starts, len(H)])
+        out.append(H[starts][counts > max(2, TEMPLATE_SHARE * len(rows))])
     return _sorted_unique(np.concatenate(out)) if out else np.empty(0, np.uint64)
 
 

@@ -134,3 +134,11 @@ def test_real_data_test_splits_hold_no_near_duplicates_of_train(tmp_path):
         assert x["test_rows"] > 0 and x["in_own_train_without_templates"] == 0 and x["in_other_train"] == 0, (d, x)
     assert c["medicine"]["in_own_train"] / c["medicine"]["test_rows"] < 0.01
     assert c["ecology"]["in_own_train"] / c["ecology"]["test_rows"] < 0.02
+
+
+def test_covered_per_row_with_empty_rows():
+    pool = np.array([1, 3, 5, 7], np.uint64)
+    rows = [np.array([1, 2, 3], np.uint64), np.empty(0, np.uint64), np.array([5, 7], np.uint64), np.empty(0, np.uint64)]
+    assert neardup.covered(rows, pool).tolist() == [2 / 3, 0.0, 1.0, 0.0]
+    assert neardup.covered([np.array([9], np.uint64)], np.empty(0, np.uint64)).tolist() == [0.0]
+    assert neardup.covered([], pool).tolist() == []
