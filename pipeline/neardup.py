@@ -223,7 +223,13 @@ def templates(hashes: Sequence[np.ndarray], tasks: Sequence[str]) -> np.ndarray:
 
 def without(hashes: Sequence[np.ndarray], drop: np.ndarray) -> list[np.ndarray]:
     """Each row's n-grams minus `drop` (sorted unique)."""
-    return [h[~_member(h, drop)] for h in hashes]
+    if not len(hashes) or not len(drop):
+        return list(hashes)
+    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    flat = np.concatenate(list(hashes))
+    keep = ~_member(flat, drop)   # one binary search for all rows, then cut back into rows
+    kc, ends = np.r_[0, np.cumsum(keep)], np.cumsum(sizes)
+    return np.split(flat[keep], np.cumsum(kc[ends] - kc[ends - sizes])[:-1])
 
 
 def contamination(test: Sequence[np.ndarray], train: Sequence[np.ndarray] | np.ndarray, threshold: float = THRESHOLD) -> int:

@@ -142,3 +142,10 @@ def test_covered_per_row_with_empty_rows():
     assert neardup.covered(rows, pool).tolist() == [2 / 3, 0.0, 1.0, 0.0]
     assert neardup.covered([np.array([9], np.uint64)], np.empty(0, np.uint64)).tolist() == [0.0]
     assert neardup.covered([], pool).tolist() == []
+
+
+def test_without_drops_per_row():
+    rows = [np.array([1, 2, 3], np.uint64), np.empty(0, np.uint64), np.array([2, 9], np.uint64), np.array([2], np.uint64)]
+    out = neardup.without(rows, np.array([2], np.uint64))
+    assert [r.tolist() for r in out] == [[1, 3], [], [9], []]
+    assert [r.tolist() for r in neardup.without(rows, np.empty(0, np.uint64))] == [[1, 2, 3], [], [2, 9], [2]]
