@@ -190,6 +190,8 @@ class DataConfig(_Strict):
     max_sft_per_domain: Optional[int] = Field(None, ge=1, description="cap per domain (MAX_SFT_PER_DOMAIN)")
     split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     split_seed: int = 42
+    near_duplicates: bool = Field(True, description="rows of a domain that share a word 13-gram (not a template's) go to "
+                                  "one split (pipeline/neardup.py); false: only exact duplicates and groups are kept apart")
     allow_missing: bool = Field(False, description="record missing sources instead of failing (ALLOW_MISSING_DATA=1)")
     min_text_chars: int = Field(20, ge=1)
     max_response_chars: int = Field(4000, ge=100)

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 
+from pipeline import neardup
 from pipeline.download import sha256_file
 from pipeline.errors import UserFacingError
 from pipeline.sources import Opts, Quarantine, Reject, SourceSpec, finalize_sft, norm_key, selected_sources, text_hash
@@ -310,7 +311,60 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
 
 
 # ---- step 3: one domain ----------------------------------------------------------------------
-def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store) -> dict:
+def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store: Store, uf: "_UnionFind", seed: int,
+                     fractions: dict[str, float], unit_split: dict[str, str], keep: Optional[dict] = None) -> dict:
+    """Near-duplicate-aware split units (pipeline/neardup.py), in two steps over the chosen rows' 13-grams:
+    (1) merge the groups of near-duplicate rows (one mostly contained in the other), so no such pair
+    crosses splits; (2) a val or test row with >= neardup.THRESHOLD of its 13-grams in the train split
+    (several train rows may cover it together: Climate-FEVER claims citing the same evidence
+    sentences), template n-grams not counted, moves to train with its whole unit, repeated until none
+    is left. Fills unit_split (unit root -> split) and returns the counts for the manifest; `keep` gets
+    the rows' hashes, tasks and splits for the contamination table (so it need not tokenize them again)."""
+    t0 = time.time()
+    row_group, hashes, tasks = [], [], []
+    for name in names:
+        want = chosen[name]
+        for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
+            t = [r for ri, r in enumerate(store.read_table(rel, ["messages", "group", "task"]).to_pylist())
+                 if (si, ri) in want]
+            row_group += [r["group"] for r in t]
+            tasks += [f"{name}/{r['task']}" for r in t]
+            hashes += neardup.rows_hashes(t)
+    max_df = neardup.max_df_for(len(hashes))
+    merged = 0
+    for i, j in neardup.near_duplicate_links(hashes, max_df):
+        if uf.find(row_group[i]) != uf.find(row_group[j]):
+            uf.union(row_group[i], row_group[j])
+            merged += 1
+    roots = [uf.find(g) for g in row_group]
+    full = hashes
+    # step 2 judges a row by its n-grams without the domain's templates: a short row can be mostly prompt
+    # template, which is in train by construction and says nothing about a leak
+    hashes = neardup.without(hashes, neardup.templates(hashes, tasks))
+    for r in roots:
+        if r not in unit_split:
+            unit_split[r] = split_of(seed, r, fractions)
+    moved_units = moved_rows = 0
+    while True:
+        pool = neardup.pool_of([h for h, r in zip(hashes, roots) if unit_split[r] == "train"])
+        held_out = [k for k, r in enumerate(roots) if unit_split[r] != "train"]
+        cover = neardup.covered([hashes[k] for k in held_out], pool)
+        move = {roots[k] for k, c in zip(held_out, cover) if c >= neardup.THRESHOLD}
+        if not move:
+            break
+        moved_units += len(move)
+        moved_rows += sum(1 for r in roots if r in move)
+        for r in move:
+            unit_split[r] = "train"
+    if keep is not None:
+        keep.update(hashes=full, tasks=tasks, splits=[unit_split[r] for r in roots])
+    return {"max_df": max_df, "pair_share": neardup.PAIR_SHARE, "threshold": neardup.THRESHOLD,
+            "merged_groups": merged, "moved_to_train": {"units": moved_units, "rows": moved_rows},
+            "seconds": round(time.time() - t0, 3)}
+
+
+def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store,
+                    keep: Optional[dict] = None) -> dict:
     """Two passes over the staged SFT shards, so memory holds keys, not texts: (1) per row a selection
     key, its group and its duplicate-text keys -> cap, merged groups, split; (2) the rows again,
     shard by shard, to the split writers. Splits of up to SHUFFLE_LIMIT rows are written in a seeded
@@ -346,6 +400,15 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
                     uf.union(first_group[key], e[5])
                 else:
                     first_group[key] = e[5]
+    near = {"enabled": bool(d.near_duplicates), "ngram": neardup.NGRAM}
+    unit_split: dict[str, str] = {}
+    n_chosen_rows = sum(len(c) for c in chosen.values())
+    if d.near_duplicates and n_chosen_rows > neardup.MAX_ROWS:
+        near.update(enabled=False, skipped=f"{n_chosen_rows} rows > {neardup.MAX_ROWS}: exact duplicates and groups only")
+        log.warning("prepare: %s has %d SFT rows, more than %d: near-duplicates are not grouped (exact duplicates "
+                    "still are); set data.max_sft_per_domain to have them grouped", domain, n_chosen_rows, neardup.MAX_ROWS)
+    elif d.near_duplicates:
+        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split, keep))
     split_of_group: dict[str, str] = {}
     where: dict[str, str] = {}
     for name in names:
@@ -354,9 +417,10 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
                 continue
             g = e[5]
             if g not in split_of_group:
-                split_of_group[g] = split_of(seed, uf.find(g), d.split)
+                root = uf.find(g)
+                split_of_group[g] = unit_split.get(root) or split_of(seed, root, d.split)
             sp = split_of_group[g]
-            # the check: no group and no exact-duplicate text in two splits
+            # the check: no group and no exact-duplicate text in two splits (near-duplicates: _near_duplicates)
             for key in ("g:" + g,) + e[6]:
                 if where.setdefault(key, sp) != sp:
                     raise AssertionError(f"{domain}: {key} is in both {where[key]} and {sp}")
@@ -401,8 +465,49 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
         "groups": {s: len(groups[s]) for s in SPLITS},
         "tokens_estimate": {"corpus": corpus_chars // 4, "sft": {s: sft_chars[s] // 4 for s in SPLITS}},
         "shuffled": shuffle,
-        "cross_split_duplicates": 0, "sft_shards": shards,
+        "cross_split_duplicates": 0, "near_duplicates": near, "sft_shards": shards,
     }
+
+
+def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Optional[dict] = None) -> dict:
+    """Per domain: its test rows with >= neardup.THRESHOLD of their word 13-grams in its own train split,
+    and in the other domains' train splits (the data card's table); each counted over all 13-grams (as
+    published contamination checks count) and without the domain's template 13-grams (neardup.templates:
+    a short row's prompt template is in train by construction). sizes: domain -> its SFT rows per split;
+    known: domain -> the hashes, tasks and splits _near_duplicates kept (else the splits are read back)."""
+    domains = list(sizes)
+    rows, tmpl = {}, {}
+    big = [dm for dm in domains if sum(sizes[dm].values()) > neardup.MAX_ROWS]
+    if big:
+        return {"skipped": f"domain(s) {', '.join(big)} above {neardup.MAX_ROWS} SFT rows: not computed", "domains": {}}
+    for dm in domains:
+        k = (known or {}).get(dm) or {}
+        if k.get("hashes") is not None:
+            rows[dm] = {s: [h for h, sp in zip(k["hashes"], k["splits"]) if sp == s] for s in SPLITS}
+            every, tasks = k["hashes"], k["tasks"]
+        else:
+            rows[dm] = {}
+            every, tasks = [], []
+            for s in SPLITS:
+                t = store.read_table(f"data/sft/{dm}/{s}", ["messages", "source", "task"]).to_pylist()
+                rows[dm][s] = neardup.rows_hashes(t)
+                every += rows[dm][s]
+                tasks += [f"{r['source']}/{r['task']}" for r in t]
+        tmpl[dm] = neardup.templates(every, tasks)
+    pools = {dm: neardup.pool_of(rows[dm]["train"]) for dm in domains}
+    out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
+    for dm in domains:
+        test = rows[dm]["test"]
+        others = neardup.pool_of([pools[o] for o in domains if o != dm])
+        t_test = neardup.without(test, tmpl[dm])
+        out["domains"][dm] = {
+            "test_rows": len(test),
+            "in_own_train": neardup.contamination(test, pools[dm]),
+            "in_other_train": neardup.contamination(test, others),
+            "in_own_train_without_templates": neardup.contamination(t_test, neardup.pool_of(neardup.without(rows[dm]["train"], tmpl[dm]))),
+            "in_other_train_without_templates": neardup.contamination(t_test, others),
+        }
+    return out
 
 
 # ---- the stage -------------------------------------------------------------------------------
@@ -442,7 +547,8 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         src_fp[n] = digest(n, specs[n].declaration, settings, listing, chain.get(dom, ""))
         chain[dom] = src_fp[n]
     domains = [dm for dm in cfg.domains if any(specs[n].domain == dm for n in names)]
-    dom_fp = {dm: digest(dm, [src_fp[n] for n in names if specs[n].domain == dm], d.max_sft_per_domain, d.split, d.split_seed)
+    dom_fp = {dm: digest(dm, [src_fp[n] for n in names if specs[n].domain == dm], d.max_sft_per_domain, d.split, d.split_seed,
+                       {"near_duplicates": d.near_duplicates, "ngram": neardup.NGRAM})
               for dm in domains}
     run_fp = digest(CODE_VERSION, dom_fp, cfg.domains, names)
 
@@ -485,6 +591,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
     _check_kept_shares(src_manifest, specs, d.min_kept_share, store)
 
     dom_manifest: dict[str, dict] = {}
+    hashes_of: dict[str, dict] = {}   # domain -> its rows' 13-gram hashes, tasks, splits (for _contamination)
     for dm in cfg.domains:
         dnames = [n for n in names if specs[n].domain == dm]
         present_ok = [n for n in dnames if src_manifest[n]["status"] == "ok"]
@@ -499,17 +606,24 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         if isinstance(marker, dict) and marker.get("fingerprint") == dom_fp[dm]:
             dom_manifest[dm] = marker["manifest"]
             continue
-        dom_manifest[dm] = _prepare_domain(dm, present_ok, src_manifest, cfg, store)
+        hashes_of[dm] = {}
+        dom_manifest[dm] = _prepare_domain(dm, present_ok, src_manifest, cfg, store, hashes_of[dm])
         store.write_json(f"data/_work/domains/{dm}.json", {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
 
+    tc = time.time()
+    contamination = _contamination(store, {dm: dom_manifest[dm]["sft_rows"] for dm in cfg.domains
+                                           if dom_manifest[dm].get("status") == "ok"}, hashes_of)
+    del hashes_of
+    contamination["seconds"] = round(time.time() - tc, 3)
     manifest = {
         "version": 1, "fingerprint": run_fp, "raw_dir": str(raw_dir), "output": store.uri,
         "domains_requested": list(cfg.domains), "sources_selected": names,
         "settings": {"max_docs_per_source": d.max_docs_per_source, "max_sft_per_domain": d.max_sft_per_domain,
-                     "split": d.split, "split_seed": d.split_seed, "min_text_chars": d.min_text_chars,
+                     "split": d.split, "split_seed": d.split_seed, "near_duplicates": d.near_duplicates,
+                     "min_text_chars": d.min_text_chars,
                      "max_response_chars": d.max_response_chars, "txt_chunk_chars": d.txt_chunk_chars,
                      "max_record_chars": d.max_record_chars, "max_whole_file_mb": d.max_whole_file_mb},
-        "sources": src_manifest, "domains": dom_manifest,
+        "sources": src_manifest, "domains": dom_manifest, "contamination": contamination,
         "totals": {k: sum(m.get(k, 0) for m in src_manifest.values()) for k in ("read", "kept", "quarantined", "deduplicated", "capped")},
     }
     for n, m in src_manifest.items():

@@ -139,10 +139,12 @@ def data_card(manifest: Optional[dict], download: Optional[dict]) -> dict:
                       for f in m.get("files", []) if isinstance(f, dict)],
         }
     domains = {d: {"status": m.get("status"), "corpus_rows": m.get("corpus_rows"), "sft_rows": m.get("sft_rows"),
-                   "tokens_estimate": m.get("tokens_estimate"), "reason": m.get("reason")}
+                   "tokens_estimate": m.get("tokens_estimate"), "reason": m.get("reason"),
+                   "near_duplicates": m.get("near_duplicates")}
                for d, m in (manifest.get("domains") or {}).items()}
     return {"available": True, "fingerprint": manifest.get("fingerprint"), "settings": manifest.get("settings"),
-            "totals": manifest.get("totals") or {}, "sources": sources, "domains": domains}
+            "totals": manifest.get("totals") or {}, "sources": sources, "domains": domains,
+            "contamination": manifest.get("contamination")}
 
 
 def package_versions() -> dict[str, Optional[str]]:
@@ -285,15 +287,21 @@ def plot_perplexity(summary: dict) -> bytes:
     w = 0.38
     base = [d.get("base_test_ppl") for d in doms]
     ada = [d.get("test_ppl") for d in doms]
-    b1 = ax.bar([x - w / 2 for x in xs], [v or 0 for v in base], w, label="base model", color="#8c959f")
-    b2 = ax.bar([x + w / 2 for x in xs], [v or 0 for v in ada], w, label="adapter", color="#0969da")
+    # log scale: one domain's perplexity can be 1,000x another's (a linear axis flattens the rest to nothing)
+    ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+    for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):   # 20, 50, 100, not 2x10^1
+        axis_fmt(FuncFormatter(lambda v, _: f"{v:g}"))
+    floor = min([v for v in base + ada if v], default=1.0)
+    b1 = ax.bar([x - w / 2 for x in xs], [v or float("nan") for v in base], w, label="base model", color="#8c959f")
+    b2 = ax.bar([x + w / 2 for x in xs], [v or float("nan") for v in ada], w, label="adapter", color="#0969da")
     for bars, vals in ((b1, base), (b2, ada)):
         for rect, v in zip(bars, vals):
-            ax.annotate(f"{v:.1f}" if v is not None else "n/a", (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+            ax.annotate(f"{v:.1f}" if v else "n/a", (rect.get_x() + rect.get_width() / 2, v or floor),
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{d['domain']}\n({d['status']})" for d in doms], fontsize=9)
-    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_ylabel("test perplexity, log scale (lower is better)")
     ax.margins(y=0.15)
     ax.set_title("Base model vs adapter: test perplexity per domain")
     ax.legend(fontsize=8)
@@ -385,9 +393,10 @@ def _matrix_rows(matrix: dict, key: str) -> tuple[list[str], list[list[str]]]:
 
 
 # ---- the evaluation sections (eval/matrix.json: pipeline/eval) ---------------------------------------
+from pipeline.eval.matrix import MAX_MAJORITY_RATE  # noqa: E402 (the bound the report states)
 
 EVAL_METRICS = {"loss": "test loss", "ppl": "test perplexity", "acc": "accuracy", "acc_norm": "accuracy (length-normalised)",
-                "rouge_l": "ROUGE-L (F)", "f1": "token F1"}
+                "rouge_l": "ROUGE-L (F)", "f1": "bag-of-words F1 (not SQuAD's)"}
 TASK_METRICS = ("acc", "acc_norm", "rouge_l", "f1")
 
 
@@ -412,7 +421,9 @@ def _diff_text(c: dict, metric: str) -> str:
 
 
 def _p_text(c: dict) -> str:
-    return "–" if c.get("p") is None else f"{c['p']:.3g} ({c.get('test')})"
+    if c.get("p") is None:
+        return "–"
+    return f"{c['p']:.3g} ({c.get('test')})" + ("" if c.get("p_adjusted") is None else f"; Holm-adjusted {c['p_adjusted']:.3g}")
 
 
 def _eval_has(matrix: dict, metric: str) -> bool:
@@ -439,11 +450,44 @@ def _verdict_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
             c = (comps.get(d) or {}).get(d, {}).get(m) or {}
             if not c.get("n"):
                 continue
+            if m == head:   # the domain's verdict: decided on the Holm-adjusted p
+                c = matrix["verdicts"][d]
             rows.append([d if m == head else "", EVAL_METRICS[m] + (" (headline)" if m == head else ""), _i(c["n"]),
                          _cell_text(metrics.get(m, {}).get("base", {}).get(d), m),
                          _cell_text(metrics.get(m, {}).get(d, {}).get(d), m), _diff_text(c, m), _p_text(c), c["verdict"]])
     return ["domain", "metric", "paired examples", "base [95% CI]", "adapter [95% CI]", "difference [95% CI]",
             "p (test)", "verdict"], rows
+
+
+# fewer paired rows than this and the top table says "too few rows" instead of keep / drop
+MIN_DECISION_N = 30
+
+
+def _keep_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
+    """The report's first table, one row per domain: keep the adapter or not, on what evidence (its own
+    domain's headline metric vs the base model, the loss change there, the worst loss change it causes
+    on another domain)."""
+    comps, metrics = matrix.get("comparisons") or {}, matrix.get("metrics") or {}
+    rows = []
+    for d, v in (matrix.get("verdicts") or {}).items():
+        m, n = v["metric"], v.get("n") or 0
+        if n < MIN_DECISION_N:
+            decision = f"too few rows to decide (n={n} < {MIN_DECISION_N})"
+        else:
+            decision = {"better": "keep", "worse": "drop"}.get(v["verdict"], "no evidence either way (not significant)")
+        own_loss = (comps.get(d) or {}).get(d, {}).get("loss") or {}
+        others = [(o, c.get("loss") or {}) for o, c in (comps.get(d) or {}).items() if o != d]
+        others = [(o, c) for o, c in others if c.get("difference") is not None]
+        worst = max(others, key=lambda oc: oc[1]["difference"], default=None)
+        rows.append([d, decision,
+                     f"{EVAL_METRICS.get(m, m)}: base {_cell_text(metrics.get(m, {}).get('base', {}).get(d), m)}, "
+                     f"adapter {_cell_text(metrics.get(m, {}).get(d, {}).get(d), m)}",
+                     f"{_diff_text(v, m)}; p {'–' if v.get('p') is None else format(v['p'], '.3g')}"
+                     + ("" if v.get("p_adjusted") is None else f", Holm {v['p_adjusted']:.3g}") + f"; {v['verdict']}",
+                     "–" if own_loss.get("difference") is None else f"{own_loss['difference']:+.3f} ({own_loss['verdict']})",
+                     "–" if worst is None else f"{worst[0]}: {worst[1]['difference']:+.3f} ({worst[1]['verdict']})"])
+    return ["domain", "keep this adapter?", "evidence: own-domain headline metric [95% CI]", "difference vs base [95% CI]",
+            "own test loss change", "worst loss change on another domain"], rows
 
 
 def _interference_rows(matrix: dict) -> tuple[list[str], list[list[str]]]:
@@ -464,9 +508,21 @@ def _task_rows(matrix: dict, domain: str) -> tuple[list[str], list[list[str]]]:
         shown = [k for k in ("acc", "acc_norm", "rouge_l", "f1", "loss") if k in t.get("metrics", {})]
         for k, m in enumerate(shown):
             per = t["metrics"][m]
-            first = [name, t["kind"].replace("_", " "), _i(t["rows"]), _i(t.get("unscored"))] if k == 0 else ["", "", "", ""]
+            first = [name, t["kind"].replace("_", " "), _i(t["rows"]), _i(t.get("unscored")), _majority_text(t)] if k == 0 else [""] * 5
             rows.append(first + [EVAL_METRICS[m], _cell_text(per.get("base"), m), _cell_text(per.get(domain), m)])
-    return ["task", "kind", "test rows", "not scored", "metric", "base [95% CI]", f"{domain} adapter [95% CI]"], rows
+    return ["task", "kind", "test rows", "not scored", "majority-class accuracy", "metric", "base [95% CI]",
+            f"{domain} adapter [95% CI]"], rows
+
+
+def _majority_text(t: dict) -> str:
+    """What always answering the most common gold choice would score, beside acc; 'trivial' when one class
+    or a majority above the bound (pipeline/eval/matrix.MAX_MAJORITY_RATE): such a task decides no verdict."""
+    r = t.get("majority_rate")
+    if r is None:
+        return "–"
+    if t.get("gold_classes", 2) < 2:
+        return f"{r:.3f} (trivial: one gold class)"
+    return f"{r:.3f}" + (" (trivial)" if t.get("trivial") else "")
 
 
 def _fence(text: Optional[str]) -> list[str]:
@@ -483,13 +539,15 @@ def _eval_md(matrix: dict) -> list[str]:
     if not matrix.get("metrics"):
         return L
     L += ["### Adapter vs base model on its own domain", "",
-          "Same test examples for both; 95% intervals are percentile bootstraps over examples; accuracy is compared with "
-          "McNemar's exact test, the other metrics with a paired permutation test; a verdict is 'better' or 'worse' "
-          f"when p < {(matrix.get('settings') or {}).get('alpha', 0.05)}. The headline metric is accuracy where a domain "
-          "has multiple-choice rows, else ROUGE-L.", ""]
+          "Same test examples for both; 95% intervals: exact Clopper-Pearson for accuracy, percentile bootstrap over "
+          "examples for loss, ROUGE-L, F1 and every difference (no bias correction: it covers less than 95% on few rows); "
+          "accuracy is compared with McNemar's exact test, the other metrics with a paired permutation test; a verdict is "
+          f"'better' or 'worse' when p < {(matrix.get('settings') or {}).get('alpha', 0.05)}: Holm-adjusted over the "
+          "domains for each domain's verdict (the list below), uncorrected in the other tables. The headline metric is accuracy where a domain has multiple-choice rows that are not trivial "
+          f"(more than one gold class, majority-class accuracy at most {MAX_MAJORITY_RATE}), else ROUGE-L.", ""]
     for d, v in (matrix.get("verdicts") or {}).items():
         L.append(f"- **{d}**: {v['verdict']} ({EVAL_METRICS.get(v['metric'], v['metric'])} "
-                 f"{_diff_text(v, v['metric'])}, p {'n/a' if v.get('p') is None else format(v['p'], '.3g')}, n={v.get('n')})")
+                 f"{_diff_text(v, v['metric'])}, p {_p_text(v) if v.get('p') is not None else 'n/a'}, n={v.get('n')})")
     L += ["", _md_table(*_verdict_rows(matrix)), "", "### Interference: adapters on the other domains", "",
           _md_table(*_interference_rows(matrix)), ""]
     for m in TASK_METRICS:
@@ -515,16 +573,18 @@ def _eval_html(matrix: dict) -> list[str]:
     """The evaluation's HTML sections after the loss and perplexity matrices (every text escaped)."""
     if not matrix.get("metrics"):
         return []
-    esc = lambda hr: (hr[0], _esc_rows(hr[1]))  # noqa: E731
+    esc = _esc_rows_head
     parts = ["<h3>Adapter vs base model on its own domain</h3>",
-             '<p class="note">Same test examples for both; 95% intervals: percentile bootstrap over examples; accuracy: '
-             "McNemar's exact test, other metrics: paired permutation test. Headline: accuracy where a domain has "
-             "multiple-choice rows, else ROUGE-L.</p><ul>"]
+             '<p class="note">Same test examples for both; 95% intervals: exact Clopper-Pearson for accuracy, percentile '
+             "bootstrap over examples for the other metrics and the differences (covers less than 95% on few rows); accuracy: "
+             "McNemar's exact test, other metrics: paired permutation test; per-domain verdicts Holm-adjusted over the domains, other cells uncorrected. Headline: "
+             "accuracy where a domain has multiple-choice rows that are not trivial (two or more gold classes, majority-class "
+             f"accuracy at most {MAX_MAJORITY_RATE}), else ROUGE-L.</p><ul>"]
     for d, v in (matrix.get("verdicts") or {}).items():
         cls = {"better": "finished", "worse": "failed"}.get(v["verdict"], "missing")
         parts.append(f'<li><b>{_h(d)}</b>: <span class="badge {cls}">{_h(v["verdict"])}</span> '
                      f"{_h(EVAL_METRICS.get(v['metric'], v['metric']))} {_h(_diff_text(v, v['metric']))}, "
-                     f"p {_h('n/a' if v.get('p') is None else format(v['p'], '.3g'))}</li>")
+                     f"p {_h(_p_text(v) if v.get('p') is not None else 'n/a')}</li>")
     parts += ["</ul>", _html_table(*esc(_verdict_rows(matrix)), None, "eval-verdicts"),
               "<h3>Interference: adapters on the other domains</h3>",
               _html_table(*esc(_interference_rows(matrix)), [None, None, "num", "num", "num", "num", "num"], "eval-interference")]
@@ -574,6 +634,23 @@ def _domain_data_rows(card: dict) -> tuple[list[str], list[list[str]]]:
     return ["domain", "status", "corpus rows", "SFT train / val / test", "corpus tokens (est.)"], rows
 
 
+def _contamination_rows(card: dict) -> tuple[list[str], list[list[str]]]:
+    """Per domain: test rows with >= 50% of their word 13-grams in a train split (prepare's manifest), and
+    what the near-duplicate split did (docs/ARCHITECTURE.md, "What the split guarantees")."""
+    c = card.get("contamination") or {}
+    pct = (lambda k, n: "–" if k is None else f"{_i(k)} ({100 * k / n:.1f}%)" if n else _i(k))
+    rows = [["(all)", c["skipped"]] + ["–"] * 5] if c.get("skipped") else []
+    for d, x in (c.get("domains") or {}).items():
+        nd = (card["domains"].get(d) or {}).get("near_duplicates") or {}
+        n = x.get("test_rows")
+        rows.append([d, _i(n), pct(x.get("in_own_train"), n), pct(x.get("in_own_train_without_templates"), n),
+                     pct(x.get("in_other_train"), n),
+                     "off" if nd and not nd.get("enabled") else _i(nd.get("merged_groups")),
+                     _i((nd.get("moved_to_train") or {}).get("rows"))])
+    return ["domain", "test rows", "in own train (all 13-grams)", "in own train (without templates)",
+            "in other domains' train", "near-duplicate merges", "rows moved to train"], rows
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
     esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     out = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
@@ -585,8 +662,13 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
     s, card, rep = summary, summary["data"], summary["reproducibility"]
     L = [f"# Domain adapters: run `{s['run_name']}`", "",
          f"Output `{s['output']}`, generated {s['generated_at']}. Domains: "
-         + ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items())) + ".", "",
-         "## Results per domain", "", _md_table(*_results_rows(s)), "",
+         + ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items())) + ".", ""]
+    if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}):
+        L += ["## Which adapters to keep", "", _md_table(*_keep_rows(s["eval_matrix"])), "",
+              "Keep: the adapter beats the base model on its own domain's headline metric (Holm-adjusted p over the domains "
+              "< alpha, paired test); "
+              "drop: it is worse; loss changes are test loss, lower is better. Details in the evaluation matrix below.", ""]
+    L += ["## Results per domain", "", _md_table(*_results_rows(s)), "",
          "Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). "
          "Figures in parentheses are the base model's.", ""]
     for name, title in (("loss_curves.png", "Loss curves"), ("perplexity.png", "Base vs adapter perplexity")):
@@ -608,6 +690,9 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
               "### Sources", "", _md_table(*_source_rows(card)), "",
               "### Quarantine reasons", "", _md_table(*_reason_rows(card)) if _reason_rows(card)[1] else "None.", "",
               "### Domains", "", _md_table(*_domain_data_rows(card)), "",
+              *(["### Contamination", "", "Test rows with 50% or more of their word 13-grams in a train split "
+                 "(templates: 13-grams in more than 10% of one task's rows).", "", _md_table(*_contamination_rows(card)), ""]
+                if card.get("contamination") else []),
               "### Files and checksums", "", _md_table(*_file_rows(card)), ""]
     else:
         L += [f"Not available: {s['data_note']}.", ""]
@@ -660,6 +745,10 @@ def _html_table(head: list[str], rows: list[list[str]], cls: Optional[list[Optio
         out.append("<tr>" + "".join(tds) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def _esc_rows_head(hr: tuple[list[str], list[list[str]]]) -> tuple[list[str], list[list[str]]]:
+    return hr[0], _esc_rows(hr[1])
 
 
 def _esc_rows(rows: list[list[str]]) -> list[list[str]]:
@@ -719,6 +808,10 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         f"<h1>Domain adapters: run <code>{_h(s['run_name'])}</code></h1>",
         f'<p class="note">Output <code>{_h(s["output"])}</code> &middot; generated {_h(s["generated_at"])}</p>',
         f'<div class="cards">{cards}</div>',
+        *((["<h2>Which adapters to keep</h2>", _html_table(*_esc_rows_head(_keep_rows(s["eval_matrix"])), None, "keep"),
+             '<p class="note">Keep: the adapter beats the base model on its own domain\'s headline metric (Holm-adjusted p over the domains '
+             "&lt; alpha, paired test); drop: it is worse; loss changes are test loss, lower is better.</p>"])
+          if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}) else []),
         "<h2>Results per domain</h2>", _html_table(head, hrows, num, "results"),
         '<p class="note">Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). '
         "Figures in parentheses are the base model's.</p>",
@@ -743,6 +836,10 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
                   if _reason_rows(card)[1] else "<p>None.</p>",
                   "<h3>Domains</h3>", _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_domain_data_rows(card)),
                                                    [None, None, "num", "num", "num"], "domains-data"),
+                  *(["<h3>Contamination</h3>", '<p class="note">Test rows with 50% or more of their word 13-grams in a '
+                     "train split (templates: 13-grams in more than 10% of one task's rows).</p>",
+                     _html_table(*_esc_rows_head(_contamination_rows(card)), [None] + ["num"] * 6, "contamination")]
+                    if card.get("contamination") else []),
                   "<details><summary>Files and checksums</summary>",
                   _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_file_rows(card)), [None, None, "num", "sha", None], "files"),
                   "</details>"]

@@ -4,7 +4,10 @@
                                                      eval/scores/<model>/<dataset>.parquet
     build_matrix(plans, scores, ev) -> dict           the content of eval/matrix.json
 
-Metrics (METRICS), each cell {"value", "low", "high", "n"} with a percentile-bootstrap 95% interval:
+Metrics (METRICS), each cell {"value", "low", "high", "n", "interval"}: acc and acc_norm (0/1 per example)
+get the exact Clopper-Pearson 95% interval (coverage >= 95% at any n; a perfect 10/10 gets [0.69, 1]),
+the continuous ones a percentile bootstrap (no bias correction; it covers less than 95% on few rows,
+which is why each cell names its method and n):
     loss      token-weighted mean cross-entropy over the test rows (as training's test_loss); ppl = exp(loss)
     acc       multiple-choice rows with a readable gold: the most likely choice is the gold one
     acc_norm  the same with log-likelihoods divided by the choice's length in characters
@@ -13,10 +16,14 @@ Metrics (METRICS), each cell {"value", "low", "high", "n"} with a percentile-boo
 Every adapter is compared with the base model on every dataset over the same examples (McNemar's
 exact test for acc / acc_norm, a paired sign-flip permutation test for the others) with a paired
 bootstrap interval of the difference; its own domain is the diagonal, the others show interference.
+The per-domain verdicts (``verdicts``: each adapter on its own domain, headline metric) are decided on
+Holm-adjusted p-values over the domains (``p_adjusted``; ``p`` is the raw one); the other cells'
+verdicts are uncorrected and say so in the report.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Optional
 
 import numpy as np
@@ -26,6 +33,8 @@ from pipeline.eval import stats
 METRICS = ("loss", "ppl", "acc", "acc_norm", "rouge_l", "f1")
 HIGHER_IS_BETTER = {"loss": False, "ppl": False, "acc": True, "acc_norm": True, "rouge_l": True, "f1": True}
 TESTED = ("loss", "acc", "acc_norm", "rouge_l", "f1")     # ppl is a function of loss: same test
+PROPORTIONS = ("acc", "acc_norm")                          # per-example 0/1: exact binomial intervals
+CLOPPER_PEARSON = "Clopper-Pearson exact 95%"
 TEXT_LIMIT = 4000                                           # characters of a text shown side by side
 
 
@@ -66,13 +75,21 @@ def cell(rows: list[dict], metric: str, ev) -> dict:
         return {"value": None, "low": None, "high": None, "n": 0}
     cols = [np.array(c, dtype=np.float64) for c in zip(*vals.values())]
     value = float(_statistic(metric)(*cols))
+    if metric in PROPORTIONS:
+        lo, hi = stats.clopper_pearson(int(cols[0].sum()), len(vals))
+        return {"value": value, "low": lo, "high": hi, "n": len(vals), "interval": CLOPPER_PEARSON}
     lo, hi = stats.bootstrap_interval(_statistic(metric), cols, ev.bootstrap_resamples, ev.seed)
-    return {"value": value, "low": lo, "high": hi, "n": len(vals)}
+    return {"value": value, "low": lo, "high": hi, "n": len(vals), "interval": _bootstrap_name(ev)}
 
 
 def _ppl_cell(loss: dict) -> dict:
     f = (lambda x: None if x is None else math.exp(min(x, 50.0)))
-    return {"value": f(loss["value"]), "low": f(loss["low"]), "high": f(loss["high"]), "n": loss["n"]}
+    return {"value": f(loss["value"]), "low": f(loss["low"]), "high": f(loss["high"]), "n": loss["n"],
+            **({"interval": loss["interval"]} if "interval" in loss else {})}
+
+
+def _bootstrap_name(ev) -> str:
+    return f"percentile bootstrap 95% ({ev.bootstrap_resamples} resamples)"
 
 
 def cells(rows: list[dict], ev) -> dict[str, dict]:
@@ -98,14 +115,35 @@ def compare(base_rows: list[dict], rows: list[dict], metric: str, ev) -> dict:
         p, test = stats.mcnemar_exact(B[0] > 0.5, A[0] > 0.5), "McNemar exact"
     else:
         p, test = stats.paired_permutation(B[0], A[0], ev.permutation_resamples, ev.seed), "paired permutation"
-    return {"n": len(keys), "difference": diff, "low": lo, "high": hi, "p": p, "test": test,
+    return {"n": len(keys), "difference": diff, "low": lo, "high": hi, "interval": _bootstrap_name(ev) + ", paired",
+            "p": p, "test": test,
             "verdict": stats.verdict(p, diff, HIGHER_IS_BETTER[metric], ev.alpha)}
 
 
+# a multiple-choice test set whose most common gold answer is more than this share of its rows is
+# flagged trivial: its accuracy says little beyond "answer the majority" and decides no verdict
+MAX_MAJORITY_RATE = 0.9
+
+
+def majority(golds: list) -> dict:
+    """The majority-class baseline of scored multiple-choice rows, `golds` as (task, gold index) pairs:
+    the accuracy of always answering each task's most common gold (its rate), the fewest gold classes
+    any task has, and whether that is trivial (a task with one class, or a rate above MAX_MAJORITY_RATE)."""
+    per_task: dict[str, Counter] = {}
+    for task, g in golds:
+        if g is not None:
+            per_task.setdefault(task, Counter())[g] += 1
+    if not per_task:
+        return {"majority_rate": None, "gold_classes": 0, "trivial": False}
+    rate = sum(max(c.values()) for c in per_task.values()) / sum(sum(c.values()) for c in per_task.values())
+    n_cls = min(len(c) for c in per_task.values())
+    return {"majority_rate": rate, "gold_classes": n_cls, "trivial": n_cls < 2 or rate > MAX_MAJORITY_RATE}
+
+
 def headline_metric(counts: dict) -> str:
-    """What decides a domain's verdict: accuracy when it has scored multiple-choice rows, else ROUGE-L
-    when it has generations, else loss."""
-    if counts["multiple_choice_scored"]:
+    """What decides a domain's verdict: accuracy when it has scored multiple-choice rows that are not
+    trivial (see majority), else ROUGE-L when it has generations, else loss."""
+    if counts["multiple_choice_scored"] and not counts.get("multiple_choice_trivial"):
         return "acc"
     return "rouge_l" if counts["generated"] else "loss"
 
@@ -116,6 +154,7 @@ def _counts(plan, rows: list[dict]) -> dict:
             "scored_for_loss": sum(1 for r in rows if r.get("n_tokens")),
             "multiple_choice": len(mc), "multiple_choice_scored": sum(1 for it in mc if it.gold is not None),
             "multiple_choice_unscored": sum(1 for it in mc if it.gold is None),
+            **{f"multiple_choice_{k}": v for k, v in majority([(it.task_name, it.gold) for it in mc]).items()},
             "free_text": sum(1 for it in plan.items if it.kind == "free_text"),
             "generated": sum(1 for it in plan.items if it.generate)}
 
@@ -128,7 +167,7 @@ def _tasks(plan, scores: dict[str, dict[str, list[dict]]], ev) -> dict:
         keys = {it.key for it in its}
         kind = its[0].kind
         metrics = ("loss", "acc", "acc_norm") if kind == "multiple_choice" else ("loss", "rouge_l", "f1")
-        out[name] = {"kind": kind, "rows": len(its),
+        out[name] = {"kind": kind, "rows": len(its), **(majority([(name, it.gold) for it in its]) if kind == "multiple_choice" else {}),
                      "unscored": sum(1 for it in its if kind == "multiple_choice" and it.gold is None),
                      "generated": sum(1 for it in its if it.generate),
                      "choices": list(its[0].choices),
@@ -183,6 +222,13 @@ def build_matrix(plans: list, scores: dict[str, dict[str, list[dict]]], ev) -> d
         if d in comparisons:
             h = headline_metric(counts[d])
             verdicts[d] = {"metric": h, **comparisons[d][d][h]}
+    # the per-domain verdicts are a family of tests: Holm's correction over them ("p" stays the raw p-value)
+    adjusted = stats.holm({d: v["p"] for d, v in verdicts.items() if v.get("p") is not None})
+    for d, v in verdicts.items():
+        v["p_adjusted"] = adjusted.get(d)
+        v["correction"] = f"Holm over {len(adjusted)} domain verdicts"
+        if v.get("n"):
+            v["verdict"] = stats.verdict(v["p_adjusted"], v["difference"], HIGHER_IS_BETTER[v["metric"]], ev.alpha)
     return {
         "models": models, "datasets": datasets,
         # the loss matrix as before (model -> dataset -> value), kept for readers of the old layout

@@ -1,20 +1,33 @@
-"""Free-text scores of a generation against its reference: ROUGE-L (F) and token F1.
+"""Free-text scores of a generation against its reference: ROUGE-L (F) and bag-of-words token F1.
 
-    words(text)                   -> lowercase alphanumeric tokens (what both scores compare)
+    words(text)                   -> lowercase Unicode word tokens (what both scores compare)
     rouge_l(prediction, reference) -> ROUGE-L F-measure: LCS of the two token sequences, F with beta 1
-    token_f1(prediction, reference) -> SQuAD-style bag-of-tokens F1 (multiset overlap)
+    token_f1(prediction, reference) -> bag-of-words F1 (multiset overlap of `words`). Not SQuAD's F1:
+                                       SQuAD's script also drops punctuation inside words and the
+                                       articles a/an/the; here punctuation separates words and
+                                       articles count, so the figures are not comparable with SQuAD's.
+
+Tokenization, written out because every script must be scored: lowercase (str.lower), then a token
+is a run of letters or digits of any script (``[^\\W_]``: Unicode word characters without the
+underscore), except that each CJK ideograph, kana or Hangul syllable is a token of its own (those
+scripts do not separate words with spaces; per-character tokens are how sacrebleu's ``zh`` tokenizer
+and multilingual ROUGE variants score them). On ASCII text this is exactly rouge_score's default
+tokenizer (lowercase, every run of non-[a-z0-9] a separator, no stemming), so ``rouge_l`` equals
+rouge_score's ``rougeL`` F-measure there; rouge_score itself drops every non-ASCII character, which
+gives two Cyrillic or Japanese texts 1.0 whatever they say.
 
 Hand-written (a few lines each) instead of a dependency: rouge_score pulls nltk and absl for a
-dynamic-programming loop, and the package itself needs only numpy. Tokenization follows
-rouge_score's default tokenizer (lowercase, every run of non-alphanumeric characters a separator,
-no stemming). Two empty texts score 1.0 (they agree); one empty text scores 0.0.
+dynamic-programming loop, and the package itself needs only numpy. Two empty texts score 1.0 (they
+agree); one empty text scores 0.0.
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
 
-_WORD = re.compile(r"[a-z0-9]+")
+# Han (CJK unified ideographs, extension A, compatibility), Hiragana, Katakana, Hangul syllables
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+", re.UNICODE)
 
 
 def words(text: str) -> list[str]:

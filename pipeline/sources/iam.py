@@ -42,18 +42,24 @@ def normalize(raw: Raw, opts: Opts) -> dict:
 
 
 def build_sft(row: dict) -> list[dict]:
+    """Every sentence is a claim_detection row with its own gold stance (claims/ files: mostly "None";
+    stance/ files: "Support" or "Contest"); a claim with a stance is also a debate_turn row. Until
+    2026-12 claims with a stance went to debate_turn only, so every claim_detection gold was "None"
+    and always answering "None" scored 100% (issue 24)."""
     m = meta(row)
-    if m.get("claim") and m.get("stance") in ("support", "contest"):
-        side = "in favour of" if m["stance"] == "support" else "against"
-        return [{"task": "debate_turn",
-                 "prompt": f"Debate topic: {m['topic']}?\nGive one argument {side} the motion.",
-                 "response": row["text"]}]
-    return [{"task": "claim_detection",
-             "prompt": f"Debate topic: {m.get('topic')}?\nSentence: {row['text']}\n"
-                       "Does this sentence take a stance on the topic? Answer with support, contest or none, and say why.",
-             "response": {"support": "Support: the sentence gives a reason to accept the motion.",
-                          "contest": "Contest: the sentence gives a reason to reject the motion."}.get(
-                 m.get("stance"), "None: the sentence gives background but takes no stance on the motion.")}]
+    stance = m.get("stance") if m.get("claim") else "none"
+    out = [{"task": "claim_detection",
+            "prompt": f"Debate topic: {m.get('topic')}?\nSentence: {row['text']}\n"
+                      "Does this sentence take a stance on the topic? Answer with support, contest or none, and say why.",
+            "response": {"support": "Support: the sentence gives a reason to accept the motion.",
+                         "contest": "Contest: the sentence gives a reason to reject the motion."}.get(
+                stance, "None: the sentence gives background but takes no stance on the motion.")}]
+    if stance in ("support", "contest"):
+        side = "in favour of" if stance == "support" else "against"
+        out.append({"task": "debate_turn",
+                    "prompt": f"Debate topic: {m['topic']}?\nGive one argument {side} the motion.",
+                    "response": row["text"]})
+    return out
 
 
 SOURCE = SourceSpec(NAME, DOMAIN, "IAM", ("claims/*.txt", "stance/*.txt"), read, normalize, build_sft,

@@ -53,7 +53,8 @@ def test_report_has_task_metrics_intervals_verdicts_and_generations(demo):
             assert (out / f"eval/scores/{model}/{d}.parquet").is_file()
             loss = m["metrics"]["loss"][model][d]
             assert loss["low"] <= loss["value"] <= loss["high"] and loss["n"] == m["counts"][d]["items"]
-        task = "acc" if m["counts"][d]["multiple_choice_scored"] else "rouge_l"
+        # accuracy decides unless the domain's multiple-choice gold is trivial (one class or majority > 0.9)
+        task = "acc" if m["counts"][d]["multiple_choice_scored"] and not m["counts"][d]["multiple_choice_trivial"] else "rouge_l"
         c = m["metrics"][task][d][d]
         assert c["n"] > 0 and c["low"] <= c["value"] <= c["high"], (d, c)
         assert m["verdicts"][d]["metric"] == task and m["verdicts"][d]["verdict"] in (

@@ -5,7 +5,11 @@ the plan (samples, unscored rows), the scorer against a model whose log-likeliho
 and batched generation == one prompt at a time."""
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
+from types import SimpleNamespace
+import random
 import sys
 from pathlib import Path
 
@@ -44,6 +48,30 @@ def test_token_f1_hand_computed():
     # prediction 2 tokens, reference 4, overlap 2: P 1, R 1/2 -> F 2/3; punctuation and case ignored
     assert token_f1("Yes, SUPPORTED.", "yes it is supported") == pytest.approx(2 / 3)
     assert token_f1("", "") == 1.0 and token_f1("a", "") == 0.0
+
+
+def test_text_metrics_tokenize_any_script():
+    """The issue's cases: texts without ASCII letters scored 1.0 whatever they said."""
+    assert words("Привет, мир! Déjà-vu 42") == ["привет", "мир", "déjà", "vu", "42"]
+    assert words("糖尿病の治療") == ["糖", "尿", "病", "の", "治", "療"]     # CJK: one token per character
+    assert words("abc漢字") == ["abc", "漢", "字"]
+    # "Привет мир" vs "мир": LCS 1, P 1/2, R 1 -> 2/3
+    assert rouge_l("Привет мир", "мир") == pytest.approx(2 / 3)
+    assert rouge_l("Привет мир", "Пока") == 0.0
+    # 6 vs 5 characters, 4 in common (糖 尿 病 治): P 4/6, R 4/5 -> F 8/11
+    assert token_f1("糖尿病の治療", "糖尿病治疗") == pytest.approx(8 / 11)
+    assert rouge_l("糖尿病の治療", "糖尿病治疗") == pytest.approx(8 / 11)
+
+
+def test_words_equal_rouge_score_tokenizer_on_ascii():
+    """On ASCII text the tokens are rouge_score's default tokenizer's (tokenize.py: lowercase, every run
+    of non-[a-z0-9] replaced by a space, split, no stemming), so rouge_l is its rougeL F-measure there."""
+    import re
+    rng = random.Random(3)
+    alphabet = "abcXYZ019 _-.,;:!?'\"\t\n()/"
+    for _ in range(500):
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        assert words(t) == re.sub(r"[^a-z0-9]+", " ", t.lower()).split(), t
 
 
 # ---- intervals and tests against scipy -------------------------------------------------------------
@@ -88,6 +116,80 @@ def test_mcnemar_exact_matches_scipy_binomtest():
         only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
         ref = scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
         assert stats.mcnemar_exact(a, b) == pytest.approx(ref, rel=1e-12)
+
+
+def test_clopper_pearson_equals_scipy_exact():
+    for n in (1, 10, 19, 50):
+        for k in range(n + 1):
+            ci = scipy.stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+            assert stats.clopper_pearson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9), (k, n)
+    assert stats.clopper_pearson(0, 0) == (None, None)
+    lo, hi = stats.clopper_pearson(10, 10)          # a perfect score is not [1, 1]
+    assert hi == 1.0 and lo == pytest.approx(0.6915, abs=1e-4)
+
+
+def _coverage(interval, n: int, p: float) -> float:
+    """Exact coverage: the binomial probability of the k whose interval holds p (no simulation noise)."""
+    pmf = scipy.stats.binom.pmf(np.arange(n + 1), n, p)
+    return float(sum(w for k, w in enumerate(pmf) if interval(k, n)[0] <= p <= interval(k, n)[1]))
+
+
+def test_accuracy_interval_covers_at_small_n():
+    """Clopper-Pearson covers >= 95% at every (n, p) of the issue; the percentile bootstrap it replaces for
+    accuracy did not (63.5% at n=10, p=0.9 in the issue); also a seeded simulation through matrix.cell."""
+    for n in (10, 19, 20, 50, 200):
+        for p in (0.5, 0.9, 0.99):
+            assert _coverage(stats.clopper_pearson, n, p) >= 0.95, (n, p)
+
+    def boot(k, n):
+        return stats.bootstrap_interval(stats.mean_of, [[1.0] * k + [0.0] * (n - k)], 400, 0)
+    assert _coverage(boot, 10, 0.9) < 0.9          # why accuracy no longer uses it
+    rng = np.random.default_rng(42)
+    ev = SimpleNamespace(bootstrap_resamples=200, seed=0)
+    for n, p in ((10, 0.9), (19, 0.9)):
+        hits = 0
+        for _ in range(400):
+            rows = [{"key": str(i), "correct": bool(c)} for i, c in enumerate(rng.random(n) < p)]
+            c = mx.cell(rows, "acc", ev)
+            hits += c["low"] <= p <= c["high"]
+            assert c["interval"] == mx.CLOPPER_PEARSON and c["n"] == n
+        assert hits / 400 >= 0.93, (n, p, hits)
+    assert mx.cell([{"key": "a", "rouge_l": 0.5}, {"key": "b", "rouge_l": 0.7}], "rouge_l", ev)["interval"] == \
+        "percentile bootstrap 95% (200 resamples)"
+
+
+def test_majority_class_baseline_flags_trivial_tasks():
+    assert mx.majority([("iam/claim_detection", 2)] * 5) == {"majority_rate": 1.0, "gold_classes": 1, "trivial": True}
+    m = mx.majority([("a", 0), ("a", 0), ("a", 1), ("b", 1), ("b", 1), ("b", 0), ("a", None)])
+    assert m == {"majority_rate": pytest.approx(4 / 6), "gold_classes": 2, "trivial": False}
+    assert mx.majority([("a", 0)] * 19 + [("a", 1)])["trivial"]          # 95% majority > 0.9
+    assert mx.headline_metric({"multiple_choice_scored": 5, "multiple_choice_trivial": True, "generated": 3}) == "rouge_l"
+    assert mx.headline_metric({"multiple_choice_scored": 5, "multiple_choice_trivial": False, "generated": 3}) == "acc"
+
+
+def test_iam_claim_detection_has_real_classes():
+    """Every IAM sentence is a claim_detection row with its own stance (the fixtures' and the real files'
+    claims with a stance used to skip it, leaving "None" the only gold answer)."""
+    from pipeline.sources import iam
+    from tests.unit._prepare_helpers import records
+    task = BUILTIN["iam"].eval_task("claim_detection")
+    golds = Counter()
+    for rec in records("iam"):
+        out = iam.build_sft(rec["row"])
+        cd = [r for r in out if r["task"] == "claim_detection"]
+        assert len(cd) == 1
+        golds[task.choices[task.gold(cd[0]["response"])]] += 1
+        meta = json.loads(rec["row"]["metadata"])
+        assert any(r["task"] == "debate_turn" for r in out) == (meta["claim"] and meta["stance"] in ("support", "contest"))
+    assert set(golds) == {"Support", "Contest", "None"} and max(golds.values()) / sum(golds.values()) < 0.9, golds
+
+
+def test_holm_adjustment():
+    # sorted p: 0.01 (x3), 0.02 (x2), 0.04 (x1) -> 0.03, 0.04, 0.04 (monotone); 0.5 alone stays 0.5
+    assert stats.holm({"a": 0.04, "b": 0.01, "c": 0.02}) == pytest.approx({"b": 0.03, "c": 0.04, "a": 0.04})
+    assert stats.holm({"a": 0.5}) == {"a": 0.5} and stats.holm({}) == {}
+    assert stats.holm({"a": 0.4, "b": 0.3, "c": 0.9}) == pytest.approx({"b": 0.9, "a": 0.9, "c": 0.9})   # 3x0.3, max(0.9, 2x0.4), 0.9
+    assert stats.holm({"a": 0.6, "b": 0.5}) == {"b": 1.0, "a": 1.0}        # capped at 1
 
 
 def test_verdict():
@@ -304,6 +406,7 @@ def test_matrix_verdicts_summary_and_escaped_report_sections():
     assert m["models"] == ["base", "medicine", "debate"] and m["counts"]["medicine"]["multiple_choice_unscored"] == 2
     v = m["verdicts"]["medicine"]
     assert v["metric"] == "acc" and v["verdict"] == "better" and v["p"] < 1e-4 and v["n"] == 40
+    assert v["p_adjusted"] == v["p"] and v["correction"] == "Holm over 1 domain verdicts"     # one domain: no change
     assert m["comparisons"]["medicine"]["medicine"]["loss"]["verdict"] == "better"          # lower loss
     assert m["comparisons"]["debate"]["medicine"]["acc"]["verdict"] == "no significant difference"   # same answers
     assert m["summary"]["off_diagonal"]["acc"] == {"cells": 1, "mean_difference": 0.0, "better": 0, "worse": 0,

@@ -219,3 +219,52 @@ def test_scrub():
     env = {"AWS_SECRET_ACCESS_KEY": "abcdef123456", "HF_TOKEN": "hf_xyzxyzxyz"}
     t = scrub('k=abcdef123456 "hf_xyzxyzxyz" https://u:p@h/x?a=1&token=zzz&X-Amz-Credential=AK/2026', env)
     assert t == 'k=*** "***" https://***@h/x?a=1&token=***&X-Amz-Credential=***'
+
+
+def _decided_matrix() -> dict:
+    m = fake_matrix()
+    cellv = (lambda v, n: {"value": v, "low": v - 0.1, "high": min(1.0, v + 0.1), "n": n})
+    m["metrics"] = {"acc": {"base": {"debate": cellv(0.5, 40), "medicine": cellv(0.6, 19)},
+                            "debate": {"debate": cellv(0.7, 40)}, "medicine": {"medicine": cellv(0.5, 19)}}}
+    loss = (lambda d, v: {"n": 20, "difference": d, "low": d - 0.1, "high": d + 0.1, "p": 0.01, "test": "paired permutation", "verdict": v})
+    m["comparisons"] = {"debate": {"debate": {"loss": loss(-1.08, "better")}, "medicine": {"loss": loss(-0.34, "better")},
+                                   "education": {"loss": loss(0.12, "worse")}},
+                        "medicine": {"medicine": {"loss": loss(-1.44, "better")}, "debate": {"loss": loss(-0.15, "better")}}}
+    m["verdicts"] = {"debate": {"metric": "acc", "n": 40, "difference": 0.2, "low": 0.05, "high": 0.35, "p": 0.004,
+                                "test": "McNemar exact", "verdict": "better"},
+                     "medicine": {"metric": "acc", "n": 19, "difference": -0.1, "low": -0.3, "high": 0.1, "p": 0.5,
+                                  "test": "McNemar exact", "verdict": "no significant difference"}}
+    return m
+
+
+def test_report_answers_which_adapter_to_keep_first(cfg):
+    """The first table: one row per domain, keep / drop / too few rows, with the evidence."""
+    store = Store(cfg.output)
+    write_tree(store)
+    store.write_json("eval/matrix.json", _decided_matrix())
+    run_report(cfg)
+    md = store.read_text("report/summary.md")
+    assert md.index("## Which adapters to keep") < md.index("## Results per domain")
+    assert ("| debate | keep | accuracy: base 0.500 [0.400, 0.600] (n=40), adapter 0.700 [0.600, 0.800] (n=40) | "
+            "+0.200 [0.050, 0.350]; p 0.004; better | -1.080 (better) | education: +0.120 (worse) |") in md
+    assert "| medicine | too few rows to decide (n=19 < 30) |" in md
+    assert "| debate: -0.150 (better) |" in md
+    page = store.read_text("report/summary.html")
+    assert page.index('<table id="keep">') < page.index('<table id="results">')
+
+
+def test_data_card_has_the_contamination_table(cfg):
+    store = Store(cfg.output)
+    write_tree(store)
+    m = fake_manifest()
+    m["domains"]["medicine"]["near_duplicates"] = {"enabled": True, "merged_groups": 75, "moved_to_train": {"units": 60, "rows": 76}}
+    m["contamination"] = {"ngram": 13, "threshold": 0.5, "domains": {"medicine": {
+        "test_rows": 250, "in_own_train": 1, "in_own_train_without_templates": 0, "in_other_train": 0,
+        "in_other_train_without_templates": 0}}}
+    store.write_json("data/manifest.json", m)
+    run_report(cfg)
+    md = store.read_text("report/summary.md")
+    assert "| medicine | 250 | 1 (0.4%) | 0 (0.0%) | 0 (0.0%) | 75 | 76 |" in md
+    assert md.index("### Contamination") > md.index("## Data card")
+    assert '<table id="contamination">' in store.read_text("report/summary.html")
+    assert store.read_json("report/summary.json")["data"]["contamination"] == m["contamination"]
