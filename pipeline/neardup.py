@@ -133,6 +133,8 @@ def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float
     keep = (lengths >= 2) & (lengths <= max_df)
     part_codes, part_counts = [], []
     kept = np.flatnonzero(keep)
+    if not len(kept):   # no n-gram shared by two rows (one row, or all distinct)
+        return []
     kept = kept[np.argsort(lengths[kept], kind="stable")]
     bounds = np.flatnonzero(np.r_[True, np.diff(lengths[kept]) != 0, True])
     for lo, hi in zip(bounds[:-1], bounds[1:]):   # every pair of rows within each posting list, vectorised per length

@@ -106,6 +106,13 @@ def test_near_duplicate_pairs_land_in_one_split(tmp_path, monkeypatch):
     assert _prepare(tmp_path / "again", rows, near=True)[1] == split1
 
 
+def test_no_shared_ngram_links_nothing():
+    one = [neardup.ngram_hashes("a single row with more than thirteen words in it so that it has several windows")]
+    assert neardup.near_duplicate_links(one, max_df=20) == []
+    two = one + [neardup.ngram_hashes("another row that shares no window of thirteen words with the first one at all here")]
+    assert neardup.near_duplicate_links(two, max_df=20) == []
+
+
 def test_batch_hashes_equal_one_by_one():
     rng = random.Random(5)
     def chat(q: str, a: str) -> dict:
