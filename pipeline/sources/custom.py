@@ -54,7 +54,7 @@ def custom_spec(c: "CustomSourceConfig") -> SourceSpec:
 
 def read(c: "CustomSourceConfig", path, rel: str, opts: Opts):
     if c.format == "jsonl":
-        yield from iter_jsonl(path, rel, c.name)
+        yield from iter_jsonl(path, rel, c.name, opts)
     elif c.format == "json":
         yield from iter_json_records(path, rel, c.name, opts)
     elif c.format == "csv":
