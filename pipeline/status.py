@@ -381,7 +381,7 @@ def run_status(config_path: Optional[str] = None, output: Optional[str] = None,
                sets: Optional[list[str]] = None, domains: Optional[list[str]] = None) -> int:
     """Print the stage and domain states; ``domains`` (from --domains) narrows the list."""
     wanted = domains
-    from pipeline.storage import Store
+    from pipeline.storage import BadStorageUri, Store
     run_name: Optional[str] = None
     domains: Optional[list[str]] = None
     storage_cfg = None
@@ -402,6 +402,8 @@ def run_status(config_path: Optional[str] = None, output: Optional[str] = None,
         if wanted:
             domains = list(wanted)
         st = collect_status(store, run_name, domains)
+    except BadStorageUri:   # a malformed URI is a usage error (exit 2), not an unreadable output
+        raise
     except Exception as e:  # noqa: BLE001 - an unreadable output is this command's answer
         print(f"cannot read {uri}: {type(e).__name__}: {e}")
         return 1

@@ -21,7 +21,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from .base import (DownloadPart, Opts, Raw, Reject, SourceSpec, corpus_row, iter_csv, iter_json_records, iter_jsonl,
-                   iter_parquet, meta, stable_id, text_hash, EMPTY_ANSWER, EMPTY_TEXT, MISSING_FIELD)
+                   iter_parquet, meta, stable_id, text_hash, EMPTY_ANSWER, EMPTY_TEXT, MAX_DEPTH, MISSING_FIELD, TOO_DEEP)
 
 if TYPE_CHECKING:
     from pipeline.config import CustomSourceConfig
@@ -86,6 +86,8 @@ def _messages(d: dict, column: str) -> list[dict[str, str]]:
             v = json.loads(v)
         except json.JSONDecodeError:
             raise Reject(MISSING_FIELD, f"column {column!r} is not a JSON list of messages: {v[:150]}")
+        except RecursionError:
+            raise Reject(TOO_DEEP, f"column {column!r} is nested more than {MAX_DEPTH} levels: {v[:100]}")
     if not isinstance(v, (list, tuple)) or not v:
         raise Reject(EMPTY_TEXT, f"column {column!r} holds no messages")
     out = []
