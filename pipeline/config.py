@@ -615,7 +615,8 @@ def _check_locations(d: dict, source: str) -> None:
             try:
                 uris.check_location(v.strip(), name, schemes)
             except uris.BadUri as e:
-                raise ConfigError(f"invalid config ({source}): {e}") from None
+                also = "; model.base may also be a Hugging Face model id (owner/name)" if name == "model.base" else ""
+                raise ConfigError(f"invalid config ({source}): {e}{also}") from None
 
 
 def load_config(path: Optional[str | Path] = None, sets: Optional[list[str]] = None,
