@@ -21,6 +21,12 @@ _ALLOWED = {("s3",): "only local directories and s3://bucket/prefix are supporte
             ("s3", "hf"): "use a local path, s3://bucket/prefix or a Hugging Face dataset id (hf://owner/name)"}
 
 
+def _shown(v: str) -> str:
+    """v as a message may show it: credentials masked, also in a malformed URI ('s3:/key:secret@bucket')."""
+    from pipeline.redaction import redact_url
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*:/*)[^/@]*@", r"\1***@", redact_url(v))
+
+
 class BadUri(ValueError):
     """A malformed storage URI; the message names the fix (the config turns it into a config error)."""
 
@@ -40,8 +46,7 @@ def scheme_of(v: str) -> Optional[str]:
 
 def split_s3(uri: str) -> tuple[str, str]:
     """(bucket, prefix) of a well-formed s3://bucket/prefix; BadUri for anything else."""
-    from pipeline.redaction import redact_url
-    shown = redact_url(uri)
+    shown = _shown(uri)
     if not uri.startswith("s3://"):
         raise BadUri(f"{shown!r} is not a valid S3 URI: write s3://bucket/prefix (lowercase 's3', two slashes)")
     rest = uri[len("s3://"):]
@@ -67,14 +72,12 @@ def check_location(v: str, what: str, schemes: tuple[str, ...] = ("s3",)) -> str
     if scheme is None:
         return v
     if scheme not in schemes and not (scheme in ("s3a", "s3n") and "s3" in schemes):
-        from pipeline.redaction import redact_url
-        raise BadUri(f"{what} {redact_url(v)!r}: {_ALLOWED.get(schemes, 'only local directories are supported')}")
+        raise BadUri(f"{what} {_shown(v)!r}: {_ALLOWED.get(schemes, 'only local directories are supported')}")
     if scheme in ("s3", "s3a", "s3n"):
         try:
             split_s3(v)
         except BadUri as e:
             raise BadUri(f"{what} {e}") from None
     elif not v.startswith(f"{scheme}://") or len(v) == len(f"{scheme}://"):
-        from pipeline.redaction import redact_url
-        raise BadUri(f"{what} {redact_url(v)!r} is not a valid URI: write {_FORMS.get(scheme, scheme + '://...')}")
+        raise BadUri(f"{what} {_shown(v)!r} is not a valid URI: write {_FORMS.get(scheme, scheme + '://...')}")
     return v

@@ -286,7 +286,7 @@ def test_home_is_expanded_in_config_paths(tmp_path, monkeypatch):
 
 BAD_URIS = ["s3:/bucket/x", "s3:bucket/x", "S3://bucket/x", "s3://", "s3:///x", "s3://a/x", "s3://Bad_Bucket/x",
             "s3://bucket//x", "s3://bucket/a/../b", "s3://key:secretvalue@bucket/x", "gs://bucket/x", "file:///tmp/x",
-            "s3a://bucket/x"]
+            "s3a://bucket/x", "s3:/key:secretvalue@bucket/x", "gs://key:secretvalue@bucket/x"]
 
 
 @pytest.mark.parametrize("uri", BAD_URIS)
