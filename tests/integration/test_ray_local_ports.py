@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,11 @@ shutdown_ray()
 """
 
 
-def test_local_ray_serves_http_and_metrics_on_loopback_only(tmp_path):
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+def test_local_ray_serves_http_and_metrics_on_loopback_only():
+    with tempfile.TemporaryDirectory(prefix="rp-", dir="/tmp") as tmp:   # short: Ray's socket paths have a limit
+        env = {**os.environ, "RAY_TMPDIR": tmp, "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("LISTEN ")), None)
     assert line, (r.stdout + r.stderr)[-3000:]
     got = json.loads(line[len("LISTEN "):])
