@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from pipeline import uris
 from pipeline.redaction import redact_url
 
 # the built-in sources and their domains, derived from the registry (pipeline/sources: no heavy imports)
@@ -34,7 +35,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field refuses inf and nan (YAML's .inf / .nan, --set x=nan), which
+    # otherwise passed gt=0 and failed minutes later as a NaN loss
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DownloadConfig(_Strict):
@@ -46,8 +49,11 @@ class DownloadConfig(_Strict):
     ddo_users_url: Optional[str] = None
     ddo_gdrive_folder_url: Optional[str] = None
     hf_endpoint: Optional[str] = Field(None, description="Hugging Face endpoint (default: HF_ENDPOINT or the hub)")
-    timeout_s: float = 60.0
-    retries: int = 3
+    timeout_s: float = Field(60.0, gt=0, description="seconds one network read may wait")
+    retries: int = Field(3, ge=0)
+    max_file_mb: int = Field(10240, ge=1, description="an HTTP file larger than this is stopped and refused")
+    max_time_s: float = Field(7200.0, gt=0, description="an HTTP file not downloaded after this long (all "
+                              "attempts) is stopped and refused")
 
     @field_validator("only", "skip")
     @classmethod
@@ -504,6 +510,44 @@ _YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:tru
                                   list("tTfF"))
 
 
+class YamlRefused(yaml.YAMLError):
+    """A YAML construct the config refuses (aliases, duplicate keys); str() is one line with the line number."""
+
+    def __init__(self, what: str, mark: Any):
+        super().__init__(f"line {mark.line + 1}: {what}" if mark is not None else what)
+
+
+def _compose_node(self, parent, index):
+    # Aliases are refused before they are followed: a few nested aliases expand exponentially (a config
+    # of a few lines took gigabytes and never finished), and a config has no need for them.
+    if self.check_event(yaml.AliasEvent):
+        ev = self.peek_event()
+        raise YamlRefused(f"YAML alias *{ev.anchor} is not allowed in a config: write the value out", ev.start_mark)
+    return yaml.composer.Composer.compose_node(self, parent, index)
+
+
+def _construct_mapping(self, node, deep=False):
+    # PyYAML keeps the last of two equal keys without a word; a repeated key is almost always a mistake
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base constructor says so
+                continue
+            if first is not None:
+                raise YamlRefused(f"duplicate key {key!r} (first on line {first}): keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(self, node, deep=deep)
+
+
+_YamlLoader.compose_node = _compose_node
+_YamlLoader.construct_mapping = _construct_mapping
+
+
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
@@ -590,26 +634,54 @@ def _format_validation_error(e: ValidationError, source: str) -> str:
     return "\n".join([f"invalid config ({source}):"] + [f"  {x}" for x in lines])
 
 
+def _path_slots(d: dict) -> Iterator[tuple[dict, str, str, tuple[str, ...]]]:
+    """(section, key, dotted name, URI schemes it may hold) for every path-like value of a raw config: the
+    one list that '~' expansion, relative-path resolution and the URI check go through."""
+    yield d, "output", "output", ("s3",)
+    data = d.get("data")
+    if isinstance(data, dict):
+        yield data, "raw_dir", "data.raw_dir", ()
+        for i, c in enumerate(data.get("custom_sources") or []):
+            if isinstance(c, dict):
+                yield c, "path", f"data.custom_sources[{i}].path", ("s3", "hf")
+    model = d.get("model")
+    if isinstance(model, dict):
+        yield model, "base", "model.base", ("s3",)
+        yield model, "cache_dir", "model.cache_dir", ()
+
+
+def _expand_home(d: dict) -> None:
+    """'~' and '~user' at the start of a path mean the home directory, wherever the path was written
+    (YAML, --set, the command line); before, a YAML '~/data' became a folder named '~'."""
+    for section, key, _, _ in _path_slots(d):
+        v = section.get(key)
+        if isinstance(v, str) and v.startswith("~"):
+            section[key] = os.path.expanduser(v)
+
+
 def _resolve_paths(d: dict, base_dir: Path) -> None:
     """Make relative local paths in a YAML file relative to that file."""
-    def fix(section: dict, key: str) -> None:
+    _expand_home(d)
+    for section, key, _, _ in _path_slots(d):
         v = section.get(key)
-        if isinstance(v, str) and v and "://" not in v and v != "tiny" and not os.path.isabs(v):
+        if isinstance(v, str) and v and uris.scheme_of(v) is None and v != "tiny" and not os.path.isabs(v):
             cand = (base_dir / v)
             # model.base and a custom source's path may also be a Hugging Face id (owner/name): only
             # rewrite when it names a path
             if key not in ("base", "path") or v.startswith(".") or cand.exists():
                 section[key] = str(cand.resolve())
 
-    fix(d, "output")
-    if isinstance(d.get("data"), dict):
-        fix(d["data"], "raw_dir")
-        for c in d["data"].get("custom_sources") or []:
-            if isinstance(c, dict):
-                fix(c, "path")
-    if isinstance(d.get("model"), dict):
-        fix(d["model"], "base")
-        fix(d["model"], "cache_dir")
+
+def _check_locations(d: dict, source: str) -> None:
+    """Every URI-looking path is a well-formed URI of a scheme its key allows (one line, exit 2)."""
+    for section, key, name, schemes in _path_slots(d):
+        v = section.get(key)
+        if isinstance(v, str):
+            try:
+                uris.check_location(v.strip(), name, schemes)
+            except uris.BadUri as e:
+                also = "; model.base may also be a Hugging Face model id (owner/name)" if name == "model.base" else ""
+                raise ConfigError(f"invalid config ({source}): {e}{also}") from None
 
 
 def load_config(path: Optional[str | Path] = None, sets: Optional[list[str]] = None,
@@ -624,6 +696,8 @@ def load_config(path: Optional[str | Path] = None, sets: Optional[list[str]] = N
             raise ConfigError(f"config file not found: {p}; pass --config with a YAML file such as configs/demo.yaml")
         try:
             d = _yaml_load(p.read_text()) or {}
+        except YamlRefused as e:
+            raise ConfigError(f"config file {p}, {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}")
         if not isinstance(d, dict):
@@ -638,15 +712,18 @@ def load_config(path: Optional[str | Path] = None, sets: Optional[list[str]] = N
     for k, v in env_overrides(environ).items():
         _set_key(d, k, v, "environment")
     if raw_dir:
-        _set_key(d, "data.raw_dir", str(Path(raw_dir).resolve()) if "://" not in raw_dir else raw_dir, "--raw-dir")
+        _set_key(d, "data.raw_dir", raw_dir if uris.scheme_of(raw_dir) else str(Path(raw_dir).expanduser().resolve()),
+                 "--raw-dir")
     if output:
-        _set_key(d, "output", output if "://" in output else str(Path(output).resolve()), "--output")
+        _set_key(d, "output", output if uris.scheme_of(output) else str(Path(output).expanduser().resolve()), "--output")
     if domains:  # --domains narrows the config's list (validated with it: a domain's sources must be selected)
         listed = d.get("domains")
         unknown = [x for x in domains if isinstance(listed, list) and x not in listed]
         if unknown:
             raise ConfigError(f"--domains names {unknown}, which the config does not list (domains: {listed})")
         _set_key(d, "domains", list(domains), "--domains")
+    _expand_home(d)
+    _check_locations(d, source)
     try:
         return Config.model_validate(d)
     except ValidationError as e:

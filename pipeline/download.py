@@ -211,8 +211,18 @@ def _is_transient(e: BaseException) -> bool:
     return isinstance(e, (urllib.error.URLError, TimeoutError, ConnectionError, OSError)) and not isinstance(e, DownloadError)
 
 
-def http_download(url: str, dest: Path, timeout_s: float, retries: int) -> dict[str, Any]:
-    """Stream url (or a Google Drive share link) to dest; follows the gdrive confirm page."""
+def http_download(url: str, dest: Path, timeout_s: float, retries: int, max_bytes: int = 10240 << 20,
+                  max_total_s: float = 7200.0) -> dict[str, Any]:
+    """Stream url (or a Google Drive share link) to dest; follows the gdrive confirm page. Bounded: a file
+    larger than max_bytes (Content-Length or what arrives) and a download longer than max_total_s over all
+    attempts are stopped with DownloadError (timeout_s bounds each read only: a server that never stops
+    sending filled the disk)."""
+    deadline = time.monotonic() + max_total_s
+
+    def over_size(n: int) -> DownloadError:
+        return DownloadError(f"{redact_url(url)}: {n / 2**20:,.0f} MB is more than download.max_file_mb "
+                             f"({max_bytes / 2**20:,.0f} MB): raise it if the file is really that large")
+
     def once() -> dict[str, Any]:
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
         target = direct_url(url)
@@ -231,16 +241,28 @@ def http_download(url: str, dest: Path, timeout_s: float, retries: int) -> dict[
                 h = hashlib.sha256()
                 n = 0
                 expected = resp.headers.get("Content-Length")
+                if expected is not None and expected.isdigit() and int(expected) > max_bytes:
+                    raise over_size(int(expected))
                 with open(dest, "wb") as f:
                     for block in iter(lambda: resp.read1(1 << 20), b""):
                         f.write(block)
                         h.update(block)
                         n += len(block)
+                        if n > max_bytes:
+                            raise over_size(n)
+                        if time.monotonic() > deadline:
+                            raise DownloadError(f"{redact_url(url)}: not finished after download.max_time_s "
+                                                f"({max_total_s:,.0f} s; {n / 2**20:,.0f} MB received): raise it "
+                                                "for a slow link, or fetch the file by hand")
                 if expected is not None and int(expected) != n:
                     raise ConnectionError(f"short read: got {n} of {expected} bytes")
                 return {"sha256": h.hexdigest(), "size": n}
         raise DownloadError(f"{redact_url(url)}: too many confirmation pages")
-    return _retry(once, f"GET {redact_url(url)}", retries, _is_transient)
+    try:
+        return _retry(once, f"GET {redact_url(url)}", retries, _is_transient)
+    except BaseException:
+        dest.unlink(missing_ok=True)  # nothing half-downloaded is left behind
+        raise
 
 
 def gdrive_folder_files(folder_url: str, timeout_s: float, retries: int) -> dict[str, str]:
@@ -248,7 +270,7 @@ def gdrive_folder_files(folder_url: str, timeout_s: float, retries: int) -> dict
     def once() -> str:
         req = urllib.request.Request(folder_url, headers={"User-Agent": "Mozilla/5.0"})
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-            return resp.read().decode("utf-8", "replace")
+            return resp.read(20 << 20).decode("utf-8", "replace")  # a folder page, not a file: bounded
     page = _retry(once, f"GET {redact_url(folder_url)}", retries, _is_transient)
     page = page.encode().decode("unicode_escape", "ignore") if "\\x22" in page else page
     found: dict[str, str] = {}
@@ -386,7 +408,7 @@ def fetch_part(part: DownloadPart, spec: SourceSpec, raw: Path, cfg: Any) -> dic
         elif part.kind == "http":
             urls = _http_urls(part, dl, dl.timeout_s, dl.retries)
             for name, url in urls.items():
-                http_download(url, tmp / name, dl.timeout_s, dl.retries)
+                http_download(url, tmp / name, dl.timeout_s, dl.retries, dl.max_file_mb << 20, dl.max_time_s)
             info["urls"] = {n: redact_url(u) for n, u in urls.items()}
         elif part.kind == "s3":
             info.update(fetch_s3(part, keep, tmp, cfg.storage))

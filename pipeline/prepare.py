@@ -36,7 +36,8 @@ from pipeline import neardup
 from pipeline.download import sha256_file
 from pipeline.errors import UserFacingError
 from pipeline.sources import Opts, Quarantine, Reject, SourceSpec, finalize_sft, norm_key, selected_sources, text_hash
-from pipeline.sources.base import OUTSIDE_RAW_DIR, TOO_LARGE, UNKNOWN_FORMAT, SourceFiles, prompt_text, record_chars
+from pipeline.sources.base import (MAX_DEPTH, OUTSIDE_RAW_DIR, RECORD_ERROR, TOO_DEEP, TOO_LARGE, UNKNOWN_FORMAT, SourceFiles,
+                                   nesting_depth, prompt_text, record_chars)
 from pipeline.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,15 @@ SHUFFLE_LIMIT = 200_000
 def file_events(src: SourceSpec, path: str, rel: str, opts: Opts) -> Iterator[tuple[str, dict]]:
     """('r', record) / ('q', quarantine row) for each record of one file, then ('f', file facts)."""
     p = Path(path)
+    record_errors = 0
     try:
         for item in src.read(p, rel, opts):
             if isinstance(item, Quarantine):
                 yield "q", item.as_row()
+                continue
+            if nesting_depth(item.data) > MAX_DEPTH:  # first: what follows walks the record
+                yield "q", Quarantine(src.name, item.file, item.location, TOO_DEEP,
+                                      f"nested more than {MAX_DEPTH} levels").as_row()
                 continue
             n = record_chars(item.data, opts.max_record_chars)
             if n > opts.max_record_chars:  # before anything is built from it (corpus text, prompts, tokens)
@@ -80,6 +86,15 @@ def file_events(src: SourceSpec, path: str, rel: str, opts: Opts) -> Iterator[tu
                                              opts.system_messages.get(row["domain"], ""))
             except Reject as e:
                 yield "q", Quarantine(src.name, item.file, item.location, e.reason, e.snippet).as_row()
+                continue
+            except Exception as e:  # noqa: BLE001 - a record of a shape its normalizer did not foresee:
+                # that record is quarantined with the error, the rest of the file is still read
+                if not record_errors:
+                    log.warning("%s: %s %s: %s: %s (quarantined as %s; further ones in this file are not logged)",
+                                src.name, rel, item.location, type(e).__name__, e, RECORD_ERROR)
+                record_errors += 1
+                yield "q", Quarantine(src.name, item.file, item.location, RECORD_ERROR,
+                                      f"{type(e).__name__}: {e}"[:300]).as_row()
                 continue
             yield "r", {"row": row, "sft": sft, "sft_rejected": rejected, "hash": text_hash(row["text"])}
     except Exception as e:  # a reader bug or an unexpected format: the file is quarantined, the run goes on

@@ -148,6 +148,22 @@ def ensure_ray(cfg) -> None:
     log_cluster(getattr(ctx, "dashboard_url", None))
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_only() -> None:
+    """Make the local Ray this process starts a loopback-only node, so that its Prometheus metrics (the
+    dashboard's and the agent's exporters) and the agent's HTTP server bind 127.0.0.1, not every interface
+    (they serve without the auth token). Ray 2.60 binds those to loopback exactly when the node's IP is
+    loopback, and takes loopback as the node's IP when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is off (its
+    single-machine mode; ray.init turns an explicit _node_ip_address=127.0.0.1 back into the machine's
+    address). The constant is read at import, so it is set here too; the environment carries it to
+    the processes Ray starts. Only for a local Ray: a joined cluster keeps its own addresses."""
+    from ray._private import ray_constants
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def _start_local(cfg, runtime_env: Optional[dict]):
     import ray
 
@@ -162,8 +178,10 @@ def _start_local(cfg, runtime_env: Optional[dict]):
     log.info("starting a local Ray (%s%s)", kw or "all cores", "" if dashboard else
              "; no dashboard: `pip install 'ray[default]'` for it")
     previous = os.environ.pop("RAY_ADDRESS", None)   # 'local' is ours to read; Ray's processes must not see it
+    loopback_only()
     try:
-        ctx = ray.init(address=LOCAL, include_dashboard=dashboard, runtime_env=runtime_env, log_to_driver=True, **kw)
+        ctx = ray.init(address=LOCAL, include_dashboard=dashboard, dashboard_host=LOOPBACK, runtime_env=runtime_env,
+                       log_to_driver=True, **kw)
     finally:
         if previous is not None:
             os.environ["RAY_ADDRESS"] = previous

@@ -85,7 +85,8 @@ def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> 
     """One domain's row of the report: status and cause (pipeline.status.domain_state, the same words
     `adapters status` shows), metrics."""
     from pipeline.status import domain_state
-    rep, _ = _read(store, f"adapters/{domain}/training_report.json")
+    rel = f"adapters/{domain}/training_report.json"
+    rep, _ = _read(store, rel)
     rep = rep if isinstance(rep, dict) else None
     dman = ((manifest or {}).get("domains") or {}).get(domain) or {}
     st = domain_state(store, cfg.run_name, domain, manifest)
@@ -93,7 +94,24 @@ def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> 
     if isinstance(st.record, dict) and st.record:
         out["state"] = {k: st.record.get(k) for k in ("state", "updated", "error") if k in st.record}
     rep = rep if st.state == "finished" else None  # metrics only from the adapter that counts
+    try:
+        out.update(_report_metrics(rep, dman))
+    except (TypeError, AttributeError, ValueError, KeyError) as e:
+        # a damaged report costs that domain's row, not the whole report
+        out.update(_report_metrics(None, dman), status="unknown",
+                   cause=f"{rel} is unreadable: a field has an unexpected type ({type(e).__name__}: {e})")
+        rep = None
+    out["adapter_uri"] = st.adapter_uri if out["status"] == st.state else None
+    if out["test_ppl"] and out["base_test_ppl"]:
+        out["test_ppl_change_pct"] = 100.0 * (out["test_ppl"] / out["base_test_ppl"] - 1.0)
+    else:
+        out["test_ppl_change_pct"] = None
+    return out
 
+
+def _report_metrics(rep: Optional[dict], dman: dict) -> dict:
+    """A domain's figures from its training report (None: none, example counts from the manifest)."""
+    out: dict[str, Any] = {}
     n = (rep or {}).get("n_examples") or dman.get("sft_rows") or {}
     out["examples"] = {s: n.get(s) for s in SPLITS}
     for k in METRICS:
@@ -103,11 +121,6 @@ def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> 
             for pre in ("", "base_"):
                 if out[f"{pre}{split}_ppl"] is None:
                     out[f"{pre}{split}_ppl"] = _ppl(out[f"{pre}{split}_loss"])
-    out["adapter_uri"] = st.adapter_uri
-    if out["test_ppl"] and out["base_test_ppl"]:
-        out["test_ppl_change_pct"] = 100.0 * (out["test_ppl"] / out["base_test_ppl"] - 1.0)
-    else:
-        out["test_ppl_change_pct"] = None
     hist = (rep or {}).get("history") or {}
     out["_history"] = {"train": [h for h in hist.get("train", []) if isinstance(h, dict)],
                        "val": [h for h in hist.get("val", []) if isinstance(h, dict)]}
@@ -525,12 +538,12 @@ def _majority_text(t: dict) -> str:
     return f"{r:.3f}" + (" (trivial)" if t.get("trivial") else "")
 
 
-def _fence(text: Optional[str]) -> list[str]:
+def _fence(text: Optional[str], lang: str = "text") -> list[str]:
     """A fenced Markdown block that no run of backticks inside the text can close."""
     text = "(none)" if text is None else str(text)
     longest = max((len(r) for r in re.findall(r"`+", text)), default=0)
     f = "`" * max(3, longest + 1)
-    return [f + "text", text, f]
+    return [f + lang, text, f]
 
 
 def _eval_md(matrix: dict) -> list[str]:
@@ -651,18 +664,39 @@ def _contamination_rows(card: dict) -> tuple[list[str], list[list[str]]]:
             "in other domains' train", "near-duplicate merges", "rows moved to train"], rows
 
 
+# A backslash escapes only ASCII punctuation (CommonMark), so one before other characters stays as it is.
+# '_' is left alone: intraword underscores (empty_answer, ori_pqal.json) do not emphasize in GFM.
+_MD_BACKSLASH = re.compile(r"\\(?=[!-/:-@\[-`{-~])")
+_MD_SPECIAL = re.compile(r"([`*\[\]|])")
+
+
+def _md(text: Any) -> str:
+    """Text from the data or the run (a licence, a file name, an error) as literal Markdown text: no raw
+    HTML (a licence '<img onerror=...>' ran in previews that render HTML), no links, images or code spans;
+    one line."""
+    t = html.escape(" ".join(str(text).split()), quote=False)  # & < > as entities: shown, never parsed as HTML
+    return _MD_SPECIAL.sub(r"\\\1", _MD_BACKSLASH.sub(r"\\\\", t))
+
+
+def _code(text: Any) -> str:
+    """An inline code span no backtick inside the text can close (CommonMark: a longer fence)."""
+    t = " ".join(str(text).split())
+    longest = max((len(r) for r in re.findall(r"`+", t)), default=0)
+    fence, pad = "`" * (longest + 1), " " if longest else ""
+    return f"{fence}{pad}{t}{pad}{fence}"
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    out = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    out = ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    out += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
 def render_md(summary: dict, plots: dict[str, bytes]) -> str:
     s, card, rep = summary, summary["data"], summary["reproducibility"]
-    L = [f"# Domain adapters: run `{s['run_name']}`", "",
-         f"Output `{s['output']}`, generated {s['generated_at']}. Domains: "
-         + ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items())) + ".", ""]
+    L = [f"# Domain adapters: run {_code(s['run_name'])}", "",
+         f"Output {_code(s['output'])}, generated {_md(s['generated_at'])}. Domains: "
+         + ", ".join(f"{_md(k)} {v}" for k, v in sorted(s["status_counts"].items())) + ".", ""]
     if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}):
         L += ["## Which adapters to keep", "", _md_table(*_keep_rows(s["eval_matrix"])), "",
               "Keep: the adapter beats the base model on its own domain's headline metric (Holm-adjusted p over the domains "
@@ -682,7 +716,7 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
             L += ["![Evaluation matrix](eval_matrix.png)", ""]
         L += _eval_md(s["eval_matrix"])
     else:
-        L += [f"Not available: {s['eval_matrix_note']}.", ""]
+        L += [f"Not available: {_md(s['eval_matrix_note'])}.", ""]
     L += ["## Data card", ""]
     if card["available"]:
         t = card["totals"]
@@ -695,15 +729,15 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
                 if card.get("contamination") else []),
               "### Files and checksums", "", _md_table(*_file_rows(card)), ""]
     else:
-        L += [f"Not available: {s['data_note']}.", ""]
+        L += [f"Not available: {_md(s['data_note'])}.", ""]
     g = rep["git"]
     L += ["## Reproducibility", "",
-          f"- git commit: `{g.get('commit') or 'unknown'}`" + (" (modified files)" if g.get("dirty") else ""),
-          f"- seeds: " + ", ".join(f"{k}={v}" for k, v in rep["seeds"].items()),
-          f"- data fingerprint: `{rep['data_fingerprint'] or '–'}`; manifest sha256: `{rep['manifest_sha256'] or '–'}`",
-          f"- command: `{rep['command']}`",
-          "- packages: " + ", ".join(f"{k} {v}" for k, v in rep["packages"].items() if v), "",
-          "<details><summary>config</summary>", "", "```json", json.dumps(rep["config"], indent=2), "```", "", "</details>", ""]
+          f"- git commit: {_code(g.get('commit') or 'unknown')}" + (" (modified files)" if g.get("dirty") else ""),
+          f"- seeds: " + _md(", ".join(f"{k}={v}" for k, v in rep["seeds"].items())),
+          f"- data fingerprint: {_code(rep['data_fingerprint'] or '–')}; manifest sha256: {_code(rep['manifest_sha256'] or '–')}",
+          f"- command: {_code(rep['command'])}",
+          "- packages: " + _md(", ".join(f"{k} {v}" for k, v in rep["packages"].items() if v)), "",
+          "<details><summary>config</summary>", "", *_fence(json.dumps(rep["config"], indent=2), "json"), "", "</details>", ""]
     return "\n".join(L)
 
 

@@ -171,7 +171,7 @@ class DomainState:
     def detail(self) -> str:
         """One line for the status table."""
         if self.state == "finished":
-            vl = "?" if self.val_loss is None else f"{float(self.val_loss):.4f}"
+            vl = f"{self.val_loss:.4f}" if isinstance(self.val_loss, (int, float)) else "?"  # a report's value: any type
             return f"val loss {vl}; adapter {self.adapter_uri}"
         return cause_line(self.cause)
 
@@ -216,13 +216,13 @@ def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional
     elif state == "running":
         out.state, live = liveness(rec, now)
         out.cause = ("training did not finish: " + live) if out.state == "stale" else f"training: {live}"
+    elif isinstance(rep, Unreadable) and state in (None, "finished"):
+        out.state, out.cause = "unknown", f"adapters/{domain}/training_report.json is unreadable (not a valid JSON object)"
     elif state == "finished":
         out.cause = (f"recorded as finished, but adapters/{domain}/training_report.json is gone: "
                      "the next `adapters train` trains it again")
     elif state is not None:
         out.state = str(state)
-    elif isinstance(rep, Unreadable):
-        out.state, out.cause = "unknown", f"adapters/{domain}/training_report.json is not valid JSON"
     else:
         dman = ((manifest or {}).get("domains") or {}).get(domain) or {}
         if dman.get("status") == "empty":
@@ -291,6 +291,8 @@ def collect_status(store, run_name: Optional[str], domains: Optional[list[str]],
         found = {r.split("/")[3][:-5] for r in (listing or []) if len(r.split("/")) == 4 and r.split("/")[2] == "domains"}
         found |= {r.split("/")[1] for r in store.list_files("adapters", suffix="training_report.json")
                   if len(r.split("/")) == 3}
+        # prepared but not yet trained: a custom source's domain is known only from the manifest
+        found |= {d for d in ((manifest or {}).get("domains") or {}) if isinstance(d, str)}
         domains = list(DOMAINS) + sorted(found - set(DOMAINS))
     doms = {d: domain_state(store, run_name, d, manifest, now, listing) for d in domains}
 
@@ -395,7 +397,7 @@ def run_status(config_path: Optional[str] = None, output: Optional[str] = None,
                sets: Optional[list[str]] = None, domains: Optional[list[str]] = None) -> int:
     """Print the stage and domain states; ``domains`` (from --domains) narrows the list."""
     wanted = domains
-    from pipeline.storage import Store
+    from pipeline.storage import BadStorageUri, Store
     run_name: Optional[str] = None
     domains: Optional[list[str]] = None
     storage_cfg = None
@@ -416,6 +418,8 @@ def run_status(config_path: Optional[str] = None, output: Optional[str] = None,
         if wanted:
             domains = list(wanted)
         st = collect_status(store, run_name, domains)
+    except BadStorageUri:   # a malformed URI is a usage error (exit 2), not an unreadable output
+        raise
     except Exception as e:  # noqa: BLE001 - an unreadable output is this command's answer
         print(f"cannot read {uri}: {type(e).__name__}: {e}")
         return 1

@@ -45,7 +45,8 @@ from typing import IO, Any, Callable, Optional, TypeVar
 
 import pyarrow.fs as pafs
 
-from pipeline.errors import UserFacingError
+from pipeline import uris
+from pipeline.errors import UsageError, UserFacingError
 from pipeline.redaction import redact_url
 
 T = TypeVar("T")
@@ -54,6 +55,10 @@ log = logging.getLogger("pipeline.storage")
 
 class StorageError(UserFacingError):
     """A storage problem; the message says what to fix and never holds credentials."""
+
+
+class BadStorageUri(StorageError, UsageError):
+    """A malformed storage URI: nothing ran; exit 2 like any usage error."""
 
 
 class StorageNotFound(StorageError, FileNotFoundError):
@@ -129,17 +134,11 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    rest = uri[len("s3://"):]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise StorageError(f"{uri!r} names no bucket: use s3://bucket/prefix")
-    if "@" in bucket:  # s3://KEY:SECRET@bucket: never echoed (redact_url masks the part before the @)
-        raise StorageError(f"{redact_url(uri)!r}: credentials do not belong in the URI; give them as "
-                           "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws or an instance role")
-    if not re.match(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$", bucket):
-        raise StorageError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name "
-                           "(3-63 characters: lowercase letters, digits, '.', '-')")
-    return bucket, key.strip("/")
+    """(bucket, prefix) of s3://bucket/prefix; BadStorageUri (exit 2) for a malformed one (pipeline.uris)."""
+    try:
+        return uris.split_s3(uri)
+    except uris.BadUri as e:
+        raise BadStorageUri(str(e)) from None
 
 
 def _endpoint_parts(endpoint_url: str) -> tuple[str, str]:
@@ -355,8 +354,12 @@ class Store:
         uri = str(uri)
         if not uri:
             raise StorageError("output is empty: pass --output DIR or --output s3://bucket/prefix")
+        try:
+            uris.check_location(uri, "output")
+        except uris.BadUri as e:
+            raise BadStorageUri(str(e)) from None
         if "://" in uri and not is_s3(uri):
-            raise StorageError(f"output {uri!r}: only local directories and s3://bucket/prefix are supported")
+            raise BadStorageUri(f"output {redact_url(uri)!r}: only local directories and s3://bucket/prefix are supported")
         self.uri = uri.rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())
         if is_s3(uri):
             self.s3: Optional[S3Settings] = (settings or S3Settings.resolve(storage_cfg)).with_credentials()

@@ -19,9 +19,12 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from pipeline.errors import UserFacingError
+from pipeline.errors import UsageError, UserFacingError
 
 log = logging.getLogger(__name__)
+# --max-new-tokens above this is refused before anything loads (an answer, not a book); a model's own
+# context may allow fewer (checked once it is loaded)
+MAX_NEW_TOKENS = 4096
 
 
 def read_prompts(path: str) -> list[str]:
@@ -70,6 +73,19 @@ def config_from_output(output: str, domains: list[str], sets: Optional[list[str]
         raise ConfigError(f"cannot rebuild the settings from {store.uri_of('adapters')}: {e}; pass --config") from None
 
 
+def check_request(prompts: list[str], domains: list[str], include_base: bool, max_new_tokens: int) -> None:
+    """What can be refused before a model loads: no prompt or an empty one, no model, --max-new-tokens out of range."""
+    if not prompts:
+        raise UsageError("no prompt: give one or more prompts as arguments or --prompts FILE.jsonl")
+    empty = [i for i, p in enumerate(prompts, 1) if not p.strip()]
+    if empty:
+        raise UsageError(f"prompt {empty[0]} is empty: give the text of the question")
+    if not domains and not include_base:
+        raise UsageError("say which model answers: --domain NAME (repeatable) and/or --base")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: give a number from 1 to {MAX_NEW_TOKENS}")
+
+
 def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool, max_new_tokens: int,
                  temperature: float = 0.0) -> list[dict]:
     """Every prompt through the base model (include_base) and each domain's adapter; one dict per answer."""
@@ -78,10 +94,7 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
     from pipeline.storage import open_store
     from pipeline.train.device import worker_device
     from pipeline.train.model import load_model, load_tokenizer, resolve_base
-    if not prompts:
-        raise UserFacingError("no prompt: give one or more prompts as arguments or --prompts FILE.jsonl")
-    if not domains and not include_base:
-        raise UserFacingError("say which model answers: --domain NAME (repeatable) and/or --base")
+    check_request(prompts, domains, include_base, max_new_tokens)
     store = open_store(cfg)
     missing = [d for d in domains if not store.is_file(f"adapters/{d}/training_report.json")]
     if missing:
@@ -94,6 +107,10 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
     base = resolve_base(cfg, store)
     tok = load_tokenizer(base, cfg)
     model = load_model(base, cfg, device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and max_new_tokens > context - 16:   # 16: room for the prompt's last tokens
+        raise UsageError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens: "
+                         f"use at most {context - 16}")
     t = cfg.train
     batch_tokens = cfg.eval.tokens_per_batch or 4 * t.tokens_per_micro_batch
 
@@ -120,10 +137,13 @@ def main_generate(args) -> int:
     from pipeline.config import load_config
     domains = [d.strip() for arg in args.domain for d in arg.split(",") if d.strip()]
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    check_request(prompts, domains, args.base, args.max_new_tokens)   # before any model or output is read
     if args.config:
         cfg = load_config(args.config, sets=args.set, output=args.output)
     elif args.output:
-        cfg = config_from_output(args.output if "://" in args.output else str(Path(args.output).resolve()), domains, args.set)
+        from pipeline.uris import scheme_of
+        out = args.output if scheme_of(args.output) else str(Path(args.output).expanduser().resolve())
+        cfg = config_from_output(out, domains, args.set)
     else:
         raise UserFacingError("generate needs --output URI (the run's output) or --config FILE")
     rows = run_generate(cfg, prompts, domains, args.base, args.max_new_tokens, args.temperature)

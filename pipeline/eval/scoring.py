@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.errors import UsageError
 from pipeline.eval.metrics import rouge_l, token_f1
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,30 @@ def _lm(model):
 
 # ---- models ------------------------------------------------------------------------------------
 
+class AdapterMismatchError(UsageError):
+    """An adapter whose weights do not fit the base model loaded (trained on another base)."""
+
+
 class BaseAndAdapters:
     """The base model loaded once and the output's adapters on top of it, switched with PEFT
     (load_adapter / set_adapter; the base model itself through disable_adapter())."""
 
     def __init__(self, model, store):
         self.model, self.store, self.peft = model, store, None
+
+    def _mismatch(self, name: str, error: str) -> str:
+        """One line: which adapter, the first mismatching weight, the base it says it was trained on."""
+        first = next((ln.strip() for ln in error.splitlines() if "size mismatch" in ln), "size mismatch")
+        rel = f"adapters/{name}/training_report.json"
+        try:
+            rep = self.store.read_json(rel) if self.store.is_file(rel) else {}
+        except Exception:  # noqa: BLE001 - only for the message
+            rep = {}
+        trained_on = (rep.get("compat") or {}).get("model.base") or rep.get("base_model") if isinstance(rep, dict) else None
+        here = getattr(getattr(self.model, "config", None), "_name_or_path", "") or "the base model loaded"
+        return (f"the {name} adapter ({self.store.uri_of(f'adapters/{name}')}) was trained on another base model"
+                + (f" ({trained_on})" if trained_on else "") + f" than {here}: {first[:200]}; use the base it was "
+                "trained on (--config with that run's YAML, or --set model.base=...)")
 
     @contextlib.contextmanager
     def use(self, name: str):
@@ -58,10 +77,15 @@ class BaseAndAdapters:
             return
         if self.peft is None or name not in self.peft.peft_config:
             path = _local_dir(self.store, f"adapters/{name}")
-            if self.peft is None:
-                self.peft = load_adapter_onto(self.model, path, adapter_name=name)
-            else:
-                self.peft.load_adapter(path, adapter_name=name)
+            try:
+                if self.peft is None:
+                    self.peft = load_adapter_onto(self.model, path, adapter_name=name)
+                else:
+                    self.peft.load_adapter(path, adapter_name=name)
+            except RuntimeError as e:
+                if "size mismatch" not in str(e):
+                    raise
+                raise AdapterMismatchError(self._mismatch(name, str(e))) from None
         self.peft.set_adapter(name)
         yield self.peft
 

@@ -24,6 +24,7 @@ is built from them.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -51,6 +52,13 @@ UNKNOWN_FORMAT = "unknown_format"
 OUTSIDE_RAW_DIR = "outside_raw_dir"
 TOO_LARGE = "too_large"
 FILE_TOO_LARGE = "file_too_large"
+TOO_DEEP = "too_deeply_nested"
+RECORD_ERROR = "record_error"      # a normalizer raised something else than Reject: that record only
+
+# Nesting depth a record may have (the sources' real records are 4 deep at most). Deeper ones are
+# quarantined before anything walks them: Python's json, str() and json.dumps recurse, and a line of
+# 100,000 '[' made the reader raise RecursionError, which lost the rest of its file.
+MAX_DEPTH = 64
 
 
 @dataclass
@@ -317,6 +325,23 @@ def record_chars(data: Any, limit: int) -> int:
     return total
 
 
+def nesting_depth(data: Any, limit: int = MAX_DEPTH) -> int:
+    """Depth of nested dicts/lists in a record (a scalar: 0), counted up to just past limit, without recursion."""
+    deepest = 0
+    stack = [(data, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, (list, tuple)):
+            continue
+        deepest = max(deepest, d + 1)
+        if deepest > limit:
+            return deepest
+        stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
 # ---- text helpers ----------------------------------------------------------------------------
 _WS = re.compile(r"\s+")
 
@@ -398,31 +423,86 @@ def read_bytes_or_quarantine(path: Path, rel: str, source: str, opts: Opts) -> t
     return data, None
 
 
+def bom_encoding(head: bytes) -> str:
+    """The encoding a byte-order mark at the start of a file names; files without one are read as UTF-8
+    (a UTF-8 mark is dropped: 'utf-8-sig'). UTF-32's marks begin with UTF-16's: checked first."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return "utf-8-sig"
+
+
+def file_encoding(path: Path) -> str:
+    with open(path, "rb") as f:
+        return bom_encoding(f.read(4))
+
+
 def decode_or_quarantine(data: bytes, rel: str, source: str, location: str = "file") -> tuple[Optional[str], Optional[Quarantine]]:
     try:
-        return data.decode("utf-8-sig"), None
+        return data.decode(bom_encoding(data[:4])), None
     except UnicodeDecodeError as e:
         return None, Quarantine(source, rel, f"{location} (byte {e.start})", NOT_UTF8, snippet_of(data[max(0, e.start - 40): e.start + 40]))
 
 
-def iter_lines(path: Path, rel: str, source: str) -> Iterator[tuple[int, Optional[str], Optional[Quarantine]]]:
-    """(line number, decoded line, quarantine) for each non-blank line; streams, never loads the file."""
-    any_line = False
+def _max_line_bytes(opts: Optional[Opts]) -> int:
+    """Longest line read (bytes): a record of data.max_record_chars characters, JSON-escaped, fits (\\uXXXX
+    is 6 bytes a character); a longer line is skipped unread, not held in memory."""
+    return 8 * (opts or Opts()).max_record_chars + 4096
+
+
+def _lines(path: Path, max_bytes: int) -> Iterator[tuple[int, Optional[bytes], bool]]:
+    """(line number, bytes as UTF-8, too long) for each line; a line over max_bytes is read past in blocks.
+    UTF-16 and UTF-32 files (they start with a byte-order mark) are decoded and handed on as UTF-8."""
+    enc = file_encoding(path)
+    if enc != "utf-8-sig":
+        with open(path, "r", encoding=enc, newline="") as t:
+            for n, line in enumerate(t, 1):
+                b = line.encode("utf-8", "surrogatepass")
+                yield n, (None if len(b) > max_bytes else b), len(b) > max_bytes
+        return
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
+        n = 0
+        while True:
+            raw = f.readline(max_bytes + 1)
+            if not raw:
+                return
+            n += 1
+            if len(raw) > max_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # the rest of the line: skipped in blocks
+                    raw = f.readline(1 << 20)
+                yield n, None, True
                 continue
+            yield n, raw, False
+
+
+def iter_lines(path: Path, rel: str, source: str, opts: Optional[Opts] = None) -> Iterator[tuple[int, Optional[str], Optional[Quarantine]]]:
+    """(line number, decoded line, quarantine) for each non-blank line; streams, never loads the file.
+    A byte-order mark is dropped wherever a line starts with one (files joined together carry several);
+    a line longer than _max_line_bytes is quarantined as too_large without being held in memory."""
+    any_line = False
+    max_bytes = _max_line_bytes(opts)
+    for n, raw, too_long in _lines(path, max_bytes):
+        if too_long:
             any_line = True
-            try:
-                yield n, raw.decode("utf-8").rstrip("\r\n"), None
-            except UnicodeDecodeError as e:
-                yield n, None, Quarantine(source, rel, f"line {n} (byte {e.start})", NOT_UTF8, snippet_of(raw))
+            yield n, None, Quarantine(source, rel, f"line {n}", TOO_LARGE,
+                                      f"a line over {max_bytes:,} bytes (data.max_record_chars)")
+            continue
+        if raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        if not raw.strip():
+            continue
+        any_line = True
+        try:
+            yield n, raw.decode("utf-8").rstrip("\r\n"), None
+        except UnicodeDecodeError as e:
+            yield n, None, Quarantine(source, rel, f"line {n} (byte {e.start})", NOT_UTF8, snippet_of(raw))
     if not any_line:
         yield 0, None, Quarantine(source, rel, "file", EMPTY_FILE, "")
 
 
-def iter_jsonl(path: Path, rel: str, source: str) -> Iterator[Any]:
-    for n, line, q in iter_lines(path, rel, source):
+def iter_jsonl(path: Path, rel: str, source: str, opts: Optional[Opts] = None) -> Iterator[Any]:
+    for n, line, q in iter_lines(path, rel, source, opts):
         if q is not None:
             yield q
             continue
@@ -430,6 +510,9 @@ def iter_jsonl(path: Path, rel: str, source: str) -> Iterator[Any]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             yield Quarantine(source, rel, f"line {n}", BAD_JSON, f"{e.msg}: {line[:200]}")
+            continue
+        except RecursionError:  # nested deeper than the parser goes: this line only
+            yield Quarantine(source, rel, f"line {n}", TOO_DEEP, f"nested more than {MAX_DEPTH} levels: {line[:100]}")
             continue
         if not isinstance(obj, dict):
             yield Quarantine(source, rel, f"line {n}", BAD_JSON, "not a JSON object: " + line[:200])
@@ -458,8 +541,104 @@ def iter_parquet(path: Path, rel: str, source: str, batch_rows: int = 2048) -> I
         yield Quarantine(source, rel, f"row {n}", BAD_PARQUET, str(e)[:200])
 
 
+class TooDeep:
+    """Stands in a JSON document for an item nested too deep for Python's parser; the reader quarantines
+    that item as too_deeply_nested and keeps the others."""
+
+    def __init__(self, snippet: str):
+        self.snippet = snippet
+
+
+def not_a_record(v: Any, source: str, rel: str, location: str) -> Quarantine:
+    """The quarantine entry of an item of a JSON document that is not a record (an object)."""
+    if isinstance(v, TooDeep):
+        return Quarantine(source, rel, location, TOO_DEEP, f"nested more than {MAX_DEPTH} levels: {v.snippet}")
+    return Quarantine(source, rel, location, BAD_JSON, str(v)[:200])
+
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+_JSON_SPECIAL = re.compile(r'["\[\]{}]')
+_JSON_STRING_REST = re.compile(r'(?:[^"\\]|\\.)*"', re.S)
+
+
+def _container_end(text: str, i: int) -> int:
+    """Index just past the array or object starting at text[i], by counting brackets outside strings
+    (no recursion: used for the values the parser could not nest into)."""
+    depth = 0
+    while True:
+        m = _JSON_SPECIAL.search(text, i)
+        if m is None:
+            raise json.JSONDecodeError("Unterminated array or object", text, i)
+        i = m.end()
+        if m.group() == '"':
+            rest = _JSON_STRING_REST.match(text, i)
+            if rest is None:
+                raise json.JSONDecodeError("Unterminated string", text, i)
+            i = rest.end()
+        elif m.group() in "[{":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return i
+
+
+def _json_item(dec: json.JSONDecoder, text: str, i: int) -> tuple[Any, int]:
+    try:
+        return dec.raw_decode(text, i)
+    except RecursionError:
+        return TooDeep(text[i:i + 100]), _container_end(text, i)
+
+
+def _json_container(dec: json.JSONDecoder, text: str, i: int, data_key: bool) -> tuple[Any, int]:
+    """The array or object at text[i] with each member parsed on its own (a member too deep becomes
+    TooDeep); with data_key, a "data" array member is opened the same way ({"data": [records]})."""
+    close = "]" if text[i] == "[" else "}"
+    out: Any = [] if close == "]" else {}
+    i = _JSON_WS.match(text, i + 1).end()
+    if text[i:i + 1] == close:
+        return out, i + 1
+    while True:
+        if close == "}":
+            if text[i:i + 1] != '"':
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, i)
+            key, i = dec.raw_decode(text, i)
+            i = _JSON_WS.match(text, i).end()
+            if text[i:i + 1] != ":":
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
+            i = _JSON_WS.match(text, i + 1).end()
+            if data_key and key == "data" and text[i:i + 1] == "[":
+                out[key], i = _json_container(dec, text, i, False)
+            else:
+                out[key], i = _json_item(dec, text, i)
+        else:
+            v, i = _json_item(dec, text, i)
+            out.append(v)
+        i = _JSON_WS.match(text, i).end()
+        c = text[i:i + 1]
+        if c == close:
+            return out, i + 1
+        if c != ",":
+            raise json.JSONDecodeError(f"Expecting ',' delimiter or '{close}'", text, i)
+        i = _JSON_WS.match(text, i + 1).end()
+
+
+def _loads_members(text: str) -> Any:
+    """json.loads for a document with an item nested too deep: the top-level array's or object's members
+    (and a top-level "data" array's) are parsed one at a time, the deep ones replaced by TooDeep."""
+    dec = json.JSONDecoder()
+    i = _JSON_WS.match(text).end()
+    if text[i:i + 1] not in ("[", "{"):
+        raise json.JSONDecodeError("Expecting an array or object", text, i)
+    obj, i = _json_container(dec, text, i, True)
+    if _JSON_WS.match(text, i).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, i)
+    return obj
+
+
 def iter_json_file(path: Path, rel: str, source: str, opts: Opts) -> tuple[Any, Optional[Quarantine]]:
-    """A whole JSON document (files of this kind are a few MB to a few hundred MB)."""
+    """A whole JSON document (files of this kind are a few MB to a few hundred MB). An item nested deeper
+    than the parser goes is returned as TooDeep (readers quarantine it through not_a_record)."""
     data, q = read_bytes_or_quarantine(path, rel, source, opts)
     if q:
         return None, q
@@ -467,7 +646,12 @@ def iter_json_file(path: Path, rel: str, source: str, opts: Opts) -> tuple[Any, 
     if q:
         return None, q
     try:
-        return json.loads(text), None
+        try:
+            return json.loads(text), None
+        except RecursionError:
+            return _loads_members(text), None
+    except RecursionError:  # nested too deep in a member of a "data" member's item's ... : the file
+        return None, Quarantine(source, rel, "file", TOO_DEEP, text[:100])
     except json.JSONDecodeError as e:
         return None, Quarantine(source, rel, f"line {e.lineno} col {e.colno}", BAD_JSON, f"{e.msg}: {text[max(0, e.pos - 60): e.pos + 60]}")
 
@@ -478,7 +662,7 @@ def iter_json_records(path: Path, rel: str, source: str, opts: Opts) -> Iterator
     obj, q = iter_json_file(path, rel, source, opts)
     if q:
         if q.reason == BAD_JSON:
-            yield from iter_jsonl(path, rel, source)
+            yield from iter_jsonl(path, rel, source, opts)
         else:
             yield q
         return
@@ -491,7 +675,7 @@ def iter_json_records(path: Path, rel: str, source: str, opts: Opts) -> Iterator
         if isinstance(v, dict):
             yield Raw(source, rel, f"item {i}", v)
         else:
-            yield Quarantine(source, rel, f"item {i}", BAD_JSON, str(v)[:200])
+            yield not_a_record(v, source, rel, f"item {i}")
 
 
 def iter_csv(path: Path, rel: str, source: str, required: tuple[str, ...], opts: Opts) -> Iterator[Any]:
@@ -504,7 +688,8 @@ def iter_csv(path: Path, rel: str, source: str, required: tuple[str, ...], opts:
         if not head:
             yield Quarantine(source, rel, "file", EMPTY_FILE, "")
             return
-    f = open(path, "r", encoding="utf-8", errors="surrogateescape", newline="")
+    enc = file_encoding(path)   # utf-8-sig drops a UTF-8 mark before a quoted header too ('\ufeff"a",...')
+    f = open(path, "r", encoding=enc, errors="surrogateescape" if enc == "utf-8-sig" else "strict", newline="")
     try:
         reader = csv.reader(f)
         try:

@@ -12,7 +12,7 @@ EVIDENCE_LABELS = ["SUPPORTS", "REFUTES", "NOT_ENOUGH_INFO"]
 
 
 def read(path, rel, opts: Opts):
-    yield from (iter_parquet(path, rel, NAME) if path.suffix == ".parquet" else iter_jsonl(path, rel, NAME))
+    yield from (iter_parquet(path, rel, NAME) if path.suffix == ".parquet" else iter_jsonl(path, rel, NAME, opts))
 
 
 def _label(v, names) -> str:

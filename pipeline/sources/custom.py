@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from .base import (DownloadPart, Opts, Raw, Reject, SourceSpec, corpus_row, iter_csv, iter_json_records, iter_jsonl,
-                   iter_parquet, meta, stable_id, text_hash, EMPTY_ANSWER, EMPTY_TEXT, MISSING_FIELD, ROLES)
+                   iter_parquet, meta, stable_id, text_hash, EMPTY_ANSWER, EMPTY_TEXT, MAX_DEPTH, MISSING_FIELD, ROLES,
+                   TOO_DEEP)
 
 if TYPE_CHECKING:
     from pipeline.config import CustomSourceConfig
@@ -80,7 +81,7 @@ def custom_spec(c: "CustomSourceConfig") -> SourceSpec:
 def read(c: "CustomSourceConfig", path: Path, rel: str, opts: Opts):
     kind = c.files or Path(path).suffix.lstrip(".").lower()
     if kind == "jsonl":
-        yield from iter_jsonl(path, rel, c.name)
+        yield from iter_jsonl(path, rel, c.name, opts)
     elif kind == "json":
         yield from iter_json_records(path, rel, c.name, opts)
     elif kind == "csv":
@@ -147,6 +148,8 @@ def _list(d: dict, column: str, required: bool = True) -> list:
             v = json.loads(v)
         except json.JSONDecodeError:
             raise Reject(MISSING_FIELD, f"column {column!r} is not a JSON list: {v[:150]}")
+        except RecursionError:
+            raise Reject(TOO_DEEP, f"column {column!r} is nested more than {MAX_DEPTH} levels: {v[:100]}")
     if not isinstance(v, (list, tuple)) and hasattr(v, "tolist"):
         v = v.tolist()
     if not isinstance(v, (list, tuple)):

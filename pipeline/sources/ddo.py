@@ -3,7 +3,7 @@ title, category, rounds [[{side, text}, ...], ...] and participants; users.json 
 its size and checksum are recorded, it yields no records). One record = one debate."""
 from __future__ import annotations
 
-from .base import (FREE_TEXT, DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, meta, stable_id,
+from .base import (FREE_TEXT, DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, meta, not_a_record, stable_id,
                    BAD_JSON, EMPTY_TEXT)
 
 NAME, DOMAIN = "ddo", "debate"
@@ -22,7 +22,7 @@ def read(path, rel, opts: Opts):
     for key in sorted(obj):
         v = obj[key]
         if not isinstance(v, dict):
-            yield Quarantine(NAME, rel, f"key {key}", BAD_JSON, str(v)[:200])
+            yield not_a_record(v, NAME, rel, f"key {key}")
             continue
         yield Raw(NAME, rel, f"key {key}", {"key": key, **v})
 

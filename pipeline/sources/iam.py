@@ -13,7 +13,7 @@ STANCE_ANSWERS = ("Support", "Contest", "None")   # claim_detection's answers, a
 
 
 def read(path, rel, opts: Opts):
-    for n, line, q in iter_lines(path, rel, NAME):
+    for n, line, q in iter_lines(path, rel, NAME, opts):
         if q is not None:
             yield q
             continue

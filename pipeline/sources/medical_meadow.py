@@ -13,7 +13,7 @@ def read(path, rel, opts: Opts):
     if path.suffix == ".parquet":
         yield from iter_parquet(path, rel, NAME)
     elif path.suffix == ".jsonl":
-        yield from iter_jsonl(path, rel, NAME)
+        yield from iter_jsonl(path, rel, NAME, opts)
     else:
         yield from iter_json_records(path, rel, NAME, opts)
 

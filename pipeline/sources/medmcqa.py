@@ -16,7 +16,7 @@ def read(path, rel, opts: Opts):
                 r.data["_cop_base"] = 0
             yield r
     else:  # .json / .jsonl from the original release: one JSON object per line
-        for r in iter_jsonl(path, rel, NAME):
+        for r in iter_jsonl(path, rel, NAME, opts):
             if isinstance(r, Raw):
                 r.data["_cop_base"] = 1
             yield r

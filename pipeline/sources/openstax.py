@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .base import (FREE_TEXT, DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_lines, iter_parquet, local, meta,
-                   inside, parse_xml, read_bytes_or_quarantine, stable_id, EMPTY_TEXT, UNKNOWN_FORMAT)
+                   inside, parse_xml, read_bytes_or_quarantine, stable_id, EMPTY_TEXT, TOO_DEEP, UNKNOWN_FORMAT)
 
 NAME, DOMAIN = "openstax", "education"
 SKIP = {"figure", "media", "image", "caption", "footnote", "metadata", "note-title"}
@@ -95,15 +95,18 @@ def _read_cnxml(path: Path, rel: str, opts: Opts):
     title_el = root.find("{*}title")
     module = path.parent.name
     blocks: list[tuple[str, str]] = []
-    if content is not None:
-        _blocks(content, blocks)
     terms = []
-    if content is not None:
-        for para in content.iter():
-            if local(para.tag) == "para":
-                for t in para.iter():
-                    if local(t.tag) == "term" and clean(_text(t)):
-                        terms.append((clean(_text(t)), clean(_text(para))))
+    try:  # _blocks and _text recurse into the markup: a module nested thousands deep is quarantined
+        if content is not None:
+            _blocks(content, blocks)
+            for para in content.iter():
+                if local(para.tag) == "para":
+                    for t in para.iter():
+                        if local(t.tag) == "term" and clean(_text(t)):
+                            terms.append((clean(_text(t)), clean(_text(para))))
+    except RecursionError:
+        yield Quarantine(NAME, rel, f"module {path.parent.name}", TOO_DEEP, "markup nested too deep to read")
+        return
     repo = path.parents[2]
     yield Raw(NAME, rel, f"module {module}", {
         "kind": "cnxml", "module": module, "title": clean(_text(title_el)) if title_el is not None else module,
@@ -139,7 +142,7 @@ def _read_txt(path: Path, rel: str, opts: Opts):
         return r
 
     last = 0
-    for n, line, q in iter_lines(path, rel, NAME):
+    for n, line, q in iter_lines(path, rel, NAME, opts):
         if q is not None:
             yield q
             continue

@@ -5,7 +5,7 @@ LABELS, MESHES, LONG_ANSWER, final_decision, ...) or Hugging Face Parquet: qiaoj
 One record = one question."""
 from __future__ import annotations
 
-from .base import (DownloadPart, MultipleChoice, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, iter_parquet, meta,
+from .base import (DownloadPart, MultipleChoice, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, iter_parquet, meta, not_a_record,
                    stable_id, BAD_JSON, EMPTY_TEXT, MISSING_FIELD)
 
 NAME, DOMAIN = "pubmed_qa", "medicine"
@@ -26,7 +26,7 @@ def read(path, rel, opts: Opts):
     for pmid in sorted(obj):
         v = obj[pmid]
         if not isinstance(v, dict):
-            yield Quarantine(NAME, rel, f"key {pmid}", BAD_JSON, str(v)[:200])
+            yield not_a_record(v, NAME, rel, f"key {pmid}")
             continue
         yield Raw(NAME, rel, f"key {pmid}", {"pubid": pmid, **v})
 

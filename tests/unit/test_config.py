@@ -62,8 +62,8 @@ def test_precedence_yaml_then_set_then_env_then_cli_paths(tmp_path):
                       environ={"MAX_DOCS_PER_SOURCE": "11"})
     assert cfg.data.max_docs_per_source == 11            # the seed's variable wins over --set
     assert cfg.train.max_steps == 3
-    cfg = load_config(DEMO, raw_dir=str(tmp_path), output="s3://b/p", environ={})
-    assert cfg.data.raw_dir == str(tmp_path) and cfg.output == "s3://b/p"
+    cfg = load_config(DEMO, raw_dir=str(tmp_path), output="s3://bkt/p", environ={})
+    assert cfg.data.raw_dir == str(tmp_path) and cfg.output == "s3://bkt/p"
 
 
 def test_seed_environment_variables():

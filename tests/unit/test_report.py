@@ -268,3 +268,63 @@ def test_data_card_has_the_contamination_table(cfg):
     assert md.index("### Contamination") > md.index("## Data card")
     assert '<table id="contamination">' in store.read_text("report/summary.html")
     assert store.read_json("report/summary.json")["data"]["contamination"] == m["contamination"]
+
+
+# ---- data-provided strings in summary.md; one damaged training report (issue 23, point 10) ----------
+
+def test_summary_md_shows_data_strings_as_text_not_html(cfg):
+    """A licence and a file name from the data, and a cause with backticks, rendered by a CommonMark
+    renderer (markdown-it, as previews use with HTML on): shown as written, no element, no link."""
+    from markdown_it import MarkdownIt
+    store = Store(cfg.output)
+    write_tree(store)
+    man = store.read_json("data/manifest.json")
+    lic = '<img src=x onerror="alert(1)"> & [click](javascript:alert(2)) *bold*'
+    man["sources"]["medquad"]["license"] = lic
+    man["sources"]["medquad"]["files"][0]["path"] = "MedQuAD/<script>alert(3)</script>|x.xml"
+    man["sources"]["iam"]["quarantined_by_reason"] = {"![pixel](http://tracker.example/p.png)": 5}
+    store.write_json("data/manifest.json", man)
+    store.write_json("runs/demo/domains/education.json", {
+        "domain": "education", "state": "failed", "updated": "2026-11-24T15:01:00+00:00",
+        "error": "ValueError: `</code><iframe src=//evil>` in a row"})
+    run_report(cfg)
+    md = store.read_text("report/summary.md")
+    page = MarkdownIt("commonmark", {"html": True}).enable("table").render(md)
+    for tag in ("<script", "<iframe", 'href="javascript', "<a "):
+        assert tag not in page, tag
+    imgs = re.findall(r'<img src="([^"]*)"', page)    # the report's own plots only
+    assert imgs and set(imgs) <= {"loss_curves.png", "perplexity.png", "eval_matrix.png"} and page.count("<img") == len(imgs)
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt; &amp; [click](javascript:alert(2)) *bold*" in page
+    assert "MedQuAD/&lt;script&gt;alert(3)&lt;/script&gt;|x.xml" in page
+    assert "![pixel](http://tracker.example/p.png)" in page
+    assert "ValueError: `&lt;/code&gt;&lt;iframe src=//evil&gt;` in a row" in page
+
+
+@pytest.mark.parametrize("damage", [{"n_examples": "x"}, {"history": {"train": 5}}, {"history": "x"},
+                                    {"val_loss": "abc", "history": {"val": [{"step": "a"}]}}])
+def test_one_malformed_training_report_costs_only_its_domain(cfg, damage):
+    store = Store(cfg.output)
+    write_tree(store)
+    rep = store.read_json("adapters/debate/training_report.json")
+    store.write_json("adapters/debate/training_report.json", {**rep, **damage})
+    run_report(cfg)
+    s = store.read_json("report/summary.json")["domains"]
+    assert s["medicine"]["status"] == "finished" and s["medicine"]["val_loss"] is not None
+    if "n_examples" in damage or "train" in str(damage.get("history")) or damage.get("history") == "x":
+        assert s["debate"]["status"] == "unknown"
+        assert "adapters/debate/training_report.json is unreadable" in s["debate"]["cause"]
+        assert "unreadable" in store.read_text("report/summary.md")
+    else:   # a value of the wrong type is shown as missing ('–'), the rest of the row stays
+        assert s["debate"]["status"] == "finished" and s["debate"]["val_loss"] is None
+
+
+def test_a_training_report_that_is_not_json_is_named_unreadable(cfg):
+    from pipeline.status import collect_status
+    store = Store(cfg.output)
+    write_tree(store)
+    store.write_text("adapters/debate/training_report.json", "{truncated")   # its state file says finished
+    run_report(cfg)
+    s = store.read_json("report/summary.json")["domains"]["debate"]
+    assert s["status"] == "unknown" and "training_report.json is unreadable" in s["cause"]
+    st = collect_status(store, "demo", ["debate"])["domains"]["debate"]
+    assert st.state == "unknown" and "unreadable" in st.cause

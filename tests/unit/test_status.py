@@ -225,3 +225,18 @@ def test_report_and_status_agree_on_every_state(tmp_path):
                                                   "not started", "unknown", "skipped"]
     assert set(s.state for s in status.values()) == set(STATES)
     assert report["fail"]["cause"].startswith("RuntimeError: boom") and status["fail"].detail() == "RuntimeError: boom"
+
+
+def test_status_without_config_lists_custom_domains_from_the_manifest(tmp_path, capsys):
+    """A custom source's domain, prepared but not trained yet: `adapters status --output` lists it (with
+    --config it always did); a custom domain's damaged report does not crash the table either."""
+    out = tmp_path / "out"
+    put(out, "data/_SUCCESS", "")
+    put(out, "data/manifest.json", {"domains": {"debate": {}, "law": {"status": "ok"}, "tax": {"status": "ok"}}})
+    put(out, "adapters/tax/training_report.json", {"status": "finished", "val_loss": "not a number"})
+    assert run_status(output=str(out)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    law = [ln for ln in lines if ln.startswith("law ")]
+    tax = [ln for ln in lines if ln.startswith("tax ")]
+    assert law and "not started" in law[0]
+    assert tax and "finished" in tax[0] and "val loss ?" in tax[0]
