@@ -29,7 +29,8 @@ def test_credentials_in_an_s3_output_uri_are_never_printed(capsys, monkeypatch):
     rc = main(["report", "--config", DEMO, "--output", f"s3://{KEY}:{SECRET}@bucket/prefix"])
     cap = capsys.readouterr()
     assert rc != 0
-    assert "credentials do not belong in the URI" in cap.err and "s3://***@bucket/prefix" in cap.err
+    assert "holds credentials: remove them from the URI" in cap.err and "s3://***@bucket/prefix" in cap.err
+    assert rc == 2   # a malformed output URI is a usage error (pipeline.uris)
     assert SECRET not in cap.out + cap.err and KEY not in cap.out + cap.err
 
 
