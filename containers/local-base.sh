@@ -17,6 +17,7 @@ if podman image exists "$IMAGE"; then
 fi
 rootfs="$(mktemp -d /var/tmp/domain-adapters-base.XXXXXX)"
 trap 'rm -rf "$rootfs"' EXIT
+chmod 755 "$rootfs"     # mktemp's 700 would become the image's / (and keep the user out of it)
 t0=$SECONDS
 debootstrap --variant=minbase --include=python3,python3-venv,python3-pip bookworm "$rootfs" >"$rootfs.log" 2>&1 \
     || { tail -n 40 "$rootfs.log"; rm -f "$rootfs.log"; exit 1; }
