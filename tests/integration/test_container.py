@@ -30,12 +30,14 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures_ray import ROOT, free_port, wait_for_dashboard
+from tests.integration.test_job_submit import DEMO_SETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 PODMAN = ["podman", "--runtime", "runc"]
 BASE_IMAGE = "localhost/domain-adapters-base:bookworm-py311"
 IMAGE = "localhost/domain-adapters:test-cpu"
+GPU_IMAGE = "localhost/domain-adapters:test-gpu"
 DOMAINS = ("debate", "medicine", "education", "ecology")
 TORCH_INDEX_IN_BUILD = "/torch-index"     # a fixed path: the build argument, and so the layer cache, stays the same
 ARTIFACTS = ROOT / "test-artifacts"
@@ -62,16 +64,19 @@ def _pip_config() -> dict[str, str]:
     return conf
 
 
-def _pip_mounts(tmp: Path) -> list[str]:
+def _pip_mounts(tmp: Path, leave_out: tuple[str, ...] = ()) -> list[str]:
     """-v options that give the build's pip what the host's has: one pip.conf with the host's options, and
     every local file or folder those options name (CA bundle, constraints, find-links, file:// indexes)."""
-    conf = _pip_config()
+    conf = {k: v for k, v in _pip_config().items() if k not in leave_out}
     conf_file = tmp / "pip.conf"
     conf_file.write_text("[global]\n" + "".join(f"{k} = {v}\n" for k, v in sorted(conf.items())))
     mounts = {str(conf_file): "/etc/pip.conf"}
     for value in conf.values():
         for token in value.split():
-            path = token[len("file://"):] if token.startswith("file://") else token
+            path = token
+            if token.startswith("file://"):
+                # a local index: its pages link to the wheels beside it (e.g. ../../files/x.whl), so the folder above
+                path = os.path.dirname(token[len("file://"):].rstrip("/"))
             if path.startswith("/") and os.path.exists(path):
                 mounts[path] = path
     cert = conf.get("cert")
@@ -98,29 +103,33 @@ def _torch_index(tmp: Path) -> Path:
     return index
 
 
-@pytest.fixture(scope="module")
-def cpu_image(tmp_path_factory) -> str:
-    """The CPU image built from containers/Dockerfile.cpu on the local base; build figures printed."""
+def _build(dockerfile: str, tag: str, build_args: dict[str, str], mounts: list[str]) -> str:
+    """podman build on the local base (made once, then reused); size and times printed, the log kept."""
     if shutil.which("podman") is None:
         pytest.fail("podman is not installed: run containers/ci-setup.sh (.ci/run does)")
-    tmp = tmp_path_factory.mktemp("image")
     t0 = time.time()
     r = _check(_run(["bash", str(ROOT / "containers/local-base.sh"), BASE_IMAGE], 1800), "containers/local-base.sh")
     t_base = time.time() - t0
-    mounts = _pip_mounts(tmp) + [f"-v={_torch_index(tmp)}:{TORCH_INDEX_IN_BUILD}:ro"]
     t1 = time.time()
-    build = _run([*PODMAN, "build", "--network=host", "-f", "containers/Dockerfile.cpu",
-                  f"--build-arg=BASE_IMAGE={BASE_IMAGE}", f"--build-arg=TORCH_INDEX=file://{TORCH_INDEX_IN_BUILD}",
-                  *mounts, "-t", IMAGE, "."], 2400, cwd=ROOT)
+    build = _run([*PODMAN, "build", "--network=host", "-f", dockerfile, f"--build-arg=BASE_IMAGE={BASE_IMAGE}",
+                  *(f"--build-arg={k}={v}" for k, v in build_args.items()), *mounts, "-t", tag, "."], 2400, cwd=ROOT)
     t_build = time.time() - t1
     ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "container_build.log").write_text(build.stdout + build.stderr)
-    _check(build, "podman build -f containers/Dockerfile.cpu")
-    size = int(_check(_run(["podman", "image", "inspect", IMAGE, "--format", "{{.Size}}"], 60), "inspect").stdout)
+    (ARTIFACTS / f"container_build_{Path(dockerfile).name}.log").write_text(build.stdout + build.stderr)
+    _check(build, f"podman build -f {dockerfile}")
+    size = int(_check(_run(["podman", "image", "inspect", tag, "--format", "{{.Size}}"], 60), "inspect").stdout)
     cached = build.stdout.count("Using cache")
-    print(f"\nimage {IMAGE}: {size / 1e9:.2f} GB; base {t_base:.0f} s ({r.stdout.strip()}); "
+    print(f"\nimage {tag} ({dockerfile}): {size / 1e9:.2f} GB; base {t_base:.0f} s ({r.stdout.strip()}); "
           f"build {t_build:.0f} s ({cached} cached steps)")
-    return IMAGE
+    return tag
+
+
+@pytest.fixture(scope="module")
+def cpu_image(tmp_path_factory) -> str:
+    """The CPU image from containers/Dockerfile.cpu, torch's CPU wheel through TORCH_INDEX."""
+    tmp = tmp_path_factory.mktemp("image")
+    mounts = _pip_mounts(tmp) + [f"-v={_torch_index(tmp)}:{TORCH_INDEX_IN_BUILD}:ro"]
+    return _build("containers/Dockerfile.cpu", IMAGE, {"TORCH_INDEX": f"file://{TORCH_INDEX_IN_BUILD}"}, mounts)
 
 
 def _podman_run(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
@@ -178,7 +187,8 @@ def test_demo_runs_inside_the_image(cpu_image: str, tmp_path: Path) -> None:
 
 def test_ray_head_in_the_image_runs_the_demo_job_from_the_host(cpu_image: str, tmp_path: Path) -> None:
     """`ray start --head` with token auth inside the image; the host's `jobs/submit.py` sends the demo to it
-    (its working_dir upload, metadata and auth), and the job succeeds."""
+    (its working_dir upload, metadata and auth), and the job succeeds. The demo with test_job_submit's small
+    settings (every stage and domain still runs): the full demo has just run in the image above."""
     out = _output_dir(tmp_path, "job-out")
     name = f"domain-adapters-test-{uuid.uuid4().hex[:8]}"
     gcs, dash = free_port(), free_port()
@@ -204,7 +214,8 @@ def test_ray_head_in_the_image_runs_the_demo_job_from_the_host(cpu_image: str, t
         env.update(HOME=str(home), RAY_AUTH_MODE="token")
         t0 = time.time()
         r = _run([sys.executable, "-m", "jobs.submit", "--config", "configs/demo.yaml", "--address", url,
-                  "--output", "/home/ray/out", "--job-name", "container-demo"], 1500, cwd=ROOT, env=env)
+                  "--output", "/home/ray/out", "--job-name", "container-demo",
+                  *(a for s in DEMO_SETS for a in ("--set", s))], 1500, cwd=ROOT, env=env)
         (ARTIFACTS / "container_job.log").write_text(r.stdout + r.stderr)
         assert r.returncode == 0, f"jobs.submit: {r.returncode}\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
         print(f"\ndemo as a Ray job on the image's head: {time.time() - t0:.0f} s")
@@ -219,3 +230,21 @@ def test_ray_head_in_the_image_runs_the_demo_job_from_the_host(cpu_image: str, t
         logs = _run(["podman", "logs", name], 60)
         (ARTIFACTS / "container_ray_head.log").write_text(logs.stdout + logs.stderr)
         _run([*PODMAN, "rm", "-f", "-t", "5", name], 120)
+
+
+def test_gpu_image_builds_up_to_cuda(tmp_path: Path) -> None:
+    """containers/Dockerfile with its defaults (TORCH_INDEX empty: PyPI's CUDA 13.0 torch), on the same base:
+    its own checks pass (Ray's version, torch a CUDA build) and everything short of a GPU works: the
+    imports, the [gpu] extra, `adapters --help`. The host's find-links are left out of this build's pip
+    configuration: they hold torch's CPU wheel, which pip would rank above PyPI's (its local version label)."""
+    mounts = _pip_mounts(tmp_path, leave_out=("find-links",))
+    tag = _build("containers/Dockerfile", GPU_IMAGE, {}, mounts)
+    r = _check(_podman_run(tag, "python", "-c",
+                           "import os, ray, torch, liger_kernel, bitsandbytes, peft, transformers, pipeline.cli; "
+                           "print(os.getuid(), ray.__version__, torch.__version__, torch.version.cuda, "
+                           "torch.cuda.is_available())", timeout=600), "python in the GPU image")
+    uid, ray_v, torch_v, cuda, available = r.stdout.split()[-5:]
+    assert uid == "1000" and ray_v == "2.60.0" and torch_v == "2.13.0", r.stdout
+    assert cuda.startswith("13.") and available == "False", r.stdout     # a CUDA build, and no GPU here
+    helped = _check(_podman_run(tag, timeout=300), "the GPU image's default command (adapters --help)")
+    assert "usage: adapters" in helped.stdout
