@@ -203,8 +203,15 @@ def test_ray_head_in_the_image_runs_the_demo_job_from_the_host(cpu_image: str, t
         # the host side gets the token as a user would (from the head), into a HOME of its own
         home = tmp_path / "home"
         (home / ".ray").mkdir(parents=True)
-        token = _check(_run(["podman", "exec", name, "cat", "/home/ray/.ray/auth_token"], 60), "read token").stdout
-        token = token.strip()
+        token, deadline = "", time.time() + 120
+        while not token:    # `run -d` returns before the container's shell has generated it
+            got = _run(["podman", "exec", name, "cat", "/home/ray/.ray/auth_token"], 60)
+            token = got.stdout.strip() if got.returncode == 0 else ""
+            if not token:
+                state = _run(["podman", "inspect", name, "--format", "{{.State.Status}}"], 60).stdout.strip()
+                assert state == "running" and time.time() < deadline, \
+                    f"no token from the head ({state}): {_run(['podman', 'logs', name], 60).stderr[-3000:]}"
+                time.sleep(1)
         assert len(token) >= 16
         (home / ".ray" / "auth_token").write_text(token)
         (home / ".ray" / "auth_token").chmod(0o600)
