@@ -34,8 +34,15 @@ def _pin(name: str) -> str:
     raise AssertionError(f"{name} is not pinned with == in pyproject.toml")
 
 
+def _arg_defaults(dockerfile: str) -> dict[str, str]:
+    return dict(re.findall(r'^ARG\s+(\w+)="?([^"\s]*)"?\s*$', (ROOT / dockerfile).read_text(), flags=re.M))
+
+
 def _from_tags(dockerfile: str) -> list[str]:
-    return re.findall(r"^FROM\s+(\S+)", (ROOT / dockerfile).read_text(), flags=re.M)
+    """The images FROM names with the build arguments at their defaults (what `docker build` pulls)."""
+    args = _arg_defaults(dockerfile)
+    tags = re.findall(r"^FROM\s+(\S+)", (ROOT / dockerfile).read_text(), flags=re.M)
+    return [re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], tag) for tag in tags]
 
 
 def _prepared(path: str) -> dict:
@@ -138,6 +145,23 @@ def test_versions_agree_with_pyproject() -> None:
     images += [yaml.safe_load((ROOT / p).read_text())["docker"]["image"] for p in CLUSTER_YAMLS]
     for image in images:
         assert image.endswith(f"domain-adapters:{version}-gpu"), image
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_dockerfiles_take_base_image_and_torch_index_as_build_args(dockerfile: str) -> None:
+    """One file for Ray's image and for a local stand-in (tests/integration/test_container.py): only the
+    build arguments differ, never the steps; the defaults stay Ray's image and PyTorch's CPU index
+    (the GPU image: PyPI's torch, an empty TORCH_INDEX)."""
+    text = (ROOT / dockerfile).read_text()
+    assert re.findall(r"^FROM\s+(\S+)", text, flags=re.M) == ["${BASE_IMAGE}"]
+    before_from = text.split("\nFROM ", 1)[0]
+    assert re.search(r"^ARG BASE_IMAGE=rayproject/ray:", before_from, flags=re.M)
+    defaults = _arg_defaults(dockerfile)
+    expected_index = "https://download.pytorch.org/whl/cpu" if dockerfile.endswith(".cpu") else ""
+    assert defaults["TORCH_INDEX"] == expected_index
+    assert '--index-url "${TORCH_INDEX}"' in text
+    assert "download.pytorch.org" not in text.split("ARG TORCH_INDEX", 1)[1].split("\n", 1)[1], \
+        "the torch index is named once, as the argument's default"
 
 
 def _containers(rayjob: dict) -> list[dict]:
