@@ -10,7 +10,7 @@ States (``STATES``):
     finished     the domain's adapter is there / the stage completed
     failed       it stopped with an error (the cause is kept)
     skipped      a domain with nothing to train (no SFT data)
-    interrupted  stopped by Ctrl-C or SIGTERM; or prepare output that is partial, with no record saying why
+    interrupted  stopped by Ctrl-C, SIGTERM or SIGHUP; or prepare output that is partial, with no record saying why
     running      recorded as running and its driver is alive (heartbeat recent, or its PID alive on this host)
     stale        recorded as running, but the heartbeat is older than STALE_AFTER_S and the driver is gone
                  (its PID is not alive on this host, or it ran on another host): killed, or the machine went away
@@ -361,7 +361,7 @@ class StageRecord:
         if exc_type is None:
             self.write("finished")
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.write("interrupted", "stopped by Ctrl-C or SIGTERM")
+            self.write("interrupted", "stopped by Ctrl-C, SIGTERM or SIGHUP")
         else:
             from pipeline.errors import UserFacingError
             self.write("failed", str(exc) if isinstance(exc, UserFacingError) else f"{exc_type.__name__}: {exc}")

@@ -286,7 +286,7 @@ def mark_interrupted(store, cfg, domains: list[str]) -> None:
     for d in domains:
         st = (store.read_json_or(state_rel(cfg, d)) or {}).get("state")
         if st not in ("finished", "failed", "skipped"):
-            write_state(store, cfg, d, "interrupted", error="interrupted (Ctrl-C) before it finished; the same "
+            write_state(store, cfg, d, "interrupted", error="interrupted (Ctrl-C, SIGTERM or SIGHUP) before it finished; the same "
                         "command resumes it from its last checkpoint")
 
 
