@@ -141,6 +141,9 @@ def test_ctrl_c_during_prepare(tmp_path):
 
 def _fresh_train(tmp_path: Path, out: Path, run_name: str, **kw) -> Run:
     shutil.rmtree(out / "adapters" / "debate", ignore_errors=True)
+    # no state of an earlier run of this name (bench/sigkill_under_load.sh repeats a test in one session:
+    # a `running` state file left by the killed driver would read as this run's trial running)
+    shutil.rmtree(out / "runs" / run_name, ignore_errors=True)
     return Run(tmp_path, "train", "--config", DEMO, "--output", str(out), "--domains", "debate",
                "--set", f"run_name={run_name}", "--set", "train.max_steps=400", "--set", "train.checkpoint_every=50",
                name=run_name, **kw)
