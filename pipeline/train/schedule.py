@@ -247,7 +247,8 @@ def unplaced_workers(r, per_worker: dict) -> str:
     """The cause line of a trial whose workers Ray could not place within resources.worker_start_timeout_s."""
     import ray
     try:
-        free = {k: v for k, v in sorted(ray.available_resources().items()) if k in per_worker}
+        avail = ray.available_resources()   # a resource all in use is left out of it
+        free = {k: round(avail.get(k, 0.0), 3) for k in per_worker}
     except Exception:  # noqa: BLE001 - only for the message
         free = "unknown"
     want = ", ".join(f"{k} {v:g}" for k, v in per_worker.items())
