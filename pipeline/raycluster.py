@@ -196,11 +196,19 @@ def _init_keeping_signal_handlers(**kw):
     ray.init installs its own SIGTERM handler (``sys.exit(15)``: exit 15, no clean-up of ours, and a C++
     stack dump from Ray's core worker on the way out). The CLI's handler (interrupt, clean up, exit 143)
     is put back; a SIGTERM that arrives during ray.init, while Ray's is in place, reaches Ray's as
-    SystemExit(15) and is handed to the handler Ray replaced."""
+    SystemExit(15) and is handed to the handler Ray replaced.
+
+    SIGHUP is blocked in this thread while ray.init runs, so the local Ray's processes it starts (GCS,
+    raylet, agents) inherit it blocked, as Ray's own start-up blocks SIGINT in them: a closed terminal
+    sends SIGHUP to the whole process group, and a raylet ended by it makes Ray's core worker end the
+    driver at once, before any clean-up (state `running` for good). The driver still gets it: another
+    of its threads takes it, or this one once it is unblocked; the handler runs in the main thread."""
     import ray
 
     main = threading.current_thread() is threading.main_thread()
     before = {s: signal.getsignal(s) for s in HANDLED_SIGNALS} if main else {}
+    if main:   # inherited by the processes ray.init starts (see below)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         return ray.init(**kw)
     except SystemExit as e:
@@ -212,6 +220,8 @@ def _init_keeping_signal_handlers(**kw):
         for s, h in before.items():
             if h is not None:
                 signal.signal(s, h)
+        if main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
 def shutdown_ray() -> None:

@@ -228,7 +228,8 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
                 dataset_config=ray.train.DataConfig(datasets_to_split=[]))
             trainer.fit()
         except Exception as e:  # TrainingFailedError wraps the worker's exception
-            error = _summarize(f"{type(e).__name__}: {e}")
+            cause = _user_facing_cause(e)
+            error = f"{type(cause).__name__}: {cause}" if cause else _summarize(f"{type(e).__name__}: {e}")
             if "worker group startup timed out" in str(e):
                 error = unplaced_workers(r, per_worker) + "\n" + error
     fatal = store.read_json_or(fatal_rel(cfg.run_name, domain))
@@ -241,6 +242,26 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
         write_state(store, cfg, domain, "failed", error=error[:4000])
         raise RuntimeError(f"domain {domain} failed: {error.splitlines()[0][:500]}")
     write_state(store, cfg, domain, "finished", report=report)
+
+
+def _user_facing_cause(e: BaseException) -> Optional[BaseException]:
+    """The project's own error (a UserFacingError: the message names the node and the fix) inside what
+    Ray Train raises, e.g. ControllerError -> RayTaskError -> CudaUnavailableError from the workers'
+    device check at the worker group's start; None when there is none."""
+    from pipeline.errors import UserFacingError
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        inner = getattr(x, "cause", None)   # a RayTaskError's original exception
+        if isinstance(inner, UserFacingError):
+            return inner
+        if isinstance(x, UserFacingError) and not hasattr(x, "cause"):
+            return x
+        todo += [getattr(x, "controller_failure", None), inner, x.__cause__, x.__context__]
+    return None
 
 
 def unplaced_workers(r, per_worker: dict) -> str:
