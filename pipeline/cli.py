@@ -23,7 +23,7 @@ import time
 from typing import Optional
 
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import UsageError, UserFacingError
+from pipeline.errors import UsageError, UserFacingError, no_space_message
 
 log = logging.getLogger("pipeline")
 
@@ -152,7 +152,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserFacingError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except Exception:  # noqa: BLE001 - a bug: its traceback goes to the console and the log file
+    except Exception as e:  # noqa: BLE001 - a bug: its traceback goes to the console and the log file
+        full = no_space_message(e, args.output or ".")
+        if full:
+            _say(f"error: {full}")
+            return EXIT_FAILED
         log.exception("unexpected error (a bug: please report it with the log file named above)")
         return EXIT_FAILED
     finally:

@@ -363,8 +363,9 @@ class StageRecord:
         elif issubclass(exc_type, KeyboardInterrupt):
             self.write("interrupted", "stopped by Ctrl-C, SIGTERM or SIGHUP")
         else:
-            from pipeline.errors import UserFacingError
-            self.write("failed", str(exc) if isinstance(exc, UserFacingError) else f"{exc_type.__name__}: {exc}")
+            from pipeline.errors import UserFacingError, no_space_message
+            self.write("failed", str(exc) if isinstance(exc, UserFacingError) else
+                       no_space_message(exc, self.store.uri) or f"{exc_type.__name__}: {exc}")
         return False
 
 

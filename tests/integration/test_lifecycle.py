@@ -24,6 +24,8 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -305,3 +307,46 @@ def test_sighup_during_the_evaluation(demo, tmp_path):
     st = collect_status(Store(str(out)), "evalsig", None)
     assert st["stages"]["train"].state == "interrupted"
     assert (out / "eval" / "matrix.json").read_bytes() == matrix
+
+
+# ---- a full disk (issue 23, item 6) ----------------------------------------------------------------------
+
+def _mount_namespace() -> list[str]:
+    """A command prefix that runs in a mount namespace of its own, where a tmpfs can be mounted: `unshare -m`
+    as root, else `unshare -rm` (an unprivileged user namespace). Nothing outside it sees the mount."""
+    for cmd in (["unshare", "-m"], ["unshare", "-rm"]):
+        try:
+            r = subprocess.run([*cmd, "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d"],
+                               capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if r.returncode == 0:
+            return cmd
+    pytest.skip("this machine lets no process make a small filesystem (unshare -m and -rm refused)")
+
+
+def test_full_disk_during_prepare(tmp_path):
+    """The output on a 3 MB tmpfs: prepare fills it. One line naming the path and the free space, exit 1,
+    the stage `failed` with that reason (was: "unexpected error (a bug ...)" and a traceback)."""
+    ns = _mount_namespace()
+    raw, small = tmp_path / "raw", tmp_path / "small"
+    _big_climate_fever(raw)
+    small.mkdir()
+    out = small / "out"
+    argv = ["prepare", "--config", DEMO, "--output", str(out), "--raw-dir", str(raw), "--domains", "ecology",
+            "--set", "data.sources=[climate_fever]", "--set", "data.max_docs_per_source=1000000"]
+    script = (f"mount -t tmpfs -o size=3m tmpfs {small} || exit 99; {shlex.join([sys.executable, '-m', 'pipeline', *argv])}; "
+              f"echo @@rc=$?; echo @@stage; cat {out}/runs/demo/stages/prepare.json")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
+    r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    text = r.stdout + r.stderr
+    assert "@@rc=" in r.stdout, text[-6000:]
+    console, stage = r.stdout.split("@@rc=", 1)
+    rc, stage = stage.split("@@stage", 1)
+    assert int(rc) == 1, text[-6000:]
+    assert "Traceback" not in text and "a bug" not in text, text[-6000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and re.match(rf"error: no space left on device writing {re.escape(str(out))}\S* "
+                                         r"\([0-9.]+ MB free there\)", errors[0]), text[-6000:]
+    rec = json.loads(stage)
+    assert rec["state"] == "failed" and rec["error"].startswith("no space left on device writing "), rec
