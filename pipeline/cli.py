@@ -31,7 +31,6 @@ STAGES = ("download", "prepare", "train", "report", "run")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # 128 + the signal's number, as a shell reports a process the signal ended
 EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
-EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGHUP = (EXIT_BY_SIGNAL[s] for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 EXIT_STATUS = """exit status:
   0    done: for train and run, every selected domain finished (now or in an earlier run)
   1    a domain failed or had nothing to train, or a stage failed; the causes are printed last
@@ -114,7 +113,7 @@ class _Signals:
                 sys.__stderr__.write("interrupted again: exiting without clean-up\n")
             except (OSError, ValueError):
                 pass
-            os._exit(EXIT_BY_SIGNAL.get(signum, EXIT_SIGINT))
+            os._exit(EXIT_BY_SIGNAL.get(signum, EXIT_BY_SIGNAL[signal.SIGINT]))
         for s in self._old:
             signal.signal(s, now)
 
