@@ -326,7 +326,7 @@ def _mount_namespace() -> list[str]:
 
 
 def test_full_disk_during_prepare(tmp_path):
-    """The output on a 3 MB tmpfs: prepare fills it. One line naming the path and the free space, exit 1,
+    """The output on a 256 KB tmpfs: prepare fills it (its output is ~2-3 MB). One line naming the path and the free space, exit 1,
     the stage `failed` with that reason (was: "unexpected error (a bug ...)" and a traceback)."""
     ns = _mount_namespace()
     raw, small = tmp_path / "raw", tmp_path / "small"
@@ -335,7 +335,7 @@ def test_full_disk_during_prepare(tmp_path):
     out = small / "out"
     argv = ["prepare", "--config", DEMO, "--output", str(out), "--raw-dir", str(raw), "--domains", "ecology",
             "--set", "data.sources=[climate_fever]", "--set", "data.max_docs_per_source=1000000"]
-    script = (f"mount -t tmpfs -o size=3m tmpfs {small} || exit 99; {shlex.join([sys.executable, '-m', 'pipeline', *argv])}; "
+    script = (f"mount -t tmpfs -o size=256k tmpfs {small} || exit 99; {shlex.join([sys.executable, '-m', 'pipeline', *argv])}; "
               f"echo @@rc=$?; echo @@stage; cat {out}/runs/demo/stages/prepare.json")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
     r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
