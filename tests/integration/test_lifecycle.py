@@ -326,8 +326,9 @@ def _mount_namespace() -> list[str]:
 
 
 def test_full_disk_during_prepare(tmp_path):
-    """The output on a 256 KB tmpfs: prepare fills it (its output is ~2-3 MB). One line naming the path and the free space, exit 1,
-    the stage `failed` with that reason (was: "unexpected error (a bug ...)" and a traceback)."""
+    """The output on a 256 KB tmpfs: prepare fills it (its output for this data fits in 3 MB, not 256 KB).
+    One line naming the path and the free space, exit 1, the stage `failed` with that reason (was:
+    "unexpected error (a bug ...)" and a traceback)."""
     ns = _mount_namespace()
     raw, small = tmp_path / "raw", tmp_path / "small"
     _big_climate_fever(raw)
