@@ -33,6 +33,7 @@ output could be read (whatever the states), 1 when it is missing or unreadable.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -339,10 +340,27 @@ class StageRecord:
         try:
             self.store.write_json(self.rel, rec)
         except Exception as e:  # noqa: BLE001 - the stage's own work decides its outcome, not its record
+            if self._overwrite_in_place(rec, e):
+                return
             if not self._warned:
                 import logging
                 logging.getLogger(__name__).warning("could not write %s: %s", self.store.uri_of(self.rel), e)
                 self._warned = True
+
+    def _overwrite_in_place(self, rec: dict, e: BaseException) -> bool:
+        """On a full local disk the atomic write (a new file, then a rename) finds no room, but the record's
+        own file has its blocks already: the record is rewritten in them (a few hundred bytes; not atomic,
+        which only matters if the machine dies in these microseconds), so the stage says `failed` and why."""
+        from pipeline.errors import no_space
+        if no_space(e) is None or self.store.is_s3:
+            return False
+        try:
+            with open(self.store.local_path(self.rel), "r+b") as f:
+                f.write((json.dumps(rec, indent=2, default=str) + "\n").encode("utf-8"))
+                f.truncate()
+            return True
+        except OSError:
+            return False
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
