@@ -23,19 +23,21 @@ import time
 from typing import Optional
 
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import UsageError, UserFacingError
+from pipeline.errors import UsageError, UserFacingError, no_space_message
 
 log = logging.getLogger("pipeline")
 
 STAGES = ("download", "prepare", "train", "report", "run")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# 128 + the signal's number, as a shell reports a process the signal ended
+EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 EXIT_STATUS = """exit status:
   0    done: for train and run, every selected domain finished (now or in an earlier run)
   1    a domain failed or had nothing to train, or a stage failed; the causes are printed last
   2    usage or config error, nothing ran: no prepared data yet, prepare produced no SFT data, a domain
        no source provides, an unknown key or bad value; the message names the fix
-  130  interrupted by Ctrl-C (143: by SIGTERM): trials stopped, state files say interrupted, the local
-       Ray stopped; the command that resumes is printed"""
+  130  interrupted by Ctrl-C (143: by SIGTERM, 129: by SIGHUP, a closed terminal): trials stopped, state
+       files say interrupted, the local Ray stopped; the command that resumes is printed"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,28 +96,45 @@ def _domains(arg: Optional[str]) -> Optional[list[str]]:
 
 
 class _Signals:
-    """SIGTERM raises KeyboardInterrupt like Ctrl-C, so both unwind through the same clean-up; once that
-    has begun, a second signal exits at once (the watchdog of pipeline.raycluster stops a local Ray)."""
+    """SIGTERM and SIGHUP raise KeyboardInterrupt like Ctrl-C, so all three unwind through the same
+    clean-up (state files `interrupted`, the local Ray stopped); once that has begun, a second signal
+    exits at once (the watchdog of pipeline.raycluster stops a local Ray). pipeline.raycluster puts these
+    handlers back after ray.init, which replaces the SIGTERM one."""
+
+    CAUGHT = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
     def __init__(self):
         self.received = signal.SIGINT
-        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        signal.signal(signal.SIGTERM, self._term)
+        self._old = {s: signal.getsignal(s) for s in self.CAUGHT}
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, self._interrupt)
 
-    def _term(self, signum, frame):
-        self.received = signal.SIGTERM
+    def _interrupt(self, signum, frame):
+        self.received = signal.Signals(signum)
         raise KeyboardInterrupt
 
     def cleaning_up(self) -> None:
         def now(signum, frame):
-            sys.__stderr__.write("interrupted again: exiting without clean-up\n")
-            os._exit(EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT)
+            try:
+                sys.__stderr__.write("interrupted again: exiting without clean-up\n")
+            except (OSError, ValueError):
+                pass
+            os._exit(EXIT_BY_SIGNAL.get(signum, EXIT_BY_SIGNAL[signal.SIGINT]))
         for s in self._old:
             signal.signal(s, now)
 
     def restore(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def _say(line: str) -> None:
+    """A last line to stderr; after SIGHUP the terminal may be gone (EIO), which must not end the clean-up."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -133,16 +152,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         signals.cleaning_up()
         shutdown_ray()
-        how = "SIGTERM" if signals.received == signal.SIGTERM else "Ctrl-C"
-        print(f"interrupted ({how}); finished work is kept. Resume with: {args.resume}", file=sys.stderr)
-        return EXIT_SIGTERM if signals.received == signal.SIGTERM else EXIT_SIGINT
+        _say(f"interrupted ({_Signals.NAMES[signals.received]}); finished work is kept. Resume with: {args.resume}")
+        return EXIT_BY_SIGNAL[signals.received]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except UserFacingError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except Exception:  # noqa: BLE001 - a bug: its traceback goes to the console and the log file
+    except Exception as e:  # noqa: BLE001 - a bug: its traceback goes to the console and the log file
+        full = no_space_message(e, args.output or ".")
+        if full:
+            _say(f"error: {full}")
+            return EXIT_FAILED
         log.exception("unexpected error (a bug: please report it with the log file named above)")
         return EXIT_FAILED
     finally:

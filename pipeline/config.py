@@ -368,6 +368,9 @@ class ResourcesConfig(_Strict):
                                    "weights, global batch unchanged); more than 1 when there are more GPUs than domains")
     max_concurrent_trials: Optional[int] = Field(None, ge=1, description="None: as many as resources allow")
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs for a local Ray started by the pipeline")
+    worker_start_timeout_s: float = Field(900, ge=1, description="how long a trial waits for its workers' resources "
+                                          "(a GPU node the autoscaler starts: minutes on a cloud) before the domain "
+                                          "fails naming the resource")
 
 
 class EvalConfig(_Strict):

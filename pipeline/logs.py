@@ -114,9 +114,12 @@ class Console:
                 m = RAY_PREFIX.match(text)
                 text = (m.group(0) if m else "") + text.rsplit("\r", 1)[-1]
             if self.file is not None:
-                self.file.write(text + "\n")
-                self.file.flush()
-            elif len(self._early) < 10_000:
+                try:
+                    self.file.write(text + "\n")
+                    self.file.flush()
+                except OSError as e:   # a full disk: the console goes on without the file, said once
+                    self._drop_file(e)
+            elif self.path is None and len(self._early) < 10_000:
                 self._early.append(text)
 
     def line(self, line: str, real: TextIO, drawn: int = 0, console: bool = True) -> None:
@@ -193,6 +196,18 @@ class Console:
                 real.flush()
                 return True
             return False
+
+    def _drop_file(self, e: OSError) -> None:
+        f, self.file = self.file, None
+        try:
+            f.close()
+        except OSError:
+            pass
+        try:
+            self.real["stderr"].write(f"warning: the log file {self.path} can no longer be written ({e}); "
+                                      f"the rest of this run is on the console only\n")
+        except (OSError, ValueError):
+            pass
 
     # -- the file -------------------------------------------------------------------------------
     def open_file(self, path: Path, upload: Optional[tuple] = None) -> None:

@@ -23,11 +23,20 @@ Which cluster, in this order:
 A local Ray's processes share the driver's fate (Linux PR_SET_PDEATHSIG) except two: the raylet's
 dashboard agent and runtime-env agent notice the raylet's death within ~2 s, then try to report it to
 the GCS, which died with the driver, and linger ~60 s (measured on Ray 2.60 after a SIGKILL of the
-driver). ``shutdown_ray`` covers normal exit, errors, Ctrl-C and SIGTERM (the CLI turns SIGTERM into
-KeyboardInterrupt). For SIGKILL, ``start_watchdog`` runs a small process (``python -m
-pipeline.raycluster <pid>``) that keeps the list of the driver's descendants and kills those left
-the moment the driver is gone: its stdin pipe closes without the driver's "bye". Ray has a reaper of
-this kind, but starts it only where the kernel offers no fate sharing (it does on Linux).
+driver), and a worker the raylet forked just before the raylet died. ``shutdown_ray`` covers normal
+exit, errors, Ctrl-C, SIGTERM and SIGHUP (the CLI turns them into KeyboardInterrupt; ``ensure_ray`` puts
+its handlers back after ``ray.init``, which installs Ray's own ``sys.exit(15)``). For SIGKILL,
+``start_watchdog`` runs a small process (``python -m pipeline.raycluster <pid>``), started before
+``ray.init``, that the driver then tells its Ray session directory. The moment the driver is gone (its
+stdin pipe closes without the driver's "bye") it stops the run's Ray as one: every process of this user
+that is the driver's descendant (refreshed every second while the driver lives), names the session in
+its command line (GCS, raylet, agents, a worker still starting) or has a file open in the session
+directory (a worker after it renamed itself ``ray::...``: its log files), and their descendants. A
+worker forked after the last refresh by a raylet that died first is re-parented to init, so the
+descendants alone miss it (the CI failure of issue 23); the session does not. It sweeps several times
+over a few seconds, freezing what it finds first. Ray's processes share the driver's process group,
+but so may the user's own (a shell script's), so the group is not what is killed. Ray has a reaper
+of this kind, but starts it only where the kernel offers no fate sharing (it does on Linux).
 
 Token authentication needs nothing here: Ray reads the token from RAY_AUTH_TOKEN,
 RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token itself. Nothing in this module logs it.
@@ -43,6 +52,8 @@ import select
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -139,10 +150,11 @@ def ensure_ray(cfg) -> None:
                  meta.get("job_name", "?"), meta.get("output_uri", "?"))
         if cfg.resources.ray_address:
             log.info("resources.ray_address=%s is ignored inside a submitted job", cfg.resources.ray_address)
-        ctx = ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", runtime_env=runtime_env, log_to_driver=True)
+        ctx = _init_keeping_signal_handlers(address=os.environ.get("RAY_ADDRESS") or "auto", runtime_env=runtime_env,
+                                            log_to_driver=True)
     elif join_address(cfg):
         log.info("joining Ray cluster at %s", join_address(cfg))
-        ctx = ray.init(address=join_address(cfg), runtime_env=runtime_env, log_to_driver=True)
+        ctx = _init_keeping_signal_handlers(address=join_address(cfg), runtime_env=runtime_env, log_to_driver=True)
     else:
         ctx = _start_local(cfg, runtime_env)
     log_cluster(getattr(ctx, "dashboard_url", None))
@@ -179,15 +191,54 @@ def _start_local(cfg, runtime_env: Optional[dict]):
              "; no dashboard: `pip install 'ray[default]'` for it")
     previous = os.environ.pop("RAY_ADDRESS", None)   # 'local' is ours to read; Ray's processes must not see it
     loopback_only()
+    # the watchdog first: a SIGKILL during ray.init leaves Ray's first processes behind otherwise
+    _local["watchdog"] = start_watchdog()
+    atexit.register(shutdown_ray)
     try:
-        ctx = ray.init(address=LOCAL, include_dashboard=dashboard, dashboard_host=LOOPBACK, runtime_env=runtime_env,
-                       log_to_driver=True, **kw)
+        ctx = _init_keeping_signal_handlers(address=LOCAL, include_dashboard=dashboard, dashboard_host=LOOPBACK,
+                                            runtime_env=runtime_env, log_to_driver=True, **kw)
     finally:
         if previous is not None:
             os.environ["RAY_ADDRESS"] = previous
-    _local["watchdog"] = start_watchdog()
-    atexit.register(shutdown_ray)
+    tell_watchdog(_local.get("watchdog"), (getattr(ctx, "address_info", None) or {}).get("session_dir"))
     return ctx
+
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _init_keeping_signal_handlers(**kw):
+    """ray.init, with the process's SIGTERM and SIGHUP handlers as they were before it.
+
+    ray.init installs its own SIGTERM handler (``sys.exit(15)``: exit 15, no clean-up of ours, and a C++
+    stack dump from Ray's core worker on the way out). The CLI's handler (interrupt, clean up, exit 143)
+    is put back; a SIGTERM that arrives during ray.init, while Ray's is in place, reaches Ray's as
+    SystemExit(15) and is handed to the handler Ray replaced.
+
+    SIGHUP is blocked in this thread while ray.init runs, so the local Ray's processes it starts (GCS,
+    raylet, agents) inherit it blocked, as Ray's own start-up blocks SIGINT in them: a closed terminal
+    sends SIGHUP to the whole process group, and a raylet ended by it makes Ray's core worker end the
+    driver at once, before any clean-up (state `running` for good). The driver still gets it: another
+    of its threads takes it, or this one once it is unblocked; the handler runs in the main thread."""
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    before = {s: signal.getsignal(s) for s in HANDLED_SIGNALS} if main else {}
+    if main:   # inherited by the processes ray.init starts (see below)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        return ray.init(**kw)
+    except SystemExit as e:
+        handler = before.get(signal.SIGTERM)
+        if e.code == signal.SIGTERM and callable(handler):
+            handler(signal.SIGTERM, None)   # raises what the handler raises (the CLI's: KeyboardInterrupt)
+        raise
+    finally:
+        for s, h in before.items():
+            if h is not None:
+                signal.signal(s, h)
+        if main:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
 def shutdown_ray() -> None:
@@ -249,6 +300,17 @@ def start_watchdog() -> Optional[subprocess.Popen]:
         return None
 
 
+def tell_watchdog(proc: Optional[subprocess.Popen], session_dir: Optional[str]) -> None:
+    """Give the watchdog the local Ray's session directory (what names this run's Ray processes)."""
+    if proc is None or not session_dir or proc.poll() is not None:
+        return
+    try:
+        proc.stdin.write(f"session {session_dir}\n".encode())
+        proc.stdin.flush()
+    except (OSError, ValueError) as e:
+        log.warning("could not tell the watchdog this run's Ray session: %s", e)
+
+
 def stop_watchdog(proc: Optional[subprocess.Popen]) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -260,12 +322,12 @@ def stop_watchdog(proc: Optional[subprocess.Popen]) -> None:
         proc.kill()
 
 
-def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int:
-    """The watchdog's loop: refresh the driver's descendants every ``interval_s``; when stdin closes
-    without "bye", SIGTERM those still alive (same pid and start time), SIGKILL after ``grace_s``."""
-    import psutil
-
-    known: dict[int, float] = {}   # pid -> start time of every process seen under the driver
+def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0, sweep_s: float = 4.0) -> int:
+    """The watchdog's loop: refresh the driver's descendants every ``interval_s`` and read the driver's
+    lines ("session <dir>", "bye"); when stdin closes without "bye", sweep the run's Ray (``sweep``)
+    every 0.25 s for ``sweep_s``, then SIGKILL what is still alive ``grace_s`` later."""
+    known: dict[int, float] = {}   # pid -> start time of every process seen as the run's
+    session: Optional[str] = None
     while True:
         _add_descendants(driver_pid, known)
         ready, _, _ = select.select([sys.stdin], [], [], interval_s)
@@ -273,19 +335,78 @@ def watch(driver_pid: int, interval_s: float = 1.0, grace_s: float = 3.0) -> int
             line = sys.stdin.readline()
             if line.strip() == "bye":
                 return 0
+            if line.startswith("session "):
+                session = line[len("session "):].strip() or None
+                continue
             if line == "":
                 break
-    # the driver is gone, its children re-parented. Freeze what is known (a raylet then starts no more
-    # workers), then sweep from those once more: workers started since the last refresh are their children
+    sweep(known, session, sweep_s, grace_s)
+    return 0
+
+
+def sweep(known: dict[int, float], session: Optional[str], sweep_s: float, grace_s: float) -> None:
+    """Stop the run's Ray processes: each round freezes what is known or names ``session`` (a raylet
+    then forks no more), adds their descendants, and SIGTERMs (then continues) the new ones; rounds go
+    on for ``sweep_s`` (a process forked while a round ran is found by the next); ``grace_s`` later,
+    SIGKILL for those left."""
+    import psutil
+
+    signalled: dict[int, Any] = {}
+    end = time.monotonic() + sweep_s
+    while True:
+        _add_session_processes(session, known)
+        procs = [p for p in _still_known(known) if p.pid not in signalled]   # the signalled are exiting
+        for p in procs:
+            try:
+                p.suspend()
+            except psutil.Error:
+                continue
+        for p in procs:
+            _add_descendants(p.pid, known)
+        for p in terminate_send([p for p in _still_known(known) if p.pid not in signalled]):
+            signalled[p.pid] = p
+        if time.monotonic() >= end:
+            break
+        time.sleep(0.25)
+    psutil.wait_procs(list(signalled.values()), timeout=grace_s)
     for p in _still_known(known):
         try:
-            p.suspend()
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def session_processes(session_dir: str) -> list:
+    """This user's processes of the Ray session ``session_dir``: named in the command line (its
+    directory name is unique: start time and the driver's pid), or with a file open under it (a worker
+    that renamed itself ``ray::...`` keeps its log files there). Not this process."""
+    import psutil
+
+    name = os.path.basename(session_dir.rstrip("/"))
+    prefix = session_dir.rstrip("/") + "/"
+    me, uid = os.getpid(), os.getuid()
+    found = []
+    for p in psutil.process_iter(["pid", "uids", "cmdline"]):
+        try:
+            if p.pid == me or p.info["uids"] is None or p.info["uids"].real != uid:
+                continue
+            cmd = " ".join(p.info["cmdline"] or ())
+            if name in cmd or (cmd.startswith("ray::") and any(f.path.startswith(prefix) for f in p.open_files())):
+                found.append(p)
         except psutil.Error:
             continue
-    for pid in list(known):
-        _add_descendants(pid, known)
-    terminate(_still_known(known), grace_s)
-    return 0
+    return found
+
+
+def _add_session_processes(session: Optional[str], known: dict[int, float]) -> None:
+    if not session:
+        return
+    import psutil
+    for p in session_processes(session):
+        try:
+            known.setdefault(p.pid, p.create_time())
+        except psutil.Error:
+            continue
 
 
 def _still_known(known: dict[int, float]) -> list:
@@ -313,19 +434,27 @@ def _add_descendants(pid: int, known: dict[int, float]) -> None:
         pass
 
 
-def terminate(procs: list, grace_s: float) -> list:
-    """SIGTERM each psutil.Process, then SIGKILL those still alive after ``grace_s``; returns those killed."""
+def terminate_send(procs: list) -> list:
+    """SIGTERM each psutil.Process and continue it (a stopped process acts on SIGTERM once continued);
+    returns those signalled."""
     import psutil
 
     sent = []
     for p in procs:
         try:
             p.send_signal(signal.SIGTERM)
-            p.resume()   # a stopped process acts on SIGTERM once continued
+            p.resume()
             sent.append(p)
         except psutil.Error:
             continue
-    _, alive = psutil.wait_procs(sent, timeout=grace_s)
+    return sent
+
+
+def terminate(procs: list, grace_s: float) -> list:
+    """SIGTERM each psutil.Process, then SIGKILL those still alive after ``grace_s``; returns those killed."""
+    import psutil
+
+    _, alive = psutil.wait_procs(terminate_send(procs), timeout=grace_s)
     for p in alive:
         try:
             p.kill()

@@ -10,7 +10,7 @@ States (``STATES``):
     finished     the domain's adapter is there / the stage completed
     failed       it stopped with an error (the cause is kept)
     skipped      a domain with nothing to train (no SFT data)
-    interrupted  stopped by Ctrl-C or SIGTERM; or prepare output that is partial, with no record saying why
+    interrupted  stopped by Ctrl-C, SIGTERM or SIGHUP; or prepare output that is partial, with no record saying why
     running      recorded as running and its driver is alive (heartbeat recent, or its PID alive on this host)
     stale        recorded as running, but the heartbeat is older than STALE_AFTER_S and the driver is gone
                  (its PID is not alive on this host, or it ran on another host): killed, or the machine went away
@@ -33,6 +33,7 @@ output could be read (whatever the states), 1 when it is missing or unreadable.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -355,10 +356,27 @@ class StageRecord:
         try:
             self.store.write_json(self.rel, rec)
         except Exception as e:  # noqa: BLE001 - the stage's own work decides its outcome, not its record
+            if self._overwrite_in_place(rec, e):
+                return
             if not self._warned:
                 import logging
                 logging.getLogger(__name__).warning("could not write %s: %s", self.store.uri_of(self.rel), e)
                 self._warned = True
+
+    def _overwrite_in_place(self, rec: dict, e: BaseException) -> bool:
+        """On a full local disk the atomic write (a new file, then a rename) finds no room, but the record's
+        own file has its blocks already: the record is rewritten in them (a few hundred bytes; not atomic,
+        which only matters if the machine dies in these microseconds), so the stage says `failed` and why."""
+        from pipeline.errors import no_space
+        if no_space(e) is None or self.store.is_s3:
+            return False
+        try:
+            with open(self.store.local_path(self.rel), "r+b") as f:
+                f.write((json.dumps(rec, indent=2, default=str) + "\n").encode("utf-8"))
+                f.truncate()
+            return True
+        except OSError:
+            return False
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -377,10 +395,11 @@ class StageRecord:
         if exc_type is None:
             self.write("finished")
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.write("interrupted", "stopped by Ctrl-C or SIGTERM")
+            self.write("interrupted", "stopped by Ctrl-C, SIGTERM or SIGHUP")
         else:
-            from pipeline.errors import UserFacingError
-            self.write("failed", str(exc) if isinstance(exc, UserFacingError) else f"{exc_type.__name__}: {exc}")
+            from pipeline.errors import UserFacingError, no_space_message
+            self.write("failed", str(exc) if isinstance(exc, UserFacingError) else
+                       no_space_message(exc, self.store.uri) or f"{exc_type.__name__}: {exc}")
         return False
 
 

@@ -47,6 +47,7 @@ SPLITS = ("train", "val", "test")
 # the trial's resources.cpus_per_trial so that N trials fit in N * cpus_per_trial CPUs.
 TRIAL_CPU = 0.01
 HEARTBEAT_S = 30.0
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"   # Ray Train's (v2) name for it
 
 
 def domain_fingerprint(cfg, domain: str) -> str:
@@ -238,11 +239,11 @@ def _heartbeat(store, cfg, domain: str, driver: dict) -> Iterator[None]:
 def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     """One domain: a TorchTrainer with resources.workers_per_trial workers. Runs inside a Tune trial."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
     from pipeline.storage import open_store
+    from pipeline.train.backend import trial_torch_config
     from pipeline.train.data import tokenized_dataset
-    from pipeline.train.device import FAKE_GPU_ENV
     from pipeline.train.faults import FaultPlan
     from pipeline.train.loop import CHECKPOINT_SCORE, fatal_rel, train_loop_per_worker
 
@@ -258,20 +259,23 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     cuda = r.device == "cuda"
     per_worker = {"CPU": max(TRIAL_CPU, r.cpus_per_trial - TRIAL_CPU), **({"GPU": r.gpus_per_trial} if cuda else {})}
     storage_path, fs = store.ray_storage(f"runs/{cfg.run_name}/train")
+    # Ray Train (its controller reads it from this process's environment) waits this long for the worker
+    # group's resources, then gives up; controller_failure_limit=0 below: it does not start over
+    os.environ[WORKER_START_TIMEOUT_ENV] = str(r.worker_start_timeout_s)
     error = None
     with _heartbeat(store, cfg, domain, driver):
         try:
             trainer = TorchTrainer(
                 train_loop_per_worker,
-                # the fake-GPU test hook computes on the CPU, where torch has no NCCL
-                torch_config=TorchConfig(backend="gloo") if os.environ.get(FAKE_GPU_ENV) == "1" else None,
+                torch_config=trial_torch_config(cfg),   # the CUDA check first; no process group for one worker
                 train_loop_config={"cfg": cfg, "domain": domain, "faults": FaultPlan.parse(faults, domain),
                                    "fingerprint": identity, "trial_started": trial_started},
                 scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=cuda,
                                                        resources_per_worker=per_worker),
                 run_config=ray.train.RunConfig(
                     name=domain, storage_path=storage_path, storage_filesystem=fs,
-                    failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                    failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
+                                                           controller_failure_limit=0),
                     # every checkpoint is reported with the val loss of its weights: Ray keeps the best
                     # ones by it, and always the latest
                     checkpoint_config=ray.train.CheckpointConfig(
@@ -283,7 +287,10 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
                 dataset_config=ray.train.DataConfig(datasets_to_split=[]))
             trainer.fit()
         except Exception as e:  # TrainingFailedError wraps the worker's exception
-            error = _summarize(f"{type(e).__name__}: {e}")
+            cause = _user_facing_cause(e)
+            error = f"{type(cause).__name__}: {cause}" if cause else _summarize(f"{type(e).__name__}: {e}")
+            if "worker group startup timed out" in str(e):
+                error = unplaced_workers(r, per_worker) + "\n" + error
     fatal = store.read_json_or(fatal_rel(cfg.run_name, domain))
     if fatal:
         error = fatal["error"]
@@ -294,6 +301,42 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
         write_state(store, cfg, domain, "failed", error=error[:4000])
         raise RuntimeError(f"domain {domain} failed: {error.splitlines()[0][:500]}")
     write_state(store, cfg, domain, "finished", report=report)
+
+
+def _user_facing_cause(e: BaseException) -> Optional[BaseException]:
+    """The project's own error (a UserFacingError: the message names the node and the fix) inside what
+    Ray Train raises, e.g. ControllerError -> RayTaskError -> CudaUnavailableError from the workers'
+    device check at the worker group's start; None when there is none."""
+    from pipeline.errors import UserFacingError
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        inner = getattr(x, "cause", None)   # a RayTaskError's original exception
+        if isinstance(inner, UserFacingError):
+            return inner
+        if isinstance(x, UserFacingError) and not hasattr(x, "cause"):
+            return x
+        todo += [getattr(x, "controller_failure", None), inner, x.__cause__, x.__context__]
+    return None
+
+
+def unplaced_workers(r, per_worker: dict) -> str:
+    """The cause line of a trial whose workers Ray could not place within resources.worker_start_timeout_s."""
+    import ray
+    try:
+        avail = ray.available_resources()   # a resource all in use is left out of it
+        free = {k: round(avail.get(k, 0.0), 3) for k in per_worker}
+    except Exception:  # noqa: BLE001 - only for the message
+        free = "unknown"
+    want = ", ".join(f"{k} {v:g}" for k, v in per_worker.items())
+    return (f"the trial's {r.workers_per_trial} worker(s) could not be placed within resources.worker_start_timeout_s="
+            f"{r.worker_start_timeout_s:g}s: each waited for {{{want}}} on one node (free now: {free}); no node "
+            f"offers it and the autoscaler, if any, did not add one. Check the cluster's node types and limits, "
+            f"lower resources.cpus_per_trial / gpus_per_trial / workers_per_trial, or raise "
+            f"resources.worker_start_timeout_s if nodes take longer to come up")
 
 
 def check_resources(cfg, capacity=None) -> None:
@@ -345,7 +388,7 @@ def mark_interrupted(store, cfg, domains: list[str]) -> None:
     for d in domains:
         st = (store.read_json_or(state_rel(cfg, d)) or {}).get("state")
         if st not in ("finished", "failed", "skipped"):
-            write_state(store, cfg, d, "interrupted", error="interrupted (Ctrl-C) before it finished; the same "
+            write_state(store, cfg, d, "interrupted", error="interrupted (Ctrl-C, SIGTERM or SIGHUP) before it finished; the same "
                         "command resumes it from its last checkpoint")
 
 

@@ -24,6 +24,7 @@ is started by tests/fixtures_ray.start_head (own temp dir, token auth) and stopp
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -71,19 +72,28 @@ def autoscaling_config(gcs_port: int) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def fake_gpu_cluster(tmp_path_factory) -> Iterator[RayHead]:
+@contextlib.contextmanager
+def autoscaling_head(tmp: Path, fake_gpu: bool = True) -> Iterator[RayHead]:
+    """A head with the fake autoscaler (see the module docstring); fake_gpu=False: its GPU worker nodes
+    have no usable CUDA and no test hook, as a GPU node with a CPU-only torch."""
     gcs_port = free_port()
-    cfg_file = tmp_path_factory.mktemp("autoscale") / "autoscaling.yaml"
+    cfg_file = tmp / "autoscaling.yaml"
     cfg_file.write_text(yaml.safe_dump(autoscaling_config(gcs_port)))
     head = start_head(num_cpus=2, gcs_port=gcs_port, extra_args=[f"--autoscaling-config={cfg_file}"],
-                      extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", FAKE_GPU_ENV: "1"})
+                      extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                                 **({FAKE_GPU_ENV: "1"} if fake_gpu else {})})
     try:
         yield head
     finally:
         n = stop_cluster(head.temp_dir)
         print(f"stopped {n} processes of the fake autoscaling cluster at {head.temp_dir}")
         shutil.rmtree(head.temp_dir.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fake_gpu_cluster(tmp_path_factory) -> Iterator[RayHead]:
+    with autoscaling_head(tmp_path_factory.mktemp("autoscale")) as head:
+        yield head
 
 
 NODES = """
@@ -147,3 +157,76 @@ def test_demo_scales_from_zero_gpus(fake_gpu_cluster: RayHead, tmp_path: Path) -
         assert rep["status"] == "finished", (d, rep)
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary
+
+
+# ---- trials that cannot start (issue 23, item 7) ----------------------------------------------------------
+
+def _run(head: RayHead, out: Path, *sets: str, timeout: float = 600) -> tuple[int, str, float]:
+    cmd = [sys.executable, "-m", "pipeline", "run", "--config", "configs/demo.yaml", "--output", str(out),
+           "--domains", "debate"]
+    for s in [*SETS, *sets]:
+        cmd += ["--set", s]
+    t0 = time.time()
+    r = subprocess.run(cmd, env={**head.env, "RAY_ADDRESS": head.address}, cwd=str(ROOT), capture_output=True,
+                       text=True, timeout=timeout)
+    return r.returncode, r.stdout + r.stderr, time.time() - t0
+
+
+def test_a_gpu_node_without_cuda_fails_the_domain_at_the_cuda_check(tmp_path: Path) -> None:
+    """The autoscaler adds a GPU node whose torch has no CUDA (no test hook there). The one-worker trial
+    sets up no NCCL process group (was: "Distributed package doesn't have NCCL built in" inside Ray Train,
+    then the worker group restarted every 60 s without end); the worker's own CUDA check names the node."""
+    with autoscaling_head(tmp_path, fake_gpu=False) as head:
+        rc, log, wall = _run(head, tmp_path / "out")
+        alive, ever = gpu_nodes(head)
+    assert rc == 1, log[-8000:]
+    assert ever >= 1, "the trial must have waited for a GPU node the autoscaler added"
+    tail = log.strip().splitlines()[-3:]
+    assert tail[0] == "error: 1 of 1 domain(s) did not finish:" and tail[1].split()[:2] == ["debate", "failed:"], log[-8000:]
+    assert "resources.device is cuda but CUDA cannot be used on node" in tail[1], tail[1]
+    assert "NCCL" not in log, log[-8000:]
+    print(f"no-CUDA GPU node: the domain failed at the CUDA check; run {wall:.0f}s")
+
+
+def test_workers_that_cannot_be_placed_fail_after_the_start_timeout(tmp_path: Path) -> None:
+    """The cluster's one GPU (a head with --num-gpus=1, no autoscaler) is held by another job's actor:
+    the trial's worker waits for it resources.worker_start_timeout_s, then the domain fails naming the
+    resource (was: Ray Train restarted the worker group every 60 s, without end)."""
+    head = start_head(num_cpus=2, extra_args=["--num-gpus=1"], extra_env={FAKE_GPU_ENV: "1"})
+    try:
+        blocker = subprocess.Popen([sys.executable, "-c", BLOCKER.format(address=head.address)], env=head.env,
+                                   cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            seen = []
+            for line in blocker.stdout:   # until it holds the GPU, or ends
+                seen.append(line)
+                if line.startswith("@@holding"):
+                    break
+            assert seen and seen[-1].startswith("@@holding"), "".join(seen)[-3000:]
+            timeout_s = 20
+            rc, log, wall = _run(head, tmp_path / "out", f"resources.worker_start_timeout_s={timeout_s}", timeout=420)
+        finally:
+            blocker.kill()
+    finally:
+        stop_cluster(head.temp_dir)
+        shutil.rmtree(head.temp_dir.parent, ignore_errors=True)
+    assert rc == 1, log[-8000:]
+    tail = log.strip().splitlines()[-3:]
+    assert tail[1].split()[:2] == ["debate", "failed:"], log[-8000:]
+    assert re.search(rf"the trial's 1 worker\(s\) could not be placed within resources.worker_start_timeout_s="
+                     rf"{timeout_s}s: each waited for \{{CPU [0-9.]+, GPU 1\}} on one node \(free now: .*'GPU': 0", tail[1]), tail[1]
+    print(f"unplaceable worker: the domain failed after the {timeout_s}s start timeout; run {wall:.0f}s")
+
+
+BLOCKER = """
+import time, ray
+ray.init(address="{address}", logging_level="ERROR", log_to_driver=False)
+@ray.remote(num_gpus=1, num_cpus=0)
+class Hold:
+    def ping(self):
+        return 1
+h = Hold.remote()
+ray.get(h.ping.remote())
+print("@@holding", flush=True)
+time.sleep(3600)
+"""

@@ -3,9 +3,11 @@ from a demo run's console before this filtering existed (Ray 2.60)."""
 from __future__ import annotations
 
 import io
+import os
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +199,30 @@ def test_settle_waits_for_late_worker_lines_then_returns(routed):
     t0 = time.monotonic()
     console.settle_workers(quiet_s=0.2, limit_s=5.0)   # nothing arriving: returns after quiet_s
     assert time.monotonic() - t0 < 1.0
+
+
+def test_a_log_file_on_a_full_disk_is_dropped_with_one_warning_and_the_console_goes_on():
+    """/dev/full: every write fails with ENOSPC, as on a full disk (issue 23, item 6; was: the console's
+    own writes raised, and the run ended in 'lost sys.stderr')."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdout, sys.stderr, warnings.showwarning, logging.getLogger().level
+    sys.stdout, sys.stderr = out, err
+    try:
+        console = setup_console(False)
+        console.open_file(Path("/dev/full"))
+        logging.getLogger("pipeline.cli").info("stage train: starting")
+        print("a line after it", file=sys.stderr)
+        logging.getLogger("pipeline.cli").error("a failed domain")
+        console.close()
+    finally:
+        for h in list(logging.getLogger().handlers):
+            if type(h).__name__ == "RecordHandler":
+                logging.getLogger().removeHandler(h)
+        sys.stdout, sys.stderr, warnings.showwarning = saved[0], saved[1], saved[2]
+        logging.getLogger().setLevel(saved[3])
+    shown = out.getvalue() + err.getvalue()
+    assert "stage train: starting" in shown and "a line after it" in shown and "a failed domain" in shown
+    warned = [ln for ln in shown.splitlines() if "can no longer be written" in ln]
+    assert len(warned) == 1 and "No space left on device" in warned[0], shown
