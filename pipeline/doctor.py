@@ -661,6 +661,17 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
 
 # ---- entry points --------------------------------------------------------------------------------
 
+def check_serving(cfg, rep: Report) -> None:
+    """What vLLM's multi-LoRA serving will refuse of the adapters this config trains (a WARN: training works)."""
+    from pipeline.train.export import config_serving_warnings
+    problems = config_serving_warnings(cfg)
+    if problems:
+        rep.add("serving", WARN, "; ".join(problems), "change lora.* if the adapters are to be served with vLLM "
+                "(docs/SERVING.md); `adapters serve` (PEFT) serves them all the same")
+    else:
+        rep.add("serving", PASS, "the adapters' LoRA shape is one vLLM's multi-LoRA serving loads")
+
+
 def collect(cfg, load: bool = False, full: bool = True) -> Report:
     """Run the checks; full=False is the free pre-flight subset (no network, no Ray connect, no load)."""
     rep = Report()
@@ -676,6 +687,7 @@ def collect(cfg, load: bool = False, full: bool = True) -> Report:
         check_output(cfg, rep)
     arch, path = check_model(cfg, rep, network=full and not _offline(cfg))
     check_memory(cfg, rep, arch, cuda)
+    check_serving(cfg, rep)
     if load and full:
         if cfg.resources.device == "cuda" and not cuda.get("available"):
             rep.add("load", FAIL, "skipped: CUDA is not available", "fix the cuda row first")

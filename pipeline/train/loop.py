@@ -664,7 +664,7 @@ class DomainRecipe:
             "micro_batch": {"rows": self.rows, "seq_len": self.seq_len, "grad_accum": h.grad_accum, "packing": t.packing},
         }
         if self.replicas.rank == 0:
-            report["adapter_uri"] = export.export_adapter(self.model, self.tok, self.store, self.domain, report)
+            report["adapter_uri"] = export.export_adapter(self.model, self.tok, self.store, self.domain, report, cfg)
         self.session.report(self._metrics(**{k: v for k, v in report.items()
                                              if k != "domain" and isinstance(v, (int, float)) and v is not None}))
         return report
