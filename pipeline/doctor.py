@@ -76,20 +76,33 @@ class Report:
 # ---- packages ------------------------------------------------------------------------------------
 
 def _pins() -> dict[str, str]:
-    """{package: pinned version} from the installed project's metadata, else pyproject.toml."""
+    """{package: tested version} for the project's own dependencies: their versions in constraints.txt (the set
+    tested together) in a checkout, else the exact pins (==) among the installed project's requirements."""
     reqs: list[str] = []
+    root = Path(__file__).resolve().parents[1]
     try:
         reqs = [r for r in (md.requires("domain-adapters") or []) if "extra ==" not in r]
     except md.PackageNotFoundError:
-        py = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        py = root / "pyproject.toml"
         if py.is_file():
             import tomllib
             reqs = tomllib.loads(py.read_text())["project"]["dependencies"]
-    pins = {}
+    names = {}
     for r in reqs:
-        m = re.match(r"^\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*==\s*([^;\s]+)", r)
+        m = re.match(r"^\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*(?:==\s*([^;,\s]+))?", r)
         if m:
-            pins[m.group(1)] = m.group(2)
+            names[m.group(1).lower().replace("_", "-")] = (m.group(1), m.group(2))
+    tested = {}
+    cons = root / "constraints.txt"
+    if cons.is_file():
+        for line in cons.read_text().splitlines():
+            m = re.match(r"^([A-Za-z0-9_.-]+)==([^;\s]+)", line.strip())
+            if m:
+                tested[m.group(1).lower().replace("_", "-")] = m.group(2)
+    pins = {}
+    for key, (name, exact) in names.items():
+        if tested.get(key) or exact:
+            pins[name] = tested.get(key) or exact
     return pins
 
 
@@ -98,7 +111,7 @@ def _base_version(v: str) -> str:
 
 
 # needed only by some configs or stages: missing ones are a WARN unless the config uses them
-_OPTIONAL = {"boto3": "s3:// outputs or models", "matplotlib": "the report's plots", "pandas": "the report"}
+_OPTIONAL = {"boto3": "s3:// outputs or models", "matplotlib": "the report's plots"}
 
 
 def check_packages(rep: Report, cfg=None) -> None:
@@ -118,15 +131,15 @@ def check_packages(rep: Report, cfg=None) -> None:
     needed = [m for m in missing if m.split("==")[0] not in _OPTIONAL or (m.startswith("boto3") and uses_s3)]
     optional = [m for m in missing if m not in needed]
     if needed:
-        rep.add("packages", FAIL, "missing: " + ", ".join(needed), "pip install -e . (installs the pinned versions)")
+        rep.add("packages", FAIL, "missing: " + ", ".join(needed), "pip install -c constraints.txt -e . (installs the tested versions)")
     if optional:
         rep.add("packages", WARN, "missing: " + ", ".join(f"{m} (for {_OPTIONAL[m.split('==')[0]]})" for m in optional),
-                "pip install -e . (installs the pinned versions)")
+                "pip install -c constraints.txt -e . (installs the tested versions)")
     if off:
-        rep.add("packages", WARN, "differ from the pins: " + ", ".join(off),
-                "pip install -e . to get the tested versions (other versions may work)")
+        rep.add("packages", WARN, "differ from the tested versions (constraints.txt): " + ", ".join(off),
+                "pip install -c constraints.txt -e . to get the tested versions (others in pyproject.toml's ranges may work)")
     if not missing and not off:
-        rep.add("packages", PASS, f"{len(pins)} pinned packages match" if pins else "no pins found (project not installed?)")
+        rep.add("packages", PASS, f"{len(pins)} packages at their tested versions" if pins else "no pins found (project not installed?)")
 
 
 # ---- CUDA, GPUs, bitsandbytes --------------------------------------------------------------------

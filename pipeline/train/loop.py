@@ -575,7 +575,8 @@ class DomainRecipe:
     def _metrics(self, **values: float) -> dict:
         """What reaches Tune: the same keys in every report (Tune's CSV logger takes its columns from the first)."""
         st = self.state
-        m = {"step": st.step, "domain": self.domain, "progress": st.step / self.hyper.max_steps}
+        # timesteps_total: the x-axis Tune's TensorBoard and MLflow loggers plot against (else Tune's report count)
+        m = {"step": st.step, "timesteps_total": st.step, "domain": self.domain, "progress": st.step / self.hyper.max_steps}
         m.update({k: NAN for k in METRIC_KEYS})
         m.update(values)
         return m
