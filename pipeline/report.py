@@ -358,6 +358,11 @@ def _i(x: Any) -> str:
     return "–" if v is None else f"{int(v):,}"
 
 
+BUSY_NOTE = ("busy % is the share of the domain's wall time (from its trial's start to the export) spent in "
+             "optimizer steps; the rest is start-up (worker, model load, tokenization), evaluations and "
+             "checkpoints.")
+
+
 def _results_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     head = ["domain", "status", "train / val / test examples", "train loss", "val loss (base)", "test loss (base)",
             "val ppl (base)", "test ppl (base)", "test ppl change", "tokens/s", "peak mem GB", "wall time s", "busy %", "adapter"]
@@ -588,7 +593,7 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
          + ", ".join(f"{k} {v}" for k, v in sorted(s["status_counts"].items())) + ".", "",
          "## Results per domain", "", _md_table(*_results_rows(s)), "",
          "Losses are mean token cross-entropy on response tokens; perplexity = exp(loss). "
-         "Figures in parentheses are the base model's.", ""]
+         "Figures in parentheses are the base model's. " + BUSY_NOTE, ""]
     for name, title in (("loss_curves.png", "Loss curves"), ("perplexity.png", "Base vs adapter perplexity")):
         if name in plots:
             L += [f"![{title}]({name})", ""]
@@ -721,7 +726,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         f'<div class="cards">{cards}</div>',
         "<h2>Results per domain</h2>", _html_table(head, hrows, num, "results"),
         '<p class="note">Losses are mean token cross-entropy on response tokens; perplexity = exp(loss). '
-        "Figures in parentheses are the base model's.</p>",
+        f"Figures in parentheses are the base model's. {_h(BUSY_NOTE)}</p>",
         img("loss_curves.png", "Loss curves per domain"), img("perplexity.png", "Base vs adapter perplexity"),
         "<h2>Evaluation matrix</h2>",
     ]
