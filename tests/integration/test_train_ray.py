@@ -274,17 +274,18 @@ def test_tracking_mlflow_and_wandb_log_against_the_training_step(ray_local, tmp_
     assert len(runs) == 1 and runs[0].data.params.get("domain") == "debate"
     rid = runs[0].info.run_id
     train = client.get_metric_history(rid, "train_loss")
-    assert [m.step for m in train][:3] == [2, 4, 6] and all(m.value > 0 for m in train)
+    # reports every log_every (2) steps and at every evaluation (eval_every 3): Tune's iterations would be 1, 2, 3, ...
+    assert sorted({m.step for m in train}) == [2, 3, 4, 6] and all(m.value > 0 for m in train)
     assert {m.step for m in client.get_metric_history(rid, "val_loss") if m.value == m.value} >= {3, 6}
     assert {m.step for m in client.get_metric_history(rid, "tokens_per_s")} >= {2, 4, 6}
     assert {m.step for m in client.get_metric_history(rid, "lr")} >= {2, 4}
     assert client.list_artifacts(rid), "the trial's files were not attached"
     trial = next(p for p in (tmp_path / "runs/t/tune").glob("*/*domain=debate_*") if p.is_dir())
-    assert tensorboard_steps(next(trial.glob("events.out.tfevents.*")), "ray/tune/train_loss")[:3] == [2, 4, 6]
+    assert sorted(set(tensorboard_steps(next(trial.glob("events.out.tfevents.*")), "ray/tune/train_loss"))) == [2, 3, 4, 6]
     files = [p for p in list(tmp_path.rglob("run-*.wandb")) + list(trial.rglob("run-*.wandb"))]
     assert files, "no offline W&B run file"
     hist = wandb_history(files[0])
-    assert [r["step"] for r in hist if "train_loss" in r][:3] == [2, 4, 6]
+    assert sorted({r["step"] for r in hist if "train_loss" in r}) == [2, 3, 4, 6]
     assert any(r.get("val_loss", float("nan")) > 0 and r["step"] == 3 for r in hist)
     import ray
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"   # Ray's own logs, runtime_envs
