@@ -224,14 +224,14 @@ def tensorboard_steps(path: Path, tag: str) -> list[int]:
     return steps
 
 
-def wandb_history(path: Path) -> list[dict]:
-    """The history rows of an offline W&B run file (run-*.wandb): W&B's record log (LevelDB's log format:
+def wandb_history(path: Path) -> tuple[list[dict], dict[str, str]]:
+    """(history rows, {metric or glob: its x-axis metric}) of an offline W&B run file (run-*.wandb): W&B's record log (LevelDB's log format:
     32 KiB blocks of [crc32, length, type] framed chunks after a 7-byte header) of Record protos."""
     import struct
     from wandb.proto import wandb_internal_pb2
     data = path.read_bytes()
     assert data[:4] == b":W&B", data[:8]
-    i, buf, rows = 7, b"", []
+    i, buf, rows, axes = 7, b"", [], {}
     while i + 7 <= len(data):
         left = 32768 - i % 32768
         if left < 7:
@@ -246,9 +246,11 @@ def wandb_history(path: Path) -> list[dict]:
             buf = b""
             if rec.WhichOneof("record_type") == "history":
                 rows.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item})
+            elif rec.WhichOneof("record_type") == "metric" and rec.metric.step_metric:
+                axes[rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
         elif kind == 0 and n == 0:
             break
-    return rows
+    return rows, axes
 
 
 def test_tracking_mlflow_and_wandb_log_against_the_training_step(ray_local, tmp_path, monkeypatch):
@@ -284,7 +286,8 @@ def test_tracking_mlflow_and_wandb_log_against_the_training_step(ray_local, tmp_
     assert sorted(set(tensorboard_steps(next(trial.glob("events.out.tfevents.*")), "ray/tune/train_loss"))) == [2, 3, 4, 6]
     files = [p for p in list(tmp_path.rglob("run-*.wandb")) + list(trial.rglob("run-*.wandb"))]
     assert files, "no offline W&B run file"
-    hist = wandb_history(files[0])
+    hist, axes = wandb_history(files[0])
+    assert axes.get("*") == "step", axes          # W&B's charts plot every metric against the training step
     assert sorted({r["step"] for r in hist if "train_loss" in r}) == [2, 3, 4, 6]
     assert any(r.get("val_loss", float("nan")) > 0 and r["step"] == 3 for r in hist)
     import ray
