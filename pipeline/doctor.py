@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -727,3 +728,7 @@ def preflight(cfg) -> None:
         lines = [f"- {c.name}: {c.detail}" + (f"\n    fix: {c.fix}" if c.fix else "") for c in rep.failures]
         raise UserFacingError("pre-flight checks failed (run `adapters doctor --config ...` for the full table):\n"
                               + "\n".join(lines))
+    for c in rep.rows:
+        if c.name == "serving" and c.status == WARN:   # trains fine; said now, not when someone tries to serve it
+            logging.getLogger("pipeline.doctor").warning("the adapters will not load in vLLM as configured: %s (%s)",
+                                                         c.detail, c.fix)

@@ -117,3 +117,12 @@ def test_partial_targets_keep_their_paths():
     assert out["target_modules"] == adapted and out["base_model_name_or_path"] == "org/base"
     every_q = [n for n in linear if n.endswith("q_proj")]
     assert portable_adapter_config({"target_modules": every_q}, linear, every_q, "b")["target_modules"] == ["q_proj"]
+
+
+def test_preflight_warns_when_the_adapters_will_not_load_in_vllm(tmp_path, caplog):
+    import logging
+    from pipeline.doctor import preflight
+    cfg = tiny_config(str(tmp_path), lora={"r": 1024, "alpha": 16}, domains=["debate"])
+    with caplog.at_level(logging.WARNING, logger="pipeline.doctor"):
+        preflight(cfg)
+    assert any("will not load in vLLM" in r.getMessage() and "lora.r" in r.getMessage() for r in caplog.records)
