@@ -277,7 +277,8 @@ def test_tracking_mlflow_and_wandb_log_against_the_training_step(ray_local, tmp_
     rid = runs[0].info.run_id
     train = client.get_metric_history(rid, "train_loss")
     # reports every log_every (2) steps and at every evaluation (eval_every 3): Tune's iterations would be 1, 2, 3, ...
-    assert sorted({m.step for m in train}) == [2, 3, 4, 6] and all(m.value > 0 for m in train)
+    finite = [m for m in train if m.value == m.value]   # NaN: a report without it (the base model's losses)
+    assert sorted({m.step for m in finite}) == [2, 3, 4, 6] and all(m.value > 0 for m in finite)
     assert {m.step for m in client.get_metric_history(rid, "val_loss") if m.value == m.value} >= {3, 6}
     assert {m.step for m in client.get_metric_history(rid, "tokens_per_s")} >= {2, 4, 6}
     assert {m.step for m in client.get_metric_history(rid, "lr")} >= {2, 4}
