@@ -26,7 +26,7 @@ import time
 import uuid
 from typing import Any, Optional
 
-from pipeline.errors import UsageError, UserFacingError
+from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,16 @@ PEFT_BASE = "__base__"      # peft's adapter_names entry for "no adapter"
 DEFAULT_PORT = 8000
 
 
-def finished_domains(store) -> list[str]:
-    """The domains with a finished adapter under adapters/ (training_report.json written last)."""
-    return sorted({f.split("/")[1] for f in store.list_files("adapters", "training_report.json")
+def served_domains(store, domains: Optional[list[str]]) -> list[str]:
+    """`domains` (default: every domain with a finished adapter under adapters/), each checked to have one."""
+    have = sorted({f.split("/")[1] for f in store.list_files("adapters", "training_report.json")
                    if (store.read_json_or(f) or {}).get("status") == "finished"})
+    chosen = list(domains) if domains else have
+    missing = [d for d in chosen if d not in have]
+    if missing or not chosen:
+        raise UsageError(f"no finished adapter for {missing or 'any domain'} under {store.uri_of('adapters')} "
+                         f"(finished: {', '.join(have) or 'none'}): train first, or pick from those with --domains")
+    return chosen
 
 
 def chat_prompt_ids(tok, messages: list[dict], template: str, max_len: int) -> list[int]:
@@ -70,12 +76,7 @@ class AdapterModels:
         from pipeline.train.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
         self.cfg = cfg
         store = open_store(cfg)
-        have = finished_domains(store)
-        self.domains = list(domains) if domains else have
-        missing = [d for d in self.domains if d not in have]
-        if missing or not self.domains:
-            raise UserFacingError(f"no finished adapter for {missing or 'any domain'} under {store.uri_of('adapters')} "
-                                  f"(finished: {', '.join(have) or 'none'}): train first, or pick from those with --domains")
+        self.domains = served_domains(store, domains)
         self.device = worker_device(cfg, allow_fake_gpu=False)
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
@@ -201,13 +202,7 @@ def run_serve(cfg, domains: Optional[list[str]], host: str, port: int, max_batch
                          "include it: pip install -e .)") from None
     from pipeline.raycluster import ensure_ray
     from pipeline.storage import open_store
-    store = open_store(cfg)
-    have = finished_domains(store)
-    chosen = list(domains) if domains else have
-    missing = [d for d in chosen if d not in have]
-    if missing or not chosen:
-        raise UsageError(f"no finished adapter for {missing or 'any domain'} under {store.uri_of('adapters')} "
-                         f"(finished: {', '.join(have) or 'none'}): train first, or pick from those with --domains")
+    chosen = served_domains(open_store(cfg), domains)   # checked here: a usage error before Ray starts
     ensure_ray(cfg)
     cuda = cfg.resources.device == "cuda"
     resources = {"num_cpus": cfg.resources.cpus_per_trial, **({"num_gpus": cfg.resources.gpus_per_trial} if cuda else {})}

@@ -70,3 +70,10 @@ def test_chat_messages_follow_the_training_prompt_format(output):
     assert tok.decode(ids).replace(" ", "").endswith("<assistant>")
     with pytest.raises(ValueError, match="messages"):
         chat_prompt_ids(tok, [], "auto", 100)
+
+
+def test_serve_refuses_domains_without_a_finished_adapter(output, capsys):
+    from pipeline.cli import main
+    rc = main(["serve", "--output", output.output, "--domains", "debate,law", "--port", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no finished adapter for ['law']" in err and "finished: debate, medicine" in err
