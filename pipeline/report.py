@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.redaction import scrub
+from pipeline.redaction import redact_url, scrub
 from pipeline.storage import Store, StorageError, open_store
 
 log = logging.getLogger(__name__)
@@ -793,4 +793,11 @@ def run_report(cfg) -> dict:
     out["html"] = store.write_text("report/summary.html", scrub(render_html(summary, plots)))
     log.info("report: %s (%d domains: %s) in %.1fs", out["html"], len(summary["domains"]),
              ", ".join(f"{k} {v}" for k, v in sorted(summary["status_counts"].items())), time.time() - t0)
+    if cfg.tracking.mlflow is not None:
+        from pipeline.tracking import attach_to_mlflow
+        try:
+            attach_to_mlflow(cfg, store)
+        except Exception as e:  # noqa: BLE001 - the report is written; a tracking server down is not worth failing it
+            log.warning("tracking: could not attach the report to MLflow (%s): %s",
+                        redact_url(cfg.tracking.mlflow.tracking_uri), e)
     return out
