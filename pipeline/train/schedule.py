@@ -18,11 +18,13 @@ resources.workers_per_trial workers (one by default).
   state and fatal files), not Result.metrics.
 - Metrics: every report of the training workers reaches the Tune trial (TuneReportCallback), so the
   dashboard's trial table and Tune's TensorBoard / CSV / JSON loggers under runs/<run_name>/tune/ carry
-  train_loss, val_loss, tokens_per_s, step.
+  train_loss, val_loss, tokens_per_s, step (timesteps_total = step: the loggers' x-axis); tracking.mlflow and
+  tracking.wandb add Ray's MLflow and W&B logger callbacks (tracking_callbacks).
 - Secrets: Ray Tune copies AWS_* credentials from the driver's environment into each trial actor's
   runtime_env, which Ray writes to its logs. Their names are taken out of the set Tune copies while it
   runs (the driver keeps them for Tune's own storage calls); the trials get them from the environment
-  their node already has.
+  their node already has. WANDB_API_KEY, which Ray's W&B callback would put in its logging actor's
+  runtime_env, reaches that actor as a constructor argument instead (_wandb_callback).
 """
 from __future__ import annotations
 
