@@ -353,6 +353,22 @@ class TrackingConfig(_Strict):
     wandb: Optional[WandbTracking] = None
 
 
+class HubConfig(_Strict):
+    """Upload each finished adapter folder (adapter, tokenizer, model card) to the Hugging Face Hub after
+    training (pipeline/train/export.py, upload_to_hub); the token comes from HF_TOKEN or `hf auth login`."""
+    repo_id: Optional[str] = Field(None, description="the model repo per domain, with {domain} in it, e.g. "
+                                   "my-org/mistral-7b-{domain}-qlora; None: no upload")
+    private: bool = Field(True, description="create the repos private")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and ("{domain}" not in v or not _HF_ID.match(v.replace("{domain}", "d"))):
+            raise ValueError(f"{v!r}: give owner/name with {{domain}} in it (one repo per domain), "
+                             "e.g. my-org/mistral-7b-{domain}-qlora")
+        return v
+
+
 class Config(_Strict):
     run_name: str = Field("run", description="names the Ray run; same name + same output resumes")
     output: str = Field("output/run", description="local directory or s3://bucket/prefix")
@@ -366,6 +382,7 @@ class Config(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
 
     @field_validator("run_name")
     @classmethod

@@ -8,6 +8,7 @@ the tokenizer files, a model card (README.md, the Hugging Face format) and train
     config_serving_warnings(cfg) -> the same, known from the config before training
     model_card(cfg, domain, report, manifest) -> README.md text
     export_merged(cfg, domain, store=None) -> URI of adapters/<domain>/merged/ (bf16; refuses NaN/inf)
+    hub_files(local_dir) / upload_to_hub(cfg, domain, store) -> what hub.repo_id receives, and the upload
 
 Serving engines (vLLM, Ray Serve LLM, text-generation-inference) read `target_modules` as module
 *names* (q_proj, v_proj, ...) matched against their own layer names; peft 0.21 saves "all-linear" as the
@@ -260,3 +261,34 @@ def export_merged(cfg, domain: str, store=None) -> str:
         merged.save_pretrained(d)
         tok.save_pretrained(d)
         return store.upload_dir(d, f"adapters/{domain}/merged")
+
+
+# ---- the Hugging Face Hub -------------------------------------------------------------------------------
+
+# left out of an upload: the merged weights (a model of their own) and the report of an earlier training
+HUB_IGNORE = ("merged/*", "training_report.previous.json")
+
+
+def hub_files(local_dir: str) -> list[str]:
+    """The files of an adapter folder that hub.repo_id receives (relative paths, sorted)."""
+    import fnmatch
+    out = []
+    for root, _, files in os.walk(local_dir):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), local_dir).replace(os.sep, "/")
+            if not any(fnmatch.fnmatch(rel, p) for p in HUB_IGNORE):
+                out.append(rel)
+    return sorted(out)
+
+
+def upload_to_hub(cfg, domain: str, store) -> str:
+    """Create hub.repo_id for the domain (exist_ok) and upload its adapter folder; returns the repo id."""
+    from huggingface_hub import HfApi
+    repo = cfg.hub.repo_id.format(domain=domain)
+    local = _local_dir(store, f"adapters/{domain}")
+    rep = store.read_json(f"adapters/{domain}/training_report.json")
+    api = HfApi(endpoint=cfg.data.download.hf_endpoint)
+    api.create_repo(repo, private=cfg.hub.private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo, folder_path=local, ignore_patterns=list(HUB_IGNORE), repo_type="model",
+                      commit_message=f"{domain} adapter: step {rep.get('exported_step')}, val loss {rep.get('val_loss'):.4f}")
+    return repo

@@ -126,3 +126,28 @@ def test_preflight_warns_when_the_adapters_will_not_load_in_vllm(tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="pipeline.doctor"):
         preflight(cfg)
     assert any("will not load in vLLM" in r.getMessage() and "lora.r" in r.getMessage() for r in caplog.records)
+
+
+def test_hub_upload_sends_the_adapter_folder_without_merged_weights(trained, monkeypatch):
+    """What hub.repo_id receives (the Hub itself is not reachable here: an upload to a closed local port fails
+    with the client's own error, before anything is sent)."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.train.export import hub_files, upload_to_hub
+    cfg, store, tmp = trained
+    d = tmp / "adapters/debate"
+    (d / "training_report.previous.json").write_text("{}")
+    files = hub_files(str(d))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "training_report.json",
+            "tokenizer.json"} <= set(files)
+    assert not any(f.startswith("merged/") or f == "training_report.previous.json" for f in files)
+    (d / "training_report.previous.json").unlink()
+    with pytest.raises(ConfigError, match=r"\{domain\}"):
+        load_config(str(Path(__file__).resolve().parents[2] / "configs/demo.yaml"), sets=["hub.repo_id=org/one-repo"])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
+    hub = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": "org/tiny-{domain}"}),
+                                 "data": cfg.data.model_copy(update={"download": cfg.data.download.model_copy(
+                                     update={"hf_endpoint": "http://127.0.0.1:9"})})})
+    with pytest.raises(Exception) as e:
+        upload_to_hub(hub, "debate", store)
+    assert "127.0.0.1" in str(e.value) or "onnect" in str(e.value)
