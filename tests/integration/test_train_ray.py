@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -289,7 +290,13 @@ def test_tracking_mlflow_and_wandb_log_against_the_training_step(ray_local, tmp_
     # while W&B's logging actor may still be writing)
     files = sorted(trial.glob("wandb/offline-run-*/run-*.wandb"))
     assert files, "no offline W&B run file"
-    hist, axes = wandb_history(files[0])
+    # W&B's own service process writes the offline file; it may still be flushing the history when the run ends
+    deadline = time.time() + 60
+    while True:
+        hist, axes = wandb_history(files[0])
+        if any("train_loss" in r for r in hist) or time.time() > deadline:
+            break
+        time.sleep(1)
     assert axes.get("*") == "step", axes          # W&B's charts plot every metric against the training step
     assert sorted({r["step"] for r in hist if "train_loss" in r}) == [2, 3, 4, 6]
     assert any(r.get("val_loss", float("nan")) > 0 and r["step"] == 3 for r in hist)
