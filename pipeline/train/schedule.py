@@ -353,8 +353,14 @@ def _wandb_callback(cfg):
                     os.environ["WANDB_API_KEY"] = key
 
     w = cfg.tracking.wandb
+    where = {}
+    if "://" not in cfg.output:
+        # W&B writes its run files under `dir`; by default that is the trial's local folder, which Tune copies
+        # to the output when the trial ends, before W&B has finished writing: the copy would lack the history
+        where["dir"] = os.path.join(cfg.output, "runs", cfg.run_name)
+        os.makedirs(where["dir"], exist_ok=True)
     return Callback(project=w.project, entity=w.entity, mode=w.mode, group=cfg.run_name,
-                    excludes=["domain", "timesteps_total"], upload_checkpoints=False)
+                    excludes=["domain", "timesteps_total"], upload_checkpoints=False, **where)
 
 
 def mark_interrupted(store, cfg, domains: list[str]) -> None:

@@ -286,9 +286,9 @@ def test_tracking_mlflow_and_wandb_log_against_the_training_step(ray_local, tmp_
     assert client.list_artifacts(rid), "the trial's files were not attached"
     trial = next(p for p in (tmp_path / "runs/t/tune").glob("*/*domain=debate_*") if p.is_dir())
     assert sorted(set(tensorboard_steps(next(trial.glob("events.out.tfevents.*")), "ray/tune/train_loss"))) == [2, 3, 4, 6]
-    # the run's own file under the trial (MLflow's artifact copy of the trial folder is taken at the trial's end,
-    # while W&B's logging actor may still be writing)
-    files = sorted(trial.glob("wandb/offline-run-*/run-*.wandb"))
+    # under the run's folder of a local output (the trial's folder is copied to the output when the trial ends,
+    # before W&B has finished writing)
+    files = sorted((tmp_path / "runs/t/wandb").glob("offline-run-*/run-*.wandb"))
     assert files, "no offline W&B run file"
     # W&B's own service process writes the offline file; it may still be flushing the history when the run ends
     deadline = time.time() + 60
