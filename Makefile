@@ -7,26 +7,34 @@ OUTPUT ?= output/demo
 CONFIG ?= configs/demo.yaml
 RAY_ADDRESS ?= http://127.0.0.1:8265
 PYTEST_ARGS ?=
-# GPU machines: EXTRAS=dev,gpu. A driver older than 580 (CUDA 12): TORCH_INDEX=https://download.pytorch.org/whl/cu128
-# installs torch's CUDA 12 build of the same pinned version first (docs/CLUSTER.md, "GPU installs").
-EXTRAS ?= dev
+# `make demo` installs the runtime only; `make venv` / `make test` add the [dev] extra (test tools, the tracking
+# and OpenAI clients). Both with constraints.txt: the versions tested together. GPU machines: EXTRAS=gpu.
+# A driver older than 580 (CUDA 12): TORCH_INDEX=https://download.pytorch.org/whl/cu128 installs torch's
+# CUDA 12 build of the same version first (docs/CLUSTER.md, "GPU installs").
+EXTRAS ?=
 TORCH_INDEX ?=
+comma := ,
+PIP_INSTALL = $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: venv demo test test-fast submit clean
+.PHONY: venv demo test test-fast serve submit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# Reinstall when the dependency list changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(if $(TORCH_INDEX),$(BIN)/pip install -q "torch==$$(sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)" --index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+# Reinstall when the dependency list or the tested versions change.
+$(VENV)/.installed-runtime: pyproject.toml constraints.txt | $(BIN)/python
+	$(if $(TORCH_INDEX),$(PIP_INSTALL) "torch==$$(sed -n 's/^torch==//p' constraints.txt)" --index-url $(TORCH_INDEX))
+	$(PIP_INSTALL) -e '.$(if $(EXTRAS),[$(EXTRAS)])'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-runtime
+	$(PIP_INSTALL) -e '.[dev$(if $(EXTRAS),$(comma)$(EXTRAS))]'
 	touch $@
 
 venv: $(VENV)/.installed
 
-demo: venv
+demo: $(VENV)/.installed-runtime
 	$(BIN)/adapters run --config configs/demo.yaml --output $(OUTPUT)
 	@echo "Report: $(OUTPUT)/report/summary.html  (and summary.md, summary.json)"
 
@@ -35,6 +43,10 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Serve every domain's adapter of OUTPUT (after make demo): OpenAI API at http://127.0.0.1:8000/v1
+serve: $(VENV)/.installed-runtime
+	$(BIN)/adapters serve --output $(OUTPUT)
 
 # Submit the whole pipeline as a Ray job:  make submit CONFIG=configs/default.yaml OUTPUT=s3://bucket/prefix RAY_ADDRESS=http://head:8265
 submit: venv

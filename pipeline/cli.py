@@ -5,6 +5,7 @@
     adapters doctor --config FILE [--load]
     adapters status --output URI
     adapters generate --output URI --domain D [--base] "prompt" ...   (pipeline/eval/generate.py)
+    adapters serve --output URI [--port 8000]                        (pipeline/serve.py)
 
 The CLI owns what a person sees of a run: the console and its log file (pipeline.logs), one line per
 user error, the failed domains listed last, one line on Ctrl-C with the command that resumes, the exit
@@ -45,13 +46,16 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
 
-    def common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
+    def common(sp: argparse.ArgumentParser, config_required: bool = True, raw_dir: bool = True,
+               domains: bool = True) -> None:
         sp.add_argument("--config", required=config_required, help="YAML config, e.g. configs/demo.yaml")
-        sp.add_argument("--raw-dir", help="raw data directory (overrides data.raw_dir)")
+        if raw_dir:
+            sp.add_argument("--raw-dir", help="raw data directory (overrides data.raw_dir)")
         sp.add_argument("--output", help="local directory or s3://bucket/prefix (overrides output)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.max_steps=20 (repeatable)")
-        sp.add_argument("--domains", help="comma-separated subset of the config's domains, e.g. debate,medicine")
+        if domains:
+            sp.add_argument("--domains", help="comma-separated subset of the config's domains, e.g. debate,medicine")
         sp.add_argument("--verbose", action="store_true",
                         help="also show Ray's and the libraries' own lines on the console (always in the log file "
                              "under runs/<run_name>/logs/)")
@@ -59,24 +63,30 @@ def _parser() -> argparse.ArgumentParser:
                         help="use an output folder that is not empty and was not made by this project (nothing of "
                              "yours in it is deleted; files the project writes there are replaced)")
 
+    def command(name: str, text: str, **kw) -> argparse.ArgumentParser:
+        """A subcommand whose --help starts with what it does (argparse shows `help` only in the list)."""
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", epilog=EXIT_STATUS,
+                              formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
     helps = {"download": "fetch raw sources, with checksums and completion markers",
              "prepare": "Ray Data: raw files -> corpus and SFT Parquet shards + manifest",
              "train": "one QLoRA trial per domain (Ray Tune + Ray Train)",
-             "report": "summary.json / .md / .html and plots",
+             "report": "summary.json / .md / .html and plots (without --config: the settings the run stored)",
              "run": "download, prepare, train and report"}
     for name in STAGES:
-        sp = sub.add_parser(name, help=helps[name], epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-        common(sp)
+        sp = command(name, helps[name])
+        common(sp, config_required=name != "report", raw_dir=name in ("download", "prepare", "run"),
+               domains=name != "download")
         if name in ("prepare", "run"):
             sp.add_argument("--show-examples", type=int, default=0, metavar="N",
                             help="after prepare, print N train rows per domain as training encodes them, the "
                                  "trained tokens between ⟦ ⟧")
-    d = sub.add_parser("doctor", help="pre-flight checks: packages, CUDA, Ray, output, base model, memory")
+    d = command("doctor", "pre-flight checks: packages, CUDA, Ray, output, base model, memory, serving")
     common(d)
     d.add_argument("--load", action="store_true", help="also load the base model in 4-bit and generate once")
-    s = sub.add_parser("status", help="each stage's and domain's state from what is in the output tree")
-    common(s, config_required=False)
-    g = sub.add_parser("generate", help="answers to prompts from the base model and domain adapters (pipeline/eval/generate.py)")
+    s = command("status", "each stage's and domain's state from what is in the output tree")
+    common(s, config_required=False, raw_dir=False)
+    g = command("generate", "answers to prompts from the base model and domain adapters (pipeline/eval/generate.py)")
     g.add_argument("prompt", nargs="*", help="prompt text(s)")
     g.add_argument("--output", help="the run's output (local or s3://); its adapters and settings are used")
     g.add_argument("--config", help="the run's YAML (default: the settings recorded with the adapters)")
@@ -88,6 +98,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     g.add_argument("--out-file", help="also write the answers as JSONL here")
     g.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' own lines too")
+    v = command("serve", "an OpenAI-compatible endpoint on Ray Serve: the base model once, every domain's adapter "
+                "selected by the request's model (pipeline/serve.py, docs/SERVING.md)")
+    v.add_argument("--output", help="the run's output (local or s3://); its adapters and settings are used")
+    v.add_argument("--config", help="the run's YAML (default: the settings recorded with the adapters)")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    v.add_argument("--domains", help="serve only these domains' adapters (default: every finished one), e.g. debate,medicine")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch-size", type=int, default=8, help="requests generated together (any mix of adapters)")
+    v.add_argument("--batch-wait-ms", type=float, default=50.0, help="how long a batch waits to fill")
+    v.add_argument("--max-tokens", type=int, default=256, help="the most tokens one answer may have")
+    v.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' own lines too")
     return p
 
 
@@ -176,16 +198,58 @@ def main(argv: Optional[list[str]] = None) -> int:
             signals.restore()
 
 
+def _settings_of_output(args, domains: list[str]):
+    """The config of --config, else the one the run at --output recorded (its adapters' training reports)."""
+    from pipeline.eval.generate import config_from_output
+    if args.config:
+        return load_config(args.config, sets=args.set, output=args.output)
+    if not args.output:
+        raise UsageError(f"{args.command} needs --output URI (the run's output) or --config FILE")
+    return config_from_output(args.output if "://" in args.output else os.path.abspath(args.output), domains, args.set)
+
+
+CONFIG_REL = "runs/{run_name}/config.json"   # the settings of the run's last stage (redacted), for `report`
+
+
+def stored_config(args):
+    """`adapters report --output X` without --config: the config the run's stages stored (one run name)."""
+    import json
+    import tempfile
+    from pipeline.storage import Store
+    if not args.output:
+        raise UsageError("report needs --output URI (the run's output) or --config FILE")
+    out = args.output if "://" in args.output else os.path.abspath(args.output)
+    store = Store(out)
+    found = sorted(store.list_files("runs", "config.json"))
+    found = [f for f in found if f.count("/") == 2]
+    if len(found) != 1:
+        raise UsageError(f"{'no run' if not found else 'several runs'} under {store.uri_of('runs')} "
+                         f"{'stored its settings' if not found else '(' + ', '.join(f.split('/')[1] for f in found) + ')'}: "
+                         "pass --config with the run's YAML")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        json.dump(store.read_json(found[0]), f)   # JSON is YAML
+    return load_config(f.name, sets=args.set, output=out, domains=_domains(args.domains))
+
+
 def _dispatch(args, console) -> int:
+    from pipeline.raycluster import normalize_ray_address
     if args.command == "generate":
         from pipeline.eval.generate import main_generate
         return main_generate(args)
+    if args.command == "serve":
+        from pipeline.serve import run_serve
+        cfg = _settings_of_output(args, _domains(args.domains) or [])
+        normalize_ray_address(cfg)
+        return run_serve(cfg, _domains(args.domains), args.host, args.port, args.max_batch_size,
+                         args.batch_wait_ms / 1000.0, args.max_tokens)
     if args.command == "status":
         from pipeline.status import run_status
         return run_status(config_path=args.config, output=args.output, sets=args.set, domains=_domains(args.domains))
-    from pipeline.raycluster import normalize_ray_address
-    cfg = load_config(args.config, sets=args.set, raw_dir=args.raw_dir, output=args.output,
-                      domains=_domains(args.domains))
+    if args.command == "report" and not args.config:
+        cfg = stored_config(args)
+    else:
+        cfg = load_config(args.config, sets=args.set, raw_dir=getattr(args, "raw_dir", None), output=args.output,
+                          domains=_domains(getattr(args, "domains", None)))
     normalize_ray_address(cfg)
     if args.command == "doctor":
         from pipeline.doctor import run_doctor
@@ -243,6 +307,7 @@ def _run_locked(cfg, args, console, store, stages) -> int:
     from pipeline.status import StageRecord
     command = args.command
     results: Optional[dict] = None
+    store.write_json(CONFIG_REL.format(run_name=cfg.run_name), cfg.redacted())
     path, upload = log_file_for(cfg, command)
     console.open_file(path, upload)
     log.info("log file: %s%s", upload[0].uri_of(upload[1]) if upload else path,

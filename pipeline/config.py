@@ -405,6 +405,44 @@ class StorageConfig(_Strict):
     retries: int = Field(5, ge=0)
 
 
+class MlflowTracking(_Strict):
+    tracking_uri: str = Field(..., description="where MLflow keeps runs: http(s)://server, sqlite:///path/mlflow.db, "
+                              "databricks or file:///path (credentials only from the environment: MLFLOW_TRACKING_TOKEN, "
+                              "MLFLOW_TRACKING_USERNAME / _PASSWORD)")
+    experiment: str = Field("domain-adapters", description="the MLflow experiment; one run per domain in it")
+    artifacts: bool = Field(True, description="attach each domain's Tune files (params, results) to its run")
+
+
+class WandbTracking(_Strict):
+    project: str = Field(..., description="the W&B project; one run per domain in it (WANDB_API_KEY from the environment)")
+    entity: Optional[str] = None
+    mode: Literal["online", "offline"] = Field("online", description="offline: files under the trial's directory, "
+                                               "`wandb sync` uploads them later")
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking through Ray Tune's own callbacks (off unless a section is set); every metric is
+    logged against the training step. Needs the [tracking] extra (mlflow-skinny, wandb)."""
+    mlflow: Optional[MlflowTracking] = None
+    wandb: Optional[WandbTracking] = None
+
+
+class HubConfig(_Strict):
+    """Upload each finished adapter folder (adapter, tokenizer, model card) to the Hugging Face Hub after
+    training (pipeline/train/export.py, upload_to_hub); the token comes from HF_TOKEN or `hf auth login`."""
+    repo_id: Optional[str] = Field(None, description="the model repo per domain, with {domain} in it, e.g. "
+                                   "my-org/mistral-7b-{domain}-qlora; None: no upload")
+    private: bool = Field(True, description="create the repos private")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and ("{domain}" not in v or not _HF_ID.match(v.replace("{domain}", "d"))):
+            raise ValueError(f"{v!r}: give owner/name with {{domain}} in it (one repo per domain), "
+                             "e.g. my-org/mistral-7b-{domain}-qlora")
+        return v
+
+
 class Config(_Strict):
     run_name: str = Field("run", description="names the Ray run; same name + same output resumes")
     output: str = Field("output/run", description="local directory or s3://bucket/prefix")
@@ -417,6 +455,8 @@ class Config(_Strict):
     resources: ResourcesConfig
     storage: StorageConfig = Field(default_factory=StorageConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
 
     @field_validator("run_name")
     @classmethod
@@ -493,6 +533,8 @@ class Config(_Strict):
         for k in ("ddo_debates_url", "ddo_users_url", "ddo_gdrive_folder_url"):
             if d["data"]["download"].get(k):
                 d["data"]["download"][k] = redact_url(d["data"]["download"][k])
+        if (d.get("tracking") or {}).get("mlflow"):
+            d["tracking"]["mlflow"]["tracking_uri"] = redact_url(d["tracking"]["mlflow"]["tracking_uri"])
         if d["storage"].get("endpoint_url"):
             d["storage"]["endpoint_url"] = redact_url(d["storage"]["endpoint_url"])
         return d

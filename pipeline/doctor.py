@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -76,20 +77,33 @@ class Report:
 # ---- packages ------------------------------------------------------------------------------------
 
 def _pins() -> dict[str, str]:
-    """{package: pinned version} from the installed project's metadata, else pyproject.toml."""
+    """{package: tested version} for the project's own dependencies: their versions in constraints.txt (the set
+    tested together) in a checkout, else the exact pins (==) among the installed project's requirements."""
     reqs: list[str] = []
+    root = Path(__file__).resolve().parents[1]
     try:
         reqs = [r for r in (md.requires("domain-adapters") or []) if "extra ==" not in r]
     except md.PackageNotFoundError:
-        py = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        py = root / "pyproject.toml"
         if py.is_file():
             import tomllib
             reqs = tomllib.loads(py.read_text())["project"]["dependencies"]
-    pins = {}
+    names = {}
     for r in reqs:
-        m = re.match(r"^\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*==\s*([^;\s]+)", r)
+        m = re.match(r"^\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*(?:==\s*([^;,\s]+))?", r)
         if m:
-            pins[m.group(1)] = m.group(2)
+            names[m.group(1).lower().replace("_", "-")] = (m.group(1), m.group(2))
+    tested = {}
+    cons = root / "constraints.txt"
+    if cons.is_file():
+        for line in cons.read_text().splitlines():
+            m = re.match(r"^([A-Za-z0-9_.-]+)==([^;\s]+)", line.strip())
+            if m:
+                tested[m.group(1).lower().replace("_", "-")] = m.group(2)
+    pins = {}
+    for key, (name, exact) in names.items():
+        if tested.get(key) or exact:
+            pins[name] = tested.get(key) or exact
     return pins
 
 
@@ -98,7 +112,7 @@ def _base_version(v: str) -> str:
 
 
 # needed only by some configs or stages: missing ones are a WARN unless the config uses them
-_OPTIONAL = {"boto3": "s3:// outputs or models", "matplotlib": "the report's plots", "pandas": "the report"}
+_OPTIONAL = {"boto3": "s3:// outputs or models", "matplotlib": "the report's plots"}
 
 
 def check_packages(rep: Report, cfg=None) -> None:
@@ -118,15 +132,15 @@ def check_packages(rep: Report, cfg=None) -> None:
     needed = [m for m in missing if m.split("==")[0] not in _OPTIONAL or (m.startswith("boto3") and uses_s3)]
     optional = [m for m in missing if m not in needed]
     if needed:
-        rep.add("packages", FAIL, "missing: " + ", ".join(needed), "pip install -e . (installs the pinned versions)")
+        rep.add("packages", FAIL, "missing: " + ", ".join(needed), "pip install -c constraints.txt -e . (installs the tested versions)")
     if optional:
         rep.add("packages", WARN, "missing: " + ", ".join(f"{m} (for {_OPTIONAL[m.split('==')[0]]})" for m in optional),
-                "pip install -e . (installs the pinned versions)")
+                "pip install -c constraints.txt -e . (installs the tested versions)")
     if off:
-        rep.add("packages", WARN, "differ from the pins: " + ", ".join(off),
-                "pip install -e . to get the tested versions (other versions may work)")
+        rep.add("packages", WARN, "differ from the tested versions (constraints.txt): " + ", ".join(off),
+                "pip install -c constraints.txt -e . to get the tested versions (others in pyproject.toml's ranges may work)")
     if not missing and not off:
-        rep.add("packages", PASS, f"{len(pins)} pinned packages match" if pins else "no pins found (project not installed?)")
+        rep.add("packages", PASS, f"{len(pins)} packages at their tested versions" if pins else "no pins found (project not installed?)")
 
 
 # ---- CUDA, GPUs, bitsandbytes --------------------------------------------------------------------
@@ -661,6 +675,17 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
 
 # ---- entry points --------------------------------------------------------------------------------
 
+def check_serving(cfg, rep: Report) -> None:
+    """What vLLM's multi-LoRA serving will refuse of the adapters this config trains (a WARN: training works)."""
+    from pipeline.train.export import config_serving_warnings
+    problems = config_serving_warnings(cfg)
+    if problems:
+        rep.add("serving", WARN, "; ".join(problems), "change lora.* if the adapters are to be served with vLLM "
+                "(docs/SERVING.md); `adapters serve` (PEFT) serves them all the same")
+    else:
+        rep.add("serving", PASS, "the adapters' LoRA shape is one vLLM's multi-LoRA serving loads")
+
+
 def collect(cfg, load: bool = False, full: bool = True) -> Report:
     """Run the checks; full=False is the free pre-flight subset (no network, no Ray connect, no load)."""
     rep = Report()
@@ -676,6 +701,7 @@ def collect(cfg, load: bool = False, full: bool = True) -> Report:
         check_output(cfg, rep)
     arch, path = check_model(cfg, rep, network=full and not _offline(cfg))
     check_memory(cfg, rep, arch, cuda)
+    check_serving(cfg, rep)
     if load and full:
         if cfg.resources.device == "cuda" and not cuda.get("available"):
             rep.add("load", FAIL, "skipped: CUDA is not available", "fix the cuda row first")
@@ -702,3 +728,7 @@ def preflight(cfg) -> None:
         lines = [f"- {c.name}: {c.detail}" + (f"\n    fix: {c.fix}" if c.fix else "") for c in rep.failures]
         raise UserFacingError("pre-flight checks failed (run `adapters doctor --config ...` for the full table):\n"
                               + "\n".join(lines))
+    for c in rep.rows:
+        if c.name == "serving" and c.status == WARN:   # trains fine; said now, not when someone tries to serve it
+            logging.getLogger("pipeline.doctor").warning("the adapters will not load in vLLM as configured: %s (%s)",
+                                                         c.detail, c.fix)

@@ -43,6 +43,9 @@ PACKAGE_DIR = str(Path(__file__).resolve().parent)
 LIBRARY_WARNING = "library warning:"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 RAY_PREFIX = re.compile(r"^\([^()]*\) ")   # "(RayTrainWorker pid=12) " on a line Ray forwards from a worker
+# a log record of the pipeline's own loggers (FORMAT): it names its domain or stage itself, so on the console
+# Ray's worker prefix is left out of it (the log file keeps it); other worker lines (tracebacks) keep theirs
+PIPELINE_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ pipeline[.:]")
 
 # Lines that go to the log file only (unless --verbose). Each names one known message; matched
 # anywhere in the line, so Ray's "(RayTrainWorker pid=..)" prefixes and "[repeated 3x]" suffixes do not matter.
@@ -145,6 +148,11 @@ class Console:
         if show:
             if held and self._last_shown:
                 real.write("\n" * held)
+            if not drawn and not self.verbose:
+                plain = ANSI.sub("", line)
+                m = RAY_PREFIX.match(plain)
+                if m and PIPELINE_RECORD.match(plain[m.end():]):
+                    line = plain[m.end():]
             real.write(line[drawn:] + "\n")
             real.flush()
         elif drawn:
@@ -355,5 +363,14 @@ def log_file_for(cfg, command: str) -> tuple[Path, Optional[tuple]]:
 
 def setup_worker() -> None:
     """Ray's worker_process_setup_hook: runs once in every worker process of the run (local or submitted).
-    Warnings become one line each, which the driver's router sorts like any other line."""
+    Warnings become one line each, which the driver's router sorts like any other line; the pipeline's own
+    log records are written in FORMAT, which the console recognises (and shows without Ray's worker prefix)."""
     warnings.showwarning = show_warning
+    logger = logging.getLogger("pipeline")
+    if not any(getattr(h, "pipeline_worker", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.pipeline_worker = True   # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False         # one line per record, whatever else configured the worker's root logger

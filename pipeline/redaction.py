@@ -23,7 +23,8 @@ from typing import Mapping, Optional
 MASK = "***"
 # environment variables whose values are credentials: masked wherever they appear, by value
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-              "RAY_AUTH_TOKEN", "GITHUB_TOKEN", "WANDB_API_KEY")
+              "RAY_AUTH_TOKEN", "GITHUB_TOKEN", "WANDB_API_KEY",
+              "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN")
 _MIN_SECRET_LEN = 6  # shorter values ("1", "true") would mask ordinary words
 
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|ACCESS_KEY|PRIVATE|AUTH|API_KEY|SESSION", re.I)

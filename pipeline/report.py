@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.redaction import scrub
+from pipeline.redaction import redact_url, scrub
 from pipeline.storage import Store, StorageError, open_store
 
 log = logging.getLogger(__name__)
@@ -379,6 +379,11 @@ def _i(x: Any) -> str:
     return "–" if v is None else f"{int(v):,}"
 
 
+BUSY_NOTE = ("busy % is the share of the domain's wall time (from its trial's start to the export) spent in "
+             "optimizer steps; the rest is start-up (worker, model load, tokenization), evaluations and "
+             "checkpoints.")
+
+
 def _results_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     head = ["domain", "status", "train / val / test examples", "train loss", "val loss (base)", "test loss (base)",
             "val ppl (base)", "test ppl (base)", "test ppl change", "tokens/s", "peak mem GB", "wall time s", "busy %", "adapter"]
@@ -704,7 +709,7 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
               "drop: it is worse; loss changes are test loss, lower is better. Details in the evaluation matrix below.", ""]
     L += ["## Results per domain", "", _md_table(*_results_rows(s)), "",
          "Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). "
-         "Figures in parentheses are the base model's.", ""]
+         "Figures in parentheses are the base model's. " + BUSY_NOTE, ""]
     for name, title in (("loss_curves.png", "Loss curves"), ("perplexity.png", "Base vs adapter perplexity")):
         if name in plots:
             L += [f"![{title}]({name})", ""]
@@ -848,7 +853,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
           if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}) else []),
         "<h2>Results per domain</h2>", _html_table(head, hrows, num, "results"),
         '<p class="note">Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). '
-        "Figures in parentheses are the base model's.</p>",
+        f"Figures in parentheses are the base model's. {_h(BUSY_NOTE)}</p>",
         img("loss_curves.png", "Loss curves per domain"), img("perplexity.png", "Base vs adapter perplexity"),
         "<h2>Evaluation matrix</h2>",
     ]
@@ -919,4 +924,11 @@ def run_report(cfg) -> dict:
     out["html"] = store.write_text("report/summary.html", scrub(render_html(summary, plots)))
     log.info("report: %s (%d domains: %s) in %.1fs", out["html"], len(summary["domains"]),
              ", ".join(f"{k} {v}" for k, v in sorted(summary["status_counts"].items())), time.time() - t0)
+    if cfg.tracking.mlflow is not None:
+        from pipeline.tracking import attach_to_mlflow
+        try:
+            attach_to_mlflow(cfg, store)
+        except Exception as e:  # noqa: BLE001 - the report is written; a tracking server down is not worth failing it
+            log.warning("tracking: could not attach the report to MLflow (%s): %s",
+                        redact_url(cfg.tracking.mlflow.tracking_uri), e)
     return out

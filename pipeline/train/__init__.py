@@ -39,6 +39,17 @@ def run_train(cfg) -> dict[str, dict]:
     if done:
         from pipeline.eval import run_stage
         run_stage(cfg, store, done)
+    if cfg.hub.repo_id:
+        from pipeline.redaction import scrub
+        from pipeline.train.export import upload_to_hub
+        for d in done:
+            try:
+                results[d]["hub_repo"] = upload_to_hub(cfg, d, store)
+                log.info("domain %s: adapter uploaded to the Hugging Face Hub: %s", d, results[d]["hub_repo"])
+            except Exception as e:  # noqa: BLE001 - the adapter is saved; the upload can be repeated
+                log.error("domain %s: upload to the Hub (%s) failed: %s", d, cfg.hub.repo_id.format(domain=d),
+                          scrub(str(e))[:500])
+                results[d]["hub_error"] = scrub(str(e))[:2000]
     for d, r in results.items():
         log.info("domain %s: %s%s", d, r.get("status"),
                  f" val_loss {r['val_loss']:.4f} (base {r['base_val_loss']:.4f})" if r.get("status") == "finished"

@@ -635,7 +635,8 @@ class DomainRecipe:
     def _metrics(self, **values: float) -> dict:
         """What reaches Tune: the same keys in every report (Tune's CSV logger takes its columns from the first)."""
         st = self.state
-        m = {"step": st.step, "domain": self.domain, "progress": st.step / self.hyper.max_steps}
+        # timesteps_total: the x-axis Tune's TensorBoard and MLflow loggers plot against (else Tune's report count)
+        m = {"step": st.step, "timesteps_total": st.step, "domain": self.domain, "progress": st.step / self.hyper.max_steps}
         m.update({k: NAN for k in METRIC_KEYS})
         m.update(values)
         return m
@@ -726,7 +727,7 @@ class DomainRecipe:
             "micro_batch": {"rows": self.rows, "seq_len": self.seq_len, "grad_accum": h.grad_accum, "packing": t.packing},
         }
         if self.replicas.rank == 0:
-            report["adapter_uri"] = export.export_adapter(self.model, self.tok, self.store, self.domain, report)
+            report["adapter_uri"] = export.export_adapter(self.model, self.tok, self.store, self.domain, report, cfg)
         self.session.report(self._metrics(**{k: v for k, v in report.items()
                                              if k != "domain" and isinstance(v, (int, float)) and v is not None}))
         return report

@@ -154,12 +154,13 @@ def load_tokenizer(path: str, cfg):
     return tok
 
 
-def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None):
-    """The base causal LM on `device`, 4-bit NF4 with double quantization unless model.quantization is none."""
+def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None, dtype=None):
+    """The base causal LM on `device`, 4-bit NF4 with double quantization unless model.quantization is none;
+    in the compute dtype unless `dtype` says otherwise (the merged export asks for bfloat16)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     quantize = (cfg.model.quantization == "nf4") if quantize is None else quantize
-    dtype = compute_dtype(cfg, device)
+    dtype = dtype or compute_dtype(cfg, device)
     kw: dict[str, Any] = dict(dtype=dtype, trust_remote_code=bool(cfg.model.trust_remote_code),
                               attn_implementation=attn_implementation(cfg, device))
     if path == cfg.model.base and cfg.model.revision:

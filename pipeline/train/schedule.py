@@ -22,11 +22,13 @@ resources.workers_per_trial workers (one by default).
   state and fatal files), not Result.metrics.
 - Metrics: every report of the training workers reaches the Tune trial (TuneReportCallback), so the
   dashboard's trial table and Tune's TensorBoard / CSV / JSON loggers under runs/<run_name>/tune/ carry
-  train_loss, val_loss, tokens_per_s, step.
+  train_loss, val_loss, tokens_per_s, step (timesteps_total = step: the loggers' x-axis); tracking.mlflow and
+  tracking.wandb add Ray's MLflow and W&B logger callbacks (tracking_callbacks).
 - Secrets: Ray Tune copies AWS_* credentials from the driver's environment into each trial actor's
   runtime_env, which Ray writes to its logs. Their names are taken out of the set Tune copies while it
   runs (the driver keeps them for Tune's own storage calls); the trials get them from the environment
-  their node already has.
+  their node already has. WANDB_API_KEY, which Ray's W&B callback would put in its logging actor's
+  runtime_env, reaches that actor as a constructor argument instead (_wandb_callback).
 """
 from __future__ import annotations
 
@@ -381,7 +383,86 @@ def _tune_loggers(cfg) -> list:
     if cfg.train.tensorboard:
         from ray.tune.logger import TBXLoggerCallback
         loggers.append(TBXLoggerCallback())
-    return loggers
+    return loggers + tracking_callbacks(cfg)
+
+
+def tracking_callbacks(cfg) -> list:
+    """tracking.mlflow / tracking.wandb as Ray Tune's own logger callbacks; they run in this driver process
+    (W&B: in an actor on this node). Every report carries `step` and `timesteps_total` (the training step),
+    which MLflow's callback takes as the step; W&B's charts are set to plot against `step`."""
+    from pipeline.errors import UsageError
+    out: list = []
+    t = cfg.tracking
+    if t.mlflow is not None:
+        try:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise UsageError("tracking.mlflow is set but mlflow is not installed: pip install -e '.[tracking]' "
+                             "(or remove tracking.mlflow)") from None
+        if t.mlflow.tracking_uri.startswith("file:"):
+            # MLflow 3 refuses its file store unless asked (it wants a database): a local file:// URI is asked for
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        out.append(MLflowLoggerCallback(tracking_uri=t.mlflow.tracking_uri, experiment_name=t.mlflow.experiment,
+                                        tags={"run_name": cfg.run_name, "base_model": cfg.model.base},
+                                        save_artifact=t.mlflow.artifacts))
+    if t.wandb is not None:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UsageError("tracking.wandb is set but wandb is not installed: pip install -e '.[tracking]' "
+                             "(or remove tracking.wandb)") from None
+        if t.wandb.mode == "offline":
+            os.environ.setdefault("WANDB_MODE", "offline")   # Ray's callback asks for an API key unless so
+        out.append(_wandb_callback(cfg))
+    return out
+
+
+def _wandb_callback(cfg):
+    """Ray's WandbLoggerCallback, with two changes. Ray puts WANDB_API_KEY into the logging actor's
+    runtime_env, which Ray writes to its logs: here the key travels as an argument of the actor (not logged)
+    and is set in that actor's own environment. And the charts' x-axis is the training step (`step`), not
+    Tune's report count."""
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
+
+    class StepAxisActor(_WandbLoggingActor):
+        def __init__(self, *args, _api_key=None, **kwargs):
+            if _api_key:
+                os.environ["WANDB_API_KEY"] = _api_key
+            super().__init__(*args, **kwargs)
+
+        def run(self):
+            init = self._wandb.init
+
+            def init_with_step_axis(*a, **k):
+                run = init(*a, **k)
+                run.define_metric("step")
+                run.define_metric("*", step_metric="step")
+                return run
+            self._wandb.init = init_with_step_axis   # this actor's own process
+            return super().run()
+
+    class Callback(WandbLoggerCallback):
+        _logger_actor_cls = StepAxisActor
+
+        def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
+            key = os.environ.pop("WANDB_API_KEY", None)
+            try:
+                super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs,
+                                             **({"_api_key": key} if key else {}))
+            finally:
+                if key is not None:
+                    os.environ["WANDB_API_KEY"] = key
+
+    w = cfg.tracking.wandb
+    where = {}
+    if "://" not in cfg.output:
+        # W&B writes its run files under `dir`; by default that is the trial's local folder, which Tune copies
+        # to the output when the trial ends, before W&B has finished writing: the copy would lack the history
+        where["dir"] = os.path.join(cfg.output, "runs", cfg.run_name)
+        os.makedirs(where["dir"], exist_ok=True)
+    return Callback(project=w.project, entity=w.entity, mode=w.mode, group=cfg.run_name,
+                    excludes=["domain", "timesteps_total"], upload_checkpoints=False, **where)
 
 
 def mark_interrupted(store, cfg, domains: list[str]) -> None:

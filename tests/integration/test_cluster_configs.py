@@ -27,11 +27,11 @@ def _pyproject() -> dict:
 
 
 def _pin(name: str) -> str:
-    for dep in _pyproject()["project"]["dependencies"]:
-        m = re.match(rf"^{re.escape(name)}(\[[^\]]*\])?==([\w.]+)$", dep.strip())
-        if m:
-            return m.group(2)
-    raise AssertionError(f"{name} is not pinned with == in pyproject.toml")
+    """The tested version of a dependency of pyproject.toml: constraints.txt's."""
+    assert any(re.match(rf"^{re.escape(name)}[\[>=<]", d) for d in _pyproject()["project"]["dependencies"]), name
+    m = re.search(rf"^{re.escape(name)}==([\w.]+)$", (ROOT / "constraints.txt").read_text(), flags=re.M)
+    assert m, f"{name} has no tested version (==) in constraints.txt"
+    return m.group(1)
 
 
 def _arg_defaults(dockerfile: str) -> dict[str, str]:
@@ -127,7 +127,8 @@ def test_versions_agree_with_pyproject() -> None:
     for df in DOCKERFILES:
         text = (ROOT / df).read_text()
         assert f'org.opencontainers.image.version="{version}"' in text, df
-        assert "pyproject.toml" in text, f"{df} must install the pins from pyproject.toml"
+        assert "pyproject.toml" in text, f"{df} must install the dependencies of pyproject.toml"
+        assert "-c constraints.txt" in text, f"{df} must install the tested versions (constraints.txt)"
     assert f'"torch=={torch_pin}"' in (ROOT / "containers/Dockerfile.cpu").read_text()
     # the GPU image gets the [gpu] extra (fused kernels) from the same pins, and tells the NVIDIA container
     # runtime which CUDA torch's wheel needs (the default build: PyPI's; doctor.PYPI_TORCH_CUDA is checked

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,100 @@ def test_worker_without_cuda_fails_domain(tmp_path):
     store = Store(str(tmp_path))
     assert store.read_json("runs/t/domains/medicine.json")["state"] == "failed"
     assert not store.exists("adapters/medicine/training_report.json")
+
+
+def tensorboard_steps(path: Path, tag: str) -> list[int]:
+    """The steps at which a TensorBoard event file holds the scalar `tag`."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    data, i, steps = path.read_bytes(), 0, []
+    while i < len(data):
+        n = struct.unpack("<Q", data[i:i + 8])[0]
+        ev = event_pb2.Event()
+        ev.ParseFromString(data[i + 12:i + 12 + n])
+        steps += [ev.step for v in ev.summary.value if v.tag == tag]
+        i += 12 + n + 4
+    return steps
+
+
+def wandb_history(path: Path) -> tuple[list[dict], dict[str, str]]:
+    """(history rows, {metric or glob: its x-axis metric}) of an offline W&B run file (run-*.wandb): W&B's record log (LevelDB's log format:
+    32 KiB blocks of [crc32, length, type] framed chunks after a 7-byte header) of Record protos."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    i, buf, rows, axes = 7, b"", [], {}
+    while i + 7 <= len(data):
+        left = 32768 - i % 32768
+        if left < 7:
+            i += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[i:i + 7])
+        buf += data[i + 7:i + 7 + n]
+        i += 7 + n
+        if kind in (1, 4):            # a full record, or the last chunk of one
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in rec.history.item})
+            elif rec.WhichOneof("record_type") == "metric" and rec.metric.step_metric:
+                axes[rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
+        elif kind == 0 and n == 0:
+            break
+    return rows, axes
+
+
+def test_tracking_mlflow_and_wandb_log_against_the_training_step(ray_local, tmp_path, monkeypatch):
+    """tracking.mlflow (a local file store, read back with MlflowClient) and tracking.wandb (offline, its run
+    file read back) get every domain's metrics at the training step; TensorBoard's x-axis is that step too;
+    the tracking credentials in the driver's environment appear in no file the run wrote."""
+    from mlflow.tracking import MlflowClient
+    from pipeline.train import run_train
+    store = Store(str(tmp_path))
+    write_sft(store, domains=["debate"], n=(32, 8, 8))
+    uri = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-key-0123456789abcdef")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mlflow-token-0123456789")
+    cfg = tiny_config(str(tmp_path), domains=["debate"], model__tiny__pretrain_steps=0, train__max_steps=6,
+                      train__log_every=2, train__eval_every=3, train__checkpoint_every=6, eval__enabled=False,
+                      tracking={"mlflow": {"tracking_uri": uri, "experiment": "adapters-test"},
+                                "wandb": {"project": "adapters-test", "mode": "offline"}})
+    res = run_train(cfg)
+    assert res["debate"]["status"] == "finished", res["debate"].get("error")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("adapters-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].data.params.get("domain") == "debate"
+    rid = runs[0].info.run_id
+    train = client.get_metric_history(rid, "train_loss")
+    # reports every log_every (2) steps and at every evaluation (eval_every 3): Tune's iterations would be 1, 2, 3, ...
+    finite = [m for m in train if m.value == m.value]   # NaN: a report without it (the base model's losses)
+    assert sorted({m.step for m in finite}) == [2, 3, 4, 6] and all(m.value > 0 for m in finite)
+    assert {m.step for m in client.get_metric_history(rid, "val_loss") if m.value == m.value} >= {3, 6}
+    assert {m.step for m in client.get_metric_history(rid, "tokens_per_s")} >= {2, 4, 6}
+    assert {m.step for m in client.get_metric_history(rid, "lr")} >= {2, 4}
+    assert client.list_artifacts(rid), "the trial's files were not attached"
+    trial = next(p for p in (tmp_path / "runs/t/tune").glob("*/*domain=debate_*") if p.is_dir())
+    assert sorted(set(tensorboard_steps(next(trial.glob("events.out.tfevents.*")), "ray/tune/train_loss"))) == [2, 3, 4, 6]
+    # under the run's folder of a local output (the trial's folder is copied to the output when the trial ends,
+    # before W&B has finished writing)
+    files = sorted((tmp_path / "runs/t/wandb").glob("offline-run-*/run-*.wandb"))
+    assert files, "no offline W&B run file"
+    # W&B's own service process writes the offline file; it may still be flushing the history when the run ends
+    deadline = time.time() + 60
+    while True:
+        hist, axes = wandb_history(files[0])
+        if any("train_loss" in r for r in hist) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert axes.get("*") == "step", axes          # W&B's charts plot every metric against the training step
+    assert sorted({r["step"] for r in hist if "train_loss" in r}) == [2, 3, 4, 6]
+    assert any(r.get("val_loss", float("nan")) > 0 and r["step"] == 3 for r in hist)
+    import ray
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"   # Ray's own logs, runtime_envs
+    for p in list(tmp_path.rglob("*")) + list(logs.rglob("*")):
+        if p.is_file() and p.stat().st_size < 50_000_000:
+            data = p.read_bytes()
+            assert b"wandb-key-0123456789abcdef" not in data and b"mlflow-token-0123456789" not in data, p

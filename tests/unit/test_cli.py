@@ -119,3 +119,32 @@ def test_ray_address_local_means_a_local_ray(monkeypatch, tmp_path):
     normalize_ray_address(cfg)
     assert join_address(cfg) is None and "RAY_ADDRESS" not in os.environ
     assert join_address(cfg, {"RAY_ADDRESS": "local"}) is None
+
+
+def test_each_commands_help_says_what_it_does_and_lists_only_its_flags(capsys):
+    seen = {}
+    for cmd in ("download", "prepare", "train", "report", "run", "doctor", "status", "generate", "serve"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        desc = out.split("\n\n")[1].strip()      # usage, then the description
+        assert not desc.startswith(("options:", "positional")) and desc.endswith("."), (cmd, desc)
+        seen[cmd] = out
+    assert "--raw-dir" in seen["prepare"] and "--raw-dir" not in seen["train"] and "--raw-dir" not in seen["status"]
+    assert "--raw-dir" not in seen["report"] and "--domains" not in seen["download"]
+    assert "--port" in seen["serve"] and "--max-batch-size" in seen["serve"]
+
+
+def test_report_without_config_reads_the_settings_the_run_stored(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, "report", "--output", str(out))
+    assert rc == 2 and "pass --config with the run's YAML" in errors(err)[0]
+    cfg = load_config(DEMO, output=str(out), sets=["run_name=stored"])
+    out.mkdir()
+    (out / "runs" / "stored").mkdir(parents=True)
+    (out / "runs" / "stored" / "config.json").write_text(json.dumps(cfg.redacted()))
+    rc, _, err = run(capsys, "report", "--output", str(out))
+    assert rc == 0, err
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert summary["run_name"] == "stored" and summary["reproducibility"]["config"]["model"]["base"] == "tiny"

@@ -105,3 +105,16 @@ def test_on_off_stay_words_and_booleans_still_parse(tmp_path):
                                   "train.mask_prompt=false", "train.max_steps=3"], environ={})
     assert (cfg.train.fused_lora, cfg.train.fused_kernels) == ("off", "on")
     assert cfg.data.download.offline is True and cfg.train.mask_prompt is False and cfg.train.max_steps == 3
+
+
+def test_tracking_is_off_by_default_and_its_uri_is_redacted():
+    from pipeline.config import ConfigError, load_config
+    assert load_config(DEFAULT).tracking.mlflow is None and load_config(DEFAULT).tracking.wandb is None
+    c = load_config(DEFAULT, sets=['tracking.mlflow={tracking_uri: "https://me:s3cret@mlflow.example/x"}',
+                                   "tracking.wandb={project: p, mode: offline}"])
+    assert c.tracking.mlflow.experiment == "domain-adapters" and c.tracking.wandb.mode == "offline"
+    assert "s3cret" not in str(c.redacted())
+    with pytest.raises(ConfigError, match="tracking.mlflow.tracking_uri: required"):
+        load_config(DEFAULT, sets=["tracking.mlflow={experiment: x}"])
+    with pytest.raises(ConfigError, match="tracking.wandb.mode"):
+        load_config(DEFAULT, sets=["tracking.wandb={project: p, mode: sometimes}"])

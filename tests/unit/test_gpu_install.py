@@ -6,9 +6,10 @@ tolerates (the dev extra's triton==3.6.0 was one: `make venv` failed with Resolu
 CUDA machine) passes unnoticed there. These tests read the METADATA of that very wheel from PyPI (with
 HTTP range requests: a few kB of a ~500 MB file) and
 
-1. check every pin in pyproject.toml (dependencies and every extra) against its requirements;
-2. resolve the whole project (dependencies + dev + gpu extras) with pip's resolver for Linux x86-64 and
-   this Python, torch's CUDA requirements in place of the CPU wheel's (a stand-in wheel
+1. check every tested version in constraints.txt (what the Makefile and the images install with
+   pyproject.toml's ranges) against its requirements, and that each lies in pyproject.toml's range;
+2. resolve the whole project (dependencies + dev + gpu extras, with constraints.txt) with pip's resolver for
+   Linux x86-64 and this Python, torch's CUDA requirements in place of the CPU wheel's (a stand-in wheel
    ``torch-<pin>+cu<NNN>`` carrying the CUDA wheel's Requires-Dist; the CUDA library wheels themselves,
    nvidia-* and cuda-toolkit, are left out: about 3 GB to fetch, and test 1 checks that no pin names one);
 3. check the CUDA version the project states for that wheel (doctor.PYPI_TORCH_CUDA, the GPU image's
@@ -62,8 +63,19 @@ def project_requirements() -> list[tuple[str, Requirement]]:
     return [(w, r) for w, r in out if r.marker is None or r.marker.evaluate(LINUX)]
 
 
+def constraints() -> dict[str, str]:
+    """{name: version} from constraints.txt (the versions tested together)."""
+    out = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            r = Requirement(line)
+            out[r.name.lower().replace("_", "-")] = str(r.specifier)[2:]
+    return out
+
+
 def pin(name: str) -> str:
-    return next(str(r.specifier)[2:] for _, r in project_requirements() if r.name == name)
+    return constraints()[name.lower().replace("_", "-")]
 
 
 class _RangeReader(io.RawIOBase):
@@ -130,15 +142,19 @@ def test_pins_agree_with_the_cuda_wheel_of_torch() -> None:
     torch_reqs = {r.name: r for r in cuda_wheel_requirements()}
     assert any(CUDA_LIBRARIES.match(n) for n in torch_reqs), "expected the CUDA build of torch, got another wheel"
     conflicts = []
-    for where, r in project_requirements():
-        want = torch_reqs.get(r.name)
-        if want is None or not str(r.specifier).startswith("=="):
-            continue
-        version = str(r.specifier)[2:]
-        if not want.specifier.contains(Version(version), prereleases=True):
-            conflicts.append(f"pyproject.toml {where} pins {r.name}=={version}, but PyPI's torch=={pin('torch')} "
+    tested = constraints()
+    for name, version in tested.items():
+        want = torch_reqs.get(name)
+        assert not CUDA_LIBRARIES.match(name), f"{name}: a CUDA library pinned here; test 2 leaves those out"
+        if want is not None and not want.specifier.contains(Version(version), prereleases=True):
+            conflicts.append(f"constraints.txt pins {name}=={version}, but PyPI's torch=={pin('torch')} "
                              f"(the CUDA build GPU users install) requires {want}: pin {want.name}{want.specifier}")
-        assert not CUDA_LIBRARIES.match(r.name), f"{r.name}: a CUDA library pinned here; test 2 leaves those out"
+    for where, r in project_requirements():
+        version = tested.get(r.name.lower().replace("_", "-"))
+        if r.name != "domain-adapters":
+            assert version, f"pyproject.toml {where}: {r.name} has no tested version in constraints.txt"
+            if not r.specifier.contains(Version(version), prereleases=True):
+                conflicts.append(f"constraints.txt's {r.name}=={version} is outside pyproject.toml {where}'s {r}")
     assert not conflicts, "\n".join(conflicts)
 
 
@@ -169,13 +185,13 @@ def _stand_in_torch(tmp_path: Path) -> tuple[Path, str]:
 def test_project_resolves_with_the_cuda_wheel_of_torch(tmp_path: Path) -> None:
     """pip's own resolver, for Linux x86-64: dependencies + [dev] + [gpu] with the CUDA build's requirements."""
     links, version = _stand_in_torch(tmp_path)
-    reqs = [str(r) for _, r in project_requirements() if r.name != "torch"] + [f"torch=={version}"]
+    reqs = [str(r) for _, r in project_requirements() if r.name not in ("torch", "domain-adapters")] + [f"torch=={version}"]
     platforms = [a for m in range(28, 16, -1) for a in ("--platform", f"manylinux_2_{m}_x86_64")]
     platforms += ["--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64"]
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                         "--report", str(tmp_path / "report.json"), "--use-feature=fast-deps", "--only-binary=:all:",
                         *platforms, "--python-version", f"{sys.version_info.major}.{sys.version_info.minor}",
-                        "--find-links", str(links), *reqs], capture_output=True, text=True, timeout=280)
+                        "--find-links", str(links), "-c", str(ROOT / "constraints.txt"), *reqs], capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, f"the project does not resolve with torch's CUDA requirements:\n{r.stderr[-4000:]}"
     chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"]
               for i in json.loads((tmp_path / "report.json").read_text())["install"]}

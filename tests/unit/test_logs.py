@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.logs import is_noise, setup_console, show_warning
+from pipeline.logs import ANSI, is_noise, setup_console, show_warning
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -226,3 +226,17 @@ def test_a_log_file_on_a_full_disk_is_dropped_with_one_warning_and_the_console_g
     assert "stage train: starting" in shown and "a line after it" in shown and "a failed domain" in shown
     warned = [ln for ln in shown.splitlines() if "can no longer be written" in ln]
     assert len(warned) == 1 and "No space left on device" in warned[0], shown
+
+
+def test_worker_prefix_left_out_of_the_pipelines_own_records_on_the_console(routed):
+    """A pipeline log record from a Ray worker names its domain itself: the console shows it without Ray's
+    "(RayTrainWorker pid=..)" prefix; the file keeps the prefix, and a worker's traceback keeps it."""
+    console, out, err, path = routed(verbose=False)
+    record = "2026-12-01 09:58:19,592 INFO pipeline.train.loop: domain medicine step 10/40 loss 1.2"
+    print(f"\x1b[36m(RayTrainWorker pid=2904)\x1b[0m {record}")
+    print("\x1b[36m(RayTrainWorker pid=2904)\x1b[0m ValueError: a real problem")
+    console.close()
+    shown = out.getvalue().splitlines()
+    assert record in shown
+    assert "(RayTrainWorker pid=2904) ValueError: a real problem" in [ANSI.sub("", x) for x in shown]
+    assert f"(RayTrainWorker pid=2904) {record}" in path.read_text()

@@ -139,6 +139,7 @@ def test_full_report(cfg):
     assert re.search(r"\| debate \| finished \| 160 / 20 / 20 \|", md)
     assert "| tokens/s | peak mem GB | wall time s | busy % | adapter |" in md
     assert re.search(r"\| 1,834 \| 0\.41 \| 61\.3 \| 62 \| ", md)
+    assert "busy % is the share of the domain's wall time" in md   # the column says what it measures
     assert "| education | failed: OutOfMemoryError" in md
     assert "| model \\ test set | debate | medicine | education |" in md
     assert "| adapter: medicine | 3.950 | 2.910 | 3.790 |" in md
@@ -154,6 +155,7 @@ def test_full_report(cfg):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == store.read_bytes(f"report/{name}.png")
     assert 'id="matrix-loss"' in page and 'id="matrix-ppl"' in page and 'class="num diag"' in page
     assert '<span class="badge failed">failed</span>' in page
+    assert "busy % is the share of the domain&#x27;s wall time" in page
     assert "<link" not in page and "<script" not in page and "http://" not in page.split("<h2>Reproducibility")[0]
 
 
