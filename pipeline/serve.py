@@ -11,9 +11,10 @@ One Ray Serve replica loads the base model once (4-bit as trained, on the GPU wh
 one) and every finished adapter under OUT/adapters/ (local or s3://) onto the same PeftModel, each under
 its domain's name. Requests that arrive together are batched (serve.batch) and generated in one
 `generate(..., adapter_names=[...])` call: PEFT's mixed-adapter batches run each row through its own
-adapter ("__base__": none). The messages go through the tokenizer's chat template when the run trained
-with it (train.chat_template), else through the simple template the adapters were trained on, exactly as
-`adapters generate` builds prompts: with greedy decoding (temperature 0) both give the same answer.
+adapter ("__base__": none). The messages go through the tokenizer's chat template with the generation
+prompt (the template saved with the adapters: the one training used), exactly as training encoded the
+turns before each answer and as `adapters generate` builds prompts: with greedy decoding (temperature 0)
+both give the same answer. A domain's system message (data.system_messages) is the client's to send.
 
 For production serving of many adapters with paged attention and continuous batching, vLLM's multi-LoRA
 (directly or through Ray Serve LLM) loads the same adapter folders: docs/SERVING.md.
@@ -47,22 +48,14 @@ def served_domains(store, domains: Optional[list[str]]) -> list[str]:
     return chosen
 
 
-def chat_prompt_ids(tok, messages: list[dict], template: str, max_len: int) -> list[int]:
-    """The prompt tokens for a chat: the chat template when training used it (add_generation_prompt), else
-    the training prompt format around the conversation's text (one user message: exactly its text)."""
+def chat_prompt_ids(tok, messages: list[dict], max_len: int) -> list[int]:
+    """The prompt tokens for a chat request: the tokenizer's chat template over its turns with the
+    generation prompt, exactly as training encoded the turns before each answer (tokens trained are
+    tokens served; pipeline.train.model.encode_conversation); its end kept when too long."""
     from pipeline.eval.scoring import prompt_ids
-    from pipeline.train.model import _ids, uses_chat_template
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
         raise ValueError("messages must be a non-empty list of {role, content} objects with text content")
-    if uses_chat_template(tok, template):
-        ids = _ids(tok.apply_chat_template([{"role": m.get("role", "user"), "content": m["content"]} for m in messages],
-                                           add_generation_prompt=True, tokenize=True))
-        return ids[-max_len:]
-    if len(messages) == 1:
-        text = messages[0]["content"]
-    else:  # no chat template: the turns as text, in the one prompt slot the adapters were trained with
-        text = "\n\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
-    return prompt_ids(tok, text, template, max_len)
+    return prompt_ids(tok, [{"role": m.get("role", "user"), "content": m["content"]} for m in messages], max_len)
 
 
 class AdapterModels:
@@ -98,8 +91,7 @@ class AdapterModels:
         return [BASE] + self.domains
 
     def prompt(self, messages: list[dict], max_new_tokens: int) -> list[int]:
-        t = self.cfg.train
-        return chat_prompt_ids(self.tok, messages, t.chat_template, max(16, t.max_seq_length - max_new_tokens))
+        return chat_prompt_ids(self.tok, messages, max(16, self.cfg.train.max_seq_length - max_new_tokens))
 
     def generate(self, items: list[tuple[str, list[int], int]]) -> list[tuple[str, int, str]]:
         """items: (model name, prompt ids, max new tokens), greedy; one left-padded batch, each row through its

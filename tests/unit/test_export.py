@@ -22,7 +22,7 @@ ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny domain trained (2 steps, no Ray) and exported: (cfg, store, output dir)."""
-    from pipeline.train.data import Example, tokenize_example
+    from pipeline.train.data import Example, tokenize_conversation
     from pipeline.train.loop import LocalSession, train_domain
     from pipeline.train.model import load_tokenizer, resolve_base
     from pipeline.train.tiny import ensure_tiny
@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     cfg = tiny_config(str(tmp), domains=["debate"], model__tiny__pretrain_steps=0, train__max_steps=2)
     ensure_tiny(cfg, store)
     tok = load_tokenizer(resolve_base(cfg, store), cfg)
-    ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows("debate", 16, 1)]
+    ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 16, 1)]
     train_domain(cfg, "debate", {"train": ex[:12], "val": ex[12:14], "test": ex[14:]}, LocalSession(str(tmp / "ck")))
     return cfg, store, tmp
 

@@ -39,8 +39,8 @@ def test_places_that_are_never_an_output(capsys, tmp_path, monkeypatch, where):
     out = {"root": "/", "home": str(tmp_path / "home"), "raw": str(raw), "inside raw": str(raw / "out"),
            "custom source folder": str(mine / "out")}[where]
     src = f"{{name: mine, domain: debate, path: '{mine / 'qa.jsonl'}', format: jsonl, prompt: q, response: a}}"
-    rc, said = run(capsys, "report", "--config", DEMO, "--output", out, "--raw-dir", str(raw),
-                   "--set", f"data.custom_sources=[{src}]")
+    rc, said = run(capsys, "report", "--config", DEMO, "--output", out, "--set", f"data.raw_dir={raw}",
+                   "--set", f"data.custom_sources=[{src}]")   # report takes no --raw-dir: the config key
     assert rc == 2 and f"refusing --output {Path(out).resolve()}" in said, said
     assert not (Path(out) / OUTPUT_MARKER).exists() and not (Path(out) / "runs").exists()
 

@@ -18,7 +18,7 @@ DOMAINS = ["debate", "medicine"]
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory):
-    from pipeline.train.data import Example, tokenize_example
+    from pipeline.train.data import Example, tokenize_conversation
     from pipeline.train.loop import LocalSession, train_domain
     from pipeline.train.model import load_tokenizer, resolve_base
     from pipeline.train.tiny import ensure_tiny
@@ -30,7 +30,7 @@ def output(tmp_path_factory):
     ensure_tiny(cfg, store)
     tok = load_tokenizer(resolve_base(cfg, store), cfg)
     for d in DOMAINS:
-        ex = [Example(*tokenize_example(tok, r["prompt"], r["response"], 128, True)) for r in sft_rows(d, 16, 1)]
+        ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows(d, 16, 1)]
         train_domain(cfg, d, {"train": ex[:12], "val": ex[12:14], "test": ex[14:]}, LocalSession(str(tmp / d)))
     return cfg
 
@@ -56,20 +56,21 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(output):
 
 
 def test_chat_messages_follow_the_training_prompt_format(output):
-    from pipeline.eval.scoring import prompt_ids
+    """A request's turns become exactly the ids training put before an answer to them: the chat template
+    with its generation prompt (the system message in its own slot)."""
     from pipeline.serve import chat_prompt_ids
-    from pipeline.train.model import load_tokenizer, resolve_base
+    from pipeline.train.model import _ids, encode_conversation, load_tokenizer, resolve_base
     cfg = output
     tok = load_tokenizer(resolve_base(cfg), cfg)
-    one = [{"role": "user", "content": "Is the claim supported?"}]
-    assert chat_prompt_ids(tok, one, "auto", 100) == prompt_ids(tok, "Is the claim supported?", "auto", 100)
     two = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is it?"}]
-    assert chat_prompt_ids(tok, two, "auto", 100) == prompt_ids(tok, "system: Be brief.\n\nuser: Is it?", "auto", 100)
-    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-    ids = chat_prompt_ids(tok, two, "auto", 100)
-    assert tok.decode(ids).replace(" ", "").endswith("<assistant>")
-    with pytest.raises(ValueError, match="messages"):
-        chat_prompt_ids(tok, [], "auto", 100)
+    served = chat_prompt_ids(tok, two, 100)
+    assert served == _ids(tok.apply_chat_template(two, add_generation_prompt=True, tokenize=True))
+    ids, trained = encode_conversation(tok, two + [{"role": "assistant", "content": "Yes."}])[0]
+    first = trained.index(True)
+    assert ids[:first] == served and not any(trained[:first])
+    assert chat_prompt_ids(tok, two, 4) == served[-4:]
+    with pytest.raises(ValueError):
+        chat_prompt_ids(tok, [{"role": "user", "content": 5}], 100)
 
 
 def test_serve_refuses_domains_without_a_finished_adapter(output, capsys):
