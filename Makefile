@@ -16,7 +16,7 @@ TORCH_INDEX ?=
 comma := ,
 PIP_INSTALL = $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: venv demo test test-fast serve submit clean
+.PHONY: venv demo test test-fast test-gpu-image serve submit clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The GPU image (containers/Dockerfile) built with podman up to where CUDA is needed (~6 GB of wheels)
+test-gpu-image: venv
+	$(BIN)/python -m pytest --gpu-image tests/integration/test_container.py -k gpu_image $(PYTEST_ARGS)
 
 # Serve every domain's adapter of OUTPUT (after make demo): OpenAI API at http://127.0.0.1:8000/v1
 serve: $(VENV)/.installed-runtime

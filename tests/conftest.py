@@ -22,7 +22,20 @@ from tests.fixtures_s3 import s3_server  # noqa: E402,F401
 
 
 
+def pytest_addoption(parser):
+    parser.addoption("--gpu-image", action="store_true",
+                     help="also build the GPU image (containers/Dockerfile: ~6 GB of CUDA wheels, ~5 min cold); "
+                          "`make test-gpu-image`")
+
+
 def pytest_collection_modifyitems(config, items):
+    # The GPU image's build is opt-in (deselected, not skipped): its CUDA wheels take longer to fetch than
+    # the rest of CI together; the CPU image is built and run in every `make test`.
+    if not config.getoption("--gpu-image"):
+        chosen = [i for i in items if "gpu_image" not in i.keywords]
+        if len(chosen) != len(items):
+            config.hook.pytest_deselected(items=[i for i in items if "gpu_image" in i.keywords])
+            items[:] = chosen
     try:
         import torch
         has_cuda = torch.cuda.is_available()

@@ -42,8 +42,9 @@ DOMAINS = ("debate", "medicine", "education", "ecology")
 TORCH_INDEX_IN_BUILD = "/torch-index"     # a fixed path: the build argument, and so the layer cache, stays the same
 ARTIFACTS = ROOT / "test-artifacts"
 IMAGE_UID_GID = "1000:100"                # the user of Ray's image, which the Dockerfiles run as
-TORCH_PIN = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())[1]
-RAY_PIN = re.search(r'"ray\[[^\]]*\]==([^"]+)"', (ROOT / "pyproject.toml").read_text())[1]
+# the versions tested together (pyproject.toml holds ranges)
+TORCH_PIN = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)[1]
+RAY_PIN = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)[1]
 
 
 def _run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
@@ -240,6 +241,7 @@ def test_ray_head_in_the_image_runs_the_demo_job_from_the_host(cpu_image: str, t
         _run([*PODMAN, "rm", "-f", "-t", "5", name], 120)
 
 
+@pytest.mark.gpu_image
 def test_gpu_image_builds_up_to_cuda(tmp_path: Path) -> None:
     """containers/Dockerfile with its defaults (TORCH_INDEX empty: PyPI's CUDA 13.0 torch), on the same base:
     its own checks pass (Ray's version, torch a CUDA build) and everything short of a GPU works: the
