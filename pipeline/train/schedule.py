@@ -377,9 +377,57 @@ def secrets_kept_from_tune_trials() -> Iterator[None]:
         copied |= secret
 
 
-def _tune_loggers(cfg) -> list:
+STARTUP_LINE_EVERY_S = 15.0
+
+
+def startup_progress_callback(every_s: float = STARTUP_LINE_EVERY_S, clock=time.monotonic):
+    """A Tune callback that breaks the silence before training shows its first step: at least every
+    ``every_s`` one line per trial still starting (Ray's worker group, the model's load, tokenization:
+    about a minute on a GPU node, see docs/PERFORMANCE.md), and one while no trial has started yet.
+    Tune calls on_step_begin from its control loop several times a second, so no thread is needed."""
+    from ray.tune import Callback
+
+    class StartupProgress(Callback):
+        def __init__(self):
+            self.t0 = None
+            self.started: dict[str, float] = {}    # domain -> when its trial started
+            self.said: dict[str, float] = {}       # domain (or "" before any trial) -> last line
+            self.done: set[str] = set()            # domains that reported (a step) or ended
+
+        def on_step_begin(self, iteration, trials, **info):
+            now = clock()
+            if self.t0 is None:
+                self.t0 = self.said[""] = now
+            if not self.started and now - self.said[""] >= every_s:
+                self.said[""] = now
+                log.info("training: Ray Tune is starting the first trial (%.0fs)", now - self.t0)
+            for d, t in self.started.items():
+                if d not in self.done and now - self.said.get(d, t) >= every_s:
+                    self.said[d] = now
+                    log.info("domain %s: starting (%.0fs): Ray's worker group, the model's load and tokenization "
+                             "come before the first step", d, now - t)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started.setdefault(trial.config.get("domain", trial.trial_id), clock())
+
+        def _end(self, trial) -> None:
+            self.done.add(trial.config.get("domain", trial.trial_id))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._end(trial)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._end(trial)
+
+    return StartupProgress()
+
+
+def _tune_callbacks(cfg) -> list:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    loggers = [JsonLoggerCallback(), CSVLoggerCallback()]
+    loggers = [JsonLoggerCallback(), CSVLoggerCallback(), startup_progress_callback()]
     if cfg.train.tensorboard:
         from ray.tune.logger import TBXLoggerCallback
         loggers.append(TBXLoggerCallback())
@@ -488,7 +536,7 @@ def run_domains(cfg, store) -> dict[str, dict]:
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(cfg), reuse_actors=False),
             run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage_path,
                                       storage_filesystem=fs, failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=_tune_loggers(cfg), verbose=0))
+                                      callbacks=_tune_callbacks(cfg), verbose=0))
         # Ctrl-C reaches us as KeyboardInterrupt (Tune's own handler would let the trials run on), and
         # the loggers are ours only (train.tensorboard decides on the TensorBoard one)
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"

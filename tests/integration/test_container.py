@@ -170,8 +170,12 @@ def test_image_runs_as_non_root_and_has_the_project(cpu_image: str) -> None:
     assert cwd == "/home/ray/domain-adapters"
     for must in ("configs", "fixtures", "pipeline", "jobs"):
         assert f"'{must}'" in files, files
-    for never in (".git", ".venv", "output", "test-artifacts"):
+    for never in (".git", ".venv", "output", "test-artifacts", "tests", "bench", "build"):
         assert f"'{never}'" not in files, files
+    left = _check(_podman_run(cpu_image, "sh", "-c", "ls fixtures fixtures/custom; ls -d *.egg-info 2>/dev/null || true",
+                              timeout=120), "ls in the image").stdout.split()
+    assert "raw" in left and "law.jsonl" in left and "damaged" not in left and "formats" not in left, left
+    assert not any(x.endswith(".egg-info") for x in left), left
     _check(_podman_run(cpu_image, timeout=300), "the image's default command (adapters --help)")
 
 

@@ -209,3 +209,36 @@ def test_checkpoints_of_a_replaced_adapter_are_not_resumed(tmp_path, caplog):
     with pytest.raises(UserFacingError, match="cannot resume"):
         preflight(new, store)
     assert store.exists(ck)
+
+
+def test_startup_lines_break_the_silence_until_each_trial_reports(caplog):
+    """At least one line every 15 s before the first step: while no trial has started, then per trial
+    until it reports (or ends); none after (issue 26, rough edges)."""
+    import logging
+    from types import SimpleNamespace
+    from pipeline.train.schedule import startup_progress_callback
+    now = [0.0]
+    cb = startup_progress_callback(every_s=15, clock=lambda: now[0])
+    trial = (lambda d: SimpleNamespace(config={"domain": d}, trial_id=d))
+    a, b = trial("debate"), trial("medicine")
+
+    def tick(to: float) -> list[str]:
+        caplog.clear()
+        while now[0] < to:
+            now[0] += 0.5
+            cb.on_step_begin(0, [])
+        return [r.getMessage() for r in caplog.records]
+
+    with caplog.at_level(logging.INFO, logger="pipeline.train.schedule"):
+        assert tick(14) == []
+        assert tick(31) == ["training: Ray Tune is starting the first trial (15s)",
+                            "training: Ray Tune is starting the first trial (30s)"]
+        cb.on_trial_start(0, [], a)
+        cb.on_trial_start(0, [], b)
+        said = tick(61)
+        assert [m.split(" (")[0] for m in said] == ["domain debate: starting", "domain medicine: starting"] * 2, said
+        assert "(15s)" in said[0] and "(30s)" in said[2]
+        cb.on_trial_result(0, [], a, {"step": 1})
+        assert [m.split(" (")[0] for m in tick(91)] == ["domain medicine: starting"] * 2
+        cb.on_trial_error(0, [], b)
+        assert tick(200) == []
