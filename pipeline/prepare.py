@@ -327,7 +327,8 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
 
 # ---- step 3: one domain ----------------------------------------------------------------------
 def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store: Store, uf: "_UnionFind", seed: int,
-                     fractions: dict[str, float], unit_split: dict[str, str], keep: Optional[dict] = None) -> dict:
+                     fractions: dict[str, float], unit_split: dict[str, str], keep: Optional[dict] = None,
+                     domain: str = "") -> dict:
     """Near-duplicate-aware split units (pipeline/neardup.py), in two steps over the chosen rows' 13-grams:
     (1) merge the groups of near-duplicate rows (one mostly contained in the other), so no such pair
     crosses splits; (2) a val or test row with >= neardup.THRESHOLD of its 13-grams in the train split
@@ -360,11 +361,19 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
         if r not in unit_split:
             unit_split[r] = split_of(seed, r, fractions)
     moved_units = moved_rows = 0
+    kept: dict[str, int] = {}   # split -> rows left in it though covered: moving them would empty it
     while True:
         pool = neardup.pool_of([h for h, r in zip(hashes, roots) if unit_split[r] == "train"])
         held_out = [k for k, r in enumerate(roots) if unit_split[r] != "train"]
         cover = neardup.covered([hashes[k] for k in held_out], pool)
         move = {roots[k] for k, c in zip(held_out, cover) if c >= neardup.THRESHOLD}
+        for s in ("val", "test"):
+            # a split is never emptied: a domain whose every held-out row is covered by train keeps them (no
+            # val/test loss otherwise); they stay counted in the contamination table, and a line says so
+            in_s = {roots[k] for k in held_out if unit_split[roots[k]] == s}
+            if in_s and in_s <= move:
+                move -= in_s
+                kept[s] = sum(1 for r in roots if r in in_s)
         if not move:
             break
         moved_units += len(move)
@@ -373,9 +382,13 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
             unit_split[r] = "train"
     if keep is not None:
         keep.update(hashes=full, tasks=tasks, splits=[unit_split[r] for r in roots])
+    for s, n in kept.items():
+        log.warning("near-duplicates: all %d %s rows of domain %s are covered by its train split; kept in %s (moving "
+                    "them would leave it empty): its %s figures measure seen text (the contamination table counts them)",
+                    n, s, domain, s, s)
     return {"max_df": max_df, "pair_share": neardup.PAIR_SHARE, "threshold": neardup.THRESHOLD,
             "merged_groups": merged, "moved_to_train": {"units": moved_units, "rows": moved_rows},
-            "seconds": round(time.time() - t0, 3)}
+            "covered_but_kept": kept, "seconds": round(time.time() - t0, 3)}
 
 
 def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store,
@@ -423,7 +436,7 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
         log.warning("prepare: %s has %d SFT rows, more than %d: near-duplicates are not grouped (exact duplicates "
                     "still are); set data.max_sft_per_domain to have them grouped", domain, n_chosen_rows, neardup.MAX_ROWS)
     elif d.near_duplicates:
-        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split, keep))
+        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split, keep, domain))
     split_of_group: dict[str, str] = {}
     where: dict[str, str] = {}
     for name in names:

@@ -158,3 +158,19 @@ def test_without_drops_per_row():
     out = neardup.without(rows, np.array([2], np.uint64))
     assert [r.tolist() for r in out] == [[1, 3], [], [9], []]
     assert [r.tolist() for r in neardup.without(rows, np.empty(0, np.uint64))] == [[1, 2, 3], [], [2, 9], [2]]
+
+
+def test_a_split_whose_every_row_is_covered_by_train_is_kept_not_emptied(tmp_path):
+    """The demo's education rows (synthetic textbook passages) are all covered by their train split: moving
+    them would leave val and test empty (NaN losses, a failed domain). They stay, counted and said."""
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / "demo.yaml", output=str(tmp_path / "out"), environ={},
+                      domains=["education"])
+    m = run_prepare(cfg, use_ray=False)
+    ed = m["domains"]["education"]
+    assert ed["sft_rows"]["val"] > 0 and ed["sft_rows"]["test"] > 0, ed
+    kept = ed["near_duplicates"]["covered_but_kept"]
+    assert set(kept) <= {"val", "test"} and kept, ed["near_duplicates"]
+    for s, n in kept.items():
+        assert n == ed["sft_rows"][s]
+    assert m["contamination"]["domains"]["education"]["in_own_train"] > 0   # counted, not hidden
