@@ -60,7 +60,8 @@ def test_report_has_task_metrics_intervals_verdicts_and_generations(demo):
         assert m["verdicts"][d]["metric"] == task and m["verdicts"][d]["verdict"] in (
             "better", "worse", "no significant difference")
         shown = m["side_by_side"][d]
-        assert len(shown) == 5 and all(s["prompt"] and s["reference"] and s["base"] is not None and s["adapter"] is not None
+        # five side by side, or every test row where near-duplicate splitting left fewer (the demo's education)
+        assert len(shown) == min(5, m["counts"][d]["items"]) and shown and all(s["prompt"] and s["reference"] and s["base"] is not None and s["adapter"] is not None
                                        for s in shown)
         assert f"eval: {d} adapter done on " in log             # one progress line per model
     # multiple choice where the sources have labels: MedMCQA + PubMedQA, Climate-FEVER
@@ -78,7 +79,8 @@ def test_report_has_task_metrics_intervals_verdicts_and_generations(demo):
     md = (out / "report/summary.md").read_text()
     page = (out / "report/summary.html").read_text()
     for d in DOMAINS:
-        assert f"- **{d}**: " in md and f"#### {d}, example 5" in md and f'id="side-by-side-{d}"' in page
+        last = len(m["side_by_side"][d])
+        assert f"- **{d}**: " in md and f"#### {d}, example {last}" in md and f'id="side-by-side-{d}"' in page
         assert f'id="tasks-{d}"' in page
     assert 'id="eval-verdicts"' in page and 'id="matrix-acc"' in page and 'id="matrix-rouge_l"' in page
     assert "<script" not in page.split("</style>", 1)[1]     # generated text is escaped, never markup
