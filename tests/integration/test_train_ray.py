@@ -140,7 +140,10 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monk
     assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
     assert res["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-4)
 
-    # another LoRA rank on the same run: refused before any trial starts
+    # another LoRA rank while the run's checkpoints are an unfinished attempt's (no finished adapter: a finished
+    # one with other settings is trained again from step 0, tests/unit/test_train_schedule.py): refused before
+    # any trial starts
+    store.delete("adapters/debate")
     other = cfg.model_copy(deep=True)
     other.lora.r = 4
     with pytest.raises(UserFacingError, match=r"lora.r: checkpoint has 8, config has 4"):
