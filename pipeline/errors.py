@@ -8,7 +8,7 @@ Each carries the exit status the CLI returns for it (the table is in the README 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 
 class UserFacingError(RuntimeError):
@@ -24,20 +24,28 @@ NO_SPACE_ERRNOS = (28, 122)   # ENOSPC, EDQUOT
 NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
-def no_space(exc: BaseException) -> Optional[BaseException]:
-    """The out-of-space error inside ``exc`` (its causes, contexts, a Ray task's original error), or None."""
+def find_cause(exc: BaseException, match: Callable[[BaseException], bool]) -> Optional[BaseException]:
+    """The first exception in ``exc``'s chain for which ``match`` holds: its causes and contexts, a Ray
+    task error's original exception (``cause``) and a Ray Train controller's failure; None when none does."""
     seen, todo = set(), [exc]
     while todo:
         x = todo.pop()
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, OSError) and (x.errno in NO_SPACE_ERRNOS or any(t in str(x) for t in NO_SPACE_TEXT)):
+        if match(x):
             return x
         todo += [getattr(x, "cause", None), getattr(x, "controller_failure", None), x.__cause__, x.__context__]
-    if any(t in str(exc) for t in NO_SPACE_TEXT):   # a wrapper that kept only the text
-        return exc
     return None
+
+
+def no_space(exc: BaseException) -> Optional[BaseException]:
+    """The out-of-space error inside ``exc`` (its causes, contexts, a Ray task's original error), or None."""
+    found = find_cause(exc, lambda x: isinstance(x, OSError) and (
+        x.errno in NO_SPACE_ERRNOS or any(t in str(x) for t in NO_SPACE_TEXT)))
+    if found is None and any(t in str(exc) for t in NO_SPACE_TEXT):   # a wrapper that kept only the text
+        return exc
+    return found
 
 
 def no_space_message(exc: BaseException, where: str) -> Optional[str]:

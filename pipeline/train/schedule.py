@@ -309,20 +309,9 @@ def _user_facing_cause(e: BaseException) -> Optional[BaseException]:
     """The project's own error (a UserFacingError: the message names the node and the fix) inside what
     Ray Train raises, e.g. ControllerError -> RayTaskError -> CudaUnavailableError from the workers'
     device check at the worker group's start; None when there is none."""
-    from pipeline.errors import UserFacingError
-    seen, todo = set(), [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        inner = getattr(x, "cause", None)   # a RayTaskError's original exception
-        if isinstance(inner, UserFacingError):
-            return inner
-        if isinstance(x, UserFacingError) and not hasattr(x, "cause"):
-            return x
-        todo += [getattr(x, "controller_failure", None), inner, x.__cause__, x.__context__]
-    return None
+    from pipeline.errors import UserFacingError, find_cause
+    # a RayTaskError carrying a UserFacingError has `cause` itself: the original, not the wrapper, is the answer
+    return find_cause(e, lambda x: isinstance(x, UserFacingError) and not hasattr(x, "cause"))
 
 
 def unplaced_workers(r, per_worker: dict) -> str:
