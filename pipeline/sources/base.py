@@ -795,8 +795,11 @@ def finalize_sft(examples: list[dict], row: dict, max_response_chars: int,
             reason = EMPTY_RESPONSE
         else:
             for k in answers:
+                # an answer that only repeats what the user (or system) said; an assistant saying again what it
+                # said before is a legitimate turn, so earlier answers do not count
+                said = " ".join(m["content"] for m in msgs[:k] if m["role"] != "assistant")
                 nr = norm_key(msgs[k]["content"])
-                if len(nr) > 12 and nr in norm_key(prompt_text(msgs[:k + 1])):
+                if len(nr) > 12 and nr in norm_key(said):
                     reason = COPIES_PROMPT
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1

@@ -25,12 +25,20 @@ from pipeline.raycluster import ensure_ray, shutdown_ray
 cfg = load_config("configs/demo.yaml", sets=["resources.num_cpus=1"], environ={})
 ensure_ray(cfg)
 ray.get(ray.remote(lambda: 1).remote())
+import time
 me = psutil.Process()
-pids = {p.pid: p.name() for p in me.children(recursive=True)}
-pids[me.pid] = "driver"
-found = [{"name": pids[c.pid], "ip": c.laddr.ip, "port": c.laddr.port}
-         for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
-print("LISTEN " + json.dumps({"sockets": found, "metrics_export_port": ray._private.worker.global_worker.node.metrics_export_port}))
+want = {ray._private.worker.global_worker.node.metrics_export_port, 44227, 8265, 52365}
+deadline, found = time.time() + 90, {}
+while True:   # the agents and exporters open their ports a while after ray.init on a busy machine: gather until all are seen
+    pids = {p.pid: p.name() for p in me.children(recursive=True)}
+    pids[me.pid] = "driver"
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            found[(c.laddr.ip, c.laddr.port)] = {"name": pids[c.pid], "ip": c.laddr.ip, "port": c.laddr.port}
+    if want <= {k[1] for k in found} or time.time() > deadline:
+        break
+    time.sleep(1)
+print("LISTEN " + json.dumps({"sockets": list(found.values()), "metrics_export_port": ray._private.worker.global_worker.node.metrics_export_port}))
 shutdown_ray()
 """
 

@@ -302,3 +302,19 @@ def test_turn_order_is_checked_and_unanswered_turns_are_dropped(tmp_path):
     assert [r["messages"] for r in _sft(out)] == [[u, a]]
     q = read_rows(out, "data/quarantine/mine/*.parquet")
     assert all("user and assistant turns alternating" in r["snippet"] for r in q)
+
+
+def test_an_answer_that_repeats_an_earlier_answer_keeps_the_conversation():
+    """Only an answer that copies what the user (or system) said is rejected; an assistant saying again what
+    it said before is a real turn (it used to drop the whole conversation as response_copies_prompt)."""
+    from pipeline.sources.base import finalize_sft
+    same = "I am not sure about that, let me check."
+    row = {"domain": "law", "source": "mine", "doc_id": "d1", "metadata": "{}"}
+    msgs = [{"role": "user", "content": "Is parking allowed on the quay?"}, {"role": "assistant", "content": same},
+            {"role": "user", "content": "And on Sundays?"}, {"role": "assistant", "content": same}]
+    out, rejected = finalize_sft([{"task": "chat", "messages": msgs}], row, 10_000)
+    assert rejected == {} and len(out) == 1 and [m["content"] for m in out[0]["messages"]][-1] == same
+    copy = [{"role": "user", "content": "Repeat after me: the harbour closes at dusk."},
+            {"role": "assistant", "content": "Repeat after me: the harbour closes at dusk."}]
+    out, rejected = finalize_sft([{"task": "chat", "messages": copy}], row, 10_000)
+    assert out == [] and rejected == {"response_copies_prompt": 1}
