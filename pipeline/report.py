@@ -557,8 +557,9 @@ def _eval_md(matrix: dict) -> list[str]:
     if not matrix.get("metrics"):
         return L
     L += ["### Adapter vs base model on its own domain", "",
-          "Same test examples for both; 95% intervals: exact Clopper-Pearson for accuracy, percentile bootstrap over "
-          "examples for loss, ROUGE-L, F1 and every difference (no bias correction: it covers less than 95% on few rows); "
+          "Same test examples for both; 95% intervals: exact Clopper-Pearson for accuracy and Newcombe's paired interval "
+          "(Clopper-Pearson margins) for an accuracy difference; a BCa bootstrap over examples for loss, ROUGE-L, F1 and "
+          "their differences (approximate on few rows: read each with its n); "
           "accuracy is compared with McNemar's exact test, the other metrics with a paired permutation test; a verdict is "
           f"'better' or 'worse' when p < {(matrix.get('settings') or {}).get('alpha', 0.05)}: Holm-adjusted over the "
           "domains for each domain's verdict (the list below), uncorrected in the other tables. The headline metric is accuracy where a domain has multiple-choice rows that are not trivial "

@@ -6,16 +6,16 @@
 
 Metrics (METRICS), each cell {"value", "low", "high", "n", "interval"}: acc and acc_norm (0/1 per example)
 get the exact Clopper-Pearson 95% interval (coverage >= 95% at any n; a perfect 10/10 gets [0.69, 1]),
-the continuous ones a percentile bootstrap (no bias correction; it covers less than 95% on few rows,
-which is why each cell names its method and n):
+the continuous ones a BCa bootstrap (bias-corrected and accelerated; still approximate on few rows, which
+is why each cell names its method and n):
     loss      token-weighted mean cross-entropy over the test rows (as training's test_loss); ppl = exp(loss)
     acc       multiple-choice rows with a readable gold: the most likely choice is the gold one
     acc_norm  the same with log-likelihoods divided by the choice's length in characters
     rouge_l, f1   the free-text sample's generations against their references
 
 Every adapter is compared with the base model on every dataset over the same examples (McNemar's
-exact test for acc / acc_norm, a paired sign-flip permutation test for the others) with a paired
-bootstrap interval of the difference; its own domain is the diagonal, the others show interference.
+exact test for acc / acc_norm, a paired sign-flip permutation test for the others) with an interval of
+the difference (Newcombe's paired interval for acc / acc_norm, a paired BCa bootstrap for the others); its own domain is the diagonal, the others show interference.
 The per-domain verdicts (``verdicts``: each adapter on its own domain, headline metric) are decided on
 Holm-adjusted p-values over the domains (``p_adjusted``; ``p`` is the raw one); the other cells'
 verdicts are uncorrected and say so in the report.
@@ -35,6 +35,7 @@ HIGHER_IS_BETTER = {"loss": False, "ppl": False, "acc": True, "acc_norm": True, 
 TESTED = ("loss", "acc", "acc_norm", "rouge_l", "f1")     # ppl is a function of loss: same test
 PROPORTIONS = ("acc", "acc_norm")                          # per-example 0/1: exact binomial intervals
 CLOPPER_PEARSON = "Clopper-Pearson exact 95%"
+NEWCOMBE = "Newcombe paired 95% (Clopper-Pearson margins)"
 TEXT_LIMIT = 4000                                           # characters of a text shown side by side
 
 
@@ -89,7 +90,7 @@ def _ppl_cell(loss: dict) -> dict:
 
 
 def _bootstrap_name(ev) -> str:
-    return f"percentile bootstrap 95% ({ev.bootstrap_resamples} resamples)"
+    return f"BCa bootstrap 95% ({ev.bootstrap_resamples} resamples)"
 
 
 def cells(rows: list[dict], ev) -> dict[str, dict]:
@@ -110,12 +111,15 @@ def compare(base_rows: list[dict], rows: list[dict], metric: str, ev) -> dict:
     f = _statistic(metric)
     diff = float(f(*A) - f(*B))
     k = len(A)
-    lo, hi = stats.bootstrap_interval(lambda *c: f(*c[:k]) - f(*c[k:]), A + B, ev.bootstrap_resamples, ev.seed)
-    if metric in ("acc", "acc_norm"):
+    if metric in PROPORTIONS:
+        lo, hi = stats.newcombe_paired(B[0] > 0.5, A[0] > 0.5)
+        interval = NEWCOMBE
         p, test = stats.mcnemar_exact(B[0] > 0.5, A[0] > 0.5), "McNemar exact"
     else:
+        lo, hi = stats.bootstrap_interval(lambda *c: f(*c[:k]) - f(*c[k:]), A + B, ev.bootstrap_resamples, ev.seed)
+        interval = _bootstrap_name(ev) + ", paired"
         p, test = stats.paired_permutation(B[0], A[0], ev.permutation_resamples, ev.seed), "paired permutation"
-    return {"n": len(keys), "difference": diff, "low": lo, "high": hi, "interval": _bootstrap_name(ev) + ", paired",
+    return {"n": len(keys), "difference": diff, "low": lo, "high": hi, "interval": interval,
             "p": p, "test": test,
             "verdict": stats.verdict(p, diff, HIGHER_IS_BETTER[metric], ev.alpha)}
 

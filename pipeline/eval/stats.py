@@ -3,11 +3,16 @@
     clopper_pearson(successes, n, level) -> (low, high)
         exact binomial interval for a proportion (accuracy): coverage at least `level` for every n and p,
         where the percentile bootstrap covers 63% at n = 10, p = 0.9 and gives [1, 1] to a perfect score
+    newcombe_paired(base_correct, other_correct, level) -> (low, high)
+        interval of the paired difference of two accuracies on the same rows (other - base): Newcombe's
+        method 10 (each accuracy's interval combined with the pairs' correlation, 1998) on exact
+        Clopper-Pearson margins, which holds its coverage at small n where a bootstrap of the difference
+        does not
     bootstrap_interval(statistic, arrays, resamples, seed, level) -> (low, high)
-        percentile bootstrap (no bias correction) for the continuous cells (loss, ROUGE-L, F1) and the
-        paired differences over examples: `arrays` are per-example columns resampled together
-        (rng = numpy.random.default_rng(seed), indices rng.integers(0, n, (resamples, n)), as
-        scipy.stats.bootstrap draws them)
+        BCa bootstrap (bias-corrected and accelerated, Efron 1987) for the continuous cells (loss,
+        ROUGE-L, F1) and their paired differences over examples: `arrays` are per-example columns
+        resampled together (rng = numpy.random.default_rng(seed), indices rng.integers(0, n, (resamples,
+        n)), as scipy.stats.bootstrap draws them, so the interval equals scipy's method='BCa', paired)
     mean_of(values) / ratio_of(numerators, denominators)   the cell statistics, vectorised over resamples
     mcnemar_exact(base_correct, other_correct) -> p        two-sided exact McNemar (binomial on the
                                                            discordant pairs), for accuracy
@@ -26,8 +31,10 @@ dozen lines, rather than making scipy a runtime dependency of every Ray worker f
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from statistics import NormalDist
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -62,6 +69,7 @@ def _bisect(f: Callable[[float], bool], iters: int = 60) -> float:
     return (lo + hi) / 2
 
 
+@functools.lru_cache(maxsize=65536)
 def clopper_pearson(successes: int, n: int, level: float = 0.95) -> tuple[Optional[float], Optional[float]]:
     """Exact (Clopper-Pearson) interval of a binomial proportion: low solves P(X >= k | low) = alpha/2, high
     solves P(X <= k | high) = alpha/2 (the Beta(k, n-k+1) and Beta(k+1, n-k) quantiles); (None, None)
@@ -75,18 +83,71 @@ def clopper_pearson(successes: int, n: int, level: float = 0.95) -> tuple[Option
     return low, high
 
 
+def newcombe_paired(base_correct: Sequence[bool], other_correct: Sequence[bool],
+                    level: float = 0.95) -> tuple[Optional[float], Optional[float]]:
+    """Interval of accuracy(other) - accuracy(base) on the same rows; see paired_difference_interval."""
+    a, b = np.asarray(base_correct, bool), np.asarray(other_correct, bool)
+    if len(a) == 0:
+        return None, None
+    return paired_difference_interval(int((a & b).sum()), int((a & ~b).sum()), int((~a & b).sum()),
+                                      int((~a & ~b).sum()), level)
+
+
+def paired_difference_interval(both: int, base_only: int, other_only: int, neither: int,
+                               level: float = 0.95) -> tuple[float, float]:
+    """Newcombe's paired-difference interval (method 10 of Stat. Med. 17, 2635-2650, 1998: each accuracy's
+    own interval, combined through phi, the correlation of the pairs, 0 when a margin is empty), with
+    Clopper-Pearson margins in place of Wilson's: exact enumeration (tests) shows Wilson's margins cover 90.6%
+    at n = 10 (p = 0.5 both, independent) where these cover 94.9%, and at least 93.9% from n = 20 in the
+    cases tested. Hand-written: neither numpy nor scipy ships it."""
+    n = both + base_only + other_only + neither
+    p_other, p_base = (both + other_only) / n, (both + base_only) / n
+    lo_o, hi_o = clopper_pearson(both + other_only, n, level)
+    lo_b, hi_b = clopper_pearson(both + base_only, n, level)
+    margins = (both + other_only) * (base_only + neither) * (both + base_only) * (other_only + neither)
+    phi = 0.0 if margins == 0 else (both * neither - other_only * base_only) / math.sqrt(margins)
+    d = p_other - p_base
+    below = math.sqrt(max(0.0, (p_other - lo_o) ** 2 - 2 * phi * (p_other - lo_o) * (hi_b - p_base)
+                          + (hi_b - p_base) ** 2))
+    above = math.sqrt(max(0.0, (hi_o - p_other) ** 2 - 2 * phi * (hi_o - p_other) * (p_base - lo_b)
+                          + (p_base - lo_b) ** 2))
+    return max(-1.0, d - below), min(1.0, d + above)
+
+
+def _ndtr(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
 def bootstrap_interval(statistic: Callable[..., np.ndarray], arrays: Sequence[Sequence[float]], resamples: int,
                        seed: int, level: float = 0.95) -> tuple[Optional[float], Optional[float]]:
-    """Percentile bootstrap interval of statistic(*arrays); (None, None) without examples."""
+    """BCa bootstrap interval of statistic(*arrays) over examples resampled together; (None, None) without
+    examples. The same steps as scipy.stats.bootstrap(method='BCa', paired=True): z0 from the share of
+    resampled statistics below the observed one, the acceleration from a leave-one-out jackknife, then
+    the percentiles of the resampled statistics at the adjusted levels."""
     cols = [np.asarray(a, dtype=np.float64) for a in arrays]
     n = len(cols[0])
     if n == 0:
         return None, None
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, (resamples, n))
-    stats = statistic(*(c[idx] for c in cols))
-    alpha = (1 - level) / 2
-    lo, hi = np.percentile(stats, [100 * alpha, 100 * (1 - alpha)])
+    theta_b = statistic(*(c[idx] for c in cols))
+    theta = float(statistic(*(c[None, :] for c in cols))[0])
+    share = ((theta_b < theta).sum() + (theta_b <= theta).sum()) / (2 * len(theta_b))
+    if np.ptp(theta_b) == 0 or share in (0.0, 1.0):
+        # every resample gives the same value (or none falls on one side): no bias to estimate, and
+        # z0 would be infinite; the percentile interval is then the honest answer
+        lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
+    else:
+        z0 = NormalDist().inv_cdf(share)
+        jack = np.array([statistic(*(np.delete(c, i)[None, :] for c in cols))[0] for i in range(n)]) \
+            if n > 1 else np.zeros(1)
+        u = (n - 1) * (jack.mean() - jack)
+        den = (u ** 2).sum() / n ** 2
+        accel = 0.0 if den == 0 else ((u ** 3).sum() / n ** 3) / (6 * den ** 1.5)
+        z = NormalDist().inv_cdf((1 - level) / 2)
+        lo_q = _ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
+        hi_q = _ndtr(z0 + (z0 - z) / (1 - accel * (z0 - z)))
+    lo, hi = np.percentile(theta_b, [100 * lo_q, 100 * hi_q])
     return float(lo), float(hi)
 
 

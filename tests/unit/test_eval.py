@@ -79,17 +79,63 @@ def test_words_equal_rouge_score_tokenizer_on_ascii():
 def test_bootstrap_interval_matches_scipy():
     x = np.random.default_rng(0).random(37)
     ours = stats.bootstrap_interval(stats.mean_of, [x], 2000, seed=11)
-    ref = scipy.stats.bootstrap((x,), np.mean, n_resamples=2000, method="percentile", vectorized=True,
+    ref = scipy.stats.bootstrap((x,), np.mean, n_resamples=2000, method="BCa", vectorized=True,
                                 rng=np.random.default_rng(11)).confidence_interval
     assert ours == pytest.approx((ref.low, ref.high), rel=1e-12)
     # the token-weighted loss: a ratio of sums, examples resampled as pairs
     num, den = np.random.default_rng(1).random(25) * 40, np.random.default_rng(2).integers(5, 30, 25).astype(float)
     ours = stats.bootstrap_interval(stats.ratio_of, [num, den], 1500, seed=3)
     ref = scipy.stats.bootstrap((num, den), lambda a, b, axis=-1: a.sum(axis) / b.sum(axis), paired=True,
-                                n_resamples=1500, method="percentile", vectorized=True,
+                                n_resamples=1500, method="BCa", vectorized=True,
                                 rng=np.random.default_rng(3)).confidence_interval
     assert ours == pytest.approx((ref.low, ref.high), rel=1e-12)
+    # a skewed sample: BCa moves the interval where the percentile bootstrap would not
+    g = np.random.default_rng(4).gamma(0.5, size=15)
+    ours = stats.bootstrap_interval(stats.mean_of, [g], 999, seed=5)
+    ref = scipy.stats.bootstrap((g,), np.mean, n_resamples=999, method="BCa", vectorized=True,
+                                rng=np.random.default_rng(5)).confidence_interval
+    pct = scipy.stats.bootstrap((g,), np.mean, n_resamples=999, method="percentile", vectorized=True,
+                                rng=np.random.default_rng(5)).confidence_interval
+    assert ours == pytest.approx((ref.low, ref.high), rel=1e-12) and ours[0] != pytest.approx(pct.low, rel=1e-3)
     assert stats.bootstrap_interval(stats.mean_of, [[]], 100, 0) == (None, None)
+    assert stats.bootstrap_interval(stats.mean_of, [[0.5] * 6], 100, 0) == (0.5, 0.5)   # no spread: no bias to fix
+
+
+def _paired_coverage(n: int, cells: tuple) -> float:
+    """Exact coverage of the paired accuracy-difference interval: the multinomial probability of the
+    2x2 tables (both right, base only, adapter only, neither) whose interval holds the true difference."""
+    from math import exp, lgamma, log
+    true = (cells[0] + cells[2]) - (cells[0] + cells[1])
+    total = 0.0
+    for a in range(n + 1):
+        for b in range(n + 1 - a):
+            for c in range(n + 1 - a - b):
+                t = (a, b, c, n - a - b - c)
+                if any(k and not q for k, q in zip(t, cells)):
+                    continue
+                w = exp(lgamma(n + 1) + sum(k * log(q) - lgamma(k + 1) for k, q in zip(t, cells) if k))
+                lo, hi = stats.paired_difference_interval(*t)
+                total += w * (lo - 1e-12 <= true <= hi + 1e-12)
+    return total
+
+
+def test_paired_accuracy_difference_interval_covers():
+    """Newcombe's paired interval (Clopper-Pearson margins) holds at least 93% coverage, computed exactly
+    over every 2x2 table, for accuracies 0.5 / 0.7 / 0.9 / 0.99, pairs independent or strongly correlated,
+    at n = 20 and 50 (the report decides nothing below 30 rows); and it agrees with the booleans' form."""
+    for n in (20, 50):
+        for pb, po in ((0.5, 0.5), (0.5, 0.7), (0.9, 0.9), (0.9, 0.99)):
+            indep = (pb * po, pb * (1 - po), (1 - pb) * po, (1 - pb) * (1 - po))
+            both = 0.95 * min(pb, po) + 0.05 * pb * po
+            tied = (both, pb - both, po - both, 1 - pb - po + both)
+            for cells in (indep, tied):
+                assert _paired_coverage(n, cells) >= 0.93, (n, pb, po, cells)
+    base = [True] * 12 + [False] * 8
+    other = [True] * 10 + [False] * 2 + [True] * 6 + [False] * 2
+    lo, hi = stats.newcombe_paired(base, other)
+    assert (lo, hi) == stats.paired_difference_interval(10, 2, 6, 2) and lo < 0.2 < hi and -1 <= lo and hi <= 1
+    assert stats.newcombe_paired([], []) == (None, None)
+    assert stats.newcombe_paired([True] * 10, [True] * 10)[1] > 0          # 10/10 both: not a zero-width [0, 0]
 
 
 def _scipy_paired(a, b, n_resamples, rng=None):
@@ -155,7 +201,7 @@ def test_accuracy_interval_covers_at_small_n():
             assert c["interval"] == mx.CLOPPER_PEARSON and c["n"] == n
         assert hits / 400 >= 0.93, (n, p, hits)
     assert mx.cell([{"key": "a", "rouge_l": 0.5}, {"key": "b", "rouge_l": 0.7}], "rouge_l", ev)["interval"] == \
-        "percentile bootstrap 95% (200 resamples)"
+        "BCa bootstrap 95% (200 resamples)"
 
 
 def test_majority_class_baseline_flags_trivial_tasks():
