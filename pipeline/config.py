@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from pipeline import uris
+from pipeline.optimizers import OPTIMIZERS
 from pipeline.redaction import redact_url
 
 # the built-in sources and their domains, derived from the registry (pipeline/sources: no heavy imports)
@@ -296,11 +297,15 @@ class LoraSettings(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+# train.optimizer: a name of the optimizer table (pipeline/optimizers.py); a Literal, so that the per-domain
+# overrides (built from TrainHyper's fields) validate it too and the error lists the names
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
+
+
 class TrainHyper(_Strict):
     """Hyperparameters that may be overridden per domain (train.per_domain.<domain>)."""
     max_steps: int = Field(100, ge=1)
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw: torch AdamW (betas 0.9, 0.999); "
-                                               "sgd: SGD with momentum 0.9")
+    optimizer: OptimizerName = Field("adamw", description="; ".join(f"{k}: {o.description}" for k, o in OPTIMIZERS.items()))
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)

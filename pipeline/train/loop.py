@@ -45,6 +45,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pipeline.optimizers import build_optimizer
+
 log = logging.getLogger(__name__)
 
 NAN = float("nan")
@@ -319,14 +321,6 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def build_optimizer(hyper, params: list):
-    """train.optimizer: the current default is AdamW."""
-    import torch
-    if hyper.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=hyper.learning_rate, momentum=0.9, weight_decay=hyper.weight_decay)
-    return torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
-
-
 def peak_memory_gb(device, mem=None) -> float:
     import torch
     if mem is not None:
@@ -451,7 +445,7 @@ class DomainRecipe:
         self.budget = kernels.plan_checkpointing(self.model, t, self.mem, max_tokens=self.rows * self.seq_len)
         self.fused_loss = kernels.fused_loss_available(self.model, self.device, t.fused_kernels)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = build_optimizer(h, self.params)
+        self.opt = build_optimizer(h, self.params)   # train.optimizer, from the table in pipeline/optimizers.py
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(h.lr_scheduler, h.warmup_steps, h.max_steps))
         # fp16 compute (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler("cuda") if compute_dtype(cfg, self.device) == torch.float16 else None
