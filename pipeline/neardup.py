@@ -52,6 +52,16 @@ def _text(row: dict) -> str:
     return "\n".join(m["content"] for m in row["messages"])
 
 
+def column_texts(messages) -> list[str]:
+    """_text of every row of a Parquet ``messages`` column (a pyarrow list<struct<role, content>> array),
+    without building a dict per message (pyarrow's to_pylist of structs was most of the time of reading)."""
+    arr = messages.combine_chunks() if hasattr(messages, "combine_chunks") else messages
+    contents = arr.flatten().field("content").to_pylist()
+    offsets = arr.offsets.to_numpy()
+    offsets = (offsets - offsets[0]).tolist()
+    return ["\n".join(contents[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def row_hashes(row: dict, n: int = NGRAM) -> np.ndarray:
     """An SFT row's n-gram hashes: all its turns together (what a model sees of it)."""
     return ngram_hashes(_text(row), n)

@@ -469,11 +469,11 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     for name in names:
         want = chosen[name]
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            t = [r for ri, r in enumerate(store.read_table(rel, ["messages", "group", "task"]).to_pylist())
-                 if (si, ri) in want]
-            row_group += [r["group"] for r in t]
-            tasks += [f"{name}/{r['task']}" for r in t]
-            hashes += neardup.rows_hashes(t)
+            t = store.read_table(rel, ["messages", "group", "task"])
+            t = t.take([ri for ri in range(t.num_rows) if (si, ri) in want])
+            row_group += t.column("group").to_pylist()
+            tasks += [f"{name}/{task}" for task in t.column("task").to_pylist()]
+            hashes += neardup.texts_hashes(neardup.column_texts(t.column("messages")))
     max_df = neardup.max_df_for(len(hashes))
     merged = 0
     for i, j in neardup.near_duplicate_links(hashes, max_df):
@@ -645,10 +645,10 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
             rows[dm] = {}
             every, tasks = [], []
             for s in SPLITS:
-                t = store.read_table(f"data/sft/{dm}/{s}", ["messages", "source", "task"]).to_pylist()
-                rows[dm][s] = neardup.rows_hashes(t)
+                t = store.read_table(f"data/sft/{dm}/{s}", ["messages", "source", "task"])
+                rows[dm][s] = neardup.texts_hashes(neardup.column_texts(t.column("messages")))
                 every += rows[dm][s]
-                tasks += [f"{r['source']}/{r['task']}" for r in t]
+                tasks += [f"{src}/{task}" for src, task in zip(t.column("source").to_pylist(), t.column("task").to_pylist())]
         tmpl[dm] = neardup.templates(every, tasks)
     pools = {dm: neardup.pool_of(rows[dm]["train"]) for dm in domains}
     out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
