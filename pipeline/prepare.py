@@ -470,7 +470,7 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
         want = chosen[name]
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
             t = store.read_table(rel, ["messages", "group", "task"])
-            t = t.take([ri for ri in range(t.num_rows) if (si, ri) in want])
+            t = t.take(pa.array([ri for ri in range(t.num_rows) if (si, ri) in want], pa.int64()))  # typed: may be empty
             row_group += t.column("group").to_pylist()
             tasks += [f"{name}/{task}" for task in t.column("task").to_pylist()]
             hashes += neardup.texts_hashes(neardup.column_texts(t.column("messages")))
