@@ -14,6 +14,17 @@ process whose whole process tree (driver, raylet, Ray workers) is sampled for RS
                    with a cap, reading stops after the cap, so the time stays flat as the input grows
 
 and prints one table. Nothing here is a test; the figures go to bench/NOTES.md by hand.
+
+    python bench/prepare.py --near-dup                        # ../shared/data/real, 5 rounds
+    python bench/prepare.py --near-dup --raw-dir DIR --repeat 3
+
+``--near-dup`` (issue 24's target: prepare at most +20% over prepare without near-duplicate handling)
+runs, side by side in one run, the in-process prepare (``use_ray=False``: no Ray start-up or scheduling
+in the figure) of every built-in source under ``--raw-dir`` with ``data.near_duplicates`` false and
+true, alternating, each in a fresh process, ``--repeat`` times, and prints the median CPU and wall
+seconds of each and their ratio, plus the n-gram work of the "on" run as the manifest times it (the
+near-duplicate units and the contamination table, which is computed in both runs) and the ratio of the
+"on" run to the same run without any n-gram work.
 """
 from __future__ import annotations
 
@@ -71,11 +82,23 @@ def generate(raw: Path, size_mb: int, file_mb: int, seed: int = 0) -> tuple[int,
 
 
 def _child(mode: str, raw: str, out: str, cap: int, num_cpus: int) -> None:
-    """Runs in the measured process: one prepare, prints a JSON line of figures."""
+    """Runs in the measured process: one prepare, prints a JSON line of figures. Modes: ray, baseline
+    (generated Climate-FEVER, ecology only), near-on / near-off (every built-in source, in-process)."""
     import logging
     logging.basicConfig(level=logging.WARNING)
     from pipeline.config import load_config
     from pipeline.prepare import run_prepare
+    if mode.startswith("near-"):
+        sets = ["model.base=tiny", "resources.device=cpu", "data.allow_missing=true",
+                f"data.near_duplicates={'true' if mode == 'near-on' else 'false'}"]
+        cfg = load_config(None, sets=sets, raw_dir=raw, output=out, environ={})
+        t, c = time.time(), time.process_time()
+        m = run_prepare(cfg, use_ray=False)
+        ngram = sum((d.get("near_duplicates") or {}).get("seconds", 0) for d in m["domains"].values())
+        print("RESULT " + json.dumps({"seconds": time.time() - t, "cpu_s": time.process_time() - c, "read": m["totals"]["read"],
+                                      "near_dup_s": ngram, "contamination_s": m["contamination"].get("seconds", 0),
+                                      "sft": sum(sum(d.get("sft_rows", {}).values()) for d in m["domains"].values())}), flush=True)
+        return
     sets = ["model.base=tiny", "resources.device=cpu", f"resources.num_cpus={num_cpus}", "data.sources=[climate_fever]",
             "data.rows_per_shard=20000"]
     if cap:
@@ -130,6 +153,31 @@ def measure(mode: str, raw: Path, out: Path, cap: int, num_cpus: int) -> dict:
     return r
 
 
+def near_dup(raw: Path, repeat: int) -> None:
+    """Prepare with and without near-duplicate handling, alternating, each in a fresh process; medians and ratios."""
+    import statistics
+    runs: dict[str, list[dict]] = {"near-off": [], "near-on": []}
+    with tempfile.TemporaryDirectory(prefix="bench_neardup_") as tmp:
+        for i in range(repeat):
+            for mode in ("near-off", "near-on") if i % 2 == 0 else ("near-on", "near-off"):
+                r = measure(mode, raw, Path(tmp) / mode, 0, 1)
+                runs[mode].append(r)
+                print(f"  round {i + 1} {mode}: cpu {r['cpu_s']:.2f}s wall {r['seconds']:.2f}s "
+                      f"(near-dup units {r['near_dup_s']:.2f}s, contamination {r['contamination_s']:.2f}s)", flush=True)
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("cpu_s", "seconds", "near_dup_s", "contamination_s")}
+           for m, rs in runs.items()}
+    off, on = med["near-off"], med["near-on"]
+    r0 = runs["near-on"][0]
+    print(f"\nraw: {raw}; {r0['read']:,} records read, {r0['sft']:,} SFT rows; medians of {repeat} runs each, in-process prepare")
+    print("| run | CPU s | wall s | near-dup units s | contamination s |")
+    print("| --- | --- | --- | --- | --- |")
+    for m, label in (("near-off", "data.near_duplicates=false"), ("near-on", "data.near_duplicates=true (default)")):
+        print(f"| {label} | {med[m]['cpu_s']:.2f} | {med[m]['seconds']:.2f} | {med[m]['near_dup_s']:.2f} | {med[m]['contamination_s']:.2f} |")
+    print(f"on / off: CPU {on['cpu_s'] / off['cpu_s']:.3f}, wall {on['seconds'] / off['seconds']:.3f}")
+    bare = on["seconds"] - on["near_dup_s"] - on["contamination_s"]
+    print(f"on / (on without its n-gram work: near-dup units and contamination table): wall {on['seconds'] / bare:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mb", type=int, default=2048, help="input size in MB (default 2048 = 2 GB)")
@@ -139,7 +187,13 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where to generate (default: a temp dir, deleted after)")
     ap.add_argument("--skip-uncapped", action="store_true", help="only the capped runs")
     ap.add_argument("--skip-baseline", action="store_true", help="no single-process baseline run")
+    ap.add_argument("--near-dup", action="store_true", help="prepare with and without near-duplicate handling on --raw-dir")
+    ap.add_argument("--raw-dir", default=str(ROOT.parent / "shared" / "data" / "real"), help="for --near-dup")
+    ap.add_argument("--repeat", type=int, default=5, help="for --near-dup: runs of each")
     a = ap.parse_args()
+    if a.near_dup:
+        near_dup(Path(a.raw_dir).resolve(), a.repeat)
+        return
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
         raw = work / "raw"

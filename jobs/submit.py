@@ -74,12 +74,12 @@ EXCLUDES = [
 # so anything near it is data or a model that sits in the checkout and should be excluded.
 MAX_PACKAGE_MB = float(os.environ.get("SUBMIT_MAX_PACKAGE_MB", "50"))
 
-# The seed's documented switches: passed to the job when set here (they change what the job does).
+# The seed's documented switches: passed to the job when set here (they change what the job does),
+# with the variables each source declares (SourceSpec.settings: DDO_*_URL, DOWNLOAD_OPENCASELIST, ...).
 PASSTHROUGH_ENV = (
     "MAX_DOCS_PER_SOURCE", "MAX_SFT_PER_DOMAIN", "ALLOW_MISSING_DATA",
-    "DOWNLOAD_ONLY", "DOWNLOAD_SKIP", "DOWNLOAD_OPENCASLIST", "DOWNLOAD_OPENCASELIST",
+    "DOWNLOAD_ONLY", "DOWNLOAD_SKIP",
     "OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-    "DDO_DEBATES_URL", "DDO_USERS_URL", "DDO_GDRIVE_FOLDER_URL",
 )
 _SECRET_VALUE_VARS = ("RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN",
                       "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -150,8 +150,9 @@ def runtime_env(working_dir: Path, extra_env: Optional[list[str]] = None, enviro
     env = os.environ if environ is None else environ
     from pipeline.raycluster import WORKER_ENV
     from pipeline.redaction import is_secret_name
+    from pipeline.sources import SETTINGS
     env_vars = dict(WORKER_ENV)
-    for name in PASSTHROUGH_ENV:
+    for name in PASSTHROUGH_ENV + tuple(e for s in SETTINGS for e in s.env):
         if env.get(name, "").strip():
             env_vars[name] = env[name]
     for name in extra_env or []:

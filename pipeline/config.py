@@ -2,9 +2,9 @@
 
 Order of precedence (later wins): the YAML file, then ``--set key=value`` overrides, then the
 seed's environment variables (MAX_DOCS_PER_SOURCE, MAX_SFT_PER_DOMAIN, ALLOW_MISSING_DATA,
-OFFLINE / HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, DOWNLOAD_ONLY, DOWNLOAD_SKIP,
-DOWNLOAD_OPENCASLIST / DOWNLOAD_OPENCASELIST, DDO_DEBATES_URL, DDO_USERS_URL,
-DDO_GDRIVE_FOLDER_URL), then the command line's ``--raw-dir`` / ``--output`` / ``--domains``.
+OFFLINE / HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, DOWNLOAD_ONLY, DOWNLOAD_SKIP, and the variables the
+sources declare in their ``SourceSpec.settings``: DOWNLOAD_OPENCASLIST / DOWNLOAD_OPENCASELIST,
+DDO_DEBATES_URL, DDO_USERS_URL, DDO_GDRIVE_FOLDER_URL), then the command line's ``--raw-dir`` / ``--output`` / ``--domains``.
 
 Relative paths written in a YAML file are relative to that file; paths given on the command line
 are relative to the current directory. Unknown keys and bad values fail at start with a message
@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from pipeline import uris
+from pipeline.optimizers import OPTIMIZERS
 from pipeline.redaction import redact_url
 
 # the built-in sources and their domains, derived from the registry (pipeline/sources: no heavy imports)
-from pipeline.sources import BUILTIN, DOMAINS, SOURCES  # noqa: E402
+from pipeline.sources import BUILTIN, DOMAINS, SETTINGS, SOURCES, SourceSetting  # noqa: E402
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -40,14 +41,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class DownloadConfig(_Strict):
+class _DownloadCommon(_Strict):
+    """data.download's own keys; each source's settings are added from its SourceSpec (DownloadConfig below)."""
     only: list[str] = Field(default_factory=list, description="download only these sources (DOWNLOAD_ONLY)")
     skip: list[str] = Field(default_factory=list, description="skip these sources (DOWNLOAD_SKIP)")
-    opencaselist: bool = Field(False, description="OpenCaselist is huge: opt in (DOWNLOAD_OPENCASELIST=1)")
     offline: bool = Field(False, description="no network call at all (OFFLINE=1, HF_HUB_OFFLINE=1)")
-    ddo_debates_url: Optional[str] = None
-    ddo_users_url: Optional[str] = None
-    ddo_gdrive_folder_url: Optional[str] = None
     hf_endpoint: Optional[str] = Field(None, description="Hugging Face endpoint (default: HF_ENDPOINT or the hub)")
     timeout_s: float = Field(60.0, gt=0, description="seconds one network read may wait")
     retries: int = Field(3, ge=0)
@@ -59,6 +57,16 @@ class DownloadConfig(_Strict):
     @classmethod
     def _names(cls, v: list[str]) -> list[str]:
         return [s.strip().lower() for s in v if s.strip()]  # known names: checked by DataConfig
+
+
+def _setting_field(s: SourceSetting) -> tuple[Any, Any]:
+    said = f"{s.description} ({' or '.join(s.env)})"
+    return (bool, Field(False, description=said)) if s.kind == "opt_in" else (Optional[str], Field(None, description=said))
+
+
+# data.download: the common keys, then every built-in source's settings (pipeline.sources.SETTINGS)
+DownloadConfig = create_model("DownloadConfig", __base__=_DownloadCommon,
+                              **{s.key: _setting_field(s) for s in SETTINGS})
 
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -289,11 +297,15 @@ class LoraSettings(_Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+# train.optimizer: a name of the optimizer table (pipeline/optimizers.py); a Literal, so that the per-domain
+# overrides (built from TrainHyper's fields) validate it too and the error lists the names
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
+
+
 class TrainHyper(_Strict):
     """Hyperparameters that may be overridden per domain (train.per_domain.<domain>)."""
     max_steps: int = Field(100, ge=1)
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw: torch AdamW (betas 0.9, 0.999); "
-                                               "sgd: SGD with momentum 0.9")
+    optimizer: OptimizerName = Field("adamw", description="; ".join(f"{k}: {o.description}" for k, o in OPTIMIZERS.items()))
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
@@ -530,7 +542,7 @@ class Config(_Strict):
         d = self.model_dump(mode="json")
         for c in d["data"]["custom_sources"]:
             c["path"] = redact_url(c["path"])
-        for k in ("ddo_debates_url", "ddo_users_url", "ddo_gdrive_folder_url"):
+        for k in (x.key for x in SETTINGS if x.kind == "url"):   # a source's URL may carry a token
             if d["data"]["download"].get(k):
                 d["data"]["download"][k] = redact_url(d["data"]["download"][k])
         if (d.get("tracking") or {}).get("mlflow"):
@@ -648,13 +660,10 @@ def env_overrides(environ: Optional[dict[str, str]] = None) -> dict[str, Any]:
         out["data.download.only"] = _csv(env["DOWNLOAD_ONLY"])
     if env.get("DOWNLOAD_SKIP", "").strip():
         out["data.download.skip"] = _csv(env["DOWNLOAD_SKIP"])
-    for name in ("DOWNLOAD_OPENCASLIST", "DOWNLOAD_OPENCASELIST"):  # the seed's spelling and the right one
-        if env.get(name, "").strip():
-            out["data.download.opencaselist"] = _truthy(env[name])
-    for name, key in (("DDO_DEBATES_URL", "ddo_debates_url"), ("DDO_USERS_URL", "ddo_users_url"),
-                      ("DDO_GDRIVE_FOLDER_URL", "ddo_gdrive_folder_url")):
-        if env.get(name, "").strip():
-            out[f"data.download.{key}"] = env[name].strip()
+    for s in SETTINGS:   # the sources' own variables (DDO_*_URL, DOWNLOAD_OPENCASELIST, ...): a later one wins
+        for name in s.env:
+            if env.get(name, "").strip():
+                out[f"data.download.{s.key}"] = _truthy(env[name]) if s.kind == "opt_in" else env[name].strip()
     return out
 
 

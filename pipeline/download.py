@@ -371,24 +371,57 @@ def fetch_s3(part: DownloadPart, keep: Callable[[str], bool], tmp: Path, storage
 
 # ---- one part, one source -----------------------------------------------------------------------
 
-def _http_urls(part: DownloadPart, dl: Any, timeout_s: float, retries: int) -> dict[str, str]:
+def _http_urls(part: DownloadPart, spec: SourceSpec, dl: Any, timeout_s: float, retries: int) -> dict[str, str]:
+    """Each file's URL: its own setting, else the listing of the part's Google Drive folder setting."""
     urls = {name: getattr(dl, key, None) for name, key in part.files}
     missing = [n for n, u in urls.items() if not u]
-    if missing and getattr(dl, "ddo_gdrive_folder_url", None):
-        listing = gdrive_folder_files(dl.ddo_gdrive_folder_url, timeout_s, retries)
+    folder = getattr(dl, part.folder_key, None) if part.folder_key else None
+    if missing and folder:
+        listing = gdrive_folder_files(folder, timeout_s, retries)
         for n in missing:
             if n in listing:
                 urls[n] = listing[n]
     missing = [n for n, u in urls.items() if not u]
     if missing:
-        keys = ", ".join(k.upper() for n, k in part.files if n in missing)
-        raise DownloadError(f"no URL for {', '.join(missing)}: set {keys} (or DDO_GDRIVE_FOLDER_URL)")
+        keys = ", ".join(spec.setting(k).env[-1] for n, k in part.files if n in missing)
+        alt = f" (or {spec.setting(part.folder_key).env[-1]})" if part.folder_key else ""
+        raise DownloadError(f"no URL for {', '.join(missing)}: set {keys}{alt}")
     return urls  # type: ignore[return-value]
+
+
+# One fetcher per DownloadPart.kind: (part, spec, keep, tmp dir, cfg) -> what the part's marker records
+# (revision, commit, url / urls). A new kind of part is one function and one entry here.
+Fetcher = Callable[[DownloadPart, SourceSpec, Callable[[str], bool], Path, Any], dict[str, Any]]
+
+
+def _from_hf(part: DownloadPart, spec: SourceSpec, keep: Callable[[str], bool], tmp: Path, cfg: Any) -> dict[str, Any]:
+    dl = cfg.data.download
+    info = fetch_hf(part, hf_allow_patterns(spec, part), keep, tmp, dl.timeout_s, dl.retries, dl.hf_endpoint or None)
+    return {**info, "url": f"{(dl.hf_endpoint or 'https://huggingface.co').rstrip('/')}/datasets/{part.repo}"}
+
+
+def _from_git(part: DownloadPart, spec: SourceSpec, keep: Callable[[str], bool], tmp: Path, cfg: Any) -> dict[str, Any]:
+    dl = cfg.data.download
+    return {**fetch_git(part, keep, tmp, dl.timeout_s, dl.retries), "url": redact_url(part.repo)}
+
+
+def _from_http(part: DownloadPart, spec: SourceSpec, keep: Callable[[str], bool], tmp: Path, cfg: Any) -> dict[str, Any]:
+    dl = cfg.data.download
+    urls = _http_urls(part, spec, dl, dl.timeout_s, dl.retries)
+    for name, url in urls.items():
+        http_download(url, tmp / name, dl.timeout_s, dl.retries, dl.max_file_mb << 20, dl.max_time_s)
+    return {"urls": {n: redact_url(u) for n, u in urls.items()}}
+
+
+def _from_s3(part: DownloadPart, spec: SourceSpec, keep: Callable[[str], bool], tmp: Path, cfg: Any) -> dict[str, Any]:
+    return {**fetch_s3(part, keep, tmp, cfg.storage), "url": redact_url(part.repo)}
+
+
+FETCHERS: dict[str, Fetcher] = {"hf": _from_hf, "git": _from_git, "http": _from_http, "s3": _from_s3}
 
 
 def fetch_part(part: DownloadPart, spec: SourceSpec, raw: Path, cfg: Any) -> dict[str, Any]:
     """Fetch one part into a temp dir next to its destination, write its marker, rename in place."""
-    dl = cfg.data.download
     dest = raw / part.dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
@@ -397,24 +430,10 @@ def fetch_part(part: DownloadPart, spec: SourceSpec, raw: Path, cfg: Any) -> dic
     tmp.mkdir()
     keep = keep_filter(spec, part)
     try:
-        info: dict[str, Any] = {"kind": part.kind}
-        if part.kind == "hf":
-            info.update(fetch_hf(part, hf_allow_patterns(spec, part), keep, tmp, dl.timeout_s, dl.retries,
-                                 dl.hf_endpoint or None))
-            info["url"] = f"{(dl.hf_endpoint or 'https://huggingface.co').rstrip('/')}/datasets/{part.repo}"
-        elif part.kind == "git":
-            info.update(fetch_git(part, keep, tmp, dl.timeout_s, dl.retries))
-            info["url"] = redact_url(part.repo)
-        elif part.kind == "http":
-            urls = _http_urls(part, dl, dl.timeout_s, dl.retries)
-            for name, url in urls.items():
-                http_download(url, tmp / name, dl.timeout_s, dl.retries, dl.max_file_mb << 20, dl.max_time_s)
-            info["urls"] = {n: redact_url(u) for n, u in urls.items()}
-        elif part.kind == "s3":
-            info.update(fetch_s3(part, keep, tmp, cfg.storage))
-            info["url"] = redact_url(part.repo)
-        else:
-            raise DownloadError(f"unknown fetch kind {part.kind!r}")
+        fetcher = FETCHERS.get(part.kind)
+        if fetcher is None:
+            raise DownloadError(f"unknown fetch kind {part.kind!r} (known: {', '.join(FETCHERS)})")
+        info: dict[str, Any] = {"kind": part.kind, **fetcher(part, spec, keep, tmp, cfg)}
         files = file_records(tmp)
         if not files:
             raise DownloadError(f"nothing matching {list(spec.patterns)} was found")
@@ -492,8 +511,8 @@ def download_plan(cfg) -> tuple[list[str], dict[str, str]]:
                              else f"its domain {spec.domain!r} is not in domains")
         elif name in dl.skip:
             skipped[name] = "in data.download.skip (DOWNLOAD_SKIP)"
-        elif spec.download_opt_in and not getattr(dl, name, False):
-            skipped[name] = (f"opt-in: set DOWNLOAD_{name.upper()}=1 (or data.download.{name}: true)")
+        elif spec.opt_in and not getattr(dl, spec.opt_in.key, False):
+            skipped[name] = (f"opt-in: set {spec.opt_in.env[-1]}=1 (or data.download.{spec.opt_in.key}: true)")
         else:
             fetch.append(name)
     return fetch, skipped

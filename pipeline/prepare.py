@@ -2,14 +2,16 @@
 
 One record's path, top to bottom:
 
-  1. ``process_file`` (a Ray Data ``flat_map`` over the source's files, in canonical file order):
-     the source's reader yields raw records or quarantine entries; each record is normalized to a
-     corpus row and its SFT examples are built and checked (``finalize_sft``).
+  1. ``file_events`` (a Ray Data ``flat_map`` over the source's files, in canonical file order):
+     the source's reader yields raw records or quarantine entries; each record goes through the
+     file steps (``file_steps``: nesting depth -> record size -> normalize, which builds the corpus row
+     and its checked SFT examples), any of which may quarantine it with a reason.
   2. The driver consumes the stream in order (``preserve_order``), so every decision below is
-     independent of block layout: quarantine (counted by reason) -> exact-duplicate check within the
-     domain (normalized text hash) -> cap per source (the first ``max_docs_per_source`` kept records
-     in canonical order; reading stops at the end of the file where the cap was reached) -> corpus
-     shard / staged SFT shard.
+     independent of block layout: quarantine -> the driver steps: exact-duplicate check within the
+     domain (``Dedupe``: normalized text hash) -> cap per source (``Cap``: the first
+     ``max_docs_per_source`` kept records in canonical order; reading stops at the end of the file
+     where the cap was reached) -> corpus shard / staged SFT shard. A ``Tally`` counts what each
+     step dropped, by outcome and reason; the manifest's counts are its sums.
   3. Per domain: the SFT cap (exact, balanced across the domain's sources, rows picked by a seeded
      hash), a group key per row (document / topic), groups that share an exact prompt or response
      text merged, split by a seeded stable hash of the merged group -> SFT shards.
@@ -35,7 +37,7 @@ import pyarrow as pa
 from pipeline import neardup
 from pipeline.download import sha256_file
 from pipeline.errors import UserFacingError
-from pipeline.sources import Opts, Quarantine, Reject, SourceSpec, finalize_sft, norm_key, selected_sources, text_hash
+from pipeline.sources import Opts, Quarantine, Raw, Reject, SourceSpec, finalize_sft, norm_key, selected_sources, text_hash
 from pipeline.sources.base import (MAX_DEPTH, OUTSIDE_RAW_DIR, RECORD_ERROR, TOO_DEEP, TOO_LARGE, UNKNOWN_FORMAT, SourceFiles,
                                    nesting_depth, prompt_text, record_chars)
 from pipeline.storage import Store, open_store
@@ -60,46 +62,169 @@ PROGRESS_EVERY_S = 15.0
 SHUFFLE_LIMIT = 200_000
 
 
+# ---- the per-record rules, as steps (datatrove's pattern) ------------------------------------------
+# Each rule is a small step with a name: it passes a record on (returned, or what it makes of it) or raises
+# Drop with the outcome and reason. The first three run where the file is read (Ray workers), the last two
+# in the driver, in canonical order. The driver's Tally counts, per step, what each dropped (by outcome and
+# reason) and the records kept; the manifest's counts are sums over it.
+
+class Drop(Exception):
+    """A step's verdict on a record it does not pass on: its outcome (quarantined: written to quarantine with
+    the reason; deduplicated; capped) and why."""
+
+    def __init__(self, reason: str, snippet: str = "", outcome: str = "quarantined"):
+        super().__init__(reason)
+        self.reason, self.snippet, self.outcome = reason, snippet, outcome
+
+
+class RecordStep:
+    name = ""
+
+    def __call__(self, x: Any) -> Any:
+        raise NotImplementedError
+
+
+READ = "read"   # the step name of the reader's own quarantine entries (bad JSON, a wrong column count, ...)
+
+
+class NestingDepth(RecordStep):
+    """First: what follows walks the record (Python's json, str() and json.dumps recurse)."""
+    name = "nesting_depth"
+
+    def __call__(self, item: Raw) -> Raw:
+        if nesting_depth(item.data) > MAX_DEPTH:
+            raise Drop(TOO_DEEP, f"nested more than {MAX_DEPTH} levels")
+        return item
+
+
+class RecordSize(RecordStep):
+    """Before anything is built from a record (corpus text, prompts, tokens)."""
+    name = "record_size"
+
+    def __init__(self, max_chars: int):
+        self.max_chars = max_chars
+
+    def __call__(self, item: Raw) -> Raw:
+        if record_chars(item.data, self.max_chars) > self.max_chars:
+            raise Drop(TOO_LARGE, f"more than {self.max_chars:,} characters of text (data.max_record_chars)")
+        return item
+
+
+class Normalize(RecordStep):
+    """The source's normalizer and SFT builder: a Reject is quarantined with its reason; anything else a
+    normalizer raises (a record of a shape it did not foresee) costs that record only (RECORD_ERROR), the
+    first one per file logged."""
+    name = "normalize"
+
+    def __init__(self, src: SourceSpec, opts: Opts, rel: str):
+        self.src, self.opts, self.rel = src, opts, rel
+        self.errors = 0
+
+    def __call__(self, item: Raw) -> dict:
+        src, opts = self.src, self.opts
+        try:
+            row = src.normalize(item, opts)
+            sft, rejected = finalize_sft(src.build_sft(row), row, opts.max_response_chars,
+                                         opts.system_messages.get(row["domain"], ""))
+        except Reject as e:
+            raise Drop(e.reason, e.snippet)
+        except Exception as e:  # noqa: BLE001
+            if not self.errors:
+                log.warning("%s: %s %s: %s: %s (quarantined as %s; further ones in this file are not logged)",
+                            src.name, self.rel, item.location, type(e).__name__, e, RECORD_ERROR)
+            self.errors += 1
+            raise Drop(RECORD_ERROR, f"{type(e).__name__}: {e}"[:300])
+        # outside the try: a row without text is a normalizer bug that fails the file (reader_error), as before
+        return {"row": row, "sft": sft, "sft_rejected": rejected, "hash": text_hash(row["text"])}
+
+
+class Dedupe(RecordStep):
+    """A text (normalized hash) already kept in the domain (this source or one before it) is not kept again."""
+    name = "dedupe"
+
+    def __init__(self, seen: set[str]):
+        self.seen = seen   # the keep step adds to it: a capped record's text is not "seen"
+
+    def __call__(self, rec: dict) -> dict:
+        if rec["hash"] in self.seen:
+            raise Drop("duplicate_text", outcome="deduplicated")
+        return rec
+
+
+class Cap(RecordStep):
+    """The first max_docs_per_source records that reach it are kept (canonical order); the rest are capped."""
+    name = "cap"
+
+    def __init__(self, cap: Optional[int]):
+        self.cap, self.passed = cap, 0
+
+    @property
+    def reached(self) -> bool:
+        return self.cap is not None and self.passed >= self.cap
+
+    def __call__(self, rec: dict) -> dict:
+        if self.reached:
+            raise Drop("max_docs_per_source", outcome="capped")
+        self.passed += 1
+        return rec
+
+
+def file_steps(src: SourceSpec, opts: Opts, rel: str) -> list[RecordStep]:
+    """The steps a raw record of one file goes through where it is read: Raw -> a record for the driver."""
+    return [NestingDepth(), RecordSize(opts.max_record_chars), Normalize(src, opts, rel)]
+
+
+class Tally:
+    """Per step, what it dropped by (outcome, reason); and the records kept."""
+
+    def __init__(self) -> None:
+        self.dropped: dict[str, Counter] = defaultdict(Counter)
+        self.kept = 0
+
+    def drop(self, step: str, outcome: str, reason: str) -> None:
+        self.dropped[step][(outcome, reason)] += 1
+
+    def reasons(self, outcome: str) -> Counter:
+        out: Counter = Counter()
+        for c in self.dropped.values():
+            for (o, reason), n in c.items():
+                if o == outcome:
+                    out[reason] += n
+        return out
+
+    def count(self, outcome: str) -> int:
+        return sum(self.reasons(outcome).values())
+
+    @property
+    def read(self) -> int:
+        return self.kept + sum(sum(c.values()) for c in self.dropped.values())
+
+    def by_step(self) -> dict[str, dict[str, int]]:
+        return {step: {f"{o}:{r}": n for (o, r), n in sorted(c.items())} for step, c in self.dropped.items()}
+
+
 # ---- step 1: one file -> records (runs in Ray workers, or in-process for the baseline) --------
 def file_events(src: SourceSpec, path: str, rel: str, opts: Opts) -> Iterator[tuple[str, dict]]:
-    """('r', record) / ('q', quarantine row) for each record of one file, then ('f', file facts)."""
+    """('r', record) / ('q', quarantine row, with the name of the step that dropped it under "step") for each
+    record of one file, then ('f', file facts)."""
     p = Path(path)
-    record_errors = 0
+    steps = file_steps(src, opts, rel)
     try:
         for item in src.read(p, rel, opts):
             if isinstance(item, Quarantine):
-                yield "q", item.as_row()
+                yield "q", {**item.as_row(), "step": READ}
                 continue
-            if nesting_depth(item.data) > MAX_DEPTH:  # first: what follows walks the record
-                yield "q", Quarantine(src.name, item.file, item.location, TOO_DEEP,
-                                      f"nested more than {MAX_DEPTH} levels").as_row()
-                continue
-            n = record_chars(item.data, opts.max_record_chars)
-            if n > opts.max_record_chars:  # before anything is built from it (corpus text, prompts, tokens)
-                yield "q", Quarantine(src.name, item.file, item.location, TOO_LARGE,
-                                      f"more than {opts.max_record_chars:,} characters of text "
-                                      "(data.max_record_chars)").as_row()
-                continue
+            x: Any = item
             try:
-                row = src.normalize(item, opts)
-                sft, rejected = finalize_sft(src.build_sft(row), row, opts.max_response_chars,
-                                             opts.system_messages.get(row["domain"], ""))
-            except Reject as e:
-                yield "q", Quarantine(src.name, item.file, item.location, e.reason, e.snippet).as_row()
+                for step in steps:
+                    x = step(x)
+            except Drop as d:
+                yield "q", {**Quarantine(src.name, item.file, item.location, d.reason, d.snippet).as_row(), "step": step.name}
                 continue
-            except Exception as e:  # noqa: BLE001 - a record of a shape its normalizer did not foresee:
-                # that record is quarantined with the error, the rest of the file is still read
-                if not record_errors:
-                    log.warning("%s: %s %s: %s: %s (quarantined as %s; further ones in this file are not logged)",
-                                src.name, rel, item.location, type(e).__name__, e, RECORD_ERROR)
-                record_errors += 1
-                yield "q", Quarantine(src.name, item.file, item.location, RECORD_ERROR,
-                                      f"{type(e).__name__}: {e}"[:300]).as_row()
-                continue
-            yield "r", {"row": row, "sft": sft, "sft_rejected": rejected, "hash": text_hash(row["text"])}
+            yield "r", x
     except Exception as e:  # a reader bug or an unexpected format: the file is quarantined, the run goes on
         log.exception("reading %s failed", rel)
-        yield "q", Quarantine(src.name, rel, "file", "reader_error", f"{type(e).__name__}: {e}"[:300]).as_row()
+        yield "q", {**Quarantine(src.name, rel, "file", "reader_error", f"{type(e).__name__}: {e}"[:300]).as_row(), "step": READ}
     yield "f", {"rel": rel, "size": p.stat().st_size, "sha256": sha256_file(p)}
 
 
@@ -240,8 +365,10 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
     corpus = _ShardWriter(store, f"data/corpus/{src.domain}/{name}-", CORPUS_SCHEMA, d.rows_per_shard)
     quarantine = _ShardWriter(store, f"data/quarantine/{name}/part-", QUARANTINE_SCHEMA, d.rows_per_shard)
     sft = _ShardWriter(store, f"data/_work/sft/{src.domain}/{name}/part-", STAGED_SFT_SCHEMA, d.rows_per_shard)
-    read = kept = deduplicated = capped = corpus_chars = 0
-    q_by_reason: Counter = Counter()
+    tally = Tally()
+    capper = Cap(cap)
+    driver_steps: list[RecordStep] = [Dedupe(seen), capper]   # in this order: a duplicate is never counted as capped
+    corpus_chars = 0
     sft_rejected: Counter = Counter()
     sft_tasks: Counter = Counter()
     file_facts: dict[str, dict] = {}
@@ -249,14 +376,12 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
 
     # files under the source's folder that no pattern matches are reported, not guessed at
     for p, rel in listing.unmatched:
-        read += 1
-        q_by_reason[UNKNOWN_FORMAT] += 1
+        tally.drop("file_format", "quarantined", UNKNOWN_FORMAT)
         quarantine.add(Quarantine(name, rel, "file", UNKNOWN_FORMAT, f"no {name} reader for this file layout").as_row())
         file_facts[rel] = {"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p), "status": "quarantined (unknown format)"}
     # links that leave the raw directory are refused, never opened
     for p, rel in listing.refused:
-        read += 1
-        q_by_reason[OUTSIDE_RAW_DIR] += 1
+        tally.drop("containment", "quarantined", OUTSIDE_RAW_DIR)
         quarantine.add(Quarantine(name, rel, "link", OUTSIDE_RAW_DIR, "a symbolic link that resolves outside the raw "
                                   "directory: not followed (copy the data into the raw directory instead)").as_row())
         file_facts[rel] = {"path": rel, "size": None, "sha256": None, "status": "refused (link outside the raw directory)"}
@@ -267,31 +392,31 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
     try:
         for kind, ev in stream:
             if time.monotonic() >= next_progress:  # a long source says how far it is (no bars: logs and jobs)
-                log.info("prepare: %s: %d records read, %d kept, %d of %d files done", name, read, kept,
+                log.info("prepare: %s: %d records read, %d kept, %d of %d files done", name, tally.read, tally.kept,
                          len(file_facts), len(files))
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
             if kind == "f":
                 file_facts[ev["rel"]] = {"path": ev["rel"], "size": ev["size"], "sha256": ev["sha256"], "status": "read"}
-                if cap is not None and kept >= cap:
+                if capper.reached:
                     break  # the cap is reached: files after this one are not opened
                 continue
-            read += 1
             if kind == "q":
-                q_by_reason[ev["reason"]] += 1
+                tally.drop(ev["step"], "quarantined", ev["reason"])
                 quarantine.add(ev)
                 continue
-            row = ev["row"]
-            if ev["hash"] in seen:
-                deduplicated += 1
-                continue
-            if cap is not None and kept >= cap:
-                capped += 1
-                if capped >= MAX_READ_PAST_CAP:
+            try:
+                for step in driver_steps:
+                    ev = step(ev)
+            except Drop as d:
+                tally.drop(step.name, d.outcome, d.reason)
+                if d.outcome == "capped" and tally.count("capped") >= MAX_READ_PAST_CAP:
                     stopped_early = True
                     break
                 continue
+            # kept
+            row = ev["row"]
             seen.add(ev["hash"])
-            kept += 1
+            tally.kept += 1
             corpus_chars += len(row["text"])
             corpus.add(row)
             sft_rejected.update(ev["sft_rejected"])
@@ -308,8 +433,11 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
         if rel not in file_facts:
             file_facts[rel] = {"path": rel, "size": p.stat().st_size, "sha256": None,
                                "status": "not read to the end (cap reached)" if stopped_early else "not read"}
+    read, kept, q_by_reason = tally.read, tally.kept, tally.reasons("quarantined")
+    deduplicated, capped = tally.count("deduplicated"), tally.count("capped")
     quarantined = sum(q_by_reason.values())
     assert read == kept + quarantined + deduplicated + capped, (name, read, kept, quarantined, deduplicated, capped)
+    log.debug("prepare: %s: dropped per step %s; kept %d", name, tally.by_step(), kept)
     return {
         "status": "ok", "domain": src.domain, "raw_subdir": src.raw_dir, "license": src.license, "url": src.url,
         "files": [file_facts[r] for r in sorted(file_facts)],
@@ -341,11 +469,11 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     for name in names:
         want = chosen[name]
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            t = [r for ri, r in enumerate(store.read_table(rel, ["messages", "group", "task"]).to_pylist())
-                 if (si, ri) in want]
-            row_group += [r["group"] for r in t]
-            tasks += [f"{name}/{r['task']}" for r in t]
-            hashes += neardup.rows_hashes(t)
+            t = store.read_table(rel, ["messages", "group", "task"])
+            t = t.take(pa.array([ri for ri in range(t.num_rows) if (si, ri) in want], pa.int64()))  # typed: may be empty
+            row_group += t.column("group").to_pylist()
+            tasks += [f"{name}/{task}" for task in t.column("task").to_pylist()]
+            hashes += neardup.texts_hashes(neardup.column_texts(t.column("messages")))
     max_df = neardup.max_df_for(len(hashes))
     merged = 0
     for i, j in neardup.near_duplicate_links(hashes, max_df):
@@ -517,10 +645,10 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
             rows[dm] = {}
             every, tasks = [], []
             for s in SPLITS:
-                t = store.read_table(f"data/sft/{dm}/{s}", ["messages", "source", "task"]).to_pylist()
-                rows[dm][s] = neardup.rows_hashes(t)
+                t = store.read_table(f"data/sft/{dm}/{s}", ["messages", "source", "task"])
+                rows[dm][s] = neardup.texts_hashes(neardup.column_texts(t.column("messages")))
                 every += rows[dm][s]
-                tasks += [f"{r['source']}/{r['task']}" for r in t]
+                tasks += [f"{src}/{task}" for src, task in zip(t.column("source").to_pylist(), t.column("task").to_pylist())]
         tmpl[dm] = neardup.templates(every, tasks)
     pools = {dm: neardup.pool_of(rows[dm]["train"]) for dm in domains}
     out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}

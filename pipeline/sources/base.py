@@ -118,6 +118,24 @@ class DownloadPart:
     repo: str = ""                             # HF dataset id, git URL, or s3:// URI
     revision: Optional[str] = None             # HF revision / git branch or tag (None: default branch)
     files: tuple[tuple[str, str], ...] = ()    # http: (file name, config key of its URL)
+    # http: config key of a Google Drive folder share whose listing gives the URL of a file not set by its key
+    folder_key: str = ""
+
+
+@dataclass(frozen=True)
+class SourceSetting:
+    """A setting a source declares for itself: ``data.download.<key>``, the environment variables that set
+    it (in this order: a later one that is set wins), and what it holds. Config (its fields, the environment
+    overrides, redaction), download (URLs, opt-in) and ``jobs/submit.py`` (which variables a job carries)
+    all iterate over these; none names a source."""
+    key: str
+    kind: Literal["opt_in", "url"]   # opt_in: a bool, fetch this (large) source; url: a URL, may carry a token
+    env: tuple[str, ...]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.key) or not self.env:
+            raise ValueError(f"SourceSetting {self.key!r}: a lower-case key and at least one environment variable")
 
 
 class EvalTask:
@@ -181,7 +199,8 @@ class SourceSpec:
     url: str = ""
     how_to_get: str = ""
     parts: tuple[DownloadPart, ...] = ()  # what `adapters download` fetches (none: provided by hand)
-    download_opt_in: bool = False         # fetched only when data.download.<name> is true (large sources)
+    # its own settings under data.download (URLs of its files, an opt-in for a large source)
+    settings: tuple[SourceSetting, ...] = ()
     # files under raw_dir that match no pattern but are reported as unknown_format (not guessed at)
     report_unmatched: tuple[str, ...] = ()
     # a file or folder read in place instead of data.raw_dir/<raw_dir> (custom sources on local disk)
@@ -190,6 +209,24 @@ class SourceSpec:
     declaration: str = ""                 # what else decides its records (a custom source: its config), for re-runs
     # how the evaluation scores each of its SFT tasks (SFT task name -> EvalTask); others: FREE_TEXT
     tasks: Mapping[str, EvalTask] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        keys = {s.key: s for s in self.settings}
+        if len(keys) != len(self.settings) or sum(s.kind == "opt_in" for s in self.settings) > 1:
+            raise ValueError(f"source {self.name}: settings name a key twice or have more than one opt_in")
+        for p in self.parts:
+            for k in [k for _, k in p.files] + ([p.folder_key] if p.folder_key else []):
+                if k not in keys or keys[k].kind != "url":
+                    raise ValueError(f"source {self.name}: part {p.dest} reads data.download.{k}, which its settings "
+                                     "do not declare as a url")
+
+    @property
+    def opt_in(self) -> Optional[SourceSetting]:
+        """The setting that must be true for download to fetch it (large sources), or None."""
+        return next((s for s in self.settings if s.kind == "opt_in"), None)
+
+    def setting(self, key: str) -> SourceSetting:
+        return next(s for s in self.settings if s.key == key)
 
     def how_to_get_at(self, raw_root: Path) -> str:
         """how_to_get with <raw_dir> replaced by the raw directory."""

@@ -3,7 +3,7 @@ title, category, rounds [[{side, text}, ...], ...] and participants; users.json 
 its size and checksum are recorded, it yields no records). One record = one debate."""
 from __future__ import annotations
 
-from .base import (FREE_TEXT, DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, meta, not_a_record, stable_id,
+from .base import (FREE_TEXT, DownloadPart, Opts, SourceSetting, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_json_file, meta, not_a_record, stable_id,
                    BAD_JSON, EMPTY_TEXT)
 
 NAME, DOMAIN = "ddo", "debate"
@@ -65,7 +65,12 @@ def build_sft(row: dict) -> list[dict]:
 
 SOURCE = SourceSpec(NAME, DOMAIN, "DDO", ("debates.json", "users.json"), read, normalize, build_sft,
                 license="research use; cite Durmus & Cardie 2019", url="https://www.cs.cornell.edu/~esindurmus/ddo.html",
-                parts=(DownloadPart("DDO", "http", files=(("debates.json", "ddo_debates_url"), ("users.json", "ddo_users_url"))),),
+                parts=(DownloadPart("DDO", "http", files=(("debates.json", "ddo_debates_url"), ("users.json", "ddo_users_url")),
+                                    folder_key="ddo_gdrive_folder_url"),),
+                settings=(SourceSetting("ddo_debates_url", "url", ("DDO_DEBATES_URL",), "URL of debates.json (a Google Drive share link works)"),
+                          SourceSetting("ddo_users_url", "url", ("DDO_USERS_URL",), "URL of users.json (a Google Drive share link works)"),
+                          SourceSetting("ddo_gdrive_folder_url", "url", ("DDO_GDRIVE_FOLDER_URL",),
+                                        "a Google Drive folder holding debates.json and users.json (for files without their own URL)")),
                 how_to_get="set DDO_DEBATES_URL and DDO_USERS_URL (or DDO_GDRIVE_FOLDER_URL) and run adapters download, "
                            "or put debates.json and users.json under <raw_dir>/DDO/",
                 # no label per turn (votes are per debate): turns are scored as free text

@@ -2,7 +2,7 @@
 tag, cite, fullcite, summary, spoken, fulltext, pocket, hat, block, side, ... One record = one row."""
 from __future__ import annotations
 
-from .base import FREE_TEXT, DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, iter_parquet, meta, stable_id, text_hash, EMPTY_TEXT
+from .base import FREE_TEXT, DownloadPart, Opts, Raw, Reject, SourceSetting, SourceSpec, clean, corpus_row, iter_parquet, meta, stable_id, text_hash, EMPTY_TEXT
 
 NAME, DOMAIN = "opencaselist", "debate"
 
@@ -45,7 +45,10 @@ def build_sft(row: dict) -> list[dict]:
 
 SOURCE = SourceSpec(NAME, DOMAIN, "OpenDebateEvidence", ("**/*.parquet",), read, normalize, build_sft,
                 license="see the dataset card (Yusuf5/OpenCaselist)", url="https://huggingface.co/datasets/Yusuf5/OpenCaselist",
-                parts=(DownloadPart("OpenDebateEvidence", "hf", "Yusuf5/OpenCaselist"),), download_opt_in=True,
+                parts=(DownloadPart("OpenDebateEvidence", "hf", "Yusuf5/OpenCaselist"),), 
+                # the seed's misspelt variable first: the right spelling wins when both are set
+                settings=(SourceSetting("opencaselist", "opt_in", ("DOWNLOAD_OPENCASLIST", "DOWNLOAD_OPENCASELIST"),
+                                        "OpenCaselist is huge: opt in"),),
                 how_to_get="DOWNLOAD_OPENCASELIST=1 adapters download (it is large), or put its Parquet shards under <raw_dir>/OpenDebateEvidence/; "
                            "or drop 'opencaselist' from data.sources",
                 tasks={"debate_turn": FREE_TEXT, "claim_extraction": FREE_TEXT})

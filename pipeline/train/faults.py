@@ -2,8 +2,12 @@
 
 Tests set ``DOMAIN_ADAPTERS_FAULTS="domain:kind[:step],..."`` in the driver's environment (or pass a
 ``FaultPlan`` to ``train_domain``). The scheduler parses it once per domain and hands the typed plan
-to the worker, which then runs ``with_faults(DomainRecipe, plan)``: a subclass whose overrides fail
-at the planned moment and otherwise call the real recipe. The production loop holds no test hook.
+to the worker, which gives the recipe a ``Faults`` collaborator built from it (``DomainRecipe(...,
+faults=Faults(plan))``; ``with_faults(DomainRecipe, plan)`` is that as a recipe factory). The recipe
+calls its collaborator at three seams, none inside the micro-batch loop: once at setup (``at_setup``,
+and ``real_cuda_check`` when it resolves its device), once before each optimizer step
+(``before_step``), and once on each step's summed loss (``step_loss``). Without a plan the recipe
+holds ``NO_FAULTS``, whose seams do nothing.
 
     kind       what happens
     raise      RuntimeError at setup, every attempt (the domain fails; the others go on)
@@ -16,9 +20,10 @@ at the planned moment and otherwise call the real recipe. The production loop ho
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -55,44 +60,48 @@ class FaultPlan(BaseModel):
         return cls(**found) if found else None
 
 
-def with_faults(recipe_cls: type, plan: Optional[FaultPlan]) -> type:
-    """`recipe_cls`, or a subclass of it that injects `plan`'s faults."""
-    if plan is None:
-        return recipe_cls
+class Faults:
+    """The recipe's fault-injection collaborator: fails at the moments `plan` names, else does nothing."""
 
-    class FaultyRecipe(recipe_cls):  # type: ignore[misc, valid-type]
-        def resolve_device(self) -> str:
-            from pipeline.train.device import worker_device
-            return worker_device(self.cfg, allow_fake_gpu=not plan.no_cuda)
+    def __init__(self, plan: Optional[FaultPlan] = None):
+        self.plan = plan or FaultPlan()
 
-        def setup(self) -> None:
-            if plan.raise_at_setup:
-                raise RuntimeError(f"injected failure for domain {self.domain} ({FAULTS_ENV})")
-            super().setup()
+    @property
+    def real_cuda_check(self) -> bool:
+        """no_cuda: the worker's CUDA check runs for real even where DOMAIN_ADAPTERS_FAKE_GPU=1."""
+        return self.plan.no_cuda
 
-        def train_step(self) -> None:
+    def at_setup(self, recipe) -> None:
+        if self.plan.raise_at_setup:
+            raise RuntimeError(f"injected failure for domain {recipe.domain} ({FAULTS_ENV})")
+
+    def before_step(self, recipe, step: int) -> None:
+        """Before optimizer step `step` (counted from 1) of `recipe`."""
+        plan = self.plan
+        if plan.exit == step:
+            raise SystemExit(f"injected exit before step {step}")
+        if plan.oom == step:
             import torch
-            step = self.state.step + 1
-            if plan.exit == step:
-                raise SystemExit(f"injected exit before step {step}")
-            if plan.oom == step:
-                self.store.write_text(f"{self.run_dir}/faults/{self.domain}-oom-attempt-{os.getpid()}-{time.time_ns()}",
-                                      "simulated OOM")
-                raise torch.OutOfMemoryError(
-                    f"CUDA out of memory (simulated by {FAULTS_ENV} at step {step}). Lower "
-                    "train.tokens_per_micro_batch or max_seq_length, or turn on train.gradient_checkpointing")
-            if plan.crash == step:
-                marker = f"{self.run_dir}/faults/{self.domain}-crash-{step}"
-                if not self.store.exists(marker):
-                    self.store.write_text(marker, "crashed once")
-                    os._exit(1)
-            super().train_step()
+            recipe.store.write_text(f"{recipe.run_dir}/faults/{recipe.domain}-oom-attempt-{os.getpid()}-{time.time_ns()}",
+                                    "simulated OOM")
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (simulated by {FAULTS_ENV} at step {step}). Lower "
+                "train.tokens_per_micro_batch or max_seq_length, or turn on train.gradient_checkpointing")
+        if plan.crash == step:
+            marker = f"{recipe.run_dir}/faults/{recipe.domain}-crash-{step}"
+            if not recipe.store.exists(marker):
+                recipe.store.write_text(marker, "crashed once")
+                os._exit(1)
 
-        def micro_loss(self, batch: dict):
-            loss = super().micro_loss(batch)
-            if plan.nan is not None and self.state.step + 1 >= plan.nan:
-                loss = loss * float("nan")
-            return loss
+    def step_loss(self, step: int, loss: float) -> float:
+        """The summed loss of step `step`, as this worker measured it: NaN from plan.nan on."""
+        return float("nan") if self.plan.nan is not None and step >= self.plan.nan else loss
 
-    FaultyRecipe.__name__ = f"Faulty{recipe_cls.__name__}"
-    return FaultyRecipe
+
+NO_FAULTS = Faults()
+
+
+def with_faults(recipe_cls: type, plan: Optional[FaultPlan]) -> Callable[..., Any]:
+    """A factory of `recipe_cls` recipes holding `plan`'s faults as their collaborator (`recipe_cls` itself
+    without a plan); train_domain takes it as its recipe_cls."""
+    return recipe_cls if plan is None else functools.partial(recipe_cls, faults=Faults(plan))

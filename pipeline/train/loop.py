@@ -25,7 +25,9 @@ With resources.workers_per_trial > 1 every worker holds all examples and the sam
 every n-th row of each micro-batch, and the LoRA gradients are summed across workers before each
 optimizer step: the global batch and the loss are those of one worker.
 
-Fault injection for tests lives in pipeline.train.faults (a subclass of the recipe), not here.
+Fault injection for tests lives in pipeline.train.faults: a ``Faults`` collaborator the recipe is given
+(``NO_FAULTS`` in production), called at setup, before each optimizer step and on each step's summed loss;
+never inside the micro-batch loop.
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+
+from pipeline.optimizers import build_optimizer
+from pipeline.train.faults import NO_FAULTS, Faults, with_faults
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +324,6 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def build_optimizer(hyper, params: list):
-    """train.optimizer: the current default is AdamW."""
-    import torch
-    if hyper.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=hyper.learning_rate, momentum=0.9, weight_decay=hyper.weight_decay)
-    return torch.optim.AdamW(params, lr=hyper.learning_rate, weight_decay=hyper.weight_decay)
-
-
 def peak_memory_gb(device, mem=None) -> float:
     import torch
     if mem is not None:
@@ -394,9 +391,11 @@ class TrainState:
 class DomainRecipe:
     """One domain's QLoRA training on one worker (see the module docstring for the order of calls)."""
 
-    def __init__(self, cfg, domain: str, data: dict, session, fingerprint: Optional[str] = None):
+    def __init__(self, cfg, domain: str, data: dict, session, fingerprint: Optional[str] = None,
+                 faults: Faults = NO_FAULTS):
         from pipeline.storage import open_store
         self.cfg, self.domain, self.data, self.session, self.fingerprint = cfg, domain, data, session, fingerprint
+        self.faults = faults   # test fault injection (pipeline/train/faults.py); NO_FAULTS does nothing
         self.hyper = cfg.hyper_for(domain)
         self.store = open_store(cfg)
         self.run_dir = f"runs/{cfg.run_name}"
@@ -416,7 +415,7 @@ class DomainRecipe:
     # -- setup ---------------------------------------------------------------------------------------
     def resolve_device(self) -> str:
         from pipeline.train.device import worker_device
-        return worker_device(self.cfg)
+        return worker_device(self.cfg, allow_fake_gpu=not self.faults.real_cuda_check)
 
     def setup(self) -> None:
         import torch
@@ -424,6 +423,7 @@ class DomainRecipe:
         from pipeline.train.lora_fused import fuse_lora
         from pipeline.train.model import add_lora, compute_dtype, load_model, load_tokenizer, resolve_base
         cfg, t, h = self.cfg, self.cfg.train, self.hyper
+        self.faults.at_setup(self)
         self.device = self.resolve_device()
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -451,7 +451,7 @@ class DomainRecipe:
         self.budget = kernels.plan_checkpointing(self.model, t, self.mem, max_tokens=self.rows * self.seq_len)
         self.fused_loss = kernels.fused_loss_available(self.model, self.device, t.fused_kernels)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = build_optimizer(h, self.params)
+        self.opt = build_optimizer(h, self.params)   # train.optimizer, from the table in pipeline/optimizers.py
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(h.lr_scheduler, h.warmup_steps, h.max_steps))
         # fp16 compute (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler("cuda") if compute_dtype(cfg, self.device) == torch.float16 else None
@@ -550,6 +550,7 @@ class DomainRecipe:
         import torch
         from pipeline.train.data import collate
         st, h = self.state, self.hyper
+        self.faults.before_step(self, st.step + 1)
         t0 = time.time()
         if self.t_loop is None:
             self.t_loop = t0
@@ -580,7 +581,8 @@ class DomainRecipe:
         tokens = sum(b["n_tokens"] for b in batches)
         padded = sum(b["input_ids"].numel() for b in batches)
         widest = max((b["input_ids"].numel() for b in batches), default=0)
-        step_loss = self.replicas.sum_gradients(self.params, float(summed) if summed is not None else 0.0)
+        step_loss = self.faults.step_loss(st.step + 1, float(summed) if summed is not None else 0.0)
+        step_loss = self.replicas.sum_gradients(self.params, step_loss)
         tokens, padded = (int(x) for x in self.replicas.sum([float(tokens), float(padded)]))
         if not math.isfinite(step_loss):
             raise NonFiniteLossError(
@@ -768,7 +770,6 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.storage import open_store
     from pipeline.train.data import collect
     from pipeline.train.device import CudaUnavailableError
-    from pipeline.train.faults import with_faults
     import psutil
     marks = {"worker_fn": time.time()}
     trial = config.get("trial_started")

@@ -83,6 +83,34 @@ def test_seed_environment_variables():
         load_config(DEFAULT, environ={"DOWNLOAD_ONLY": "wikipedia"})
 
 
+def test_every_source_setting_is_a_key_set_by_its_variables_and_redacted_when_a_url():
+    """Config names no source: data.download's per-source keys, their environment variables and which are
+    redacted come from the SourceSpecs (a source adding a setting gets all three)."""
+    from pipeline.sources import SETTINGS
+    from jobs.submit import runtime_env
+    assert {s.key for s in SETTINGS} >= {"opencaselist", "ddo_debates_url", "ddo_users_url", "ddo_gdrive_folder_url"}
+    for s in SETTINGS:
+        for var in s.env:
+            value = "1" if s.kind == "opt_in" else f"https://user:pw@example.org/{s.key}?token=tok{s.key}"
+            cfg = load_config(DEFAULT, environ={var: value})
+            got = getattr(cfg.data.download, s.key)
+            assert got == (True if s.kind == "opt_in" else value), (s.key, var)
+            dumped = str(cfg.redacted())
+            assert (f"tok{s.key}" not in dumped and "pw@" not in dumped) if s.kind == "url" else True, s.key
+            assert runtime_env(ROOT, environ={var: value})["env_vars"][var] == value   # carried to a submitted job
+        assert getattr(load_config(DEFAULT, environ={}).data.download, s.key) in (False, None)
+
+
+def test_a_source_part_must_read_declared_url_settings():
+    from pipeline.sources import DownloadPart, SourceSetting, SourceSpec
+    part = DownloadPart("X", "http", files=(("a.json", "x_a_url"),))
+    with pytest.raises(ValueError, match="data.download.x_a_url"):
+        SourceSpec("x", "debate", "X", ("a.json",), None, None, None, parts=(part,))
+    ok = SourceSpec("x", "debate", "X", ("a.json",), None, None, None, parts=(part,),
+                    settings=(SourceSetting("x_a_url", "url", ("X_A_URL",)),))
+    assert ok.setting("x_a_url").env == ("X_A_URL",) and ok.opt_in is None
+
+
 def test_per_domain_overrides_and_redaction():
     cfg = load_config(DEMO, sets=["train.per_domain={medicine: {max_steps: 7, lora: {r: 4, alpha: 8}}}",
                                   "data.download.ddo_debates_url=https://u:secret@h/x?token=abc"], environ={})

@@ -520,3 +520,12 @@ def test_download_keeps_exactly_the_files_the_readers_read(tmp_path, fixtures_ra
     (raw / "MedQuAD" / "scripts" / "schema.xml").write_text("<x/>")
     assert not any("scripts" in str(p) for p in spec.files(raw))
     assert dl.hf_allow_patterns(BUILTIN["debatesum"], BUILTIN["debatesum"].parts[0])[:2] == ["**/*.csv", "*.csv"]
+
+
+def test_every_part_kind_has_a_fetcher():
+    """fetch_part dispatches through download.FETCHERS: each kind a DownloadPart may name has one entry, and
+    every built-in source's parts name one of them."""
+    import typing
+    kinds = typing.get_args(typing.get_type_hints(DownloadPart)["kind"])
+    assert set(kinds) == set(dl.FETCHERS)
+    assert {p.kind for s in BUILTIN.values() for p in s.parts} <= set(dl.FETCHERS)

@@ -174,3 +174,41 @@ def test_a_split_whose_every_row_is_covered_by_train_is_kept_not_emptied(tmp_pat
     for s, n in kept.items():
         assert n == ed["sft_rows"][s]
     assert m["contamination"]["domains"]["education"]["in_own_train"] > 0   # counted, not hidden
+
+
+def test_hashes_are_the_same_in_every_process():
+    """Word ids are a hash of the word's bytes, not Python's per-process salted str hash: n-grams hashed in
+    another process (a Ray worker, a later run) can be compared with these."""
+    import os
+    import subprocess
+    import sys
+    text = "Привет мир, the Delta " + " ".join(WORDS) + " 氣候 變化"
+    here = neardup.ngram_hashes(text)
+    code = ("import sys; from pipeline import neardup; "
+            f"print(','.join(map(str, neardup.ngram_hashes({text!r}).tolist())))")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip().splitlines()[-1]
+        assert [int(x) for x in out.split(",")] == here.tolist()
+
+
+def test_batched_hashes_and_column_texts_equal_one_row_at_a_time():
+    import pyarrow as pa
+    rng = random.Random(3)
+    rows = [{"messages": [{"role": "user", "content": _sentence(rng, rng.randrange(0, 30))},
+                          {"role": "assistant", "content": _sentence(rng, rng.randrange(1, 40))}]} for _ in range(300)]
+    got = neardup.rows_hashes(rows)
+    assert all(np.array_equal(g, neardup.row_hashes(r)) for g, r in zip(got, rows))
+    col = pa.Table.from_pylist(rows).column("messages")
+    assert neardup.column_texts(col) == [neardup._text(r) for r in rows]
+    assert neardup.column_texts(col.slice(7, 20)) == [neardup._text(r) for r in rows[7:27]]
+
+
+def test_row_then_hash_order_is_exact_also_when_packed_keys_tie():
+    rng = np.random.default_rng(0)
+    row = np.repeat(np.arange(50), 40)
+    h = rng.integers(0, 2**63, len(row)).astype(np.uint64)
+    assert np.array_equal(neardup._order_by_row_then_hash(row, h, 50), np.lexsort((h, row)))
+    # hashes that agree in their top bits and differ below: the packed key ties, the fallback sorts exactly
+    h[:40] = np.uint64(0xABCDEF0000000000) + rng.permutation(40).astype(np.uint64)
+    assert np.array_equal(neardup._order_by_row_then_hash(row, h, 50), np.lexsort((h, row)))
