@@ -109,6 +109,28 @@ def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> 
     return out
 
 
+TEST_FIGURES = ("test_loss", "test_ppl", "base_test_loss", "base_test_ppl")
+
+
+def _test_figures_of_the_evaluation(row: dict, matrix: Optional[dict], domain: str) -> None:
+    """One test loss per model and split in the whole report: the evaluation's (eval/matrix.json) wherever it
+    scored that model on that test split. The training recipe measures test loss too (training_report.json),
+    on its own batches; shown only where the evaluation has no figure (evaluation off, or that model not
+    scored), and ``test_source`` says which one a row's test figures are."""
+    loss = (matrix or {}).get("loss") or {}
+    src = {}
+    for model, pre in ((domain, ""), ("base", "base_")):
+        v = _num((loss.get(model) or {}).get(domain))
+        if v is not None and (model == "base" or row.get("status") == "finished"):
+            row[f"{pre}test_loss"], row[f"{pre}test_ppl"] = v, _ppl(v)
+            src[model if model == "base" else "adapter"] = "eval/matrix.json"
+        elif row.get(f"{pre}test_loss") is not None:
+            src[model if model == "base" else "adapter"] = "training_report.json"
+    row["test_source"] = src or None
+    row["test_ppl_change_pct"] = (100.0 * (row["test_ppl"] / row["base_test_ppl"] - 1.0)
+                                  if row["test_ppl"] and row["base_test_ppl"] else None)
+
+
 def _report_metrics(rep: Optional[dict], dman: dict) -> dict:
     """A domain's figures from its training report (None: none, example counts from the manifest)."""
     out: dict[str, Any] = {}
@@ -200,6 +222,8 @@ def build_summary(cfg, store: Store) -> dict:
         if d not in domains and d in ((manifest or {}).get("domains_requested") or []):
             domains.append(d)
     per_domain = {d: domain_summary(store, cfg, d, manifest) for d in domains}
+    for d, row in per_domain.items():
+        _test_figures_of_the_evaluation(row, matrix, d)
     card = data_card(manifest, download if isinstance(download, dict) else None)
     manifest_sha = None
     if manifest is not None:
@@ -379,6 +403,8 @@ def _i(x: Any) -> str:
     return "–" if v is None else f"{int(v):,}"
 
 
+TEST_NOTE = ("Test figures are the evaluation's (the same numbers as the evaluation matrix below); where it has "
+             "none (evaluation off, or that model not scored), the training recipe's.")
 BUSY_NOTE = ("busy % is the share of the domain's wall time (from its trial's start to the export) spent in "
              "optimizer steps; the rest is start-up (worker, model load, tokenization), evaluations and "
              "checkpoints.")
@@ -709,7 +735,7 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
               "drop: it is worse; loss changes are test loss, lower is better. Details in the evaluation matrix below.", ""]
     L += ["## Results per domain", "", _md_table(*_results_rows(s)), "",
          "Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). "
-         "Figures in parentheses are the base model's. " + BUSY_NOTE, ""]
+         "Figures in parentheses are the base model's. " + TEST_NOTE + " " + BUSY_NOTE, ""]
     for name, title in (("loss_curves.png", "Loss curves"), ("perplexity.png", "Base vs adapter perplexity")):
         if name in plots:
             L += [f"![{title}]({name})", ""]
@@ -853,7 +879,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
           if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}) else []),
         "<h2>Results per domain</h2>", _html_table(head, hrows, num, "results"),
         '<p class="note">Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). '
-        f"Figures in parentheses are the base model's. {_h(BUSY_NOTE)}</p>",
+        f"Figures in parentheses are the base model's. {_h(TEST_NOTE)} {_h(BUSY_NOTE)}</p>",
         img("loss_curves.png", "Loss curves per domain"), img("perplexity.png", "Base vs adapter perplexity"),
         "<h2>Evaluation matrix</h2>",
     ]
