@@ -360,7 +360,7 @@ def _run_stage(stage: str, cfg, args, store) -> Optional[dict]:
         elif stage == "eval":
             from pipeline.eval import run_eval_stage
             # alone, no finished adapter is a usage error; in `run`, train has said why already
-            run_eval_stage(cfg, required=args.command == "eval")
+            run_eval_stage(cfg, _command("train", args, cfg) if args.command == "eval" else None)
         elif stage == "report":
             from pipeline.report import run_report
             run_report(cfg)   # it logs where the report is

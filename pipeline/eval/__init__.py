@@ -1,10 +1,11 @@
 """Evaluation stage (`adapters eval`, and `adapters run` after train): the base model and every finished
 adapter on every domain's test split. Training does not evaluate; this stage does, on its own.
 
-    run_eval_stage(cfg, required=True) -> matrix dict (None when off or nothing to evaluate)
+    run_eval_stage(cfg, train_command=None) -> matrix dict (None when off or nothing to evaluate)
         the stage: the finished adapters (pipeline.status's words), skipped when eval/matrix.json is up to
-        date (``fingerprint``) without starting Ray; ``required`` (adapters eval) makes "no finished adapter"
-        a usage error, `run` logs it and goes on to the report
+        date (``fingerprint``) without starting Ray; with ``train_command`` (`adapters eval`) "no finished
+        adapter" is a usage error naming that command; without (`adapters run`) it is logged, and the run
+        goes on to the report
     run_eval(cfg, store, adapters) -> matrix dict (None when there is nothing to evaluate)
         writes eval/scores/<model>/<dataset>.parquet (one row per test item) and eval/matrix.json
 
@@ -145,7 +146,7 @@ def finished_adapters(cfg, store) -> list[str]:
     return [d for d in cfg.domains if domain_state(store, cfg.run_name, d).state == "finished"]
 
 
-def run_eval_stage(cfg, required: bool = True) -> Optional[dict]:
+def run_eval_stage(cfg, train_command: Optional[str] = None) -> Optional[dict]:
     """The evaluation stage. Off with eval.enabled: false (or the older train.eval_matrix: false)."""
     from pipeline.errors import UsageError
     from pipeline.raycluster import ensure_ray
@@ -158,9 +159,9 @@ def run_eval_stage(cfg, required: bool = True) -> Optional[dict]:
     adapters = finished_adapters(cfg, store)
     if not adapters:
         where = store.uri_of("adapters")
-        if required:
-            raise UsageError(f"no finished adapter of {', '.join(cfg.domains)} under {where}: run `adapters train "
-                             f"--config ... --output {cfg.output}` first (`adapters status` shows each domain)")
+        if train_command:
+            raise UsageError(f"no finished adapter of {', '.join(cfg.domains)} under {where}: run `{train_command}` "
+                             "first (`adapters status` shows each domain's state)")
         log.warning("eval: no finished adapter under %s: nothing to evaluate", where)
         return None
     # the up-to-date check reads only files: a re-run with nothing changed starts no Ray
