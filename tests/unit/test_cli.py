@@ -106,6 +106,15 @@ def test_failed_domains_are_listed_last_with_their_cause(capsys, tmp_path):
     assert err[1].split() == ["ecology", "failed:", "RuntimeError:", "injected", "failure"]
     assert err[2].split()[:3] == ["education", "skipped:", "no"]
     assert err[3].strip().startswith("details: `adapters status --output")
+    # a failed evaluation (train finished, or `adapters eval` alone): exit 1, its cause last, the command to re-run it
+    from types import SimpleNamespace
+    args = SimpleNamespace(config=DEMO)
+    for res in ({"debate": {"status": "finished"}}, None):
+        assert _verdict(res, cfg, args, console, "OutOfMemoryError: CUDA out of memory\nTraceback ...") == 1
+        err = capsys.readouterr().err.splitlines()
+        assert err == ["error: the evaluation failed: OutOfMemoryError: CUDA out of memory",
+                       f"  details: the log file named above; `adapters eval --config {DEMO} --output {cfg.output}` "
+                       "runs the evaluation again"]
 
 
 def test_ray_address_local_means_a_local_ray(monkeypatch, tmp_path):
