@@ -37,8 +37,8 @@ EXIT_STATUS = """exit status:
   1    a domain failed or had nothing to train, or a stage failed (in run: a failed evaluation, after the
        report); the causes are printed last
   2    usage or config error, nothing ran: no prepared data yet, prepare produced no SFT data, no finished
-       adapter to evaluate (eval), a domain
-       no source provides, an unknown key or bad value; the message names the fix
+       adapter to evaluate (eval), a domain no source provides, an unknown key or bad value; the message
+       names the fix
   130  interrupted by Ctrl-C (143: by SIGTERM, 129: by SIGHUP, a closed terminal): trials stopped, state
        files say interrupted, the local Ray stopped; the command that resumes is printed"""
 
