@@ -100,3 +100,17 @@ def test_off(evaluated, caplog):
                 {"train": cfg.train.model_copy(update={"eval_matrix": False})}):
         assert run_eval_stage(cfg.model_copy(update=off)) is None
     assert "eval: off (eval.enabled: false)" in caplog.text and not store.exists("eval/matrix.json")
+
+
+def test_training_does_not_import_the_evaluation():
+    """pipeline/train/ never imports pipeline/eval/ (at the top of a module or inside a function): the
+    evaluation is the stage after training, not a part of it."""
+    import ast
+    root = Path(__file__).resolve().parents[2] / "pipeline" / "train"
+    found = []
+    for f in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{f.name}:{node.lineno} {n}" for n in names if n == "pipeline.eval" or n.startswith("pipeline.eval.")]
+    assert len(list(root.rglob("*.py"))) > 5 and found == []
