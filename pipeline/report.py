@@ -112,6 +112,24 @@ def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> 
 TEST_FIGURES = ("test_loss", "test_ppl", "base_test_loss", "base_test_ppl")
 
 
+def _stale_matrix_note(cfg, store: Store, matrix: Optional[dict]) -> Optional[str]:
+    """Why eval/matrix.json is not this output's evaluation (it was made from other adapters, data or eval
+    settings: an adapter retrained since, and its evaluation failed or has not run), else None. A matrix
+    without a fingerprint (made by hand) is taken as it is."""
+    if not matrix or not matrix.get("fingerprint"):
+        return None
+    from pipeline.eval import finished_adapters, up_to_date
+    try:
+        if up_to_date(cfg, store, finished_adapters(cfg, store)):
+            return None
+    except Exception as e:  # noqa: BLE001 - the report is made whatever it cannot check
+        log.warning("report: could not check whether eval/matrix.json is up to date: %s", e)
+        return None
+    return ("eval/matrix.json was made from other adapters, data or eval settings than this output has now: its "
+            "figures (and the keep / drop table) are not this run's; the test figures per domain are the training "
+            "recipe's. `adapters eval` brings it up to date")
+
+
 def _test_figures_of_the_evaluation(row: dict, matrix: Optional[dict], domain: str) -> None:
     """One test loss per model and split in the whole report: the evaluation's (eval/matrix.json) wherever it
     scored that model on that test split. The training recipe measures test loss too (training_report.json),
@@ -222,8 +240,9 @@ def build_summary(cfg, store: Store) -> dict:
         if d not in domains and d in ((manifest or {}).get("domains_requested") or []):
             domains.append(d)
     per_domain = {d: domain_summary(store, cfg, d, manifest) for d in domains}
+    stale = _stale_matrix_note(cfg, store, matrix)
     for d, row in per_domain.items():
-        _test_figures_of_the_evaluation(row, matrix, d)
+        _test_figures_of_the_evaluation(row, None if stale else matrix, d)
     card = data_card(manifest, download if isinstance(download, dict) else None)
     manifest_sha = None
     if manifest is not None:
@@ -243,7 +262,9 @@ def build_summary(cfg, store: Store) -> dict:
         "status_counts": counts,
         "domains": per_domain,
         "eval_matrix": matrix,
-        "eval_matrix_note": None if matrix else (matrix_problem or "no eval/matrix.json (evaluation not run or no adapter finished)"),
+        "eval_matrix_note": None if matrix else (matrix_problem or "no eval/matrix.json (the eval stage has not run, "
+                                                                   "is off, or no adapter finished: `adapters eval`)"),
+        "eval_matrix_stale": stale,
         "data": card,
         "data_note": manifest_problem if manifest_problem else (None if manifest else "no data/manifest.json (prepare not run)"),
         "reproducibility": {
@@ -728,6 +749,8 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
     L = [f"# Domain adapters: run {_code(s['run_name'])}", "",
          f"Output {_code(s['output'])}, generated {_md(s['generated_at'])}. Domains: "
          + ", ".join(f"{_md(k)} {v}" for k, v in sorted(s["status_counts"].items())) + ".", ""]
+    if s.get("eval_matrix_stale"):
+        L += ["**The evaluation is out of date** (see the evaluation matrix below): run `adapters eval`.", ""]
     if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}):
         L += ["## Which adapters to keep", "", _md_table(*_keep_rows(s["eval_matrix"])), "",
               "Keep: the adapter beats the base model on its own domain's headline metric (Holm-adjusted p over the domains "
@@ -740,6 +763,8 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
         if name in plots:
             L += [f"![{title}]({name})", ""]
     L += ["## Evaluation matrix", ""]
+    if s.get("eval_matrix_stale"):
+        L += [f"**Out of date:** {_md(s['eval_matrix_stale'])}.", ""]
     if s["eval_matrix"]:
         L += ["Test loss:", "", _md_table(*_matrix_rows(s["eval_matrix"], "loss")), "",
               "Test perplexity:", "", _md_table(*_matrix_rows(s["eval_matrix"], "ppl")), ""]
@@ -873,6 +898,8 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         f"<h1>Domain adapters: run <code>{_h(s['run_name'])}</code></h1>",
         f'<p class="note">Output <code>{_h(s["output"])}</code> &middot; generated {_h(s["generated_at"])}</p>',
         f'<div class="cards">{cards}</div>',
+        *(['<p class="note stale"><b>The evaluation is out of date</b> (see the evaluation matrix below): run '
+            "<code>adapters eval</code>.</p>"] if s.get("eval_matrix_stale") else []),
         *((["<h2>Which adapters to keep</h2>", _html_table(*_esc_rows_head(_keep_rows(s["eval_matrix"])), None, "keep"),
              '<p class="note">Keep: the adapter beats the base model on its own domain\'s headline metric (Holm-adjusted p over the domains '
              "&lt; alpha, paired test); drop: it is worse; loss changes are test loss, lower is better.</p>"])
@@ -883,6 +910,8 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         img("loss_curves.png", "Loss curves per domain"), img("perplexity.png", "Base vs adapter perplexity"),
         "<h2>Evaluation matrix</h2>",
     ]
+    if s.get("eval_matrix_stale"):
+        parts.append(f'<p class="note stale"><b>Out of date:</b> {_h(s["eval_matrix_stale"])}.</p>')
     if s["eval_matrix"]:
         parts += ['<p class="note">The base model and every adapter on every domain\'s test set. Outlined: an adapter on its own domain; '
                   "greener is lower (better).</p>",

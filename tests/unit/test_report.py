@@ -396,3 +396,29 @@ def test_every_table_has_as_many_header_cells_as_each_row(cfg):
     assert len(html_tables) >= 6
     for t in html_tables:
         assert t and all(n == t[0] for n in t), t
+
+
+def test_an_out_of_date_evaluation_is_said_so_and_not_used_for_test_figures(cfg):
+    """debate retrained after the evaluation (whose fingerprint is of the adapters then): the report says the
+    evaluation is out of date and takes no test figure from it; once it is up to date, it takes them."""
+    from pipeline.eval import finished_adapters, fingerprint
+    store = Store(cfg.output)
+    write_tree(store)
+    m = fake_matrix()
+    m["fingerprint"] = fingerprint(cfg, store, finished_adapters(cfg, store))
+    store.write_json("eval/matrix.json", m)
+    run_report(cfg)
+    s = store.read_json("report/summary.json")
+    assert s["eval_matrix_stale"] is None and s["domains"]["debate"]["test_loss"] == 3.02
+    assert "out of date" not in store.read_text("report/summary.md")
+    store.write_json("adapters/debate/training_report.json", fake_report("debate", 4.1, 2.5, store.uri_of("adapters/debate")))
+    run_report(cfg)
+    s = store.read_json("report/summary.json")
+    assert "made from other adapters, data or eval settings" in s["eval_matrix_stale"]
+    deb = s["domains"]["debate"]
+    assert deb["test_loss"] == fake_report("debate", 4.1, 2.5, "")["test_loss"]
+    assert deb["test_source"] == {"adapter": "training_report.json", "base": "training_report.json"}
+    md = store.read_text("report/summary.md")
+    assert md.index("**The evaluation is out of date**") < md.index("## Results per domain")
+    assert "**Out of date:** eval/matrix.json was made from other adapters" in md
+    assert "The evaluation is out of date" in store.read_text("report/summary.html")
