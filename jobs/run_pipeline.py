@@ -1,4 +1,4 @@
-"""Ray job entrypoint for the whole pipeline (download, prepare, train, report):
+"""Ray job entrypoint for the whole pipeline (download, prepare, train, eval, report):
 
     ray job submit --working-dir . -- python -m jobs.run_pipeline --config configs/demo.yaml --output /abs/out
 

@@ -1,7 +1,7 @@
 """Submit the pipeline (or one stage) to a Ray cluster through Ray's ``JobSubmissionClient``.
 
     python -m jobs.submit --config configs/demo.yaml --output output/demo [--address http://HEAD:8265]
-                          [--stage run|download|prepare|train|report] [--set key=value ...]
+                          [--stage run|download|prepare|train|eval|report] [--set key=value ...]
                           [--domains a,b] [--raw-dir DIR] [--job-name NAME] [--no-wait] [--dry-run]
 
     make submit CONFIG=configs/default.yaml OUTPUT=s3://bucket/prefix RAY_ADDRESS=http://HEAD:8265
@@ -50,7 +50,7 @@ from typing import Callable, Optional, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_MODULES = {"run": "jobs.run_pipeline", "download": "jobs.download", "prepare": "jobs.prepare",
-                 "train": "jobs.train", "report": "jobs.report"}
+                 "train": "jobs.train", "eval": "jobs.eval", "report": "jobs.report"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 RETRY_S = 60.0   # how long a submission waits for a head that is still starting
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """`adapters <command>`; `python -m pipeline <command>` does the same.
 
-    adapters download|prepare|train|report|run --config FILE [--raw-dir DIR] [--output URI]
-                                               [--set key=value ...] [--domains a,b] [--verbose]
+    adapters download|prepare|train|eval|report|run --config FILE [--raw-dir DIR] [--output URI]
+                                                    [--set key=value ...] [--domains a,b] [--verbose]
     adapters doctor --config FILE [--load]
     adapters status --output URI
     adapters generate --output URI --domain D [--base] "prompt" ...   (pipeline/eval/generate.py)
@@ -28,15 +28,17 @@ from pipeline.errors import UsageError, UserFacingError, no_space_message
 
 log = logging.getLogger("pipeline")
 
-STAGES = ("download", "prepare", "train", "report", "run")
+STAGES = ("download", "prepare", "train", "eval", "report", "run")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # 128 + the signal's number, as a shell reports a process the signal ended
 EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 EXIT_STATUS = """exit status:
   0    done: for train and run, every selected domain finished (now or in an earlier run)
-  1    a domain failed or had nothing to train, or a stage failed; the causes are printed last
-  2    usage or config error, nothing ran: no prepared data yet, prepare produced no SFT data, a domain
-       no source provides, an unknown key or bad value; the message names the fix
+  1    a domain failed or had nothing to train, or a stage failed (in run: a failed evaluation, after the
+       report); the causes are printed last
+  2    usage or config error, nothing ran: no prepared data yet, prepare produced no SFT data, no finished
+       adapter to evaluate (eval), a domain no source provides, an unknown key or bad value; the message
+       names the fix
   130  interrupted by Ctrl-C (143: by SIGTERM, 129: by SIGHUP, a closed terminal): trials stopped, state
        files say interrupted, the local Ray stopped; the command that resumes is printed"""
 
@@ -70,9 +72,11 @@ def _parser() -> argparse.ArgumentParser:
 
     helps = {"download": "fetch raw sources, with checksums and completion markers",
              "prepare": "Ray Data: raw files -> corpus and SFT Parquet shards + manifest",
-             "train": "one QLoRA trial per domain (Ray Tune + Ray Train)",
+             "train": "one QLoRA trial per domain (Ray Tune + Ray Train); no evaluation (that is eval)",
+             "eval": "base model and every finished adapter on every domain's test split -> eval/matrix.json "
+                     "(kept when the adapters, data and eval settings are unchanged)",
              "report": "summary.json / .md / .html and plots (without --config: the settings the run stored)",
-             "run": "download, prepare, train and report"}
+             "run": "download, prepare, train, eval and report"}
     for name in STAGES:
         sp = command(name, helps[name])
         common(sp, config_required=name != "report", raw_dir=name in ("download", "prepare", "run"),
@@ -304,57 +308,89 @@ def run_stages(cfg, args, console) -> int:
 
 def _run_locked(cfg, args, console, store, stages) -> int:
     from pipeline.logs import log_file_for
-    from pipeline.status import StageRecord
-    command = args.command
-    results: Optional[dict] = None
+    from pipeline.status import cause_line
+    results: Optional[dict] = None   # train's, per domain
+    eval_error: Optional[str] = None
     store.write_json(CONFIG_REL.format(run_name=cfg.run_name), cfg.redacted())
-    path, upload = log_file_for(cfg, command)
+    path, upload = log_file_for(cfg, args.command)
     console.open_file(path, upload)
     log.info("log file: %s%s", upload[0].uri_of(upload[1]) if upload else path,
              "" if console.verbose else " (--verbose shows all of it here)")
     for stage in stages:
-        with StageRecord(store, cfg.run_name, stage, args.resume):
-            t0 = time.time()
-            log.info("stage %s: starting (output %s)", stage, cfg.output)
-            if stage == "download":
-                from pipeline.download import run_download
-                run_download(cfg)
-            elif stage == "prepare":
-                from pipeline.prepare import run_prepare
-                run_prepare(cfg)
-                if getattr(args, "show_examples", 0):
-                    from pipeline.train.preview import show_examples
-                    show_examples(cfg, store, args.show_examples)
-            elif stage == "train":
-                check_prepared(cfg, store, args)
-                from pipeline.doctor import preflight
-                preflight(cfg)  # the checks that cost nothing: fail now, not at step 5,000
-                from pipeline.train import run_train
-                results = run_train(cfg)
-            elif stage == "report":
-                from pipeline.report import run_report
-                run_report(cfg)   # it logs where the report is
-            log.info("stage %s: done in %.1fs", stage, time.time() - t0)
-    return _verdict(results, cfg, args, console)
+        try:
+            out = _run_stage(stage, cfg, args, store)
+        except (UserFacingError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if stage != "eval":
+                raise
+            # the adapters stand: in `run` the report is still made (without the evaluation); exit 1, cause last
+            eval_error = no_space_message(e, cfg.output) or f"{type(e).__name__}: {e}"
+            log.error("stage eval failed: %s%s", cause_line(eval_error, 400),
+                      "; the report is made without it" if "report" in stages else "")
+            log.debug("the evaluation's traceback", exc_info=True)
+            continue
+        if stage == "train":
+            results = out
+    return _verdict(results, cfg, args, console, eval_error)
 
 
-def _verdict(results: Optional[dict], cfg, args, console) -> int:
-    """0 when every trained domain finished; else the domains that did not, with their causes, last."""
+def _run_stage(stage: str, cfg, args, store) -> Optional[dict]:
+    """One stage under its record (runs/<run>/stages/<stage>.json); train returns its per-domain results."""
+    from pipeline.status import StageRecord
+    results = None
+    with StageRecord(store, cfg.run_name, stage, args.resume):
+        t0 = time.time()
+        log.info("stage %s: starting (output %s)", stage, cfg.output)
+        if stage == "download":
+            from pipeline.download import run_download
+            run_download(cfg)
+        elif stage == "prepare":
+            from pipeline.prepare import run_prepare
+            run_prepare(cfg)
+            if getattr(args, "show_examples", 0):
+                from pipeline.train.preview import show_examples
+                show_examples(cfg, store, args.show_examples)
+        elif stage == "train":
+            check_prepared(cfg, store, args)
+            from pipeline.doctor import preflight
+            preflight(cfg)  # the checks that cost nothing: fail now, not at step 5,000
+            from pipeline.train import run_train
+            results = run_train(cfg)
+        elif stage == "eval":
+            from pipeline.eval import run_eval_stage
+            # alone, no finished adapter is a usage error; in `run`, train has said why already
+            run_eval_stage(cfg, _command("train", args, cfg) if args.command == "eval" else None)
+        elif stage == "report":
+            from pipeline.report import run_report
+            run_report(cfg)   # it logs where the report is
+        log.info("stage %s: done in %.1fs", stage, time.time() - t0)
+    return results
+
+
+def _verdict(results: Optional[dict], cfg, args, console, eval_error: Optional[str] = None) -> int:
+    """0 when every trained domain finished and the evaluation (if it ran) did not fail; else the domains
+    that did not finish, with their causes, and the evaluation's cause, last."""
     from pipeline.raycluster import shutdown_ray
     from pipeline.status import cause_line
-    if not results:
-        return EXIT_OK
-    bad = {d: r for d, r in results.items() if r.get("status") != "finished"}
-    if not bad:
+    bad = {d: r for d, r in (results or {}).items() if r.get("status") != "finished"}
+    if not bad and not eval_error:
         return EXIT_OK
     console.settle_workers()   # the failed workers' last lines first,
     shutdown_ray()             # and none after the summary
-    lines = [f"error: {len(bad)} of {len(results)} domain(s) did not finish:"]
-    width = max(len(d) for d in bad)
-    for d, r in bad.items():
-        lines.append(f"  {d.ljust(width)}  {r.get('status')}: {cause_line(r.get('error') or 'no cause recorded', 400)}")
-    lines.append(f"  details: `adapters status --output {cfg.output}` and the report; after fixing the cause, "
-                 f"the same command trains only what is not finished")
+    lines = []
+    if bad:
+        lines.append(f"error: {len(bad)} of {len(results)} domain(s) did not finish:")
+        width = max(len(d) for d in bad)
+        for d, r in bad.items():
+            lines.append(f"  {d.ljust(width)}  {r.get('status')}: {cause_line(r.get('error') or 'no cause recorded', 400)}")
+    if eval_error:
+        lines.append(f"error: the evaluation failed: {cause_line(eval_error, 400)}")
+    if bad:
+        lines.append(f"  details: `adapters status --output {cfg.output}` and the report; after fixing the cause, "
+                     f"the same command trains only what is not finished")
+    else:
+        lines.append(f"  details: the log file named above; `{_command('eval', args, cfg)}` runs the evaluation again")
     print("\n".join(lines), file=sys.stderr)
     return EXIT_FAILED
 

@@ -109,6 +109,46 @@ def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> 
     return out
 
 
+TEST_FIGURES = ("test_loss", "test_ppl", "base_test_loss", "base_test_ppl")
+
+
+def _stale_matrix_note(cfg, store: Store, matrix: Optional[dict]) -> Optional[str]:
+    """Why eval/matrix.json is not this output's evaluation (it was made from other adapters, data or eval
+    settings: an adapter retrained since, and its evaluation failed or has not run), else None. A matrix
+    without a fingerprint (made by hand) is taken as it is."""
+    if not matrix or not matrix.get("fingerprint"):
+        return None
+    from pipeline.eval import finished_adapters, up_to_date
+    try:
+        if up_to_date(cfg, store, finished_adapters(cfg, store)):
+            return None
+    except Exception as e:  # noqa: BLE001 - the report is made whatever it cannot check
+        log.warning("report: could not check whether eval/matrix.json is up to date: %s", e)
+        return None
+    return ("eval/matrix.json was made from other adapters, data or eval settings than this output has now: its "
+            "figures (and the keep / drop table) are not this run's; the test figures per domain are the training "
+            "recipe's. `adapters eval` brings it up to date")
+
+
+def _test_figures_of_the_evaluation(row: dict, matrix: Optional[dict], domain: str) -> None:
+    """One test loss per model and split in the whole report: the evaluation's (eval/matrix.json) wherever it
+    scored that model on that test split. The training recipe measures test loss too (training_report.json),
+    on its own batches; shown only where the evaluation has no figure (evaluation off, or that model not
+    scored), and ``test_source`` says which one a row's test figures are."""
+    loss = (matrix or {}).get("loss") or {}
+    src = {}
+    for model, pre in ((domain, ""), ("base", "base_")):
+        v = _num((loss.get(model) or {}).get(domain))
+        if v is not None and (model == "base" or row.get("status") == "finished"):
+            row[f"{pre}test_loss"], row[f"{pre}test_ppl"] = v, _ppl(v)
+            src[model if model == "base" else "adapter"] = "eval/matrix.json"
+        elif row.get(f"{pre}test_loss") is not None:
+            src[model if model == "base" else "adapter"] = "training_report.json"
+    row["test_source"] = src or None
+    row["test_ppl_change_pct"] = (100.0 * (row["test_ppl"] / row["base_test_ppl"] - 1.0)
+                                  if row["test_ppl"] and row["base_test_ppl"] else None)
+
+
 def _report_metrics(rep: Optional[dict], dman: dict) -> dict:
     """A domain's figures from its training report (None: none, example counts from the manifest)."""
     out: dict[str, Any] = {}
@@ -200,6 +240,9 @@ def build_summary(cfg, store: Store) -> dict:
         if d not in domains and d in ((manifest or {}).get("domains_requested") or []):
             domains.append(d)
     per_domain = {d: domain_summary(store, cfg, d, manifest) for d in domains}
+    stale = _stale_matrix_note(cfg, store, matrix)
+    for d, row in per_domain.items():
+        _test_figures_of_the_evaluation(row, None if stale else matrix, d)
     card = data_card(manifest, download if isinstance(download, dict) else None)
     manifest_sha = None
     if manifest is not None:
@@ -219,7 +262,9 @@ def build_summary(cfg, store: Store) -> dict:
         "status_counts": counts,
         "domains": per_domain,
         "eval_matrix": matrix,
-        "eval_matrix_note": None if matrix else (matrix_problem or "no eval/matrix.json (evaluation not run or no adapter finished)"),
+        "eval_matrix_note": None if matrix else (matrix_problem or "no eval/matrix.json (the eval stage has not run, "
+                                                                   "is off, or no adapter finished: `adapters eval`)"),
+        "eval_matrix_stale": stale,
         "data": card,
         "data_note": manifest_problem if manifest_problem else (None if manifest else "no data/manifest.json (prepare not run)"),
         "reproducibility": {
@@ -379,6 +424,8 @@ def _i(x: Any) -> str:
     return "–" if v is None else f"{int(v):,}"
 
 
+TEST_NOTE = ("Test figures are the evaluation's (the same numbers as the evaluation matrix below); where it has "
+             "none (evaluation off, or that model not scored), the training recipe's.")
 BUSY_NOTE = ("busy % is the share of the domain's wall time (from its trial's start to the export) spent in "
              "optimizer steps; the rest is start-up (worker, model load, tokenization), evaluations and "
              "checkpoints.")
@@ -703,6 +750,8 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
     L = [f"# Domain adapters: run {_code(s['run_name'])}", "",
          f"Output {_code(s['output'])}, generated {_md(s['generated_at'])}. Domains: "
          + ", ".join(f"{_md(k)} {v}" for k, v in sorted(s["status_counts"].items())) + ".", ""]
+    if s.get("eval_matrix_stale"):
+        L += ["**The evaluation is out of date** (see the evaluation matrix below): run `adapters eval`.", ""]
     if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}):
         L += ["## Which adapters to keep", "", _md_table(*_keep_rows(s["eval_matrix"])), "",
               "Keep: the adapter beats the base model on its own domain's headline metric (Holm-adjusted p over the domains "
@@ -710,11 +759,13 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
               "drop: it is worse; loss changes are test loss, lower is better. Details in the evaluation matrix below.", ""]
     L += ["## Results per domain", "", _md_table(*_results_rows(s)), "",
          "Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). "
-         "Figures in parentheses are the base model's. " + BUSY_NOTE, ""]
+         "Figures in parentheses are the base model's. " + TEST_NOTE + " " + BUSY_NOTE, ""]
     for name, title in (("loss_curves.png", "Loss curves"), ("perplexity.png", "Base vs adapter perplexity")):
         if name in plots:
             L += [f"![{title}]({name})", ""]
     L += ["## Evaluation matrix", ""]
+    if s.get("eval_matrix_stale"):
+        L += [f"**Out of date:** {_md(s['eval_matrix_stale'])}.", ""]
     if s["eval_matrix"]:
         L += ["Test loss:", "", _md_table(*_matrix_rows(s["eval_matrix"], "loss")), "",
               "Test perplexity:", "", _md_table(*_matrix_rows(s["eval_matrix"], "ppl")), ""]
@@ -848,16 +899,20 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         f"<h1>Domain adapters: run <code>{_h(s['run_name'])}</code></h1>",
         f'<p class="note">Output <code>{_h(s["output"])}</code> &middot; generated {_h(s["generated_at"])}</p>',
         f'<div class="cards">{cards}</div>',
+        *(['<p class="note stale"><b>The evaluation is out of date</b> (see the evaluation matrix below): run '
+            "<code>adapters eval</code>.</p>"] if s.get("eval_matrix_stale") else []),
         *((["<h2>Which adapters to keep</h2>", _html_table(*_esc_rows_head(_keep_rows(s["eval_matrix"])), None, "keep"),
              '<p class="note">Keep: the adapter beats the base model on its own domain\'s headline metric (Holm-adjusted p over the domains '
              "&lt; alpha, paired test); drop: it is worse; loss changes are test loss, lower is better.</p>"])
           if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}) else []),
         "<h2>Results per domain</h2>", _html_table(head, hrows, num, "results"),
         '<p class="note">Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). '
-        f"Figures in parentheses are the base model's. {_h(BUSY_NOTE)}</p>",
+        f"Figures in parentheses are the base model's. {_h(TEST_NOTE)} {_h(BUSY_NOTE)}</p>",
         img("loss_curves.png", "Loss curves per domain"), img("perplexity.png", "Base vs adapter perplexity"),
         "<h2>Evaluation matrix</h2>",
     ]
+    if s.get("eval_matrix_stale"):
+        parts.append(f'<p class="note stale"><b>Out of date:</b> {_h(s["eval_matrix_stale"])}.</p>')
     if s["eval_matrix"]:
         parts += ['<p class="note">The base model and every adapter on every domain\'s test set. Outlined: an adapter on its own domain; '
                   "greener is lower (better).</p>",

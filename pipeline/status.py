@@ -26,6 +26,7 @@ Files read:
     adapters/<domain>/training_report.json   a finished adapter (status "finished", val_loss, adapter_uri, ...)
     data/_SUCCESS, data/manifest.json, data/sft/, data/_work/   the prepare stage's output
     data/download_manifest.json, report/summary.json           the download and report stages
+    eval/matrix.json                     the eval stage's output ("models": base and the adapters it scored)
 
 With a run name, that run's state files are read; without one (``adapters status --output`` only), every
 run's, and the newest state of a domain or stage wins. Exit status of ``adapters status``: 0 when the
@@ -47,7 +48,7 @@ from pipeline.config import DOMAINS
 STATES = ("finished", "failed", "skipped", "interrupted", "running", "stale", "not started", "unknown")
 STALE_AFTER_S = 180.0   # three missed heartbeats of the trials' 60 s
 HEARTBEAT_S = 30.0      # how often StageRecord refreshes a running stage's heartbeat
-STAGES = ("download", "prepare", "train", "report")
+STAGES = ("download", "prepare", "train", "eval", "report")
 
 
 # ---- time and liveness --------------------------------------------------------------------------
@@ -311,6 +312,8 @@ def collect_status(store, run_name: Optional[str], domains: Optional[list[str]],
     stages["prepare"] = prepare_state(store, run_name, now, listing)
     stages["train"] = train_state(list(doms.values()),
                                   _recorded(_newest_record(store, "stages", "train", run_name, listing)[1], now))
+    stages["eval"] = eval_state(store, [d.domain for d in doms.values() if d.state == "finished"],
+                                _recorded(_newest_record(store, "stages", "eval", run_name, listing)[1], now))
     if store.is_file("report/summary.json"):
         stages["report"] = StageState("finished", store.uri_of("report/summary.html") if store.is_file("report/summary.html")
                                       else store.uri_of("report/summary.json"))
@@ -318,6 +321,25 @@ def collect_status(store, run_name: Optional[str], domains: Optional[list[str]],
         stages["report"] = (_recorded(_newest_record(store, "stages", "report", run_name, listing)[1], now)
                             or StageState("not started"))
     return {"stages": stages, "domains": doms}
+
+
+def eval_state(store, finished: list[str], recorded: Optional[StageState]) -> StageState:
+    """The eval stage: a record saying running / stale / failed / interrupted wins (a failed re-run leaves the
+    earlier eval/matrix.json in place); else finished when eval/matrix.json is there, with the finished
+    adapters it has not scored named (`adapters eval` scores them); else the record or not started."""
+    if recorded is not None and recorded.state in ("running", "stale", "failed", "interrupted", "unknown"):
+        return recorded
+    m = _read(store, "eval/matrix.json")
+    if isinstance(m, Unreadable):
+        return StageState("unknown", "eval/matrix.json is not valid JSON")
+    if m is None:
+        return recorded if recorded is not None and recorded.state != "finished" else StageState("not started")
+    models = [x for x in (m.get("models") or []) if isinstance(x, str)]
+    missing = [d for d in finished if d not in models]
+    detail = f"{len(models)} model(s) on {len(m.get('datasets') or [])} test set(s): {store.uri_of('eval/matrix.json')}"
+    if missing:
+        detail += f"; not evaluated yet: {', '.join(missing)} (`adapters eval` evaluates them)"
+    return StageState("finished", detail)
 
 
 def train_state(domains: list[DomainState], recorded: Optional[StageState]) -> StageState:

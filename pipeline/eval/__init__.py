@@ -1,5 +1,11 @@
-"""Evaluation stage: the base model and every adapter on every domain's test split, after training.
+"""Evaluation stage (`adapters eval`, and `adapters run` after train): the base model and every finished
+adapter on every domain's test split. Training does not evaluate; this stage does, on its own.
 
+    run_eval_stage(cfg, train_command=None) -> matrix dict (None when off or nothing to evaluate)
+        the stage: the finished adapters (pipeline.status's words), skipped when eval/matrix.json is up to
+        date (``fingerprint``) without starting Ray; with ``train_command`` (`adapters eval`) "no finished
+        adapter" is a usage error naming that command; without (`adapters run`) it is logged, and the run
+        goes on to the report
     run_eval(cfg, store, adapters) -> matrix dict (None when there is nothing to evaluate)
         writes eval/scores/<model>/<dataset>.parquet (one row per test item) and eval/matrix.json
 
@@ -14,7 +20,8 @@ base model once (4-bit as configured; CUDA checked on its node, no CPU fallback)
 dataset once, then switches models with PEFT (``load_adapter`` / ``set_adapter``; the base model is the
 same weights with ``disable_adapter()``): reloading a 7B base per adapter costs more than scoring a
 test split, and the adapters' weights are small. One INFO line per model x dataset. A re-run whose
-models, data and eval settings are unchanged (``fingerprint``) keeps the existing matrix.
+adapters, data and eval settings are unchanged (``fingerprint``) keeps the existing matrix and starts no
+Ray; a change to any of them (an adapter retrained, --set eval.seed=..., other test data) re-runs it.
 """
 from __future__ import annotations
 
@@ -106,11 +113,7 @@ def run_eval(cfg, store, adapters: list[str]) -> Optional[dict]:
     if not plans:
         log.warning("eval: no domain has test rows under %s: nothing to evaluate", store.uri_of("data/sft"))
         return None
-    fp = fingerprint(cfg, store, adapters)
-    old = store.read_json_or("eval/matrix.json")
-    if isinstance(old, dict) and old.get("fingerprint") == fp:
-        log.info("eval: %s is up to date (same models, data and eval settings): kept", store.uri_of("eval/matrix.json"))
-        return old
+    fp = fingerprint(cfg, store, adapters)   # run_eval_stage has found the matrix out of date (or missing)
     models = ["base"] + list(adapters)
     groups = model_groups(cfg, models)
     r = cfg.resources
@@ -136,15 +139,41 @@ def run_eval(cfg, store, adapters: list[str]) -> Optional[dict]:
     return matrix
 
 
-def run_stage(cfg, store, adapters: list[str]) -> Optional[dict]:
-    """The evaluation as the step after training (adapters train / run): off with eval.enabled: false (or
-    the older train.eval_matrix: false); a failure is logged, the adapters stand."""
+def finished_adapters(cfg, store) -> list[str]:
+    """The selected domains whose adapter is finished, as `adapters status` says it (a later failed or
+    interrupted attempt of this run outranks an older adapter)."""
+    from pipeline.status import domain_state
+    return [d for d in cfg.domains if domain_state(store, cfg.run_name, d).state == "finished"]
+
+
+def run_eval_stage(cfg, train_command: Optional[str] = None) -> Optional[dict]:
+    """The evaluation stage. Off with eval.enabled: false (or the older train.eval_matrix: false)."""
+    from pipeline.errors import UsageError
+    from pipeline.raycluster import ensure_ray
+    from pipeline.storage import open_store
     if not cfg.eval.enabled or not cfg.train.eval_matrix:
         log.info("eval: off (%s: false)", "eval.enabled" if not cfg.eval.enabled else
                  "train.eval_matrix; the evaluation's settings are now under eval:, e.g. eval.enabled")
         return None
-    try:
-        return run_eval(cfg, store, adapters)
-    except Exception as e:  # noqa: BLE001 - the adapters stand; the evaluation is a by-product
-        log.error("eval failed: %s: %s", type(e).__name__, str(e)[:2000])
+    store = open_store(cfg)
+    adapters = finished_adapters(cfg, store)
+    if not adapters:
+        where = store.uri_of("adapters")
+        if train_command:
+            raise UsageError(f"no finished adapter of {', '.join(cfg.domains)} under {where}: run `{train_command}` "
+                             "first (`adapters status` shows each domain's state)")
+        log.warning("eval: no finished adapter under %s: nothing to evaluate", where)
         return None
+    # the up-to-date check reads only files: a re-run with nothing changed starts no Ray
+    if up_to_date(cfg, store, adapters):
+        log.info("eval: %s is up to date (same adapters, data and eval settings): kept",
+                 store.uri_of("eval/matrix.json"))
+        return store.read_json("eval/matrix.json")
+    ensure_ray(cfg)
+    return run_eval(cfg, store, adapters)
+
+
+def up_to_date(cfg, store, adapters: list[str]) -> bool:
+    """Whether eval/matrix.json was made from these adapters, this data and these eval settings."""
+    old = store.read_json_or("eval/matrix.json")
+    return isinstance(old, dict) and old.get("fingerprint") == fingerprint(cfg, store, adapters)

@@ -6,8 +6,9 @@ TorchTrainer (resources.workers_per_trial workers, one by default).
 
 Modules: model (base model, 4-bit, LoRA, prompt format), tiny (the demo base model), data (Ray
 Data tokenization, packing), loop (the per-worker recipe), faults (test fault injection), device
-(the worker's CUDA check), schedule (trials), export (adapters/<domain>/). The evaluation after
-training is pipeline.eval.
+(the worker's CUDA check), schedule (trials), export (adapters/<domain>/). Training does not
+evaluate the adapters on the test splits: that is the eval stage (pipeline.eval, `adapters eval`), which
+`adapters run` runs next.
 """
 from __future__ import annotations
 
@@ -36,9 +37,6 @@ def run_train(cfg) -> dict[str, dict]:
             except Exception as e:
                 log.error("merged export of %s failed: %s", d, e)
                 results[d]["merged_error"] = str(e)
-    if done:
-        from pipeline.eval import run_stage
-        run_stage(cfg, store, done)
     if cfg.hub.repo_id:
         from pipeline.redaction import scrub
         from pipeline.train.export import upload_to_hub

@@ -5,7 +5,8 @@ trained (with `tokenizers`) on the prepared text, cached under <output>/base_mod
                                           model.tiny or the seed changes)
 
 With model.tiny.pretrain_steps > 0 it is briefly pre-trained (plain causal LM, full weights, fp32)
-on the mixed corpus of every domain so that adapters have something real to specialise.
+on the mixed train-split text of every domain so that adapters have something real to specialise; the
+tokenizer is trained on the same text. Nothing of the val or test splits is in it (``_texts``).
 """
 from __future__ import annotations
 
@@ -22,39 +23,62 @@ SPECIALS = ["<pad>", "<s>", "</s>"]
 
 
 def _text_files(store) -> dict[str, list[str]]:
-    """The Parquet files the tiny model learns from, per domain: every prepared domain's corpus, else
-    its SFT train split. Every prepared domain, not only those a run selected: `--domains` must not
-    rebuild (and change) the base model the other domains' adapters were trained on."""
-    corpus, sft = {}, {}
-    for f in store.list_files("data/corpus", ".parquet"):
-        corpus.setdefault(f.split("/")[2], []).append(f)
-    for f in store.list_files("data/sft", ".parquet"):
-        if f.split("/")[3] == "train":
-            sft.setdefault(f.split("/")[2], []).append(f)
-    return {d: corpus.get(d) or sft[d] for d in sorted(set(corpus) | set(sft))}
+    """The Parquet files the tiny model's text is chosen from, per domain: its corpus and its SFT splits
+    (the splits say which corpus documents are train-split). Every prepared domain, not only those a run
+    selected: `--domains` must not rebuild (and change) the base model the other domains' adapters were
+    trained on."""
+    files: dict[str, list[str]] = {}
+    for f in store.list_files("data/corpus", ".parquet") + store.list_files("data/sft", ".parquet"):
+        files.setdefault(f.split("/")[2], []).append(f)
+    return {d: sorted(files[d]) for d in sorted(files)}
 
 
 def tiny_fingerprint(cfg, store=None) -> str:
-    """What the tiny model is built from: model.tiny and the text files (names and sizes)."""
+    """What the tiny model is built from: model.tiny, the text files (names and sizes), and which text of
+    them it learns from (TEXT_RULE: a change of the rule rebuilds it)."""
     import hashlib
     from pipeline.storage import open_store
     store = store or open_store(cfg)
     d = cfg.model.tiny.model_dump(mode="json")
     d["text"] = [(f, store.size(f)) for files in _text_files(store).values() for f in files]
+    d["rule"] = TEXT_RULE
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+TEXT_RULE = "train split only"
+
+
+def _split_doc_ids(store, domain: str) -> dict[str, set]:
+    """The doc_ids of each SFT split of a domain."""
+    out = {}
+    for split in ("train", "val", "test"):
+        rel = f"data/sft/{domain}/{split}"
+        out[split] = (set(store.read_table(rel, columns=["doc_id"]).column("doc_id").to_pylist())
+                      if store.list_files(rel, ".parquet") else set())
+    return out
+
+
 def _texts(cfg, store) -> list[str]:
-    """The mixed corpus of every prepared domain (see _text_files)."""
+    """Train-split text of every prepared domain (see _text_files), so that the demo's val and test losses
+    are on text the base model has not seen: the corpus documents whose SFT examples are all in the train
+    split (a document with a val or test example, or with none, is left out), else, for a domain without
+    such documents, its SFT train conversations."""
     texts: list[str] = []
     for domain, files in _text_files(store).items():
-        if files[0].startswith("data/corpus/"):
-            texts.extend(x for x in store.read_table(f"data/corpus/{domain}", columns=["text"]).column("text").to_pylist() if x)
-        else:
+        ids = _split_doc_ids(store, domain)
+        train_only = ids["train"] - ids["val"] - ids["test"]
+        kept = []
+        if any(f.startswith("data/corpus/") for f in files):
+            t = store.read_table(f"data/corpus/{domain}", columns=["doc_id", "text"])
+            kept = [x for i, x in zip(t.column("doc_id").to_pylist(), t.column("text").to_pylist())
+                    if x and i in train_only]
+        if not kept and ids["train"]:
             t = store.read_table(f"data/sft/{domain}/train", columns=["messages"]).column("messages").to_pylist()
-            texts.extend("\n".join(m["content"] for m in msgs) for msgs in t)
+            kept = ["\n".join(m["content"] for m in msgs) for msgs in t]
+        texts.extend(kept)
     if not texts:
-        raise RuntimeError(f"no text to build the tiny model from under {store.uri_of('data')}: run `adapters prepare` first")
+        raise RuntimeError(f"no train-split text to build the tiny model from under {store.uri_of('data')}: "
+                           "run `adapters prepare` first")
     return texts
 
 

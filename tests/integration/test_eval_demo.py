@@ -6,6 +6,8 @@ One demo run (the session's, tests/fixtures_demo.py, shared with test_lifecycle)
     per-example scores are in eval/scores/<model>/<dataset>.parquet, and some adapter beats the base
     model on its own domain on a task metric with a significant difference (the fixtures' answers follow
     learnable formats);
+  - the evaluation is a stage of its own: `adapters eval` keeps an up-to-date matrix, `adapters train` alone
+    writes none, `adapters eval` after it reproduces the run's matrix;
   - `adapters generate` (no --config: settings from the adapters) reproduces the adapter's greedy answer
     shown side by side in the report, from the local output and from a copy of it on S3.
 """
@@ -84,6 +86,48 @@ def test_report_has_task_metrics_intervals_verdicts_and_generations(demo):
         assert f'id="tasks-{d}"' in page
     assert 'id="eval-verdicts"' in page and 'id="matrix-acc"' in page and 'id="matrix-rouge_l"' in page
     assert "<script" not in page.split("</style>", 1)[1]     # generated text is escaped, never markup
+
+
+def test_eval_is_a_stage_of_its_own(demo, tmp_path):
+    """On a copy of the demo's output (made by `adapters run`): `adapters eval` keeps the up-to-date matrix
+    without starting Ray; `adapters train` alone (every domain finished) writes no matrix; `adapters eval`
+    then scores every model again, from the same inputs (the same fingerprint) to the same numbers."""
+    import shutil
+    import time
+    from pipeline.status import collect_status
+    from pipeline.storage import Store
+    from tests.fixtures_demo import DEMO, Run
+    src, _ = demo
+    out = tmp_path / "out"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("logs"))
+    demo_matrix = (out / "eval" / "matrix.json").read_bytes()
+    argv = ["--config", DEMO, "--output", str(out)]
+
+    kept = Run(tmp_path, "eval", *argv, name="kept")
+    assert kept.wait() == 0, kept.text()[-4000:]
+    assert "is up to date (same adapters, data and eval settings): kept" in kept.text()
+    assert "Ray cluster:" not in kept.text() and "eval: written to" not in kept.text()
+    assert (out / "eval" / "matrix.json").read_bytes() == demo_matrix
+
+    shutil.rmtree(out / "eval")
+    train = Run(tmp_path, "train", *argv, name="train")
+    assert train.wait() == 0, train.text()[-4000:]
+    assert not (out / "eval").exists() and " eval: " not in train.text()
+    st = collect_status(Store(str(out)), None, None)["stages"]
+    assert st["train"].state == "finished" and st["eval"].state == "not started"
+
+    t0 = time.monotonic()
+    again = Run(tmp_path, "eval", *argv, name="again")
+    assert again.wait() == 0, again.text()[-4000:]
+    print(f"adapters eval on the demo's output: {time.monotonic() - t0:.1f}s")
+    assert "eval: 5 model(s) on 4 test set(s)" in again.text() and "stage eval: done in" in again.text()
+    old, new = json.loads(demo_matrix), json.loads((out / "eval" / "matrix.json").read_text())
+    assert new["fingerprint"] == old["fingerprint"] and new["models"] == old["models"]
+    for m in old["models"]:
+        for d in old["datasets"]:
+            assert new["loss"][m][d] == pytest.approx(old["loss"][m][d], rel=1e-4), (m, d)
+    assert {d: v["verdict"] for d, v in new["verdicts"].items()} == {d: v["verdict"] for d, v in old["verdicts"].items()}
+    assert collect_status(Store(str(out)), None, None)["stages"]["eval"].state == "finished"
 
 
 def _generate(args: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@
 - Ctrl-C (SIGINT to the process group, as a terminal sends it) during prepare and during training: exit 130,
   one line and no traceback, state `interrupted`, none of the run's processes left after a bound
 - SIGTERM (to the driver) and SIGHUP (to the process group, as a closed terminal sends it) before, while
-  and after the local Ray starts, in prepare, training and the evaluation (issue 23, item 5): exit 143 / 129,
+  and after the local Ray starts, in prepare, training and the evaluation (`adapters eval`; issue 23, item 5): exit 143 / 129,
   one line, state `interrupted`, no process left
 - SIGKILL of the driver: the local Ray's processes are gone within a bound (Ray alone leaves its dashboard
   and runtime-env agents for ~60 s); `adapters status` then says `stale`, not `running`
@@ -75,7 +75,9 @@ def test_demo_report_and_status_agree(demo):
     st = collect_status(Store(str(out)), "demo", None)
     assert {d: r["status"] for d, r in summary["domains"].items()} == {d: s.state for d, s in st["domains"].items()} \
         == {d: "finished" for d in ("debate", "medicine", "education", "ecology")}
-    assert {k: v.state for k, v in st["stages"].items()} == {s: "finished" for s in ("download", "prepare", "train", "report")}
+    assert {k: v.state for k, v in st["stages"].items()} == {s: "finished" for s in ("download", "prepare", "train", "eval",
+                                                                                    "report")}
+    assert "5 model(s) on 4 test set(s)" in st["stages"]["eval"].detail and "not evaluated" not in st["stages"]["eval"].detail
 
 
 def test_failing_domain_exits_1_with_its_cause_last(demo, tmp_path):
@@ -290,11 +292,11 @@ def test_sigterm_and_sighup_during_training(demo, tmp_path, sig):
 
 
 def test_sighup_during_the_evaluation(demo, tmp_path):
-    """The evaluation runs in the train stage, after the trials (every domain finished: skipped)."""
+    """`adapters eval` with other eval settings (eval.seed) than the demo's matrix: it scores again, and is cut."""
     src, _ = demo
     out = tmp_path / "out"
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("logs"))   # the demo's matrix stays as it is
-    argv = ["train", "--config", DEMO, "--output", str(out), "--set", "run_name=evalsig", "--set", "eval.seed=7"]
+    argv = ["eval", "--config", DEMO, "--output", str(out), "--set", "run_name=evalsig", "--set", "eval.seed=7"]
     matrix = (out / "eval" / "matrix.json").read_bytes()
     run = Run(tmp_path, *argv)
     run.wait_until(lambda: re.search(r"eval: \d+ model\(s\) on", run.text()), 300, "the evaluation")
@@ -305,7 +307,7 @@ def test_sighup_during_the_evaluation(demo, tmp_path):
     rc = run.wait(timeout=180)
     _assert_interrupted_cleanly(run, rc, signal.SIGHUP, argv)
     st = collect_status(Store(str(out)), "evalsig", None)
-    assert st["stages"]["train"].state == "interrupted"
+    assert st["stages"]["eval"].state == "interrupted"
     assert (out / "eval" / "matrix.json").read_bytes() == matrix
 
 

@@ -106,6 +106,15 @@ def test_failed_domains_are_listed_last_with_their_cause(capsys, tmp_path):
     assert err[1].split() == ["ecology", "failed:", "RuntimeError:", "injected", "failure"]
     assert err[2].split()[:3] == ["education", "skipped:", "no"]
     assert err[3].strip().startswith("details: `adapters status --output")
+    # a failed evaluation (train finished, or `adapters eval` alone): exit 1, its cause last, the command to re-run it
+    from types import SimpleNamespace
+    args = SimpleNamespace(config=DEMO)
+    for res in ({"debate": {"status": "finished"}}, None):
+        assert _verdict(res, cfg, args, console, "OutOfMemoryError: CUDA out of memory\nTraceback ...") == 1
+        err = capsys.readouterr().err.splitlines()
+        assert err == ["error: the evaluation failed: OutOfMemoryError: CUDA out of memory",
+                       f"  details: the log file named above; `adapters eval --config {DEMO} --output {cfg.output}` "
+                       "runs the evaluation again"]
 
 
 def test_ray_address_local_means_a_local_ray(monkeypatch, tmp_path):
@@ -123,7 +132,7 @@ def test_ray_address_local_means_a_local_ray(monkeypatch, tmp_path):
 
 def test_each_commands_help_says_what_it_does_and_lists_only_its_flags(capsys):
     seen = {}
-    for cmd in ("download", "prepare", "train", "report", "run", "doctor", "status", "generate", "serve"):
+    for cmd in ("download", "prepare", "train", "eval", "report", "run", "doctor", "status", "generate", "serve"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
@@ -133,6 +142,8 @@ def test_each_commands_help_says_what_it_does_and_lists_only_its_flags(capsys):
         seen[cmd] = out
     assert "--raw-dir" in seen["prepare"] and "--raw-dir" not in seen["train"] and "--raw-dir" not in seen["status"]
     assert "--raw-dir" not in seen["report"] and "--domains" not in seen["download"]
+    assert "--raw-dir" not in seen["eval"] and "--domains" in seen["eval"] and "--set" in seen["eval"]
+    assert "no evaluation (that is eval)" in seen["train"] and "train, eval and report" in seen["run"]
     assert "--port" in seen["serve"] and "--max-batch-size" in seen["serve"]
 
 
@@ -148,3 +159,19 @@ def test_report_without_config_reads_the_settings_the_run_stored(tmp_path, capsy
     assert rc == 0, err
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert summary["run_name"] == "stored" and summary["reproducibility"]["config"]["model"]["base"] == "tiny"
+
+
+def test_eval_before_any_training_is_one_line_with_the_fix(tmp_path, capsys):
+    """`adapters eval` with prepared data but no finished adapter: exit 2, nothing ran, the stage recorded."""
+    import sys as _sys
+    _sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures_train import write_sft
+    from pipeline.storage import Store
+    out = tmp_path / "out"
+    write_sft(Store(str(out)), domains=["debate"], n=(8, 4, 4))
+    rc, _, err = run(capsys, "eval", "--config", DEMO, "--output", str(out), "--domains", "debate")
+    assert rc == 2 and not any("Traceback" in ln for ln in err)
+    assert errors(err) == [f"error: no finished adapter of debate under {out}/adapters: run `adapters train --config "
+                           f"{DEMO} --output {out}` first (`adapters status` shows each domain's state)"]
+    assert not (out / "eval").exists()
+    assert json.loads((out / "runs" / "demo" / "stages" / "eval.json").read_text())["state"] == "failed"

@@ -136,7 +136,7 @@ def test_dry_run_cli_prints_plan_without_token(tmp_path: Path) -> None:
     assert SECRET not in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("stage", ["download", "prepare", "train", "report", "run_pipeline"])
+@pytest.mark.parametrize("stage", ["download", "prepare", "train", "eval", "report", "run_pipeline"])
 def test_stage_modules_are_thin_cli_calls(stage: str) -> None:
     r = subprocess.run([sys.executable, "-m", f"jobs.{stage}", "--help"], cwd=str(ROOT),
                        capture_output=True, text=True, timeout=60)

@@ -331,3 +331,94 @@ def test_a_training_report_that_is_not_json_is_named_unreadable(cfg):
     assert s["status"] == "unknown" and "training_report.json is unreadable" in s["cause"]
     st = collect_status(store, "demo", ["debate"])["domains"]["debate"]
     assert st.state == "unknown" and "unreadable" in st.cause
+
+
+def _md_tables(md: str) -> list[list[list[str]]]:
+    """Every Markdown table of the page: its lines' cells (split on pipes that are not escaped)."""
+    tables, cur = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+        elif cur:
+            tables.append(cur)
+            cur = []
+    return tables
+
+
+def _html_tables(page: str) -> list[list[int]]:
+    """Every HTML table of the page: the number of cells (th or td) of each of its rows."""
+    return [[len(re.findall(r"<t[hd][ >]", row)) for row in re.findall(r"<tr[ >].*?</tr>", t, re.S)]
+            for t in re.findall(r"<table[ >].*?</table>", page, re.S)]
+
+
+def test_one_test_loss_per_model_and_split_the_evaluations(cfg):
+    """The training reports carry the recipe's test loss (debate 3.07, base 4.11) and the evaluation its own
+    (3.02, base 4.10) for the same models and split: the report shows the evaluation's, and only it."""
+    store = Store(cfg.output)
+    write_tree(store)
+    run_report(cfg)
+    s = store.read_json("report/summary.json")
+    deb, med = s["domains"]["debate"], s["domains"]["medicine"]
+    assert (deb["test_loss"], deb["base_test_loss"]) == (3.02, 4.10)
+    assert (med["test_loss"], med["base_test_loss"]) == (2.91, 4.35)
+    assert deb["test_ppl"] == pytest.approx(math.exp(3.02)) and deb["base_test_ppl"] == pytest.approx(math.exp(4.10))
+    assert deb["test_ppl_change_pct"] == pytest.approx(100 * (math.exp(3.02 - 4.10) - 1))
+    assert deb["test_source"] == {"adapter": "eval/matrix.json", "base": "eval/matrix.json"}
+    md, page = store.read_text("report/summary.md"), store.read_text("report/summary.html")
+    recipe = fake_report("debate", 4.1, 3.0, "")
+    for text in (md, page, json.dumps(s)):
+        for v in (recipe["test_loss"], recipe["base_test_loss"]):
+            assert f"{v:.4f}" not in text and f"{v:.3f}" not in text, v
+    assert re.search(r"\| debate \| finished \|[^\n]*\| 3\.020 \(4\.100\) \|", md)
+    assert "Test figures are the evaluation's" in md
+
+
+def test_without_an_evaluation_the_recipes_test_loss_is_shown(cfg):
+    store = Store(cfg.output)
+    write_tree(store, with_matrix=False)
+    run_report(cfg)
+    deb = store.read_json("report/summary.json")["domains"]["debate"]
+    recipe = fake_report("debate", 4.1, 3.0, "")
+    assert (deb["test_loss"], deb["base_test_loss"]) == (recipe["test_loss"], recipe["base_test_loss"])
+    assert deb["test_source"] == {"adapter": "training_report.json", "base": "training_report.json"}
+
+
+def test_every_table_has_as_many_header_cells_as_each_row(cfg):
+    store = Store(cfg.output)
+    write_tree(store)
+    store.write_json("eval/matrix.json", _decided_matrix())
+    run_report(cfg)
+    md_tables = _md_tables(store.read_text("report/summary.md"))
+    assert len(md_tables) >= 6
+    for t in md_tables:
+        assert len(t) >= 2 and all(len(r) == len(t[0]) for r in t), t
+    html_tables = _html_tables(store.read_text("report/summary.html"))
+    assert len(html_tables) >= 6
+    for t in html_tables:
+        assert t and all(n == t[0] for n in t), t
+
+
+def test_an_out_of_date_evaluation_is_said_so_and_not_used_for_test_figures(cfg):
+    """debate retrained after the evaluation (whose fingerprint is of the adapters then): the report says the
+    evaluation is out of date and takes no test figure from it; once it is up to date, it takes them."""
+    from pipeline.eval import finished_adapters, fingerprint
+    store = Store(cfg.output)
+    write_tree(store)
+    m = fake_matrix()
+    m["fingerprint"] = fingerprint(cfg, store, finished_adapters(cfg, store))
+    store.write_json("eval/matrix.json", m)
+    run_report(cfg)
+    s = store.read_json("report/summary.json")
+    assert s["eval_matrix_stale"] is None and s["domains"]["debate"]["test_loss"] == 3.02
+    assert "out of date" not in store.read_text("report/summary.md")
+    store.write_json("adapters/debate/training_report.json", fake_report("debate", 4.1, 2.5, store.uri_of("adapters/debate")))
+    run_report(cfg)
+    s = store.read_json("report/summary.json")
+    assert "made from other adapters, data or eval settings" in s["eval_matrix_stale"]
+    deb = s["domains"]["debate"]
+    assert deb["test_loss"] == fake_report("debate", 4.1, 2.5, "")["test_loss"]
+    assert deb["test_source"] == {"adapter": "training_report.json", "base": "training_report.json"}
+    md = store.read_text("report/summary.md")
+    assert md.index("**The evaluation is out of date**") < md.index("## Results per domain")
+    assert "**Out of date:** eval/matrix.json was made from other adapters" in md
+    assert "The evaluation is out of date" in store.read_text("report/summary.html")

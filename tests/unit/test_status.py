@@ -240,3 +240,25 @@ def test_status_without_config_lists_custom_domains_from_the_manifest(tmp_path, 
     tax = [ln for ln in lines if ln.startswith("tax ")]
     assert law and "not started" in law[0]
     assert tax and "finished" in tax[0] and "val loss ?" in tax[0]
+
+
+def test_eval_stage_state(tree, capsys):
+    """eval/matrix.json is the eval stage's output; its record wins when a later attempt did not finish."""
+    store = Store(str(tree))
+    assert collect_status(store, None, None)["stages"]["eval"].state == "not started"
+    put(tree, "eval/matrix.json", {"models": ["base"], "datasets": ["debate", "medicine"]})
+    ev = collect_status(store, None, None)["stages"]["eval"]
+    assert ev.state == "finished" and "1 model(s) on 2 test set(s)" in ev.detail
+    assert "not evaluated yet: debate (`adapters eval` evaluates them)" in ev.detail   # debate finished since
+    put(tree, "eval/matrix.json", {"models": ["base", "debate"], "datasets": ["debate", "medicine"]})
+    assert "not evaluated" not in collect_status(store, None, None)["stages"]["eval"].detail
+    put(tree, "runs/demo/stages/eval.json", {"stage": "eval", "state": "failed", "updated": now(),
+                                             "error": "OutOfMemoryError: CUDA out of memory\nmore"})
+    ev = collect_status(store, None, None)["stages"]["eval"]
+    assert (ev.state, ev.detail) == ("failed", "OutOfMemoryError: CUDA out of memory")
+    assert run_status(output=str(tree)) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("eval ")]
+    assert len(lines) == 1 and "failed" in lines[0]
+    put(tree, "eval/matrix.json", "{broken")
+    put(tree, "runs/demo/stages/eval.json", {"stage": "eval", "state": "finished", "updated": now()})
+    assert collect_status(store, None, None)["stages"]["eval"].state == "unknown"

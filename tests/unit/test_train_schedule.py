@@ -108,6 +108,44 @@ def test_a_domain_subset_does_not_rebuild_the_tiny_base(tmp_path):
     assert tiny_fingerprint(cfg) != built["fingerprint"]
 
 
+def test_the_tiny_base_learns_only_train_split_text(tmp_path):
+    """The demo's base model is pretrained (and its tokenizer trained) on train-split text only: corpus
+    documents whose SFT examples are all in train; not a document with a val or test example, nor one with
+    none (a duplicate of a held-out row can be such a document). A domain without a corpus: its SFT train
+    split. So the demo's val and test losses are on text the base model has not seen."""
+    import pyarrow as pa
+    from pipeline.prepare import CORPUS_SCHEMA
+    from pipeline.train.tiny import _texts, ensure_tiny, tiny_fingerprint
+    store = Store(str(tmp_path))
+    write_sft(store, domains=["debate", "medicine"], n=(6, 3, 3))   # doc_ids debate-1-*, debate-2-* (val), -3-* (test)
+    docs = ([(f"debate-1-{i}", f"train document {i} about the resolution") for i in range(6)]
+            + [(f"debate-2-{i}", f"val document {i} HELDOUTVAL") for i in range(3)]
+            + [(f"debate-3-{i}", f"test document {i} HELDOUTTEST") for i in range(3)]
+            + [("debate-unsplit", "a document with no SFT example NOSPLIT")])
+    store.write_table("data/corpus/debate/part-00000.parquet", pa.Table.from_pylist(
+        [{"doc_id": i, "domain": "debate", "source": "fixture", "text": t} for i, t in docs], schema=CORPUS_SCHEMA))
+    cfg = tiny_config(str(tmp_path), domains=["debate", "medicine"], model__tiny__pretrain_steps=2)
+    texts = _texts(cfg, store)
+    debate = [t for t in texts if "document" in t]
+    assert sorted(debate) == sorted(t for i, t in docs if i.startswith("debate-1-"))
+    held_out = {c["content"] for d in ("debate", "medicine") for s in ("val", "test")
+                for m in store.read_table(f"data/sft/{d}/{s}", columns=["messages"]).column("messages").to_pylist()
+                for c in m}
+    medicine = [t for t in texts if "document" not in t]
+    assert len(medicine) == 6 and not any(h in t for t in texts for h in held_out)
+    assert not any(w in t for t in texts for w in ("HELDOUTVAL", "HELDOUTTEST", "NOSPLIT"))
+    ensure_tiny(cfg, store)
+    meta = store.read_json("base_model/tiny_meta.json")
+    assert meta["texts"] == len(texts) == 12   # the tokenizer and the pretraining get these texts
+    # a document that moves from train to test (another split) is dropped: a new base model
+    before = tiny_fingerprint(cfg, store)
+    rows = store.read_table("data/sft/debate/test").to_pylist() + [
+        {**r, "split": "test"} for r in store.read_table("data/sft/debate/train").to_pylist() if r["doc_id"] == "debate-1-0"]
+    store.write_table("data/sft/debate/test/part-00000.parquet", pa.Table.from_pylist(rows))
+    assert tiny_fingerprint(cfg, store) != before
+    assert "train document 0 about the resolution" not in _texts(cfg, store)
+
+
 def test_credentials_are_kept_from_tune_trials_not_from_the_driver(monkeypatch):
     """Tune copies what its ENV_VARS_TO_PROPAGATE names into every trial's runtime_env (logged by Ray): the
     credential names leave that set while Tune runs; the driver's environment keeps them (Tune's own S3
