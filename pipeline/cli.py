@@ -291,6 +291,9 @@ def run_stages(cfg, args, console) -> int:
     from pipeline.ownership import OutputLock, claim_output, refuse_forbidden
     from pipeline.storage import StorageError, open_store
     stages = STAGES[:-1] if args.command == "run" else (args.command,)
+    if "train" in stages and cfg.eval.enabled and cfg.eval.harness_tasks:
+        from pipeline.eval.harness import check_tasks
+        check_tasks(cfg)   # an unknown lm-eval task (or lm-eval missing) fails now, not after training
     try:
         store = open_store(cfg)
         refuse_forbidden(cfg, store)   # before the write probe: never a file in `/` or the raw dir

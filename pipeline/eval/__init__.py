@@ -144,7 +144,14 @@ def run_stage(cfg, store, adapters: list[str]) -> Optional[dict]:
                  "train.eval_matrix; the evaluation's settings are now under eval:, e.g. eval.enabled")
         return None
     try:
-        return run_eval(cfg, store, adapters)
+        matrix = run_eval(cfg, store, adapters)
     except Exception as e:  # noqa: BLE001 - the adapters stand; the evaluation is a by-product
         log.error("eval failed: %s: %s", type(e).__name__, str(e)[:2000])
-        return None
+        matrix = None
+    if cfg.eval.harness_tasks:   # lm-eval's standard benchmarks (pipeline/eval/harness.py), after the matrix
+        from pipeline.eval.harness import run_harness
+        try:
+            run_harness(cfg, store, adapters)
+        except Exception as e:  # noqa: BLE001 - as above
+            log.error("harness failed: %s: %s", type(e).__name__, str(e)[:2000])
+    return matrix
