@@ -29,6 +29,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -221,6 +222,9 @@ def run_harness(cfg, store, domains: list[str]) -> list[HarnessRow]:
 def results_rows(model: str, res: dict) -> list[HarnessRow]:
     """lm-eval's results dict ({"results": {task: {"acc,none": .., "acc_stderr,none": ..}}, "n-samples": ..})
     as rows: one per task, metric and filter; a group's aggregate rows too."""
+    def number(x) -> Optional[float]:   # lm-eval writes "N/A" (or NaN) where it has no figure
+        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
     rows = []
     n_samples = res.get("n-samples") or {}
     n_shot = res.get("n-shot") or {}
@@ -230,9 +234,11 @@ def results_rows(model: str, res: dict) -> list[HarnessRow]:
             if "," not in key or "_stderr," in key or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             metric, filt = key.split(",", 1)
-            se = metrics.get(f"{metric}_stderr,{filt}")
+            if number(value) is None:
+                log.warning("harness: %s: %s %s is %s (no rows scored?): left out", model, task, metric, value)
+                continue
             rows.append(HarnessRow(model=model, task=task, metric=metric, filter=filt, value=float(value),
-                                   stderr=float(se) if isinstance(se, (int, float)) and not isinstance(se, bool) else None,
+                                   stderr=number(metrics.get(f"{metric}_stderr,{filt}")),
                                    n=int(n) if n is not None else None,
                                    num_fewshot=n_shot.get(task) if isinstance(n_shot.get(task), int) else None))
     return rows
