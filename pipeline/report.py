@@ -656,7 +656,8 @@ def _harness_rows(h: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _harness_note(h: dict) -> str:
-    return HARNESS_NOTE.format(limit=f"; here cut to {h['limit']} rows per task, so not comparable" if h.get("limit") else "")
+    return (HARNESS_NOTE.format(limit=f"; here cut to {h['limit']} rows per task, so not comparable" if h.get("limit") else "")
+            + (f" lm-eval {h['lm_eval_version']}." if h.get("lm_eval_version") else ""))
 
 
 def _source_rows(card: dict) -> tuple[list[str], list[list[str]]]:
