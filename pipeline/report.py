@@ -646,11 +646,15 @@ def _harness_rows(h: dict) -> tuple[list[str], list[list[str]]]:
     for r in h["rows"]:
         metric = r["metric"] if r.get("filter") in (None, "none") else f"{r['metric']} ({r['filter']})"
         cells.setdefault((r["task"], metric), {})[r["model"]] = r
+    def fig(x: Any) -> str:   # a perplexity of a summed log-likelihood can be 1e17: not 18 digits
+        v = _num(x)
+        return f"{v:.4g}" if v is not None and abs(v) >= 1e5 else _f(x)
+
     rows = []
     for (task, metric), per in cells.items():
         n = {x.get("n") for x in per.values()}
         rows.append([task, metric, _i(n.pop()) if len(n) == 1 else "–"]
-                    + [("–" if m not in per else _f(per[m]["value"]) + (f" ± {_f(per[m]['stderr'])}" if per[m].get("stderr") is not None else ""))
+                    + [("–" if m not in per else fig(per[m]["value"]) + (f" ± {fig(per[m]['stderr'])}" if per[m].get("stderr") is not None else ""))
                        for m in models])
     return ["task", "metric", "n"] + models, rows
 

@@ -16,7 +16,6 @@ from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.storage import Store  # noqa: E402
 
-pytest.importorskip("lm_eval", reason="the [harness] extra (make venv installs it with [dev])")
 pytestmark = pytest.mark.timeout(600)
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "tests" / "data" / "harness"
@@ -131,6 +130,14 @@ def test_bad_task_settings_are_config_errors(tmp_path):
     cfg = load_config(DEMO, sets=["eval.harness_tasks=[tiny_debate_mc]", f"eval.harness_include_path={tmp_path}"])
     with pytest.raises(ConfigError, match="no folder of task YAMLs"):
         check_tasks(cfg)
+
+
+def test_without_lm_eval_the_error_says_what_to_install(monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.eval.harness import check_tasks
+    monkeypatch.setitem(sys.modules, "lm_eval", None)   # as if the [harness] extra were not installed
+    with pytest.raises(ConfigError, match=r"needs lm-evaluation-harness, which is not installed .*pip install -e '\.\[harness\]'"):
+        check_tasks(load_config(DEMO, sets=["eval.harness_tasks=[medmcqa]"]))
 
 
 def test_a_hub_task_offline_says_it_needs_the_hub(monkeypatch, tmp_path):
