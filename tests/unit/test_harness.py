@@ -130,6 +130,10 @@ def test_bad_task_settings_are_config_errors(tmp_path):
     cfg = load_config(DEMO, sets=["eval.harness_tasks=[tiny_debate_mc]", f"eval.harness_include_path={tmp_path}"])
     with pytest.raises(ConfigError, match="no folder of task YAMLs"):
         check_tasks(cfg)
+    # in a YAML file the folder is relative to the file, as every path there
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "c.yaml").write_text(Path(DEMO).read_text() + "\neval:\n  harness_include_path: tasks\n")
+    assert load_config(tmp_path / "conf" / "c.yaml").eval.harness_include_path == str(tmp_path / "conf" / "tasks")
 
 
 def test_without_lm_eval_the_error_says_what_to_install(monkeypatch):
