@@ -8,7 +8,8 @@ CONFIG ?= configs/demo.yaml
 RAY_ADDRESS ?= http://127.0.0.1:8265
 PYTEST_ARGS ?=
 # `make demo` installs the runtime only; `make venv` / `make test` add the [dev] extra (test tools, the tracking
-# and OpenAI clients). Both with constraints.txt: the versions tested together. GPU machines: EXTRAS=gpu.
+# and OpenAI clients, lm-evaluation-harness through [harness]). Both with constraints.txt: the versions tested
+# together. GPU machines: EXTRAS=gpu.
 # A driver older than 580 (CUDA 12): TORCH_INDEX=https://download.pytorch.org/whl/cu128 installs torch's
 # CUDA 12 build of the same version first (docs/CLUSTER.md, "GPU installs").
 EXTRAS ?=

@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--show-examples", type=int, default=0, metavar="N",
                             help="after prepare, print N train rows per domain as training encodes them, the "
                                  "trained tokens between ⟦ ⟧")
+        if name in ("eval", "run"):
+            sp.add_argument("--harness", metavar="TASKS",
+                            help="also run these lm-evaluation-harness tasks on the base and every adapter, e.g. "
+                                 "medmcqa,pubmedqa (the same as --set eval.harness_tasks=...; needs the [harness] extra)")
     d = command("doctor", "pre-flight checks: packages, CUDA, Ray, output, base model, memory, serving")
     common(d)
     d.add_argument("--load", action="store_true", help="also load the base model in 4-bit and generate once")
@@ -252,7 +256,8 @@ def _dispatch(args, console) -> int:
     if args.command == "report" and not args.config:
         cfg = stored_config(args)
     else:
-        cfg = load_config(args.config, sets=args.set, raw_dir=getattr(args, "raw_dir", None), output=args.output,
+        sets = args.set + ([f"eval.harness_tasks={args.harness}"] if getattr(args, "harness", None) else [])
+        cfg = load_config(args.config, sets=sets, raw_dir=getattr(args, "raw_dir", None), output=args.output,
                           domains=_domains(getattr(args, "domains", None)))
     normalize_ray_address(cfg)
     if args.command == "doctor":
@@ -295,6 +300,9 @@ def run_stages(cfg, args, console) -> int:
     from pipeline.ownership import OutputLock, claim_output, refuse_forbidden
     from pipeline.storage import StorageError, open_store
     stages = STAGES[:-1] if args.command == "run" else (args.command,)
+    if "eval" in stages and cfg.eval.enabled and cfg.eval.harness_tasks:
+        from pipeline.eval.harness import check_tasks
+        check_tasks(cfg)   # an unknown lm-eval task (or lm-eval missing) fails now, not after training
     try:
         store = open_store(cfg)
         refuse_forbidden(cfg, store)   # before the write probe: never a file in `/` or the raw dir

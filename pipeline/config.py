@@ -29,6 +29,7 @@ from pipeline.redaction import redact_url
 from pipeline.sources import BUILTIN, DOMAINS, SETTINGS, SOURCES, SourceSetting  # noqa: E402
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_TASK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 
 
 class ConfigError(ValueError):
@@ -406,6 +407,46 @@ class EvalConfig(_Strict):
     workers: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
         "auto", description="Ray tasks the models are spread over, each loading the base model once (auto: one per "
         "GPU on CUDA, one on the CPU)")
+    # standard benchmarks through lm-evaluation-harness (pipeline/eval/harness.py; the [harness] extra)
+    harness_tasks: list[str] = Field(default_factory=list, description="lm-eval task (or group) names run on the base "
+                                     "model and every adapter, e.g. [medmcqa, pubmedqa] (a comma-separated string "
+                                     "works too); empty: none")
+    harness_include_path: Optional[str] = Field(None, description="a local folder of task YAMLs in lm-eval's own "
+                                                "format (its files are shipped to the evaluating node); its tasks "
+                                                "join lm-eval's own")
+    harness_limit: Optional[int] = Field(None, ge=1, description="rows per task (None: all; a limit makes the "
+                                         "numbers incomparable with published ones)")
+    harness_batch_size: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
+        8, description="lm-eval's batch size (auto: the largest that fits, found by lm-eval)")
+
+    @field_validator("harness_tasks", mode="before")
+    @classmethod
+    def _harness_task_list(cls, v: Any) -> Any:
+        # --set eval.harness_tasks=medmcqa,pubmedqa arrives as one string
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @field_validator("harness_tasks")
+    @classmethod
+    def _harness_task_names(cls, v: list[str]) -> list[str]:
+        v = [x.strip() for x in v]
+        bad = [x for x in v if not _TASK_RE.match(x)]
+        if bad:
+            raise ValueError(f"{bad}: an lm-eval task name holds letters, digits, '_', '-' and '.' only "
+                             "(`lm-eval ls tasks` lists them)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a task twice: {v}")
+        return v
+
+    @field_validator("harness_include_path")
+    @classmethod
+    def _harness_include(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        if uris.scheme_of(v):
+            raise ValueError("give a local folder of task YAMLs (it is shipped to the evaluating node from here)")
+        # from --set: relative to the current directory; that it is a folder of tasks is checked where it is
+        # used (pipeline/eval/harness.check_tasks), so a report of a run whose folder moved still loads
+        return str(Path(v).expanduser().resolve())
 
 
 class StorageConfig(_Strict):
@@ -702,6 +743,9 @@ def _path_slots(d: dict) -> Iterator[tuple[dict, str, str, tuple[str, ...]]]:
     if isinstance(model, dict):
         yield model, "base", "model.base", ("s3",)
         yield model, "cache_dir", "model.cache_dir", ()
+    ev = d.get("eval")
+    if isinstance(ev, dict):
+        yield ev, "harness_include_path", "eval.harness_include_path", ()
 
 
 def _expand_home(d: dict) -> None:

@@ -9,6 +9,7 @@ Reads (each may be missing: the report says so instead of failing)
     runs/<run_name>/domains/<domain>.json     the domain's state (failed with its cause, skipped, running)
     eval/matrix.json                          base + every adapter on every domain's test set: loss, task
                                               metrics with intervals, verdicts, side-by-side generations
+    eval/harness.json                         lm-evaluation-harness's tasks on base + every adapter (optional)
 Writes, through the output Store (local or s3://)
     report/summary.json   per domain and run-level facts (the contract in docs/ARCHITECTURE.md, 'Report')
     report/summary.md     the same as tables, plots linked
@@ -265,6 +266,7 @@ def build_summary(cfg, store: Store) -> dict:
         "eval_matrix_note": None if matrix else (matrix_problem or "no eval/matrix.json (the eval stage has not run, "
                                                                    "is off, or no adapter finished: `adapters eval`)"),
         "eval_matrix_stale": stale,
+        "standard_benchmarks": _harness(store),
         "data": card,
         "data_note": manifest_problem if manifest_problem else (None if manifest else "no data/manifest.json (prepare not run)"),
         "reproducibility": {
@@ -671,6 +673,45 @@ def _eval_html(matrix: dict) -> list[str]:
     return parts
 
 
+# ---- standard benchmarks (eval/harness.json: pipeline/eval/harness.py) -------------------------------------
+
+HARNESS_NOTE = ("lm-evaluation-harness's own tasks (prompts, few-shot counts, splits, metrics), run by lm-eval on the base "
+                "model and with each adapter (its `peft=` model argument): comparable with published lm-eval numbers for the "
+                "same task, base model and precision{limit}. ± is lm-eval's standard error; n is rows scored.")
+
+
+def _harness(store: Store) -> Optional[dict]:
+    h, problem = _read(store, "eval/harness.json")
+    if problem:
+        log.warning("report: eval/harness.json unreadable (%s): no standard benchmark table", problem)
+    return h if isinstance(h, dict) and h.get("rows") else None
+
+
+def _harness_rows(h: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per task, metric (and filter, when not lm-eval's plain 'none'); one column per model."""
+    models = list(h.get("models") or [])
+    cells: dict[tuple, dict] = {}
+    for r in h["rows"]:
+        metric = r["metric"] if r.get("filter") in (None, "none") else f"{r['metric']} ({r['filter']})"
+        cells.setdefault((r["task"], metric), {})[r["model"]] = r
+    def fig(x: Any) -> str:   # a perplexity of a summed log-likelihood can be 1e17: not 18 digits
+        v = _num(x)
+        return f"{v:.4g}" if v is not None and abs(v) >= 1e5 else _f(x)
+
+    rows = []
+    for (task, metric), per in cells.items():
+        n = {x.get("n") for x in per.values()}
+        rows.append([task, metric, _i(n.pop()) if len(n) == 1 else "–"]
+                    + [("–" if m not in per else fig(per[m]["value"]) + (f" ± {fig(per[m]['stderr'])}" if per[m].get("stderr") is not None else ""))
+                       for m in models])
+    return ["task", "metric", "n"] + models, rows
+
+
+def _harness_note(h: dict) -> str:
+    return (HARNESS_NOTE.format(limit=f"; here cut to {h['limit']} rows per task, so not comparable" if h.get("limit") else "")
+            + (f" lm-eval {h['lm_eval_version']}." if h.get("lm_eval_version") else ""))
+
+
 def _source_rows(card: dict) -> tuple[list[str], list[list[str]]]:
     head = ["source", "domain", "status", "read", "kept", "quarantined", "deduplicated", "capped", "license", "version"]
     rows = [[n, s.get("domain") or "–", s.get("status") or "–", _i(s["read"]), _i(s["kept"]), _i(s["quarantined"]),
@@ -774,6 +815,10 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
         L += _eval_md(s["eval_matrix"])
     else:
         L += [f"Not available: {_md(s['eval_matrix_note'])}.", ""]
+    if s.get("standard_benchmarks"):
+        h = s["standard_benchmarks"]
+        L += ["## Standard benchmarks (lm-evaluation-harness)", "", _md_table(*_harness_rows(h)), "", _md(_harness_note(h)),
+              "", "Each model's numbers again: " + "; ".join(f"{_md(m)}: {_code(c)}" for m, c in (h.get("commands") or {}).items()), ""]
     L += ["## Data card", ""]
     if card["available"]:
         t = card["totals"]
@@ -921,6 +966,14 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
                   img("eval_matrix.png", "Evaluation matrix heat map")] + _eval_html(s["eval_matrix"])
     else:
         parts.append(f'<p class="note">Not available: {_h(s["eval_matrix_note"])}.</p>')
+    if s.get("standard_benchmarks"):
+        h = s["standard_benchmarks"]
+        head, rows = _harness_rows(h)
+        parts += ["<h2>Standard benchmarks (lm-evaluation-harness)</h2>",
+                  _html_table(head, _esc_rows(rows), [None, None] + ["num"] * (len(head) - 2), "standard-benchmarks"),
+                  f'<p class="note">{_h(_harness_note(h))}</p>',
+                  "<details><summary>lm_eval commands</summary>"
+                  + "".join(f"<p>{_h(m)}: <code>{_h(c)}</code></p>" for m, c in (h.get("commands") or {}).items()) + "</details>"]
     parts.append("<h2>Data card</h2>")
     if card["available"]:
         parts += ["<p>Totals: " + ", ".join(f"{_h(k)} <b>{_i(v)}</b>" for k, v in card["totals"].items()) + "</p>",

@@ -168,9 +168,14 @@ def run_eval_stage(cfg, train_command: Optional[str] = None) -> Optional[dict]:
     if up_to_date(cfg, store, adapters):
         log.info("eval: %s is up to date (same adapters, data and eval settings): kept",
                  store.uri_of("eval/matrix.json"))
-        return store.read_json("eval/matrix.json")
-    ensure_ray(cfg)
-    return run_eval(cfg, store, adapters)
+        matrix = store.read_json("eval/matrix.json")
+    else:
+        ensure_ray(cfg)
+        matrix = run_eval(cfg, store, adapters)
+    if cfg.eval.harness_tasks:   # lm-eval's standard benchmarks (pipeline/eval/harness.py): kept when unchanged
+        from pipeline.eval.harness import run_harness
+        run_harness(cfg, store, adapters)
+    return matrix
 
 
 def up_to_date(cfg, store, adapters: list[str]) -> bool:

@@ -181,10 +181,25 @@ def _stand_in_torch(tmp_path: Path) -> tuple[Path, str]:
     return tmp_path, version
 
 
+# lm-eval's dependencies that PyPI has as source archives only: a resolve for another platform takes wheels
+# only (--platform needs --only-binary=:all:), so they are built here, at their pins, into pure-Python wheels
+# (what pip builds from them on any machine).
+SDIST_ONLY = ("rouge-score", "sqlitedict", "word2number")
+
+
+def _built_wheels(links: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-binary=:all:", "-w", str(links),
+                        *(f"{n}=={pin(n)}" for n in SDIST_ONLY)], capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    built = sorted(w.name for w in links.glob("*.whl") if not w.name.startswith("torch-"))
+    assert len(built) == len(SDIST_ONLY) and all(w.endswith("-py3-none-any.whl") for w in built), built
+
+
 @pytest.mark.slow
 def test_project_resolves_with_the_cuda_wheel_of_torch(tmp_path: Path) -> None:
-    """pip's own resolver, for Linux x86-64: dependencies + [dev] + [gpu] with the CUDA build's requirements."""
+    """pip's own resolver, for Linux x86-64: dependencies + every extra with the CUDA build's requirements."""
     links, version = _stand_in_torch(tmp_path)
+    _built_wheels(links)
     reqs = [str(r) for _, r in project_requirements() if r.name not in ("torch", "domain-adapters")] + [f"torch=={version}"]
     platforms = [a for m in range(28, 16, -1) for a in ("--platform", f"manylinux_2_{m}_x86_64")]
     platforms += ["--platform", "manylinux2014_x86_64", "--platform", "linux_x86_64"]
