@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline import layout
+
 log = logging.getLogger(__name__)
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
@@ -26,9 +28,9 @@ def _text_files(store) -> dict[str, list[str]]:
     its SFT train split. Every prepared domain, not only those a run selected: `--domains` must not
     rebuild (and change) the base model the other domains' adapters were trained on."""
     corpus, sft = {}, {}
-    for f in store.list_files("data/corpus", ".parquet"):
+    for f in store.list_files(layout.CORPUS, ".parquet"):
         corpus.setdefault(f.split("/")[2], []).append(f)
-    for f in store.list_files("data/sft", ".parquet"):
+    for f in store.list_files(layout.SFT, ".parquet"):
         if f.split("/")[3] == "train":
             sft.setdefault(f.split("/")[2], []).append(f)
     return {d: corpus.get(d) or sft[d] for d in sorted(set(corpus) | set(sft))}
@@ -48,13 +50,13 @@ def _texts(cfg, store) -> list[str]:
     """The mixed corpus of every prepared domain (see _text_files)."""
     texts: list[str] = []
     for domain, files in _text_files(store).items():
-        if files[0].startswith("data/corpus/"):
-            texts.extend(x for x in store.read_table(f"data/corpus/{domain}", columns=["text"]).column("text").to_pylist() if x)
+        if files[0].startswith(layout.CORPUS + "/"):
+            texts.extend(x for x in store.read_table(layout.corpus(domain), columns=["text"]).column("text").to_pylist() if x)
         else:
-            t = store.read_table(f"data/sft/{domain}/train", columns=["messages"]).column("messages").to_pylist()
+            t = store.read_table(layout.sft(domain, "train"), columns=["messages"]).column("messages").to_pylist()
             texts.extend("\n".join(m["content"] for m in msgs) for msgs in t)
     if not texts:
-        raise RuntimeError(f"no text to build the tiny model from under {store.uri_of('data')}: run `adapters prepare` first")
+        raise RuntimeError(f"no text to build the tiny model from under {store.uri_of(layout.DATA)}: run `adapters prepare` first")
     return texts
 
 
@@ -123,9 +125,9 @@ def ensure_tiny(cfg, store=None) -> str:
     from pipeline.storage import open_store
     store = store or open_store(cfg)
     fp = tiny_fingerprint(cfg, store)
-    meta = store.read_json_or("base_model/tiny_meta.json")
+    meta = store.read_json_or(layout.TINY_META)
     if meta and meta.get("fingerprint") == fp:
-        return store.uri_of("base_model")
+        return store.uri_of(layout.TINY_BASE)
     t0 = time.time()
     texts = _texts(cfg, store)
     tok = train_tokenizer(texts, cfg.model.tiny.vocab_size)
@@ -139,21 +141,21 @@ def ensure_tiny(cfg, store=None) -> str:
     # keeps its own files); a build recorded before "files" existed wrote the whole folder
     if meta and isinstance(meta.get("files"), list):
         for f in meta["files"] + ["tiny_meta.json"]:
-            if store.is_file(f"base_model/{f}"):
-                store.delete(f"base_model/{f}")
-    elif meta and store.exists("base_model"):
-        store.delete("base_model")
+            if store.is_file(f"{layout.TINY_BASE}/{f}"):
+                store.delete(f"{layout.TINY_BASE}/{f}")
+    elif meta and store.exists(layout.TINY_BASE):
+        store.delete(layout.TINY_BASE)
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         tok.save_pretrained(d)
         files = sorted(str(p.relative_to(d)) for p in Path(d).rglob("*") if p.is_file())
-        store.upload_dir(d, "base_model")
+        store.upload_dir(d, layout.TINY_BASE)
     n_params = sum(p.numel() for p in model.parameters())
-    store.write_json("base_model/tiny_meta.json", {  # written last: the completion marker
+    store.write_json(layout.TINY_META, {  # written last: the completion marker
         "fingerprint": fp, "tiny": cfg.model.tiny.model_dump(mode="json"), "parameters": n_params, "files": files,
         "texts": len(texts), "pretrain_loss_first": losses[0] if losses else None,
         "pretrain_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "build_s": round(time.time() - t0, 1)})
     log.info("built tiny base model (%d parameters, pretrain loss %s) in %.1fs at %s", n_params,
-             f"{losses[0]:.2f}->{losses[-1]:.2f}" if losses else "n/a", time.time() - t0, store.uri_of("base_model"))
-    return store.uri_of("base_model")
+             f"{losses[0]:.2f}->{losses[-1]:.2f}" if losses else "n/a", time.time() - t0, store.uri_of(layout.TINY_BASE))
+    return store.uri_of(layout.TINY_BASE)
