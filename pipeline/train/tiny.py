@@ -9,7 +9,6 @@ on the mixed corpus of every domain so that adapters have something real to spec
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import tempfile
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 from pipeline import layout
+from pipeline.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,11 @@ def _text_files(store) -> dict[str, list[str]]:
 
 def tiny_fingerprint(cfg, store=None) -> str:
     """What the tiny model is built from: model.tiny and the text files (names and sizes)."""
-    import hashlib
     from pipeline.storage import open_store
     store = store or open_store(cfg)
     d = cfg.model.tiny.model_dump(mode="json")
     d["text"] = [(f, store.size(f)) for files in _text_files(store).values() for f in files]
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(d, 16)
 
 
 def _texts(cfg, store) -> list[str]:
