@@ -153,13 +153,13 @@ class RaySession:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
 
-CHECKPOINT_FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.json", "train_state.json")
+CHECKPOINT_FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.json", layout.CHECKPOINT_STATE)
 # What an older version wrote (the RNG states as a full pickle): never read, a checkpoint holding it is refused
 PICKLED_FILES = ("rng.pt",)
 
 
 def _checkpoint_step(ck_dir: str) -> int:
-    with open(os.path.join(ck_dir, "train_state.json")) as f:
+    with open(os.path.join(ck_dir, layout.CHECKPOINT_STATE)) as f:
         return int(json.load(f)["step"])
 
 
@@ -452,7 +452,7 @@ class DomainRecipe:
         ck = self.session.restore_dir()
         if not ck:
             return
-        with open(os.path.join(ck, "train_state.json")) as f:
+        with open(os.path.join(ck, layout.CHECKPOINT_STATE)) as f:
             saved = json.load(f)
         where = f"{self.store.uri_of(self.run_dir)} ({self.domain}, step {saved['step']})"
         check_compat(saved["compat"], self.compat, where)
@@ -642,7 +642,7 @@ class DomainRecipe:
             torch.save(self.sched.state_dict(), os.path.join(d, "scheduler.pt"))
             with open(os.path.join(d, "rng.json"), "w") as f:
                 json.dump(_rng_state(), f)
-            with open(os.path.join(d, "train_state.json"), "w") as f:
+            with open(os.path.join(d, layout.CHECKPOINT_STATE), "w") as f:
                 json.dump({**asdict(self.state), "compat": self.compat, "domain": self.domain,
                            "config_fingerprint": self.fingerprint}, f)
             self.session.report(metrics, d)
