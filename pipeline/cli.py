@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Optional
 
+from pipeline import layout
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import UsageError, UserFacingError, no_space_message
 
@@ -216,9 +217,6 @@ def _settings_of_output(args, domains: list[str]):
     return config_from_output(args.output if "://" in args.output else os.path.abspath(args.output), domains, args.set)
 
 
-CONFIG_REL = "runs/{run_name}/config.json"   # the settings of the run's last stage (redacted), for `report`
-
-
 def stored_config(args):
     """`adapters report --output X` without --config: the config the run's stages stored (one run name)."""
     import json
@@ -228,10 +226,10 @@ def stored_config(args):
         raise UsageError("report needs --output URI (the run's output) or --config FILE")
     out = args.output if "://" in args.output else os.path.abspath(args.output)
     store = Store(out)
-    found = sorted(store.list_files("runs", "config.json"))
-    found = [f for f in found if f.count("/") == 2]
+    found = sorted(store.list_files(layout.RUNS, "config.json"))
+    found = [f for f in found if f == layout.run_config(f.split("/")[1])]
     if len(found) != 1:
-        raise UsageError(f"{'no run' if not found else 'several runs'} under {store.uri_of('runs')} "
+        raise UsageError(f"{'no run' if not found else 'several runs'} under {store.uri_of(layout.RUNS)} "
                          f"{'stored its settings' if not found else '(' + ', '.join(f.split('/')[1] for f in found) + ')'}: "
                          "pass --config with the run's YAML")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -279,17 +277,17 @@ def check_prepared(cfg, store, args) -> None:
     """Before training: prepare finished and produced SFT data for at least one selected domain."""
     from pipeline.status import prepare_state
     st = prepare_state(store, None)   # data/ is shared by every run name: any run's prepare counts
-    data = store.uri_of("data")
+    data = store.uri_of(layout.DATA)
     if st.state == "not started":
         raise UsageError(f"no prepared data under {data}: run `{_command('prepare', args, cfg)}` first")
     if st.state == "running":
         raise UsageError(f"prepare is still running on {data} ({st.detail}): wait for it to finish")
     if st.state != "finished":
         raise UsageError(f"prepare did not finish ({st.state}): run `{_command('prepare', args, cfg)}` again; it resumes")
-    if any(store.list_files(f"data/sft/{d}/train", ".parquet") and store.list_files(f"data/sft/{d}/val", ".parquet")
+    if any(store.list_files(layout.sft(d, "train"), ".parquet") and store.list_files(layout.sft(d, "val"), ".parquet")
            for d in cfg.domains):
         return
-    manifest = store.read_json_or("data/manifest.json") or {}
+    manifest = store.read_json_or(layout.MANIFEST) or {}
     why = "; ".join(f"{d}: {((manifest.get('domains') or {}).get(d) or {}).get('reason') or 'no train/val split'}"
                     for d in cfg.domains)
     raise UsageError(f"prepare produced no SFT data for {', '.join(cfg.domains)} ({why}): check the raw data "
@@ -316,11 +314,12 @@ def run_stages(cfg, args, console) -> int:
 
 def _run_locked(cfg, args, console, store, stages) -> int:
     from pipeline.logs import log_file_for
-    from pipeline.status import cause_line
+    from pipeline.status import StageRecord, cause_line
+    command = args.command
     results: Optional[dict] = None   # train's, per domain
     eval_error: Optional[str] = None
-    store.write_json(CONFIG_REL.format(run_name=cfg.run_name), cfg.redacted())
-    path, upload = log_file_for(cfg, args.command)
+    store.write_json(layout.run_config(cfg.run_name), cfg.redacted())
+    path, upload = log_file_for(cfg, command)
     console.open_file(path, upload)
     log.info("log file: %s%s", upload[0].uri_of(upload[1]) if upload else path,
              "" if console.verbose else " (--verbose shows all of it here)")

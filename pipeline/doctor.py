@@ -31,6 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline import layout
 from pipeline.errors import UserFacingError
 
 PASS, FAIL, WARN, INFO = "PASS", "FAIL", "WARN", "INFO"
@@ -449,12 +450,12 @@ def check_model(cfg, rep: Report, network: bool) -> tuple[Optional[dict[str, Any
         from pipeline.storage import open_store
         try:
             store = open_store(cfg)
-            built = (not store.is_s3) and store.local_path("base_model/config.json").is_file()
+            built = (not store.is_s3) and store.local_path(f"{layout.TINY_BASE}/config.json").is_file()
         except Exception:
             store, built = None, False
         if built:
-            rep.add("base model", PASS, f"tiny model already built at {store.local_path('base_model')}")
-            return tiny_arch(cfg), str(store.local_path("base_model"))
+            rep.add("base model", PASS, f"tiny model already built at {store.local_path(layout.TINY_BASE)}")
+            return tiny_arch(cfg), str(store.local_path(layout.TINY_BASE))
         rep.add("base model", INFO, "tiny: built from model.tiny at the start of train (nothing to fetch)")
         return tiny_arch(cfg), None
     if base.startswith("s3://"):

@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from pipeline import layout
 from pipeline.errors import UserFacingError
 from pipeline.redaction import redact_url, scrub
 from pipeline.sources import DownloadPart, SourceSpec, registry, selected_sources
@@ -641,7 +642,7 @@ def run_download(cfg, specs: Optional[dict[str, SourceSpec]] = None) -> dict[str
         if any(ent.get("status") == "downloaded" for ent in manifest["sources"].values()):
             raise
         log.warning("cannot write %s (%s); the manifest is in the output only", raw / MANIFEST, e.strerror or e)
-    open_store(cfg).write_text(f"data/{MANIFEST}", text)
+    open_store(cfg).write_text(layout.DOWNLOAD_MANIFEST, text)
     if errors:
         raise UserFacingError("download failed for " + str(len(errors)) + " source(s):\n  " + "\n  ".join(errors)
                               + "\n(set ALLOW_MISSING_DATA=1 to record missing sources and go on, or "

@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Optional, TextIO
 
+from pipeline import layout
 from pipeline.redaction import scrub
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,7 @@ def log_file_for(cfg, command: str) -> tuple[Path, Optional[tuple]]:
     """(local path of the log file, (store, rel) to upload it to at close, or None)."""
     from pipeline.storage import open_store
     store = open_store(cfg)
-    rel = f"runs/{cfg.run_name}/logs/{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    rel = layout.log_file(cfg.run_name, command, time.strftime('%Y%m%d-%H%M%S', time.gmtime()))
     if not store.is_s3:
         return store.local_path(rel), None
     import tempfile

@@ -26,17 +26,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pipeline import layout
 from pipeline.errors import UsageError, UserFacingError
 
 log = logging.getLogger(__name__)
 
-OUTPUT_MARKER = ".domain-adapters-output.json"
-LOCK_FILE = ".domain-adapters-lock.json"
+OUTPUT_MARKER = layout.OUTPUT_MARKER
+LOCK_FILE = layout.LOCK_FILE
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 180.0   # six missed heartbeats
 # files only this project writes: an output made before the marker existed is recognised by one of them
-LEGACY_FILES = ("data/manifest.json", "data/_SUCCESS", "base_model/tiny_meta.json", "report/summary.json")
-LEGACY_DIRS = ("runs", "data/_work")
+LEGACY_FILES = (layout.MANIFEST, layout.PREPARED, layout.TINY_META, layout.REPORT_JSON)
+LEGACY_DIRS = (layout.RUNS, layout.WORK)
 
 
 class OutputRefused(UsageError):

@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline import layout
 from pipeline.redaction import redact_url, scrub
 from pipeline.storage import Store, StorageError, open_store
 
@@ -86,7 +87,7 @@ def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> 
     """One domain's row of the report: status and cause (pipeline.status.domain_state, the same words
     `adapters status` shows), metrics."""
     from pipeline.status import domain_state
-    rel = f"adapters/{domain}/training_report.json"
+    rel = layout.training_report(domain)
     rep, _ = _read(store, rel)
     rep = rep if isinstance(rep, dict) else None
     dman = ((manifest or {}).get("domains") or {}).get(domain) or {}
@@ -231,10 +232,10 @@ def git_commit(repo: Optional[Path] = None) -> dict[str, Any]:
 
 def build_summary(cfg, store: Store) -> dict:
     """summary.json's content (plus '_history' per domain, dropped before writing)."""
-    manifest, manifest_problem = _read(store, "data/manifest.json")
+    manifest, manifest_problem = _read(store, layout.MANIFEST)
     manifest = manifest if isinstance(manifest, dict) else None
-    download, _ = _read(store, "data/download_manifest.json")
-    matrix, matrix_problem = _read(store, "eval/matrix.json")
+    download, _ = _read(store, layout.DOWNLOAD_MANIFEST)
+    matrix, matrix_problem = _read(store, layout.EVAL_MATRIX)
     matrix = matrix if isinstance(matrix, dict) and matrix.get("models") and matrix.get("datasets") else None
     domains = list(cfg.domains)
     for d in ((manifest or {}).get("domains") or {}):
@@ -248,7 +249,7 @@ def build_summary(cfg, store: Store) -> dict:
     manifest_sha = None
     if manifest is not None:
         try:
-            manifest_sha = hashlib.sha256(store.read_bytes("data/manifest.json")).hexdigest()
+            manifest_sha = hashlib.sha256(store.read_bytes(layout.MANIFEST)).hexdigest()
         except (StorageError, OSError):
             pass
     hashes = {name: {f["path"]: f["sha256"] for f in s["files"] if f.get("sha256")} for name, s in card["sources"].items()}
@@ -1025,12 +1026,12 @@ def run_report(cfg) -> dict:
     summary["plots"] = sorted(plots)
     out: dict[str, str] = {}
     for name, png in plots.items():
-        out[name] = store.write_bytes(f"report/{name}", png)
+        out[name] = store.write_bytes(layout.report(name), png)
     public = {**summary, "domains": {d: {k: v for k, v in r.items() if not k.startswith("_")}
                                      for d, r in summary["domains"].items()}}
-    out["json"] = store.write_text("report/summary.json", scrub(json.dumps(public, indent=2, default=str)) + "\n")
-    out["md"] = store.write_text("report/summary.md", scrub(render_md(summary, plots)))
-    out["html"] = store.write_text("report/summary.html", scrub(render_html(summary, plots)))
+    out["json"] = store.write_text(layout.REPORT_JSON, scrub(json.dumps(public, indent=2, default=str)) + "\n")
+    out["md"] = store.write_text(layout.REPORT_MD, scrub(render_md(summary, plots)))
+    out["html"] = store.write_text(layout.REPORT_HTML, scrub(render_html(summary, plots)))
     log.info("report: %s (%d domains: %s) in %.1fs", out["html"], len(summary["domains"]),
              ", ".join(f"{k} {v}" for k, v in sorted(summary["status_counts"].items())), time.time() - t0)
     if cfg.tracking.mlflow is not None:

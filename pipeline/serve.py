@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import Any, Optional
 
+from pipeline import layout
 from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,12 @@ DEFAULT_PORT = 8000
 
 def served_domains(store, domains: Optional[list[str]]) -> list[str]:
     """`domains` (default: every domain with a finished adapter under adapters/), each checked to have one."""
-    have = sorted({f.split("/")[1] for f in store.list_files("adapters", "training_report.json")
+    have = sorted({f.split("/")[1] for f in store.list_files(layout.ADAPTERS, layout.TRAINING_REPORT)
                    if (store.read_json_or(f) or {}).get("status") == "finished"})
     chosen = list(domains) if domains else have
     missing = [d for d in chosen if d not in have]
     if missing or not chosen:
-        raise UsageError(f"no finished adapter for {missing or 'any domain'} under {store.uri_of('adapters')} "
+        raise UsageError(f"no finished adapter for {missing or 'any domain'} under {store.uri_of(layout.ADAPTERS)} "
                          f"(finished: {', '.join(have) or 'none'}): train first, or pick from those with --domains")
     return chosen
 
@@ -79,7 +80,7 @@ class AdapterModels:
         model.config.use_cache = True
         self.model = None
         for d in self.domains:
-            path = _local_dir(store, f"adapters/{d}")
+            path = _local_dir(store, layout.adapter(d))
             if self.model is None:
                 self.model = load_adapter_onto(model, path, adapter_name=d)
             else:

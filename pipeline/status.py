@@ -1,9 +1,12 @@
 """What state each stage and domain is in, read from the output tree (local or s3://). `adapters status`,
-the report (pipeline.report) and the CLI's checks all use these functions, so they use the same words.
+the report (pipeline.report), the training scheduler (pipeline.train.schedule) and the CLI's checks all use
+these functions, so they use the same words.
 
-    domain_state(store, run_name, domain, manifest) -> DomainState
+    domain_state(store, run_name, domain, manifest) -> DomainOutcome   the one reader of a domain's outcome
+    write_outcome(store, run_name, domain, state, ...)                  the one writer of its state file
+    write_fatal(store, run_name, domain, error) / clear_fatal(...)      its `fatal` field (see DomainOutcome)
     prepare_state(store, run_name) -> StageState
-    collect_status(store, run_name, domains) -> {"stages": {stage: StageState}, "domains": {domain: DomainState}}
+    collect_status(store, run_name, domains) -> {"stages": {stage: StageState}, "domains": {domain: DomainOutcome}}
     StageRecord(store, run_name, stage, command)   the CLI's record of a stage while it runs, then how it ended
 
 States (``STATES``):
@@ -18,9 +21,10 @@ States (``STATES``):
     unknown      its state file cannot be read
 
 Files read:
-    runs/<run>/domains/<domain>.json    written by pipeline.train: {"domain", "state", "error", "updated",
+    runs/<run>/domains/<domain>.json    written by write_outcome: {"domain", "state", "error", "updated",
                                         "val_loss", "adapter_uri"} and, while running, "pid", "host" (the
                                         driver's) and "heartbeat" (UTC ISO time, refreshed at least every 60 s)
+    runs/<run>/fatal/<domain>.json      written by write_fatal (a training worker): {"domain", "error"}
     runs/<run>/stages/<stage>.json      written by StageRecord: {"stage", "state", "error", "command", "updated",
                                         "pid", "host", "heartbeat"}
     adapters/<domain>/training_report.json   a finished adapter (status "finished", val_loss, adapter_uri, ...)
@@ -43,7 +47,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from pipeline import layout
 from pipeline.config import DOMAINS
+from pipeline.redaction import scrub
 
 STATES = ("finished", "failed", "skipped", "interrupted", "running", "stale", "not started", "unknown")
 STALE_AFTER_S = 180.0   # three missed heartbeats of the trials' 60 s
@@ -135,14 +141,14 @@ def _newest_record(store, kind: str, name: str, run_name: Optional[str],
     """(run, record) of runs/<run>/<kind>/<name>.json: that run's, or the newest over all runs
     (``listing``: the .json files under runs/, when the caller has listed them already)."""
     if run_name is not None:
-        return run_name, _read(store, f"runs/{run_name}/{kind}/{name}.json")
+        return run_name, _read(store, layout.record(run_name, kind, name))
     if listing is None:
-        listing = store.list_files("runs", suffix=".json")
+        listing = store.list_files(layout.RUNS, suffix=".json")
     found = []
     for rel in listing:
-        parts = rel.split("/")
-        if len(parts) == 4 and parts[2] == kind and parts[3] == f"{name}.json":
-            found.append((parts[1], _read(store, rel)))
+        parsed = layout.parse_record(rel)
+        if parsed is not None and parsed[1:] == (kind, name):
+            found.append((parsed[0], _read(store, rel)))
     if not found:
         return None, None
     return max(found, key=lambda x: (_epoch((x[1] or {}).get("heartbeat")) or 0,
@@ -161,7 +167,13 @@ def cause_line(text: Any, limit: int = 300) -> str:
 # ---- domains -----------------------------------------------------------------------------------------
 
 @dataclass
-class DomainState:
+class DomainOutcome:
+    """A domain's outcome, as `domain_state` reads it from the records the training writes. `state` and
+    `cause` are what status and the report show; the scheduler decides from `recorded`, `report` and `fatal`.
+
+    `fatal` is a field of the outcome kept in a file of its own (runs/<run>/fatal/<domain>.json): a training
+    worker writes it, on another node, while the trial's heartbeat rewrites the state file every HEARTBEAT_S;
+    in the same file one of the two writes could drop the other's."""
     domain: str
     state: str
     cause: Optional[str] = None          # why it is not finished (a failed domain's error, cause first)
@@ -169,6 +181,19 @@ class DomainState:
     val_loss: Optional[float] = None
     adapter_uri: Optional[str] = None
     record: Optional[dict] = field(default=None, repr=False)   # the state file, as read
+    report: Optional[dict] = field(default=None, repr=False)   # adapters/<domain>/training_report.json, as read
+    fatal: Optional[str] = None          # a worker's error that retrying cannot help (this run's attempt)
+
+    @property
+    def recorded(self) -> Optional[str]:
+        """The state the run's state file records (None without a readable one)."""
+        return self.record.get("state") if isinstance(self.record, dict) else None
+
+    @property
+    def finished_report(self) -> Optional[dict]:
+        """The training report when it is a readable one of a finished adapter (whichever identity)."""
+        rep = self.report
+        return rep if isinstance(rep, dict) and not isinstance(rep, Unreadable) and rep.get("status") == "finished" else None
 
     def detail(self) -> str:
         """One line for the status table."""
@@ -190,8 +215,8 @@ def _superseded(rep: dict, rec: Optional[dict], run: Optional[str]) -> bool:
 
 
 def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional[dict] = None,
-                 now: Optional[float] = None, listing: Optional[list[str]] = None) -> DomainState:
-    """One domain's state. In this order:
+                 now: Optional[float] = None, listing: Optional[list[str]] = None) -> DomainOutcome:
+    """One domain's outcome. Its state, in this order:
 
     1. its state file cannot be read -> unknown
     2. adapters/<domain>/training_report.json says finished -> finished, unless this run's state file says
@@ -203,10 +228,12 @@ def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional
     6. no state file: data/manifest.json marks the domain empty -> skipped; else not started
     """
     run, rec = _newest_record(store, "domains", domain, run_name, listing)
-    rep = _read(store, f"adapters/{domain}/training_report.json")
-    out = DomainState(domain, "not started", run=run, record=rec)
+    rep = _read(store, layout.training_report(domain))
+    fatal = _read(store, layout.fatal(run, domain)) if run is not None else None
+    out = DomainOutcome(domain, "not started", run=run, record=rec, report=rep,
+                        fatal=fatal.get("error") if isinstance(fatal, dict) and fatal.get("error") else None)
     if isinstance(rec, Unreadable):
-        out.state, out.cause = "unknown", f"runs/{run}/domains/{domain}.json is not valid JSON"
+        out.state, out.cause = "unknown", f"{layout.domain_state(run, domain)} is not valid JSON"
         return out
     state = (rec or {}).get("state")
     if (rep is not None and not isinstance(rep, Unreadable) and rep.get("status", "finished") == "finished"
@@ -219,9 +246,9 @@ def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional
         out.state, live = liveness(rec, now)
         out.cause = ("training did not finish: " + live) if out.state == "stale" else f"training: {live}"
     elif isinstance(rep, Unreadable) and state in (None, "finished"):
-        out.state, out.cause = "unknown", f"adapters/{domain}/training_report.json is unreadable (not a valid JSON object)"
+        out.state, out.cause = "unknown", f"{layout.training_report(domain)} is unreadable (not a valid JSON object)"
     elif state == "finished":
-        out.cause = (f"recorded as finished, but adapters/{domain}/training_report.json is gone: "
+        out.cause = (f"recorded as finished, but {layout.training_report(domain)} is gone: "
                      "the next `adapters train` trains it again")
     elif state is not None:
         out.state = str(state)
@@ -236,8 +263,33 @@ def domain_state(store, run_name: Optional[str], domain: str, manifest: Optional
         rep_ok = rep if isinstance(rep, dict) and not isinstance(rep, Unreadable) else {}
         out.cause = None
         out.val_loss = rep_ok.get("val_loss", (rec or {}).get("val_loss"))
-        out.adapter_uri = rep_ok.get("adapter_uri") or (rec or {}).get("adapter_uri") or store.uri_of(f"adapters/{domain}")
+        out.adapter_uri = rep_ok.get("adapter_uri") or (rec or {}).get("adapter_uri") or store.uri_of(layout.adapter(domain))
     return out
+
+
+# ---- writing a domain's outcome (the training scheduler and its workers) ----------------------------------
+
+def write_outcome(store, run_name: str, domain: str, state: str, error: Optional[str] = None,
+                  report: Optional[dict] = None, driver: Optional[dict] = None) -> dict:
+    """The domain's state file in this run. driver: {"pid", "host"} of the process that runs the stage
+    (for `adapters status`); report: the training report whose val_loss and adapter_uri it repeats."""
+    rec = {"domain": domain, "state": state, "error": scrub(error) if error else error, "updated": utc_now(),
+           "val_loss": (report or {}).get("val_loss"), "adapter_uri": (report or {}).get("adapter_uri")}
+    if state == "running":
+        rec.update(heartbeat=rec["updated"], **(driver or {}))
+    store.write_json(layout.domain_state(run_name, domain), rec)
+    return rec
+
+
+def write_fatal(store, run_name: str, domain: str, error: str) -> None:
+    """The outcome's `fatal` field: a worker's error that retrying cannot help (see DomainOutcome)."""
+    store.write_json(layout.fatal(run_name, domain), {"domain": domain, "error": error})
+
+
+def clear_fatal(store, run_name: str, domain: str) -> None:
+    """A new attempt starts without the last one's fatal error."""
+    if store.exists(layout.fatal(run_name, domain)):
+        store.delete(layout.fatal(run_name, domain))
 
 
 # ---- stages --------------------------------------------------------------------------------------------
@@ -268,11 +320,11 @@ def prepare_state(store, run_name: Optional[str], now: Optional[float] = None,
     recorded = _recorded(rec, now)
     if recorded is not None and recorded.state == "running":
         return recorded
-    if store.is_file("data/_SUCCESS"):
-        man = _read(store, "data/manifest.json") or {}
+    if store.is_file(layout.PREPARED):
+        man = _read(store, layout.MANIFEST) or {}
         doms = man.get("domains") or {}
-        return StageState("finished", f"{len(doms)} domain(s) in data/manifest.json" if doms else "")
-    partial = any(f != "data/download_manifest.json" for f in store.list_files("data"))
+        return StageState("finished", f"{len(doms)} domain(s) in {layout.MANIFEST}" if doms else "")
+    partial = any(f != layout.DOWNLOAD_MANIFEST for f in store.list_files(layout.DATA))
     if recorded is not None and recorded.state not in ("finished",):
         if partial and recorded.state == "stale":
             recorded.detail += "; data/ holds partial output"
@@ -285,25 +337,25 @@ def prepare_state(store, run_name: Optional[str], now: Optional[float] = None,
 
 def collect_status(store, run_name: Optional[str], domains: Optional[list[str]],
                    now: Optional[float] = None) -> dict[str, Any]:
-    """{'stages': {stage: StageState}, 'domains': {domain: DomainState}} from an output Store."""
-    manifest = _read(store, "data/manifest.json")
+    """{'stages': {stage: StageState}, 'domains': {domain: DomainOutcome}} from an output Store."""
+    manifest = _read(store, layout.MANIFEST)
     manifest = None if isinstance(manifest, Unreadable) else manifest
-    listing = store.list_files("runs", suffix=".json") if run_name is None else None
+    listing = store.list_files(layout.RUNS, suffix=".json") if run_name is None else None
     if domains is None:
-        found = {r.split("/")[3][:-5] for r in (listing or []) if len(r.split("/")) == 4 and r.split("/")[2] == "domains"}
-        found |= {r.split("/")[1] for r in store.list_files("adapters", suffix="training_report.json")
-                  if len(r.split("/")) == 3}
+        found = {p[2] for p in map(layout.parse_record, listing or []) if p is not None and p[1] == "domains"}
+        found |= {d for d in map(layout.adapter_domain, store.list_files(layout.ADAPTERS, suffix=layout.TRAINING_REPORT))
+                  if d is not None}
         # prepared but not yet trained: a custom source's domain is known only from the manifest
         found |= {d for d in ((manifest or {}).get("domains") or {}) if isinstance(d, str)}
         domains = list(DOMAINS) + sorted(found - set(DOMAINS))
     doms = {d: domain_state(store, run_name, d, manifest, now, listing) for d in domains}
 
     stages: dict[str, StageState] = {}
-    dm = _read(store, "data/download_manifest.json")
+    dm = _read(store, layout.DOWNLOAD_MANIFEST)
     if dm is None:
         stages["download"] = StageState("not started")
     elif isinstance(dm, Unreadable):
-        stages["download"] = StageState("unknown", "data/download_manifest.json is not valid JSON")
+        stages["download"] = StageState("unknown", f"{layout.DOWNLOAD_MANIFEST} is not valid JSON")
     else:
         counts: dict[str, int] = {}
         for e in (dm.get("sources") or {}).values():
@@ -314,9 +366,9 @@ def collect_status(store, run_name: Optional[str], domains: Optional[list[str]],
                                   _recorded(_newest_record(store, "stages", "train", run_name, listing)[1], now))
     stages["eval"] = eval_state(store, [d.domain for d in doms.values() if d.state == "finished"],
                                 _recorded(_newest_record(store, "stages", "eval", run_name, listing)[1], now))
-    if store.is_file("report/summary.json"):
-        stages["report"] = StageState("finished", store.uri_of("report/summary.html") if store.is_file("report/summary.html")
-                                      else store.uri_of("report/summary.json"))
+    if store.is_file(layout.REPORT_JSON):
+        stages["report"] = StageState("finished", store.uri_of(layout.REPORT_HTML) if store.is_file(layout.REPORT_HTML)
+                                      else store.uri_of(layout.REPORT_JSON))
     else:
         stages["report"] = (_recorded(_newest_record(store, "stages", "report", run_name, listing)[1], now)
                             or StageState("not started"))
@@ -342,7 +394,7 @@ def eval_state(store, finished: list[str], recorded: Optional[StageState]) -> St
     return StageState("finished", detail)
 
 
-def train_state(domains: list[DomainState], recorded: Optional[StageState]) -> StageState:
+def train_state(domains: list[DomainOutcome], recorded: Optional[StageState]) -> StageState:
     """The train stage: its record when there is one, else what its domains say; the detail counts them."""
     counts: dict[str, int] = {}
     for d in domains:
@@ -363,7 +415,7 @@ class StageRecord:
     failed (the exception's first line). Writing it never fails the stage (a warning is logged)."""
 
     def __init__(self, store, run_name: str, stage: str, command: str):
-        self.store, self.rel = store, f"runs/{run_name}/stages/{stage}.json"
+        self.store, self.rel = store, layout.stage_state(run_name, stage)
         self.base = {"stage": stage, "command": command, "pid": os.getpid(), "host": socket.gethostname()}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -371,7 +423,6 @@ class StageRecord:
 
     def write(self, state: str, error: Optional[str] = None) -> None:
         now = utc_now()
-        from pipeline.redaction import scrub
         rec = {**self.base, "state": state, "error": scrub(error) if error else error, "updated": now}
         if state == "running":
             rec["heartbeat"] = now

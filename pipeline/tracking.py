@@ -14,10 +14,12 @@ import logging
 import os
 import tempfile
 
+from pipeline import layout
+
 log = logging.getLogger(__name__)
 
 # what is attached under each run's artifacts/report/ (relative to the output)
-REPORT_FILES = ("report/summary.json", "report/summary.md", "report/summary.html")
+REPORT_FILES = (layout.REPORT_JSON, layout.REPORT_MD, layout.REPORT_HTML)
 
 
 def _eval_metrics(matrix: dict, domain: str) -> dict[str, float]:
@@ -46,10 +48,10 @@ def attach_to_mlflow(cfg, store) -> dict[str, str]:
         log.warning("tracking: no MLflow experiment %r at %s yet (nothing trained with tracking on): nothing attached",
                     m.experiment, redact_url(m.tracking_uri))
         return {}
-    matrix = store.read_json_or("eval/matrix.json") or {}
+    matrix = store.read_json_or(layout.EVAL_MATRIX) or {}
     attached = {}
     with tempfile.TemporaryDirectory(prefix="tracking-") as d:
-        for rel in REPORT_FILES + (f"runs/{cfg.run_name}/config.json",):
+        for rel in REPORT_FILES + (layout.run_config(cfg.run_name),):
             if store.is_file(rel):
                 path = os.path.join(d, os.path.basename(rel))
                 with open(path, "wb") as f:
@@ -61,7 +63,7 @@ def attach_to_mlflow(cfg, store) -> dict[str, str]:
             if not runs:
                 continue
             rid = runs[0].info.run_id
-            rep = store.read_json_or(f"adapters/{domain}/training_report.json") or {}
+            rep = store.read_json_or(layout.training_report(domain)) or {}
             step = int(rep.get("exported_step") or 0)
             for name, value in _eval_metrics(matrix, domain).items():
                 client.log_metric(rid, name, value, step=step)

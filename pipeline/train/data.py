@@ -28,6 +28,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from pipeline import layout
+
 IGNORE = -100
 
 
@@ -42,7 +44,7 @@ CHARS_PER_TOKEN_BOUND = 32
 
 def read_split(store, domain: str, split: str, columns=("messages", "doc_id")):
     """One split's SFT rows as a pyarrow Table, read in this process (evaluation, the bench)."""
-    return store.read_table(f"data/sft/{domain}/{split}", columns=list(columns))
+    return store.read_table(layout.sft(domain, split), columns=list(columns))
 
 
 def cut_prompt_response(p: list, r: list, max_len: int) -> tuple[list, list]:
@@ -113,9 +115,9 @@ def tokenized_dataset(store, domain: str, cfg):
     """One Ray Dataset over the domain's SFT shards (all splits; column `split`), read by Ray Data from
     the store and tokenized inside the pipeline."""
     import ray.data
-    paths, fs = store.parquet_paths(f"data/sft/{domain}")
+    paths, fs = store.parquet_paths(layout.sft(domain))
     if not any(f"/train/" in p for p in paths):
-        raise FileNotFoundError(f"no SFT train shards for domain {domain!r} under {store.uri_of(f'data/sft/{domain}')}")
+        raise FileNotFoundError(f"no SFT train shards for domain {domain!r} under {store.uri_of(layout.sft(domain))}")
     # num_cpus=0: the domain's training workers hold the CPUs they asked for, and this light read and
     # tokenization runs beside them (a task asking for a CPU could wait for a free one forever). Ray
     # Data 2.60's default Parquet reader lists files in a task that always asks for one CPU, so the

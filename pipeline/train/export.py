@@ -24,6 +24,8 @@ import os
 import tempfile
 from typing import Any, Optional
 
+from pipeline import layout
+
 log = logging.getLogger(__name__)
 
 # vLLM's --max-lora-rank choices (vllm.config.LoRAConfig.max_lora_rank); its default is 16
@@ -201,16 +203,16 @@ def _adapted_layers(model) -> tuple[list[str], list[str]]:
 def export_adapter(model, tok, store, domain: str, report: dict, cfg=None) -> str:
     from peft import get_peft_model_state_dict
     _check_finite(get_peft_model_state_dict(model).items(), f"the {domain} adapter")
-    rel = f"adapters/{domain}"
-    if store.exists(f"{rel}/training_report.json"):
-        store.delete(f"{rel}/training_report.json")  # not complete until rewritten below
+    rel = layout.adapter(domain)
+    if store.exists(layout.training_report(domain)):
+        store.delete(layout.training_report(domain))  # not complete until rewritten below
     with tempfile.TemporaryDirectory(prefix="adapter-") as d:
         model.save_pretrained(d)
         tok.save_pretrained(d)
         path = os.path.join(d, "adapter_config.json")
         with open(path) as f:
             ac = json.load(f)
-        base = (store.uri_of("base_model") if cfg.model.base == "tiny" else cfg.model.base) if cfg is not None \
+        base = (store.uri_of(layout.TINY_BASE) if cfg.model.base == "tiny" else cfg.model.base) if cfg is not None \
             else ac.get("base_model_name_or_path")
         ac = portable_adapter_config(ac, *_adapted_layers(model), base_model=base)
         with open(path, "w") as f:
@@ -221,10 +223,10 @@ def export_adapter(model, tok, store, domain: str, report: dict, cfg=None) -> st
             log.warning("domain %s: adapter not servable by vLLM as exported: %s", domain, p)
         if cfg is not None:
             with open(os.path.join(d, "README.md"), "w") as f:
-                f.write(model_card(cfg, domain, report, store.read_json_or("data/manifest.json"), ac))
+                f.write(model_card(cfg, domain, report, store.read_json_or(layout.MANIFEST), ac))
         store.upload_dir(d, rel)
     uri = store.uri_of(rel)
-    store.write_json(f"{rel}/training_report.json", {**report, "adapter_uri": uri})
+    store.write_json(layout.training_report(domain), {**report, "adapter_uri": uri})
     return uri
 
 
@@ -234,7 +236,7 @@ def load_adapter_model(cfg, domain: str, device: str = "cpu", quantize=None, sto
     from pipeline.train.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
     store = store or open_store(cfg)
     base = resolve_base(cfg, store)
-    adir = _local_dir(store, f"adapters/{domain}")
+    adir = _local_dir(store, layout.adapter(domain))
     model = load_adapter_onto(load_model(base, cfg, device, quantize=quantize, dtype=dtype), adir)
     return model, load_tokenizer(base, cfg)
 
@@ -260,7 +262,7 @@ def export_merged(cfg, domain: str, store=None) -> str:
     with tempfile.TemporaryDirectory(prefix="merged-") as d:
         merged.save_pretrained(d)
         tok.save_pretrained(d)
-        return store.upload_dir(d, f"adapters/{domain}/merged")
+        return store.upload_dir(d, layout.merged(domain))
 
 
 # ---- the Hugging Face Hub -------------------------------------------------------------------------------
@@ -285,8 +287,8 @@ def upload_to_hub(cfg, domain: str, store) -> str:
     """Create hub.repo_id for the domain (exist_ok) and upload its adapter folder; returns the repo id."""
     from huggingface_hub import HfApi
     repo = cfg.hub.repo_id.format(domain=domain)
-    local = _local_dir(store, f"adapters/{domain}")
-    rep = store.read_json(f"adapters/{domain}/training_report.json")
+    local = _local_dir(store, layout.adapter(domain))
+    rep = store.read_json(layout.training_report(domain))
     api = HfApi(endpoint=cfg.data.download.hf_endpoint)
     api.create_repo(repo, private=cfg.hub.private, exist_ok=True, repo_type="model")
     api.upload_folder(repo_id=repo, folder_path=local, ignore_patterns=list(HUB_IGNORE), repo_type="model",

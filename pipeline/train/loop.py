@@ -49,6 +49,8 @@ import numpy as np
 
 from pipeline.optimizers import build_optimizer
 from pipeline.train.faults import NO_FAULTS, Faults, with_faults
+from pipeline import layout
+from pipeline.train.identity import IncompatibleCheckpointError, check_compat, compat_record
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,6 @@ UNSCORED = 1e30                            # a checkpoint made at a step that wa
 METRIC_KEYS = ("train_loss", "val_loss", "best_val_loss", "lr", "tokens_per_s", "base_val_loss", "base_test_loss")
 
 
-class IncompatibleCheckpointError(RuntimeError):
-    pass
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -70,34 +68,6 @@ class NonFiniteLossError(RuntimeError):
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file holds pickled objects other than tensors and plain containers (or is a pickle this
     version never reads): refused unread, since unpickling it could run code from the output folder."""
-
-
-# ---- compatibility -------------------------------------------------------------------------------
-
-def compat_record(cfg, domain: str) -> dict:
-    """What a checkpoint must agree on to be resumed: base model, LoRA shape, data layout."""
-    h = cfg.hyper_for(domain)
-    t = cfg.train
-    rec = {"model.base": cfg.model.base, "model.revision": cfg.model.revision,
-           "model.quantization": cfg.model.quantization,
-           "lora.r": h.lora.r, "lora.alpha": h.lora.alpha, "lora.target_modules": h.lora.target_modules,
-           "train.max_seq_length": t.max_seq_length, "train.tokens_per_micro_batch": h.tokens_per_micro_batch,
-           "train.grad_accum": h.grad_accum, "train.packing": t.packing, "train.mask_prompt": t.mask_prompt,
-           "train.chat_template": t.chat_template, "train.seed": t.seed}
-    if cfg.model.base == "tiny":
-        from pipeline.train.tiny import tiny_fingerprint
-        rec["model.tiny"] = tiny_fingerprint(cfg)   # model.tiny and the texts it was built from
-    return rec
-
-
-def check_compat(saved: dict, current: dict, where: str) -> None:
-    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if diffs:
-        raise IncompatibleCheckpointError(
-            f"cannot resume from the checkpoint at {where}: it was made with other settings ("
-            + "; ".join(diffs) + "). Use a new run_name to start fresh, restore the old settings to resume, "
-            "or delete that run directory.")
 
 
 # ---- sessions: Ray Train or local (unit tests, bench) ------------------------------------------------
@@ -130,7 +100,7 @@ class RaySession:
     def __init__(self, store, run_name: str, domain: str):
         import ray.train
         self._ckpt = ray.train.get_checkpoint()
-        self.store, self.prefix = store, f"runs/{run_name}/train/{domain}"
+        self.store, self.prefix = store, layout.checkpoints(run_name, domain)
 
     def restore_dir(self) -> Optional[str]:
         """Ray's latest checkpoint, or a newer complete one in the run's storage. Ray registers a
@@ -165,7 +135,7 @@ class RaySession:
     def _stored_checkpoints(self) -> list[tuple[str, int]]:
         """(directory, step) of the checkpoints with a train_state.json in storage, newest first."""
         found = []
-        for rel in self.store.list_files(self.prefix, "train_state.json"):
+        for rel in self.store.list_files(self.prefix, layout.CHECKPOINT_STATE):
             try:
                 found.append((rel.rsplit("/", 1)[0], int(self.store.read_json(rel)["step"])))
             except Exception:  # noqa: BLE001 - being written or deleted: not this one
@@ -187,13 +157,13 @@ class RaySession:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
 
-CHECKPOINT_FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.json", "train_state.json")
+CHECKPOINT_FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.json", layout.CHECKPOINT_STATE)
 # What an older version wrote (the RNG states as a full pickle): never read, a checkpoint holding it is refused
 PICKLED_FILES = ("rng.pt",)
 
 
 def _checkpoint_step(ck_dir: str) -> int:
-    with open(os.path.join(ck_dir, "train_state.json")) as f:
+    with open(os.path.join(ck_dir, layout.CHECKPOINT_STATE)) as f:
         return int(json.load(f)["step"])
 
 
@@ -398,7 +368,7 @@ class DomainRecipe:
         self.faults = faults   # test fault injection (pipeline/train/faults.py); NO_FAULTS does nothing
         self.hyper = cfg.hyper_for(domain)
         self.store = open_store(cfg)
-        self.run_dir = f"runs/{cfg.run_name}"
+        self.run_dir = layout.run(cfg.run_name)
         self.replicas = Replicas()
         self.state = TrainState()
         self.best_weights: Optional[dict] = None   # CPU copy of the LoRA weights of state.best
@@ -481,7 +451,7 @@ class DomainRecipe:
         ck = self.session.restore_dir()
         if not ck:
             return
-        with open(os.path.join(ck, "train_state.json")) as f:
+        with open(os.path.join(ck, layout.CHECKPOINT_STATE)) as f:
             saved = json.load(f)
         where = f"{self.store.uri_of(self.run_dir)} ({self.domain}, step {saved['step']})"
         check_compat(saved["compat"], self.compat, where)
@@ -673,7 +643,7 @@ class DomainRecipe:
             torch.save(self.sched.state_dict(), os.path.join(d, "scheduler.pt"))
             with open(os.path.join(d, "rng.json"), "w") as f:
                 json.dump(_rng_state(), f)
-            with open(os.path.join(d, "train_state.json"), "w") as f:
+            with open(os.path.join(d, layout.CHECKPOINT_STATE), "w") as f:
                 json.dump({**asdict(self.state), "compat": self.compat, "domain": self.domain,
                            "config_fingerprint": self.fingerprint}, f)
             self.session.report(metrics, d)
@@ -753,20 +723,11 @@ def train_domain(cfg, domain: str, data: "dict | Future", session, recipe_cls: t
 
 # ---- Ray Train entry ----------------------------------------------------------------------------------
 
-def fatal_rel(run_name: str, domain: str) -> str:
-    return f"runs/{run_name}/fatal/{domain}.json"
-
-
-def write_fatal(cfg, domain: str, error: str) -> None:
-    from pipeline.storage import open_store
-    log.error("%s", error)
-    open_store(cfg).write_json(fatal_rel(cfg.run_name, domain), {"domain": domain, "error": error})
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry. config: {"cfg": Config, "domain": str, "faults": FaultPlan | None, "fingerprint": str}.
     Every worker reads the whole tokenized dataset (Ray Data) and takes its rows of each micro-batch."""
     import ray.train
+    from pipeline.status import write_fatal
     from pipeline.storage import open_store
     from pipeline.train.data import collect
     from pipeline.train.device import CudaUnavailableError
@@ -788,4 +749,5 @@ def train_loop_per_worker(config: dict) -> None:
             train_domain(cfg, domain, data, session, recipe_cls, config.get("fingerprint"), marks)
         except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError) as e:
             # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
-            write_fatal(cfg, domain, f"{type(e).__name__}: {e}")
+            log.error("%s: %s", type(e).__name__, e)
+            write_fatal(open_store(cfg), cfg.run_name, domain, f"{type(e).__name__}: {e}")

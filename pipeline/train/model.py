@@ -27,6 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline import layout
+
 log = logging.getLogger(__name__)
 
 # The chat template of a tokenizer that has none (or train.chat_template: simple). Each assistant turn
@@ -57,12 +59,12 @@ def resolve_base(cfg, store=None) -> str:
     base = cfg.model.base
     if base == "tiny":
         store = store or open_store(cfg)
-        if not store.is_file("base_model/tiny_meta.json"):
-            raise ModelLoadError(f"the tiny base model is not built yet under {store.uri_of('base_model')}: "
+        if not store.is_file(layout.TINY_META):
+            raise ModelLoadError(f"the tiny base model is not built yet under {store.uri_of(layout.TINY_BASE)}: "
                                  "run `adapters train` (it builds it first) or call pipeline.train.tiny.ensure_tiny(cfg)")
         if not store.is_s3:
-            return str(store.local_path("base_model"))
-        return _sync_s3_dir(store.sub("base_model"), cfg)
+            return str(store.local_path(layout.TINY_BASE))
+        return _sync_s3_dir(store.sub(layout.TINY_BASE), cfg)
     if base.startswith("s3://"):
         return _sync_s3_dir(Store(base, cfg.storage), cfg)
     p = Path(base).expanduser()

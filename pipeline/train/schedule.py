@@ -3,8 +3,9 @@ resources.workers_per_trial workers (one by default).
 
     run_domains(cfg, store) -> dict[domain, dict]
 
-- A domain whose adapters/<domain>/training_report.json carries this run's adapter_identity (training
-  settings, the base model's fingerprint, the domain's SFT data) is skipped (finished earlier); one whose
+- A domain whose adapters/<domain>/training_report.json carries this run's TrainingIdentity (training
+  settings, the base model's fingerprint, the domain's SFT data; pipeline/train/identity.py) is skipped
+  (finished earlier); one whose
   identity differs is trained again, with a line saying what changed; a domain without SFT train
   shards is recorded as skipped. adapters/ is shared by every run_name: a trial leaves the adapter
   there until its own export replaces it, so a failing run never turns another run's finished domain
@@ -15,11 +16,12 @@ resources.workers_per_trial workers (one by default).
   many at once as the cluster holds (queued otherwise). FailureConfig(max_failures=train.max_failures)
   retries a worker from its last checkpoint. A failing domain is recorded as failed with its cause
   and does not stop the others.
-- State: runs/<run_name>/domains/<domain>.json {"domain", "state", "error", "updated", "heartbeat", "pid",
-  "host", "val_loss", "adapter_uri"}; state is running (heartbeat refreshed every HEARTBEAT_S by the
-  trial; pid/host are the driver's), finished, failed, skipped or interrupted (Ctrl-C: the driver marks
-  every unfinished domain and re-raises). Results come back through the Store (training_report.json,
-  state and fatal files), not Result.metrics.
+- Outcome: runs/<run_name>/domains/<domain>.json {"domain", "state", "error", "updated", "heartbeat", "pid",
+  "host", "val_loss", "adapter_uri"}, written by pipeline.status.write_outcome; state is running (heartbeat
+  refreshed every HEARTBEAT_S by the trial; pid/host are the driver's), finished, failed, skipped or
+  interrupted (Ctrl-C: the driver marks every unfinished domain and re-raises). Results come back through
+  the Store, read by pipeline.status.domain_state (the DomainOutcome: state file, training report and a
+  worker's fatal error), not Result.metrics.
 - Metrics: every report of the training workers reaches the Tune trial (TuneReportCallback), so the
   dashboard's trial table and Tune's TensorBoard / CSV / JSON loggers under runs/<run_name>/tune/ carry
   train_loss, val_loss, tokens_per_s, step (timesteps_total = step: the loggers' x-axis); tracking.mlflow and
@@ -33,14 +35,16 @@ resources.workers_per_trial workers (one by default).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import socket
 import threading
 import time
 from typing import Iterator, Optional
+
+from pipeline import layout
+from pipeline.status import DomainOutcome, clear_fatal, domain_state, write_outcome
+from pipeline.train.identity import IncompatibleCheckpointError, TrainingIdentity
 
 log = logging.getLogger(__name__)
 
@@ -52,77 +56,18 @@ HEARTBEAT_S = 30.0
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"   # Ray Train's (v2) name for it
 
 
-def domain_fingerprint(cfg, domain: str) -> str:
-    """What makes a finished adapter current: model, this domain's hyperparameters, data layout."""
-    t = cfg.train
-    d = {"model": cfg.model.model_dump(mode="json"), "hyper": cfg.hyper_for(domain).model_dump(mode="json"),
-         "train": {k: getattr(t, k) for k in ("max_seq_length", "packing", "mask_prompt", "chat_template", "seed",
-                                              "gradient_checkpointing")}}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def adapter_identity(cfg, store, domain: str) -> dict:
-    """Everything a finished adapter depends on, the one place that decides whether it is current:
-    "settings" (domain_fingerprint), "base" (the base model: for the tiny demo base, the fingerprint of what
-    it is built from, so a rebuilt tiny base counts; else model.base@revision), "data" (this domain's SFT
-    shards: prepare's fingerprint of its inputs, and the shards' names and sizes)."""
-    if cfg.model.base == "tiny":
-        from pipeline.train.tiny import tiny_fingerprint
-        base = "tiny:" + tiny_fingerprint(cfg, store)
-    else:
-        base = f"{cfg.model.base}@{cfg.model.revision or 'main'}"
-    shards = [(f, store.size(f)) for f in store.list_files(f"data/sft/{domain}", ".parquet")]
-    inputs = (store.read_json_or(f"data/_work/domains/{domain}.json") or {}).get("fingerprint")
-    data = hashlib.sha256(json.dumps([inputs, shards]).encode()).hexdigest()[:16]
-    return {"settings": domain_fingerprint(cfg, domain), "base": base, "data": data}
-
-
-_CHANGED = {"settings": "the training settings changed", "base": "the base model changed (rebuilt or another one)",
-            "data": "this domain's SFT data changed (prepared again from other inputs or settings)"}
-
-
-def why_not_current(rep: Optional[dict], identity: dict) -> Optional[str]:
-    """None when `rep` is a finished adapter made with `identity`; else why it is not (for the console)."""
-    if not rep or rep.get("status") != "finished":
-        return "no finished adapter"
-    made = rep.get("config_fingerprint")
-    if not isinstance(made, dict):
-        return "it was made by an older version that did not record its base model and data"
-    changed = [_CHANGED[k] for k in identity if made.get(k) != identity[k]]
-    return "; ".join(changed) or None
-
-
-def state_rel(cfg, domain: str) -> str:
-    return f"runs/{cfg.run_name}/domains/{domain}.json"
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def write_state(store, cfg, domain: str, state: str, error: Optional[str] = None,
                 report: Optional[dict] = None, driver: Optional[dict] = None) -> dict:
-    """driver: {"pid", "host"} of the process that runs the stage (for `adapters status`)."""
-    from pipeline.redaction import scrub
-    rec = {"domain": domain, "state": state, "error": scrub(error) if error else error, "updated": _now(),
-           "val_loss": (report or {}).get("val_loss"), "adapter_uri": (report or {}).get("adapter_uri")}
-    if state == "running":
-        rec.update(heartbeat=rec["updated"], **(driver or {}))
-    store.write_json(state_rel(cfg, domain), rec)
-    return rec
+    return write_outcome(store, cfg.run_name, domain, state, error, report, driver)
 
 
-def finished_report(store, cfg, domain: str, identity: Optional[dict] = None) -> Optional[dict]:
-    """adapters/<domain>/training_report.json when it is a finished adapter made with this identity."""
-    rep = store.read_json_or(f"adapters/{domain}/training_report.json")
-    if why_not_current(rep, identity or adapter_identity(cfg, store, domain)) is None:
-        return rep
-    return None
+def outcome(store, cfg, domain: str) -> DomainOutcome:
+    return domain_state(store, cfg.run_name, domain)
 
 
 def latest_checkpoint_state(store, cfg, domain: str) -> Optional[tuple[str, dict]]:
     best = None
-    for rel in store.list_files(f"runs/{cfg.run_name}/train/{domain}", "train_state.json"):
+    for rel in store.list_files(layout.checkpoints(cfg.run_name, domain), layout.CHECKPOINT_STATE):
         try:
             st = store.read_json(rel)
         except Exception:
@@ -132,60 +77,56 @@ def latest_checkpoint_state(store, cfg, domain: str) -> Optional[tuple[str, dict
     return best
 
 
-def _leftover_of_a_finished_adapter(store, cfg, domain: str, rep: Optional[dict], ck_state: dict,
-                                    identity: dict) -> bool:
+def _leftover_of_a_finished_adapter(o: DomainOutcome, ck_state: dict, identity: TrainingIdentity) -> bool:
     """Whether this run's checkpoints of `domain` are those of its finished adapter, now not current: this
     run finished the domain and nothing has run since (its state file says finished), and the latest
     checkpoint was made for another identity. Resuming from them would continue the old training (a
     changed learning rate would not retrain), or be refused as incompatible (a rebuilt base). The
     checkpoints of an attempt that did not finish are never discarded: those are resumed or refused."""
-    if not rep or rep.get("status") != "finished":
-        return False
-    state = (store.read_json_or(state_rel(cfg, domain)) or {}).get("state")
-    return state == "finished" and ck_state.get("config_fingerprint") != identity
+    return o.finished_report is not None and o.recorded == "finished" and not identity.made_by(ck_state)
 
 
 def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
     """(domains to train, results known without training). Raises UserFacingError on an
     incompatible checkpoint, before any trial starts."""
     from pipeline.errors import UserFacingError
-    from pipeline.train.loop import IncompatibleCheckpointError, check_compat, compat_record
     todo: list[str] = []
     known: dict[str, dict] = {}
     problems = []
-    prepared = (store.read_json_or("data/manifest.json") or {}).get("domains", {})
+    prepared = (store.read_json_or(layout.MANIFEST) or {}).get("domains", {})
     for d in cfg.domains:
-        rep = store.read_json_or(f"adapters/{d}/training_report.json")
-        identity = adapter_identity(cfg, store, d)
-        why = why_not_current(rep, identity)
+        o = outcome(store, cfg, d)
+        rep = o.finished_report
+        identity = TrainingIdentity.of(cfg, d, store)
+        why = identity.why_not_current(rep)
         if why is None:
             log.info("domain %s: finished earlier (adapter %s): skipped", d, rep.get("adapter_uri"))
             write_state(store, cfg, d, "finished", report=rep)
             known[d] = {**rep, "status": "finished", "skipped": True}
             continue
-        if rep and rep.get("status") == "finished":
+        if rep:
             log.info("domain %s: the adapter finished earlier (%s) is not current: %s; training it again",
                      d, rep.get("adapter_uri"), why)
-        missing = [s for s in SPLITS if not store.list_files(f"data/sft/{d}/{s}", ".parquet")]
+        missing = [s for s in SPLITS if not store.list_files(layout.sft(d, s), ".parquet")]
         rows = ((prepared.get(d) or {}).get("sft_rows") or {}).get("train")
         if "train" in missing or "val" in missing or rows == 0:
-            msg = (f"no SFT data for domain {d} (missing splits {missing} under {store.uri_of(f'data/sft/{d}')}); "
+            msg = (f"no SFT data for domain {d} (missing splits {missing} under {store.uri_of(layout.sft(d))}); "
                    "run `adapters prepare` or remove the domain from `domains`" if missing else
                    f"prepare made no training examples for domain {d} ({(prepared.get(d) or {}).get('reason') or 'its sources gave no conversations to train on'}; "
-                   "see data/manifest.json); a text-only custom source gives corpus rows only")
+                   f"see {layout.MANIFEST}); a text-only custom source gives corpus rows only")
             log.warning(msg)
             write_state(store, cfg, d, "skipped", error=msg)
             known[d] = {"domain": d, "status": "skipped", "error": msg}
             continue
         ck = latest_checkpoint_state(store, cfg, d)
-        if ck is not None and _leftover_of_a_finished_adapter(store, cfg, d, rep, ck[1], identity):
+        if ck is not None and _leftover_of_a_finished_adapter(o, ck[1], identity):
             log.info("domain %s: the checkpoints under %s are those of the adapter it replaces: training starts "
-                     "from step 0", d, store.uri_of(f"runs/{cfg.run_name}/train/{d}"))
-            store.delete(f"runs/{cfg.run_name}/train/{d}")   # Ray Train's own run state for it too
+                     "from step 0", d, store.uri_of(layout.checkpoints(cfg.run_name, d)))
+            store.delete(layout.checkpoints(cfg.run_name, d))   # Ray Train's own run state for it too
             ck = None
         if ck is not None:
             try:
-                check_compat(ck[1].get("compat", {}), compat_record(cfg, d), store.uri_of(ck[0].rsplit("/", 1)[0]))
+                identity.check_resume(ck[1].get("compat", {}), store.uri_of(ck[0].rsplit("/", 1)[0]))
             except IncompatibleCheckpointError as e:
                 problems.append(str(e))
         todo.append(d)
@@ -222,7 +163,7 @@ def _heartbeat(store, cfg, domain: str, driver: dict) -> Iterator[None]:
     def beat() -> None:
         while not stop.wait(HEARTBEAT_S):
             try:
-                if (store.read_json_or(state_rel(cfg, domain)) or {}).get("state") != "running":
+                if outcome(store, cfg, domain).recorded != "running":
                     return  # the driver marked it (interrupted): do not overwrite that
                 write_state(store, cfg, domain, "running", driver=driver)
             except Exception as e:  # noqa: BLE001 - a missed heartbeat is not worth a failed domain
@@ -247,20 +188,19 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     from pipeline.train.backend import trial_torch_config
     from pipeline.train.data import tokenized_dataset
     from pipeline.train.faults import FaultPlan
-    from pipeline.train.loop import CHECKPOINT_SCORE, fatal_rel, train_loop_per_worker
+    from pipeline.train.loop import CHECKPOINT_SCORE, train_loop_per_worker
 
     trial_started = time.time()
     domain = params["domain"]
     store = open_store(cfg)
     # an adapter already in adapters/<domain>/ (another run_name's, or made with other inputs) stays until
     # this trial's export replaces it: a trial that fails leaves it, and that run's state, as they were
-    identity = adapter_identity(cfg, store, domain)
-    if store.exists(fatal_rel(cfg.run_name, domain)):
-        store.delete(fatal_rel(cfg.run_name, domain))
+    identity = TrainingIdentity.of(cfg, domain, store)
+    clear_fatal(store, cfg.run_name, domain)
     r = cfg.resources
     cuda = r.device == "cuda"
     per_worker = {"CPU": max(TRIAL_CPU, r.cpus_per_trial - TRIAL_CPU), **({"GPU": r.gpus_per_trial} if cuda else {})}
-    storage_path, fs = store.ray_storage(f"runs/{cfg.run_name}/train")
+    storage_path, fs = store.ray_storage(layout.checkpoints(cfg.run_name))
     # Ray Train (its controller reads it from this process's environment) waits this long for the worker
     # group's resources, then gives up; controller_failure_limit=0 below: it does not start over
     os.environ[WORKER_START_TIMEOUT_ENV] = str(r.worker_start_timeout_s)
@@ -271,7 +211,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
                 train_loop_per_worker,
                 torch_config=trial_torch_config(cfg),   # the CUDA check first; no process group for one worker
                 train_loop_config={"cfg": cfg, "domain": domain, "faults": FaultPlan.parse(faults, domain),
-                                   "fingerprint": identity, "trial_started": trial_started},
+                                   "fingerprint": identity.fingerprint(), "trial_started": trial_started},
                 scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=cuda,
                                                        resources_per_worker=per_worker),
                 run_config=ray.train.RunConfig(
@@ -293,10 +233,10 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
             error = f"{type(cause).__name__}: {cause}" if cause else _summarize(f"{type(e).__name__}: {e}")
             if "worker group startup timed out" in str(e):
                 error = unplaced_workers(r, per_worker) + "\n" + error
-    fatal = store.read_json_or(fatal_rel(cfg.run_name, domain))
-    if fatal:
-        error = fatal["error"]
-    report = None if error else finished_report(store, cfg, domain, identity)
+    o = outcome(store, cfg, domain)
+    if o.fatal:
+        error = o.fatal
+    report = None if error else identity.current(o.finished_report)
     if report is None and error is None:
         error = "training ended without an adapter (no training_report.json was written)"
     if error:
@@ -496,7 +436,7 @@ def _wandb_callback(cfg):
     if "://" not in cfg.output:
         # W&B writes its run files under `dir`; by default that is the trial's local folder, which Tune copies
         # to the output when the trial ends, before W&B has finished writing: the copy would lack the history
-        where["dir"] = os.path.join(cfg.output, "runs", cfg.run_name)
+        where["dir"] = os.path.join(cfg.output, layout.run(cfg.run_name))
         os.makedirs(where["dir"], exist_ok=True)
     return Callback(project=w.project, entity=w.entity, mode=w.mode, group=cfg.run_name,
                     excludes=["domain", "timesteps_total"], upload_checkpoints=False, **where)
@@ -504,8 +444,7 @@ def _wandb_callback(cfg):
 
 def mark_interrupted(store, cfg, domains: list[str]) -> None:
     for d in domains:
-        st = (store.read_json_or(state_rel(cfg, d)) or {}).get("state")
-        if st not in ("finished", "failed", "skipped"):
+        if outcome(store, cfg, d).recorded not in ("finished", "failed", "skipped"):
             write_state(store, cfg, d, "interrupted", error="interrupted (Ctrl-C, SIGTERM or SIGHUP) before it finished; the same "
                         "command resumes it from its last checkpoint")
 
@@ -516,7 +455,7 @@ def run_domains(cfg, store) -> dict[str, dict]:
     todo, results = preflight(cfg, store)
     if todo:
         check_resources(cfg)
-        storage_path, fs = store.ray_storage(f"runs/{cfg.run_name}/tune")
+        storage_path, fs = store.ray_storage(layout.tune(cfg.run_name))
         trainable = tune.with_parameters(_trial, cfg=cfg, faults=os.environ.get(FAULTS_ENV),
                                          driver={"pid": os.getpid(), "host": socket.gethostname()})
         tuner = tune.Tuner(
@@ -539,13 +478,13 @@ def run_domains(cfg, store) -> dict[str, dict]:
     for d in cfg.domains:
         if d in results:
             continue
-        rep = finished_report(store, cfg, d)
-        st = store.read_json_or(state_rel(cfg, d)) or {}
-        if rep is not None and st.get("state") == "finished":
+        o = outcome(store, cfg, d)
+        rep = TrainingIdentity.of(cfg, d, store).current(o.finished_report)
+        if rep is not None and o.recorded == "finished":
             results[d] = {**rep, "status": "finished"}
         else:
-            err = st.get("error") or "the trial did not record a result"
+            err = (o.record or {}).get("error") or "the trial did not record a result"
             results[d] = {"domain": d, "status": "failed", "error": err}
-            if st.get("state") != "failed":
+            if o.recorded != "failed":
                 write_state(store, cfg, d, "failed", error=err)
     return results

@@ -10,12 +10,14 @@ tokenizer is trained on the same text. Nothing of the val or test splits is in i
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline import layout
+from pipeline.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def _text_files(store) -> dict[str, list[str]]:
     selected: `--domains` must not rebuild (and change) the base model the other domains' adapters were
     trained on."""
     files: dict[str, list[str]] = {}
-    for f in store.list_files("data/corpus", ".parquet") + store.list_files("data/sft", ".parquet"):
+    for f in store.list_files(layout.CORPUS, ".parquet") + store.list_files(layout.SFT, ".parquet"):
         files.setdefault(f.split("/")[2], []).append(f)
     return {d: sorted(files[d]) for d in sorted(files)}
 
@@ -36,13 +38,12 @@ def _text_files(store) -> dict[str, list[str]]:
 def tiny_fingerprint(cfg, store=None) -> str:
     """What the tiny model is built from: model.tiny, the text files (names and sizes), and which text of
     them it learns from (TEXT_RULE: a change of the rule rebuilds it)."""
-    import hashlib
     from pipeline.storage import open_store
     store = store or open_store(cfg)
     d = cfg.model.tiny.model_dump(mode="json")
     d["text"] = [(f, store.size(f)) for files in _text_files(store).values() for f in files]
     d["rule"] = TEXT_RULE
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(d, 16)
 
 
 TEXT_RULE = "train split only"
@@ -52,7 +53,7 @@ def _split_doc_ids(store, domain: str) -> dict[str, set]:
     """The doc_ids of each SFT split of a domain."""
     out = {}
     for split in ("train", "val", "test"):
-        rel = f"data/sft/{domain}/{split}"
+        rel = layout.sft(domain, split)
         out[split] = (set(store.read_table(rel, columns=["doc_id"]).column("doc_id").to_pylist())
                       if store.list_files(rel, ".parquet") else set())
     return out
@@ -68,16 +69,16 @@ def _texts(cfg, store) -> list[str]:
         ids = _split_doc_ids(store, domain)
         train_only = ids["train"] - ids["val"] - ids["test"]
         kept = []
-        if any(f.startswith("data/corpus/") for f in files):
-            t = store.read_table(f"data/corpus/{domain}", columns=["doc_id", "text"])
+        if any(f.startswith(layout.CORPUS + "/") for f in files):
+            t = store.read_table(layout.corpus(domain), columns=["doc_id", "text"])
             kept = [x for i, x in zip(t.column("doc_id").to_pylist(), t.column("text").to_pylist())
                     if x and i in train_only]
         if not kept and ids["train"]:
-            t = store.read_table(f"data/sft/{domain}/train", columns=["messages"]).column("messages").to_pylist()
+            t = store.read_table(layout.sft(domain, "train"), columns=["messages"]).column("messages").to_pylist()
             kept = ["\n".join(m["content"] for m in msgs) for msgs in t]
         texts.extend(kept)
     if not texts:
-        raise RuntimeError(f"no train-split text to build the tiny model from under {store.uri_of('data')}: "
+        raise RuntimeError(f"no train-split text to build the tiny model from under {store.uri_of(layout.DATA)}: "
                            "run `adapters prepare` first")
     return texts
 
@@ -147,9 +148,9 @@ def ensure_tiny(cfg, store=None) -> str:
     from pipeline.storage import open_store
     store = store or open_store(cfg)
     fp = tiny_fingerprint(cfg, store)
-    meta = store.read_json_or("base_model/tiny_meta.json")
+    meta = store.read_json_or(layout.TINY_META)
     if meta and meta.get("fingerprint") == fp:
-        return store.uri_of("base_model")
+        return store.uri_of(layout.TINY_BASE)
     t0 = time.time()
     texts = _texts(cfg, store)
     tok = train_tokenizer(texts, cfg.model.tiny.vocab_size)
@@ -163,21 +164,21 @@ def ensure_tiny(cfg, store=None) -> str:
     # keeps its own files); a build recorded before "files" existed wrote the whole folder
     if meta and isinstance(meta.get("files"), list):
         for f in meta["files"] + ["tiny_meta.json"]:
-            if store.is_file(f"base_model/{f}"):
-                store.delete(f"base_model/{f}")
-    elif meta and store.exists("base_model"):
-        store.delete("base_model")
+            if store.is_file(f"{layout.TINY_BASE}/{f}"):
+                store.delete(f"{layout.TINY_BASE}/{f}")
+    elif meta and store.exists(layout.TINY_BASE):
+        store.delete(layout.TINY_BASE)
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         tok.save_pretrained(d)
         files = sorted(str(p.relative_to(d)) for p in Path(d).rglob("*") if p.is_file())
-        store.upload_dir(d, "base_model")
+        store.upload_dir(d, layout.TINY_BASE)
     n_params = sum(p.numel() for p in model.parameters())
-    store.write_json("base_model/tiny_meta.json", {  # written last: the completion marker
+    store.write_json(layout.TINY_META, {  # written last: the completion marker
         "fingerprint": fp, "tiny": cfg.model.tiny.model_dump(mode="json"), "parameters": n_params, "files": files,
         "texts": len(texts), "pretrain_loss_first": losses[0] if losses else None,
         "pretrain_loss_last": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "build_s": round(time.time() - t0, 1)})
     log.info("built tiny base model (%d parameters, pretrain loss %s) in %.1fs at %s", n_params,
-             f"{losses[0]:.2f}->{losses[-1]:.2f}" if losses else "n/a", time.time() - t0, store.uri_of("base_model"))
-    return store.uri_of("base_model")
+             f"{losses[0]:.2f}->{losses[-1]:.2f}" if losses else "n/a", time.time() - t0, store.uri_of(layout.TINY_BASE))
+    return store.uri_of(layout.TINY_BASE)

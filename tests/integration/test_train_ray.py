@@ -117,7 +117,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monk
     from pipeline.train import run_train
     from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, read_split
     from pipeline.train.loop import LocalSession, train_domain
-    from pipeline.train.schedule import domain_fingerprint
+    from pipeline.train.identity import settings_fingerprint
     store = Store(str(tmp_path / "ray"))
     write_sft(store, domains=["debate"])
     cfg = tiny_config(str(tmp_path / "ray"), domains=["debate"], train__checkpoint_every=3, train__max_failures=1,
@@ -138,7 +138,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monk
     batches = [tokenize(read_split(store, "debate", s, columns=SFT_COLUMNS).to_pydict())
                for s in ("train", "val", "test")]
     ref = train_domain(ref_cfg, "debate", collect(batches), LocalSession(str(tmp_path / "ref-ck"), resume=False),
-                       fingerprint=domain_fingerprint(cfg, "debate"))
+                       fingerprint=settings_fingerprint(cfg, "debate"))
     assert [h["loss"] for h in res["history"]["train"]] == pytest.approx(
         [h["loss"] for h in ref["history"]["train"]], rel=1e-4)
     assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)

@@ -14,7 +14,8 @@ from pipeline.errors import UserFacingError  # noqa: E402
 from pipeline.storage import Store  # noqa: E402
 from pipeline.train.loop import compat_record  # noqa: E402
 from pipeline.train.model import ModelLoadError, resolve_base  # noqa: E402
-from pipeline.train.schedule import adapter_identity, preflight  # noqa: E402
+from pipeline.train.identity import TrainingIdentity  # noqa: E402
+from pipeline.train.schedule import preflight  # noqa: E402
 
 
 def test_preflight_skips_finished_and_empty_domains(tmp_path):
@@ -22,9 +23,9 @@ def test_preflight_skips_finished_and_empty_domains(tmp_path):
     write_sft(store, domains=["debate", "medicine", "education"])
     cfg = tiny_config(str(tmp_path))
     store.write_json("adapters/debate/training_report.json",
-                     {"status": "finished", "config_fingerprint": adapter_identity(cfg, store, "debate"), "val_loss": 1.0})
+                     {"status": "finished", "config_fingerprint": TrainingIdentity.of(cfg, "debate", store).fingerprint(), "val_loss": 1.0})
     store.write_json("adapters/medicine/training_report.json",  # made with other settings: trains again
-                     {"status": "finished", "config_fingerprint": {**adapter_identity(cfg, store, "medicine"),
+                     {"status": "finished", "config_fingerprint": {**TrainingIdentity.of(cfg, "medicine", store).fingerprint(),
                                                                    "settings": "0000"}, "val_loss": 1.0})
     todo, known = preflight(cfg, store)
     assert todo == ["medicine", "education"]
@@ -176,7 +177,7 @@ def test_a_finished_adapter_is_reused_only_while_base_data_and_settings_are_the_
 
     def finish():
         store.write_json("adapters/debate/training_report.json", {
-            "status": "finished", "config_fingerprint": adapter_identity(cfg, store, "debate"), "val_loss": 1.0})
+            "status": "finished", "config_fingerprint": TrainingIdentity.of(cfg, "debate", store).fingerprint(), "val_loss": 1.0})
 
     def decision():
         caplog.clear()
@@ -229,7 +230,7 @@ def test_checkpoints_of_a_replaced_adapter_are_not_resumed(tmp_path, caplog):
     store = Store(str(tmp_path))
     write_sft(store, domains=["debate"])
     old = tiny_config(str(tmp_path), domains=["debate"])
-    made = adapter_identity(old, store, "debate")
+    made = TrainingIdentity.of(old, "debate", store).fingerprint()
     store.write_json("adapters/debate/training_report.json", {"status": "finished", "config_fingerprint": made})
     store.write_json("runs/t/domains/debate.json", {"domain": "debate", "state": "finished"})
     ck = "runs/t/train/debate/checkpoint_000003/train_state.json"
