@@ -351,3 +351,93 @@ def test_full_disk_during_prepare(tmp_path):
                                          r"\([0-9.]+ MB free there\)", errors[0]), text[-6000:]
     rec = json.loads(stage)
     assert rec["state"] == "failed" and rec["error"].startswith("no space left on device writing "), rec
+
+
+def _whole(f: Path) -> bool:
+    """Whether a report file is complete by its own format (a file cut short fails its format's end check)."""
+    data = f.read_bytes()
+    if f.suffix == ".png":
+        return data.startswith(b"\x89PNG") and data.endswith(b"IEND\xaeB`\x82")
+    if f.suffix == ".json":
+        try:
+            json.loads(data)
+            return True
+        except ValueError:
+            return False
+    if f.suffix == ".html":
+        return data.rstrip().endswith(b"</html>")
+    return f.suffix == ".md" and len(data) > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_sigterm_and_sighup_during_the_report(demo, tmp_path, sig):
+    """The signal lands while the report stage builds its summary and plots (about a second on the demo):
+    exit 143 / 129, one line, the stage `interrupted`; every report file present is whole (the writes are
+    atomic: a temp file beside it, renamed) and no temp file is left; nothing says the report finished."""
+    src, _ = demo
+    out = tmp_path / "out"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("logs", "report"))
+    argv = ["report", "--config", DEMO, "--output", str(out), "--set", f"run_name=rep{sig.name.lower()}"]
+    run = Run(tmp_path, *argv)
+    deadline = time.time() + 120
+    while "stage report: starting" not in run.text():   # polled often: the stage takes about a second
+        assert run.proc.poll() is None and time.time() < deadline, run.text()[-4000:]
+        time.sleep(0.01)
+    _send(run, sig)
+    rc = run.wait(timeout=120)
+    assert "stage report: done" not in run.text(), "the report finished before the signal"
+    _assert_interrupted_cleanly(run, rc, sig, argv)
+    st = collect_status(Store(str(out)), f"rep{sig.name.lower()}", None)["stages"]["report"]
+    assert st.state == "interrupted", st
+    left = sorted(p.name for p in (out / "report").iterdir()) if (out / "report").exists() else []
+    assert not [n for n in left if n.startswith(".")], left   # no temp file left behind
+    assert all(_whole(out / "report" / n) for n in left), left
+    print(f"{sig.name}: report files present after the signal: {left}")
+
+
+def test_full_disk_during_training_fails_the_domain_with_one_line_and_a_later_run_resumes(demo, tmp_path):
+    """The run's checkpoint folder (runs/<run>/train, where Ray Train stores every checkpoint) on a tmpfs
+    that holds one checkpoint and a half: the checkpoint of step 20 is stored, the one of step 40 finds no
+    room (ENOSPC, a real full filesystem; retried once from step 20, full again). The domain is `failed`
+    with the one full-disk line (path and free space) as its cause, printed last; exit 1 (was: a bare
+    `OSError: [Errno 28] ...` summary of the worker's traceback). Then, with room again (the tmpfs's files
+    put back on the real disk), the same command resumes from step 20, and the half-written checkpoint of
+    step 40 is not taken for a complete one."""
+    ns = _mount_namespace()
+    src, _ = demo
+    out, saved = tmp_path / "out", tmp_path / "saved"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("logs"))
+    one = max(sum(f.stat().st_size for f in ck.iterdir()) for ck in src.glob("runs/*/train/*/checkpoint_*") if ck.is_dir())
+    ckpts = out / "runs" / "disk" / "train"
+    ckpts.mkdir(parents=True)
+    saved.mkdir()
+    argv = ["train", "--config", DEMO, "--output", str(out), "--domains", "debate", "--set", "run_name=disk",
+            "--set", "train.max_steps=60", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=20",
+            "--set", "train.checkpoints_to_keep=5", "--set", "train.max_failures=1", "--set", "eval.enabled=false"]
+    script = (f"mount -t tmpfs -o size={int(one * 1.5) // 1024}k tmpfs {ckpts} || exit 99; "
+              f"{shlex.join([sys.executable, '-m', 'pipeline', *argv])}; echo @@rc=$?; cp -a {ckpts}/. {saved}/")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
+    r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    text = r.stdout + r.stderr
+    assert "@@rc=" in r.stdout, text[-6000:]
+    assert int(r.stdout.split("@@rc=", 1)[1].split()[0]) == 1, text[-6000:]
+    lines = r.stderr.splitlines()
+    where = re.escape(str(ckpts / "debate"))
+    full = rf"no space left on device writing {where}\S* \([0-9.]+ MB free there\): free some space"
+    assert lines[-3] == "error: 1 of 1 domain(s) did not finish:", text[-6000:]
+    assert re.match(rf"\s+debate\s+failed: {full}", lines[-2]), text[-6000:]
+    assert "unexpected error" not in text and "a bug" not in text
+    rec = json.loads((out / "runs" / "disk" / "domains" / "debate.json").read_text())
+    assert rec["state"] == "failed" and re.match(full, rec["error"]), rec
+    assert not (out / "adapters" / "debate" / "training_report.json").exists() or \
+        json.loads((out / "adapters" / "debate" / "training_report.json").read_text())["run_name"] != "disk"
+
+    # room again: the files the full tmpfs held, on the real disk; the same command resumes
+    shutil.copytree(saved, ckpts, dirs_exist_ok=True)
+    steps = sorted(json.loads(f.read_text())["step"] for f in ckpts.glob("debate/checkpoint_*/train_state.json"))
+    assert steps and steps[0] == 20, steps   # step 40's checkpoint is missing or half-written
+    run = Run(tmp_path, *argv, name="again")
+    rc = run.wait(timeout=600)
+    assert rc == 0, run.text()[-4000:]
+    assert "domain debate: resumed from step 20" in run.text(), run.text()[-4000:]
+    assert json.loads((out / "runs" / "disk" / "domains" / "debate.json").read_text())["state"] == "finished"
