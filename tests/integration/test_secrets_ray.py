@@ -36,8 +36,8 @@ def _files_holding(root: Path, secrets: tuple[str, ...]) -> list[str]:
     return found
 
 
-def test_set_secrets_reach_no_ray_log_job_table_process_list_output_or_console(demo, tmp_path):
-    src, _ = demo
+def test_set_secrets_reach_no_ray_log_job_table_process_list_output_or_console(demo_run, tmp_path):
+    src, _ = demo_run   # `make demo`'s output, shared by the session (tests/fixtures_demo.py)
     out = tmp_path / "out"
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("logs"))
     secrets = (TOKEN, QUERY_TOKEN, KEY, SECRET)
