@@ -451,3 +451,38 @@ def test_full_disk_during_training_fails_the_domain_with_one_line_and_a_later_ru
             assert re.search(rf"checkpoint \S*{name} is incomplete \(.*\): not used", run.text()), run.text()[-4000:]
     print(f"checkpoints left by the full disk (train_state.json's step): {steps}")
     assert json.loads((out / "runs" / "disk" / "domains" / "debate.json").read_text())["state"] == "finished"
+
+
+def test_full_disk_during_the_report(demo, tmp_path):
+    """The output on a tmpfs left with 300 KB free (filled, then that much given back): the lock, the stage
+    record and the log file fit, the report's files (about 1 MB) do not. One line naming the path and the
+    free space, exit 1, the report stage `failed` with that reason; every report file present is whole
+    and no temp file is left, so no report looks complete."""
+    ns = _mount_namespace()
+    src, _ = demo
+    seed, small = tmp_path / "seed", tmp_path / "small"
+    shutil.copytree(src, seed, ignore=shutil.ignore_patterns("logs", "report"))
+    small.mkdir()
+    out = small / "out"
+    argv = ["report", "--config", DEMO, "--output", str(out), "--set", "run_name=repfull"]
+    script = (f"mount -t tmpfs -o size=64m tmpfs {small} || exit 99; cp -a {seed} {out} || exit 98; "
+              f"dd if=/dev/zero of={small}/fill bs=64k 2>/dev/null; truncate -s -300K {small}/fill || exit 97; "
+              f"{shlex.join([sys.executable, '-m', 'pipeline', *argv])}; echo @@rc=$?; "
+              f"for f in {out}/report/* {out}/report/.*; do [ -f \"$f\" ] && echo \"@@file $f $(tail -c 16 \"$f\" | od -An -tx1 | tr -d ' \\n')\"; done; "
+              f"echo @@stage; cat {out}/runs/repfull/stages/report.json")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
+    r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    text = r.stdout + r.stderr
+    assert "@@rc=" in r.stdout, text[-6000:]
+    assert int(r.stdout.split("@@rc=", 1)[1].split()[0]) == 1, text[-6000:]
+    assert "Traceback" not in text and "a bug" not in text, text[-6000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and re.match(rf"error: no space left on device writing {re.escape(str(out))}\S* "
+                                         r"\([0-9.]+ MB free there\)", errors[0]), text[-6000:]
+    files = dict(ln.split()[1:3] for ln in r.stdout.splitlines() if ln.startswith("@@file "))
+    assert not [f for f in files if Path(f).name.startswith(".")], files   # no temp file left
+    assert str(out / "report" / "summary.html") not in files, files      # the report is not there
+    ends = {".png": "49454e44ae426082", ".json": "7d0a"}                  # IEND chunk; "}\n"
+    assert all(tail.endswith(ends.get(Path(f).suffix, "")) for f, tail in files.items()), files
+    rec = json.loads(r.stdout.split("@@stage", 1)[1])
+    assert rec["state"] == "failed" and rec["error"].startswith("no space left on device writing "), rec
