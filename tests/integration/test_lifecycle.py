@@ -6,8 +6,11 @@
 - Ctrl-C (SIGINT to the process group, as a terminal sends it) during prepare and during training: exit 130,
   one line and no traceback, state `interrupted`, none of the run's processes left after a bound
 - SIGTERM (to the driver) and SIGHUP (to the process group, as a closed terminal sends it) before, while
-  and after the local Ray starts, in prepare, training and the evaluation (issue 23, item 5): exit 143 / 129,
-  one line, state `interrupted`, no process left
+  and after the local Ray starts, in prepare, training, the evaluation and the report (issue 23, item 5): exit
+  143 / 129, one line, state `interrupted`, no process left
+- a full disk (a tmpfs in a mount namespace of the test's own) in prepare, training and the report (issue 23,
+  item 6): one line naming the path and the free space, exit 1, state `failed` with it, nothing half-written
+  taken for complete; after training's, the same command resumes
 - SIGKILL of the driver: the local Ray's processes are gone within a bound (Ray alone leaves its dashboard
   and runtime-env agents for ~60 s); `adapters status` then says `stale`, not `running`
 - another `ray start` cluster on the machine (its own HOME and temp dir): a local run does not join it,
@@ -477,8 +480,9 @@ def test_full_disk_during_the_report(demo, tmp_path):
     assert int(r.stdout.split("@@rc=", 1)[1].split()[0]) == 1, text[-6000:]
     assert "Traceback" not in text and "a bug" not in text, text[-6000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and re.match(rf"error: no space left on device writing {re.escape(str(out))}\S* "
-                                         r"\([0-9.]+ MB free there\)", errors[0]), text[-6000:]
+    # the file it was writing, not only the output (a write's ENOSPC names no file: storage.atomic_write adds it)
+    assert len(errors) == 1 and re.match(rf"error: no space left on device writing {re.escape(str(out / 'report'))}/"
+                                         r"\S+ \([0-9.]+ MB free there\)", errors[0]), text[-6000:]
     files = dict(ln.split()[1:3] for ln in r.stdout.splitlines() if ln.startswith("@@file "))
     assert not [f for f in files if Path(f).name.startswith(".")], files   # no temp file left
     assert str(out / "report" / "summary.html") not in files, files      # the report is not there
