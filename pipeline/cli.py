@@ -175,7 +175,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.raycluster import shutdown_ray
     console = setup_console(verbose=args.verbose)
     signals = _Signals()
-    from pipeline.redaction import redact_args
+    from pipeline.redaction import mask_process_title, redact_args
+    mask_process_title()   # a token in a --set URL: not in `ps` for every user of the machine
     # shown on Ctrl-C and stored in runs/<run>/stages/*.json (in the bucket on S3): never with a secret in it
     args.resume = f"adapters {shlex.join(redact_args(argv))}"
     try:

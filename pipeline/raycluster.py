@@ -226,6 +226,11 @@ def _init_keeping_signal_handlers(**kw):
     before = {s: signal.getsignal(s) for s in HANDLED_SIGNALS} if main else {}
     if main:   # inherited by the processes ray.init starts (see below)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    import ray._private.utils as ray_utils
+    from pipeline.redaction import masked_command_line
+    # ray.init records this process's command line (from /proc) as the job's entrypoint, shown by the
+    # dashboard and `ray list jobs` to everyone who can reach the cluster: a `--set` secret must not be in it
+    entrypoint, ray_utils.get_entrypoint_name = ray_utils.get_entrypoint_name, masked_command_line
     try:
         return ray.init(**kw)
     except SystemExit as e:
@@ -234,6 +239,7 @@ def _init_keeping_signal_handlers(**kw):
             handler(signal.SIGTERM, None)   # raises what the handler raises (the CLI's: KeyboardInterrupt)
         raise
     finally:
+        ray_utils.get_entrypoint_name = entrypoint
         for s, h in before.items():
             if h is not None:
                 signal.signal(s, h)

@@ -6,9 +6,11 @@
                              inside it as redact_url does, Hugging Face tokens (hf_...)
     redact_args(argv)        a command line to show or store: each argument scrubbed, and the value of a
                              ``key=value`` (``--set``) whose key names a credential masked
+    masked_command_line()    this process's own command line, as redact_args shows it
+    mask_process_title()     that command line in the process list (`ps`, /proc), when the real one holds a secret
 
 Callers: logs.Console (every console and log-file line), cli (error lines, the resume hint, the stage
-records' command), jobs/submit.py (the job's entrypoint and metadata, the --address shown), config.Config.redacted (URLs in the config), storage (endpoints in messages), download
+records' command, the process title), raycluster (the command line ray.init records as the job's entrypoint), jobs/submit.py (the job's entrypoint and metadata, the --address shown), config.Config.redacted (URLs in the config), storage (endpoints in messages), download
 (URLs and errors in logs and manifests), report (every file it writes); is_secret_name: jobs/submit.py
 (it refuses, rather than masks, a credential in a job's runtime_env) and train/schedule.py (keeps
 credentials out of what Ray Tune copies into its trials).
@@ -18,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import sys
 from typing import Mapping, Optional
 
 MASK = "***"
@@ -68,3 +72,26 @@ def redact_args(argv: "list[str]", environ: Optional[Mapping[str, str]] = None) 
         else:
             out.append(scrub(a, environ))
     return out
+
+
+def masked_command_line() -> str:
+    """This process's command line (the interpreter's, as it was started) with its secrets masked. Ray
+    records a driver's command line as its job's entrypoint (the dashboard's Jobs page, ``ray list jobs``):
+    pipeline.raycluster gives Ray this one instead."""
+    return shlex.join(redact_args(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]))
+
+
+def mask_process_title() -> bool:
+    """Put masked_command_line() in the process list (``ps``, /proc/<pid>/cmdline: readable by every user of
+    the machine) when the real command line holds a secret, e.g. a token in a ``--set`` URL. Ray's own
+    setproctitle does it (the one Ray names its workers with); without Ray it is left as it is. True when
+    the title was changed."""
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    if redact_args(argv) == list(map(str, argv)):
+        return False
+    try:
+        from ray._raylet import setproctitle
+    except ImportError:
+        return False
+    setproctitle(masked_command_line())
+    return True

@@ -46,7 +46,7 @@ from typing import IO, Any, Callable, Optional, TypeVar
 import pyarrow.fs as pafs
 
 from pipeline import uris
-from pipeline.errors import UsageError, UserFacingError
+from pipeline.errors import NO_SPACE_ERRNOS, UsageError, UserFacingError
 from pipeline.redaction import redact_url
 
 T = TypeVar("T")
@@ -316,6 +316,11 @@ def atomic_write(path: Path, fill: Callable[[IO[bytes]], None]) -> None:
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in NO_SPACE_ERRNOS and not e.filename:   # a write's error names no file; the full-disk line should
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -184,6 +184,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+    from pipeline.errors import no_space_message
     from pipeline.storage import open_store
     from pipeline.train.backend import trial_torch_config
     from pipeline.train.data import tokenized_dataset
@@ -231,6 +232,10 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
         except Exception as e:  # TrainingFailedError wraps the worker's exception
             cause = _user_facing_cause(e)
             error = f"{type(cause).__name__}: {cause}" if cause else _summarize(f"{type(e).__name__}: {e}")
+            # a full disk (a checkpoint's upload, Ray Train's own files): the one line naming path and free space
+            full = no_space_message(e, store.uri_of(f"runs/{cfg.run_name}/train/{domain}"))
+            if full and not cause:
+                error = f"{full}\n{error}"
             if "worker group startup timed out" in str(e):
                 error = unplaced_workers(r, per_worker) + "\n" + error
     o = outcome(store, cfg, domain)

@@ -6,8 +6,11 @@
 - Ctrl-C (SIGINT to the process group, as a terminal sends it) during prepare and during training: exit 130,
   one line and no traceback, state `interrupted`, none of the run's processes left after a bound
 - SIGTERM (to the driver) and SIGHUP (to the process group, as a closed terminal sends it) before, while
-  and after the local Ray starts, in prepare, training and the evaluation (`adapters eval`; issue 23, item 5): exit 143 / 129,
-  one line, state `interrupted`, no process left
+  and after the local Ray starts, in prepare, training, the evaluation (`adapters eval`) and the report (issue 23,
+  item 5): exit 143 / 129, one line, state `interrupted`, no process left
+- a full disk (a tmpfs in a mount namespace of the test's own) in prepare, training and the report (issue 23,
+  item 6): one line naming the path and the free space, exit 1, state `failed` with it, nothing half-written
+  taken for complete; after training's, the same command resumes
 - SIGKILL of the driver: the local Ray's processes are gone within a bound (Ray alone leaves its dashboard
   and runtime-env agents for ~60 s); `adapters status` then says `stale`, not `running`
 - another `ray start` cluster on the machine (its own HOME and temp dir): a local run does not join it,
@@ -291,7 +294,8 @@ def test_sigterm_and_sighup_during_training(demo, tmp_path, sig):
     assert st["domains"]["debate"].state == "interrupted" and st["stages"]["train"].state == "interrupted"
 
 
-def test_sighup_during_the_evaluation(demo, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_sigterm_and_sighup_during_the_evaluation(demo, tmp_path, sig):
     """`adapters eval` with other eval settings (eval.seed) than the demo's matrix: it scores again, and is cut."""
     src, _ = demo
     out = tmp_path / "out"
@@ -303,9 +307,9 @@ def test_sighup_during_the_evaluation(demo, tmp_path):
     time.sleep(2)
     run.remember_descendants()
     assert not re.search(r"eval: written to", run.text()), "the evaluation finished before the signal"
-    _send(run, signal.SIGHUP)
+    _send(run, sig)
     rc = run.wait(timeout=180)
-    _assert_interrupted_cleanly(run, rc, signal.SIGHUP, argv)
+    _assert_interrupted_cleanly(run, rc, sig, argv)
     st = collect_status(Store(str(out)), "evalsig", None)
     assert st["stages"]["eval"].state == "interrupted"
     assert (out / "eval" / "matrix.json").read_bytes() == matrix
@@ -352,4 +356,139 @@ def test_full_disk_during_prepare(tmp_path):
     assert len(errors) == 1 and re.match(rf"error: no space left on device writing {re.escape(str(out))}\S* "
                                          r"\([0-9.]+ MB free there\)", errors[0]), text[-6000:]
     rec = json.loads(stage)
+    assert rec["state"] == "failed" and rec["error"].startswith("no space left on device writing "), rec
+
+
+def _whole(f: Path) -> bool:
+    """Whether a report file is complete by its own format (a file cut short fails its format's end check)."""
+    data = f.read_bytes()
+    if f.suffix == ".png":
+        return data.startswith(b"\x89PNG") and data.endswith(b"IEND\xaeB`\x82")
+    if f.suffix == ".json":
+        try:
+            json.loads(data)
+            return True
+        except ValueError:
+            return False
+    if f.suffix == ".html":
+        return data.rstrip().endswith(b"</html>")
+    return f.suffix == ".md" and len(data) > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_sigterm_and_sighup_during_the_report(demo, tmp_path, sig):
+    """The signal lands while the report stage builds its summary and plots (about a second on the demo):
+    exit 143 / 129, one line, the stage `interrupted`; every report file present is whole (the writes are
+    atomic: a temp file beside it, renamed) and no temp file is left; nothing says the report finished."""
+    src, _ = demo
+    out = tmp_path / "out"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("logs", "report"))
+    argv = ["report", "--config", DEMO, "--output", str(out), "--set", f"run_name=rep{sig.name.lower()}"]
+    run = Run(tmp_path, *argv)
+    deadline = time.time() + 120
+    while "stage report: starting" not in run.text():   # polled often: the stage takes about a second
+        assert run.proc.poll() is None and time.time() < deadline, run.text()[-4000:]
+        time.sleep(0.01)
+    _send(run, sig)
+    rc = run.wait(timeout=120)
+    assert "stage report: done" not in run.text(), "the report finished before the signal"
+    _assert_interrupted_cleanly(run, rc, sig, argv)
+    st = collect_status(Store(str(out)), f"rep{sig.name.lower()}", None)["stages"]["report"]
+    assert st.state == "interrupted", st
+    left = sorted(p.name for p in (out / "report").iterdir()) if (out / "report").exists() else []
+    assert not [n for n in left if n.startswith(".")], left   # no temp file left behind
+    assert all(_whole(out / "report" / n) for n in left), left
+    print(f"{sig.name}: report files present after the signal: {left}")
+
+
+def test_full_disk_during_training_fails_the_domain_with_one_line_and_a_later_run_resumes(demo, tmp_path):
+    """The run's checkpoint folder (runs/<run>/train, where Ray Train stores every checkpoint) on a tmpfs
+    that holds one checkpoint and a half: the checkpoint of step 20 is stored, the one of step 40 finds no
+    room (ENOSPC, a real full filesystem; retried once from step 20, full again). The domain is `failed`
+    with the one full-disk line (path and free space) as its cause, printed last; exit 1 (was: a bare
+    `OSError: [Errno 28] ...` summary of the worker's traceback). Then, with room again (the tmpfs's files
+    put back on the real disk), the same command resumes from step 20, and the half-written checkpoint of
+    step 40 is not taken for a complete one."""
+    ns = _mount_namespace()
+    src, _ = demo
+    out, saved = tmp_path / "out", tmp_path / "saved"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("logs"))
+    one = max(sum(f.stat().st_size for f in ck.iterdir()) for ck in src.glob("runs/*/train/*/checkpoint_*") if ck.is_dir())
+    ckpts = out / "runs" / "disk" / "train"
+    ckpts.mkdir(parents=True)
+    saved.mkdir()
+    argv = ["train", "--config", DEMO, "--output", str(out), "--domains", "debate", "--set", "run_name=disk",
+            "--set", "train.max_steps=60", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=20",
+            "--set", "train.checkpoints_to_keep=5", "--set", "train.max_failures=1", "--set", "eval.enabled=false"]
+    script = (f"mount -t tmpfs -o size={int(one * 1.5) // 1024}k tmpfs {ckpts} || exit 99; "
+              f"{shlex.join([sys.executable, '-m', 'pipeline', *argv])}; echo @@rc=$?; cp -a {ckpts}/. {saved}/")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
+    r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    text = r.stdout + r.stderr
+    assert "@@rc=" in r.stdout, text[-6000:]
+    assert int(r.stdout.split("@@rc=", 1)[1].split()[0]) == 1, text[-6000:]
+    lines = r.stderr.splitlines()
+    where = re.escape(str(ckpts / "debate"))
+    full = rf"no space left on device writing {where}\S* \([0-9.]+ MB free there\): free some space"
+    assert lines[-3] == "error: 1 of 1 domain(s) did not finish:", text[-6000:]
+    assert re.match(rf"\s+debate\s+failed: {full}", lines[-2]), text[-6000:]
+    assert "unexpected error" not in text and "a bug" not in text
+    rec = json.loads((out / "runs" / "disk" / "domains" / "debate.json").read_text())
+    assert rec["state"] == "failed" and re.match(full, rec["error"]), rec
+    assert not (out / "adapters" / "debate" / "training_report.json").exists() or \
+        json.loads((out / "adapters" / "debate" / "training_report.json").read_text())["run_name"] != "disk"
+
+    # room again: the files the full tmpfs held, on the real disk; the same command resumes
+    shutil.copytree(saved, ckpts, dirs_exist_ok=True)
+    steps = {}
+    for f in ckpts.glob("debate/checkpoint_*/train_state.json"):
+        try:
+            steps[f.parent.name] = json.loads(f.read_text())["step"]
+        except ValueError:
+            steps[f.parent.name] = "cut short"
+    assert sorted(s for s in steps.values() if s == 20) == [20], steps
+    run = Run(tmp_path, *argv, name="again")
+    rc = run.wait(timeout=600)
+    assert rc == 0, run.text()[-4000:]
+    assert "domain debate: resumed from step 20" in run.text(), run.text()[-4000:]
+    for name, step in steps.items():
+        if step == 40:   # its train_state.json made it, a weights file did not: refused, not resumed from
+            assert re.search(rf"checkpoint \S*{name} is incomplete \(.*\): not used", run.text()), run.text()[-4000:]
+    print(f"checkpoints left by the full disk (train_state.json's step): {steps}")
+    assert json.loads((out / "runs" / "disk" / "domains" / "debate.json").read_text())["state"] == "finished"
+
+
+def test_full_disk_during_the_report(demo, tmp_path):
+    """The output on a tmpfs left with 300 KB free (filled, then that much given back): the lock, the stage
+    record and the log file fit, the report's files (about 1 MB) do not. One line naming the path and the
+    free space, exit 1, the report stage `failed` with that reason; every report file present is whole
+    and no temp file is left, so no report looks complete."""
+    ns = _mount_namespace()
+    src, _ = demo
+    seed, small = tmp_path / "seed", tmp_path / "small"
+    shutil.copytree(src, seed, ignore=shutil.ignore_patterns("logs", "report"))
+    small.mkdir()
+    out = small / "out"
+    argv = ["report", "--config", DEMO, "--output", str(out), "--set", "run_name=repfull"]
+    script = (f"mount -t tmpfs -o size=64m tmpfs {small} || exit 99; cp -a {seed} {out} || exit 98; "
+              f"dd if=/dev/zero of={small}/fill bs=64k 2>/dev/null; truncate -s -300K {small}/fill || exit 97; "
+              f"{shlex.join([sys.executable, '-m', 'pipeline', *argv])}; echo @@rc=$?; "
+              f"for f in {out}/report/* {out}/report/.*; do [ -f \"$f\" ] && echo \"@@file $f $(tail -c 16 \"$f\" | od -An -tx1 | tr -d ' \\n')\"; done; "
+              f"echo @@stage; cat {out}/runs/repfull/stages/report.json")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
+    r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    text = r.stdout + r.stderr
+    assert "@@rc=" in r.stdout, text[-6000:]
+    assert int(r.stdout.split("@@rc=", 1)[1].split()[0]) == 1, text[-6000:]
+    assert "Traceback" not in text and "a bug" not in text, text[-6000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    # the file it was writing, not only the output (a write's ENOSPC names no file: storage.atomic_write adds it)
+    assert len(errors) == 1 and re.match(rf"error: no space left on device writing {re.escape(str(out / 'report'))}/"
+                                         r"\S+ \([0-9.]+ MB free there\)", errors[0]), text[-6000:]
+    files = dict(ln.split()[1:3] for ln in r.stdout.splitlines() if ln.startswith("@@file "))
+    assert not [f for f in files if Path(f).name.startswith(".")], files   # no temp file left
+    assert str(out / "report" / "summary.html") not in files, files      # the report is not there
+    ends = {".png": "49454e44ae426082", ".json": "7d0a"}                  # IEND chunk; "}\n"
+    assert all(tail.endswith(ends.get(Path(f).suffix, "")) for f, tail in files.items()), files
+    rec = json.loads(r.stdout.split("@@stage", 1)[1])
     assert rec["state"] == "failed" and rec["error"].startswith("no space left on device writing "), rec

@@ -149,3 +149,20 @@ def test_errors_stored_in_state_files_are_scrubbed(tmp_path):
     text = _all_text(tmp_path)
     assert "https://***@host/x" in text and "s3://***@bucket/x" in text
     assert TOKEN not in text and SECRET not in text and KEY not in text
+
+
+def test_a_set_secret_is_masked_in_the_process_list_and_in_the_entrypoint_ray_records():
+    """`ps` (every user of the machine) and the job table's entrypoint (ray.init takes it from
+    ray._private.utils.get_entrypoint_name, which pipeline.raycluster points at masked_command_line)."""
+    code = ("import json, sys; from pipeline.redaction import mask_process_title, masked_command_line; "
+            "changed = mask_process_title(); "
+            "print(json.dumps([changed, open('/proc/self/cmdline', 'rb').read().decode(), masked_command_line()]))")
+    url = f"data.download.ddo_debates_url=https://user:{TOKEN}@drive.example/f?token={SECRET}"
+    r = subprocess.run([sys.executable, "-c", code, "train", "--set", url], capture_output=True, text=True, timeout=60)
+    changed, proc, entry = json.loads(r.stdout.strip().splitlines()[-1])
+    assert changed and TOKEN not in proc and SECRET not in proc, proc
+    assert "--set 'data.download.ddo_debates_url=https://***@drive.example/f?token=***'" in proc
+    assert entry.endswith("train --set 'data.download.ddo_debates_url=https://***@drive.example/f?token=***'"), entry
+    plain = subprocess.run([sys.executable, "-c", code, "train", "--set", "train.max_steps=5"],
+                           capture_output=True, text=True, timeout=60)
+    assert json.loads(plain.stdout.strip().splitlines()[-1])[0] is False   # nothing to hide: the title stays
