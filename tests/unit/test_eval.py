@@ -442,7 +442,7 @@ def _synthetic_scores(plan, ev):
 
 
 def test_matrix_verdicts_summary_and_escaped_report_sections():
-    from pipeline import report
+    from pipeline.report import render as report
     ev = EvalConfig(generation_samples=4, side_by_side=2, bootstrap_resamples=500)
     rows = [{**chat(f"Abstract {i}. <b>Question</b>?", ("Yes. Because." if i % 2 else "No. Because.")),
              "doc_id": f"p{i}", "source": "pubmed_qa", "task": "qa_with_context"} for i in range(40)]

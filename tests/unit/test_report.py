@@ -1,4 +1,4 @@
-"""pipeline/report.py on fake-but-realistic output trees (written through the Store)."""
+"""pipeline/report/ on fake-but-realistic output trees (written through the Store)."""
 from __future__ import annotations
 
 import base64
