@@ -49,7 +49,8 @@ def train_briefly(cfg, domain: str, steps: int) -> dict:
     import torch
     from pipeline.storage import open_store
     from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, read_split
-    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.loop import train_domain
+    from pipeline.train.sessions import LocalSession
     c = cfg.model_copy(deep=True)
     c.train.max_steps, c.train.warmup_steps, c.train.log_every = steps, 1, 1
     c.train.eval_every = c.train.checkpoint_every = 10 ** 6

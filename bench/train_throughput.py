@@ -160,7 +160,8 @@ def trl_attentions(requested: str) -> list[str]:
 def run_ours(cfg, base: str, domain: str, targets: str, steps: int, variant: str = "default",
              profile: bool = False) -> dict:
     import torch
-    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.loop import train_domain
+    from pipeline.train.sessions import LocalSession
     c = cfg.model_copy(deep=True)
     c.model.base = base
     c.resources.device = "cuda"
@@ -205,7 +206,8 @@ def profile_steps(cfg, domain: str, data: dict) -> dict:
     took the most CPU time and the kernels that took the most GPU time over the whole run."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
-    from pipeline.train.loop import DomainRecipe, LocalSession, train_domain
+    from pipeline.train.loop import DomainRecipe, train_domain
+    from pipeline.train.sessions import LocalSession
 
     class MarkedRecipe(DomainRecipe):
         def train_step(self):

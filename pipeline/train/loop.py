@@ -38,7 +38,6 @@ import math
 import os
 import random
 import resource
-import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,10 +46,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pipeline import layout
 from pipeline.optimizers import build_optimizer
 from pipeline.train.faults import NO_FAULTS, Faults, with_faults
-from pipeline import layout
 from pipeline.train.identity import IncompatibleCheckpointError, check_compat, compat_record
+from pipeline.train.replicas import Replicas
+from pipeline.train.sessions import (RaySession, UnsafeCheckpointError, _read_rng_state, _refuse_pickles,
+                                     load_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -63,189 +65,6 @@ METRIC_KEYS = ("train_loss", "val_loss", "best_val_loss", "lr", "tokens_per_s", 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file holds pickled objects other than tensors and plain containers (or is a pickle this
-    version never reads): refused unread, since unpickling it could run code from the output folder."""
-
-
-# ---- sessions: Ray Train or local (unit tests, bench) ------------------------------------------------
-
-class LocalSession:
-    """Checkpoints as directories under `root` (the last one is resumed); reports kept in a list."""
-
-    def __init__(self, root: str, resume: bool = True):
-        self.root, self.resume, self.reports = root, resume, []
-
-    def restore_dir(self) -> Optional[str]:
-        if not self.resume or not os.path.isdir(self.root):
-            return None
-        cks = sorted(d for d in os.listdir(self.root) if d.startswith("checkpoint_"))
-        return os.path.join(self.root, cks[-1]) if cks else None
-
-    def checkpoint_file(self, step: int, name: str) -> Optional[bytes]:
-        path = os.path.join(self.root, f"checkpoint_{step:08d}", name)
-        return open(path, "rb").read() if os.path.isfile(path) else None
-
-    def report(self, metrics: dict, ckpt_dir: Optional[str] = None) -> None:
-        self.reports.append(dict(metrics))
-        if ckpt_dir:
-            shutil.copytree(ckpt_dir, os.path.join(self.root, f"checkpoint_{metrics['step']:08d}"))
-
-
-class RaySession:
-    """ray.train's checkpoint and report calls; earlier checkpoints are found in the run's storage."""
-
-    def __init__(self, store, run_name: str, domain: str):
-        import ray.train
-        self._ckpt = ray.train.get_checkpoint()
-        self.store, self.prefix = store, layout.checkpoints(run_name, domain)
-
-    def restore_dir(self) -> Optional[str]:
-        """Ray's latest checkpoint, or a newer complete one in the run's storage. Ray registers a
-        checkpoint in its run snapshot only after the worker has uploaded it, when the controller next
-        polls; a driver killed in between leaves checkpoints that Ray's snapshot does not name."""
-        ray_dir = self._ckpt.to_directory(tempfile.mkdtemp(prefix="restore-")) if self._ckpt else None
-        ray_step = _checkpoint_step(ray_dir) if ray_dir else -1
-        for rel, step in self._stored_checkpoints():
-            if step <= ray_step:
-                break
-            local = tempfile.mkdtemp(prefix="restore-")
-            try:
-                self.store.download_dir(rel, local)
-                try:
-                    _check_checkpoint_loads(local)
-                except UnsafeCheckpointError as e:
-                    raise UnsafeCheckpointError(str(e).replace(local, self.store.uri_of(rel))) from None
-            except UnsafeCheckpointError:
-                shutil.rmtree(local, ignore_errors=True)
-                raise
-            except Exception as e:  # noqa: BLE001 - cut short by the kill: an older one is used
-                log.warning("checkpoint %s is incomplete (%s): not used", self.store.uri_of(rel), e)
-                shutil.rmtree(local, ignore_errors=True)
-                continue
-            log.info("checkpoint of step %d found in storage, newer than Ray's run snapshot names (%s)",
-                     step, ray_step if ray_step >= 0 else "none")
-            if ray_dir:
-                shutil.rmtree(ray_dir, ignore_errors=True)
-            return local
-        return ray_dir
-
-    def _stored_checkpoints(self) -> list[tuple[str, int]]:
-        """(directory, step) of the checkpoints with a train_state.json in storage, newest first."""
-        found = []
-        for rel in self.store.list_files(self.prefix, layout.CHECKPOINT_STATE):
-            try:
-                found.append((rel.rsplit("/", 1)[0], int(self.store.read_json(rel)["step"])))
-            except Exception:  # noqa: BLE001 - being written or deleted: not this one
-                continue
-        return sorted(found, key=lambda c: -c[1])
-
-    def checkpoint_file(self, step: int, name: str) -> Optional[bytes]:
-        """`name` from the kept checkpoint of `step` (Ray keeps the best by val loss), or None."""
-        for rel, found in self._stored_checkpoints():
-            if found == step:
-                try:
-                    return self.store.read_bytes(f"{rel}/{name}")
-                except Exception:  # noqa: BLE001 - deleted meanwhile (Ray keeps only the best few)
-                    return None
-        return None
-
-    def report(self, metrics: dict, ckpt_dir: Optional[str] = None) -> None:
-        import ray.train
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
-
-
-CHECKPOINT_FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.json", layout.CHECKPOINT_STATE)
-# What an older version wrote (the RNG states as a full pickle): never read, a checkpoint holding it is refused
-PICKLED_FILES = ("rng.pt",)
-
-
-def _checkpoint_step(ck_dir: str) -> int:
-    with open(os.path.join(ck_dir, layout.CHECKPOINT_STATE)) as f:
-        return int(json.load(f)["step"])
-
-
-def load_tensors(path: "str | io.BytesIO", map_location: Any = "cpu", where: Optional[str] = None) -> Any:
-    """A checkpoint's .pt file: tensors and plain containers only (torch's weights_only unpickler). Anything
-    else in it is refused before it is built (UnsafeCheckpointError naming the file); nothing in it runs.
-    where: how to name the file for the user (its storage URI), default the local path."""
-    import pickle
-    import torch
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeCheckpointError(
-            f"refused {where or path}: it holds pickled objects other than tensors ({first[:200]}); nothing in it "
-            "was loaded or run. Delete that checkpoint directory (or use a new run_name) if you did not put it "
-            "there, and check who can write to the output.") from None
-
-
-def _refuse_pickles(ck_dir: str) -> None:
-    for name in PICKLED_FILES:
-        if os.path.exists(os.path.join(ck_dir, name)):
-            raise UnsafeCheckpointError(
-                f"refused the checkpoint {ck_dir}: it holds {name}, a pickle that this version never loads (an "
-                "older version's checkpoint, or a crafted one); nothing in it was read or run. Delete that "
-                "checkpoint directory or use a new run_name.")
-
-
-def _check_checkpoint_loads(ck_dir: str) -> None:
-    """Every file of a checkpoint is there and reads (a copy cut short does not); one holding anything but
-    tensors raises UnsafeCheckpointError (not a cut-short copy: the domain fails, see load_tensors)."""
-    _checkpoint_step(ck_dir)
-    _refuse_pickles(ck_dir)
-    for name in CHECKPOINT_FILES[:-2]:
-        load_tensors(os.path.join(ck_dir, name))
-    _read_rng_state(os.path.join(ck_dir, "rng.json"))
-
-
-# ---- workers of one domain ---------------------------------------------------------------------------
-
-class Replicas:
-    """This domain's training workers (resources.workers_per_trial): who I am and the sums the recipe needs.
-    Hand-written instead of DistributedDataParallel: workers see uneven row counts at the end of an
-    epoch (one may have none), and one flat all-reduce per optimizer step of the few LoRA tensors
-    carries the finiteness check too, so every worker stops on the same step."""
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.on else 0
-        self.size = dist.get_world_size() if self.on else 1
-
-    def mine(self, rows: list) -> list:
-        return rows[self.rank::self.size]
-
-    def sum(self, values: list[float]) -> list[float]:
-        if not self.on:
-            return values
-        import torch
-        import torch.distributed as dist
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def sum_gradients(self, params: list, extra: float) -> float:
-        """Sum every worker's gradients (in place) and `extra`; returns the summed extra."""
-        if not self.on:
-            return extra
-        import torch
-        import torch.distributed as dist
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
-                          for p in params] + [torch.tensor([extra], device=params[0].device)])
-        backend_cpu = dist.get_backend() == "gloo"
-        buf = flat.cpu() if backend_cpu else flat
-        dist.all_reduce(buf)
-        flat = buf.to(flat.device)
-        o = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[o:o + n].view_as(p).to(p.dtype)
-            o += n
-        return float(flat[-1])
 
 
 # ---- loss and evaluation -----------------------------------------------------------------------------
@@ -313,14 +132,6 @@ def _rng_state() -> dict:
           "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return st
-
-
-def _read_rng_state(path: str) -> dict:
-    with open(path) as f:
-        st = json.load(f)
-    if not isinstance(st, dict) or not {"torch", "numpy", "python"} <= set(st):
-        raise ValueError(f"{path}: not an RNG state record")
     return st
 
 

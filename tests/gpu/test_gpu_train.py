@@ -61,7 +61,8 @@ def test_gpu_nf4_packed_equals_unpacked(gpu_env, attn):
 
 def test_gpu_train_domain_learns_and_reports_memory(gpu_env, tmp_path):
     import torch
-    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.loop import train_domain
+    from pipeline.train.sessions import LocalSession
     cfg, store, tok = gpu_env
     ex = _examples(tok, 24)
     data = {"train": ex[:32], "val": ex[32:40], "test": ex[40:]}

@@ -116,7 +116,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monk
     from pipeline.errors import UserFacingError
     from pipeline.train import run_train
     from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, read_split
-    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.loop import train_domain
+    from pipeline.train.sessions import LocalSession
     from pipeline.train.identity import settings_fingerprint
     store = Store(str(tmp_path / "ray"))
     write_sft(store, domains=["debate"])

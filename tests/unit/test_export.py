@@ -23,7 +23,8 @@ ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
 def trained(tmp_path_factory):
     """One tiny domain trained (2 steps, no Ray) and exported: (cfg, store, output dir)."""
     from pipeline.train.data import Example, tokenize_conversation
-    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.loop import train_domain
+    from pipeline.train.sessions import LocalSession
     from pipeline.train.model import load_tokenizer, resolve_base
     from pipeline.train.tiny import ensure_tiny
     tmp = tmp_path_factory.mktemp("export")

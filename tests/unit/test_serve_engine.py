@@ -19,7 +19,8 @@ DOMAINS = ["debate", "medicine"]
 @pytest.fixture(scope="module")
 def output(tmp_path_factory):
     from pipeline.train.data import Example, tokenize_conversation
-    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.loop import train_domain
+    from pipeline.train.sessions import LocalSession
     from pipeline.train.model import load_tokenizer, resolve_base
     from pipeline.train.tiny import ensure_tiny
     tmp = tmp_path_factory.mktemp("serve")

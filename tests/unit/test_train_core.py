@@ -18,9 +18,9 @@ from pipeline.storage import Store  # noqa: E402
 from pipeline.train.data import IGNORE, Example, collate, plan_batches, tokenize_conversation  # noqa: E402
 from pipeline.train.faults import FaultPlan, with_faults  # noqa: E402
 from pipeline.train.kernels import loss_sum  # noqa: E402
-from pipeline.train.loop import (DomainRecipe, IncompatibleCheckpointError, LocalSession,  # noqa: E402
-                                 NonFiniteLossError, UnsafeCheckpointError, check_compat, compat_record,
-                                 train_domain)
+from pipeline.train.loop import (DomainRecipe, IncompatibleCheckpointError, NonFiniteLossError,  # noqa: E402
+                                 check_compat, compat_record, train_domain)
+from pipeline.train.sessions import LocalSession, UnsafeCheckpointError  # noqa: E402
 from pipeline.train.model import (DEFAULT_CHAT_TEMPLATE, add_lora, encode_conversation, load_model,  # noqa: E402
                                   load_tokenizer, prompt_tokens, resolve_base)
 from pipeline.train.tiny import ensure_tiny  # noqa: E402
@@ -290,7 +290,7 @@ def test_ray_session_resumes_from_a_stored_checkpoint_newer_than_rays_snapshot(t
     the newest complete one in storage is used; a truncated one is passed over; Ray's own is kept
     when it is the newest."""
     import ray.train
-    from pipeline.train.loop import RaySession
+    from pipeline.train.sessions import RaySession
     store = Store(str(tmp_path / "out"))
     root = tmp_path / "out/runs/demo/train/debate"
     _stored_checkpoint(root, 10)
@@ -374,7 +374,7 @@ def test_a_crafted_checkpoint_in_storage_is_refused_not_passed_over(tmp_path):
     """The storage scan of RaySession (checkpoints newer than Ray's snapshot): a cut-short copy is passed
     over, but a file holding a code-running pickle fails the domain naming its storage URI, unrun."""
     import pickle
-    from pipeline.train.loop import RaySession
+    from pipeline.train.sessions import RaySession
     store = Store(str(tmp_path / "out"))
     root = tmp_path / "out/runs/demo/train/debate"
     _stored_checkpoint(root, 10)

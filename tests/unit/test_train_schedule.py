@@ -68,7 +68,8 @@ def test_merged_export_refuses_nan(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
     from pipeline.train.export import NonFiniteWeightsError, export_merged
-    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.loop import train_domain
+    from pipeline.train.sessions import LocalSession
     from pipeline.train.data import Example, tokenize_conversation
     from pipeline.train.model import load_tokenizer
     from pipeline.train.tiny import ensure_tiny

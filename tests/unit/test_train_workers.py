@@ -28,7 +28,8 @@ def _data(cfg, store):
 
 def _worker(rank: int, world: int, port: int, cfg, data, out: str) -> None:
     import torch.distributed as dist
-    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.loop import train_domain
+    from pipeline.train.sessions import LocalSession
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         rep = train_domain(cfg, "debate", data, LocalSession(f"{out}/ck-{rank}", resume=False))
@@ -46,7 +47,8 @@ def _free_port() -> int:
 
 def test_two_gloo_workers_match_one_worker(tmp_path):
     import torch.multiprocessing as mp
-    from pipeline.train.loop import LocalSession, train_domain
+    from pipeline.train.loop import train_domain
+    from pipeline.train.sessions import LocalSession
     from pipeline.train.tiny import ensure_tiny
     store = Store(str(tmp_path))
     write_sft(store, domains=["debate"], n=(8, 4, 4))
