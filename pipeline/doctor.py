@@ -25,16 +25,18 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 import logging
 from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.errors import UserFacingError
+from pipeline.lm.device import GB, probe_cuda
+from pipeline.lm.kernels import effective_budget_gb
+from pipeline.lm.model import load_model, load_tokenizer
+from pipeline.lm.serving import config_serving_warnings
 
 PASS, FAIL, WARN, INFO = "PASS", "FAIL", "WARN", "INFO"
-GB = 1024 ** 3
 REFERENCE_GPU_GB = 24.0   # the design's target: one RTX 3090
 _TRUTHY = ("1", "true", "yes", "on")
 
@@ -144,55 +146,6 @@ def check_packages(rep: Report, cfg=None) -> None:
 
 
 # ---- CUDA, GPUs, bitsandbytes --------------------------------------------------------------------
-
-def probe_driver() -> dict[str, Optional[str]]:
-    """The NVIDIA driver from `nvidia-smi`: {'driver': '575.57.08', 'driver_cuda': '12.9'} (the newest CUDA it
-    runs, from the header), or Nones when there is no nvidia-smi / no driver."""
-    try:
-        r = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return {"driver": None, "driver_cuda": None}
-    return parse_nvidia_smi(r.stdout)
-
-
-def parse_nvidia_smi(header: str) -> dict[str, Optional[str]]:
-    drv = re.search(r"Driver Version:\s*([\d.]+)", header)
-    cu = re.search(r"CUDA Version:\s*([\d.]+)", header)
-    return {"driver": drv.group(1) if drv else None, "driver_cuda": cu.group(1) if cu else None}
-
-
-def probe_cuda() -> dict[str, Any]:
-    """What torch can see: {'available', 'cause', 'torch', 'runtime', 'gpus': [{name, memory_gb, cc, bf16}],
-    'driver', 'driver_cuda'}."""
-    import torch
-    info: dict[str, Any] = {"torch": torch.__version__, "runtime": torch.version.cuda, "gpus": [], "cause": None,
-                            **probe_driver()}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            avail = torch.cuda.is_available()
-        except Exception as e:  # pragma: no cover - is_available does not usually raise
-            avail, info["cause"] = False, f"{type(e).__name__}: {e}"
-    info["available"] = bool(avail)
-    if not avail and info["cause"] is None:
-        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-            info["cause"] = f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
-        else:
-            try:
-                torch.cuda.init()
-                info["cause"] = "torch.cuda.is_available() is False"
-            except Exception as e:
-                info["cause"] = f"{type(e).__name__}: {str(e).strip()}"
-            extra = [str(w.message).strip() for w in caught if "CUDA" in str(w.message)]
-            if extra and extra[0] not in info["cause"]:
-                info["cause"] += f" ({extra[0]})"
-        return info
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        info["gpus"].append({"index": i, "name": p.name, "memory_gb": p.total_memory / GB, "cc": f"{p.major}.{p.minor}",
-                             "bf16": p.major >= 8})
-    return info
-
 
 # Two ways to install the pinned torch on Linux x86-64 (docs/CLUSTER.md, "GPU installs"). PyPI's wheel is built
 # for PYPI_TORCH_CUDA (tests/unit/test_gpu_install.py checks this against the wheel's own metadata); an older
@@ -531,7 +484,6 @@ def load_and_generate(cfg, rep: Report, path: Optional[str]) -> None:
     t0 = time.time()
     try:
         import torch
-        from pipeline.train.model import load_model, load_tokenizer
         cuda = cfg.resources.device == "cuda"
         # the trainer's own loaders: trust_remote_code is passed from the config on every from_pretrained
         tok = load_tokenizer(path, cfg)
@@ -648,7 +600,6 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
     else:
         mem, what = REFERENCE_GPU_GB, f"reference {REFERENCE_GPU_GB:.0f} GB GPU (an RTX 3090; no GPU visible here)"
     if cfg.train.gradient_checkpointing and cfg.train.checkpoint_keep_last == "auto":
-        from pipeline.train.kernels import effective_budget_gb
         detail += (f"; checkpoint_keep_last auto then keeps layers' activations up to "
                    f"{effective_budget_gb(cfg.train.memory_budget_gb, mem):.1f} GB (train.memory_budget_gb "
                    f"{cfg.train.memory_budget_gb:g}, at most 85% of the GPU)")
@@ -677,7 +628,6 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
 
 def check_serving(cfg, rep: Report) -> None:
     """What vLLM's multi-LoRA serving will refuse of the adapters this config trains (a WARN: training works)."""
-    from pipeline.train.export import config_serving_warnings
     problems = config_serving_warnings(cfg)
     if problems:
         rep.add("serving", WARN, "; ".join(problems), "change lora.* if the adapters are to be served with vLLM "

@@ -4,14 +4,17 @@ TorchTrainer (resources.workers_per_trial workers, one by default).
     run_train(cfg) -> dict[domain, dict]   each value: the training report plus "status"
                                            ("finished" | "failed" | "skipped") and "error"
 
-Modules: model (base model, 4-bit, LoRA, prompt format), tiny (the demo base model), data (Ray
-Data tokenization, packing), loop (the per-worker recipe), faults (test fault injection), device
-(the worker's CUDA check), schedule (trials), export (adapters/<domain>/). The evaluation after
+Modules: data (Ray Data reading and tokenizing the SFT shards, the per-epoch plan), loop (the
+per-worker recipe), faults (test fault injection), backend (the trial's torch backend), schedule
+(trials), export (adapters/<domain>/), preview (`prepare --show-examples`). The model, tokenization,
+kernels and device checks it shares with the evaluation are pipeline.lm. The evaluation after
 training is pipeline.eval.
 """
 from __future__ import annotations
 
 import logging
+
+from pipeline.lm.tiny import ensure_tiny
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,6 @@ def run_train(cfg) -> dict[str, dict]:
     store = open_store(cfg)
     ensure_ray(cfg)
     if cfg.model.base == "tiny":
-        from pipeline.train.tiny import ensure_tiny
         ensure_tiny(cfg, store)
     results = run_domains(cfg, store)
     done = [d for d, r in results.items() if r.get("status") == "finished"]

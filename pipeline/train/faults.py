@@ -22,6 +22,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.lm.device import worker_device
+
 FAULTS_ENV = "DOMAIN_ADAPTERS_FAULTS"
 
 
@@ -62,7 +64,6 @@ def with_faults(recipe_cls: type, plan: Optional[FaultPlan]) -> type:
 
     class FaultyRecipe(recipe_cls):  # type: ignore[misc, valid-type]
         def resolve_device(self) -> str:
-            from pipeline.train.device import worker_device
             return worker_device(self.cfg, allow_fake_gpu=not plan.no_cuda)
 
         def setup(self) -> None:

@@ -45,6 +45,14 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pipeline.lm import kernels
+from pipeline.lm.compat import compat_record
+from pipeline.lm.data import collate
+from pipeline.lm.device import CudaUnavailableError, worker_device
+from pipeline.lm.kernels import loss_sum
+from pipeline.lm.lora_fused import fuse_lora
+from pipeline.lm.model import add_lora, attn_implementation, compute_dtype, load_model, load_tokenizer, resolve_base
+
 log = logging.getLogger(__name__)
 
 NAN = float("nan")
@@ -68,22 +76,6 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 # ---- compatibility -------------------------------------------------------------------------------
-
-def compat_record(cfg, domain: str) -> dict:
-    """What a checkpoint must agree on to be resumed: base model, LoRA shape, data layout."""
-    h = cfg.hyper_for(domain)
-    t = cfg.train
-    rec = {"model.base": cfg.model.base, "model.revision": cfg.model.revision,
-           "model.quantization": cfg.model.quantization,
-           "lora.r": h.lora.r, "lora.alpha": h.lora.alpha, "lora.target_modules": h.lora.target_modules,
-           "train.max_seq_length": t.max_seq_length, "train.tokens_per_micro_batch": h.tokens_per_micro_batch,
-           "train.grad_accum": h.grad_accum, "train.packing": t.packing, "train.mask_prompt": t.mask_prompt,
-           "train.chat_template": t.chat_template, "train.seed": t.seed}
-    if cfg.model.base == "tiny":
-        from pipeline.train.tiny import tiny_fingerprint
-        rec["model.tiny"] = tiny_fingerprint(cfg)   # model.tiny and the texts it was built from
-    return rec
-
 
 def check_compat(saved: dict, current: dict, where: str) -> None:
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
@@ -279,8 +271,7 @@ def evaluate(model, examples, rows: int, seq_len: int, pad_id: int, device, max_
              packing: bool = True, replicas: Optional[Replicas] = None) -> tuple[float, int]:
     """(mean token loss, target tokens) over a split, in a fixed order; workers split the batches."""
     import torch
-    from pipeline.train.data import collate, epoch_plan
-    from pipeline.train.kernels import loss_sum
+    from pipeline.train.data import epoch_plan
     if not examples:
         return float("nan"), 0
     replicas = replicas or Replicas()
@@ -415,14 +406,10 @@ class DomainRecipe:
 
     # -- setup ---------------------------------------------------------------------------------------
     def resolve_device(self) -> str:
-        from pipeline.train.device import worker_device
         return worker_device(self.cfg)
 
     def setup(self) -> None:
         import torch
-        from pipeline.train import kernels
-        from pipeline.train.lora_fused import fuse_lora
-        from pipeline.train.model import add_lora, compute_dtype, load_model, load_tokenizer, resolve_base
         cfg, t, h = self.cfg, self.cfg.train, self.hyper
         self.device = self.resolve_device()
         if self.device.startswith("cuda"):
@@ -532,7 +519,6 @@ class DomainRecipe:
 
     def micro_loss(self, batch: dict):
         """Summed token cross-entropy of one micro-batch (the LM head on target tokens only)."""
-        from pipeline.train.kernels import loss_sum
         return loss_sum(self.model, batch, self.device, self.fused_loss)
 
     def _next_micro_batches(self) -> list[list[list[int]]]:
@@ -548,7 +534,6 @@ class DomainRecipe:
 
     def train_step(self) -> None:
         import torch
-        from pipeline.train.data import collate
         st, h = self.state, self.hyper
         t0 = time.time()
         if self.t_loop is None:
@@ -679,8 +664,7 @@ class DomainRecipe:
     # -- save -----------------------------------------------------------------------------------------
     def save(self) -> dict:
         """Export the adapter with the lowest val loss (the final weights take part) and its report."""
-        from pipeline.train import export, kernels
-        from pipeline.train.model import attn_implementation
+        from pipeline.train import export
         st, t, h, cfg = self.state, self.cfg.train, self.hyper, self.cfg
         if self.last_eval is None or self.last_eval[0] != st.step:
             self.record_eval(*self._eval("val"))
@@ -767,7 +751,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from pipeline.storage import open_store
     from pipeline.train.data import collect
-    from pipeline.train.device import CudaUnavailableError
     from pipeline.train.faults import with_faults
     import psutil
     marks = {"worker_fn": time.time()}

@@ -42,6 +42,9 @@ import threading
 import time
 from typing import Iterator, Optional
 
+from pipeline.lm.compat import compat_record
+from pipeline.lm.tiny import tiny_fingerprint
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -67,7 +70,6 @@ def adapter_identity(cfg, store, domain: str) -> dict:
     it is built from, so a rebuilt tiny base counts; else model.base@revision), "data" (this domain's SFT
     shards: prepare's fingerprint of its inputs, and the shards' names and sizes)."""
     if cfg.model.base == "tiny":
-        from pipeline.train.tiny import tiny_fingerprint
         base = "tiny:" + tiny_fingerprint(cfg, store)
     else:
         base = f"{cfg.model.base}@{cfg.model.revision or 'main'}"
@@ -149,7 +151,7 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
     """(domains to train, results known without training). Raises UserFacingError on an
     incompatible checkpoint, before any trial starts."""
     from pipeline.errors import UserFacingError
-    from pipeline.train.loop import IncompatibleCheckpointError, check_compat, compat_record
+    from pipeline.train.loop import IncompatibleCheckpointError, check_compat
     todo: list[str] = []
     known: dict[str, dict] = {}
     problems = []

@@ -8,6 +8,7 @@ import pytest
 from pipeline import doctor
 from pipeline.config import Config
 from pipeline.errors import UserFacingError
+from pipeline.lm.device import parse_nvidia_smi
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -245,8 +246,8 @@ def _torch_build(tmp_path, device, torch_cuda, driver, driver_cuda):
 def test_doctor_names_the_install_route_the_driver_needs(tmp_path):
     """PyPI's torch is the CUDA 13.0 build (driver >= 580); a 3090 workstation on driver 550 needs torch's
     CUDA 12 build; a driver older than 525 runs neither."""
-    assert doctor.parse_nvidia_smi(SMI_3090) == {"driver": "550.120", "driver_cuda": "12.4"}
-    r = _torch_build(tmp_path, "cuda", "13.0", **doctor.parse_nvidia_smi(SMI_3090))
+    assert parse_nvidia_smi(SMI_3090) == {"driver": "550.120", "driver_cuda": "12.4"}
+    r = _torch_build(tmp_path, "cuda", "13.0", **parse_nvidia_smi(SMI_3090))
     assert r.status == "FAIL" and "built for CUDA 13.0, newer than the driver 550.120 runs CUDA <= 12.4" in r.detail
     assert "CUDA 12 route" in r.fix and doctor.TORCH_CUDA12_INDEX in r.fix and ">= 580" in r.fix
     r = _torch_build(tmp_path, "cuda", "12.8", "550.120", "12.4")
