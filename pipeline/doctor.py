@@ -8,8 +8,6 @@
                                          stops at once with the cause instead of falling back to the CPU.
                                          With a Ray address and no local CUDA (a CPU-only head node) it
                                          connects to Ray (bounded) and fails when the cluster has no GPUs.
-    require_cuda(cfg) -> None            for the training worker: CUDA must work where it runs when
-                                         resources.device is cuda, else UserFacingError with torch's text.
 
 Statuses: PASS (fine), INFO (nothing to fix), WARN (works, but look), FAIL (the run would fail).
 """
@@ -227,19 +225,6 @@ def check_cuda(cfg, rep: Report) -> dict[str, Any]:
         rep.add(f"gpu {g['index']}", PASS, f"{g['name']}, {g['memory_gb']:.1f} GB, compute {g['cc']}"
                 + (", bf16" if g["bf16"] else ", no bf16 (fp16 with loss scaling)"))
     return info
-
-
-def require_cuda(cfg) -> None:
-    """For the training worker: when resources.device is cuda, CUDA must work here, or this raises
-    UserFacingError with torch's own error text (no silent CPU fallback). Cheap; call it first thing."""
-    if cfg.resources.device != "cuda":
-        return
-    info = probe_cuda()
-    if not info["available"]:
-        host = socket.gethostname()
-        raise UserFacingError(f"resources.device is cuda but CUDA cannot be used on {host}: {info['cause']}. "
-                              "Fix the driver / container GPU access (nvidia-smi must work there), or set "
-                              "resources.device: cpu to train on the CPU on purpose.")
 
 
 def check_bitsandbytes(cfg, rep: Report, cuda: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import pytest
 from pipeline import doctor
 from pipeline.config import Config
 from pipeline.errors import UserFacingError
-from pipeline.lm.device import parse_nvidia_smi
+from pipeline.lm.device import CudaUnavailableError, parse_nvidia_smi, probe_cuda, worker_device
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -221,10 +221,14 @@ def test_cpu_only_driver_of_a_gpu_cluster_is_not_a_failure(tmp_path, monkeypatch
         srv.close()
 
 
-def test_require_cuda_for_workers(tmp_path):
-    doctor.require_cuda(make_cfg(tmp_path))   # cpu config: nothing to check
-    with pytest.raises(UserFacingError, match="CUDA cannot be used"):
-        doctor.require_cuda(make_cfg(tmp_path, device="cuda"))
+def test_worker_device_refuses_cuda_it_cannot_use(tmp_path):
+    """A worker's own CUDA check (pipeline.lm.device; doctor's dead require_cuda is gone): a cpu config computes
+    on the CPU, a cuda one on a machine where torch sees no CUDA stops with the cause, never falls back."""
+    assert worker_device(make_cfg(tmp_path)) == "cpu"
+    if probe_cuda()["available"]:
+        pytest.skip("this machine has a working CUDA: the refusal needs one without")
+    with pytest.raises(CudaUnavailableError, match="CUDA cannot be used on node"):
+        worker_device(make_cfg(tmp_path, device="cuda"), allow_fake_gpu=False)
 
 
 SMI_3090 = """
