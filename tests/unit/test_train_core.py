@@ -22,7 +22,7 @@ from pipeline.train.loop import (DomainRecipe, IncompatibleCheckpointError, Loca
                                  NonFiniteLossError, UnsafeCheckpointError, check_compat,
                                  train_domain)
 from pipeline.lm.model import (DEFAULT_CHAT_TEMPLATE, add_lora, encode_conversation, load_model,  # noqa: E402
-                                  load_tokenizer, prompt_tokens, resolve_base)
+                               load_tokenizer, prompt_tokens, resolve_base)
 from pipeline.lm.tiny import ensure_tiny  # noqa: E402
 from pipeline.lm.compat import compat_record  # noqa: E402
 
