@@ -48,7 +48,8 @@ def train_briefly(cfg, domain: str, steps: int) -> dict:
     """train_domain for `steps` steps; the adapter is exported to adapters/<domain>; seconds per step."""
     import torch
     from pipeline.storage import open_store
-    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, read_split
+    from pipeline.lm.data import read_split
+    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect
     from pipeline.train.loop import train_domain
     from pipeline.train.sessions import LocalSession
     c = cfg.model_copy(deep=True)
@@ -92,7 +93,7 @@ def main() -> int:
     cfg = bench_config(a.data, out, sets + [f"domains=[{','.join(domains)}]"])
     prepare_data(cfg)
     from pipeline.storage import open_store
-    from pipeline.train.data import read_split
+    from pipeline.lm.data import read_split
     store = open_store(cfg)
     texts = ["\n".join(m["content"] for m in msgs) for d in domains
              for msgs in read_split(store, d, "train").column("messages").to_pylist()]

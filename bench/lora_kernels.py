@@ -1,4 +1,4 @@
-"""The LoRA dropout kernels (pipeline/train/lora_triton.py) under other launch configurations.
+"""The LoRA dropout kernels (pipeline/lm/lora_triton.py) under other launch configurations.
 
     python bench/lora_kernels.py [--m 8192] [--r 16] [--p 0.05] [--json out.json]
 
@@ -36,7 +36,7 @@ def main() -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     from triton.testing import do_bench
-    from pipeline.train import lora_triton as lt
+    from pipeline.lm import lora_triton as lt
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     seed, p = 1234, a.p
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -45,7 +45,7 @@ def main() -> int:
     import torch
     from pipeline.storage import open_store
     from pipeline.train import run_train
-    from pipeline.train.data import read_split
+    from pipeline.lm.data import read_split
     cfg = bench_config(a.data, f"{a.work}/out")
     prepare_data(cfg)
     store = open_store(cfg)

@@ -117,7 +117,8 @@ def build_base(path: str, arch: str, texts: list[str]) -> None:
 def tokenized(cfg, domain: str) -> dict:
     """The domain's SFT rows as the project's trainer sees them: {split: [Example]} (same code as a trial)."""
     from pipeline.storage import open_store
-    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, read_split
+    from pipeline.lm.data import read_split
+    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect
     store, tokenize = open_store(cfg), Tokenize(cfg)
     return collect(tokenize(read_split(store, domain, split, columns=SFT_COLUMNS).to_pydict())
                    for split in ("train", "val", "test"))
@@ -125,7 +126,7 @@ def tokenized(cfg, domain: str) -> dict:
 
 def run_trl(cfg, base: str, domain: str, targets: str, attn: str, steps: int, cap_gb, work: str) -> dict:
     """TRL's SFTTrainer (bench/trl_peer.py) in a child process on the same token ids as the project's trainer."""
-    from pipeline.train.data import IGNORE
+    from pipeline.lm.data import IGNORE
     c = cfg.model_copy(deep=True)
     c.model.base = base
     rows = Path(work) / f"trl-rows-{domain}.jsonl"
@@ -305,7 +306,7 @@ def main() -> int:
     cfg = bench_config(a.data, f"{a.work}/out")
     prepare_data(cfg)
     from pipeline.storage import open_store
-    from pipeline.train.data import read_split
+    from pipeline.lm.data import read_split
     texts = ["\n".join(m["content"] for m in msgs)
              for msgs in read_split(open_store(cfg), a.domain, "train").column("messages").to_pylist()]
     base = f"{a.work}/base-{a.arch}"

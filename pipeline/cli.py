@@ -315,7 +315,7 @@ def run_stages(cfg, args, console) -> int:
 
 def _run_locked(cfg, args, console, store, stages) -> int:
     from pipeline.logs import log_file_for
-    from pipeline.status import StageRecord, cause_line
+    from pipeline.status import cause_line
     command = args.command
     results: Optional[dict] = None   # train's, per domain
     eval_error: Optional[str] = None

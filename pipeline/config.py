@@ -291,7 +291,7 @@ class ModelConfig(_Strict):
 
 
 class LoraSettings(_Strict):
-    """The LoRA shape (peft's LoraConfig is built from it in pipeline.train.model.add_lora)."""
+    """The LoRA shape (peft's LoraConfig is built from it in pipeline.lm.model.add_lora)."""
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -345,7 +345,7 @@ class TrainConfig(TrainHyper):
         "auto", description="Liger RMSNorm/SwiGLU/RoPE + fused linear cross-entropy on CUDA when installed ([gpu] extra)")
     fused_lora: Literal["auto", "on", "off"] = Field(
         "auto", description="the base matmul and the LoRA branch as one autograd step in the compute dtype "
-        "(pipeline/train/lora_fused.py); auto: every LoRA layer on a plain or 4-bit base")
+        "(pipeline/lm/lora_fused.py); auto: every LoRA layer on a plain or 4-bit base")
     eval_every: int = Field(50, ge=1)
     eval_max_batches: Optional[int] = Field(None, ge=1, description="cap on eval batches (None = whole split)")
     checkpoint_every: int = Field(50, ge=1)

@@ -8,8 +8,6 @@
                                          stops at once with the cause instead of falling back to the CPU.
                                          With a Ray address and no local CUDA (a CPU-only head node) it
                                          connects to Ray (bounded) and fails when the cluster has no GPUs.
-    require_cuda(cfg) -> None            for the training worker: CUDA must work where it runs when
-                                         resources.device is cuda, else UserFacingError with torch's text.
 
 Statuses: PASS (fine), INFO (nothing to fix), WARN (works, but look), FAIL (the run would fail).
 """
@@ -25,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 import logging
 from pathlib import Path
@@ -33,9 +30,12 @@ from typing import Any, Optional
 
 from pipeline import layout
 from pipeline.errors import UserFacingError
+from pipeline.lm.device import GB, probe_cuda
+from pipeline.lm.kernels import effective_budget_gb
+from pipeline.lm.model import load_model, load_tokenizer
+from pipeline.lm.serving import config_serving_warnings
 
 PASS, FAIL, WARN, INFO = "PASS", "FAIL", "WARN", "INFO"
-GB = 1024 ** 3
 REFERENCE_GPU_GB = 24.0   # the design's target: one RTX 3090
 _TRUTHY = ("1", "true", "yes", "on")
 
@@ -146,55 +146,6 @@ def check_packages(rep: Report, cfg=None) -> None:
 
 # ---- CUDA, GPUs, bitsandbytes --------------------------------------------------------------------
 
-def probe_driver() -> dict[str, Optional[str]]:
-    """The NVIDIA driver from `nvidia-smi`: {'driver': '575.57.08', 'driver_cuda': '12.9'} (the newest CUDA it
-    runs, from the header), or Nones when there is no nvidia-smi / no driver."""
-    try:
-        r = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return {"driver": None, "driver_cuda": None}
-    return parse_nvidia_smi(r.stdout)
-
-
-def parse_nvidia_smi(header: str) -> dict[str, Optional[str]]:
-    drv = re.search(r"Driver Version:\s*([\d.]+)", header)
-    cu = re.search(r"CUDA Version:\s*([\d.]+)", header)
-    return {"driver": drv.group(1) if drv else None, "driver_cuda": cu.group(1) if cu else None}
-
-
-def probe_cuda() -> dict[str, Any]:
-    """What torch can see: {'available', 'cause', 'torch', 'runtime', 'gpus': [{name, memory_gb, cc, bf16}],
-    'driver', 'driver_cuda'}."""
-    import torch
-    info: dict[str, Any] = {"torch": torch.__version__, "runtime": torch.version.cuda, "gpus": [], "cause": None,
-                            **probe_driver()}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            avail = torch.cuda.is_available()
-        except Exception as e:  # pragma: no cover - is_available does not usually raise
-            avail, info["cause"] = False, f"{type(e).__name__}: {e}"
-    info["available"] = bool(avail)
-    if not avail and info["cause"] is None:
-        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
-            info["cause"] = f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
-        else:
-            try:
-                torch.cuda.init()
-                info["cause"] = "torch.cuda.is_available() is False"
-            except Exception as e:
-                info["cause"] = f"{type(e).__name__}: {str(e).strip()}"
-            extra = [str(w.message).strip() for w in caught if "CUDA" in str(w.message)]
-            if extra and extra[0] not in info["cause"]:
-                info["cause"] += f" ({extra[0]})"
-        return info
-    for i in range(torch.cuda.device_count()):
-        p = torch.cuda.get_device_properties(i)
-        info["gpus"].append({"index": i, "name": p.name, "memory_gb": p.total_memory / GB, "cc": f"{p.major}.{p.minor}",
-                             "bf16": p.major >= 8})
-    return info
-
-
 # Two ways to install the pinned torch on Linux x86-64 (docs/CLUSTER.md, "GPU installs"). PyPI's wheel is built
 # for PYPI_TORCH_CUDA (tests/unit/test_gpu_install.py checks this against the wheel's own metadata); an older
 # driver needs torch's CUDA 12 build from PyTorch's index. NVIDIA's minimum driver per CUDA major version
@@ -275,19 +226,6 @@ def check_cuda(cfg, rep: Report) -> dict[str, Any]:
         rep.add(f"gpu {g['index']}", PASS, f"{g['name']}, {g['memory_gb']:.1f} GB, compute {g['cc']}"
                 + (", bf16" if g["bf16"] else ", no bf16 (fp16 with loss scaling)"))
     return info
-
-
-def require_cuda(cfg) -> None:
-    """For the training worker: when resources.device is cuda, CUDA must work here, or this raises
-    UserFacingError with torch's own error text (no silent CPU fallback). Cheap; call it first thing."""
-    if cfg.resources.device != "cuda":
-        return
-    info = probe_cuda()
-    if not info["available"]:
-        host = socket.gethostname()
-        raise UserFacingError(f"resources.device is cuda but CUDA cannot be used on {host}: {info['cause']}. "
-                              "Fix the driver / container GPU access (nvidia-smi must work there), or set "
-                              "resources.device: cpu to train on the CPU on purpose.")
 
 
 def check_bitsandbytes(cfg, rep: Report, cuda: dict[str, Any]) -> None:
@@ -532,7 +470,6 @@ def load_and_generate(cfg, rep: Report, path: Optional[str]) -> None:
     t0 = time.time()
     try:
         import torch
-        from pipeline.train.model import load_model, load_tokenizer
         cuda = cfg.resources.device == "cuda"
         # the trainer's own loaders: trust_remote_code is passed from the config on every from_pretrained
         tok = load_tokenizer(path, cfg)
@@ -649,7 +586,6 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
     else:
         mem, what = REFERENCE_GPU_GB, f"reference {REFERENCE_GPU_GB:.0f} GB GPU (an RTX 3090; no GPU visible here)"
     if cfg.train.gradient_checkpointing and cfg.train.checkpoint_keep_last == "auto":
-        from pipeline.train.kernels import effective_budget_gb
         detail += (f"; checkpoint_keep_last auto then keeps layers' activations up to "
                    f"{effective_budget_gb(cfg.train.memory_budget_gb, mem):.1f} GB (train.memory_budget_gb "
                    f"{cfg.train.memory_budget_gb:g}, at most 85% of the GPU)")
@@ -678,7 +614,6 @@ def check_memory(cfg, rep: Report, arch: Optional[dict[str, Any]], cuda: dict[st
 
 def check_serving(cfg, rep: Report) -> None:
     """What vLLM's multi-LoRA serving will refuse of the adapters this config trains (a WARN: training works)."""
-    from pipeline.train.export import config_serving_warnings
     problems = config_serving_warnings(cfg)
     if problems:
         rep.add("serving", WARN, "; ".join(problems), "change lora.* if the adapters are to be served with vLLM "

@@ -7,7 +7,7 @@
     covered(hashes, pool) / contamination(test, train) -> share of each row's n-grams in a pool; how many
                                                  test rows reach THRESHOLD
 
-Words are the evaluation's (pipeline/eval/metrics.words: lowercased Unicode words, CJK per character)
+Words are the evaluation's (pipeline/words.py: lowercased Unicode words, CJK per character)
 of prompt + response. What prepare does with them (``data.near_duplicates``, on by default; the
 guarantee in full: docs/ARCHITECTURE.md, "What the split guarantees"): near-duplicate pairs join one
 split unit, then any val/test row with >= THRESHOLD of its non-template n-grams in train moves to
@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.eval.metrics import words   # the evaluation's Unicode words (CJK per character)
+from pipeline.words import words   # the evaluation's Unicode words (CJK per character)
 
 NGRAM = 13            # words per shingle (GPT-3's contamination check used 13-grams)
 PAIR_SHARE = 0.5      # two rows sharing this much of the smaller one's (non-template) n-grams are near-duplicates

@@ -29,6 +29,8 @@ from typing import Any, Optional
 
 from pipeline import layout
 from pipeline.errors import UsageError
+from pipeline.lm.device import worker_device
+from pipeline.lm.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def served_domains(store, domains: Optional[list[str]]) -> list[str]:
 def chat_prompt_ids(tok, messages: list[dict], max_len: int) -> list[int]:
     """The prompt tokens for a chat request: the tokenizer's chat template over its turns with the
     generation prompt, exactly as training encoded the turns before each answer (tokens trained are
-    tokens served; pipeline.train.model.encode_conversation); its end kept when too long."""
+    tokens served; pipeline.lm.model.encode_conversation); its end kept when too long."""
     from pipeline.eval.scoring import prompt_ids
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
         raise ValueError("messages must be a non-empty list of {role, content} objects with text content")
@@ -65,9 +67,6 @@ class AdapterModels:
     def __init__(self, cfg, domains: Optional[list[str]] = None):
         import torch
         from pipeline.storage import open_store
-        from pipeline.train.export import _local_dir
-        from pipeline.train.device import worker_device
-        from pipeline.train.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
         self.cfg = cfg
         store = open_store(cfg)
         self.domains = served_domains(store, domains)
@@ -80,7 +79,7 @@ class AdapterModels:
         model.config.use_cache = True
         self.model = None
         for d in self.domains:
-            path = _local_dir(store, layout.adapter(d))
+            path = store.local_copy(layout.adapter(d))
             if self.model is None:
                 self.model = load_adapter_onto(model, path, adapter_name=d)
             else:

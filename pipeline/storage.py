@@ -634,6 +634,16 @@ class Store:
                  f"download {self.uri_of(rel)} to {local_dir}")
         return local_dir
 
+    def local_copy(self, rel: str, prefix: str = "adapter-") -> str:
+        """A local directory holding rel, for readers that need a path (from_pretrained, PeftModel): the
+        directory itself on a local store; on S3 a fresh temporary copy (mkdtemp with `prefix`) that the
+        caller owns."""
+        if not self.is_s3:
+            return str(self.local_path(rel))
+        d = tempfile.mkdtemp(prefix=prefix)
+        self.download_dir(rel, d)
+        return d
+
     # -- for Ray --
     def ray_storage(self, rel: str) -> tuple[str, Optional[pafs.FileSystem]]:
         """(storage_path, storage_filesystem) for Ray Train / Tune RunConfig.

@@ -31,6 +31,11 @@ import logging
 import time
 from typing import Optional
 
+from pipeline.lm.compat import compat_record
+from pipeline.lm.device import worker_device
+from pipeline.lm.kernels import apply_fused_kernels
+from pipeline.lm.model import load_model, load_tokenizer, resolve_base
+
 log = logging.getLogger(__name__)
 
 
@@ -47,9 +52,6 @@ def evaluate_models(cfg, plans: list, names: list[str]) -> dict[str, dict[str, l
     import torch
     from pipeline.eval.scoring import BaseAndAdapters, TokenizedPlan, score_items, summary_line
     from pipeline.storage import open_store
-    from pipeline.train.device import worker_device
-    from pipeline.train.kernels import apply_fused_kernels
-    from pipeline.train.model import load_model, load_tokenizer, resolve_base
     _task_logging()
     device = worker_device(cfg)
     if device == "cpu":
@@ -93,7 +95,6 @@ def model_groups(cfg, models: list[str]) -> list[list[str]]:
 
 def fingerprint(cfg, store, adapters: list[str]) -> str:
     """What decides the matrix: eval settings, prompt format, base model, data, each adapter's report."""
-    from pipeline.train.loop import compat_record
     manifest = store.read_json_or("data/manifest.json") or {}
     reports = {a: hashlib.sha256(store.read_bytes(f"adapters/{a}/training_report.json")).hexdigest() for a in adapters}
     d = {"eval": cfg.eval.model_dump(mode="json"), "compat": compat_record(cfg, cfg.domains[0]),

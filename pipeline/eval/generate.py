@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.errors import UsageError, UserFacingError
+from pipeline.lm.device import worker_device
+from pipeline.lm.model import load_model, load_tokenizer, resolve_base
 
 log = logging.getLogger(__name__)
 # --max-new-tokens above this is refused before anything loads (an answer, not a book); a model's own
@@ -92,8 +94,6 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
     import torch
     from pipeline.eval.scoring import BaseAndAdapters, generate_texts, prompt_ids
     from pipeline.storage import open_store
-    from pipeline.train.device import worker_device
-    from pipeline.train.model import load_model, load_tokenizer, resolve_base
     check_request(prompts, domains, include_base, max_new_tokens)
     store = open_store(cfg)
     missing = [d for d in domains if not store.is_file(f"adapters/{d}/training_report.json")]

@@ -253,9 +253,8 @@ def harness_models(cfg, names: list[str], files: dict[str, bytes], offline: bool
     import torch
     from pipeline.eval import _task_logging
     from pipeline.storage import open_store
-    from pipeline.train.device import worker_device
-    from pipeline.train.export import _local_dir
-    from pipeline.train.model import resolve_base
+    from pipeline.lm.device import worker_device
+    from pipeline.lm.model import resolve_base
     _task_logging()
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -279,7 +278,7 @@ def harness_models(cfg, names: list[str], files: dict[str, bytes], offline: bool
             t0 = time.time()
             who = "base model" if name == "base" else f"{name} adapter"
             lm = HFLM(pretrained=base, revision=cfg.model.revision if base == cfg.model.base and cfg.model.revision else "main",
-                      peft=_local_dir(store, f"adapters/{name}") if name != "base" else None,
+                      peft=store.local_copy(f"adapters/{name}") if name != "base" else None,
                       device=device, dtype=_dtype_name(cfg, device), batch_size=cfg.eval.harness_batch_size,
                       trust_remote_code=bool(cfg.model.trust_remote_code))
             res = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.eval.harness_tasks), task_manager=tm,

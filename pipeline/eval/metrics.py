@@ -7,7 +7,7 @@
                                        articles a/an/the; here punctuation separates words and
                                        articles count, so the figures are not comparable with SQuAD's.
 
-Tokenization, written out because every script must be scored: lowercase (str.lower), then a token
+Tokenization (pipeline.words, shared with prepare's near-duplicate check), written out because every script must be scored: lowercase (str.lower), then a token
 is a run of letters or digits of any script (``[^\\W_]``: Unicode word characters without the
 underscore), except that each CJK ideograph, kana or Hangul syllable is a token of its own (those
 scripts do not separate words with spaces; per-character tokens are how sacrebleu's ``zh`` tokenizer
@@ -22,16 +22,9 @@ agree); one empty text scores 0.0.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 
-# Han (CJK unified ideographs, extension A, compatibility), Hiragana, Katakana, Hangul syllables
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-_WORD = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+", re.UNICODE)
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+from pipeline.words import words
 
 
 def _f(precision: float, recall: float) -> float:

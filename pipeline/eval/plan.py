@@ -16,16 +16,17 @@ whose source is not in the registry is free text):
 A row is a conversation (``messages``); the item's prompt is every turn before the last answer (what
 a server is sent) and its reference that answer (``prompt_and_reference``).
 
-Rows are ordered by ``key`` (the key training's tokenizer gives the row: pipeline.train.data.example_key),
+Rows are ordered by ``key`` (the key training's tokenizer gives the row: pipeline.lm.data.example_key),
 so the same items, in the same order, reach every model.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
+
+from pipeline.lm.data import example_key, read_split, row_messages
 
 TEST_COLUMNS = ("messages", "doc_id", "source", "task")
 
@@ -84,7 +85,6 @@ def _rng(seed: int, domain: str, what: str) -> random.Random:
 def build_items(rows: list[dict], domain: str, registry: dict, ev) -> list[EvalItem]:
     """Items for a domain's test rows (dicts with TEST_COLUMNS); ev is the config's eval section."""
     from pipeline.sources.base import FREE_TEXT
-    from pipeline.train.data import example_key, row_messages
     rows = [{**r, "messages": row_messages(r["messages"])} for r in rows]
     rows = sorted(rows, key=lambda r: example_key(r["doc_id"], r["messages"]))
     if ev.max_examples is not None and len(rows) > ev.max_examples:
@@ -112,7 +112,6 @@ def build_items(rows: list[dict], domain: str, registry: dict, ev) -> list[EvalI
 
 
 def plan_dataset(cfg, store, domain: str, registry: dict) -> Optional[DatasetPlan]:
-    from pipeline.train.data import read_split
     try:
         rows = read_split(store, domain, "test", columns=TEST_COLUMNS).to_pylist()
     except FileNotFoundError:

@@ -1,7 +1,7 @@
 """Model-side scoring, run inside the evaluation's Ray task (and by `adapters generate`).
 
     TokenizedPlan.build(tok, plan, train, max_new_tokens)  a domain's items as token sequences, once per task:
-        a loss sequence per item (its conversation as trained: pipeline.train.data.tokenize_conversation),
+        a loss sequence per item (its conversation as trained: pipeline.lm.data.tokenize_conversation),
         one sequence per choice of a scored multiple-choice item (the server prompt of messages[:-1], then
         the choice's tokens as they start a trained answer, only those tokens scored), and the prompt of
         each item to generate from (messages[:-1] through the chat template, with its generation prompt)
@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Optional
 
 import numpy as np
 
 from pipeline.errors import UsageError
 from pipeline.eval.metrics import rouge_l, token_f1
+from pipeline.lm.data import (CHARS_PER_TOKEN_BOUND, IGNORE, Example, collate, cut_prompt_response, cut_texts, plan_batches,
+                              tokenize_conversation)
+from pipeline.lm.kernels import head_logits, pad_batch
+from pipeline.lm.model import encode_conversation, load_adapter_onto, prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,6 @@ class BaseAndAdapters:
     @contextlib.contextmanager
     def use(self, name: str):
         """`with models.use("base" | domain) as m:` the model to run."""
-        from pipeline.train.export import _local_dir
-        from pipeline.train.model import load_adapter_onto
         if name == "base":
             if self.peft is None:
                 yield self.model
@@ -76,7 +77,7 @@ class BaseAndAdapters:
                     yield self.peft
             return
         if self.peft is None or name not in self.peft.peft_config:
-            path = _local_dir(self.store, f"adapters/{name}")
+            path = self.store.local_copy(f"adapters/{name}")
             try:
                 if self.peft is None:
                     self.peft = load_adapter_onto(self.model, path, adapter_name=name)
@@ -95,16 +96,12 @@ class BaseAndAdapters:
 def prompt_ids(tok, messages: list[dict], max_len: int) -> list[int]:
     """What a server sends the model for these turns (the chat template with its generation prompt, as
     training encodes them); its end kept when too long."""
-    from pipeline.train.data import CHARS_PER_TOKEN_BOUND, cut_texts
-    from pipeline.train.model import prompt_tokens
     return prompt_tokens(tok, cut_texts(messages, CHARS_PER_TOKEN_BOUND * max_len))[-max_len:]
 
 
 def choice_ids(tok, messages: list[dict], choice: str) -> tuple[list[int], list[int]]:
     """(prompt ids, choice ids): the choice's tokens as they open a trained answer to these turns (its
     end-of-turn tokens cut: the shortest prefix of the answer tokens that decodes to text holding the choice)."""
-    from pipeline.train.data import CHARS_PER_TOKEN_BOUND, cut_texts
-    from pipeline.train.model import encode_conversation
     ids, trained = encode_conversation(tok, cut_texts(list(messages) + [{"role": "assistant", "content": choice}],
                                                        CHARS_PER_TOKEN_BOUND * 4096))[-1]
     start = next(k for k in range(len(trained) - 1, -1, -1) if trained[k] and (k == 0 or not trained[k - 1]))
@@ -119,7 +116,6 @@ class TokenizedPlan:
     """A DatasetPlan's token sequences (built once per task: the tokenizer is the same for every model)."""
 
     def __init__(self, tok, plan, train, max_new_tokens: int):
-        from pipeline.train.data import IGNORE, Example, cut_prompt_response, tokenize_conversation
         self.examples: list = []
         self.loss_of: dict[int, int] = {}             # item index -> its loss sequence
         self.choices_of: dict[int, list[int]] = {}     # item index -> one sequence per choice
@@ -151,7 +147,6 @@ class TokenizedPlan:
 def _head_logprobs(lm, h, y):
     """log p(y | h) for hidden states h (N x H) and targets y (N), through the LM head in chunks."""
     import torch
-    from pipeline.train.kernels import head_logits
     out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     for s in range(0, h.shape[0], HEAD_CHUNK_TOKENS):
         logits = head_logits(lm, h[s:s + HEAD_CHUNK_TOKENS])
@@ -175,8 +170,6 @@ def _owners(examples, batch, width: int):
 def sequence_logprobs(model, examples, rows: int, seq_len: int, pad_id: int, device) -> tuple[np.ndarray, np.ndarray]:
     """(sum of log-probs of each sequence's target tokens, its target tokens), packed and batched."""
     import torch
-    from pipeline.train.data import collate, plan_batches
-    from pipeline.train.kernels import pad_batch
     sums = torch.zeros(len(examples), dtype=torch.float64)
     counts = torch.zeros(len(examples), dtype=torch.long)
     if not examples:

@@ -250,7 +250,7 @@ def normalize(c: "CustomSourceConfig", raw: Raw, opts: Opts) -> dict:
 # ---- SFT -------------------------------------------------------------------------------------
 
 def build_sft(row: dict) -> list[dict]:
-    """One conversation per record: every assistant turn of it trains (pipeline.train.model)."""
+    """One conversation per record: every assistant turn of it trains (pipeline.lm.model)."""
     m = meta(row)
     if m.get("kind") == "chat":
         return [{"task": m["task"], "messages": m["messages"]}]

@@ -4,15 +4,19 @@ TorchTrainer (resources.workers_per_trial workers, one by default).
     run_train(cfg) -> dict[domain, dict]   each value: the training report plus "status"
                                            ("finished" | "failed" | "skipped") and "error"
 
-Modules: model (base model, 4-bit, LoRA, prompt format), tiny (the demo base model), data (Ray
-Data tokenization, packing), loop (the per-worker recipe), faults (test fault injection), device
-(the worker's CUDA check), schedule (trials), export (adapters/<domain>/). Training does not
+Modules: data (Ray Data reading and tokenizing the SFT shards, the per-epoch plan), loop (the
+per-worker recipe), sessions (where checkpoints and reports go), replicas (a domain's workers), identity
+(what identifies a domain's training), faults (test fault injection), backend (the trial's torch backend),
+schedule (trials), export (adapters/<domain>/), preview (`prepare --show-examples`). The model,
+tokenization, kernels and device checks it shares with the evaluation are pipeline.lm. Training does not
 evaluate the adapters on the test splits: that is the eval stage (pipeline.eval, `adapters eval`), which
 `adapters run` runs next.
 """
 from __future__ import annotations
 
 import logging
+
+from pipeline.lm.tiny import ensure_tiny
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,6 @@ def run_train(cfg) -> dict[str, dict]:
     store = open_store(cfg)
     ensure_ray(cfg)
     if cfg.model.base == "tiny":
-        from pipeline.train.tiny import ensure_tiny
         ensure_tiny(cfg, store)
     results = run_domains(cfg, store)
     done = [d for d, r in results.items() if r.get("status") == "finished"]

@@ -5,7 +5,7 @@
 Ray's own backend sets up a torch process group on every worker group before the training function
 runs, with NCCL whenever the workers hold GPUs, also for a single worker. On a node whose torch cannot
 use CUDA (a CPU-only build on a GPU node) that fails inside Ray Train ("Distributed package doesn't have
-NCCL built in"), before the project's own CUDA check (pipeline.train.device) could name the node and the
+NCCL built in"), before the project's own CUDA check (pipeline.lm.device) could name the node and the
 fix. Here the CUDA check runs first, on every worker, and a one-worker trial gets no process group at all:
 it has nothing to all-reduce (pipeline.train.loop only syncs when the world is larger than one).
 """
@@ -18,7 +18,7 @@ from typing import Any
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
 
-from pipeline.train.device import FAKE_GPU_ENV, worker_device
+from pipeline.lm.device import FAKE_GPU_ENV, worker_device
 
 
 def _check_device(cfg) -> str:

@@ -4,8 +4,6 @@ the tokenizer files, a model card (README.md, the Hugging Face format) and train
 
     export_adapter(model, tok, store, domain, report, cfg=None) -> adapter URI
     portable_adapter_config(d, module_names, base_model) -> the adapter_config.json serving engines load
-    serving_problems(adapter_config, max_lora_rank=VLLM_MAX_LORA_RANK) -> what vLLM's multi-LoRA refuses
-    config_serving_warnings(cfg) -> the same, known from the config before training
     model_card(cfg, domain, report, manifest) -> README.md text
     export_merged(cfg, domain, store=None) -> URI of adapters/<domain>/merged/ (bf16; refuses NaN/inf)
     hub_files(local_dir) / upload_to_hub(cfg, domain, store) -> what hub.repo_id receives, and the upload
@@ -25,14 +23,10 @@ import tempfile
 from typing import Any, Optional
 
 from pipeline import layout
+from pipeline.lm.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
+from pipeline.lm.serving import VLLM_LORA_RANKS, serving_problems
 
 log = logging.getLogger(__name__)
-
-# vLLM's --max-lora-rank choices (vllm.config.LoRAConfig.max_lora_rank); its default is 16
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-VLLM_MAX_LORA_RANK = VLLM_LORA_RANKS[-1]
-# layers whose LoRA vLLM does not serve (recent vLLM dropped LoRA on embeddings / the LM head)
-VLLM_UNSUPPORTED_MODULES = ("lm_head", "embed_tokens", "wte", "word_embeddings", "embed_out")
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -61,41 +55,6 @@ def portable_adapter_config(d: dict, linear_names: list[str], adapted: list[str]
         pass
     else:
         out["target_modules"] = sorted(adapted)
-    return out
-
-
-def serving_problems(ac: dict, max_lora_rank: int = VLLM_MAX_LORA_RANK) -> list[str]:
-    """Why vLLM's multi-LoRA serving would refuse this adapter_config.json (empty: it loads)."""
-    problems = []
-    ranks = [ac.get("r") or 0] + list((ac.get("rank_pattern") or {}).values())
-    if max(ranks) > max_lora_rank:
-        problems.append(f"LoRA rank {max(ranks)} is above vLLM's largest --max-lora-rank ({max_lora_rank}): "
-                        f"train with lora.r <= {max_lora_rank}")
-    tm = ac.get("target_modules")
-    names = [tm] if isinstance(tm, str) else list(tm or [])
-    if any("." in n for n in names):
-        problems.append("target_modules are module paths, not names: serving engines match names (q_proj, ...)")
-    bad = sorted({n.rsplit(".", 1)[-1] for n in names} & set(VLLM_UNSUPPORTED_MODULES))
-    if bad:
-        problems.append(f"LoRA on {', '.join(bad)}: vLLM serves LoRA on the decoder's linear layers only")
-    if ac.get("modules_to_save"):
-        problems.append(f"modules_to_save {ac['modules_to_save']}: full trained copies of layers, which vLLM does not load")
-    if ac.get("use_dora"):
-        problems.append("DoRA (use_dora): not served by vLLM")
-    if ac.get("bias", "none") != "none":
-        problems.append(f"bias {ac['bias']!r}: vLLM loads LoRA without bias terms only")
-    return problems
-
-
-def config_serving_warnings(cfg) -> list[str]:
-    """What the config already tells about serving each domain's adapter with vLLM (doctor and pre-flight)."""
-    out = []
-    for d in cfg.domains:
-        lora = cfg.hyper_for(d).lora
-        tm = lora.target_modules
-        ac = {"r": lora.r, "target_modules": tm if isinstance(tm, list) else ["q_proj"], "bias": "none"}
-        for p in serving_problems(ac):
-            out.append(f"{d}: {p}")
     return out
 
 
@@ -233,20 +192,11 @@ def export_adapter(model, tok, store, domain: str, report: dict, cfg=None) -> st
 def load_adapter_model(cfg, domain: str, device: str = "cpu", quantize=None, store=None, dtype=None):
     """The base model with adapters/<domain>/ applied (PeftModel.from_pretrained) and the tokenizer."""
     from pipeline.storage import open_store
-    from pipeline.train.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
     store = store or open_store(cfg)
     base = resolve_base(cfg, store)
-    adir = _local_dir(store, layout.adapter(domain))
+    adir = store.local_copy(layout.adapter(domain))
     model = load_adapter_onto(load_model(base, cfg, device, quantize=quantize, dtype=dtype), adir)
     return model, load_tokenizer(base, cfg)
-
-
-def _local_dir(store, rel: str) -> str:
-    if not store.is_s3:
-        return str(store.local_path(rel))
-    d = tempfile.mkdtemp(prefix="adapter-")
-    store.download_dir(rel, d)
-    return d
 
 
 def export_merged(cfg, domain: str, store=None) -> str:
@@ -287,7 +237,7 @@ def upload_to_hub(cfg, domain: str, store) -> str:
     """Create hub.repo_id for the domain (exist_ok) and upload its adapter folder; returns the repo id."""
     from huggingface_hub import HfApi
     repo = cfg.hub.repo_id.format(domain=domain)
-    local = _local_dir(store, layout.adapter(domain))
+    local = store.local_copy(layout.adapter(domain))
     rep = store.read_json(layout.training_report(domain))
     api = HfApi(endpoint=cfg.data.download.hf_endpoint)
     api.create_repo(repo, private=cfg.hub.private, exist_ok=True, repo_type="model")

@@ -7,7 +7,7 @@ the skip-if-finished check and the fingerprints stored with an adapter and its c
         .why_not_current(report)  None when `report` is a finished adapter made with this identity, else why not
         .current(report)          `report` when it is one, else None (the skip-if-finished check)
         .check_resume(saved, where)   refuses a checkpoint made with other settings (IncompatibleCheckpointError)
-    compat_record(cfg, domain)    what a checkpoint must agree on to be resumed (`.resume`; the recipe's copy)
+    compat_record(cfg, domain)    (pipeline.lm.compat) what a checkpoint must agree on to be resumed (`.resume`)
 
 Two views of the settings, on purpose: an adapter is current only while everything that changes its
 weights is the same (`settings`: the whole model section and the domain's hyperparameters, plus
@@ -22,9 +22,7 @@ from typing import Optional
 
 from pipeline import layout
 from pipeline.fingerprint import fingerprint
-
-# train.* settings both views share: the data layout and the seed
-TRAIN_KEYS = ("max_seq_length", "packing", "mask_prompt", "chat_template", "seed")
+from pipeline.lm.compat import TRAIN_KEYS, compat_record
 
 
 class IncompatibleCheckpointError(RuntimeError):
@@ -37,24 +35,6 @@ def settings_fingerprint(cfg, domain: str) -> str:
     d = {"model": cfg.model.model_dump(mode="json"), "hyper": cfg.hyper_for(domain).model_dump(mode="json"),
          "train": {k: getattr(t, k) for k in TRAIN_KEYS + ("gradient_checkpointing",)}}
     return fingerprint(d, 16)
-
-
-def compat_record(cfg, domain: str, tiny: Optional[str] = None) -> dict:
-    """What a checkpoint must agree on to be resumed: base model, LoRA shape, data layout. `tiny`: the tiny
-    base's fingerprint when the caller has it (else computed: model.tiny and the texts it was built from)."""
-    h = cfg.hyper_for(domain)
-    t = cfg.train
-    rec = {"model.base": cfg.model.base, "model.revision": cfg.model.revision,
-           "model.quantization": cfg.model.quantization,
-           "lora.r": h.lora.r, "lora.alpha": h.lora.alpha, "lora.target_modules": h.lora.target_modules,
-           "train.tokens_per_micro_batch": h.tokens_per_micro_batch, "train.grad_accum": h.grad_accum,
-           **{f"train.{k}": getattr(t, k) for k in TRAIN_KEYS}}
-    if cfg.model.base == "tiny":
-        if tiny is None:
-            from pipeline.train.tiny import tiny_fingerprint   # tiny.py imports pyarrow-backed storage: only here
-            tiny = tiny_fingerprint(cfg)
-        rec["model.tiny"] = tiny
-    return rec
 
 
 def check_compat(saved: dict, current: dict, where: str) -> None:
@@ -87,7 +67,7 @@ class TrainingIdentity:
     def of(cls, cfg, domain: str, store) -> "TrainingIdentity":
         tiny = None
         if cfg.model.base == "tiny":
-            from pipeline.train.tiny import tiny_fingerprint
+            from pipeline.lm.tiny import tiny_fingerprint
             tiny = tiny_fingerprint(cfg, store)
             base = "tiny:" + tiny
         else:

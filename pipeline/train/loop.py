@@ -47,6 +47,12 @@ from typing import Any, Optional
 import numpy as np
 
 from pipeline import layout
+from pipeline.lm import kernels
+from pipeline.lm.data import collate
+from pipeline.lm.device import CudaUnavailableError, worker_device
+from pipeline.lm.kernels import loss_sum
+from pipeline.lm.lora_fused import fuse_lora
+from pipeline.lm.model import add_lora, attn_implementation, compute_dtype, load_model, load_tokenizer, resolve_base
 from pipeline.optimizers import build_optimizer
 from pipeline.train.faults import NO_FAULTS, Faults, with_faults
 from pipeline.train.identity import IncompatibleCheckpointError, check_compat, compat_record
@@ -73,8 +79,7 @@ def evaluate(model, examples, rows: int, seq_len: int, pad_id: int, device, max_
              packing: bool = True, replicas: Optional[Replicas] = None) -> tuple[float, int]:
     """(mean token loss, target tokens) over a split, in a fixed order; workers split the batches."""
     import torch
-    from pipeline.train.data import collate, epoch_plan
-    from pipeline.train.kernels import loss_sum
+    from pipeline.train.data import epoch_plan
     if not examples:
         return float("nan"), 0
     replicas = replicas or Replicas()
@@ -195,14 +200,10 @@ class DomainRecipe:
 
     # -- setup ---------------------------------------------------------------------------------------
     def resolve_device(self) -> str:
-        from pipeline.train.device import worker_device
         return worker_device(self.cfg, allow_fake_gpu=not self.faults.real_cuda_check)
 
     def setup(self) -> None:
         import torch
-        from pipeline.train import kernels
-        from pipeline.train.lora_fused import fuse_lora
-        from pipeline.train.model import add_lora, compute_dtype, load_model, load_tokenizer, resolve_base
         cfg, t, h = self.cfg, self.cfg.train, self.hyper
         self.faults.at_setup(self)
         self.device = self.resolve_device()
@@ -313,7 +314,6 @@ class DomainRecipe:
 
     def micro_loss(self, batch: dict):
         """Summed token cross-entropy of one micro-batch (the LM head on target tokens only)."""
-        from pipeline.train.kernels import loss_sum
         return loss_sum(self.model, batch, self.device, self.fused_loss)
 
     def _next_micro_batches(self) -> list[list[list[int]]]:
@@ -329,7 +329,6 @@ class DomainRecipe:
 
     def train_step(self) -> None:
         import torch
-        from pipeline.train.data import collate
         st, h = self.state, self.hyper
         self.faults.before_step(self, st.step + 1)
         t0 = time.time()
@@ -462,8 +461,7 @@ class DomainRecipe:
     # -- save -----------------------------------------------------------------------------------------
     def save(self) -> dict:
         """Export the adapter with the lowest val loss (the final weights take part) and its report."""
-        from pipeline.train import export, kernels
-        from pipeline.train.model import attn_implementation
+        from pipeline.train import export
         st, t, h, cfg = self.state, self.cfg.train, self.hyper, self.cfg
         if self.last_eval is None or self.last_eval[0] != st.step:
             self.record_eval(*self._eval("val"))
@@ -541,7 +539,6 @@ def train_loop_per_worker(config: dict) -> None:
     from pipeline.status import write_fatal
     from pipeline.storage import open_store
     from pipeline.train.data import collect
-    from pipeline.train.device import CudaUnavailableError
     import psutil
     marks = {"worker_fn": time.time()}
     trial = config.get("trial_started")

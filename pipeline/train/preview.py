@@ -1,6 +1,6 @@
 """`adapters prepare --show-examples N`: what a prepared row becomes for training, before any training.
 
-Each shown row is its conversation encoded as training encodes it (pipeline.train.data.
+Each shown row is its conversation encoded as training encodes it (pipeline.lm.data.
 tokenize_conversation, the base model's chat template turn by turn), decoded back to text with the
 trained tokens between ⟦ and ⟧; so a user sees the exact prompt layout a server will use and which
 part carries loss. The tiny demo model's tokenizer is trained from the prepared corpus by `adapters
@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.lm.data import IGNORE, read_split, row_messages, tokenize_conversation
+from pipeline.lm.model import ModelLoadError, load_tokenizer, resolve_base
+
 log = logging.getLogger(__name__)
 OPEN, CLOSE = "⟦", "⟧"
 
 
 def render(tok, ids: list[int], labels: list[int]) -> str:
     """The sequence as text, trained runs of tokens wrapped in ⟦ ⟧ (decoded run by run)."""
-    from pipeline.train.data import IGNORE
     out, run, on = [], [], False
     for i, lab in zip(ids, labels):
         if (lab != IGNORE) != on and run:
@@ -31,8 +33,6 @@ def render(tok, ids: list[int], labels: list[int]) -> str:
 
 def show_examples(cfg, store, n: int) -> list[str]:
     """The first n train rows of each prepared domain, rendered; also logged (the console shows them)."""
-    from pipeline.train.data import read_split, row_messages, tokenize_conversation
-    from pipeline.train.model import ModelLoadError, load_tokenizer, resolve_base
     try:
         tok = load_tokenizer(resolve_base(cfg, store), cfg)
     except ModelLoadError as e:

@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from pipeline.train.model import load_tokenizer, resolve_base
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.model import load_tokenizer, resolve_base
+    from pipeline.lm.tiny import ensure_tiny
     out = tmp_path_factory.mktemp("gpu-fused")
     cfg = tiny_config(str(out), resources={"device": "cuda", "cpus_per_trial": 1, "gpus_per_trial": 1},
                       model__tiny__hidden_size=256, model__tiny__intermediate_size=768, model__tiny__pretrain_steps=20,
@@ -32,8 +32,8 @@ def env(tmp_path_factory):
 
 def _model(cfg, store, checkpointing):
     import torch
-    from pipeline.train import kernels
-    from pipeline.train.model import add_lora, load_model, resolve_base
+    from pipeline.lm import kernels
+    from pipeline.lm.model import add_lora, load_model, resolve_base
     torch.manual_seed(0)
     base = load_model(resolve_base(cfg, store), cfg, "cuda")
     kernels.apply_fused_kernels(base, "cuda", "auto")
@@ -49,7 +49,7 @@ def _model(cfg, store, checkpointing):
 
 def _loss_grads(model, batch):
     import torch
-    from pipeline.train import kernels
+    from pipeline.lm import kernels
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)
     loss = kernels.loss_sum(model, batch, "cuda")
@@ -60,8 +60,8 @@ def _loss_grads(model, batch):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gpu_fused_lora_matches_peft_nf4_bf16(env, checkpointing):
     import torch
-    from pipeline.train.data import Example, collate, tokenize_conversation
-    from pipeline.train.lora_fused import fuse_lora
+    from pipeline.lm.data import Example, collate, tokenize_conversation
+    from pipeline.lm.lora_fused import fuse_lora
     cfg, store, tok = env
     ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 16, 1)]
     batch = collate(ex, [list(range(0, 8)), list(range(8, 16))], tok.pad_token_id)
@@ -78,7 +78,7 @@ def test_gpu_fused_lora_matches_peft_nf4_bf16(env, checkpointing):
 def test_gpu_fused_lora_dropout_is_applied_and_unbiased(env):
     """With dropout p the LoRA branch differs per call, and its mean over draws is the p=0 branch."""
     import torch
-    from pipeline.train.lora_fused import _fn
+    from pipeline.lm.lora_fused import _fn
     cfg, store, _ = env
     model = _model(cfg, store, False)
     layer = model.base_model.model.model.layers[0].mlp.down_proj
@@ -100,9 +100,9 @@ def test_gpu_rope_dispatch_matches_plain_rope_on_packed_rows(env):
     RoPE on packed rows, where cos/sin differ per row (per-example position ids)."""
     import sys
     import torch
-    from pipeline.train import kernels
-    from pipeline.train.data import Example, collate, tokenize_conversation
-    from pipeline.train.model import load_model, resolve_base
+    from pipeline.lm import kernels
+    from pipeline.lm.data import Example, collate, tokenize_conversation
+    from pipeline.lm.model import load_model, resolve_base
     cfg, store, tok = env
     ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 8, 2)]
     batch = collate(ex, [[0, 1, 2, 3], [4, 5, 6, 7]], tok.pad_token_id)
@@ -125,9 +125,9 @@ def test_gpu_triton_dropout_path_equals_reference_with_its_mask(env, r, p):
     equal a float32 reference built with that same mask (read back with dropout_scale)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from pipeline.train.lora_fused import _fn
-    from pipeline.train.lora_triton import dropout_scale
-    from pipeline.train.model import load_model, resolve_base
+    from pipeline.lm.lora_fused import _fn
+    from pipeline.lm.lora_triton import dropout_scale
+    from pipeline.lm.model import load_model, resolve_base
     cfg, store, _ = env
     base = load_model(resolve_base(cfg, store), cfg, "cuda")
     for q in base.parameters():

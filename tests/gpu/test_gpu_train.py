@@ -18,8 +18,8 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def gpu_env(tmp_path_factory):
-    from pipeline.train.model import load_tokenizer, resolve_base
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.model import load_tokenizer, resolve_base
+    from pipeline.lm.tiny import ensure_tiny
     out = tmp_path_factory.mktemp("gpu")
     cfg = tiny_config(str(out), resources={"device": "cuda", "cpus_per_trial": 1, "gpus_per_trial": 1},
                       model__tiny__hidden_size=256, model__tiny__intermediate_size=512, model__tiny__pretrain_steps=50)
@@ -30,7 +30,7 @@ def gpu_env(tmp_path_factory):
 
 
 def _examples(tok, n=12):
-    from pipeline.train.data import Example, tokenize_conversation
+    from pipeline.lm.data import Example, tokenize_conversation
     rows = sft_rows("debate", n, 1) + sft_rows("medicine", n, 1)
     return [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in rows]
 
@@ -38,9 +38,9 @@ def _examples(tok, n=12):
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention", "flash_attention_2"])
 def test_gpu_nf4_packed_equals_unpacked(gpu_env, attn):
     import torch
-    from pipeline.train.data import collate, plan_batches
-    from pipeline.train.kernels import loss_sum
-    from pipeline.train.model import add_lora, load_model, resolve_base
+    from pipeline.lm.data import collate, plan_batches
+    from pipeline.lm.kernels import loss_sum
+    from pipeline.lm.model import add_lora, load_model, resolve_base
     if attn == "flash_attention_2":
         pytest.importorskip("flash_attn")
     cfg, store, tok = gpu_env

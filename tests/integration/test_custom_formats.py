@@ -68,7 +68,7 @@ def test_four_formats_prepare_and_train_through_the_cli(tmp_path):
     assert (tmp_path / "out" / "adapters" / "support" / "adapter_model.safetensors").is_file()
     # the adapter ships the template it was trained with (the tiny tokenizer has none of its own)
     from transformers import AutoTokenizer
-    from pipeline.train.model import DEFAULT_CHAT_TEMPLATE
+    from pipeline.lm.model import DEFAULT_CHAT_TEMPLATE
     assert AutoTokenizer.from_pretrained(tmp_path / "out" / "adapters" / "support").chat_template == DEFAULT_CHAT_TEMPLATE
 
 

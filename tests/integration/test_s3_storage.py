@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,6 +63,9 @@ def test_round_trip_pyarrow_and_boto3(s3_server, bucket, tmp_path):
     assert pq.read_table(paths, filesystem=fs).num_rows == 100
     back = st.download_dir("adapters/medicine", tmp_path / "back")
     assert (back / "adapter_model.safetensors").read_bytes() == (ad / "adapter_model.safetensors").read_bytes()
+    copy = st.local_copy("adapters/medicine")   # what PeftModel.from_pretrained reads: a fresh local copy
+    assert Path(copy).is_dir() and copy != st.local_copy("adapters/medicine")
+    assert (Path(copy) / "adapter_model.safetensors").read_bytes() == (ad / "adapter_model.safetensors").read_bytes()
     with pytest.raises(StorageNotFound):
         st.read_bytes("data/nope.json")
     assert st.read_json_or("data/nope.json", "missing") == "missing"

@@ -50,7 +50,7 @@ def _state(store, cfg, d):
 def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, monkeypatch):
     from peft import PeftModel
     from pipeline.train import run_train
-    from pipeline.train.model import load_model, resolve_base
+    from pipeline.lm.model import load_model, resolve_base
     store = Store(str(tmp_path))
     write_sft(store)
     cfg = tiny_config(str(tmp_path), train__max_failures=0)
@@ -115,7 +115,8 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch):
     from pipeline.errors import UserFacingError
     from pipeline.train import run_train
-    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, read_split
+    from pipeline.lm.data import read_split
+    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect
     from pipeline.train.loop import train_domain
     from pipeline.train.sessions import LocalSession
     from pipeline.train.identity import settings_fingerprint

@@ -1,4 +1,4 @@
-"""Checks of pipeline/train/lora_triton.py for tests/unit/test_lora_triton.py, run by it in a child
+"""Checks of pipeline/lm/lora_triton.py for tests/unit/test_lora_triton.py, run by it in a child
 process with TRITON_INTERPRET=1 (Triton's interpreter on the CPU). Usage: python lora_triton_checks.py CASE"""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _patched(tensor, scope):  # triton 3.6's interpreter calls int() on 1-elemen
 
 ti._patch_lang_tensor = _patched
 
-from pipeline.train import lora_triton as lt  # noqa: E402
+from pipeline.lm import lora_triton as lt  # noqa: E402
 
 CASES = {"fp32_r8": (100, 80, 8, torch.float32, 1e-5), "fp32_r16": (130, 200, 16, torch.float32, 1e-5),
          "fp16_r32": (64, 96, 32, torch.float16, 3e-3)}
@@ -80,7 +80,7 @@ def check_fused_layer():
     y, and the gradients of x, A and B, against a float64 reference with the kernels' own mask; and
     with x needing no gradient (the first layer), the same A and B gradients."""
     from types import SimpleNamespace
-    from pipeline.train import lora_fused as lf
+    from pipeline.lm import lora_fused as lf
     lf._triton_ok = lambda x: True          # CUDA-only otherwise
     g = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(96, 80, bias=False)

@@ -1,5 +1,5 @@
 """Tokens trained = tokens served: a conversation is encoded with the tokenizer's own chat template,
-turn by turn, the loss on the assistant turns only (pipeline.train.model.encode_conversation), for
+turn by turn, the loss on the assistant turns only (pipeline.lm.model.encode_conversation), for
 three real template families written into small local tokenizers (tests/chat_tokenizers.py)."""
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import json
 import pytest
 
 from pipeline.config import load_config
-from pipeline.train.data import IGNORE, Tokenize, tokenize_conversation
-from pipeline.train.model import DEFAULT_CHAT_TEMPLATE, encode_conversation, load_tokenizer, prompt_tokens
+from pipeline.lm.data import IGNORE, tokenize_conversation
+from pipeline.train.data import Tokenize
+from pipeline.lm.model import DEFAULT_CHAT_TEMPLATE, encode_conversation, load_tokenizer, prompt_tokens
 from tests.chat_tokenizers import build
 
 CHAT = [{"role": "system", "content": "You are a helpful support agent."},

@@ -8,6 +8,7 @@ import pytest
 from pipeline import doctor
 from pipeline.config import Config
 from pipeline.errors import UserFacingError
+from pipeline.lm.device import CudaUnavailableError, parse_nvidia_smi, probe_cuda, worker_device
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -220,10 +221,14 @@ def test_cpu_only_driver_of_a_gpu_cluster_is_not_a_failure(tmp_path, monkeypatch
         srv.close()
 
 
-def test_require_cuda_for_workers(tmp_path):
-    doctor.require_cuda(make_cfg(tmp_path))   # cpu config: nothing to check
-    with pytest.raises(UserFacingError, match="CUDA cannot be used"):
-        doctor.require_cuda(make_cfg(tmp_path, device="cuda"))
+def test_worker_device_refuses_cuda_it_cannot_use(tmp_path):
+    """A worker's own CUDA check (pipeline.lm.device; doctor's dead require_cuda is gone): a cpu config computes
+    on the CPU, a cuda one on a machine where torch sees no CUDA stops with the cause, never falls back."""
+    assert worker_device(make_cfg(tmp_path)) == "cpu"
+    if probe_cuda()["available"]:
+        pytest.skip("this machine has a working CUDA: the refusal needs one without")
+    with pytest.raises(CudaUnavailableError, match="CUDA cannot be used on node"):
+        worker_device(make_cfg(tmp_path, device="cuda"), allow_fake_gpu=False)
 
 
 SMI_3090 = """
@@ -245,8 +250,8 @@ def _torch_build(tmp_path, device, torch_cuda, driver, driver_cuda):
 def test_doctor_names_the_install_route_the_driver_needs(tmp_path):
     """PyPI's torch is the CUDA 13.0 build (driver >= 580); a 3090 workstation on driver 550 needs torch's
     CUDA 12 build; a driver older than 525 runs neither."""
-    assert doctor.parse_nvidia_smi(SMI_3090) == {"driver": "550.120", "driver_cuda": "12.4"}
-    r = _torch_build(tmp_path, "cuda", "13.0", **doctor.parse_nvidia_smi(SMI_3090))
+    assert parse_nvidia_smi(SMI_3090) == {"driver": "550.120", "driver_cuda": "12.4"}
+    r = _torch_build(tmp_path, "cuda", "13.0", **parse_nvidia_smi(SMI_3090))
     assert r.status == "FAIL" and "built for CUDA 13.0, newer than the driver 550.120 runs CUDA <= 12.4" in r.detail
     assert "CUDA 12 route" in r.fix and doctor.TORCH_CUDA12_INDEX in r.fix and ">= 580" in r.fix
     r = _torch_build(tmp_path, "cuda", "12.8", "550.120", "12.4")

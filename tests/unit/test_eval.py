@@ -305,7 +305,7 @@ class CharTokenizer:
     """One token per ASCII character (ids 3..130), bos 1, eos 2, pad 0; the default chat template (what
     load_tokenizer gives a tokenizer without one), rendered by jinja2 as transformers renders it."""
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-    from pipeline.train.model import DEFAULT_CHAT_TEMPLATE as chat_template
+    from pipeline.lm.model import DEFAULT_CHAT_TEMPLATE as chat_template
 
     def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
         import jinja2
@@ -385,8 +385,8 @@ def test_scorer_gives_the_expected_acc_and_acc_norm_for_known_loglikelihoods():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from pipeline.storage import Store
-    from pipeline.train.model import load_model, load_tokenizer, resolve_base
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.model import load_model, load_tokenizer, resolve_base
+    from pipeline.lm.tiny import ensure_tiny
     out = tmp_path_factory.mktemp("eval-tiny")
     cfg = tiny_config(str(out), model__tiny__pretrain_steps=10)
     store = Store(str(out))
@@ -398,7 +398,7 @@ def tiny(tmp_path_factory):
 
 def test_packed_loss_equals_training_evaluation(tiny):
     from pipeline.eval.scoring import sequence_logprobs
-    from pipeline.train.data import Example, tokenize_conversation
+    from pipeline.lm.data import Example, tokenize_conversation
     from pipeline.train.loop import evaluate
     cfg, tok, model = tiny
     ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 24, 9)]

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
-from pipeline.train.export import (config_serving_warnings, portable_adapter_config,  # noqa: E402
-                                   serving_problems)
+from pipeline.lm.serving import config_serving_warnings, serving_problems  # noqa: E402
+from pipeline.train.export import portable_adapter_config  # noqa: E402
 
 ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -22,11 +22,11 @@ ALL_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny domain trained (2 steps, no Ray) and exported: (cfg, store, output dir)."""
-    from pipeline.train.data import Example, tokenize_conversation
+    from pipeline.lm.data import Example, tokenize_conversation
     from pipeline.train.loop import train_domain
     from pipeline.train.sessions import LocalSession
-    from pipeline.train.model import load_tokenizer, resolve_base
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.model import load_tokenizer, resolve_base
+    from pipeline.lm.tiny import ensure_tiny
     tmp = tmp_path_factory.mktemp("export")
     store = Store(str(tmp))
     write_sft(store, domains=["debate"], n=(16, 4, 4))
@@ -52,7 +52,7 @@ def test_adapter_config_names_modules_and_the_base(trained):
 def test_exported_adapter_loads_with_peft_on_the_same_layers(trained):
     """The names select exactly the layers that were trained: peft puts LoRA on the same 14 layers."""
     from peft import PeftModel
-    from pipeline.train.model import load_model, resolve_base
+    from pipeline.lm.model import load_model, resolve_base
     cfg, store, tmp = trained
     base = load_model(resolve_base(cfg, store), cfg, "cpu", quantize=False)
     m = PeftModel.from_pretrained(base, str(tmp / "adapters/debate"))

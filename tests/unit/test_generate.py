@@ -39,8 +39,8 @@ def two_bases(tmp_path_factory):
     """Output A: a tiny base (hidden 64) and a debate adapter trained on another tiny base (hidden 128)."""
     from peft import LoraConfig, get_peft_model
     from pipeline.storage import Store
-    from pipeline.train.model import load_model, resolve_base
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.model import load_model, resolve_base
+    from pipeline.lm.tiny import ensure_tiny
     outs = {}
     for name, hidden in (("a", 64), ("b", 128)):
         out = tmp_path_factory.mktemp(f"gen-{name}")

@@ -25,11 +25,11 @@ DEMO = str(ROOT / "configs" / "demo.yaml")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The tiny base and one domain's adapter (4 steps on debate rows, no Ray), with harness settings."""
-    from pipeline.train.data import Example, tokenize_conversation
+    from pipeline.lm.data import Example, tokenize_conversation
     from pipeline.train.loop import train_domain
     from pipeline.train.sessions import LocalSession
-    from pipeline.train.model import load_tokenizer, resolve_base
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.model import load_tokenizer, resolve_base
+    from pipeline.lm.tiny import ensure_tiny
     tmp = tmp_path_factory.mktemp("harness")
     store = Store(str(tmp))
     write_sft(store, domains=["debate"], n=(16, 4, 4))

@@ -1,4 +1,4 @@
-"""The fused LoRA layer (pipeline.train.lora_fused) against PEFT's own forward, on the CPU: the same
+"""The fused LoRA layer (pipeline.lm.lora_fused) against PEFT's own forward, on the CPU: the same
 loss and the same LoRA gradients (dropout on, same seed), through plain and 4-bit NF4 bases, with
 and without gradient checkpointing; the fallbacks (adapter disabled, merged) and the modes."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
-from pipeline.train import kernels  # noqa: E402
-from pipeline.train.lora_fused import FusedForward, fuse_lora  # noqa: E402
+from pipeline.lm import kernels  # noqa: E402
+from pipeline.lm.lora_fused import FusedForward, fuse_lora  # noqa: E402
 
 
 def _tiny_lm(layers=2):
@@ -94,8 +94,8 @@ def test_fused_with_checkpointing_equals_without():
 
 @pytest.fixture(scope="module")
 def nf4_env(tmp_path_factory):
-    from pipeline.train.model import load_tokenizer, resolve_base
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.model import load_tokenizer, resolve_base
+    from pipeline.lm.tiny import ensure_tiny
     out = tmp_path_factory.mktemp("fused-nf4")
     cfg = tiny_config(str(out), model__tiny__pretrain_steps=5, lora__dropout=0.1)
     store = Store(str(out))
@@ -105,7 +105,7 @@ def nf4_env(tmp_path_factory):
 
 
 def _nf4_model(cfg, store, checkpointing=False):
-    from pipeline.train.model import add_lora, load_model, resolve_base
+    from pipeline.lm.model import add_lora, load_model, resolve_base
     torch.manual_seed(0)
     model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate").lora, cfg, checkpointing)
     g = torch.Generator().manual_seed(3)
@@ -117,7 +117,7 @@ def _nf4_model(cfg, store, checkpointing=False):
 
 
 def test_fused_equals_peft_on_nf4_base(nf4_env):
-    from pipeline.train.data import Example, collate, tokenize_conversation
+    from pipeline.lm.data import Example, collate, tokenize_conversation
     cfg, store, tok = nf4_env
     ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 4, 1)]
     batch = collate(ex, [[0, 1], [2, 3]], tok.pad_token_id)

@@ -1,7 +1,7 @@
-"""The Triton LoRA dropout kernels (pipeline/train/lora_triton.py) run in Triton's interpreter on the
+"""The Triton LoRA dropout kernels (pipeline/lm/lora_triton.py) run in Triton's interpreter on the
 CPU, against a PyTorch reference that applies the kernels' own mask: h = dropout(x) @ A^T, and in
 the backward gA = gh^T @ dropout(x) and gx += dropout'(gh @ A) in place; and the fused LoRA layer's
-Triton branch (pipeline/train/lora_fused.py) end to end. Shapes that are not
+Triton branch (pipeline/lm/lora_fused.py) end to end. Shapes that are not
 multiples of the blocks, ranks below 16 (padded) and above, fp32 and fp16 (the interpreter has no
 bf16; bf16 runs in tests/gpu/test_gpu_lora_fused.py).
 

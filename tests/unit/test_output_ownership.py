@@ -62,7 +62,7 @@ def test_a_non_empty_folder_the_project_did_not_make_is_refused_unless_forced(ca
 def test_a_rebuilt_tiny_base_deletes_only_what_the_project_wrote(tmp_path):
     sys.path.insert(0, str(ROOT / "tests"))
     from fixtures_train import tiny_config, write_sft
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.tiny import ensure_tiny
     store = Store(str(tmp_path))
     (tmp_path / "base_model").mkdir()
     (tmp_path / "base_model" / "w.bin").write_bytes(b"mine")

@@ -18,11 +18,11 @@ DOMAINS = ["debate", "medicine"]
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory):
-    from pipeline.train.data import Example, tokenize_conversation
+    from pipeline.lm.data import Example, tokenize_conversation
     from pipeline.train.loop import train_domain
     from pipeline.train.sessions import LocalSession
-    from pipeline.train.model import load_tokenizer, resolve_base
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.model import load_tokenizer, resolve_base
+    from pipeline.lm.tiny import ensure_tiny
     tmp = tmp_path_factory.mktemp("serve")
     store = Store(str(tmp))
     write_sft(store, domains=DOMAINS, n=(16, 4, 4))
@@ -60,7 +60,7 @@ def test_chat_messages_follow_the_training_prompt_format(output):
     """A request's turns become exactly the ids training put before an answer to them: the chat template
     with its generation prompt (the system message in its own slot)."""
     from pipeline.serve import chat_prompt_ids
-    from pipeline.train.model import _ids, encode_conversation, load_tokenizer, resolve_base
+    from pipeline.lm.model import _ids, encode_conversation, load_tokenizer, resolve_base
     cfg = output
     tok = load_tokenizer(resolve_base(cfg), cfg)
     two = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is it?"}]

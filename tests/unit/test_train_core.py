@@ -15,15 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
-from pipeline.train.data import IGNORE, Example, collate, plan_batches, tokenize_conversation  # noqa: E402
+from pipeline.lm.data import IGNORE, Example, collate, plan_batches, tokenize_conversation  # noqa: E402
 from pipeline.train.faults import FaultPlan, with_faults  # noqa: E402
-from pipeline.train.kernels import loss_sum  # noqa: E402
+from pipeline.lm.kernels import loss_sum  # noqa: E402
 from pipeline.train.loop import (DomainRecipe, IncompatibleCheckpointError, NonFiniteLossError,  # noqa: E402
                                  check_compat, compat_record, train_domain)
 from pipeline.train.sessions import LocalSession, UnsafeCheckpointError  # noqa: E402
-from pipeline.train.model import (DEFAULT_CHAT_TEMPLATE, add_lora, encode_conversation, load_model,  # noqa: E402
+from pipeline.lm.model import (DEFAULT_CHAT_TEMPLATE, add_lora, encode_conversation, load_model,  # noqa: E402
                                   load_tokenizer, prompt_tokens, resolve_base)
-from pipeline.train.tiny import ensure_tiny  # noqa: E402
+from pipeline.lm.tiny import ensure_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_exported_adapter_is_the_lowest_val_loss_not_the_last(env, tmp_path):
     assert rep["val_loss"] == pytest.approx(vals[best], rel=1e-6)  # measured again on the exported weights
     # the adapter on disk is that one: loaded onto the base model it gives the same val loss
     from pipeline.train.loop import evaluate
-    from pipeline.train.model import load_adapter_onto
+    from pipeline.lm.model import load_adapter_onto
     model = load_adapter_onto(load_model(resolve_base(cfg, store), cfg, "cpu"), str(store.local_path("adapters/debate")))
     val = examples(tok, "medicine", 2, 10)
     loss, _ = evaluate(model, val, rows=4, seq_len=128, pad_id=tok.pad_token_id, device="cpu")
@@ -258,7 +258,7 @@ def test_a_huge_text_is_cut_by_characters_before_tokenizing(env):
     tokenize than a long document, and the tokens kept are those that tokenizing the whole text and
     cutting by tokens keeps."""
     import time
-    from pipeline.train.data import cut_prompt_response
+    from pipeline.lm.data import cut_prompt_response
     _, _, tok = env
     prompt, head = "Summarize the card.", "The plan solves the harm because " * 40
     t0 = time.perf_counter()

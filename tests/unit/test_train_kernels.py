@@ -3,7 +3,7 @@ layer-selective checkpointing, and the kbit preparation that keeps weights in th
 import pytest
 import torch
 
-from pipeline.train import kernels
+from pipeline.lm import kernels
 
 
 def _tiny_lm(vocab=97, hidden=64, layers=3):

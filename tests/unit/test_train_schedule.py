@@ -12,8 +12,8 @@ from fixtures_train import tiny_config, write_sft  # noqa: E402
 
 from pipeline.errors import UserFacingError  # noqa: E402
 from pipeline.storage import Store  # noqa: E402
-from pipeline.train.loop import compat_record  # noqa: E402
-from pipeline.train.model import ModelLoadError, resolve_base  # noqa: E402
+from pipeline.lm.compat import compat_record  # noqa: E402
+from pipeline.lm.model import ModelLoadError, resolve_base  # noqa: E402
 from pipeline.train.identity import TrainingIdentity  # noqa: E402
 from pipeline.train.schedule import preflight  # noqa: E402
 
@@ -70,9 +70,9 @@ def test_merged_export_refuses_nan(tmp_path):
     from pipeline.train.export import NonFiniteWeightsError, export_merged
     from pipeline.train.loop import train_domain
     from pipeline.train.sessions import LocalSession
-    from pipeline.train.data import Example, tokenize_conversation
-    from pipeline.train.model import load_tokenizer
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.data import Example, tokenize_conversation
+    from pipeline.lm.model import load_tokenizer
+    from pipeline.lm.tiny import ensure_tiny
     from fixtures_train import sft_rows
     store = Store(str(tmp_path))
     write_sft(store, domains=["debate"], n=(16, 4, 4))
@@ -95,7 +95,7 @@ def test_merged_export_refuses_nan(tmp_path):
 def test_a_domain_subset_does_not_rebuild_the_tiny_base(tmp_path):
     """`--domains debate` after a run of all four must train on the same base model the others used
     (it was rebuilt from the subset's text, and the other domains' resumes then failed as incompatible)."""
-    from pipeline.train.tiny import ensure_tiny, tiny_fingerprint
+    from pipeline.lm.tiny import ensure_tiny, tiny_fingerprint
     store = Store(str(tmp_path))
     write_sft(store, n=(16, 4, 4))
     cfg = tiny_config(str(tmp_path), model__tiny__pretrain_steps=0)
@@ -117,7 +117,7 @@ def test_the_tiny_base_learns_only_train_split_text(tmp_path):
     split. So the demo's val and test losses are on text the base model has not seen."""
     import pyarrow as pa
     from pipeline.prepare import CORPUS_SCHEMA
-    from pipeline.train.tiny import _texts, ensure_tiny, tiny_fingerprint
+    from pipeline.lm.tiny import _texts, ensure_tiny, tiny_fingerprint
     store = Store(str(tmp_path))
     write_sft(store, domains=["debate", "medicine"], n=(6, 3, 3))   # doc_ids debate-1-*, debate-2-* (val), -3-* (test)
     docs = ([(f"debate-1-{i}", f"train document {i} about the resolution") for i in range(6)]

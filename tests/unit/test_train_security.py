@@ -29,7 +29,7 @@ def _evil_model(tmp_path, model_type):
 
 @pytest.mark.parametrize("model_type", ["llama", "evil"])
 def test_remote_code_in_a_model_directory_never_runs_by_default(tmp_path, model_type):
-    from pipeline.train.model import load_model
+    from pipeline.lm.model import load_model
     d, marker = _evil_model(tmp_path, model_type)
     cfg = load_config(None, sets=[f"model.base={d}", "model.quantization=none", "resources.device=cpu",
                                   f"output={tmp_path / 'out'}"], environ={})
@@ -64,7 +64,7 @@ def test_custom_model_type_never_runs(tmp_path):
     load_rows = [line for line in out.splitlines() if line.lstrip().startswith("load")]
     assert load_rows and "FAIL" in load_rows[0] and "trust_remote_code" in out, out[-3000:]
     # the tokenizer loader on its own: the library's own class, or a refusal naming the setting; never the code
-    from pipeline.train.model import ModelLoadError, load_tokenizer
+    from pipeline.lm.model import ModelLoadError, load_tokenizer
     cfg = load_config(None, sets=[f"model.base={d}", "resources.device=cpu", f"output={tmp_path / 'o2'}"], environ={})
     try:
         tok = load_tokenizer(str(d), cfg)

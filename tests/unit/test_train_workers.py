@@ -16,8 +16,8 @@ from pipeline.storage import Store  # noqa: E402
 
 
 def _data(cfg, store):
-    from pipeline.train.data import Example, tokenize_conversation
-    from pipeline.train.model import load_tokenizer, resolve_base
+    from pipeline.lm.data import Example, tokenize_conversation
+    from pipeline.lm.model import load_tokenizer, resolve_base
     tok = load_tokenizer(resolve_base(cfg, store), cfg)
 
     def ex(seed, n):
@@ -49,7 +49,7 @@ def test_two_gloo_workers_match_one_worker(tmp_path):
     import torch.multiprocessing as mp
     from pipeline.train.loop import train_domain
     from pipeline.train.sessions import LocalSession
-    from pipeline.train.tiny import ensure_tiny
+    from pipeline.lm.tiny import ensure_tiny
     store = Store(str(tmp_path))
     write_sft(store, domains=["debate"], n=(8, 4, 4))
     cfg = tiny_config(str(tmp_path), domains=["debate"], model__tiny__pretrain_steps=5, train__max_steps=6,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import layout
+from pipeline.lm.kernels import prepare_for_kbit, set_sequence_multiple
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class ModelLoadError(RuntimeError):
 def resolve_base(cfg, store=None) -> str:
     """A path or id that from_pretrained accepts for cfg.model.base.
 
-    'tiny' -> <output>/base_model/ (built by pipeline.train.tiny.ensure_tiny; an s3:// output is
+    'tiny' -> <output>/base_model/ (built by pipeline.lm.tiny.ensure_tiny; an s3:// output is
     synced to the local cache); s3://... -> synced once per node into model.cache_dir; a local
     directory -> itself; anything else is taken as a Hugging Face id (revision = model.revision).
     """
@@ -61,7 +62,7 @@ def resolve_base(cfg, store=None) -> str:
         store = store or open_store(cfg)
         if not store.is_file(layout.TINY_META):
             raise ModelLoadError(f"the tiny base model is not built yet under {store.uri_of(layout.TINY_BASE)}: "
-                                 "run `adapters train` (it builds it first) or call pipeline.train.tiny.ensure_tiny(cfg)")
+                                 "run `adapters train` (it builds it first) or call pipeline.lm.tiny.ensure_tiny(cfg)")
         if not store.is_s3:
             return str(store.local_path(layout.TINY_BASE))
         return _sync_s3_dir(store.sub(layout.TINY_BASE), cfg)
@@ -192,7 +193,6 @@ def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None, dty
                 m.support_avx512bf16_for_cpu = False
     model.config.use_cache = False
     if kw["attn_implementation"] == "flex_attention":
-        from pipeline.train.kernels import set_sequence_multiple
         set_sequence_multiple(model, 128)  # flex's decoding kernel (< 128 queries) cannot train
     return model
 
@@ -200,7 +200,6 @@ def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None, dty
 def add_lora(model, lora, cfg, gradient_checkpointing: bool):
     """Wrap with LoRA (a config.LoraSettings: r, alpha, dropout, target modules); only the LoRA weights train."""
     from peft import LoraConfig, get_peft_model
-    from pipeline.train.kernels import prepare_for_kbit
     # frozen base, non-reentrant checkpointing, weights kept in their dtype (no fp32 upcast)
     model = prepare_for_kbit(model, gradient_checkpointing)
     pcfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

@@ -64,7 +64,7 @@ def _autograd_fn():
                 # checkpointing restores it, so a recompute draws the same seed)
                 x2 = x2.contiguous()
                 ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-                from pipeline.train.lora_triton import lora_down
+                from pipeline.lm.lora_triton import lora_down   # imports triton: only where it is usable
                 xd, mask = x2, None
                 h = lora_down(x2, a, ctx.seed, p, _sm_count(x2.device))
             elif p > 0:
@@ -93,7 +93,7 @@ def _autograd_fn():
                 del w
             if ctx.seed is not None:                # Triton: gA and the dropout part of gx in one pass over x
                 if gx is not None or ctx.needs_input_grad[1]:
-                    from pipeline.train.lora_triton import lora_down_backward
+                    from pipeline.lm.lora_triton import lora_down_backward   # imports triton (see lora_down)
                     ga = lora_down_backward(xd, gh, a, gx, ctx.seed, ctx.p, _sm_count(xd.device))
                     gA = ga.to(ctx.A_dtype) if ctx.needs_input_grad[1] else None
             else:
@@ -120,7 +120,7 @@ def _triton_ok(x) -> bool:
 @functools.cache
 def _triton_importable() -> bool:
     try:
-        import pipeline.train.lora_triton  # noqa: F401
+        import pipeline.lm.lora_triton  # noqa: F401
         return True
     except Exception as e:  # no Triton: PyTorch's dropout
         log.info("Triton not usable (%s): LoRA dropout through PyTorch", e)
