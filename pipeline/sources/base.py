@@ -788,6 +788,21 @@ def local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+def read_xml_root(path: Path, rel: str, source: str, opts: Opts, roots: tuple[str, ...]):
+    """(root element, None) of an XML file whose root is one of `roots` (namespace left out), or (None, the
+    quarantine saying why not: unreadable, too big, not XML, another root element)."""
+    data, q = read_bytes_or_quarantine(path, rel, source, opts)
+    if q:
+        return None, q
+    root, q = parse_xml(data, rel, source)
+    if q:
+        return None, q
+    if local(root.tag) not in roots:
+        return None, Quarantine(source, rel, "root", UNKNOWN_FORMAT,
+                                f"root element <{local(root.tag)}>, expected <{roots[0]}>")
+    return root, None
+
+
 # ---- SFT helpers -----------------------------------------------------------------------------
 EMPTY_RESPONSE = "empty_response"
 COPIES_PROMPT = "response_copies_prompt"

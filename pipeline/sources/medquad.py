@@ -4,24 +4,18 @@ one QA pair. Some collections have every answer removed upstream (copyright): su
 quarantined as empty_answer and never become QA targets."""
 from __future__ import annotations
 
-from .base import (FREE_TEXT, DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, local, meta, parse_xml,
-                   read_bytes_or_quarantine, stable_id, EMPTY_ANSWER, EMPTY_TEXT, UNKNOWN_FORMAT)
+from .base import (FREE_TEXT, DownloadPart, Opts, Raw, Reject, SourceSpec, clean, corpus_row, meta, read_xml_root, stable_id,
+                   EMPTY_ANSWER, EMPTY_TEXT)
 
 NAME, DOMAIN = "medquad", "medicine"
 ROOTS = ("Document", "DiseaseFile")
 
 
 def read(path, rel, opts: Opts):
-    data, q = read_bytes_or_quarantine(path, rel, NAME, opts)
+    # a few upstream files use <DiseaseFile fid=...> instead of <Document id=...>
+    root, q = read_xml_root(path, rel, NAME, opts, ROOTS)
     if q:
         yield q
-        return
-    root, q = parse_xml(data, rel, NAME)
-    if q:
-        yield q
-        return
-    if local(root.tag) not in ROOTS:  # a few upstream files use <DiseaseFile fid=...> instead of <Document id=...>
-        yield Quarantine(NAME, rel, "root", UNKNOWN_FORMAT, f"root element <{local(root.tag)}>, expected <Document>")
         return
     focus = clean(root.findtext("Focus"))
     doc = {"doc": root.get("id") or root.get("fid", ""), "source": root.get("source", ""), "url": root.get("url", ""), "focus": focus}

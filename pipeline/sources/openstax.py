@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .base import (FREE_TEXT, DownloadPart, Opts, Quarantine, Raw, Reject, SourceSpec, clean, corpus_row, iter_lines, iter_parquet, local, meta,
-                   inside, parse_xml, read_bytes_or_quarantine, stable_id, EMPTY_TEXT, TOO_DEEP, UNKNOWN_FORMAT)
+                   inside, parse_xml, read_xml_root, stable_id, EMPTY_TEXT, TOO_DEEP)
 
 NAME, DOMAIN = "openstax", "education"
 SKIP = {"figure", "media", "image", "caption", "footnote", "metadata", "note-title"}
@@ -80,16 +80,9 @@ def _book_titles(repo: str) -> dict[str, str]:
 
 
 def _read_cnxml(path: Path, rel: str, opts: Opts):
-    data, q = read_bytes_or_quarantine(path, rel, NAME, opts)
+    root, q = read_xml_root(path, rel, NAME, opts, ("document",))
     if q:
         yield q
-        return
-    root, q = parse_xml(data, rel, NAME)
-    if q:
-        yield q
-        return
-    if local(root.tag) != "document":
-        yield Quarantine(NAME, rel, "root", UNKNOWN_FORMAT, f"root element <{local(root.tag)}>, expected <document>")
         return
     content = root.find("{*}content")
     title_el = root.find("{*}title")
