@@ -331,6 +331,16 @@ def _mount_namespace() -> list[str]:
     pytest.skip("this machine lets no process make a small filesystem (unshare -m and -rm refused)")
 
 
+def _in_namespace(ns: list[str], script: str, timeout: int) -> tuple[subprocess.CompletedProcess, str]:
+    """Runs `script` with sh in the test's own mount namespace (a user's environment: no Ray address, no
+    faults); it prints @@rc=<the command's exit status>. Returns the process and its whole output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
+    r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    text = r.stdout + r.stderr
+    assert "@@rc=" in r.stdout, text[-6000:]
+    return r, text
+
+
 def test_full_disk_during_prepare(tmp_path):
     """The output on a 256 KB tmpfs: prepare fills it (its output for this data fits in 3 MB, not 256 KB).
     One line naming the path and the free space, exit 1, the stage `failed` with that reason (was:
@@ -344,10 +354,7 @@ def test_full_disk_during_prepare(tmp_path):
             "--set", "data.sources=[climate_fever]", "--set", "data.max_docs_per_source=1000000"]
     script = (f"mount -t tmpfs -o size=256k tmpfs {small} || exit 99; {shlex.join([sys.executable, '-m', 'pipeline', *argv])}; "
               f"echo @@rc=$?; echo @@stage; cat {out}/runs/demo/stages/prepare.json")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
-    r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    text = r.stdout + r.stderr
-    assert "@@rc=" in r.stdout, text[-6000:]
+    r, text = _in_namespace(ns, script, 600)
     console, stage = r.stdout.split("@@rc=", 1)
     rc, stage = stage.split("@@stage", 1)
     assert int(rc) == 1, text[-6000:]
@@ -422,10 +429,7 @@ def test_full_disk_during_training_fails_the_domain_with_one_line_and_a_later_ru
             "--set", "train.checkpoints_to_keep=5", "--set", "train.max_failures=1", "--set", "eval.enabled=false"]
     script = (f"mount -t tmpfs -o size={int(one * 1.5) // 1024}k tmpfs {ckpts} || exit 99; "
               f"{shlex.join([sys.executable, '-m', 'pipeline', *argv])}; echo @@rc=$?; cp -a {ckpts}/. {saved}/")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
-    r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    text = r.stdout + r.stderr
-    assert "@@rc=" in r.stdout, text[-6000:]
+    r, text = _in_namespace(ns, script, 600)
     assert int(r.stdout.split("@@rc=", 1)[1].split()[0]) == 1, text[-6000:]
     lines = r.stderr.splitlines()
     where = re.escape(str(ckpts / "debate"))
@@ -475,10 +479,7 @@ def test_full_disk_during_the_report(demo, tmp_path):
               f"{shlex.join([sys.executable, '-m', 'pipeline', *argv])}; echo @@rc=$?; "
               f"for f in {out}/report/* {out}/report/.*; do [ -f \"$f\" ] && echo \"@@file $f $(tail -c 16 \"$f\" | od -An -tx1 | tr -d ' \\n')\"; done; "
               f"echo @@stage; cat {out}/runs/repfull/stages/report.json")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DOMAIN_ADAPTERS_FAULTS")}
-    r = subprocess.run([*ns, "sh", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    text = r.stdout + r.stderr
-    assert "@@rc=" in r.stdout, text[-6000:]
+    r, text = _in_namespace(ns, script, 300)
     assert int(r.stdout.split("@@rc=", 1)[1].split()[0]) == 1, text[-6000:]
     assert "Traceback" not in text and "a bug" not in text, text[-6000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
