@@ -79,11 +79,11 @@ class AdapterModels:
         model.config.use_cache = True
         self.model = None
         for d in self.domains:
-            path = store.local_copy(layout.adapter(d))
-            if self.model is None:
-                self.model = load_adapter_onto(model, path, adapter_name=d)
-            else:
-                self.model.load_adapter(path, adapter_name=d)
+            with store.local_copy(layout.adapter(d)) as path:
+                if self.model is None:
+                    self.model = load_adapter_onto(model, path, adapter_name=d)
+                else:
+                    self.model.load_adapter(path, adapter_name=d)
         self.model.eval()
         self.base_id = cfg.model.base
 

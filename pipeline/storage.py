@@ -30,6 +30,7 @@ endpoint, or raise ``storage.retries``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Optional, TypeVar
+from typing import IO, Any, Callable, Iterator, Optional, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -634,15 +635,20 @@ class Store:
                  f"download {self.uri_of(rel)} to {local_dir}")
         return local_dir
 
-    def local_copy(self, rel: str, prefix: str = "adapter-") -> str:
-        """A local directory holding rel, for readers that need a path (from_pretrained, PeftModel): the
-        directory itself on a local store; on S3 a fresh temporary copy (mkdtemp with `prefix`) that the
-        caller owns."""
+    @contextlib.contextmanager
+    def local_copy(self, rel: str, prefix: str = "adapter-") -> Iterator[str]:
+        """`with store.local_copy(rel) as path:` a local directory holding rel, for readers that need a path
+        (from_pretrained, PeftModel, lm-eval): the directory itself on a local store; on S3 a temporary copy
+        (mkdtemp with `prefix`), removed when the block ends (what was read from it stays loaded)."""
         if not self.is_s3:
-            return str(self.local_path(rel))
+            yield str(self.local_path(rel))
+            return
         d = tempfile.mkdtemp(prefix=prefix)
-        self.download_dir(rel, d)
-        return d
+        try:
+            self.download_dir(rel, d)
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
     # -- for Ray --
     def ray_storage(self, rel: str) -> tuple[str, Optional[pafs.FileSystem]]:

@@ -25,6 +25,7 @@ A re-run with the same models, tasks and settings keeps eval/harness.json.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -38,6 +39,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline import layout
 from pipeline.config import ConfigError
 from pipeline.errors import UserFacingError
 
@@ -277,10 +279,12 @@ def harness_models(cfg, names: list[str], files: dict[str, bytes], offline: bool
         for name in names:
             t0 = time.time()
             who = "base model" if name == "base" else f"{name} adapter"
-            lm = HFLM(pretrained=base, revision=cfg.model.revision if base == cfg.model.base and cfg.model.revision else "main",
-                      peft=store.local_copy(f"adapters/{name}") if name != "base" else None,
-                      device=device, dtype=_dtype_name(cfg, device), batch_size=cfg.eval.harness_batch_size,
-                      trust_remote_code=bool(cfg.model.trust_remote_code))
+            with contextlib.ExitStack() as stack:   # an adapter on S3: a local copy while lm-eval loads it
+                adapter = stack.enter_context(store.local_copy(layout.adapter(name))) if name != "base" else None
+                lm = HFLM(pretrained=base,
+                          revision=cfg.model.revision if base == cfg.model.base and cfg.model.revision else "main",
+                          peft=adapter, device=device, dtype=_dtype_name(cfg, device),
+                          batch_size=cfg.eval.harness_batch_size, trust_remote_code=bool(cfg.model.trust_remote_code))
             res = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.eval.harness_tasks), task_manager=tm,
                                           limit=cfg.eval.harness_limit, log_samples=False)
             keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")

@@ -22,6 +22,7 @@ import logging
 
 import numpy as np
 
+from pipeline import layout
 from pipeline.errors import UsageError
 from pipeline.eval.metrics import rouge_l, token_f1
 from pipeline.lm.data import (CHARS_PER_TOKEN_BOUND, IGNORE, Example, collate, cut_prompt_response, cut_texts, plan_batches,
@@ -77,12 +78,12 @@ class BaseAndAdapters:
                     yield self.peft
             return
         if self.peft is None or name not in self.peft.peft_config:
-            path = self.store.local_copy(f"adapters/{name}")
             try:
-                if self.peft is None:
-                    self.peft = load_adapter_onto(self.model, path, adapter_name=name)
-                else:
-                    self.peft.load_adapter(path, adapter_name=name)
+                with self.store.local_copy(layout.adapter(name)) as path:
+                    if self.peft is None:
+                        self.peft = load_adapter_onto(self.model, path, adapter_name=name)
+                    else:
+                        self.peft.load_adapter(path, adapter_name=name)
             except RuntimeError as e:
                 if "size mismatch" not in str(e):
                     raise

@@ -194,8 +194,8 @@ def load_adapter_model(cfg, domain: str, device: str = "cpu", quantize=None, sto
     from pipeline.storage import open_store
     store = store or open_store(cfg)
     base = resolve_base(cfg, store)
-    adir = store.local_copy(layout.adapter(domain))
-    model = load_adapter_onto(load_model(base, cfg, device, quantize=quantize, dtype=dtype), adir)
+    with store.local_copy(layout.adapter(domain)) as adir:
+        model = load_adapter_onto(load_model(base, cfg, device, quantize=quantize, dtype=dtype), adir)
     return model, load_tokenizer(base, cfg)
 
 
@@ -237,10 +237,10 @@ def upload_to_hub(cfg, domain: str, store) -> str:
     """Create hub.repo_id for the domain (exist_ok) and upload its adapter folder; returns the repo id."""
     from huggingface_hub import HfApi
     repo = cfg.hub.repo_id.format(domain=domain)
-    local = store.local_copy(layout.adapter(domain))
     rep = store.read_json(layout.training_report(domain))
     api = HfApi(endpoint=cfg.data.download.hf_endpoint)
     api.create_repo(repo, private=cfg.hub.private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo, folder_path=local, ignore_patterns=list(HUB_IGNORE), repo_type="model",
-                      commit_message=f"{domain} adapter: step {rep.get('exported_step')}, val loss {rep.get('val_loss'):.4f}")
+    with store.local_copy(layout.adapter(domain)) as local:
+        api.upload_folder(repo_id=repo, folder_path=local, ignore_patterns=list(HUB_IGNORE), repo_type="model",
+                          commit_message=f"{domain} adapter: step {rep.get('exported_step')}, val loss {rep.get('val_loss'):.4f}")
     return repo

@@ -63,9 +63,9 @@ def test_round_trip_pyarrow_and_boto3(s3_server, bucket, tmp_path):
     assert pq.read_table(paths, filesystem=fs).num_rows == 100
     back = st.download_dir("adapters/medicine", tmp_path / "back")
     assert (back / "adapter_model.safetensors").read_bytes() == (ad / "adapter_model.safetensors").read_bytes()
-    copy = st.local_copy("adapters/medicine")   # what PeftModel.from_pretrained reads: a fresh local copy
-    assert Path(copy).is_dir() and copy != st.local_copy("adapters/medicine")
-    assert (Path(copy) / "adapter_model.safetensors").read_bytes() == (ad / "adapter_model.safetensors").read_bytes()
+    with st.local_copy("adapters/medicine") as copy:   # what PeftModel.from_pretrained reads: a local copy
+        assert (Path(copy) / "adapter_model.safetensors").read_bytes() == (ad / "adapter_model.safetensors").read_bytes()
+    assert not Path(copy).exists()                     # removed when the reader is done (was left in /tmp)
     with pytest.raises(StorageNotFound):
         st.read_bytes("data/nope.json")
     assert st.read_json_or("data/nope.json", "missing") == "missing"

@@ -78,7 +78,9 @@ def test_upload_and_download_dir_local(store, tmp_path):
     dst = store.download_dir("adapters/debate", tmp_path / "back")
     assert (dst / "sub" / "w.bin").read_bytes() == b"\x00\x01"
     # a local store's local copy is the directory itself (nothing copied, nothing to clean up)
-    assert store.local_copy("adapters/debate") == str(store.local_path("adapters/debate"))
+    with store.local_copy("adapters/debate") as path:   # a local store: the folder itself, left in place
+        assert path == str(store.local_path("adapters/debate"))
+    assert store.local_path("adapters/debate").is_dir()
 
 
 def test_read_table_projects_columns_and_reads_a_directory_of_shards(store):
