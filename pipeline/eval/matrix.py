@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.eval import stats
+from pipeline.sources.base import TASK_KINDS
 
 METRICS = ("loss", "ppl", "acc", "acc_norm", "rouge_l", "f1")
 HIGHER_IS_BETTER = {"loss": False, "ppl": False, "acc": True, "acc_norm": True, "rouge_l": True, "f1": True}
@@ -170,7 +171,7 @@ def _tasks(plan, scores: dict[str, dict[str, list[dict]]], ev) -> dict:
         its = [it for it in plan.items if it.task_name == name]
         keys = {it.key for it in its}
         kind = its[0].kind
-        metrics = ("loss", "acc", "acc_norm") if kind == "multiple_choice" else ("loss", "rouge_l", "f1")
+        metrics = ("loss",) + TASK_KINDS[kind].metrics
         out[name] = {"kind": kind, "rows": len(its), **(majority([(name, it.gold) for it in its]) if kind == "multiple_choice" else {}),
                      "unscored": sum(1 for it in its if kind == "multiple_choice" and it.gold is None),
                      "generated": sum(1 for it in its if it.generate),

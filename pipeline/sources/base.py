@@ -141,8 +141,10 @@ class SourceSetting:
 class EvalTask:
     """How the evaluation stage (pipeline/eval) scores a source's SFT test rows of one SFT task.
     Two kinds: ``MultipleChoice`` and ``FreeText``. A source declares them in ``SourceSpec.tasks``
-    (SFT task name -> EvalTask); an SFT task it does not name is scored as ``FREE_TEXT``."""
+    (SFT task name -> EvalTask); an SFT task it does not name is scored as ``FREE_TEXT``. Each kind declares
+    the metrics its rows get (besides the test loss every row gets); TASK_KINDS maps kind names to them."""
     kind: ClassVar[str] = ""
+    metrics: ClassVar[tuple[str, ...]] = ()
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class MultipleChoice(EvalTask):
     starts with none is not scored, and counted."""
     choices: tuple[str, ...]
     kind: ClassVar[str] = "multiple_choice"
+    metrics: ClassVar[tuple[str, ...]] = ("acc", "acc_norm")
 
     def __post_init__(self) -> None:
         if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices) or not all(c.strip() for c in self.choices):
@@ -173,9 +176,11 @@ class MultipleChoice(EvalTask):
 class FreeText(EvalTask):
     """Greedy generation from the row's prompt, scored against its response with ROUGE-L (F) and token F1."""
     kind: ClassVar[str] = "free_text"
+    metrics: ClassVar[tuple[str, ...]] = ("rouge_l", "f1")
 
 
 FREE_TEXT = FreeText()
+TASK_KINDS: dict[str, type[EvalTask]] = {k.kind: k for k in (MultipleChoice, FreeText)}
 
 
 @dataclass(frozen=True)
