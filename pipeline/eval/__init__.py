@@ -26,11 +26,12 @@ Ray; a change to any of them (an adapter retrained, --set eval.seed=..., other t
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from typing import Optional
 
+from pipeline import layout
+from pipeline.fingerprint import fingerprint as fingerprint_of
 from pipeline.lm.compat import compat_record
 from pipeline.lm.device import worker_device
 from pipeline.lm.kernels import apply_fused_kernels
@@ -93,13 +94,18 @@ def model_groups(cfg, models: list[str]) -> list[list[str]]:
     return [models[i::n] for i in range(n)]
 
 
+# lm-eval's settings: they decide eval/harness.json (pipeline/eval/harness.py), not the matrix
+HARNESS_SETTINGS = {"harness_tasks", "harness_include_path", "harness_limit", "harness_batch_size"}
+
+
 def fingerprint(cfg, store, adapters: list[str]) -> str:
-    """What decides the matrix: eval settings, prompt format, base model, data, each adapter's report."""
-    manifest = store.read_json_or("data/manifest.json") or {}
-    reports = {a: hashlib.sha256(store.read_bytes(f"adapters/{a}/training_report.json")).hexdigest() for a in adapters}
-    d = {"eval": cfg.eval.model_dump(mode="json"), "compat": compat_record(cfg, cfg.domains[0]),
+    """What decides the matrix: eval settings (not lm-eval's harness_*: harness.json has its own), prompt
+    format, base model, data, each adapter's report."""
+    manifest = store.read_json_or(layout.MANIFEST) or {}
+    reports = {a: hashlib.sha256(store.read_bytes(layout.training_report(a))).hexdigest() for a in adapters}
+    d = {"eval": cfg.eval.model_dump(mode="json", exclude=HARNESS_SETTINGS), "compat": compat_record(cfg, cfg.domains[0]),
          "domains": cfg.domains, "data": manifest.get("fingerprint"), "adapters": reports}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+    return fingerprint_of(d)
 
 
 def run_eval(cfg, store, adapters: list[str]) -> Optional[dict]:

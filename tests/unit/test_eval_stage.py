@@ -57,6 +57,9 @@ def test_what_makes_the_matrix_out_of_date(evaluated):
     # other eval settings
     assert not up_to_date(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"seed": cfg.eval.seed + 1})}),
                           store, adapters)
+    # lm-eval's tasks decide eval/harness.json only: asking for one does not score the matrix again
+    assert up_to_date(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"harness_tasks": ["medmcqa"]})}),
+                      store, adapters)
     # another adapter finished since
     finish(store, cfg, "education")
     adapters = finished_adapters(cfg, store)
