@@ -177,7 +177,6 @@ def run_harness(cfg, store, domains: list[str]) -> list[HarnessRow]:
     the rows, also written to eval/harness.json (and kept when nothing that decides them changed)."""
     import ray
     from pipeline.eval import model_groups
-    check_tasks(cfg)
     missing = [d for d in domains if (store.read_json_or(f"adapters/{d}/training_report.json") or {}).get("status") != "finished"]
     if missing:
         raise UserFacingError(f"harness: no finished adapter for {', '.join(missing)} under {store.uri_of('adapters')}: "
@@ -188,6 +187,7 @@ def run_harness(cfg, store, domains: list[str]) -> list[HarnessRow]:
     if isinstance(old, dict) and old.get("fingerprint") == fp:
         log.info("harness: %s is up to date (same models, tasks and settings): kept", store.uri_of(HARNESS_JSON))
         return [HarnessRow(**r) for r in old.get("rows") or []]
+    check_tasks(cfg)            # lm-eval's task index (seconds to build): only when the tasks will run
     from pipeline.raycluster import ensure_ray
     ensure_ray(cfg)             # only now: unchanged results above start no Ray
     t0 = time.time()
