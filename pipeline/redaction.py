@@ -74,11 +74,16 @@ def redact_args(argv: "list[str]", environ: Optional[Mapping[str, str]] = None) 
     return out
 
 
+def _own_argv() -> list[str]:
+    """This process's command line as it was started (the interpreter's own, where Python keeps it)."""
+    return list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+
+
 def masked_command_line() -> str:
     """This process's command line (the interpreter's, as it was started) with its secrets masked. Ray
     records a driver's command line as its job's entrypoint (the dashboard's Jobs page, ``ray list jobs``):
     pipeline.raycluster gives Ray this one instead."""
-    return shlex.join(redact_args(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]))
+    return shlex.join(redact_args(_own_argv()))
 
 
 def mask_process_title() -> bool:
@@ -86,7 +91,7 @@ def mask_process_title() -> bool:
     the machine) when the real command line holds a secret, e.g. a token in a ``--set`` URL. Ray's own
     setproctitle does it (the one Ray names its workers with); without Ray it is left as it is. True when
     the title was changed."""
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    argv = _own_argv()
     if redact_args(argv) == list(map(str, argv)):
         return False
     try:
