@@ -44,12 +44,14 @@ RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token itself. Nothing in this module logs it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -231,8 +233,18 @@ def _init_keeping_signal_handlers(**kw):
     # ray.init records this process's command line (from /proc) as the job's entrypoint, shown by the
     # dashboard and `ray list jobs` to everyone who can reach the cluster: a `--set` secret must not be in it
     entrypoint, ray_utils.get_entrypoint_name = ray_utils.get_entrypoint_name, masked_command_line
+    # Every signal that arrives is also written to this socket by Python's C-level handler, whatever its Python
+    # handler then does: Ray's SIGTERM handler raises SystemExit, and where that lands in code that ignores
+    # exceptions (logging's at-fork hook after Ray forks a process: "Exception ignored in _releaseLock") the
+    # SIGTERM was lost and the run went on. Read after ray.init, it still reaches the CLI's handler.
+    wake_r, wake_w = socket.socketpair() if main else (None, None)
+    if main:
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    received = b""
     try:
-        return ray.init(**kw)
+        ctx = ray.init(**kw)
     except SystemExit as e:
         handler = before.get(signal.SIGTERM)
         if e.code == signal.SIGTERM and callable(handler):
@@ -244,7 +256,16 @@ def _init_keeping_signal_handlers(**kw):
             if h is not None:
                 signal.signal(s, h)
         if main:
+            signal.set_wakeup_fd(old_wakeup)
+            with contextlib.suppress(BlockingIOError):
+                received = wake_r.recv(4096)
+            wake_r.close()
+            wake_w.close()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    for s in HANDLED_SIGNALS:   # here, a signal that came during ray.init was not handled: its exception was lost
+        if s in received and callable(before.get(s)):
+            before[s](s, None)
+    return ctx
 
 
 def shutdown_ray() -> None:
