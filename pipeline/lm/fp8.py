@@ -1,7 +1,8 @@
 """FP8 matmuls for the frozen base layers (train.base_matmul: fp8), on GPUs that have FP8 tensor cores.
 
     require(device)               raise Fp8Unavailable (saying why) unless rowwise-scaled FP8 matmuls run there
-    usable(a, b) -> bool          a @ b.T can go through matmul_nt (CUDA, bf16, 2-D, both dims multiples of 16)
+    usable(a, n) -> bool          a [M, K] @ (a [n, K] operand).T can go through matmul_nt (a CUDA bf16 2-D
+                                  tensor, K and n multiples of 16)
     quantize_rows(t) -> (q, s)    t (2-D, any strides) as float8_e4m3fn, one fp32 scale per row: t ~ q * s
     dequantize_rows(q, s)         q * s in fp32 (tests, references)
     matmul_nt(a, b, fast_accum)   a @ b.T in bf16 through torch._scaled_mm, both operands quantized per row
@@ -60,12 +61,17 @@ def dequantize_rows(q, scale):
     return q.float() * scale
 
 
-def usable(a, b) -> bool:
-    """a [M, K] @ b [N, K].T can run through matmul_nt: both on CUDA in bf16, K and N multiples of 16."""
+# where the FP8 path runs: CUDA (the GPU suite checks that it is an FP8 GPU); the unit tests add "cpu", where
+# torch._scaled_mm has a reference kernel, to check the fused layer's FP8 math without a GPU
+DEVICE_TYPES = ("cuda",)
+
+
+def usable(a, n: int) -> bool:
+    """a [M, K] times a [n, K] operand (transposed) can go through matmul_nt: a is a 2-D bf16 tensor on an
+    FP8 device, M > 0, and K and n are multiples of 16 (what torch._scaled_mm takes)."""
     import torch
-    return (a.is_cuda and b.is_cuda and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
-            and a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] and a.shape[0] > 0
-            and a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0)
+    return (a.device.type in DEVICE_TYPES and a.dtype == torch.bfloat16 and a.dim() == 2 and a.shape[0] > 0
+            and a.shape[1] % 16 == 0 and n % 16 == 0)
 
 
 def matmul_nt(a, b, fast_accum: bool = False):

@@ -99,9 +99,9 @@ def _autograd_fn():
                 gx = None
                 if ctx.fp8:
                     from pipeline.lm import fp8
-                    g = g.contiguous()
-                    if fp8.usable(g, w.t()):
-                        gx = fp8.matmul_nt(g, w.t())   # W quantized per input channel (over the contraction)
+                    if fp8.usable(g, w.shape[1]) and w.dtype == g.dtype:
+                        # W^T quantized per row, i.e. per input channel of W (the contraction is over N)
+                        gx = fp8.matmul_nt(g.contiguous(), w.t())
                 if gx is None:
                     gx = g @ w
                 del w
@@ -126,14 +126,12 @@ def _autograd_fn():
 
 def _fp8_base(base, x):
     """base(x) with the matmul in FP8 (pipeline/lm/fp8.py), or None where it cannot run (then the caller
-    takes the bf16 path): not CUDA, not bf16, a dimension not a multiple of 16."""
+    takes the bf16 path): not on CUDA, not bf16, a dimension not a multiple of 16."""
     import torch
     from pipeline.lm import fp8
-    if not x.is_cuda or x.dtype != torch.bfloat16 or base.weight.device != x.device:
-        return None
     x2 = x.reshape(-1, x.shape[-1])
     N = base.out_features
-    if x2.shape[0] == 0 or x2.shape[1] % 16 or N % 16:
+    if not fp8.usable(x2, N) or base.weight.device != x.device:
         return None
     w = _dense_weight(base, torch.bfloat16)
     y = fp8.matmul_nt(x2.contiguous(), w, fast_accum=FP8_FAST_ACCUM_FORWARD)

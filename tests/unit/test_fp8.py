@@ -103,9 +103,15 @@ def test_matmul_nt_applies_the_row_scales_as_the_reference_does(layout):
     assert col_err.max() < 0.1, col_err.max()
 
 
-def test_usable_only_on_cuda_bf16():
-    a, b = torch.zeros(32, 64, dtype=torch.bfloat16), torch.zeros(48, 64, dtype=torch.bfloat16)
-    assert not fp8.usable(a, b)         # CPU tensors: the bf16 path
+def test_usable_only_for_bf16_on_an_fp8_device_with_dimensions_multiple_of_16(monkeypatch):
+    a = torch.zeros(33, 64, dtype=torch.bfloat16)
+    assert not fp8.usable(a, 48)                       # CPU tensors: the bf16 path
+    monkeypatch.setattr(fp8, "DEVICE_TYPES", ("cuda", "cpu"))
+    assert fp8.usable(a, 48)                           # any row count
+    assert not fp8.usable(a, 40)                       # output dimension not a multiple of 16
+    assert not fp8.usable(torch.zeros(33, 72, dtype=torch.bfloat16), 48)   # contraction not a multiple of 16
+    assert not fp8.usable(a.float(), 48)               # fp32 compute
+    assert not fp8.usable(torch.zeros(0, 64, dtype=torch.bfloat16), 48)
 
 
 def test_require_refuses_the_cpu_naming_the_setting():
@@ -132,13 +138,15 @@ def _peft_tiny():
 
 
 def test_fuse_lora_fp8_is_refused_off_an_fp8_gpu_and_without_the_fused_layers():
-    from pipeline.lm.lora_fused import fuse_lora
+    from pipeline.lm.lora_fused import FusedForward, fuse_lora
+    model = _peft_tiny()
     with pytest.raises(fp8.Fp8Unavailable, match="train.base_matmul"):
-        fuse_lora(_peft_tiny(), "auto", "fp8")
+        fuse_lora(model, "auto", "fp8")
     with pytest.raises(ValueError, match="train.fused_lora"):
-        fuse_lora(_peft_tiny(), "off", "fp8")
+        fuse_lora(model, "off", "fp8")
     with pytest.raises(ValueError, match="bf16 or fp8"):
-        fuse_lora(_peft_tiny(), "auto", "fp16")
+        fuse_lora(model, "auto", "fp16")
+    assert not any(isinstance(vars(m).get("forward"), FusedForward) for m in model.modules())   # nothing patched
 
 
 def test_fp8_layers_take_the_bf16_path_for_cpu_tensors():
@@ -166,6 +174,42 @@ def test_fp8_layers_take_the_bf16_path_for_cpu_tensors():
     got = run()
     assert got[0] == ref[0]
     assert all(torch.equal(got[1][n], ref[1][n]) for n in ref[1])
+
+
+def test_fused_layer_fp8_math_forward_and_input_gradient(monkeypatch):
+    """The fused layer's FP8 path itself, run on torch's CPU _scaled_mm kernel (DEVICE_TYPES widened; the GPU
+    suite runs it on CUDA): y = x W^T and gx = g W from the per-token / per-channel quantized operands plus
+    the LoRA branch in bf16, as a dequantized reference computes them; the LoRA gradients those of bf16."""
+    from pipeline.lm.lora_fused import _fn
+    model = _peft_tiny().to(torch.bfloat16)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj        # 128 -> 64
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    W = layer.base_layer.weight.detach()
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 37, 128, generator=g).bfloat16()
+    gy = torch.randn(2, 37, 64, generator=g).bfloat16()
+
+    def run(flag):
+        A.grad = B.grad = None
+        x = x0.clone().requires_grad_(True)
+        y = _fn().apply(x, A, B, layer, 2.0, 0.0, flag)
+        y.backward(gy)
+        return y.detach(), x.grad, A.grad.clone(), B.grad.clone()
+
+    monkeypatch.setattr(fp8, "DEVICE_TYPES", ("cuda", "cpu"))
+    y, gx, gA, gB = run(True)
+    ref_y, ref_gx, ref_gA, ref_gB = run(False)
+    x2, g2 = x0.reshape(-1, 128), gy.reshape(-1, 64)
+    a, b = A.detach().bfloat16().float(), B.detach().bfloat16().float()
+    h = x2.float() @ a.t()
+    want_y = _reference_nt(x2, W) + 2.0 * h @ b.t()
+    want_gx = _reference_nt(g2, W.t()) + (2.0 * g2.float() @ b) @ a
+    assert _rel(y.reshape(-1, 64), want_y) < 2e-2
+    assert _rel(gx.reshape(-1, 128), want_gx) < 2e-2
+    # FP8 ran (not the bf16 path), within e4m3's error of it; the LoRA gradients do not depend on it
+    assert not torch.equal(y, ref_y) and not torch.equal(gx, ref_gx)
+    assert _rel(y, ref_y) < 0.08 and _rel(gx, ref_gx) < 0.08
+    assert torch.equal(gA, ref_gA) and torch.equal(gB, ref_gB)
 
 
 # ---- the config switch ------------------------------------------------------------------------------
