@@ -50,6 +50,7 @@ from pipeline import layout
 from pipeline.lm import kernels
 from pipeline.lm.data import collate
 from pipeline.lm.device import CudaUnavailableError, worker_device
+from pipeline.lm.fp8 import Fp8Unavailable
 from pipeline.lm.kernels import loss_sum
 from pipeline.lm.lora_fused import fuse_lora
 from pipeline.lm.model import add_lora, attn_implementation, compute_dtype, load_model, load_tokenizer, resolve_base
@@ -555,7 +556,8 @@ def train_loop_per_worker(config: dict) -> None:
         try:
             recipe_cls = with_faults(DomainRecipe, config.get("faults"))
             train_domain(cfg, domain, data, session, recipe_cls, config.get("fingerprint"), marks)
-        except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError) as e:
+        except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError,
+                Fp8Unavailable) as e:
             # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
             log.error("%s: %s", type(e).__name__, e)
             write_fatal(open_store(cfg), cfg.run_name, domain, f"{type(e).__name__}: {e}")
