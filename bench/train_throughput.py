@@ -6,7 +6,9 @@
                                      [--trl sdpa,flex_attention] [--memory-cap-gb 24]
 
 --variant runs the project's trainer again under other settings (same data, same model), e.g.
---variant peft_lora:train.fused_lora=off; the first variant is always "default" (no overrides).
+--variant peft_lora:train.fused_lora=off; the first variant is always "default" (no overrides). Each
+variant's per-step losses are printed against the default's (e.g. --variant fp8:train.base_matmul=fp8
+--steps 30: FP8 base matmuls, kept only if every step is within 0.02 of bf16's).
 --profile NAME runs that variant for 4 more steps under torch.profiler and prints the GPU kernels
 that took the most time.
 
@@ -275,6 +277,25 @@ def run_seed(seed_recipe: str, data_dir: str, arch: str, targets: str, steps: in
                 peak_alloc_gb=r["peak_alloc_gb"], peak_reserved_gb=r["peak_reserved_gb"], loss=None)
 
 
+def loss_comparison(ok: list[dict], targets: str) -> list[str]:
+    """Each project variant's per-step losses against the default's (same data order and seeds), e.g. issue
+    27's bar for train.base_matmul=fp8: every step within 0.02 of bf16's."""
+    default = next((r for r in ok if r["who"] == "project" and r["variant"] == "default"), None)
+    out = []
+    for r in ok:
+        if default is None or r["who"] != "project" or r is default:
+            continue
+        n = min(len(r["losses"]), len(default["losses"]))
+        diffs = [abs(x - y) for x, y in zip(r["losses"][:n], default["losses"][:n])]
+        worst = max(diffs, default=0.0)
+        out.append(f"losses {targets} {r['variant']} vs default: max |diff| over {n} steps {worst:.4f}"
+                   + (f" (step {1 + diffs.index(worst)}), last step {diffs[-1]:.4f}" if diffs else "")
+                   + f"; speed {r['real_tok_s'] / default['real_tok_s']:.3f}x")
+        out.append(f"  default {default['losses'][:n]}")
+        out.append(f"  {r['variant']} {r['losses'][:n]}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/real"))
@@ -374,6 +395,8 @@ def main() -> int:
                 vs.append(f"{r['real_tok_s'] / seed['real_tok_s']:.1f}x the seed recipe")
             print(f"ratio {targets} {r['variant']}: " + ", ".join(vs) +
                   f"; peak {r['peak_alloc_gb']:.1f} GB (budget 20 GB for a 24 GB RTX 3090)")
+        for line in loss_comparison(ok, targets):
+            print(line)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(rows=rows, tflops=tflops, params=nparams), indent=2))
     return 0
