@@ -71,6 +71,26 @@ def test_quantize_rows_of_a_transposed_view_scales_per_column_and_is_contiguous(
     assert q.t().stride() == (1, 256)     # its transpose: column-major [256, 8]
 
 
+def test_the_fused_quantization_gives_the_same_scales_and_values_within_one_e4m3_step():
+    """What runs compiled on a GPU (_quantize_rows_fused: amax, multiply and cast in one kernel) against the
+    eager ops, run here without compiling: the same per-row scales (to bf16's rounding of the reciprocal), values
+    within one e4m3 step (the product rounds once from fp32 instead of through bf16), the same round-trip error."""
+    t = _rows()
+    qe, se = fp8._quantize_rows_eager(t)
+    qf, sf = fp8._quantize_rows_fused(t)
+    assert qf.dtype == torch.float8_e4m3fn and qf.shape == t.shape and sf.shape == (8, 1)
+    assert torch.allclose(sf, se, rtol=2 ** -7, atol=0)
+    assert torch.isfinite(qf.float()).all() and qf.float().abs().max() <= 448
+    de, df = fp8.dequantize_rows(qe, se), fp8.dequantize_rows(qf, sf)
+    step = 2 ** -3 * de.abs() + 1.01 * E4M3_SUBNORMAL_STEP * se     # one e4m3 step (3 mantissa bits)
+    assert ((df - de).abs() <= step).all()
+    assert abs(_rel(df[:6], t.float()[:6]) - _rel(de[:6], t.float()[:6])) < 0.005
+    # a transposed view: quantize_rows hands _scaled_mm a contiguous copy whichever quantization ran
+    wt = t.t().contiguous().t()
+    qv, sv = fp8._quantize_rows_fused(wt)
+    assert torch.equal(qv.contiguous().float(), qf.float()) and torch.equal(sv, sf)
+
+
 def test_quantize_rows_refuses_other_than_2d():
     with pytest.raises(ValueError, match="2-D"):
         fp8.quantize_rows(torch.ones(2, 3, 16))
