@@ -47,6 +47,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
+from pipeline.config import ConfigError, load_config
+from pipeline.ownership import OUTPUT_MARKER
+from pipeline.raycluster import WORKER_ENV
+from pipeline.redaction import is_secret_name, redact_args, redact_url, scrub
+from pipeline.sources import SETTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_MODULES = {"run": "jobs.run_pipeline", "download": "jobs.download", "prepare": "jobs.prepare",
@@ -148,9 +153,6 @@ def _abs_local(p: str) -> str:
 def runtime_env(working_dir: Path, extra_env: Optional[list[str]] = None, environ: Optional[dict] = None) -> dict:
     """working_dir + excludes + env_vars."""
     env = os.environ if environ is None else environ
-    from pipeline.raycluster import WORKER_ENV
-    from pipeline.redaction import is_secret_name
-    from pipeline.sources import SETTINGS
     env_vars = dict(WORKER_ENV)
     for name in PASSTHROUGH_ENV + tuple(e for s in SETTINGS for e in s.env):
         if env.get(name, "").strip():
@@ -171,7 +173,6 @@ def runtime_env(working_dir: Path, extra_env: Optional[list[str]] = None, enviro
 def output_excludes(working_dir: Path) -> list[str]:
     """Anchored excludes for every output folder this project made inside the working dir (its marker,
     pipeline.ownership.OUTPUT_MARKER): a run's output never ships, wherever it sits."""
-    from pipeline.ownership import OUTPUT_MARKER
     found = []
     for dirpath, dirnames, filenames in os.walk(working_dir):
         if OUTPUT_MARKER in filenames:
@@ -255,8 +256,6 @@ def build(args: argparse.Namespace, environ: Optional[dict] = None) -> dict:
     entrypoint_num_cpus) and the job's dashboard URL; raises SubmitError before anything is sent."""
     env = os.environ if environ is None else environ
     sys.path.insert(0, str(REPO))
-    from pipeline.config import ConfigError, load_config
-    from pipeline.redaction import redact_args, redact_url
 
     for value in args.set:
         if redact_args([value]) != [value]:
@@ -326,7 +325,6 @@ def with_retry(call: Callable[[], T], what: str, retry_s: float = RETRY_S, sleep
         except Exception as e:  # noqa: BLE001 - classified just below
             if not _starting_up(e) or waited + delay > retry_s:
                 raise
-            from pipeline.redaction import scrub
             print(f"{what}: the head is still starting ({scrub(str(e).splitlines()[0][:160])}); retrying in {delay:.0f}s",
                   file=sys.stderr, flush=True)
             sleep(delay)
@@ -400,7 +398,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     sys.path.insert(0, str(REPO))
-    from pipeline.redaction import redact_url, scrub
     args = _parser().parse_args(argv)
     try:
         plan = build(args)

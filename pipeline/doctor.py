@@ -34,6 +34,8 @@ from pipeline.lm.device import GB, probe_cuda
 from pipeline.lm.kernels import effective_budget_gb
 from pipeline.lm.model import load_model, load_tokenizer
 from pipeline.lm.serving import config_serving_warnings
+from pipeline.capacity import assess, Capacity
+from pipeline.storage import open_store, StorageError, Store
 
 PASS, FAIL, WARN, INFO = "PASS", "FAIL", "WARN", "INFO"
 REFERENCE_GPU_GB = 24.0   # the design's target: one RTX 3090
@@ -333,7 +335,6 @@ def check_ray(cfg, rep: Report, connect: bool = True, timeout_s: float = 3.0) ->
         auth = re.search(r"auth|token|UNAUTHENTICATED|Unauthenticated", p.stderr or "")
         rep.add("ray", FAIL, f"ray.init({addr!r}) failed: {last}", _AUTH_FIX if auth else _RAY_FIX)
         return {}
-    from pipeline.capacity import Capacity
     cap = Capacity.model_validate_json(line[2:])
     ray_row(cfg, rep, addr, cap)
     return cap.model_dump()
@@ -342,7 +343,6 @@ def check_ray(cfg, rep: Report, connect: bool = True, timeout_s: float = 3.0) ->
 def ray_row(cfg, rep: Report, addr: str, cap) -> None:
     """The cluster's capacity against a trial's needs (pipeline.capacity.assess, as the train stage
     decides): fits now PASS; none now but an autoscaler can add nodes INFO; nothing can FAIL."""
-    from pipeline.capacity import assess
     types = sorted({k.split(":", 1)[1] for node in cap.nodes for k in node if k.startswith("accelerator_type:")})
     verdict = assess(cap, cfg.resources, len(cfg.domains))
     detail = f"{addr}: {verdict.detail}" + (f" ({', '.join(types)})" if types else "")
@@ -353,7 +353,6 @@ def ray_row(cfg, rep: Report, addr: str, cap) -> None:
 # ---- output --------------------------------------------------------------------------------------
 
 def check_output(cfg, rep: Report) -> None:
-    from pipeline.storage import StorageError, open_store
     try:
         store = open_store(cfg)
         store.check_writable()
@@ -385,7 +384,6 @@ def check_model(cfg, rep: Report, network: bool) -> tuple[Optional[dict[str, Any
     """(architecture config dict or None, local path of the model or None)."""
     base = cfg.model.base
     if base == "tiny":
-        from pipeline.storage import open_store
         try:
             store = open_store(cfg)
             built = (not store.is_s3) and store.local_path(f"{layout.TINY_BASE}/config.json").is_file()
@@ -400,7 +398,6 @@ def check_model(cfg, rep: Report, network: bool) -> tuple[Optional[dict[str, Any
         if not network:
             rep.add("base model", INFO, f"{base}: copied to the local cache at train time (not checked in pre-flight)")
             return None, None
-        from pipeline.storage import Store
         try:
             st = Store(base, cfg.storage)
             if not st.is_file("config.json"):

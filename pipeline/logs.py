@@ -36,6 +36,7 @@ from typing import Optional, TextIO
 
 from pipeline import layout
 from pipeline.redaction import scrub
+from pipeline.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +354,6 @@ def setup_console(verbose: bool = False) -> Console:
 
 def log_file_for(cfg, command: str) -> tuple[Path, Optional[tuple]]:
     """(local path of the log file, (store, rel) to upload it to at close, or None)."""
-    from pipeline.storage import open_store
     store = open_store(cfg)
     rel = layout.log_file(cfg.run_name, command, time.strftime('%Y%m%d-%H%M%S', time.gmtime()))
     if not store.is_s3:

@@ -28,6 +28,7 @@ from typing import Optional
 
 from pipeline import layout
 from pipeline.errors import UsageError, UserFacingError
+from pipeline.status import _epoch, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +121,12 @@ def _now() -> str:
 
 
 def _age(rec: dict) -> Optional[float]:
-    from pipeline.status import _epoch
     t = _epoch(rec.get("heartbeat"))
     return None if t is None else time.time() - t
 
 
 def _owner_gone(rec: dict) -> Optional[str]:
     """Why the lock's owner is gone (stale lock), or None while it may be alive."""
-    from pipeline.status import pid_alive
     alive = pid_alive(rec.get("pid"), rec.get("host"))
     if alive is False:
         return f"its process {rec.get('pid')} on {rec.get('host')} is gone"

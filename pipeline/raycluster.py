@@ -58,6 +58,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
+from pipeline.logs import setup_worker as setup_worker_logs
+from pipeline.redaction import masked_command_line
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +231,6 @@ def _init_keeping_signal_handlers(**kw):
     if main:   # inherited by the processes ray.init starts (see below)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     import ray._private.utils as ray_utils
-    from pipeline.redaction import masked_command_line
     # ray.init records this process's command line (from /proc) as the job's entrypoint, shown by the
     # dashboard and `ray list jobs` to everyone who can reach the cluster: a `--set` secret must not be in it
     entrypoint, ray_utils.get_entrypoint_name = ray_utils.get_entrypoint_name, masked_command_line
@@ -308,7 +309,6 @@ def setup_worker() -> None:
     cleaner calls, otherwise looks up ray_current_cluster and may query another cluster on the machine),
     and makes warnings one line each (pipeline.logs)."""
     import ray
-    from pipeline.logs import setup_worker as setup_worker_logs
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     setup_worker_logs()

@@ -50,6 +50,9 @@ from typing import Any, Optional
 from pipeline import layout
 from pipeline.config import DOMAINS
 from pipeline.redaction import scrub
+from pipeline.config import load_config
+from pipeline.errors import no_space, no_space_message, UsageError, UserFacingError
+from pipeline.storage import BadStorageUri, Store
 
 STATES = ("finished", "failed", "skipped", "interrupted", "running", "stale", "not started", "unknown")
 STALE_AFTER_S = 180.0   # three missed heartbeats of the trials' 60 s
@@ -440,7 +443,6 @@ class StageRecord:
         """On a full local disk the atomic write (a new file, then a rename) finds no room, but the record's
         own file has its blocks already: the record is rewritten in them (a few hundred bytes; not atomic,
         which only matters if the machine dies in these microseconds), so the stage says `failed` and why."""
-        from pipeline.errors import no_space
         if no_space(e) is None or self.store.is_s3:
             return False
         try:
@@ -470,7 +472,6 @@ class StageRecord:
         elif issubclass(exc_type, KeyboardInterrupt):
             self.write("interrupted", "stopped by Ctrl-C, SIGTERM or SIGHUP")
         else:
-            from pipeline.errors import UserFacingError, no_space_message
             self.write("failed", str(exc) if isinstance(exc, UserFacingError) else
                        no_space_message(exc, self.store.uri) or f"{exc_type.__name__}: {exc}")
         return False
@@ -489,18 +490,15 @@ def run_status(config_path: Optional[str] = None, output: Optional[str] = None,
                sets: Optional[list[str]] = None, domains: Optional[list[str]] = None) -> int:
     """Print the stage and domain states; ``domains`` (from --domains) narrows the list."""
     wanted = domains
-    from pipeline.storage import BadStorageUri, Store
     run_name: Optional[str] = None
     domains: Optional[list[str]] = None
     storage_cfg = None
     if config_path:
-        from pipeline.config import load_config
         cfg = load_config(config_path, sets=sets, output=output)
         uri, run_name, domains, storage_cfg = cfg.output, cfg.run_name, list(cfg.domains), cfg.storage
     elif output:
         uri = output
     else:
-        from pipeline.errors import UsageError
         raise UsageError("status needs --output URI (or --config FILE)")
     try:
         store = Store(uri, storage_cfg)

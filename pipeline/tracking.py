@@ -15,6 +15,7 @@ import os
 import tempfile
 
 from pipeline import layout
+from pipeline.redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ def attach_to_mlflow(cfg, store) -> dict[str, str]:
     if m is None:
         return {}
     from mlflow.tracking import MlflowClient
-    from pipeline.redaction import redact_url
     if m.tracking_uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # as the training callback does
     client = MlflowClient(m.tracking_uri)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from typing import Optional
+from pipeline.redaction import redact_url
 
 # S3's bucket naming rules (3-63 characters: lowercase letters, digits, '.', '-'; starts and ends alphanumeric)
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -23,7 +24,6 @@ _ALLOWED = {("s3",): "only local directories and s3://bucket/prefix are supporte
 
 def _shown(v: str) -> str:
     """v as a message may show it: credentials masked, also in a malformed URI ('s3:/key:secret@bucket')."""
-    from pipeline.redaction import redact_url
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*:/*)[^/@]*@", r"\1***@", redact_url(v))
 
 

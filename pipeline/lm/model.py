@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from pipeline import layout
 from pipeline.lm.kernels import prepare_for_kbit, set_sequence_multiple
+from pipeline.storage import open_store, Store
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ def resolve_base(cfg, store=None) -> str:
     synced to the local cache); s3://... -> synced once per node into model.cache_dir; a local
     directory -> itself; anything else is taken as a Hugging Face id (revision = model.revision).
     """
-    from pipeline.storage import Store, open_store
     base = cfg.model.base
     if base == "tiny":
         store = store or open_store(cfg)

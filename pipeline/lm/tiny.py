@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline import layout
 from pipeline.fingerprint import fingerprint
+from pipeline.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ def _text_files(store) -> dict[str, list[str]]:
 def tiny_fingerprint(cfg, store=None) -> str:
     """What the tiny model is built from: model.tiny, the text files (names and sizes), and which text of
     them it learns from (TEXT_RULE: a change of the rule rebuilds it)."""
-    from pipeline.storage import open_store
     store = store or open_store(cfg)
     d = cfg.model.tiny.model_dump(mode="json")
     d["text"] = [(f, store.size(f)) for files in _text_files(store).values() for f in files]
@@ -145,7 +145,6 @@ def pretrain(model, tok, texts: list[str], steps: int, seed: int, seq_len: int =
 def ensure_tiny(cfg, store=None) -> str:
     """Build (once) and cache the tiny base model under <output>/base_model/; returns its URI."""
     import torch
-    from pipeline.storage import open_store
     store = store or open_store(cfg)
     fp = tiny_fingerprint(cfg, store)
     meta = store.read_json_or(layout.TINY_META)

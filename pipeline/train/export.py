@@ -25,6 +25,8 @@ from typing import Any, Optional
 from pipeline import layout
 from pipeline.lm.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
 from pipeline.lm.serving import VLLM_LORA_RANKS, serving_problems
+from pipeline.sources import selected_sources
+from pipeline.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,6 @@ def portable_adapter_config(d: dict, linear_names: list[str], adapted: list[str]
 
 
 def _dataset_ids(cfg, domain: str) -> list[str]:
-    from pipeline.sources import selected_sources
     return sorted({p.repo for s in selected_sources(cfg) if s.domain == domain for p in s.parts
                    if p.kind == "hf" and p.repo})
 
@@ -70,7 +71,6 @@ def _fmt(x: Any) -> str:
 
 def model_card(cfg, domain: str, report: dict, manifest: Optional[dict], adapter_config: dict) -> str:
     """README.md for adapters/<domain>/ in the Hugging Face model card format."""
-    from pipeline.sources import selected_sources
     base = adapter_config.get("base_model_name_or_path") or cfg.model.base
     datasets = _dataset_ids(cfg, domain)
     srcs = [s for s in selected_sources(cfg) if s.domain == domain]
@@ -191,7 +191,6 @@ def export_adapter(model, tok, store, domain: str, report: dict, cfg=None) -> st
 
 def load_adapter_model(cfg, domain: str, device: str = "cpu", quantize=None, store=None, dtype=None):
     """The base model with adapters/<domain>/ applied (PeftModel.from_pretrained) and the tokenizer."""
-    from pipeline.storage import open_store
     store = store or open_store(cfg)
     base = resolve_base(cfg, store)
     with store.local_copy(layout.adapter(domain)) as adir:
@@ -203,7 +202,6 @@ def export_merged(cfg, domain: str, store=None) -> str:
     """Merge the adapter into the base weights in bfloat16 (half float32's size and memory; on the GPU when
     there is one) and write adapters/<domain>/merged/."""
     import torch
-    from pipeline.storage import open_store
     store = store or open_store(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_adapter_model(cfg, domain, device, quantize=False, store=store, dtype=torch.bfloat16)

@@ -23,6 +23,7 @@ from typing import Optional
 from pipeline import layout
 from pipeline.fingerprint import fingerprint
 from pipeline.lm.compat import TRAIN_KEYS, compat_record
+from pipeline.lm.tiny import tiny_fingerprint
 
 
 class IncompatibleCheckpointError(RuntimeError):
@@ -70,7 +71,6 @@ class TrainingIdentity:
     def of(cls, cfg, domain: str, store) -> "TrainingIdentity":
         tiny = None
         if cfg.model.base == "tiny":
-            from pipeline.lm.tiny import tiny_fingerprint
             tiny = tiny_fingerprint(cfg, store)
             base = "tiny:" + tiny
         else:

@@ -45,6 +45,13 @@ from typing import Iterator, Optional
 from pipeline import layout
 from pipeline.status import DomainOutcome, clear_fatal, domain_state, write_outcome
 from pipeline.train.identity import IncompatibleCheckpointError, TrainingIdentity
+from pipeline.capacity import assess, read_capacity
+from pipeline.errors import find_cause, no_space_message, UsageError, UserFacingError
+from pipeline.redaction import is_secret_name
+from pipeline.storage import open_store
+from pipeline.train.data import tokenized_dataset
+from pipeline.train.faults import FaultPlan, FAULTS_ENV
+from pipeline.train.loop import CHECKPOINT_SCORE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,6 @@ def _leftover_of_a_finished_adapter(o: DomainOutcome, ck_state: dict, identity: 
 def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
     """(domains to train, results known without training). Raises UserFacingError on an
     incompatible checkpoint, before any trial starts."""
-    from pipeline.errors import UserFacingError
     todo: list[str] = []
     known: dict[str, dict] = {}
     problems = []
@@ -138,7 +144,6 @@ def preflight(cfg, store) -> tuple[list[str], dict[str, dict]]:
 def max_concurrent(cfg, capacity=None) -> int:
     """resources.max_concurrent_trials, else as many trials as the cluster holds once its autoscaler
     has added what it can (not only the GPUs present at start), at most one per domain."""
-    from pipeline.capacity import assess, read_capacity
     r = cfg.resources
     if r.max_concurrent_trials:
         return r.max_concurrent_trials
@@ -184,12 +189,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-    from pipeline.errors import no_space_message
-    from pipeline.storage import open_store
-    from pipeline.train.backend import trial_torch_config
-    from pipeline.train.data import tokenized_dataset
-    from pipeline.train.faults import FaultPlan
-    from pipeline.train.loop import CHECKPOINT_SCORE, train_loop_per_worker
+    from pipeline.train.backend import trial_torch_config   # imports torch and ray at its top: in the trial only
 
     trial_started = time.time()
     domain = params["domain"]
@@ -254,7 +254,6 @@ def _user_facing_cause(e: BaseException) -> Optional[BaseException]:
     """The project's own error (a UserFacingError: the message names the node and the fix) inside what
     Ray Train raises, e.g. ControllerError -> RayTaskError -> CudaUnavailableError from the workers'
     device check at the worker group's start; None when there is none."""
-    from pipeline.errors import UserFacingError, find_cause
     # a RayTaskError carrying a UserFacingError has `cause` itself: the original, not the wrapper, is the answer
     return find_cause(e, lambda x: isinstance(x, UserFacingError) and not hasattr(x, "cause"))
 
@@ -278,8 +277,6 @@ def unplaced_workers(r, per_worker: dict) -> str:
 def check_resources(cfg, capacity=None) -> None:
     """Fail at once when no trial could ever be scheduled (Tune would wait forever); when none fits now
     but an autoscaler can add nodes, say so and go on: the queued trials are what it scales up for."""
-    from pipeline.capacity import assess, read_capacity
-    from pipeline.errors import UserFacingError
     v = assess(capacity or read_capacity(), cfg.resources, len(cfg.domains))
     if v.state == "impossible":
         raise UserFacingError(f"{v.detail}: {v.fix}")
@@ -294,7 +291,6 @@ def secrets_kept_from_tune_trials() -> Iterator[None]:
     own calls to the run's storage on S3 (experiment state, a failed trial's error file) need it. The
     trials get the credentials from the environment their node already has (a local Ray's nodes inherited
     this process's at ray.init)."""
-    from pipeline.redaction import is_secret_name
     try:
         from ray.tune.execution import class_cache
         copied = class_cache.ENV_VARS_TO_PROPAGATE
@@ -372,7 +368,6 @@ def tracking_callbacks(cfg) -> list:
     """tracking.mlflow / tracking.wandb as Ray Tune's own logger callbacks; they run in this driver process
     (W&B: in an actor on this node). Every report carries `step` and `timesteps_total` (the training step),
     which MLflow's callback takes as the step; W&B's charts are set to plot against `step`."""
-    from pipeline.errors import UsageError
     out: list = []
     t = cfg.tracking
     if t.mlflow is not None:
@@ -456,7 +451,6 @@ def mark_interrupted(store, cfg, domains: list[str]) -> None:
 
 def run_domains(cfg, store) -> dict[str, dict]:
     from ray import tune
-    from pipeline.train.faults import FAULTS_ENV
     todo, results = preflight(cfg, store)
     if todo:
         check_resources(cfg)
