@@ -411,7 +411,7 @@ def test_packed_loss_equals_training_evaluation(tiny):
 
 
 def test_batched_generation_equals_one_at_a_time(tiny):
-    from pipeline.eval.scoring import generate_texts, prompt_ids
+    from pipeline.lm.generation import generate_texts, prompt_ids
     cfg, tok, model = tiny
     prompts = [prompt_ids(tok, [{"role": "user", "content": r["messages"][0]["content"] + " " * i}], 100)
                for i, r in enumerate(sft_rows("medicine", 5, 3))]
