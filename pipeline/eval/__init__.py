@@ -9,8 +9,9 @@ adapter on every domain's test split. Training does not evaluate; this stage doe
     run_eval(cfg, store, adapters) -> matrix dict (None when there is nothing to evaluate)
         writes eval/scores/<model>/<dataset>.parquet (one row per test item) and eval/matrix.json
 
-Modules: plan (which test rows, how each is scored: from the sources' declared tasks), scoring (the
-model side: packed log-likelihoods, batched generation), metrics (ROUGE-L, token F1), stats
+Modules: plan (which test rows, how each is scored: from the sources' declared tasks), tasks (each task
+kind's scorer: its sequences, its metrics, its counts), scoring (the model side: packed log-likelihoods,
+generation), metrics (ROUGE-L, token F1), stats
 (bootstrap intervals, paired tests), matrix (cells, comparisons, verdicts), generate
 (`adapters generate`).
 
