@@ -159,6 +159,14 @@ def eval_scores(model: str, domain: Optional[str] = None) -> str:
     return f"{EVAL}/scores/{model}" if domain is None else f"{EVAL}/scores/{model}/{domain}.parquet"
 
 
+HARNESS_JSON = "eval/harness.json"   # lm-evaluation-harness's rows on base + every adapter (optional)
+
+
+def harness_results(model: str) -> str:
+    """lm-eval's own results of one model (task configs, versions, n-samples)."""
+    return f"{EVAL}/harness/{model}.json"
+
+
 REPORT = "report"
 
 
@@ -201,6 +209,9 @@ TREE: tuple[tuple[str, str, str], ...] = (
     (log_file(R, "<command>", "<time>"), "a command's full log (local outputs)", "`pipeline/logs.py`"),
     (EVAL_MATRIX, "base and every adapter on every domain's test set", "`pipeline/eval`"),
     (eval_scores(M, D), "one row per test item", "`pipeline/eval`"),
+    (HARNESS_JSON, "lm-evaluation-harness's benchmarks on base and every adapter, with the commands that "
+                   "reproduce them (`eval.harness_tasks`)", "`pipeline/eval/harness.py`"),
+    (harness_results(M), "lm-eval's own results of one model", "`pipeline/eval/harness.py`"),
     (report("summary.json") + " .md .html *.png", "the report", "`adapters report`"),
 )
 

@@ -30,6 +30,7 @@ from typing import Any, Optional
 from pipeline import layout
 from pipeline.errors import UsageError
 from pipeline.lm.device import worker_device
+from pipeline.lm.generation import eos_ids, generation_attention, prompt_ids
 from pipeline.lm.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ def chat_prompt_ids(tok, messages: list[dict], max_len: int) -> list[int]:
     """The prompt tokens for a chat request: the tokenizer's chat template over its turns with the
     generation prompt, exactly as training encoded the turns before each answer (tokens trained are
     tokens served; pipeline.lm.model.encode_conversation); its end kept when too long."""
-    from pipeline.eval.scoring import prompt_ids
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
         raise ValueError("messages must be a non-empty list of {role, content} objects with text content")
     return prompt_ids(tok, [{"role": m.get("role", "user"), "content": m["content"]} for m in messages], max_len)
@@ -97,7 +97,6 @@ class AdapterModels:
         """items: (model name, prompt ids, max new tokens), greedy; one left-padded batch, each row through its
         own adapter. Returns (text, completion tokens, finish reason) per item."""
         import torch
-        from pipeline.eval.scoring import _eos_ids, _generation_attention
         tok = self.tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         L = max(len(p) for _, p, _ in items)
@@ -106,8 +105,8 @@ class AdapterModels:
         for r, (_, p, _) in enumerate(items):   # left padding: every prompt ends where generation starts
             ids[r, L - len(p):] = torch.tensor(p)
             mask[r, L - len(p):] = 1
-        eos = _eos_ids(self.model, tok)
-        with torch.no_grad(), _generation_attention(self.model):
+        eos = eos_ids(self.model, tok)
+        with torch.no_grad(), generation_attention(self.model):
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max(n for _, _, n in items), pad_token_id=pad, eos_token_id=eos,
                                       use_cache=True, do_sample=False, temperature=None, top_p=None, top_k=None,

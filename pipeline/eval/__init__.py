@@ -9,8 +9,9 @@ adapter on every domain's test split. Training does not evaluate; this stage doe
     run_eval(cfg, store, adapters) -> matrix dict (None when there is nothing to evaluate)
         writes eval/scores/<model>/<dataset>.parquet (one row per test item) and eval/matrix.json
 
-Modules: plan (which test rows, how each is scored: from the sources' declared tasks), scoring (the
-model side: packed log-likelihoods, batched generation), metrics (ROUGE-L, token F1), stats
+Modules: plan (which test rows, how each is scored: from the sources' declared tasks), tasks (each task
+kind's scorer: its sequences, its metrics, its counts), scoring (the model side: packed log-likelihoods,
+generation), metrics (ROUGE-L, token F1), stats
 (bootstrap intervals, paired tests), matrix (cells, comparisons, verdicts), generate
 (`adapters generate`).
 
@@ -118,7 +119,7 @@ def run_eval(cfg, store, adapters: list[str]) -> Optional[dict]:
     reg = registry(cfg.data)
     plans = [p for p in (plan_dataset(cfg, store, d, reg) for d in cfg.domains) if p is not None]
     if not plans:
-        log.warning("eval: no domain has test rows under %s: nothing to evaluate", store.uri_of("data/sft"))
+        log.warning("eval: no domain has test rows under %s: nothing to evaluate", store.uri_of(layout.sft()))
         return None
     fp = fingerprint(cfg, store, adapters)   # run_eval_stage has found the matrix out of date (or missing)
     models = ["base"] + list(adapters)
@@ -135,14 +136,14 @@ def run_eval(cfg, store, adapters: list[str]) -> Optional[dict]:
     scores = {m: {p.domain: example_rows(p, results[m][p.domain]) for p in plans} for m in models}
     for m, per in scores.items():
         for d, rows in per.items():
-            store.write_table(f"eval/scores/{m}/{d}.parquet", pa.Table.from_pylist(rows))
+            store.write_table(layout.eval_scores(m, d), pa.Table.from_pylist(rows))
     matrix = build_matrix(plans, scores, cfg.eval)
     matrix.update(fingerprint=fp, wall_time_s=time.time() - t0)
-    store.write_json("eval/matrix.json", matrix)
+    store.write_json(layout.EVAL_MATRIX, matrix)
     for d, v in matrix["verdicts"].items():
         log.info("eval: %s adapter vs base on %s: %s %s (difference %s, p=%s)", d, d, v["metric"], v["verdict"],
                  "n/a" if v["difference"] is None else f"{v['difference']:+.4f}", "n/a" if v["p"] is None else f"{v['p']:.3g}")
-    log.info("eval: written to %s in %.1fs", store.uri_of("eval/matrix.json"), time.time() - t0)
+    log.info("eval: written to %s in %.1fs", store.uri_of(layout.EVAL_MATRIX), time.time() - t0)
     return matrix
 
 
@@ -165,7 +166,7 @@ def run_eval_stage(cfg, train_command: Optional[str] = None) -> Optional[dict]:
     store = open_store(cfg)
     adapters = finished_adapters(cfg, store)
     if not adapters:
-        where = store.uri_of("adapters")
+        where = store.uri_of(layout.ADAPTERS)
         if train_command:
             raise UsageError(f"no finished adapter of {', '.join(cfg.domains)} under {where}: run `{train_command}` "
                              "first (`adapters status` shows each domain's state)")
@@ -174,8 +175,8 @@ def run_eval_stage(cfg, train_command: Optional[str] = None) -> Optional[dict]:
     # the up-to-date check reads only files: a re-run with nothing changed starts no Ray
     if up_to_date(cfg, store, adapters):
         log.info("eval: %s is up to date (same adapters, data and eval settings): kept",
-                 store.uri_of("eval/matrix.json"))
-        matrix = store.read_json("eval/matrix.json")
+                 store.uri_of(layout.EVAL_MATRIX))
+        matrix = store.read_json(layout.EVAL_MATRIX)
     else:
         ensure_ray(cfg)
         matrix = run_eval(cfg, store, adapters)
@@ -187,5 +188,5 @@ def run_eval_stage(cfg, train_command: Optional[str] = None) -> Optional[dict]:
 
 def up_to_date(cfg, store, adapters: list[str]) -> bool:
     """Whether eval/matrix.json was made from these adapters, this data and these eval settings."""
-    old = store.read_json_or("eval/matrix.json")
+    old = store.read_json_or(layout.EVAL_MATRIX)
     return isinstance(old, dict) and old.get("fingerprint") == fingerprint(cfg, store, adapters)

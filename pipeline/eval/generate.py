@@ -19,8 +19,10 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from pipeline import layout
 from pipeline.errors import UsageError, UserFacingError
 from pipeline.lm.device import worker_device
+from pipeline.lm.generation import generate_texts, prompt_ids
 from pipeline.lm.model import load_model, load_tokenizer, resolve_base
 
 log = logging.getLogger(__name__)
@@ -55,11 +57,11 @@ def config_from_output(output: str, domains: list[str], sets: Optional[list[str]
     from pipeline.config import Config, ConfigError, _parse_scalar, _set_key
     from pipeline.storage import Store
     store = Store(output)
-    names = list(domains) + sorted({f.split("/")[1] for f in store.list_files("adapters", "training_report.json")})
-    rep = next((store.read_json(f"adapters/{d}/training_report.json") for d in names
-                if store.is_file(f"adapters/{d}/training_report.json")), None)
+    names = list(domains) + sorted({layout.adapter_domain(f) for f in store.list_files(layout.ADAPTERS, layout.TRAINING_REPORT)} - {None})
+    rep = next((store.read_json(layout.training_report(d)) for d in names
+                if store.is_file(layout.training_report(d))), None)
     if rep is None:
-        raise UserFacingError(f"no finished adapter under {store.uri_of('adapters')}: train first (adapters train), or pass "
+        raise UserFacingError(f"no finished adapter under {store.uri_of(layout.ADAPTERS)}: train first (adapters train), or pass "
                               "--config with the run's YAML to generate with the base model alone")
     c = rep.get("compat") or {}
     d = {"output": output, "model": {"base": c.get("model.base") or rep["base_model"], "revision": c.get("model.revision"),
@@ -72,7 +74,7 @@ def config_from_output(output: str, domains: list[str], sets: Optional[list[str]
     try:
         return Config.model_validate(d)
     except Exception as e:
-        raise ConfigError(f"cannot rebuild the settings from {store.uri_of('adapters')}: {e}; pass --config") from None
+        raise ConfigError(f"cannot rebuild the settings from {store.uri_of(layout.ADAPTERS)}: {e}; pass --config") from None
 
 
 def check_request(prompts: list[str], domains: list[str], include_base: bool, max_new_tokens: int) -> None:
@@ -92,14 +94,14 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
                  temperature: float = 0.0) -> list[dict]:
     """Every prompt through the base model (include_base) and each domain's adapter; one dict per answer."""
     import torch
-    from pipeline.eval.scoring import BaseAndAdapters, generate_texts, prompt_ids
+    from pipeline.eval.scoring import BaseAndAdapters
     from pipeline.storage import open_store
     check_request(prompts, domains, include_base, max_new_tokens)
     store = open_store(cfg)
-    missing = [d for d in domains if not store.is_file(f"adapters/{d}/training_report.json")]
+    missing = [d for d in domains if not store.is_file(layout.training_report(d))]
     if missing:
-        have = sorted({f.split("/")[1] for f in store.list_files("adapters", "training_report.json")})
-        raise UserFacingError(f"no finished adapter for {missing} under {store.uri_of('adapters')} (finished: "
+        have = sorted({layout.adapter_domain(f) for f in store.list_files(layout.ADAPTERS, layout.TRAINING_REPORT)} - {None})
+        raise UserFacingError(f"no finished adapter for {missing} under {store.uri_of(layout.ADAPTERS)} (finished: "
                               f"{', '.join(have) or 'none'}): train it first, or pick one of those with --domain")
     device = worker_device(cfg, allow_fake_gpu=False)
     if device == "cpu":

@@ -45,7 +45,6 @@ from pipeline.errors import UserFacingError
 
 log = logging.getLogger(__name__)
 
-HARNESS_JSON = "eval/harness.json"
 INSTALL = "pip install -e '.[harness]' (or pip install 'lm-eval>=0.4.9,<0.5')"
 MAX_INCLUDE_MB = 64   # task YAMLs and small local data; larger data belongs where every node reads it
 # library loggers quieted to warnings in the task: their INFO lines (per request batch) would bury the pipeline's
@@ -136,7 +135,7 @@ def model_args(cfg, store, name: str) -> str:
     if cfg.model.revision and cfg.model.base != "tiny":
         parts.append(f"revision={cfg.model.revision}")
     if name != "base":
-        parts.append(f"peft={store.uri_of(f'adapters/{name}')}")
+        parts.append(f"peft={store.uri_of(layout.adapter(name))}")
     parts.append(f"dtype={_dtype_name(cfg)}")
     return ",".join(parts)
 
@@ -164,7 +163,7 @@ def command_line(cfg, store, name: str) -> str:
 def fingerprint(cfg, store, domains: list[str], files: dict[str, bytes]) -> str:
     """What decides the numbers: tasks, their local files, limit, lm-eval's version, the base, each adapter."""
     import importlib.metadata as md
-    reports = {d: hashlib.sha256(store.read_bytes(f"adapters/{d}/training_report.json")).hexdigest() for d in domains}
+    reports = {d: hashlib.sha256(store.read_bytes(layout.training_report(d))).hexdigest() for d in domains}
     base = store.read_json_or("base_model/tiny_meta.json", {}).get("fingerprint") if cfg.model.base == "tiny" else None
     d = {"tasks": cfg.eval.harness_tasks, "limit": cfg.eval.harness_limit, "lm_eval": md.version("lm_eval"),
          "files": {k: hashlib.sha256(v).hexdigest() for k, v in files.items()},
@@ -177,15 +176,15 @@ def run_harness(cfg, store, domains: list[str]) -> list[HarnessRow]:
     the rows, also written to eval/harness.json (and kept when nothing that decides them changed)."""
     import ray
     from pipeline.eval import model_groups
-    missing = [d for d in domains if (store.read_json_or(f"adapters/{d}/training_report.json") or {}).get("status") != "finished"]
+    missing = [d for d in domains if (store.read_json_or(layout.training_report(d)) or {}).get("status") != "finished"]
     if missing:
         raise UserFacingError(f"harness: no finished adapter for {', '.join(missing)} under {store.uri_of('adapters')}: "
                               "train first")
     files = _include_files(_include_dir(cfg))
     fp = fingerprint(cfg, store, domains, files)
-    old = store.read_json_or(HARNESS_JSON)
+    old = store.read_json_or(layout.HARNESS_JSON)
     if isinstance(old, dict) and old.get("fingerprint") == fp:
-        log.info("harness: %s is up to date (same models, tasks and settings): kept", store.uri_of(HARNESS_JSON))
+        log.info("harness: %s is up to date (same models, tasks and settings): kept", store.uri_of(layout.HARNESS_JSON))
         return [HarnessRow(**r) for r in old.get("rows") or []]
     check_tasks(cfg)            # lm-eval's task index (seconds to build): only when the tasks will run
     from pipeline.raycluster import ensure_ray
@@ -212,14 +211,14 @@ def run_harness(cfg, store, domains: list[str]) -> list[HarnessRow]:
     rows: list[HarnessRow] = []
     for m in models:
         rows += results_rows(m, out[m])
-        store.write_json(f"eval/harness/{m}.json", out[m])
-    store.write_json(HARNESS_JSON, {
+        store.write_json(layout.harness_results(m), out[m])
+    store.write_json(layout.HARNESS_JSON, {
         "fingerprint": fp, "tasks": cfg.eval.harness_tasks, "limit": cfg.eval.harness_limit,
         "include_path": cfg.eval.harness_include_path, "models": models,
         "lm_eval_version": out["base"].get("lm_eval_version"),
         "commands": {m: command_line(cfg, store, m) for m in models},
         "rows": [x.model_dump() for x in rows], "wall_time_s": round(time.time() - t0, 1)})
-    log.info("harness: %d row(s) written to %s in %.1fs", len(rows), store.uri_of(HARNESS_JSON), time.time() - t0)
+    log.info("harness: %d row(s) written to %s in %.1fs", len(rows), store.uri_of(layout.HARNESS_JSON), time.time() - t0)
     return rows
 
 

@@ -22,13 +22,25 @@ so the same items, in the same order, reach every model.
 from __future__ import annotations
 
 import random
-from typing import Literal, Optional
+from typing import Annotated, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
+from pipeline.eval.tasks import scorer_of
 from pipeline.lm.data import example_key, read_split, row_messages
+from pipeline.sources.base import FREE_TEXT, TASK_KINDS
 
 TEST_COLUMNS = ("messages", "doc_id", "source", "task")
+
+
+def _known_kind(kind: str) -> str:
+    if kind not in TASK_KINDS:
+        raise ValueError(f"unknown eval task kind {kind!r} (pipeline.sources.base.TASK_KINDS: {', '.join(TASK_KINDS)})")
+    return kind
+
+
+# a kind TASK_KINDS names (read when an item is made: a kind registered later is known too)
+TaskKind = Annotated[str, AfterValidator(_known_kind)]
 
 
 class EvalItem(BaseModel):
@@ -38,11 +50,11 @@ class EvalItem(BaseModel):
     doc_id: str
     source: str
     task: str                              # the SFT task (e.g. qa_with_context)
-    kind: Literal["multiple_choice", "free_text"]
+    kind: TaskKind                         # how it is scored: pipeline.eval.tasks.SCORERS[kind]
     messages: tuple[tuple[str, str], ...]  # the conversation as (role, content), ending in the reference answer
     prompt: str                            # the turns before the reference, as text (the report shows it)
     response: str                          # the reference answer: the conversation's last turn
-    choices: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()          # the kind's item_fields: multiple choice's choices and gold
     gold: Optional[int] = None             # multiple choice: index of the gold choice; None: not scored
     generate: bool = False                 # in the free-text sample (ROUGE-L, token F1)
     side_by_side: bool = False             # shown in the report: base vs the domain's adapter
@@ -84,14 +96,13 @@ def _rng(seed: int, domain: str, what: str) -> random.Random:
 
 def build_items(rows: list[dict], domain: str, registry: dict, ev) -> list[EvalItem]:
     """Items for a domain's test rows (dicts with TEST_COLUMNS); ev is the config's eval section."""
-    from pipeline.sources.base import FREE_TEXT
     rows = [{**r, "messages": row_messages(r["messages"])} for r in rows]
     rows = sorted(rows, key=lambda r: example_key(r["doc_id"], r["messages"]))
     if ev.max_examples is not None and len(rows) > ev.max_examples:
         keep = set(_rng(ev.seed, domain, "examples").sample(range(len(rows)), ev.max_examples))
         rows = [r for i, r in enumerate(rows) if i in keep]
-    free = [i for i, r in enumerate(rows)
-            if (registry[r["source"]].eval_task(r["task"]) if r["source"] in registry else FREE_TEXT).kind == "free_text"]
+    tasks = [registry[r["source"]].eval_task(r["task"]) if r["source"] in registry else FREE_TEXT for r in rows]
+    free = [i for i, t in enumerate(tasks) if scorer_of(t.kind).sampled_for_generation]
     sample = _rng(ev.seed, domain, "generate").sample(free, min(len(free), ev.generation_samples))
     shown = sample[:ev.side_by_side]
     if len(shown) < ev.side_by_side:
@@ -99,15 +110,13 @@ def build_items(rows: list[dict], domain: str, registry: dict, ev) -> list[EvalI
         shown += _rng(ev.seed, domain, "side_by_side").sample(others, min(len(others), ev.side_by_side - len(shown)))
     gen, side = set(sample), set(shown)
     items = []
-    for i, r in enumerate(rows):
-        task = registry[r["source"]].eval_task(r["task"]) if r["source"] in registry else FREE_TEXT
-        mc = task.kind == "multiple_choice"
+    for i, (r, task) in enumerate(zip(rows, tasks)):
         prompt, reference = prompt_and_reference(r["messages"])
         items.append(EvalItem(key=example_key(r["doc_id"], r["messages"]), doc_id=r["doc_id"],
                               source=r["source"], task=r["task"], kind=task.kind,
                               messages=tuple((m["role"], m["content"]) for m in r["messages"]), prompt=prompt,
-                              response=reference, choices=task.choices if mc else (),
-                              gold=task.gold(reference) if mc else None, generate=i in gen, side_by_side=i in side))
+                              response=reference, generate=i in gen, side_by_side=i in side,
+                              **scorer_of(task.kind).item_fields(task, reference)))
     return items
 
 

@@ -1,18 +1,17 @@
 """Model-side scoring, run inside the evaluation's Ray task (and by `adapters generate`).
 
-    TokenizedPlan.build(tok, plan, train, max_new_tokens)  a domain's items as token sequences, once per task:
+    TokenizedPlan(tok, plan, train, max_new_tokens)  a domain's items as token sequences, once per task:
         a loss sequence per item (its conversation as trained: pipeline.lm.data.tokenize_conversation),
-        one sequence per choice of a scored multiple-choice item (the server prompt of messages[:-1], then
-        the choice's tokens as they start a trained answer, only those tokens scored), and the prompt of
-        each item to generate from (messages[:-1] through the chat template, with its generation prompt)
+        the sequences its kind scores (pipeline.eval.tasks: one per choice of a scored multiple-choice
+        item), and the prompt of each item to generate from (messages[:-1] through the chat template,
+        with its generation prompt)
     sequence_logprobs(model, examples, rows, seq_len, pad_id, device) -> (sum of target log-probs, target tokens)
         per sequence, packed several to a row (first-fit decreasing, per-example position ids: packed
         sequences never attend to each other, as in training); the LM head runs on target tokens only,
         in chunks, so the (tokens x vocabulary) logits are never held at once
-    generate_texts(model, tok, prompts, max_new_tokens, device, batch_tokens, temperature, seed) -> texts
-        batched (left-padded, longest first) greedy or sampled generation; flex attention is swapped for
-        SDPA while generating (flex's decoding path is for >= 128 queries)
-    score_items(model, tok, tp, plan, device, ev, side_by_side) -> one result dict per item
+    score_items(model, tok, tp, plan, device, ev, train, side_by_side) -> one result dict per item: the loss,
+        then what the item's kind makes of its sequences' log-likelihoods and of its generation
+        (generation itself: pipeline.lm.generation.generate_texts)
     BaseAndAdapters(model, store).use(name)                 the base model or an adapter on it (PEFT switching)
 """
 from __future__ import annotations
@@ -24,20 +23,15 @@ import numpy as np
 
 from pipeline import layout
 from pipeline.errors import UsageError
-from pipeline.eval.metrics import rouge_l, token_f1
-from pipeline.lm.data import (CHARS_PER_TOKEN_BOUND, IGNORE, Example, collate, cut_prompt_response, cut_texts, plan_batches,
-                              tokenize_conversation)
+from pipeline.eval.tasks import SCORERS, scorer_of
+from pipeline.lm.data import Example, collate, plan_batches, tokenize_conversation
+from pipeline.lm.generation import generate_texts, inner_model, prompt_ids
 from pipeline.lm.kernels import head_logits, pad_batch
-from pipeline.lm.model import encode_conversation, load_adapter_onto, prompt_tokens
+from pipeline.lm.model import load_adapter_onto
 
 log = logging.getLogger(__name__)
 
 HEAD_CHUNK_TOKENS = 2048     # LM-head rows computed at once when scoring
-MAX_GENERATION_BATCH = 64
-
-
-def _lm(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -56,14 +50,14 @@ class BaseAndAdapters:
     def _mismatch(self, name: str, error: str) -> str:
         """One line: which adapter, the first mismatching weight, the base it says it was trained on."""
         first = next((ln.strip() for ln in error.splitlines() if "size mismatch" in ln), "size mismatch")
-        rel = f"adapters/{name}/training_report.json"
+        rel = layout.training_report(name)
         try:
             rep = self.store.read_json(rel) if self.store.is_file(rel) else {}
         except Exception:  # noqa: BLE001 - only for the message
             rep = {}
         trained_on = (rep.get("compat") or {}).get("model.base") or rep.get("base_model") if isinstance(rep, dict) else None
         here = getattr(getattr(self.model, "config", None), "_name_or_path", "") or "the base model loaded"
-        return (f"the {name} adapter ({self.store.uri_of(f'adapters/{name}')}) was trained on another base model"
+        return (f"the {name} adapter ({self.store.uri_of(layout.adapter(name))}) was trained on another base model"
                 + (f" ({trained_on})" if trained_on else "") + f" than {here}: {first[:200]}; use the base it was "
                 "trained on (--config with that run's YAML, or --set model.base=...)")
 
@@ -94,32 +88,13 @@ class BaseAndAdapters:
 
 # ---- tokenization -------------------------------------------------------------------------------
 
-def prompt_ids(tok, messages: list[dict], max_len: int) -> list[int]:
-    """What a server sends the model for these turns (the chat template with its generation prompt, as
-    training encodes them); its end kept when too long."""
-    return prompt_tokens(tok, cut_texts(messages, CHARS_PER_TOKEN_BOUND * max_len))[-max_len:]
-
-
-def choice_ids(tok, messages: list[dict], choice: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, choice ids): the choice's tokens as they open a trained answer to these turns (its
-    end-of-turn tokens cut: the shortest prefix of the answer tokens that decodes to text holding the choice)."""
-    ids, trained = encode_conversation(tok, cut_texts(list(messages) + [{"role": "assistant", "content": choice}],
-                                                       CHARS_PER_TOKEN_BOUND * 4096))[-1]
-    start = next(k for k in range(len(trained) - 1, -1, -1) if trained[k] and (k == 0 or not trained[k - 1]))
-    p, r = ids[:start], [t for t, on in zip(ids[start:], trained[start:]) if on]  # the last answer: the choice
-    for k in range(1, len(r) + 1):
-        if choice.strip() in tok.decode(r[:k], skip_special_tokens=True):
-            return p, r[:k]
-    return p, r
-
-
 class TokenizedPlan:
     """A DatasetPlan's token sequences (built once per task: the tokenizer is the same for every model)."""
 
     def __init__(self, tok, plan, train, max_new_tokens: int):
         self.examples: list = []
         self.loss_of: dict[int, int] = {}             # item index -> its loss sequence
-        self.choices_of: dict[int, list[int]] = {}     # item index -> one sequence per choice
+        self.sequences_of: dict[int, list[int]] = {}   # item index -> the sequences its kind scores (choices ...)
         self.prompts: dict[int, list[int]] = {}        # item index -> prompt ids to generate from
         L = train.max_seq_length
         for i, it in enumerate(plan.items):
@@ -128,13 +103,9 @@ class TokenizedPlan:
             ex = Example(ids, labels)
             if len(ex) >= 2 and ex.n_target_tokens > 0:
                 self.loss_of[i] = self._add(ex)
-            if it.kind == "multiple_choice" and it.gold is not None:
-                seqs = []
-                for c in it.choices:
-                    p, r = choice_ids(tok, it.prompt_messages, c)
-                    p, r = cut_prompt_response(p, r, L)
-                    seqs.append(self._add(Example(p + r, [IGNORE] * len(p) + r)))
-                self.choices_of[i] = seqs
+            seqs = scorer_of(it.kind).sequences(tok, it, L)
+            if seqs:
+                self.sequences_of[i] = [self._add(e) for e in seqs]
             if it.generate or it.side_by_side:
                 self.prompts[i] = prompt_ids(tok, it.prompt_messages, max(16, L - max_new_tokens))
 
@@ -175,7 +146,7 @@ def sequence_logprobs(model, examples, rows: int, seq_len: int, pad_id: int, dev
     counts = torch.zeros(len(examples), dtype=torch.long)
     if not examples:
         return sums.numpy(), counts.numpy()
-    lm = _lm(model)
+    lm = inner_model(model)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))   # first-fit decreasing
     was_training = model.training
     model.eval()
@@ -199,67 +170,11 @@ def sequence_logprobs(model, examples, rows: int, seq_len: int, pad_id: int, dev
     return sums.numpy(), counts.numpy()
 
 
-# ---- generation ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _generation_attention(model):
-    """SDPA while generating when the model runs flex attention (its decoding path is not used in training)."""
-    lm = _lm(model)
-    impl = getattr(lm.config, "_attn_implementation", None)
-    switched = impl == "flex_attention" and hasattr(lm, "set_attn_implementation")
-    if switched:
-        lm.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        if switched:
-            lm.set_attn_implementation(impl)
-
-
-def _eos_ids(model, tok) -> list[int]:
-    ids = getattr(_lm(model).generation_config, "eos_token_id", None)
-    ids = list(ids) if isinstance(ids, (list, tuple)) else ([] if ids is None else [ids])
-    return sorted(set(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
-
-
-def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, device, batch_tokens: int,
-                   temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Generations for token-id prompts (in their order); greedy when temperature is 0."""
-    import torch
-    out = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    sample = temperature > 0
-    kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if sample else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if sample:
-        torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    i = 0
-    with torch.no_grad(), _generation_attention(model):
-        while i < len(order):
-            width = len(prompts[order[i]]) + max_new_tokens
-            chunk = order[i:i + max(1, min(MAX_GENERATION_BATCH, batch_tokens // width))]
-            L = max(len(prompts[j]) for j in chunk)
-            ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for r, j in enumerate(chunk):   # left padding: every prompt ends where generation starts
-                ids[r, L - len(prompts[j]):] = torch.tensor(prompts[j])
-                mask[r, L - len(prompts[j]):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad, eos_token_id=_eos_ids(model, tok), use_cache=True, **kw)
-            for r, j in enumerate(chunk):
-                out[j] = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
-            i += len(chunk)
-    model.train(was_training)
-    return out
-
-
 # ---- one model on one dataset -------------------------------------------------------------------
 
 def score_items(model, tok, tp: TokenizedPlan, plan, device, ev, train, side_by_side: bool) -> list[dict]:
-    """Per item: loss (sum, tokens), choice log-likelihoods and predictions, generation and its scores."""
+    """Per item: loss (sum, tokens), its kind's scores of its sequences' log-likelihoods (multiple choice:
+    choice_ll, pred, pred_norm), generation and its kind's scores of it (free text: rouge_l, f1)."""
     rows = max(1, (ev.tokens_per_batch or 4 * train.tokens_per_micro_batch) // train.max_seq_length)
     sums, counts = sequence_logprobs(model, tp.examples, rows, train.max_seq_length, tok.pad_token_id, device)
     want = [i for i, it in enumerate(plan.items) if i in tp.prompts and (it.generate or side_by_side)]
@@ -272,14 +187,12 @@ def score_items(model, tok, tp: TokenizedPlan, plan, device, ev, train, side_by_
         if i in tp.loss_of:
             j = tp.loss_of[i]
             r.update(loss_sum=float(-sums[j]), n_tokens=int(counts[j]))
-        if i in tp.choices_of:
-            ll = [float(sums[j]) for j in tp.choices_of[i]]
-            norm = [x / max(1, len(c)) for x, c in zip(ll, it.choices)]
-            r.update(choice_ll=ll, pred=int(np.argmax(ll)), pred_norm=int(np.argmax(norm)))
+        if i in tp.sequences_of:
+            r.update(scorer_of(it.kind).score_likelihoods(it, [float(sums[j]) for j in tp.sequences_of[i]]))
         if i in generated:
             r["generation"] = generated[i]
             if it.generate:
-                r.update(rouge_l=rouge_l(generated[i], it.response), f1=token_f1(generated[i], it.response))
+                r.update(scorer_of(it.kind).score_generation(it, generated[i]))
         results.append(r)
     return results
 
@@ -288,10 +201,7 @@ def summary_line(plan, results: list[dict]) -> str:
     """Loss, accuracy and ROUGE-L of one model on one dataset, for the progress log."""
     tok = sum(r.get("n_tokens", 0) for r in results)
     parts = [f"loss {sum(r.get('loss_sum', 0.0) for r in results) / tok:.4f}" if tok else "loss n/a"]
-    mc = [(r["pred"], it.gold) for it, r in zip(plan.items, results) if "pred" in r]
-    if mc:
-        parts.append(f"acc {sum(p == g for p, g in mc) / len(mc):.3f} ({len(mc)} scored)")
-    rl = [r["rouge_l"] for r in results if "rouge_l" in r]
-    if rl:
-        parts.append(f"ROUGE-L {sum(rl) / len(rl):.3f} ({len(rl)} generated)")
+    for kind, s in SCORERS.items():
+        mine = [(it, r) for it, r in zip(plan.items, results) if it.kind == kind]
+        parts += s.progress([it for it, _ in mine], [r for _, r in mine])
     return ", ".join(parts)

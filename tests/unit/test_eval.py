@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import ClassVar
 import random
 import sys
 from pathlib import Path
@@ -27,7 +29,9 @@ from pipeline.eval import stats  # noqa: E402
 from pipeline.eval.metrics import lcs_length, rouge_l, token_f1, words  # noqa: E402
 from pipeline.eval.plan import DatasetPlan, build_items  # noqa: E402
 from pipeline.sources import BUILTIN, registry  # noqa: E402
-from pipeline.sources.base import MultipleChoice  # noqa: E402
+from pipeline.eval import tasks  # noqa: E402
+from pipeline.lm.data import IGNORE, Example  # noqa: E402
+from pipeline.sources.base import TASK_KINDS, EvalTask, MultipleChoice  # noqa: E402
 
 
 # ---- ROUGE-L and token F1 -----------------------------------------------------------------------
@@ -209,8 +213,8 @@ def test_majority_class_baseline_flags_trivial_tasks():
     m = mx.majority([("a", 0), ("a", 0), ("a", 1), ("b", 1), ("b", 1), ("b", 0), ("a", None)])
     assert m == {"majority_rate": pytest.approx(4 / 6), "gold_classes": 2, "trivial": False}
     assert mx.majority([("a", 0)] * 19 + [("a", 1)])["trivial"]          # 95% majority > 0.9
-    assert mx.headline_metric({"multiple_choice_scored": 5, "multiple_choice_trivial": True, "generated": 3}) == "rouge_l"
-    assert mx.headline_metric({"multiple_choice_scored": 5, "multiple_choice_trivial": False, "generated": 3}) == "acc"
+    assert mx.headline_metric({"multiple_choice_scored": 5, "multiple_choice_trivial": True, "free_text": 4, "generated": 3}) == "rouge_l"
+    assert mx.headline_metric({"multiple_choice_scored": 5, "multiple_choice_trivial": False, "free_text": 4, "generated": 3}) == "acc"
 
 
 def test_iam_claim_detection_has_real_classes():
@@ -380,6 +384,103 @@ def test_scorer_gives_the_expected_acc_and_acc_norm_for_known_loglikelihoods():
     assert cells["acc"]["low"] <= 0.5 <= cells["acc"]["high"]
 
 
+# ---- task kinds: each kind's scorer, and a new kind added by registering one ----------------------------
+
+@dataclass(frozen=True)
+class AnswerLikelihood(EvalTask):
+    """A kind the project does not have (the test's): the log-likelihood of the reference answer as it
+    continues the prompt."""
+    kind: ClassVar[str] = "answer_likelihood"
+    metrics: ClassVar[tuple[str, ...]] = ("answer_logprob",)
+
+
+class AnswerLikelihoodScorer(tasks.TaskScorer):
+    task = AnswerLikelihood
+    metric_specs = {"answer_logprob": tasks.Metric("answer_logprob")}
+    likelihood_columns = ("answer_logprob",)
+
+    def sequences(self, tok, item, max_len):
+        p, r = tasks.choice_ids(tok, item.prompt_messages, item.response)
+        return [Example(p + r, [IGNORE] * len(p) + r)]
+
+    def score_likelihoods(self, item, logprobs):
+        return {"answer_logprob": logprobs[0]}
+
+    def headline(self, counts):
+        return "answer_logprob" if counts[self.kind] else None
+
+
+def test_every_task_kind_has_a_scorer_whose_metrics_the_matrix_computes():
+    assert set(tasks.SCORERS) == set(TASK_KINDS)
+    ev = EvalConfig(generation_samples=2, side_by_side=0, bootstrap_resamples=100)
+    plan = DatasetPlan(domain="medicine", items=tuple(build_items(_rows(), "medicine", registry(), ev)), test_rows=12)
+    rows = mx.example_rows(plan, _synthetic_scores(plan, ev)["base"]["medicine"])
+    m = mx.build_matrix([plan], {"base": {"medicine": rows}}, ev)
+    for kind, s in tasks.SCORERS.items():
+        assert s.task is TASK_KINDS[kind] and [n for n, _ in s.metrics] == list(TASK_KINDS[kind].metrics)
+        assert kind in m["counts"]["medicine"]          # each kind counts its rows
+        for name, spec in s.metrics:                    # each metric is read from a column every row has, and has cells
+            assert all(spec.column in r for r in rows) and m["metrics"][name]["base"]["medicine"]["n"] > 0, (kind, name)
+    with pytest.raises(KeyError, match="no scorer for eval task kind 'essay'"):
+        tasks.scorer_of("essay")
+    with pytest.raises(ValueError, match="unknown eval task kind"):
+        plan.items[0].model_validate({**plan.items[0].model_dump(), "kind": "essay"})
+
+
+def test_no_module_of_the_evaluation_but_tasks_names_a_kind():
+    """The kinds are an extension point: plan, scoring and matrix ask the item's scorer."""
+    root = Path(__file__).resolve().parents[2] / "pipeline" / "eval"
+    for f in sorted(root.glob("*.py")):
+        if f.name != "tasks.py":
+            text = f.read_text()
+            assert not [k for k in TASK_KINDS if f'"{k}"' in text or f"'{k}'" in text], f
+
+
+def test_a_new_task_kind_is_scored_by_registering_its_scorer(monkeypatch):
+    """A kind declared in sources (TASK_KINDS) and a scorer registered for it: the plan, the model side,
+    the example rows and the matrix score it beside the existing kinds, with no other change."""
+    from pipeline.eval.scoring import TokenizedPlan, score_items
+    monkeypatch.setitem(TASK_KINDS, AnswerLikelihood.kind, AnswerLikelihood)
+    monkeypatch.setitem(tasks.SCORERS, AnswerLikelihood.kind, None)    # removed again after the test
+    tasks.register(AnswerLikelihoodScorer())
+    kind = AnswerLikelihood.kind
+    reg = {**registry(), "quiz": SimpleNamespace(eval_task=lambda task: AnswerLikelihood())}
+    rows = _rows(n_mc=4, n_free=0, bad=0) + [{**chat(f"Say {w}", f"{w} then"), "doc_id": f"z{i}", "source": "quiz",
+                                              "task": "short"} for i, w in enumerate(("bb", "cd", "dc"))]
+    ev = EvalConfig(generation_samples=2, side_by_side=0, bootstrap_resamples=200)
+    plan = DatasetPlan(domain="d", items=tuple(build_items(rows, "d", reg, ev)), test_rows=len(rows))
+    assert sorted(it.kind for it in plan.items) == [kind] * 3 + ["multiple_choice"] * 4
+    assert not any(it.generate for it in plan.items)      # not sampled for generation (nor is multiple choice)
+    tok, model = CharTokenizer(), BigramModel()
+    train = tiny_config("/tmp/unused").train.model_copy(update={"max_seq_length": 96, "tokens_per_micro_batch": 192})
+    results = score_items(model, tok, TokenizedPlan(tok, plan, train, 8), plan, "cpu", ev, train, side_by_side=False)
+    want = {}
+    for it, r in zip(plan.items, results):
+        if it.kind == kind:
+            p = [tok.bos_token_id] + tok.encode(f"### Question:\n{it.prompt}\n\n### Answer:\n")   # the default template
+            want[it.key] = model.logp(p + tok.encode(it.response)) - model.logp(p)     # the answer's tokens only
+            assert r["answer_logprob"] == pytest.approx(want[it.key], abs=1e-4) and "pred" not in r
+        else:
+            assert len(r["choice_ll"]) == 3 and "answer_logprob" not in r              # multiple choice as before
+    ex = mx.example_rows(plan, results)
+    assert all(list(r) == list(ex[0]) for r in ex) and "answer_logprob" in ex[0]       # one schema: every kind's columns
+    assert [r["answer_logprob"] is None for r in ex] == [r["kind"] != kind for r in ex]
+    assert [r["correct"] is None for r in ex] == [r["kind"] == kind for r in ex]
+    m = mx.build_matrix([plan], {"base": {"d": ex}, "d": {"d": ex}}, ev)
+    c = m["metrics"]["answer_logprob"]["base"]["d"]
+    assert c["n"] == 3 and c["value"] == pytest.approx(sum(want.values()) / 3, abs=1e-4) and "BCa" in c["interval"]
+    assert m["comparisons"]["d"]["d"]["answer_logprob"]["difference"] == 0.0          # tested against the base too
+    assert m["counts"]["d"][kind] == 3 and m["counts"]["d"]["multiple_choice_scored"] == 4
+    t = m["tasks"]["d"]["quiz/short"]
+    assert t["kind"] == kind and t["rows"] == 3 and t["unscored"] == 0 and list(t["metrics"]) == ["loss", "answer_logprob"]
+    assert m["verdicts"]["d"]["metric"] == "acc"        # an earlier kind's headline still decides when it applies
+    assert mx.headline_metric({**m["counts"]["d"], "multiple_choice_scored": 0}) == "answer_logprob"
+    # a scorer must match its declaration
+    bad = type("Bad", (AnswerLikelihoodScorer,), {"metric_specs": {"other": tasks.Metric("other")}})
+    with pytest.raises(ValueError, match="metric_specs"):
+        tasks.register(bad())
+
+
 # ---- the tiny model: packed scoring and batched generation ---------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -411,7 +512,7 @@ def test_packed_loss_equals_training_evaluation(tiny):
 
 
 def test_batched_generation_equals_one_at_a_time(tiny):
-    from pipeline.eval.scoring import generate_texts, prompt_ids
+    from pipeline.lm.generation import generate_texts, prompt_ids
     cfg, tok, model = tiny
     prompts = [prompt_ids(tok, [{"role": "user", "content": r["messages"][0]["content"] + " " * i}], 100)
                for i, r in enumerate(sft_rows("medicine", 5, 3))]
