@@ -7,8 +7,8 @@
 
 --variant runs the project's trainer again under other settings (same data, same model), e.g.
 --variant peft_lora:train.fused_lora=off; the first variant is always "default" (no overrides). Each
-variant's per-step losses are printed against the default's (e.g. --variant fp8:train.base_matmul=fp8
---steps 30: FP8 base matmuls, kept only if every step is within 0.02 of bf16's).
+variant's per-step losses are printed against the default's (a speed change is kept only when its losses
+stay close: issue 27 asks 0.01 for a kernel change, 0.02 for FP8 base matmuls).
 --profile NAME runs that variant for 4 more steps under torch.profiler and prints the GPU kernels
 that took the most time.
 
@@ -279,7 +279,7 @@ def run_seed(seed_recipe: str, data_dir: str, arch: str, targets: str, steps: in
 
 def loss_comparison(ok: list[dict], targets: str) -> list[str]:
     """Each project variant's per-step losses against the default's (same data order and seeds), e.g. issue
-    27's bar for train.base_matmul=fp8: every step within 0.02 of bf16's."""
+    27's bar for FP8 base matmuls: every step within 0.02 of bf16's."""
     default = next((r for r in ok if r["who"] == "project" and r["variant"] == "default"), None)
     out = []
     for r in ok:

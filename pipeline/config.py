@@ -346,10 +346,6 @@ class TrainConfig(TrainHyper):
     fused_lora: Literal["auto", "on", "off"] = Field(
         "auto", description="the base matmul and the LoRA branch as one autograd step in the compute dtype "
         "(pipeline/lm/lora_fused.py); auto: every LoRA layer on a plain or 4-bit base")
-    base_matmul: Literal["bf16", "fp8"] = Field(
-        "bf16", description="the frozen base layers' matmuls (forward and input gradient); fp8: in FP8 with "
-        "per-channel/per-token scales (pipeline/lm/fp8.py), GPUs of compute capability 8.9+ (Ada, Hopper) only, "
-        "inside the fused LoRA layers; LoRA and everything trained stay bf16/fp32")
     eval_every: int = Field(50, ge=1)
     eval_max_batches: Optional[int] = Field(None, ge=1, description="cap on eval batches (None = whole split)")
     checkpoint_every: int = Field(50, ge=1)
@@ -567,12 +563,6 @@ class Config(_Strict):
                              f"(known domains: {', '.join(known)})")
         if self.model.base == "tiny" and self.model.trust_remote_code:
             raise ValueError("model.trust_remote_code makes no sense with model.base: tiny")
-        if self.train.base_matmul == "fp8" and self.train.fused_lora == "off":
-            raise ValueError("train.base_matmul fp8 runs inside the fused LoRA layers: set train.fused_lora to "
-                             "auto or on, or train.base_matmul to bf16")
-        if self.train.base_matmul == "fp8" and self.model.compute_dtype in ("float16", "float32"):
-            raise ValueError(f"train.base_matmul fp8 needs bf16 compute (model.compute_dtype auto or bfloat16), "
-                             f"not {self.model.compute_dtype}")
         if self.resources.device == "cpu" and self.model.compute_dtype == "float16":
             raise ValueError("model.compute_dtype float16 is not supported on CPU: use auto or float32")
         return self

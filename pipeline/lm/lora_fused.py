@@ -24,11 +24,6 @@ dtype (bf16 on GPUs) with fp32 accumulation and their gradients come back in fp3
 A patched layer falls back to PEFT's own forward whenever it is not plain LoRA: adapters disabled
 (the base-model evaluation), merged, several active adapters, DoRA or other variants, LoRA bias,
 per-call adapter names. Saved adapters are PEFT's, unchanged.
-
-With fp8 (train.base_matmul: fp8, fuse_lora(..., base_matmul="fp8")) the two base matmuls, y = x @ W^T and
-gx = g @ W, run in FP8 (pipeline/lm/fp8.py: W dequantized from NF4 then quantized per channel, x and g per
-token) wherever the tensors allow it (CUDA, bf16, dimensions multiples of 16); anything else takes the
-bf16 path above. The LoRA branch and every gradient of a trained weight stay in bf16/fp32.
 """
 from __future__ import annotations
 
@@ -54,10 +49,8 @@ def _autograd_fn():
 
     class FusedLoraLinear(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, A, B, layer, scale: float, p: float, fp8: bool = False):
-            y = _fp8_base(layer.base_layer, x) if fp8 else None
-            if y is None:
-                y = layer.base_layer(x)           # autograd is off in here: bitsandbytes takes its plain path
+        def forward(ctx, x, A, B, layer, scale: float, p: float):
+            y = layer.base_layer(x)               # autograd is off in here: bitsandbytes takes its plain path
             if not y.is_contiguous():
                 y = y.contiguous()
             K, N = x.shape[-1], y.shape[-1]
@@ -82,7 +75,7 @@ def _autograd_fn():
                 h = xd @ a.t()                    # [tokens, r]
             y.view(-1, N).addmm_(h, b.t(), alpha=scale)
             ctx.save_for_backward(xd, mask, h, a, b)
-            ctx.layer, ctx.scale, ctx.p, ctx.fp8 = layer, scale, p, fp8
+            ctx.layer, ctx.scale, ctx.p = layer, scale, p
             ctx.x_shape, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = x.shape, x.dtype, A.dtype, B.dtype
             return y
 
@@ -96,14 +89,7 @@ def _autograd_fn():
                 gB = (g.t() @ h).mul_(ctx.scale).to(ctx.B_dtype)
             if ctx.needs_input_grad[0]:
                 w = _dense_weight(ctx.layer.base_layer, g.dtype)
-                gx = None
-                if ctx.fp8:
-                    from pipeline.lm import fp8
-                    if fp8.usable(g, w.shape[1]) and w.dtype == g.dtype:
-                        # W^T quantized per row, i.e. per input channel of W (the contraction is over N)
-                        gx = fp8.matmul_nt(g.contiguous(), w.t())
-                if gx is None:
-                    gx = g @ w
+                gx = g @ w
                 del w
             if ctx.seed is not None:                # Triton: gA and the dropout part of gx in one pass over x
                 if gx is not None or ctx.needs_input_grad[1]:
@@ -119,31 +105,9 @@ def _autograd_fn():
                     gx.add_(torch.ops.aten.native_dropout_backward(gh @ a, mask, 1.0 / (1.0 - ctx.p)))
             if gx is not None:
                 gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
-            return gx, gA, gB, None, None, None, None
+            return gx, gA, gB, None, None, None
 
     return FusedLoraLinear
-
-
-def _fp8_base(base, x):
-    """base(x) with the matmul in FP8 (pipeline/lm/fp8.py), or None where it cannot run (then the caller
-    takes the bf16 path): not on CUDA, not bf16, a dimension not a multiple of 16."""
-    import torch
-    from pipeline.lm import fp8
-    x2 = x.reshape(-1, x.shape[-1])
-    N = base.out_features
-    if not fp8.usable(x2, N) or base.weight.device != x.device:
-        return None
-    w = _dense_weight(base, torch.bfloat16)
-    y = fp8.matmul_nt(x2.contiguous(), w, fast_accum=FP8_FAST_ACCUM_FORWARD)
-    del w
-    if getattr(base, "bias", None) is not None:
-        y.add_(base.bias.to(y.dtype))
-    return y.view(*x.shape[:-1], N)
-
-
-# the forward's FP8 matmul accumulates with Hopper's faster, less precise accumulation (as torchao's float8
-# training does for its forward); the input-gradient backward accumulates exactly
-FP8_FAST_ACCUM_FORWARD = True
 
 
 def _triton_ok(x) -> bool:
@@ -193,24 +157,23 @@ class FusedForward:
     reference cycle (layer -> forward -> layer) that keeps a discarded model's GPU memory alive until
     the garbage collector happens to run (seen on the H100: 3.4 GB of a previous model still allocated)."""
 
-    __slots__ = ("layer", "fp8", "__weakref__")
+    __slots__ = ("layer", "__weakref__")
 
-    def __init__(self, layer, fp8: bool = False):
+    def __init__(self, layer):
         self.layer = weakref.ref(layer)
-        self.fp8 = fp8     # the base matmuls in FP8 (train.base_matmul: fp8) where the tensors allow it
 
     def __call__(self, x, *args, **kwargs):
-        return _fused_forward(self.layer(), x, *args, fp8=self.fp8, **kwargs)
+        return _fused_forward(self.layer(), x, *args, **kwargs)
 
 
-def _fused_forward(self, x, *args, fp8: bool = False, **kwargs):
+def _fused_forward(self, x, *args, **kwargs):
     import torch
     if args or kwargs or not _plain_lora(self):
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     drop = self.lora_dropout[name]
     p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-    return _fn().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self, float(self.scaling[name]), p, fp8)
+    return _fn().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self, float(self.scaling[name]), p)
 
 
 def base_supported(base) -> bool:
@@ -231,44 +194,29 @@ def base_supported(base) -> bool:
     return type(base) is torch.nn.Linear
 
 
-def fuse_lora(model, mode: str = "auto", base_matmul: str = "bf16") -> int:
+def fuse_lora(model, mode: str = "auto") -> int:
     """Patch the PEFT LoRA linear layers of `model` whose base is supported. mode: auto (every layer
-    that qualifies), on (the same, but an error if none does), off (nothing). base_matmul: bf16, or fp8
-    (the base matmuls in FP8: pipeline/lm/fp8.py; Fp8Unavailable unless the model's GPU can run them)."""
-    if base_matmul not in ("bf16", "fp8"):
-        raise ValueError(f"base_matmul must be bf16 or fp8, got {base_matmul!r}")
-    fp8 = base_matmul == "fp8"
-    if fp8 and mode == "off":
-        raise ValueError("train.base_matmul fp8 runs inside the fused LoRA layers: it needs train.fused_lora auto or on")
+    that qualifies), on (the same, but an error if none does), off (nothing)."""
     if mode == "off":
         return 0
-    if fp8:
-        from pipeline.lm.fp8 import require
-        require(next(p for p in model.parameters()).device)
     from peft.tuners.lora import LoraLayer
     n, skipped = 0, []
     for name, m in model.named_modules():
         if not isinstance(m, LoraLayer) or not hasattr(m, "lora_A") or not hasattr(m, "base_layer"):
             continue
         if isinstance(vars(m).get("forward"), FusedForward):
-            m.forward.fp8 = fp8
             n += 1
             continue
         if not base_supported(m.get_base_layer()) or type(m).__name__ not in ("Linear", "Linear4bit"):
             skipped.append(name)
             continue
-        m.forward = FusedForward(m, fp8)
+        m.forward = FusedForward(m)
         n += 1
     if mode == "on" and n == 0:
         raise RuntimeError("train.fused_lora is 'on' but no LoRA layer has a supported base (a frozen "
                            "nn.Linear or a bitsandbytes 4-bit Linear): set train.fused_lora to auto or off")
-    if fp8 and n == 0:
-        raise RuntimeError("train.base_matmul is fp8 but no LoRA layer has a supported base (a frozen nn.Linear or "
-                           "a bitsandbytes 4-bit Linear) for the fused layers that run it: set train.base_matmul: bf16")
     if skipped:
         log.info("fused LoRA: %d layers patched, %d left to PEFT (unsupported base): %s", n, len(skipped), skipped[:4])
     else:
         log.debug("fused LoRA: %d layers patched", n)  # the training report has fused_lora_layers
-    if fp8:
-        log.info("fused LoRA: base matmuls in FP8 (train.base_matmul: fp8) in %d layers", n)
     return n

@@ -35,9 +35,6 @@ def settings_fingerprint(cfg, domain: str) -> str:
     t = cfg.train
     d = {"model": cfg.model.model_dump(mode="json"), "hyper": cfg.hyper_for(domain).model_dump(mode="json"),
          "train": {k: getattr(t, k) for k in TRAIN_KEYS + ("gradient_checkpointing",)}}
-    if t.base_matmul != "bf16":
-        # FP8 base matmuls give other weights; only then a key, so bf16 adapters made before it stay current
-        d["train"]["base_matmul"] = t.base_matmul
     return fingerprint(d, 16)
 
 

@@ -50,7 +50,6 @@ from pipeline import layout
 from pipeline.lm import kernels
 from pipeline.lm.data import collate
 from pipeline.lm.device import CudaUnavailableError, worker_device
-from pipeline.lm.fp8 import Fp8Unavailable
 from pipeline.lm.kernels import loss_sum
 from pipeline.lm.lora_fused import fuse_lora
 from pipeline.lm.model import add_lora, attn_implementation, compute_dtype, load_model, load_tokenizer, resolve_base
@@ -228,7 +227,7 @@ class DomainRecipe:
             raise RuntimeError(f"domain {self.domain}: no training examples (every example was empty or all prompt)")
         kernels.apply_fused_kernels(base_model, self.device, t.fused_kernels)   # Liger on CUDA when installed
         self.model = add_lora(base_model, h.lora, cfg, t.gradient_checkpointing)
-        self.fused_lora = fuse_lora(self.model, t.fused_lora, t.base_matmul)    # one autograd step per LoRA layer
+        self.fused_lora = fuse_lora(self.model, t.fused_lora)                   # one autograd step per LoRA layer
         self.mem = kernels.CudaMemory(self.device) if self.device.startswith("cuda") else None
         # None unless checkpoint_keep_last is auto on CUDA: then it measures and sets the kept layers
         self.budget = kernels.plan_checkpointing(self.model, t, self.mem, max_tokens=self.rows * self.seq_len)
@@ -505,7 +504,7 @@ class DomainRecipe:
             "config_fingerprint": self.fingerprint, "compat": self.compat,
             "base_model": cfg.model.base, "lora": h.lora.model_dump(), "hyper": h.model_dump(exclude={"lora"}),
             "workers": self.replicas.size, "device": self.device, "attn_implementation": attn_implementation(cfg, self.device),
-            "fused_loss": self.fused_loss, "fused_lora_layers": self.fused_lora, "base_matmul": t.base_matmul,
+            "fused_loss": self.fused_loss, "fused_lora_layers": self.fused_lora,
             "micro_batch": {"rows": self.rows, "seq_len": self.seq_len, "grad_accum": h.grad_accum, "packing": t.packing},
         }
         if self.replicas.rank == 0:
@@ -556,8 +555,7 @@ def train_loop_per_worker(config: dict) -> None:
         try:
             recipe_cls = with_faults(DomainRecipe, config.get("faults"))
             train_domain(cfg, domain, data, session, recipe_cls, config.get("fingerprint"), marks)
-        except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError,
-                Fp8Unavailable) as e:
+        except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError) as e:
             # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
             log.error("%s: %s", type(e).__name__, e)
             write_fatal(open_store(cfg), cfg.run_name, domain, f"{type(e).__name__}: {e}")
