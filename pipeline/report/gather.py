@@ -42,7 +42,8 @@ def _read(store: Store, rel: str) -> tuple[Optional[Any], Optional[str]]:
         return None, str(e)
 
 
-def _num(x: Any) -> Optional[float]:
+def as_number(x: Any) -> Optional[float]:
+    """x as a finite float, or None (missing, not a number, NaN or infinite)."""
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -51,7 +52,7 @@ def _num(x: Any) -> Optional[float]:
 
 
 def _ppl(loss: Any) -> Optional[float]:
-    v = _num(loss)
+    v = as_number(loss)
     if v is None:
         return None
     try:
@@ -117,7 +118,7 @@ def _test_figures_of_the_evaluation(row: dict, matrix: Optional[dict], domain: s
     loss = (matrix or {}).get("loss") or {}
     src = {}
     for model, pre in ((domain, ""), ("base", "base_")):
-        v = _num((loss.get(model) or {}).get(domain))
+        v = as_number((loss.get(model) or {}).get(domain))
         if v is not None and (model == "base" or row.get("status") == "finished"):
             row[f"{pre}test_loss"], row[f"{pre}test_ppl"] = v, _ppl(v)
             src[model if model == "base" else "adapter"] = "eval/matrix.json"
@@ -134,7 +135,7 @@ def _report_metrics(rep: Optional[dict], dman: dict) -> dict:
     n = (rep or {}).get("n_examples") or dman.get("sft_rows") or {}
     out["examples"] = {s: n.get(s) for s in SPLITS}
     for k in METRICS:
-        out[k] = _num((rep or {}).get(k)) if rep else None
+        out[k] = as_number((rep or {}).get(k)) if rep else None
     if rep:  # derive perplexities from losses when a report has only losses
         for split in ("val", "test"):
             for pre in ("", "base_"):

@@ -57,8 +57,7 @@ from pipeline.optimizers import build_optimizer
 from pipeline.train.faults import NO_FAULTS, Faults, with_faults
 from pipeline.train.identity import IncompatibleCheckpointError, check_compat, compat_record
 from pipeline.train.replicas import Replicas
-from pipeline.train.sessions import (RaySession, UnsafeCheckpointError, _read_rng_state, _refuse_pickles,
-                                     load_tensors)
+from pipeline.train.sessions import RaySession, UnsafeCheckpointError, load_tensors, read_rng_state, refuse_pickles
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +266,14 @@ class DomainRecipe:
             saved = json.load(f)
         where = f"{self.store.uri_of(self.run_dir)} ({self.domain}, step {saved['step']})"
         check_compat(saved["compat"], self.compat, where)
-        _refuse_pickles(ck)
+        refuse_pickles(ck)
 
         def load(name: str, map_location: Any = "cpu") -> Any:
             return load_tensors(os.path.join(ck, name), map_location, where=f"{name} of the checkpoint at {where}")
         self._load_lora(load("adapter.pt", self.device))
         self.opt.load_state_dict(load("optimizer.pt", self.device))
         self.sched.load_state_dict(load("scheduler.pt"))
-        _set_rng_state(_read_rng_state(os.path.join(ck, "rng.json")))
+        _set_rng_state(read_rng_state(os.path.join(ck, "rng.json")))
         self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         self.state.resumed_from = saved["step"]
         self.restored_train_time = self.state.train_time
