@@ -35,8 +35,9 @@ def fmt_int(x: Any) -> str:
     return "–" if v is None else f"{int(v):,}"
 
 
-TEST_NOTE = ("Test figures are the evaluation's (the same numbers as the evaluation matrix below); where it has "
-             "none (evaluation off, or that model not scored), the training recipe's.")
+TEST_NOTE = ("Test figures are the evaluation's (the same numbers as the evaluation matrix below); the base "
+             "model's are only the evaluation's, an adapter's where it has none (evaluation off, or that adapter "
+             "not scored) the training recipe's.")
 
 
 BUSY_NOTE = ("busy % is the share of the domain's wall time (from its trial's start to the export) spent in "
