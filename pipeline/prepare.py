@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 
-from pipeline import neardup
+from pipeline import layout, neardup
 from pipeline.download import sha256_file
 from pipeline.errors import UserFacingError
 from pipeline.sources import Opts, Quarantine, Raw, Reject, SourceSpec, finalize_sft, norm_key, selected_sources, text_hash
@@ -359,12 +359,12 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
     cap = d.max_docs_per_source
     files = [p for p, _ in listing.read]
     rels = [rel for _, rel in listing.read]
-    _delete_prefix(store, f"data/corpus/{src.domain}", f"{name}-")
-    store.delete(f"data/quarantine/{name}")
-    store.delete(f"data/_work/sft/{src.domain}/{name}")
-    corpus = _ShardWriter(store, f"data/corpus/{src.domain}/{name}-", CORPUS_SCHEMA, d.rows_per_shard)
-    quarantine = _ShardWriter(store, f"data/quarantine/{name}/part-", QUARANTINE_SCHEMA, d.rows_per_shard)
-    sft = _ShardWriter(store, f"data/_work/sft/{src.domain}/{name}/part-", STAGED_SFT_SCHEMA, d.rows_per_shard)
+    _delete_prefix(store, layout.corpus(src.domain), f"{name}-")
+    store.delete(layout.quarantine(name))
+    store.delete(layout.staged_sft(src.domain, name))
+    corpus = _ShardWriter(store, f"{layout.corpus(src.domain)}/{name}-", CORPUS_SCHEMA, d.rows_per_shard)
+    quarantine = _ShardWriter(store, f"{layout.quarantine(name)}/part-", QUARANTINE_SCHEMA, d.rows_per_shard)
+    sft = _ShardWriter(store, f"{layout.staged_sft(src.domain, name)}/part-", STAGED_SFT_SCHEMA, d.rows_per_shard)
     tally = Tally()
     capper = Cap(cap)
     driver_steps: list[RecordStep] = [Dedupe(seen), capper]   # in this order: a duplicate is never counted as capped
@@ -527,7 +527,7 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     shuffled order; larger ones stream in canonical order (shuffle at load time)."""
     d = cfg.data
     seed = d.split_seed
-    store.delete(f"data/sft/{domain}")
+    store.delete(layout.sft(domain))
     # pass 1: keys only
     keys: dict[str, list[tuple]] = {}
     for name in names:
@@ -583,7 +583,7 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     n_chosen = sum(len(c) for c in chosen.values())
     del keys, where, first_group
     # pass 2: rows to the split writers
-    writers = {s: _ShardWriter(store, f"data/sft/{domain}/{s}/part-", SFT_SCHEMA, d.rows_per_shard) for s in SPLITS}
+    writers = {s: _ShardWriter(store, f"{layout.sft(domain, s)}/part-", SFT_SCHEMA, d.rows_per_shard) for s in SPLITS}
     shuffle = n_chosen <= SHUFFLE_LIMIT
     held: dict[str, list[dict]] = {s: [] for s in SPLITS}
     n_split = {s: 0 for s in SPLITS}
@@ -607,7 +607,7 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
                 w.add(r)
         w.flush()
         if not w.parts:  # an empty split still gets a (zero-row) shard so readers find the schema
-            rel = f"data/sft/{domain}/{s}/part-00000.parquet"
+            rel = layout.sft_shard(domain, s)
             store.write_table(rel, SFT_SCHEMA.empty_table())
             w.parts.append(rel)
         shards[s] = w.parts
@@ -645,7 +645,7 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
             rows[dm] = {}
             every, tasks = [], []
             for s in SPLITS:
-                t = store.read_table(f"data/sft/{dm}/{s}", ["messages", "source", "task"])
+                t = store.read_table(layout.sft(dm, s), ["messages", "source", "task"])
                 rows[dm][s] = neardup.texts_hashes(neardup.column_texts(t.column("messages")))
                 every += rows[dm][s]
                 tasks += [f"{src}/{task}" for src, task in zip(t.column("source").to_pylist(), t.column("task").to_pylist())]
@@ -708,13 +708,13 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
               for dm in domains}
     run_fp = digest(CODE_VERSION, dom_fp, cfg.domains, names)
 
-    done = store.read_json_or("data/_SUCCESS")
-    if isinstance(done, dict) and done.get("fingerprint") == run_fp and store.is_file("data/manifest.json"):
+    done = store.read_json_or(layout.PREPARED)
+    if isinstance(done, dict) and done.get("fingerprint") == run_fp and store.is_file(layout.MANIFEST):
         log.info("prepare: up to date (data/_SUCCESS matches); nothing to do")
-        return store.read_json("data/manifest.json")
-    store.delete("data/_SUCCESS")
+        return store.read_json(layout.MANIFEST)
+    store.delete(layout.PREPARED)
 
-    todo = [n for n in names if present[n] and (store.read_json_or(f"data/_work/sources/{n}.json") or {}).get("fingerprint") != src_fp[n]]
+    todo = [n for n in names if present[n] and (store.read_json_or(layout.source_marker(n)) or {}).get("fingerprint") != src_fp[n]]
     if use_ray and todo:
         _start_ray_data(cfg)
 
@@ -728,7 +728,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
                                "read": 0, "kept": 0, "quarantined": 0, "quarantined_by_reason": {}, "deduplicated": 0,
                                "capped": 0, "how_to_get": src.how_to_get_at(raw_dir)}
             continue
-        marker = store.read_json_or(f"data/_work/sources/{n}.json")
+        marker = store.read_json_or(layout.source_marker(n))
         if isinstance(marker, dict) and marker.get("fingerprint") == src_fp[n]:
             log.info("prepare: %s already done; skipped", n)
             src_manifest[n] = marker["manifest"]
@@ -738,7 +738,7 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         ts = time.time()
         m = _prepare_source(src, listings[n], cfg, store, opts, seen[src.domain], use_ray)
         m["seconds"] = round(time.time() - ts, 2)
-        store.write_json(f"data/_work/sources/{n}.json", {"fingerprint": src_fp[n], "manifest": m})
+        store.write_json(layout.source_marker(n), {"fingerprint": src_fp[n], "manifest": m})
         src_manifest[n] = m
         top = Counter(m["quarantined_by_reason"]).most_common(1)
         log.info("prepare: %s read=%d kept=%d quarantined=%d%s deduplicated=%d capped=%d sft=%d (%.1fs)",
@@ -755,16 +755,16 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
             dom_manifest[dm] = {"status": "empty", "sources": dnames, "corpus_rows": 0, "sft_rows": {s: 0 for s in SPLITS},
                                 "reason": "no source of this domain was selected" if not dnames else
                                           "no records: every source is missing or fully quarantined"}
-            store.delete(f"data/sft/{dm}")
+            store.delete(layout.sft(dm))
             log.warning("prepare: domain %s is empty (%s); skipped", dm, dom_manifest[dm]["reason"])
             continue
-        marker = store.read_json_or(f"data/_work/domains/{dm}.json")
+        marker = store.read_json_or(layout.domain_marker(dm))
         if isinstance(marker, dict) and marker.get("fingerprint") == dom_fp[dm]:
             dom_manifest[dm] = marker["manifest"]
             continue
         hashes_of[dm] = {}
         dom_manifest[dm] = _prepare_domain(dm, present_ok, src_manifest, cfg, store, hashes_of[dm])
-        store.write_json(f"data/_work/domains/{dm}.json", {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
+        store.write_json(layout.domain_marker(dm), {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
 
     tc = time.time()
     contamination = _contamination(store, {dm: dom_manifest[dm]["sft_rows"] for dm in cfg.domains
@@ -784,8 +784,8 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
     }
     for n, m in src_manifest.items():
         assert m["read"] == m["kept"] + m["quarantined"] + m["deduplicated"] + m["capped"], n
-    store.write_json("data/manifest.json", manifest)
-    store.write_json("data/_SUCCESS", {"fingerprint": run_fp})
+    store.write_json(layout.MANIFEST, manifest)
+    store.write_json(layout.PREPARED, {"fingerprint": run_fp})
     log.info("prepare: done in %.1fs: %s", time.time() - t0, manifest["totals"])
     return manifest
 

@@ -28,6 +28,9 @@ PACKAGES = ("domain-adapters", "ray", "torch", "transformers", "peft", "bitsandb
 
 METRICS = ("train_loss", "val_loss", "test_loss", "val_ppl", "test_ppl", "base_val_loss", "base_test_loss",
            "base_val_ppl", "base_test_ppl", "tokens_per_s", "peak_memory_gb", "wall_time_s", "busy_share", "steps")
+# the base model's test figures: only the evaluation's (eval/matrix.json). The recipe measures the base model's
+# val loss only; the base test figures an older training report holds are not read.
+EVALUATION_ONLY = ("base_test_loss", "base_test_ppl")
 
 
 def _read(store: Store, rel: str) -> tuple[Optional[Any], Optional[str]]:
@@ -42,7 +45,8 @@ def _read(store: Store, rel: str) -> tuple[Optional[Any], Optional[str]]:
         return None, str(e)
 
 
-def _num(x: Any) -> Optional[float]:
+def as_number(x: Any) -> Optional[float]:
+    """x as a finite float, or None (missing, not a number, NaN or infinite)."""
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -51,7 +55,7 @@ def _num(x: Any) -> Optional[float]:
 
 
 def _ppl(loss: Any) -> Optional[float]:
-    v = _num(loss)
+    v = as_number(loss)
     if v is None:
         return None
     try:
@@ -105,19 +109,20 @@ def _stale_matrix_note(cfg, store: Store, matrix: Optional[dict]) -> Optional[st
         log.warning("report: could not check whether eval/matrix.json is up to date: %s", e)
         return None
     return ("eval/matrix.json was made from other adapters, data or eval settings than this output has now: its "
-            "figures (and the keep / drop table) are not this run's; the test figures per domain are the training "
-            "recipe's. `adapters eval` brings it up to date")
+            "figures (and the keep / drop table) are not this run's; the adapters' test figures per domain are the "
+            "training recipe's, and the base model's are not shown. `adapters eval` brings it up to date")
 
 
 def _test_figures_of_the_evaluation(row: dict, matrix: Optional[dict], domain: str) -> None:
     """One test loss per model and split in the whole report: the evaluation's (eval/matrix.json) wherever it
-    scored that model on that test split. The training recipe measures test loss too (training_report.json),
-    on its own batches; shown only where the evaluation has no figure (evaluation off, or that model not
-    scored), and ``test_source`` says which one a row's test figures are."""
+    scored that model on that test split. The base model's test loss is only the evaluation's. The training
+    recipe measures the adapter's test loss too (training_report.json), on its own batches; shown only where
+    the evaluation has no figure (evaluation off, or that adapter not scored), and ``test_source`` says which
+    one a row's test figures are."""
     loss = (matrix or {}).get("loss") or {}
     src = {}
     for model, pre in ((domain, ""), ("base", "base_")):
-        v = _num((loss.get(model) or {}).get(domain))
+        v = as_number((loss.get(model) or {}).get(domain))
         if v is not None and (model == "base" or row.get("status") == "finished"):
             row[f"{pre}test_loss"], row[f"{pre}test_ppl"] = v, _ppl(v)
             src[model if model == "base" else "adapter"] = "eval/matrix.json"
@@ -134,12 +139,11 @@ def _report_metrics(rep: Optional[dict], dman: dict) -> dict:
     n = (rep or {}).get("n_examples") or dman.get("sft_rows") or {}
     out["examples"] = {s: n.get(s) for s in SPLITS}
     for k in METRICS:
-        out[k] = _num((rep or {}).get(k)) if rep else None
+        out[k] = as_number((rep or {}).get(k)) if rep and k not in EVALUATION_ONLY else None
     if rep:  # derive perplexities from losses when a report has only losses
-        for split in ("val", "test"):
-            for pre in ("", "base_"):
-                if out[f"{pre}{split}_ppl"] is None:
-                    out[f"{pre}{split}_ppl"] = _ppl(out[f"{pre}{split}_loss"])
+        for split, pre in (("val", ""), ("test", ""), ("val", "base_")):
+            if out[f"{pre}{split}_ppl"] is None:
+                out[f"{pre}{split}_ppl"] = _ppl(out[f"{pre}{split}_loss"])
     hist = (rep or {}).get("history") or {}
     out["_history"] = {"train": [h for h in hist.get("train", []) if isinstance(h, dict)],
                        "val": [h for h in hist.get("val", []) if isinstance(h, dict)]}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import math
 
-from pipeline.report.gather import _num
-from pipeline.report.tables import _wrap
+from pipeline.report.gather import as_number
+from pipeline.report.tables import wrap
 
 # one colour per pipeline.status.STATES word
 STATUS_COLORS = {"finished": "#1a7f37", "failed": "#cf222e", "skipped": "#9a6700", "interrupted": "#bc4c00",
@@ -35,12 +35,12 @@ def plot_loss_curves(summary: dict) -> bytes:
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
     for ax, d in zip(axes.flat, doms):
         h = d["_history"]
-        tr = [(x.get("step"), _num(x.get("loss"))) for x in h["train"] if _num(x.get("loss")) is not None]
-        va = [(x.get("step"), _num(x.get("loss"))) for x in h["val"] if _num(x.get("loss")) is not None]
+        tr = [(x.get("step"), as_number(x.get("loss"))) for x in h["train"] if as_number(x.get("loss")) is not None]
+        va = [(x.get("step"), as_number(x.get("loss"))) for x in h["val"] if as_number(x.get("loss")) is not None]
         ax.set_title(f"{d['domain']} ({d['status']})", color=STATUS_COLORS.get(d["status"], "black"), fontsize=11)
         if not tr and not va:
             msg = d.get("cause") or "no loss history"
-            ax.text(0.5, 0.5, _wrap(msg, 48), ha="center", va="center", transform=ax.transAxes, fontsize=9, color="#57606a")
+            ax.text(0.5, 0.5, wrap(msg, 48), ha="center", va="center", transform=ax.transAxes, fontsize=9, color="#57606a")
             ax.set_xticks([])
             ax.set_yticks([])
             continue
@@ -97,7 +97,7 @@ def plot_eval_matrix(matrix: dict) -> bytes:
     models, datasets = list(matrix["models"]), list(matrix["datasets"])
     fig, axes = plt.subplots(1, 2, figsize=(2 * max(4.2, 1.2 * len(datasets) + 2.2), max(3.0, 0.6 * len(models) + 1.6)))
     for ax, key, title in ((axes[0], "loss", "test loss"), (axes[1], "ppl", "test perplexity")):
-        vals = [[_num((matrix.get(key) or {}).get(m, {}).get(d)) for d in datasets] for m in models]
+        vals = [[as_number((matrix.get(key) or {}).get(m, {}).get(d)) for d in datasets] for m in models]
         flat = [v for row in vals for v in row if v is not None]
         grid = [[v if v is not None else float("nan") for v in row] for row in vals]
         im = ax.imshow(grid, cmap="viridis_r", aspect="auto")

@@ -9,12 +9,12 @@ import re
 from typing import Any, Optional
 
 from pipeline.eval.matrix import MAX_MAJORITY_RATE
-from pipeline.report.gather import _num
+from pipeline.report.gather import as_number
 from pipeline.report.plots import STATUS_COLORS
 from pipeline.report.tables import (
-    BUSY_NOTE, EVAL_METRICS, TASK_METRICS, TEST_NOTE, _contamination_rows, _diff_text, _domain_data_rows,
-    _eval_has, _f, _file_rows, _harness_note, _harness_rows, _i, _interference_rows, _keep_rows, _matrix_rows,
-    _metric_matrix_rows, _p_text, _reason_rows, _results_rows, _source_rows, _task_rows, _verdict_rows)
+    BUSY_NOTE, EVAL_METRICS, TASK_METRICS, TEST_NOTE, contamination_rows, diff_text, domain_data_rows, eval_has,
+    file_rows, fmt, fmt_int, harness_note, harness_rows, interference_rows, keep_rows, matrix_rows,
+    metric_matrix_rows, p_text, reason_rows, results_rows, source_rows, task_rows, verdict_rows)
 
 def _fence(text: Optional[str], lang: str = "text") -> list[str]:
     """A fenced Markdown block that no run of backticks inside the text can close."""
@@ -39,19 +39,19 @@ def _eval_md(matrix: dict) -> list[str]:
           f"(more than one gold class, majority-class accuracy at most {MAX_MAJORITY_RATE}), else ROUGE-L.", ""]
     for d, v in (matrix.get("verdicts") or {}).items():
         L.append(f"- **{d}**: {v['verdict']} ({EVAL_METRICS.get(v['metric'], v['metric'])} "
-                 f"{_diff_text(v, v['metric'])}, p {_p_text(v) if v.get('p') is not None else 'n/a'}, n={v.get('n')})")
-    L += ["", _md_table(*_verdict_rows(matrix)), "", "### Interference: adapters on the other domains", "",
-          _md_table(*_interference_rows(matrix)), ""]
+                 f"{diff_text(v, v['metric'])}, p {p_text(v) if v.get('p') is not None else 'n/a'}, n={v.get('n')})")
+    L += ["", _md_table(*verdict_rows(matrix)), "", "### Interference: adapters on the other domains", "",
+          _md_table(*interference_rows(matrix)), ""]
     for m in TASK_METRICS:
-        if _eval_has(matrix, m):
-            L += [f"### {EVAL_METRICS[m][0].upper() + EVAL_METRICS[m][1:]}", "", _md_table(*_metric_matrix_rows(matrix, m)), ""]
+        if eval_has(matrix, m):
+            L += [f"### {EVAL_METRICS[m][0].upper() + EVAL_METRICS[m][1:]}", "", _md_table(*metric_matrix_rows(matrix, m)), ""]
     c = matrix.get("counts") or {}
     L += ["### Tasks per domain", ""]
     for d in matrix["datasets"]:
         n = c.get(d) or {}
-        L += [f"#### {d}", "", f"{_i(n.get('items'))} test rows scored for loss; {_i(n.get('multiple_choice_scored'))} "
-              f"multiple-choice rows scored ({_i(n.get('multiple_choice_unscored'))} without a readable gold answer, not "
-              f"scored); {_i(n.get('generated'))} free-text rows generated.", "", _md_table(*_task_rows(matrix, d)), ""]
+        L += [f"#### {d}", "", f"{fmt_int(n.get('items'))} test rows scored for loss; {fmt_int(n.get('multiple_choice_scored'))} "
+              f"multiple-choice rows scored ({fmt_int(n.get('multiple_choice_unscored'))} without a readable gold answer, not "
+              f"scored); {fmt_int(n.get('generated'))} free-text rows generated.", "", _md_table(*task_rows(matrix, d)), ""]
     L += ["### Side-by-side generations", ""]
     for d, items in (matrix.get("side_by_side") or {}).items():
         for k, it in enumerate(items, 1):
@@ -75,18 +75,18 @@ def _eval_html(matrix: dict) -> list[str]:
     for d, v in (matrix.get("verdicts") or {}).items():
         cls = {"better": "finished", "worse": "failed"}.get(v["verdict"], "missing")
         parts.append(f'<li><b>{_h(d)}</b>: <span class="badge {cls}">{_h(v["verdict"])}</span> '
-                     f"{_h(EVAL_METRICS.get(v['metric'], v['metric']))} {_h(_diff_text(v, v['metric']))}, "
-                     f"p {_h(_p_text(v) if v.get('p') is not None else 'n/a')}</li>")
-    parts += ["</ul>", _html_table(*esc(_verdict_rows(matrix)), None, "eval-verdicts"),
+                     f"{_h(EVAL_METRICS.get(v['metric'], v['metric']))} {_h(diff_text(v, v['metric']))}, "
+                     f"p {_h(p_text(v) if v.get('p') is not None else 'n/a')}</li>")
+    parts += ["</ul>", _html_table(*esc(verdict_rows(matrix)), None, "eval-verdicts"),
               "<h3>Interference: adapters on the other domains</h3>",
-              _html_table(*esc(_interference_rows(matrix)), [None, None, "num", "num", "num", "num", "num"], "eval-interference")]
+              _html_table(*esc(interference_rows(matrix)), [None, None, "num", "num", "num", "num", "num"], "eval-interference")]
     for m in TASK_METRICS:
-        if _eval_has(matrix, m):
+        if eval_has(matrix, m):
             parts += [f"<h3>{_h(EVAL_METRICS[m][0].upper() + EVAL_METRICS[m][1:])}</h3>",
-                      _html_table(*esc(_metric_matrix_rows(matrix, m)), None, f"matrix-{m}")]
+                      _html_table(*esc(metric_matrix_rows(matrix, m)), None, f"matrix-{m}")]
     parts.append("<h3>Tasks per domain</h3>")
     for d in matrix["datasets"]:
-        parts += [f"<h4>{_h(d)}</h4>", _html_table(*esc(_task_rows(matrix, d)), None, f"tasks-{_h(d)}")]
+        parts += [f"<h4>{_h(d)}</h4>", _html_table(*esc(task_rows(matrix, d)), None, f"tasks-{_h(d)}")]
     parts.append("<h3>Side-by-side generations</h3>")
     for d, items in (matrix.get("side_by_side") or {}).items():
         rows = [[_h(f"{it.get('source')}/{it.get('task')}")] +
@@ -135,11 +135,11 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
     if s.get("eval_matrix_stale"):
         L += ["**The evaluation is out of date** (see the evaluation matrix below): run `adapters eval`.", ""]
     if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}):
-        L += ["## Which adapters to keep", "", _md_table(*_keep_rows(s["eval_matrix"])), "",
+        L += ["## Which adapters to keep", "", _md_table(*keep_rows(s["eval_matrix"])), "",
               "Keep: the adapter beats the base model on its own domain's headline metric (Holm-adjusted p over the domains "
               "< alpha, paired test); "
               "drop: it is worse; loss changes are test loss, lower is better. Details in the evaluation matrix below.", ""]
-    L += ["## Results per domain", "", _md_table(*_results_rows(s)), "",
+    L += ["## Results per domain", "", _md_table(*results_rows(s)), "",
          "Losses are mean token cross-entropy on assistant-turn tokens (each answer and its end-of-turn token); perplexity = exp(loss). "
          "Figures in parentheses are the base model's. " + TEST_NOTE + " " + BUSY_NOTE, ""]
     for name, title in (("loss_curves.png", "Loss curves"), ("perplexity.png", "Base vs adapter perplexity")):
@@ -149,8 +149,8 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
     if s.get("eval_matrix_stale"):
         L += [f"**Out of date:** {_md(s['eval_matrix_stale'])}.", ""]
     if s["eval_matrix"]:
-        L += ["Test loss:", "", _md_table(*_matrix_rows(s["eval_matrix"], "loss")), "",
-              "Test perplexity:", "", _md_table(*_matrix_rows(s["eval_matrix"], "ppl")), ""]
+        L += ["Test loss:", "", _md_table(*matrix_rows(s["eval_matrix"], "loss")), "",
+              "Test perplexity:", "", _md_table(*matrix_rows(s["eval_matrix"], "ppl")), ""]
         if "eval_matrix.png" in plots:
             L += ["![Evaluation matrix](eval_matrix.png)", ""]
         L += _eval_md(s["eval_matrix"])
@@ -158,19 +158,19 @@ def render_md(summary: dict, plots: dict[str, bytes]) -> str:
         L += [f"Not available: {_md(s['eval_matrix_note'])}.", ""]
     if s.get("standard_benchmarks"):
         h = s["standard_benchmarks"]
-        L += ["## Standard benchmarks (lm-evaluation-harness)", "", _md_table(*_harness_rows(h)), "", _md(_harness_note(h)),
+        L += ["## Standard benchmarks (lm-evaluation-harness)", "", _md_table(*harness_rows(h)), "", _md(harness_note(h)),
               "", "Each model's numbers again: " + "; ".join(f"{_md(m)}: {_code(c)}" for m, c in (h.get("commands") or {}).items()), ""]
     L += ["## Data card", ""]
     if card["available"]:
         t = card["totals"]
-        L += ["Totals: " + ", ".join(f"{k} {_i(v)}" for k, v in t.items()) + ".", "",
-              "### Sources", "", _md_table(*_source_rows(card)), "",
-              "### Quarantine reasons", "", _md_table(*_reason_rows(card)) if _reason_rows(card)[1] else "None.", "",
-              "### Domains", "", _md_table(*_domain_data_rows(card)), "",
+        L += ["Totals: " + ", ".join(f"{k} {fmt_int(v)}" for k, v in t.items()) + ".", "",
+              "### Sources", "", _md_table(*source_rows(card)), "",
+              "### Quarantine reasons", "", _md_table(*reason_rows(card)) if reason_rows(card)[1] else "None.", "",
+              "### Domains", "", _md_table(*domain_data_rows(card)), "",
               *(["### Contamination", "", "Test rows with 50% or more of their word 13-grams in a train split "
-                 "(templates: 13-grams in more than 10% of one task's rows).", "", _md_table(*_contamination_rows(card)), ""]
+                 "(templates: 13-grams in more than 10% of one task's rows).", "", _md_table(*contamination_rows(card)), ""]
                 if card.get("contamination") else []),
-              "### Files and checksums", "", _md_table(*_file_rows(card)), ""]
+              "### Files and checksums", "", _md_table(*file_rows(card)), ""]
     else:
         L += [f"Not available: {_md(s['data_note'])}.", ""]
     g = rep["git"]
@@ -235,21 +235,21 @@ def _esc_rows(rows: list[list[str]]) -> list[list[str]]:
 def _matrix_html(matrix: dict, key: str) -> str:
     ds = list(matrix["datasets"])
     vals = {m: (matrix.get(key) or {}).get(m, {}) for m in matrix["models"]}
-    flat = [v for m in vals.values() for v in (_num(x) for x in m.values()) if v is not None]
+    flat = [v for m in vals.values() for v in (as_number(x) for x in m.values()) if v is not None]
     lo, hi = (min(flat), max(flat)) if flat else (0.0, 1.0)
     head = "<tr><th>model \\ test set</th>" + "".join(f"<th>{_h(d)}</th>" for d in ds) + "</tr>"
     body = []
     for m, row in vals.items():
         cells = [f"<th>{_h(m if m == 'base' else 'adapter: ' + m)}</th>"]
         for d in ds:
-            v = _num(row.get(d))
+            v = as_number(row.get(d))
             if v is None:
                 cells.append('<td class="num">–</td>')
                 continue
             t = (v - lo) / (hi - lo) if hi > lo else 0.0  # 0 = best (lowest)
             color = f"hsl({int(120 * (1 - t))},60%,{int(82 + 8 * t)}%)"
             diag = " diag" if m == d else ""
-            cells.append(f'<td class="num{diag}" style="background:{color}">{_f(v, 3 if key == "loss" else 2)}</td>')
+            cells.append(f'<td class="num{diag}" style="background:{color}">{fmt(v, 3 if key == "loss" else 2)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="matrix" id="matrix-{key}"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table>'
 
@@ -270,7 +270,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
 
     cards = "".join(f'<div class="card"><span class="badge {_h(k.replace(" ", "-"))}">{_h(k)}</span><b>{v}</b>domains</div>'
                     for k, v in _ordered_counts(s["status_counts"]))
-    head, rows = _results_rows(s)
+    head, rows = results_rows(s)
     hrows = []
     for d, r in zip(s["domains"].values(), rows):
         status = f'<span class="badge {_h(d["status"].replace(" ", "-"))}">{_h(d["status"])}</span>'
@@ -287,7 +287,7 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         f'<div class="cards">{cards}</div>',
         *(['<p class="note stale"><b>The evaluation is out of date</b> (see the evaluation matrix below): run '
             "<code>adapters eval</code>.</p>"] if s.get("eval_matrix_stale") else []),
-        *((["<h2>Which adapters to keep</h2>", _html_table(*_esc_rows_head(_keep_rows(s["eval_matrix"])), None, "keep"),
+        *((["<h2>Which adapters to keep</h2>", _html_table(*_esc_rows_head(keep_rows(s["eval_matrix"])), None, "keep"),
              '<p class="note">Keep: the adapter beats the base model on its own domain\'s headline metric (Holm-adjusted p over the domains '
              "&lt; alpha, paired test); drop: it is worse; loss changes are test loss, lower is better.</p>"])
           if s["eval_matrix"] and (s["eval_matrix"].get("verdicts") or {}) else []),
@@ -309,28 +309,28 @@ def render_html(summary: dict, plots: dict[str, bytes]) -> str:
         parts.append(f'<p class="note">Not available: {_h(s["eval_matrix_note"])}.</p>')
     if s.get("standard_benchmarks"):
         h = s["standard_benchmarks"]
-        head, rows = _harness_rows(h)
+        head, rows = harness_rows(h)
         parts += ["<h2>Standard benchmarks (lm-evaluation-harness)</h2>",
                   _html_table(head, _esc_rows(rows), [None, None] + ["num"] * (len(head) - 2), "standard-benchmarks"),
-                  f'<p class="note">{_h(_harness_note(h))}</p>',
+                  f'<p class="note">{_h(harness_note(h))}</p>',
                   "<details><summary>lm_eval commands</summary>"
                   + "".join(f"<p>{_h(m)}: <code>{_h(c)}</code></p>" for m, c in (h.get("commands") or {}).items()) + "</details>"]
     parts.append("<h2>Data card</h2>")
     if card["available"]:
-        parts += ["<p>Totals: " + ", ".join(f"{_h(k)} <b>{_i(v)}</b>" for k, v in card["totals"].items()) + "</p>",
-                  "<h3>Sources</h3>", _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_source_rows(card)),
+        parts += ["<p>Totals: " + ", ".join(f"{_h(k)} <b>{fmt_int(v)}</b>" for k, v in card["totals"].items()) + "</p>",
+                  "<h3>Sources</h3>", _html_table(*(lambda h, r: (h, _esc_rows(r)))(*source_rows(card)),
                                                    [None, None, None] + ["num"] * 5, "sources"),
                   "<h3>Quarantine reasons</h3>",
-                  _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_reason_rows(card)), [None, None, "num"], "quarantine")
-                  if _reason_rows(card)[1] else "<p>None.</p>",
-                  "<h3>Domains</h3>", _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_domain_data_rows(card)),
+                  _html_table(*(lambda h, r: (h, _esc_rows(r)))(*reason_rows(card)), [None, None, "num"], "quarantine")
+                  if reason_rows(card)[1] else "<p>None.</p>",
+                  "<h3>Domains</h3>", _html_table(*(lambda h, r: (h, _esc_rows(r)))(*domain_data_rows(card)),
                                                    [None, None, "num", "num", "num"], "domains-data"),
                   *(["<h3>Contamination</h3>", '<p class="note">Test rows with 50% or more of their word 13-grams in a '
                      "train split (templates: 13-grams in more than 10% of one task's rows).</p>",
-                     _html_table(*_esc_rows_head(_contamination_rows(card)), [None] + ["num"] * 6, "contamination")]
+                     _html_table(*_esc_rows_head(contamination_rows(card)), [None] + ["num"] * 6, "contamination")]
                     if card.get("contamination") else []),
                   "<details><summary>Files and checksums</summary>",
-                  _html_table(*(lambda h, r: (h, _esc_rows(r)))(*_file_rows(card)), [None, None, "num", "sha", None], "files"),
+                  _html_table(*(lambda h, r: (h, _esc_rows(r)))(*file_rows(card)), [None, None, "num", "sha", None], "files"),
                   "</details>"]
     else:
         parts.append(f'<p class="note">Not available: {_h(s["data_note"])}.</p>')

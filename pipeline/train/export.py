@@ -81,9 +81,10 @@ def model_card(cfg, domain: str, report: dict, manifest: Optional[dict], adapter
                      "domain-adapters"], "pipeline_tag": "text-generation"}
     import yaml
     n = report.get("n_examples") or {}
-    rows = [("loss", report.get("val_loss"), report.get("base_val_loss"), report.get("test_loss"), report.get("base_test_loss")),
-            ("perplexity", report.get("val_ppl"), report.get("base_val_ppl"), report.get("test_ppl"), report.get("base_test_ppl"))]
-    table = ["| metric | val (adapter) | val (base) | test (adapter) | test (base) |", "| --- | --- | --- | --- | --- |"]
+    # the base model's test figures are the evaluation stage's (eval/matrix.json), made after training
+    rows = [("loss", report.get("val_loss"), report.get("base_val_loss"), report.get("test_loss")),
+            ("perplexity", report.get("val_ppl"), report.get("base_val_ppl"), report.get("test_ppl"))]
+    table = ["| metric | val (adapter) | val (base) | test (adapter) |", "| --- | --- | --- | --- |"]
     table += [f"| {r[0]} | " + " | ".join(_fmt(x) for x in r[1:]) + " |" for r in rows]
     data = ["| source | license | records kept | SFT examples |", "| --- | --- | --- | --- |"]
     for s in srcs:
@@ -112,7 +113,8 @@ Mean token loss on the held-out splits, the adapter against its base model:
 
 {chr(10).join(table)}
 
-The run's report (report/summary.html) has the task metrics (accuracy, ROUGE-L, F1) with intervals.
+The run's evaluation (report/summary.html, eval/matrix.json) has the base model's test loss and the task metrics
+(accuracy, ROUGE-L, F1) of both, with intervals.
 
 ## Training data
 

@@ -7,8 +7,10 @@
         while not recipe.done():
             recipe.train_step()     one optimizer step over grad_accum packed micro-batches
             recipe.after_step()     log + report to Tune (every log_every), evaluate, checkpoint
-        recipe.evaluate_base()  the base model's val/test loss (adapter off), once per domain: after
-                                training, so that the first step does not wait for it
+        recipe.evaluate_base()  the base model's val loss (adapter off, the same batches and loss as the
+                                adapter's val loss), once per domain: after training, so that the first
+                                step does not wait for it. The base model's test loss is the evaluation
+                                stage's (pipeline/eval, eval/matrix.json), not the recipe's
         recipe.save()           the adapter with the lowest val loss exported, with its report
 
 A checkpoint (every train.checkpoint_every steps, and at every evaluation that lowers the val loss)
@@ -57,8 +59,7 @@ from pipeline.optimizers import build_optimizer
 from pipeline.train.faults import NO_FAULTS, Faults, with_faults
 from pipeline.train.identity import IncompatibleCheckpointError, check_compat, compat_record
 from pipeline.train.replicas import Replicas
-from pipeline.train.sessions import (RaySession, UnsafeCheckpointError, _read_rng_state, _refuse_pickles,
-                                     load_tensors)
+from pipeline.train.sessions import RaySession, UnsafeCheckpointError, load_tensors, read_rng_state, refuse_pickles
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ NAN = float("nan")
 CHECKPOINT_SCORE = "checkpoint_val_loss"   # Ray keeps the checkpoints with the lowest (schedule.py)
 UNSCORED = 1e30                            # a checkpoint made at a step that was not evaluated
 # the metrics every report to Tune carries (NaN when not known at that step)
-METRIC_KEYS = ("train_loss", "val_loss", "best_val_loss", "lr", "tokens_per_s", "base_val_loss", "base_test_loss")
+METRIC_KEYS = ("train_loss", "val_loss", "best_val_loss", "lr", "tokens_per_s", "base_val_loss")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -167,7 +168,7 @@ class TrainState:
     tokens: int = 0
     train_time: float = 0.0
     history: dict = field(default_factory=lambda: {"train": [], "val": []})
-    base: Optional[dict] = None       # the base model's {"val", "test"} loss
+    base: Optional[dict] = None       # the base model's {"val": loss} (older checkpoints also hold "test": unused)
     best: Optional[dict] = None       # the evaluation with the lowest val loss: {"step", "val_loss"}
     evals_since_best: int = 0
     stopped: Optional[str] = None     # why training ended before max_steps
@@ -267,14 +268,14 @@ class DomainRecipe:
             saved = json.load(f)
         where = f"{self.store.uri_of(self.run_dir)} ({self.domain}, step {saved['step']})"
         check_compat(saved["compat"], self.compat, where)
-        _refuse_pickles(ck)
+        refuse_pickles(ck)
 
         def load(name: str, map_location: Any = "cpu") -> Any:
             return load_tensors(os.path.join(ck, name), map_location, where=f"{name} of the checkpoint at {where}")
         self._load_lora(load("adapter.pt", self.device))
         self.opt.load_state_dict(load("optimizer.pt", self.device))
         self.sched.load_state_dict(load("scheduler.pt"))
-        _set_rng_state(_read_rng_state(os.path.join(ck, "rng.json")))
+        _set_rng_state(read_rng_state(os.path.join(ck, "rng.json")))
         self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         self.state.resumed_from = saved["step"]
         self.restored_train_time = self.state.train_time
@@ -294,12 +295,15 @@ class DomainRecipe:
         log.info("domain %s: resumed from step %d", self.domain, saved["step"])
 
     def evaluate_base(self) -> None:
-        """The base model on the same data with the same masking: adapter off. Once per domain."""
+        """The base model's val loss: adapter off, the same batches, masking and loss function as the adapter's
+        val loss (its baseline in the training report). Once per domain. Its test loss is not measured here: the
+        evaluation stage scores the base model on every test split (eval/matrix.json), and the report takes it
+        from there."""
         if self.state.base is not None:
             return
         with self.model.disable_adapter():
-            self.state.base = {"val": self._eval("val")[0], "test": self._eval("test")[0]}
-        self.session.report(self._metrics(base_val_loss=self.state.base["val"], base_test_loss=self.state.base["test"]))
+            self.state.base = {"val": self._eval("val")[0]}
+        self.session.report(self._metrics(base_val_loss=self.state.base["val"]))
 
     # -- the loop -------------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -487,8 +491,7 @@ class DomainRecipe:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "train_loss": sum(tail) / len(tail) if tail else None,
             "val_loss": val_loss, "test_loss": test_loss, "val_ppl": ppl(val_loss), "test_ppl": ppl(test_loss),
-            "base_val_loss": st.base["val"], "base_test_loss": st.base["test"],
-            "base_val_ppl": ppl(st.base["val"]), "base_test_ppl": ppl(st.base["test"]),
+            "base_val_loss": st.base["val"], "base_val_ppl": ppl(st.base["val"]),
             "exported_step": st.best["step"] if st.best else st.step, "export_reason": reason, "stopped_early": st.stopped,
             "tokens_per_s": st.tokens / max(st.train_time, 1e-9), "tokens": st.tokens,
             "peak_memory_gb": peak_memory_gb(self.device, self.mem), "wall_time_s": time.time() - self.t_start,

@@ -140,7 +140,7 @@ def load_tensors(path: "str | io.BytesIO", map_location: Any = "cpu", where: Opt
             "there, and check who can write to the output.") from None
 
 
-def _refuse_pickles(ck_dir: str) -> None:
+def refuse_pickles(ck_dir: str) -> None:
     for name in PICKLED_FILES:
         if os.path.exists(os.path.join(ck_dir, name)):
             raise UnsafeCheckpointError(
@@ -153,13 +153,13 @@ def _check_checkpoint_loads(ck_dir: str) -> None:
     """Every file of a checkpoint is there and reads (a copy cut short does not); one holding anything but
     tensors raises UnsafeCheckpointError (not a cut-short copy: the domain fails, see load_tensors)."""
     _checkpoint_step(ck_dir)
-    _refuse_pickles(ck_dir)
+    refuse_pickles(ck_dir)
     for name in CHECKPOINT_FILES[:-2]:
         load_tensors(os.path.join(ck_dir, name))
-    _read_rng_state(os.path.join(ck_dir, "rng.json"))
+    read_rng_state(os.path.join(ck_dir, "rng.json"))
 
 
-def _read_rng_state(path: str) -> dict:
+def read_rng_state(path: str) -> dict:
     with open(path) as f:
         st = json.load(f)
     if not isinstance(st, dict) or not {"torch", "numpy", "python"} <= set(st):

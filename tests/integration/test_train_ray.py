@@ -66,7 +66,7 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
     for d in ("debate", "medicine", "education"):
         rep = store.read_json(f"adapters/{d}/training_report.json")
         assert rep["val_loss"] < rep["base_val_loss"], (d, rep["val_loss"], rep["base_val_loss"])
-        assert rep["test_loss"] < rep["base_test_loss"]
+        assert "base_test_loss" not in rep   # the base model's test loss is the evaluation's (below)
         assert rep["tokens_per_s"] > 0 and rep["peak_memory_gb"] > 0 and rep["steps"] == cfg.train.max_steps
         assert [v["step"] for v in rep["history"]["val"]] == [6, 12]
         # start-up marks of the Ray path, in the order they happen (bench/startup.py prints them)
@@ -87,7 +87,8 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
     run_eval_stage(cfg)
     matrix = store.read_json("eval/matrix.json")
     assert matrix["models"] == ["base", "debate", "medicine", "education"]
-    assert matrix["loss"]["debate"]["debate"] < matrix["loss"]["base"]["debate"]
+    for d in ("debate", "medicine", "education"):
+        assert matrix["loss"][d][d] < matrix["loss"]["base"][d], d
     # the workers' metrics reached each domain's Tune trial every log_every steps: its result.json and its
     # TensorBoard event file carry them
     for d in ("debate", "ecology"):

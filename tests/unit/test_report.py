@@ -56,8 +56,7 @@ def fake_report(domain: str, base: float, final: float, uri: str) -> dict:
     val = [{"step": s, "loss": base - (base - final - 0.05) * (1 - math.exp(-s / 12))} for s in (20, 40)]
     return {"domain": domain, "status": "finished", "train_loss": train[-1]["loss"], "val_loss": final + 0.05,
             "test_loss": final + 0.07, "val_ppl": math.exp(final + 0.05), "test_ppl": math.exp(final + 0.07),
-            "base_val_loss": base, "base_test_loss": base + 0.01, "base_val_ppl": math.exp(base),
-            "base_test_ppl": math.exp(base + 0.01), "tokens_per_s": 1834.2, "peak_memory_gb": 0.41,
+            "base_val_loss": base, "base_val_ppl": math.exp(base), "tokens_per_s": 1834.2, "peak_memory_gb": 0.41,
             "wall_time_s": 61.3, "busy_share": 0.62, "steps": 40, "n_examples": {"train": 160, "val": 20, "test": 20},
             "history": {"train": train, "val": val}, "adapter_uri": uri}
 
@@ -352,8 +351,8 @@ def _html_tables(page: str) -> list[list[int]]:
 
 
 def test_one_test_loss_per_model_and_split_the_evaluations(cfg):
-    """The training reports carry the recipe's test loss (debate 3.07, base 4.11) and the evaluation its own
-    (3.02, base 4.10) for the same models and split: the report shows the evaluation's, and only it."""
+    """The training reports carry the recipe's adapter test loss (debate 3.07) and the evaluation its own
+    (3.02, base 4.10): the report shows the evaluation's, and only it."""
     store = Store(cfg.output)
     write_tree(store)
     run_report(cfg)
@@ -367,20 +366,27 @@ def test_one_test_loss_per_model_and_split_the_evaluations(cfg):
     md, page = store.read_text("report/summary.md"), store.read_text("report/summary.html")
     recipe = fake_report("debate", 4.1, 3.0, "")
     for text in (md, page, json.dumps(s)):
-        for v in (recipe["test_loss"], recipe["base_test_loss"]):
-            assert f"{v:.4f}" not in text and f"{v:.3f}" not in text, v
+        v = recipe["test_loss"]
+        assert f"{v:.4f}" not in text and f"{v:.3f}" not in text, v
     assert re.search(r"\| debate \| finished \|[^\n]*\| 3\.020 \(4\.100\) \|", md)
     assert "Test figures are the evaluation's" in md
 
 
-def test_without_an_evaluation_the_recipes_test_loss_is_shown(cfg):
+def test_without_an_evaluation_the_recipes_adapter_test_loss_is_shown_and_no_base_test_loss(cfg):
+    """The base model's test loss is only the evaluation's: a training report made before the recipe stopped
+    measuring it (base_test_loss 4.11) does not bring it back."""
     store = Store(cfg.output)
     write_tree(store, with_matrix=False)
+    recipe = fake_report("debate", 4.1, 3.0, store.uri_of("adapters/debate"))
+    store.write_json("adapters/debate/training_report.json",
+                     {**recipe, "base_test_loss": 4.11, "base_test_ppl": math.exp(4.11)})
     run_report(cfg)
     deb = store.read_json("report/summary.json")["domains"]["debate"]
-    recipe = fake_report("debate", 4.1, 3.0, "")
-    assert (deb["test_loss"], deb["base_test_loss"]) == (recipe["test_loss"], recipe["base_test_loss"])
-    assert deb["test_source"] == {"adapter": "training_report.json", "base": "training_report.json"}
+    assert deb["test_loss"] == recipe["test_loss"]
+    assert (deb["base_test_loss"], deb["base_test_ppl"], deb["test_ppl_change_pct"]) == (None, None, None)
+    assert deb["base_val_loss"] == recipe["base_val_loss"]
+    assert deb["test_source"] == {"adapter": "training_report.json"}
+    assert "4.110" not in store.read_text("report/summary.md")
 
 
 def test_every_table_has_as_many_header_cells_as_each_row(cfg):
@@ -417,7 +423,7 @@ def test_an_out_of_date_evaluation_is_said_so_and_not_used_for_test_figures(cfg)
     assert "made from other adapters, data or eval settings" in s["eval_matrix_stale"]
     deb = s["domains"]["debate"]
     assert deb["test_loss"] == fake_report("debate", 4.1, 2.5, "")["test_loss"]
-    assert deb["test_source"] == {"adapter": "training_report.json", "base": "training_report.json"}
+    assert deb["test_source"] == {"adapter": "training_report.json"} and deb["base_test_loss"] is None
     md = store.read_text("report/summary.md")
     assert md.index("**The evaluation is out of date**") < md.index("## Results per domain")
     assert "**Out of date:** eval/matrix.json was made from other adapters" in md
