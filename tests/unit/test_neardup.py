@@ -133,7 +133,8 @@ REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 def test_real_data_test_splits_hold_no_near_duplicates_of_train(tmp_path):
     """On ../shared/data/real (bench/contamination.py has the before/after table): no test row has half of
     its non-template 13-grams in its domain's train split or another's; counted over all 13-grams
-    (templates too) medicine is under 1% (it was 8.6%) and ecology under 2% (21.6%)."""
+    (templates too), issue 24's target: at most 1% of each domain's test rows (it was debate 6.3%, medicine
+    8.6%, ecology 21.6%)."""
     cfg = load_config(None, sets=["model.base=tiny", "resources.device=cpu", "data.allow_missing=true"],
                       raw_dir=str(REAL), output=str(tmp_path / "out"), domains=["debate", "medicine", "education", "ecology"],
                       environ={})
@@ -141,8 +142,8 @@ def test_real_data_test_splits_hold_no_near_duplicates_of_train(tmp_path):
     assert set(c) == {"debate", "medicine", "education", "ecology"}
     for d, x in c.items():
         assert x["test_rows"] > 0 and x["in_own_train_without_templates"] == 0 and x["in_other_train"] == 0, (d, x)
-    assert c["medicine"]["in_own_train"] / c["medicine"]["test_rows"] < 0.01
-    assert c["ecology"]["in_own_train"] / c["ecology"]["test_rows"] < 0.02
+    for d, x in c.items():
+        assert x["in_own_train"] <= 0.01 * x["test_rows"], (d, x)
 
 
 def test_covered_per_row_with_empty_rows():
@@ -212,3 +213,41 @@ def test_row_then_hash_order_is_exact_also_when_packed_keys_tie():
     # hashes that agree in their top bits and differ below: the packed key ties, the fallback sorts exactly
     h[:40] = np.uint64(0xABCDEF0000000000) + rng.permutation(40).astype(np.uint64)
     assert np.array_equal(neardup._order_by_row_then_hash(row, h, 50), np.lexsort((h, row)))
+
+
+def test_short_multiple_choice_rows_carry_no_13_gram_of_template_alone():
+    """IAM claim_detection and Climate-FEVER claim_verification rows whose own text (topic, sentence; claim,
+    evidence, article) shares no word with another's share no word 13-gram either: no run of 13 fixed
+    words in the prompt and answer. Such a 13-gram is in train by construction and made up to 60% of a short
+    IAM row's 13-grams, so the contamination check counted 85 of 1,342 debate test rows on the real data
+    (issue 24)."""
+    from pipeline.sources import climate_fever, iam
+
+    def text(i: int, n: int) -> str:   # n words no other row has
+        return " ".join(f"w{i}x{k}" for k in range(n))
+
+    def hashes(examples: list[dict]) -> list[np.ndarray]:
+        return neardup.rows_hashes([{"messages": [{"role": "user", "content": e["prompt"]},
+                                                  {"role": "assistant", "content": e["response"]}]} for e in examples])
+
+    def meta_row(md: dict, body: str) -> dict:
+        return {"text": body, "metadata": json.dumps(md)}
+
+    rows = []
+    for i, (claim, stance) in enumerate([(True, "support"), (True, "contest"), (False, "none"), (True, "none")] * 2):
+        # a short sentence (2 words) on a short topic: the case where a template dominates
+        rows += [e for e in iam.build_sft(meta_row({"topic": text(100 + i, 3), "claim": claim, "stance": stance}, text(i, 2)))
+                 if e["task"] == "claim_detection"]
+    for i, label in enumerate(climate_fever.CLAIM_LABELS * 2):
+        evs = [{"evidence": text(200 + 10 * i + j, 6), "article": text(300 + 10 * i + j, 1),
+                "label": climate_fever.EVIDENCE_LABELS[(i + j) % 3]} for j in range(5)]
+        rows += climate_fever.build_sft(meta_row({"claim": text(400 + i, 5), "label": label, "evidence": evs}, "x"))
+    assert {e["task"] for e in rows} == {"claim_detection", "claim_verification"} and len(rows) == 16
+    # the eval's multiple-choice gold still reads the label off each answer
+    gold = [iam.SOURCE.tasks[e["task"]] if e["task"] == "claim_detection" else climate_fever.SOURCE.tasks[e["task"]] for e in rows]
+    assert [g.choices[g.gold(e["response"])] for g, e in zip(gold, rows)] == (
+        ["Support", "Contest", "None", "None"] * 2 + [climate_fever.VERDICT[k] for k in climate_fever.CLAIM_LABELS] * 2)
+    h = hashes(rows)
+    for a in range(len(rows)):
+        for b in range(a + 1, len(rows)):
+            assert not np.isin(h[a], h[b]).any(), (rows[a], rows[b])
