@@ -24,12 +24,11 @@ domain's words (the domain is capped by ``max_sft_per_domain``).
 """
 from __future__ import annotations
 
-import itertools
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.words import words   # the evaluation's Unicode words (CJK per character)
+from pipeline.words import char_class   # the evaluation's Unicode words (CJK per character)
 
 NGRAM = 13            # words per shingle (GPT-3's contamination check used 13-grams)
 PAIR_SHARE = 0.5      # two rows sharing this much of the smaller one's (non-template) n-grams are near-duplicates
@@ -73,18 +72,24 @@ def rows_hashes(rows: Sequence[dict], n: int = NGRAM) -> list[np.ndarray]:
 
 
 def texts_hashes(texts: Sequence[str], n: int = NGRAM) -> list[np.ndarray]:
-    """ngram_hashes of many texts at once (the same values): one rolling hash over all their words and one
-    sort, so the per-text cost is the tokenizer's, not a dozen numpy calls."""
-    toks = [words(t) for t in texts]
-    lens = np.fromiter(map(len, toks), np.int64, len(toks))
-    flat = _ids(list(itertools.chain.from_iterable(toks)))
+    """ngram_hashes of many texts at once (the same values): the texts' words tokenized and hashed together
+    in numpy (_word_ids), one rolling hash over all their words and one sort, so nothing is done per word
+    in Python and per text only the lowercasing and the final cut into rows."""
+    flat, lens = _word_ids(texts)
     out: list[np.ndarray] = [np.empty(0, np.uint64)] * len(texts)
-    for k in np.flatnonzero((lens > 0) & (lens < n)):      # shorter than n words: one hash of all of them
-        out[k] = ngram_hashes(" ".join(toks[k]), n)
+    starts = np.r_[0, np.cumsum(lens)[:-1]].astype(np.int64)
+    # a text of 1 to n-1 words: one hash of all of them (the rolling hash of a window that long)
+    short = np.flatnonzero((lens > 0) & (lens < n))
+    if len(short):
+        m = lens[short]
+        at = np.repeat(starts[short], m) + (np.arange(m.sum()) - np.repeat(np.r_[0, np.cumsum(m)[:-1]], m))
+        left = np.repeat(m, m) - 1 - (at - np.repeat(starts[short], m))      # words after this one in its text
+        hs = _mix(np.add.reduceat(flat[at] * _powers(int(m.max()))[left], np.r_[0, np.cumsum(m)[:-1]]))
+        for k, h in zip(short.tolist(), hs.tolist()):
+            out[k] = np.array([h], np.uint64)
     full = np.flatnonzero(lens >= n)
     if not len(full):
         return out
-    starts = np.r_[0, np.cumsum(lens)[:-1]]
     win = _windows(flat, n)
     counts = lens[full] - n + 1
     before = np.r_[0, np.cumsum(counts)[:-1]]
@@ -116,32 +121,92 @@ def _order_by_row_then_hash(row: np.ndarray, h: np.ndarray, n_rows: int) -> np.n
     return order
 
 
-def _ids(ws: list[str]) -> np.ndarray:
-    """Stable 64-bit ids of words: each distinct word hashed once (_word_ids), then looked up. The same in
-    every process and on every machine (Python's own str hash is salted per process, PYTHONHASHSEED), so
-    hashes made in different processes or runs can be compared."""
-    table = dict.fromkeys(ws)
-    uniq = list(table)
-    table = dict(zip(uniq, _word_ids(uniq).tolist()))
-    return np.fromiter(map(table.__getitem__, ws), np.uint64, len(ws))
+# Each character's class for words() (pipeline/words.char_class), by code point: 255 until first met, then
+# classified once per process by words.py's own patterns, so these words are words()'s by construction
+_CLASS = np.full(0x110000, 255, np.uint8)
+_CHUNK_CHARS = 250_000     # characters tokenized at once (bounds the temporary arrays, ~40 bytes a character: in cache)
 
 
-def _word_ids(uniq: list[str]) -> np.ndarray:
-    """A polynomial hash of each word's UTF-8 bytes, mixed with its length, vectorised over all the words."""
-    if not uniq:
-        return np.empty(0, np.uint64)
-    blens = np.fromiter((len(w.encode("utf-8")) for w in uniq), np.int64, len(uniq))
-    b = np.frombuffer("".join(uniq).encode("utf-8"), np.uint8).astype(np.uint64) + np.uint64(1)
-    starts = np.r_[0, np.cumsum(blens)[:-1]]
-    h = np.zeros(len(uniq), np.uint64)
-    if len(b):
-        powers = np.full(int(blens.max()), _P, np.uint64)
-        powers[0] = 1
-        powers = np.cumprod(powers, dtype=np.uint64)             # _P ** i, wrapping mod 2**64
-        pos = np.arange(len(b)) - np.repeat(starts, blens)      # each byte's position in its word
-        nonempty = blens > 0
-        h[nonempty] = np.add.reduceat(b * powers[pos], starts[nonempty])
-    return _mix(h ^ _mix(blens.astype(np.uint64)))
+def _classes(cp: np.ndarray) -> np.ndarray:
+    k = _CLASS[cp]
+    new = k == 255
+    if new.any():
+        u = np.unique(cp[new])
+        _CLASS[u] = [char_class(chr(c)) for c in u.tolist()]
+        k = _CLASS[cp]
+    return k
+
+
+def _powers(m: int, base: np.uint64 = _P) -> np.ndarray:
+    """base ** i for i < m, wrapping mod 2**64."""
+    p = np.full(max(m, 1), base, np.uint64)
+    p[0] = 1
+    return np.cumprod(p, dtype=np.uint64)
+
+
+def _word_ids(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The words (pipeline/words.words) of every text as stable 64-bit ids, all texts' words in one array,
+    and each text's number of words. Tokenized on code points in numpy, up to _CHUNK_CHARS at a time: the
+    lowercased texts joined by a line break (no word character: no word spans two texts), each character's
+    class (_classes); a word is a CJK character or a run of letters and digits. A
+    word's id is a polynomial hash of its code points mixed with its length: the same in every process
+    and on every machine (Python's own str hash is salted per process, PYTHONHASHSEED), so hashes made in
+    different processes or runs can be compared."""
+    low = [t.lower() for t in texts]
+    sizes = np.fromiter(map(len, low), np.int64, len(low))
+    chunk = (np.cumsum(sizes + 1) - 1) // _CHUNK_CHARS          # a text longer than that is a chunk of its own
+    cuts = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(low)]
+    parts = [_chunk_word_ids(low[a:b], sizes[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    if not parts:
+        return np.empty(0, np.uint64), np.zeros(0, np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _chunk_word_ids(low: list[str], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cp = np.frombuffer("\n".join(low).encode("utf-32-le", "surrogatepass"), np.uint32)
+    n = len(cp)
+    if not n:
+        return np.empty(0, np.uint64), np.zeros(len(low), np.int64)
+    k = _classes(cp)
+    run = k == 1
+    single = k == 2
+    start = single.copy()
+    start[0] |= run[0]
+    start[1:] |= run[1:] & ~run[:-1]
+    end = single                               # a word's last character
+    end[-1] |= run[-1]
+    end[:-1] |= run[:-1] & ~run[1:]
+    first, last = np.flatnonzero(start), np.flatnonzero(end)
+    if not len(first):
+        return np.empty(0, np.uint64), np.zeros(len(low), np.int64)
+    # a word's hash sum((cp + 1) * _P ** j) over its characters j, from prefix sums of (cp + 1) * _P ** i over
+    # the whole chunk (i: place in the chunk), cut at the word's ends and shifted back by _P ** -first
+    pw, inv = _power_tables(n)
+    s = np.cumsum((cp.astype(np.uint64) + np.uint64(1)) * pw[:n], dtype=np.uint64)
+    before = np.where(first > 0, s[np.maximum(first - 1, 0)], np.uint64(0))
+    h = (s[last] - before) * inv[first]
+    ids = _mix(h ^ _mix((last - first + 1).astype(np.uint64)))
+    text_start = np.r_[0, np.cumsum(sizes + 1)]  # each text's first character in the joined string, and the end
+    per_text = np.diff(np.searchsorted(first, text_start))
+    return ids, per_text
+
+
+_POW: list[np.ndarray] = []   # [_P ** i, _P ** -i] for i below their length (mod 2**64), grown on demand
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    if not _POW or len(_POW[0]) < n:
+        m = max(n, _CHUNK_CHARS + 1)
+        _POW[:] = [_powers(m), _powers(m, np.uint64(pow(int(_P), -1, 2**64)))]
+    return _POW[0], _POW[1]
+
+
+def _word_id(word: str) -> int:
+    """One word's id as _word_ids makes it (the reference the tests compare the vectorised one with)."""
+    h = 0
+    for i, c in enumerate(word):
+        h = (h + (ord(c) + 1) * pow(int(_P), i, 2**64)) % 2**64
+    return int(_mix(np.array([h ^ int(_mix(np.array([len(word)], np.uint64))[0])], np.uint64))[0])
 
 
 def _windows(ids: np.ndarray, n: int) -> np.ndarray:
@@ -157,19 +222,16 @@ def _windows(ids: np.ndarray, n: int) -> np.ndarray:
 
 def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
     """Distinct hashes of the text's word n-grams (a text shorter than n words: one hash of all its words)."""
-    ws = words(text)
-    if not ws:
-        return np.empty(0, np.uint64)
-    ids = _ids(ws)
-    return _sorted_unique(_mix(_windows(ids, min(n, len(ids)))))
+    return texts_hashes([text], n)[0]
 
 
 def _pairs(hashes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """All (hash, row) pairs, sorted by hash (rows ascending within a hash)."""
-    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    """All (hash, row) pairs, sorted by hash (rows within a hash in no set order: numpy's default sort,
+    several times faster than a stable one on 64-bit keys)."""
+    sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
     H = np.concatenate(list(hashes)) if len(hashes) else np.empty(0, np.uint64)
     R = np.repeat(np.arange(len(hashes), dtype=np.int64), sizes)
-    order = np.argsort(H, kind="stable")   # stable: rows stay ascending within a hash (R is built ascending)
+    order = np.argsort(H)
     return H[order], R[order]
 
 
@@ -196,17 +258,28 @@ def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float
         step = max(1, 4_000_000 // len(a))   # posting lists per chunk: at most ~4M pairs in memory at once
         for c in range(0, len(all_s), step):
             rows = R[all_s[c:c + step, None] + np.arange(L)]
-            codes, counts = np.unique(rows[:, a].ravel() * len(hashes) + rows[:, b].ravel(), return_counts=True)
+            ra, rb = rows[:, a].ravel(), rows[:, b].ravel()
+            codes, counts = _unique_counts(np.minimum(ra, rb) * len(hashes) + np.maximum(ra, rb))
             part_codes.append(codes)
             part_counts.append(counts)
     if not part_codes:
         return []
-    codes, inverse = np.unique(np.concatenate(part_codes), return_inverse=True)
-    counts = np.bincount(inverse, weights=np.concatenate(part_counts)).astype(np.int64)
+    codes = np.concatenate(part_codes)
+    order = np.argsort(codes)
+    codes, w = codes[order], np.concatenate(part_counts)[order]
+    firsts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    codes, counts = codes[firsts], np.add.reduceat(w, firsts)
     i, j = codes // len(hashes), codes % len(hashes)
-    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
     ok = counts >= share * np.minimum(sizes[i], sizes[j])
     return list(zip(i[ok].tolist(), j[ok].tolist()))
+
+
+def _unique_counts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(a, return_counts=True) by one sort (numpy's default sort is the fast one on 64-bit keys)."""
+    a = np.sort(a)
+    firsts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    return a[firsts], np.diff(np.r_[firsts, len(a)])
 
 
 def _member(h: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
@@ -221,7 +294,7 @@ def covered(hashes: Sequence[np.ndarray], pool: np.ndarray) -> np.ndarray:
     """Per row, the share of its n-grams found in `pool` (a sorted unique array); 0 for a row without any."""
     if not len(hashes):
         return np.zeros(0)
-    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
     if not sizes.sum():
         return np.zeros(len(hashes))
     found = np.r_[0, np.cumsum(_member(np.concatenate(list(hashes)), pool))]
@@ -280,7 +353,7 @@ def without(hashes: Sequence[np.ndarray], drop: np.ndarray) -> list[np.ndarray]:
     """Each row's n-grams minus `drop` (sorted unique)."""
     if not len(hashes) or not len(drop):
         return list(hashes)
-    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
     flat = np.concatenate(list(hashes))
     keep = ~_member(flat, drop)   # one binary search for all rows, then cut back into rows
     kc, ends = np.r_[0, np.cumsum(keep)], np.cumsum(sizes)
