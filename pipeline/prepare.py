@@ -509,7 +509,7 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
         for r in move:
             unit_split[r] = "train"
     if keep is not None:
-        keep.update(hashes=full, tasks=tasks, splits=[unit_split[r] for r in roots])
+        keep.update(hashes=full, without_templates=hashes, splits=[unit_split[r] for r in roots])
     for s, n in kept.items():
         log.warning("near-duplicates: all %d %s rows of domain %s are covered by its train split; kept in %s (moving "
                     "them would leave it empty): its %s figures measure seen text (the contamination table counts them)",
@@ -633,35 +633,35 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
     a short row's prompt template is in train by construction). sizes: domain -> its SFT rows per split;
     known: domain -> the hashes, tasks and splits _near_duplicates kept (else the splits are read back)."""
     domains = list(sizes)
-    rows, tmpl = {}, {}
+    rows, rows_wo = {}, {}   # domain -> split -> its rows' hashes: all, without the domain's templates
     big = [dm for dm in domains if sum(sizes[dm].values()) > neardup.MAX_ROWS]
     if big:
         return {"skipped": f"domain(s) {', '.join(big)} above {neardup.MAX_ROWS} SFT rows: not computed", "domains": {}}
     for dm in domains:
         k = (known or {}).get(dm) or {}
-        if k.get("hashes") is not None:
-            rows[dm] = {s: [h for h, sp in zip(k["hashes"], k["splits"]) if sp == s] for s in SPLITS}
-            every, tasks = k["hashes"], k["tasks"]
-        else:
-            rows[dm] = {}
-            every, tasks = [], []
-            for s in SPLITS:
-                t = store.read_table(f"data/sft/{dm}/{s}", ["messages", "source", "task"])
-                rows[dm][s] = neardup.texts_hashes(neardup.column_texts(t.column("messages")))
-                every += rows[dm][s]
-                tasks += [f"{src}/{task}" for src, task in zip(t.column("source").to_pylist(), t.column("task").to_pylist())]
-        tmpl[dm] = neardup.templates(every, tasks)
+        if k.get("hashes") is not None:   # _near_duplicates's, templates already left out with the same rule
+            rows[dm] = {s: [h for h, sp in zip(k["hashes"], k["splits"]) if sp == s] for s in ("train", "test")}
+            rows_wo[dm] = {s: [h for h, sp in zip(k["without_templates"], k["splits"]) if sp == s] for s in ("train", "test")}
+            continue
+        every, tasks, split = [], [], []
+        for s in SPLITS:
+            t = store.read_table(f"data/sft/{dm}/{s}", ["messages", "source", "task"])
+            every += neardup.texts_hashes(neardup.column_texts(t.column("messages")))
+            tasks += [f"{src}/{task}" for src, task in zip(t.column("source").to_pylist(), t.column("task").to_pylist())]
+            split += [s] * t.num_rows
+        wo = neardup.without(every, neardup.templates(every, tasks))
+        rows[dm] = {s: [h for h, sp in zip(every, split) if sp == s] for s in ("train", "test")}
+        rows_wo[dm] = {s: [h for h, sp in zip(wo, split) if sp == s] for s in ("train", "test")}
     pools = {dm: neardup.pool_of(rows[dm]["train"]) for dm in domains}
     out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
     for dm in domains:
-        test = rows[dm]["test"]
+        test, t_test = rows[dm]["test"], rows_wo[dm]["test"]
         others = neardup.pool_of([pools[o] for o in domains if o != dm])
-        t_test = neardup.without(test, tmpl[dm])
         out["domains"][dm] = {
             "test_rows": len(test),
             "in_own_train": neardup.contamination(test, pools[dm]),
             "in_other_train": neardup.contamination(test, others),
-            "in_own_train_without_templates": neardup.contamination(t_test, neardup.pool_of(neardup.without(rows[dm]["train"], tmpl[dm]))),
+            "in_own_train_without_templates": neardup.contamination(t_test, neardup.pool_of(rows_wo[dm]["train"])),
             "in_other_train_without_templates": neardup.contamination(t_test, others),
         }
     return out
