@@ -290,14 +290,19 @@ def _member(h: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
     return sorted_pool[i] == h
 
 
-def covered(hashes: Sequence[np.ndarray], pool: np.ndarray) -> np.ndarray:
-    """Per row, the share of its n-grams found in `pool` (a sorted unique array); 0 for a row without any."""
+def covered(hashes: Sequence[np.ndarray], pool: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Per row, the share of its n-grams found in `pool` (a sorted unique array, or several: found in any of
+    them, as in their union, without sorting the union); 0 for a row without any."""
     if not len(hashes):
         return np.zeros(0)
     sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
     if not sizes.sum():
         return np.zeros(len(hashes))
-    found = np.r_[0, np.cumsum(_member(np.concatenate(list(hashes)), pool))]
+    flat = np.concatenate(list(hashes))
+    hit = np.zeros(len(flat), bool)
+    for p in ([pool] if isinstance(pool, np.ndarray) else pool):
+        hit |= _member(flat, p)
+    found = np.r_[0, np.cumsum(hit)]
     ends = np.cumsum(sizes)
     hits = found[ends] - found[ends - sizes]
     return np.where(sizes > 0, hits / np.maximum(sizes, 1), 0.0)
@@ -367,8 +372,10 @@ def _cut(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
     return [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
 
-def contamination(test: Sequence[np.ndarray], train: Sequence[np.ndarray] | np.ndarray, threshold: float = THRESHOLD) -> int:
+def contamination(test: Sequence[np.ndarray], train: Sequence[np.ndarray] | np.ndarray, threshold: float = THRESHOLD,
+                  pools: bool = False) -> int:
     """How many test rows have at least `threshold` of their distinct n-grams somewhere in `train` (rows, or
-    their pool_of already); templates included: the measure as published contamination checks count it."""
-    pool = train if isinstance(train, np.ndarray) else pool_of(train)
+    their pool_of already, or with pools=True several pool_of arrays: their union); templates included: the
+    measure as published contamination checks count it."""
+    pool = train if isinstance(train, np.ndarray) or pools else pool_of(train)
     return int((covered(test, pool) >= threshold).sum()) if len(test) else 0

@@ -656,13 +656,13 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
     out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
     for dm in domains:
         test, t_test = rows[dm]["test"], rows_wo[dm]["test"]
-        others = neardup.pool_of([pools[o] for o in domains if o != dm])
+        others = [pools[o] for o in domains if o != dm]   # their union, not sorted again
         out["domains"][dm] = {
             "test_rows": len(test),
             "in_own_train": neardup.contamination(test, pools[dm]),
-            "in_other_train": neardup.contamination(test, others),
+            "in_other_train": neardup.contamination(test, others, pools=True),
             "in_own_train_without_templates": neardup.contamination(t_test, neardup.pool_of(rows_wo[dm]["train"])),
-            "in_other_train_without_templates": neardup.contamination(t_test, others),
+            "in_other_train_without_templates": neardup.contamination(t_test, others, pools=True),
         }
     return out
 
