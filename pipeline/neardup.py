@@ -24,7 +24,7 @@ domain's words (the domain is capped by ``max_sft_per_domain``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -225,25 +225,86 @@ def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
     return texts_hashes([text], n)[0]
 
 
-def _pairs(hashes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """All (hash, row) pairs, sorted by hash (rows within a hash in no set order: numpy's default sort,
-    several times faster than a stable one on 64-bit keys)."""
-    sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
-    H = np.concatenate(list(hashes)) if len(hashes) else np.empty(0, np.uint64)
-    R = np.repeat(np.arange(len(hashes), dtype=np.int64), sizes)
-    order = np.argsort(H)
-    return H[order], R[order]
+class Index:
+    """One domain's rows' distinct n-grams as (hash, row) pairs sorted by hash, so that every step reads
+    posting lists (the rows of each distinct n-gram) in a few vectorised passes: near-duplicate pairs,
+    templates, and the share of each row's n-grams found in the rows of a split (coverage), where sorting
+    a split's pool and searching it would sort again per step. Rows within a hash are in no set order
+    (numpy's default sort, several times faster than a stable one on 64-bit keys)."""
+
+    def __init__(self, hashes: Sequence[np.ndarray]):
+        self.n = len(hashes)
+        self.sizes = np.fromiter(map(len, hashes), np.int64, self.n)
+        H = np.concatenate(list(hashes)) if self.n else np.empty(0, np.uint64)
+        order = np.argsort(H)
+        self.H = H[order]
+        self.R = np.repeat(np.arange(self.n, dtype=np.int64), self.sizes)[order]
+        first = np.r_[True, self.H[1:] != self.H[:-1]] if len(H) else np.zeros(0, bool)
+        self.starts = np.flatnonzero(first)                    # each distinct hash's first pair
+        self.lengths = np.diff(np.r_[self.starts, len(H)])     # its number of rows
+        self.group = np.cumsum(first) - 1                      # each pair's distinct hash
+
+    def template_groups(self, tasks: Sequence[str]) -> np.ndarray:
+        """Per distinct hash, whether it is a template (see templates)."""
+        out = np.zeros(len(self.starts), bool)
+        if not len(self.H):
+            return out
+        names, task_of_row = np.unique(np.asarray(list(tasks), dtype=object).astype(str), return_inverse=True)
+        rows_in = np.bincount(task_of_row, minlength=len(names))
+        big = self.lengths[self.group] > 2       # a template is in 3 or more rows: the rest need no count
+        nt = len(names)
+        # each row's hashes are distinct: pairs of one (hash, task) counted are rows counted
+        key, counts = _unique_counts(self.group[big] * nt + task_of_row[self.R[big]])
+        ok = counts > np.maximum(2, TEMPLATE_SHARE * rows_in[key % nt])
+        out[key[ok] // nt] = True
+        return out
+
+    def covered(self, in_pool: np.ndarray, drop: Optional[np.ndarray] = None) -> np.ndarray:
+        """Per row, the share of its n-grams (those whose group is not in `drop`) that some row of the
+        pool (in_pool: a bool per row) has too: covered(rows' hashes, pool_of(pool rows' hashes)) for a row
+        outside the pool. 0 for a row without n-grams."""
+        t = in_pool[self.R]
+        ok = None if drop is None else ~drop[self.group]
+        if ok is not None:
+            t &= ok
+        has = np.logical_or.reduceat(t, self.starts) if len(t) else np.zeros(0, bool)
+        hit = has[self.group]
+        if ok is not None:
+            hit &= ok
+        return self._share(self.R, hit, ok)
+
+    def covered_by(self, rows: np.ndarray, pools: Sequence[np.ndarray], drop: Optional[np.ndarray] = None) -> np.ndarray:
+        """Per row (0 where rows is False), the share of its n-grams (not in `drop`) found in any of the
+        sorted unique pools (other domains' train n-grams)."""
+        sel = rows[self.R]
+        if drop is not None:
+            sel &= ~drop[self.group]
+        H, R = self.H[sel], self.R[sel]
+        hit = np.zeros(len(H), bool)
+        for p in pools:
+            hit |= _member(H, p)
+        return self._share(R, hit, None)
+
+    def _share(self, R: np.ndarray, hit: np.ndarray, ok: Optional[np.ndarray]) -> np.ndarray:
+        hits = np.bincount(R, weights=hit, minlength=self.n)
+        sizes = np.bincount(R, minlength=self.n) if ok is None else np.bincount(R, weights=ok, minlength=self.n)
+        return np.where(sizes > 0, hits / np.maximum(sizes, 1), 0.0)
+
+    def pool(self, rows: np.ndarray) -> np.ndarray:
+        """The distinct n-grams of these rows (a bool per row), sorted: pool_of their hashes."""
+        t = rows[self.R]
+        return self.H[self.starts][np.logical_or.reduceat(t, self.starts)] if len(t) else np.empty(0, np.uint64)
 
 
-def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float = PAIR_SHARE) -> list[tuple[int, int]]:
+def near_duplicate_links(hashes: "Sequence[np.ndarray] | Index", max_df: int, share: float = PAIR_SHARE) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, of rows that are near-duplicates: the n-grams they share, counting only those
     found in at most max_df rows, are at least `share` of the smaller row's n-grams (one row is mostly
     contained in the other: a repeated answer, a claim citing the same evidence)."""
-    H, R = _pairs(hashes)
+    ix = hashes if isinstance(hashes, Index) else Index(hashes)
+    H, R, starts, sizes = ix.H, ix.R, ix.starts, ix.sizes
     if len(H) < 2:
         return []
-    starts = np.flatnonzero(np.r_[True, H[1:] != H[:-1]])
-    lengths = np.diff(np.r_[starts, len(H)])
+    lengths = ix.lengths
     keep = (lengths >= 2) & (lengths <= max_df)
     part_codes, part_counts = [], []
     kept = np.flatnonzero(keep)
@@ -259,7 +320,7 @@ def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float
         for c in range(0, len(all_s), step):
             rows = R[all_s[c:c + step, None] + np.arange(L)]
             ra, rb = rows[:, a].ravel(), rows[:, b].ravel()
-            codes, counts = _unique_counts(np.minimum(ra, rb) * len(hashes) + np.maximum(ra, rb))
+            codes, counts = _unique_counts(np.minimum(ra, rb) * ix.n + np.maximum(ra, rb))
             part_codes.append(codes)
             part_counts.append(counts)
     if not part_codes:
@@ -269,14 +330,15 @@ def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float
     codes, w = codes[order], np.concatenate(part_counts)[order]
     firsts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     codes, counts = codes[firsts], np.add.reduceat(w, firsts)
-    i, j = codes // len(hashes), codes % len(hashes)
-    sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
+    i, j = codes // ix.n, codes % ix.n
     ok = counts >= share * np.minimum(sizes[i], sizes[j])
     return list(zip(i[ok].tolist(), j[ok].tolist()))
 
 
 def _unique_counts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """np.unique(a, return_counts=True) by one sort (numpy's default sort is the fast one on 64-bit keys)."""
+    if not len(a):
+        return a, np.zeros(0, np.int64)
     a = np.sort(a)
     firsts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
     return a[firsts], np.diff(np.r_[firsts, len(a)])
@@ -340,19 +402,8 @@ def templates(hashes: Sequence[np.ndarray], tasks: Sequence[str]) -> np.ndarray:
     task (source/task: every row of a task carries its prompt's and its answer format's n-grams), and in
     at least 3 of them. A sentence many rows quote (a Climate-FEVER evidence sentence in 3% of claims, a
     MedQuAD paragraph in a few answers) stays content."""
-    if not len(hashes):
-        return np.empty(0, np.uint64)
-    names, task_of_row = np.unique(np.asarray(list(tasks), dtype=object).astype(str), return_inverse=True)
-    sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
-    flat = np.concatenate(list(hashes))
-    task_of = np.repeat(task_of_row, sizes)
-    rows_in = np.bincount(task_of_row, minlength=len(names))
-    out = []
-    for t in range(len(names)):
-        # each row's hashes are distinct: a count is a row count
-        H, counts = _unique_counts(flat[task_of == t] if len(names) > 1 else flat)
-        out.append(H[counts > max(2, TEMPLATE_SHARE * rows_in[t])])
-    return _sorted_unique(np.concatenate(out)) if out else np.empty(0, np.uint64)
+    ix = Index(hashes)
+    return ix.H[ix.starts][ix.template_groups(tasks)]
 
 
 def without(hashes: Sequence[np.ndarray], drop: np.ndarray) -> list[np.ndarray]:

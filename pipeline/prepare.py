@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import neardup
@@ -463,7 +464,8 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     (several train rows may cover it together: Climate-FEVER claims citing the same evidence
     sentences), template n-grams not counted, moves to train with its whole unit, repeated until none
     is left. Fills unit_split (unit root -> split) and returns the counts for the manifest; `keep` gets
-    the rows' hashes, tasks and splits for the contamination table (so it need not tokenize them again)."""
+    the rows' n-gram index, template groups and splits for the contamination table (so it need not
+    tokenize them again)."""
     t0, c0 = time.time(), time.process_time()
     row_group, hashes, tasks = [], [], []
     for name in names:
@@ -476,25 +478,27 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
             hashes += neardup.texts_hashes(neardup.column_texts(t.column("messages")))
     max_df = neardup.max_df_for(len(hashes))
     merged = 0
-    for i, j in neardup.near_duplicate_links(hashes, max_df):
+    ix = neardup.Index(hashes)   # every step below reads its posting lists
+    del hashes
+    for i, j in neardup.near_duplicate_links(ix, max_df):
         if uf.find(row_group[i]) != uf.find(row_group[j]):
             uf.union(row_group[i], row_group[j])
             merged += 1
-    roots = [uf.find(g) for g in row_group]
-    full = hashes
+    root_of = {g: uf.find(g) for g in set(row_group)}
+    roots = [root_of[g] for g in row_group]
     # step 2 judges a row by its n-grams without the domain's templates: a short row can be mostly prompt
     # template, which is in train by construction and says nothing about a leak
-    hashes = neardup.without(hashes, neardup.templates(hashes, tasks))
+    tmpl = ix.template_groups(tasks)
     for r in roots:
         if r not in unit_split:
             unit_split[r] = split_of(seed, r, fractions)
     moved_units = moved_rows = 0
     kept: dict[str, int] = {}   # split -> rows left in it though covered: moving them would empty it
     while True:
-        pool = neardup.pool_of([h for h, r in zip(hashes, roots) if unit_split[r] == "train"])
-        held_out = [k for k, r in enumerate(roots) if unit_split[r] != "train"]
-        cover = neardup.covered([hashes[k] for k in held_out], pool)
-        move = {roots[k] for k, c in zip(held_out, cover) if c >= neardup.THRESHOLD}
+        in_train = np.fromiter((unit_split[r] == "train" for r in roots), bool, len(roots))
+        held_out = np.flatnonzero(~in_train).tolist()
+        cover = ix.covered(in_train, drop=tmpl)
+        move = {roots[k] for k in held_out if cover[k] >= neardup.THRESHOLD}
         for s in ("val", "test"):
             # a split is never emptied: a domain whose every held-out row is covered by train keeps them (no
             # val/test loss otherwise); they stay counted in the contamination table, and a line says so
@@ -509,7 +513,7 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
         for r in move:
             unit_split[r] = "train"
     if keep is not None:
-        keep.update(hashes=full, without_templates=hashes, splits=[unit_split[r] for r in roots])
+        keep.update(index=ix, templates=tmpl, splits=np.array([unit_split[r] for r in roots], dtype=str))
     for s, n in kept.items():
         log.warning("near-duplicates: all %d %s rows of domain %s are covered by its train split; kept in %s (moving "
                     "them would leave it empty): its %s figures measure seen text (the contamination table counts them)",
@@ -631,17 +635,17 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
     and in the other domains' train splits (the data card's table); each counted over all 13-grams (as
     published contamination checks count) and without the domain's template 13-grams (neardup.templates:
     a short row's prompt template is in train by construction). sizes: domain -> its SFT rows per split;
-    known: domain -> the hashes, tasks and splits _near_duplicates kept (else the splits are read back)."""
+    known: domain -> the n-gram index, template groups and splits _near_duplicates kept (else the splits are
+    read back and tokenized here)."""
     domains = list(sizes)
-    rows, rows_wo = {}, {}   # domain -> split -> its rows' hashes: all, without the domain's templates
+    found: dict[str, tuple] = {}   # domain -> its rows' neardup.Index, template groups, split per row
     big = [dm for dm in domains if sum(sizes[dm].values()) > neardup.MAX_ROWS]
     if big:
         return {"skipped": f"domain(s) {', '.join(big)} above {neardup.MAX_ROWS} SFT rows: not computed", "domains": {}}
     for dm in domains:
         k = (known or {}).get(dm) or {}
-        if k.get("hashes") is not None:   # _near_duplicates's, templates already left out with the same rule
-            rows[dm] = {s: [h for h, sp in zip(k["hashes"], k["splits"]) if sp == s] for s in ("train", "test")}
-            rows_wo[dm] = {s: [h for h, sp in zip(k["without_templates"], k["splits"]) if sp == s] for s in ("train", "test")}
+        if k.get("index") is not None:   # _near_duplicates's, templates found by the same rule
+            found[dm] = (k["index"], k["templates"], k["splits"])
             continue
         every, tasks, split = [], [], []
         for s in SPLITS:
@@ -649,20 +653,23 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
             every += neardup.texts_hashes(neardup.column_texts(t.column("messages")))
             tasks += [f"{src}/{task}" for src, task in zip(t.column("source").to_pylist(), t.column("task").to_pylist())]
             split += [s] * t.num_rows
-        wo = neardup.without(every, neardup.templates(every, tasks))
-        rows[dm] = {s: [h for h, sp in zip(every, split) if sp == s] for s in ("train", "test")}
-        rows_wo[dm] = {s: [h for h, sp in zip(wo, split) if sp == s] for s in ("train", "test")}
-    pools = {dm: neardup.pool_of(rows[dm]["train"]) for dm in domains}
+        ix = neardup.Index(every)
+        found[dm] = (ix, ix.template_groups(tasks), np.array(split, dtype=str))
+    pools = {dm: ix.pool(sp == "train") for dm, (ix, _, sp) in found.items()}
     out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
     for dm in domains:
-        test, t_test = rows[dm]["test"], rows_wo[dm]["test"]
+        ix, tmpl, sp = found[dm]
+        train, test = sp == "train", sp == "test"
         others = [pools[o] for o in domains if o != dm]   # their union, not sorted again
+
+        def count(share: np.ndarray) -> int:
+            return int((share[test] >= neardup.THRESHOLD).sum())
         out["domains"][dm] = {
-            "test_rows": len(test),
-            "in_own_train": neardup.contamination(test, pools[dm]),
-            "in_other_train": neardup.contamination(test, others, pools=True),
-            "in_own_train_without_templates": neardup.contamination(t_test, neardup.pool_of(rows_wo[dm]["train"])),
-            "in_other_train_without_templates": neardup.contamination(t_test, others, pools=True),
+            "test_rows": int(test.sum()),
+            "in_own_train": count(ix.covered(train)),
+            "in_other_train": count(ix.covered_by(test, others)),
+            "in_own_train_without_templates": count(ix.covered(train, drop=tmpl)),
+            "in_other_train_without_templates": count(ix.covered_by(test, others, drop=tmpl)),
         }
     return out
 
