@@ -75,35 +75,38 @@ def texts_hashes(texts: Sequence[str], n: int = NGRAM) -> list[np.ndarray]:
     """ngram_hashes of many texts at once (the same values): the texts' words tokenized and hashed together
     in numpy (_word_ids), one rolling hash over all their words and one sort, so nothing is done per word
     in Python and per text only the lowercasing and the final cut into rows."""
+    h, row = texts_pairs(texts, n)
+    order = _order_by_row_then_hash(row, h, len(texts))
+    h, row = h[order], row[order]
+    keep = np.r_[True, (h[1:] != h[:-1]) | (row[1:] != row[:-1])] if len(h) else np.zeros(0, bool)
+    return _cut(h[keep], np.bincount(row[keep], minlength=len(texts)))
+
+
+def texts_pairs(texts: Sequence[str], n: int = NGRAM) -> tuple[np.ndarray, np.ndarray]:
+    """Every n-gram hash of every text (repeats included, in no set order within a text) and its text's
+    index: what texts_hashes sorts and cuts into rows, and Index.from_pairs sorts by hash instead."""
     flat, lens = _word_ids(texts)
-    out: list[np.ndarray] = [np.empty(0, np.uint64)] * len(texts)
     starts = np.r_[0, np.cumsum(lens)[:-1]].astype(np.int64)
+    hs, rows = [], []
     # a text of 1 to n-1 words: one hash of all of them (the rolling hash of a window that long)
     short = np.flatnonzero((lens > 0) & (lens < n))
     if len(short):
         m = lens[short]
         at = np.repeat(starts[short], m) + (np.arange(m.sum()) - np.repeat(np.r_[0, np.cumsum(m)[:-1]], m))
         left = np.repeat(m, m) - 1 - (at - np.repeat(starts[short], m))      # words after this one in its text
-        hs = _mix(np.add.reduceat(flat[at] * _powers(int(m.max()))[left], np.r_[0, np.cumsum(m)[:-1]]))
-        for k, h in zip(short.tolist(), hs.tolist()):
-            out[k] = np.array([h], np.uint64)
+        hs.append(_mix(np.add.reduceat(flat[at] * _powers(int(m.max()))[left], np.r_[0, np.cumsum(m)[:-1]])))
+        rows.append(short)
     full = np.flatnonzero(lens >= n)
-    if not len(full):
-        return out
-    win = _windows(flat, n)
-    counts = lens[full] - n + 1
-    before = np.r_[0, np.cumsum(counts)[:-1]]
-    idx = np.arange(counts.sum()) - np.repeat(before, counts) + np.repeat(starts[full], counts)
-    row = np.repeat(full, counts)
-    h = _mix(win[idx])
-    order = _order_by_row_then_hash(row, h, len(texts))
-    h, row = h[order], row[order]
-    keep = np.r_[True, (h[1:] != h[:-1]) | (row[1:] != row[:-1])]
-    h, row = h[keep], row[keep]
-    bounds = np.searchsorted(row, full, side="left"), np.searchsorted(row, full, side="right")
-    for k, a, b in zip(full.tolist(), *bounds):
-        out[k] = h[a:b]
-    return out
+    if len(full):
+        win = _windows(flat, n)
+        counts = lens[full] - n + 1
+        before = np.r_[0, np.cumsum(counts)[:-1]]
+        idx = np.arange(counts.sum()) - np.repeat(before, counts) + np.repeat(starts[full], counts)
+        hs.append(_mix(win[idx]))
+        rows.append(np.repeat(full, counts))
+    if not hs:
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    return np.concatenate(hs), np.concatenate(rows).astype(np.int64)
 
 
 def _order_by_row_then_hash(row: np.ndarray, h: np.ndarray, n_rows: int) -> np.ndarray:
@@ -118,6 +121,21 @@ def _order_by_row_then_hash(row: np.ndarray, h: np.ndarray, n_rows: int) -> np.n
     r, hs = row[order], h[order]
     if np.any((r[1:] == r[:-1]) & (hs[1:] < hs[:-1])):
         return np.lexsort((h, row))
+    return order
+
+
+def _order_by_hash_then_row(h: np.ndarray, row: np.ndarray, n_rows: int) -> np.ndarray:
+    """The permutation that sorts (h, row) pairs by hash, then row: one argsort of a 64-bit key holding the
+    hash's top bits and the row in the bits below; two hashes that agree in those top bits could come out
+    of order: that is checked, and then np.lexsort sorts exactly."""
+    bits = max(1, int(n_rows - 1).bit_length())
+    if bits > 32:
+        return np.lexsort((row, h))
+    low = np.uint64((1 << bits) - 1)
+    order = np.argsort((h & ~low) | row.astype(np.uint64))
+    hs = h[order]
+    if np.any(hs[1:] < hs[:-1]):
+        return np.lexsort((row, h))
     return order
 
 
@@ -233,12 +251,26 @@ class Index:
     (numpy's default sort, several times faster than a stable one on 64-bit keys)."""
 
     def __init__(self, hashes: Sequence[np.ndarray]):
-        self.n = len(hashes)
-        self.sizes = np.fromiter(map(len, hashes), np.int64, self.n)
-        H = np.concatenate(list(hashes)) if self.n else np.empty(0, np.uint64)
+        """From each row's distinct hashes (texts_hashes)."""
+        sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
+        H = np.concatenate(list(hashes)) if len(hashes) else np.empty(0, np.uint64)
         order = np.argsort(H)
-        self.H = H[order]
-        self.R = np.repeat(np.arange(self.n, dtype=np.int64), self.sizes)[order]
+        self._build(H[order], np.repeat(np.arange(len(hashes), dtype=np.int64), sizes)[order], len(hashes))
+
+    @classmethod
+    def from_pairs(cls, h: np.ndarray, row: np.ndarray, n_rows: int) -> "Index":
+        """From texts_pairs's (hash, row) pairs, repeats included: sorted by hash then row, repeats dropped
+        (the same as Index(texts_hashes(...)) without sorting each row first)."""
+        order = _order_by_hash_then_row(h, row, n_rows)
+        h, row = h[order], row[order]
+        keep = np.r_[True, (h[1:] != h[:-1]) | (row[1:] != row[:-1])] if len(h) else np.zeros(0, bool)
+        ix = cls.__new__(cls)
+        ix._build(h[keep], row[keep], n_rows)
+        return ix
+
+    def _build(self, H: np.ndarray, R: np.ndarray, n_rows: int) -> None:
+        self.n, self.H, self.R = n_rows, H, R
+        self.sizes = np.bincount(R, minlength=n_rows)
         first = np.r_[True, self.H[1:] != self.H[:-1]] if len(H) else np.zeros(0, bool)
         self.starts = np.flatnonzero(first)                    # each distinct hash's first pair
         self.lengths = np.diff(np.r_[self.starts, len(H)])     # its number of rows

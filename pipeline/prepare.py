@@ -467,7 +467,7 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     the rows' n-gram index, template groups and splits for the contamination table (so it need not
     tokenize them again)."""
     t0, c0 = time.time(), time.process_time()
-    row_group, hashes, tasks = [], [], []
+    row_group, tasks, pairs = [], [], []
     for name in names:
         want = chosen[name]
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
@@ -475,11 +475,14 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
             t = t.take(pa.array([ri for ri in range(t.num_rows) if (si, ri) in want], pa.int64()))  # typed: may be empty
             row_group += t.column("group").to_pylist()
             tasks += [f"{name}/{task}" for task in t.column("task").to_pylist()]
-            hashes += neardup.texts_hashes(neardup.column_texts(t.column("messages")))
-    max_df = neardup.max_df_for(len(hashes))
+            h, r = neardup.texts_pairs(neardup.column_texts(t.column("messages")))
+            pairs.append((h, r + (len(row_group) - t.num_rows)))
+    max_df = neardup.max_df_for(len(row_group))
     merged = 0
-    ix = neardup.Index(hashes)   # every step below reads its posting lists
-    del hashes
+    # every step below reads this index's posting lists
+    ix = neardup.Index.from_pairs(np.concatenate([h for h, _ in pairs] or [np.empty(0, np.uint64)]),
+                                  np.concatenate([r for _, r in pairs] or [np.empty(0, np.int64)]), len(row_group))
+    del pairs
     for i, j in neardup.near_duplicate_links(ix, max_df):
         if uf.find(row_group[i]) != uf.find(row_group[j]):
             uf.union(row_group[i], row_group[j])
@@ -647,13 +650,15 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
         if k.get("index") is not None:   # _near_duplicates's, templates found by the same rule
             found[dm] = (k["index"], k["templates"], k["splits"])
             continue
-        every, tasks, split = [], [], []
+        hs, rs, tasks, split = [], [], [], []
         for s in SPLITS:
             t = store.read_table(f"data/sft/{dm}/{s}", ["messages", "source", "task"])
-            every += neardup.texts_hashes(neardup.column_texts(t.column("messages")))
+            h, r = neardup.texts_pairs(neardup.column_texts(t.column("messages")))
+            hs.append(h)
+            rs.append(r + len(split))
             tasks += [f"{src}/{task}" for src, task in zip(t.column("source").to_pylist(), t.column("task").to_pylist())]
             split += [s] * t.num_rows
-        ix = neardup.Index(every)
+        ix = neardup.Index.from_pairs(np.concatenate(hs), np.concatenate(rs), len(split))
         found[dm] = (ix, ix.template_groups(tasks), np.array(split, dtype=str))
     pools = {dm: ix.pool(sp == "train") for dm, (ix, _, sp) in found.items()}
     out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
