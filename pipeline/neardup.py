@@ -305,17 +305,17 @@ class Index:
             hit &= ok
         return self._share(self.R, hit, ok)
 
-    def covered_by(self, rows: np.ndarray, pools: Sequence[np.ndarray], drop: Optional[np.ndarray] = None) -> np.ndarray:
-        """Per row (0 where rows is False), the share of its n-grams (not in `drop`) found in any of the
-        sorted unique pools (other domains' train n-grams)."""
+    def covered_by(self, rows: np.ndarray, pools: Sequence[np.ndarray], drop: Optional[np.ndarray] = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Per row (0 where rows is False), the share of its n-grams found in any of the sorted unique pools
+        (other domains' train n-grams): over all of them, and over those whose group is not in `drop`."""
         sel = rows[self.R]
-        if drop is not None:
-            sel &= ~drop[self.group]
         H, R = self.H[sel], self.R[sel]
         hit = np.zeros(len(H), bool)
         for p in pools:
             hit |= _member(H, p)
-        return self._share(R, hit, None)
+        ok = np.ones(len(H), bool) if drop is None else ~drop[self.group[sel]]
+        return self._share(R, hit, None), self._share(R, hit & ok, ok)
 
     def _share(self, R: np.ndarray, hit: np.ndarray, ok: Optional[np.ndarray]) -> np.ndarray:
         hits = np.bincount(R, weights=hit, minlength=self.n)

@@ -471,10 +471,11 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     for name in names:
         want = chosen[name]
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            t = store.read_table(rel, ["messages", "group", "task"])
-            t = t.take(pa.array([ri for ri in range(t.num_rows) if (si, ri) in want], pa.int64()))  # typed: may be empty
-            row_group += t.column("group").to_pylist()
-            tasks += [f"{name}/{task}" for task in t.column("task").to_pylist()]
+            t = store.read_table(rel, ["messages"])
+            sel = [ri for ri in range(t.num_rows) if (si, ri) in want]
+            t = t.take(pa.array(sel, pa.int64()))  # typed: may be empty
+            row_group += [want[si, ri][1] for ri in sel]
+            tasks += [f"{name}/{want[si, ri][0]}" for ri in sel]
             h, r = neardup.texts_pairs(neardup.column_texts(t.column("messages")))
             pairs.append((h, r + (len(row_group) - t.num_rows)))
     max_df = neardup.max_df_for(len(row_group))
@@ -548,14 +549,14 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
         keys[name] = entries
     counts = {n: len(e) for n, e in keys.items()}
     quotas = balanced_quotas(counts, d.max_sft_per_domain)
-    chosen: dict[str, set[tuple[int, int]]] = {}
+    chosen: dict[str, dict[tuple[int, int], tuple[str, str]]] = {}   # source -> (shard, row) -> task, group
     uf = _UnionFind()
     first_group: dict[str, str] = {}
     for name in names:
         entries = keys[name]
         if quotas[name] < len(entries):  # seeded hash order: the same rows every run, spread over the source
             entries = sorted(entries)[: quotas[name]]
-        chosen[name] = {(e[3], e[4]) for e in entries}
+        chosen[name] = {(e[3], e[4]): (e[2], e[5]) for e in entries}   # (shard, row) -> task, group
         # merge groups that share an exact example or long response, so no duplicate text crosses splits
         for e in entries:
             uf.find(e[5])
@@ -669,12 +670,13 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
 
         def count(share: np.ndarray) -> int:
             return int((share[test] >= neardup.THRESHOLD).sum())
+        other, other_wo = ix.covered_by(test, others, drop=tmpl)
         out["domains"][dm] = {
             "test_rows": int(test.sum()),
             "in_own_train": count(ix.covered(train)),
-            "in_other_train": count(ix.covered_by(test, others)),
+            "in_other_train": count(other),
             "in_own_train_without_templates": count(ix.covered(train, drop=tmpl)),
-            "in_other_train_without_templates": count(ix.covered_by(test, others, drop=tmpl)),
+            "in_other_train_without_templates": count(other_wo),
         }
     return out
 
