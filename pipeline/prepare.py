@@ -61,6 +61,9 @@ READ_AHEAD_BYTES = 512 * 1024 * 1024
 PROGRESS_EVERY_S = 15.0
 # SFT splits up to this many rows are written in a seeded shuffled order (held in memory); larger ones stream
 SHUFFLE_LIMIT = 200_000
+# a domain's staged messages columns up to this size are kept from the first pass for the near-duplicate
+# step (read once instead of twice); above it, that step reads them again shard by shard
+KEEP_MESSAGES_BYTES = 256 << 20
 
 
 # ---- the per-record rules, as steps (datatrove's pattern) ------------------------------------------
@@ -457,7 +460,7 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
 # ---- step 3: one domain ----------------------------------------------------------------------
 def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store: Store, uf: "_UnionFind", seed: int,
                      fractions: dict[str, float], unit_split: dict[str, str], keep: Optional[dict] = None,
-                     domain: str = "") -> dict:
+                     domain: str = "", messages: Optional[dict] = None) -> dict:
     """Near-duplicate-aware split units (pipeline/neardup.py), in two steps over the chosen rows' 13-grams:
     (1) merge the groups of near-duplicate rows (one mostly contained in the other), so no such pair
     crosses splits; (2) a val or test row with >= neardup.THRESHOLD of its 13-grams in the train split
@@ -465,19 +468,22 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
     sentences), template n-grams not counted, moves to train with its whole unit, repeated until none
     is left. Fills unit_split (unit root -> split) and returns the counts for the manifest; `keep` gets
     the rows' n-gram index, template groups and splits for the contamination table (so it need not
-    tokenize them again)."""
+    tokenize them again). messages: (source, shard) -> that staged shard's messages column, if the first
+    pass kept them (else each shard is read again)."""
     t0, c0 = time.time(), time.process_time()
     row_group, tasks, pairs = [], [], []
     for name in names:
         want = chosen[name]
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            t = store.read_table(rel, ["messages"])
-            sel = [ri for ri in range(t.num_rows) if (si, ri) in want]
-            t = t.take(pa.array(sel, pa.int64()))  # typed: may be empty
+            col = (messages or {}).get((name, si))
+            if col is None:
+                col = store.read_table(rel, ["messages"]).column("messages")
+            sel = [ri for ri in range(len(col)) if (si, ri) in want]
+            col = col.take(pa.array(sel, pa.int64()))  # typed: may be empty
             row_group += [want[si, ri][1] for ri in sel]
             tasks += [f"{name}/{want[si, ri][0]}" for ri in sel]
-            h, r = neardup.texts_pairs(neardup.column_texts(t.column("messages")))
-            pairs.append((h, r + (len(row_group) - t.num_rows)))
+            h, r = neardup.texts_pairs(neardup.column_texts(col))
+            pairs.append((h, r + (len(row_group) - len(sel))))
     max_df = neardup.max_df_for(len(row_group))
     merged = 0
     # every step below reads this index's posting lists
@@ -537,12 +543,19 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     d = cfg.data
     seed = d.split_seed
     store.delete(f"data/sft/{domain}")
-    # pass 1: keys only
+    # pass 1: keys only (and, for the near-duplicate step, the shards' messages columns while they are small)
     keys: dict[str, list[tuple]] = {}
+    messages: Optional[dict[tuple[str, int], Any]] = {} if d.near_duplicates else None
     for name in names:
         entries = []
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            t = store.read_table(rel, ["messages", "doc_id", "task", "group"]).to_pylist()
+            tbl = store.read_table(rel, ["messages", "doc_id", "task", "group"])
+            if messages is not None:
+                messages[name, si] = tbl.column("messages")
+                if sum(c.nbytes for c in messages.values()) > KEEP_MESSAGES_BYTES:
+                    messages = None   # read again, shard by shard, by the near-duplicate step
+            t = tbl.to_pylist()
+            del tbl
             for ri, r in enumerate(t):
                 u = _unit(seed, f"{r['doc_id']}|{r['task']}|{norm_key(prompt_text(r['messages']))[:200]}")
                 entries.append((u, r["doc_id"], r["task"], si, ri, r["group"], tuple(_dup_keys(r))))
@@ -573,7 +586,9 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
         log.warning("prepare: %s has %d SFT rows, more than %d: near-duplicates are not grouped (exact duplicates "
                     "still are); set data.max_sft_per_domain to have them grouped", domain, n_chosen_rows, neardup.MAX_ROWS)
     elif d.near_duplicates:
-        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split, keep, domain))
+        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split, keep, domain,
+                                     messages))
+    del messages
     split_of_group: dict[str, str] = {}
     where: dict[str, str] = {}
     for name in names:

@@ -94,6 +94,13 @@ def test_near_duplicate_pairs_land_in_one_split(tmp_path, monkeypatch):
     from pipeline.storage import Store
     again = _contamination(Store(str(tmp_path / "out-True")), {"ecology": m1["domains"]["ecology"]["sft_rows"]})
     assert again["domains"] == m1["contamination"]["domains"]
+    # a domain whose staged messages are over KEEP_MESSAGES_BYTES: the step reads them again, same splits
+    import pipeline.prepare as prepare_module
+    monkeypatch.setattr(prepare_module, "KEEP_MESSAGES_BYTES", 0)
+    (tmp_path / "reread").mkdir()
+    m3, split3 = _prepare(tmp_path / "reread", rows, near=True)
+    assert split3 == split1 and m3["contamination"]["domains"] == m1["contamination"]["domains"]
+    monkeypatch.undo()
     # above neardup.MAX_ROWS rows the step is skipped, and the manifest says so
     monkeypatch.setattr(neardup, "MAX_ROWS", 10)
     (tmp_path / "big").mkdir()
