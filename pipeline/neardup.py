@@ -1,6 +1,8 @@
 """Near-duplicates across splits: word n-gram hashes, near-duplicate pairs, templates, a contamination count.
 
     rows_hashes(rows) / row_hashes(row) / ngram_hashes(text) -> distinct word 13-gram hashes (uint64, sorted)
+    texts_pairs(texts) -> Index.from_pairs(h, row, n) -> a domain's (hash, row) pairs sorted by hash, read by
+                                                 the steps below (what prepare uses: one sort per domain)
     near_duplicate_links(hashes, max_df)      -> pairs (i, j) of rows sharing >= PAIR_SHARE of the smaller
                                                  one's n-grams (n-grams in more than max_df rows not counted)
     templates(hashes, tasks)                  -> the n-grams in more than TEMPLATE_SHARE of one task's rows
@@ -20,7 +22,8 @@ Hand-written on numpy rather than MinHash LSH (datasketch): MinHash estimates Ja
 whole rows, and the leak that matters here is containment (a test row half made of one or several
 train rows' sentences), which a Jaccard threshold misses when the rows differ in length; exact shared
 n-grams find it, deterministically, with one sort over (hash, row) pairs, in memory linear in the
-domain's words (the domain is capped by ``max_sft_per_domain``).
+domain's words (the domain is capped by ``max_sft_per_domain``). Everything is vectorised (tokenizing
+included: _word_ids), so the step adds about 15% to an in-process prepare (bench/NOTES.md).
 """
 from __future__ import annotations
 
@@ -422,7 +425,7 @@ def max_df_for(n_rows: int) -> int:
 
 # above this many rows in a domain, prepare skips the near-duplicate step and the contamination table
 # (logged, and said in the manifest): both hold every row's n-grams in the driver's memory (~1.2 GB per
-# million rows of Climate-FEVER size) and tokenize in one process (~0.1 ms a row)
+# million rows of Climate-FEVER size) and tokenize in one process (~5 us a row)
 MAX_ROWS = 200_000
 
 

@@ -258,3 +258,51 @@ def test_short_multiple_choice_rows_carry_no_13_gram_of_template_alone():
     for a in range(len(rows)):
         for b in range(a + 1, len(rows)):
             assert not np.isin(h[a], h[b]).any(), (rows[a], rows[b])
+
+
+def test_vectorised_words_are_the_evaluations_words(monkeypatch):
+    """prepare tokenizes in numpy (neardup._word_ids): the same words as pipeline/words.words (the
+    evaluation's), in every script, across chunk boundaries and for a text longer than a chunk."""
+    from pipeline.words import words
+    rng = random.Random(11)
+    alphabet = ("aZ9_ -.,'\n\tÄßİΣσς" + "".join(map(chr, (0x301, 0x3099, 0x30FB, 0x4E00, 0x3042, 0xAC00, 0x0660, 0x00B2,
+                                                          0x2160, 0x1F600, 0xFF21, 0x0130, 0x03A3, 0x05D0, 0x0E01))))
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60))) for _ in range(400)]
+    texts += ["", "ΣΑΣ ΟΔΟΣ.", "İstanbul", "x" * 500, "Привет мир 糖尿病の治療 " * 20]
+    monkeypatch.setattr(neardup, "_CHUNK_CHARS", 300)   # many chunks, and texts longer than one
+    ids, lens = neardup._word_ids(texts)
+    assert lens.tolist() == [len(words(t)) for t in texts]
+    at = np.r_[0, np.cumsum(lens)]
+    for k, t in enumerate(texts):
+        assert ids[at[k]:at[k + 1]].tolist() == [neardup._word_id(w) for w in words(t)], t
+
+
+def test_index_steps_equal_the_per_row_functions():
+    """neardup.Index (what prepare uses) against the per-row reference functions on rows that share
+    sentences, a template and nothing: links, templates, coverage by a pool, pools, other domains' pools."""
+    rng = random.Random(4)
+    shared = [_sentence(rng, 20) for _ in range(6)]
+    texts = [("Answer the question about the river delta below in one short paragraph please now. " if k % 3 else "")
+             + " ".join(rng.choice(shared) if rng.random() < 0.4 else _sentence(rng, 20) for _ in range(rng.randrange(0, 4)))
+             for k in range(120)]
+    tasks = [f"t{k % 2}" for k in range(len(texts))]
+    hashes = neardup.texts_hashes(texts)
+    ix = neardup.Index.from_pairs(*neardup.texts_pairs(texts), len(texts))
+    assert ix.sizes.tolist() == [len(h) for h in hashes]
+    assert neardup.near_duplicate_links(ix, 20) == neardup.near_duplicate_links(hashes, 20) != []
+    tg = ix.template_groups(tasks)
+    tmpl = neardup.templates(hashes, tasks)
+    assert len(tmpl) and np.array_equal(ix.H[ix.starts][tg], tmpl)
+    wo = neardup.without(hashes, tmpl)
+    pool_rows = np.array([rng.random() < 0.7 for _ in texts])
+    rest = np.flatnonzero(~pool_rows)
+    ref_all = neardup.covered([hashes[k] for k in rest], neardup.pool_of([h for h, p in zip(hashes, pool_rows) if p]))
+    ref_wo = neardup.covered([wo[k] for k in rest], neardup.pool_of([h for h, p in zip(wo, pool_rows) if p]))
+    assert np.allclose(ix.covered(pool_rows)[rest], ref_all) and np.allclose(ix.covered(pool_rows, drop=tg)[rest], ref_wo)
+    assert (ref_all > 0).any() and (ref_wo < ref_all).any()
+    assert np.array_equal(ix.pool(pool_rows), neardup.pool_of([h for h, p in zip(hashes, pool_rows) if p]))
+    others = [neardup.pool_of(hashes[:30]), neardup.pool_of(hashes[60:70])]
+    got_all, got_wo = ix.covered_by(~pool_rows, others, drop=tg)
+    assert np.allclose(got_all[rest], neardup.covered([hashes[k] for k in rest], others))
+    assert np.allclose(got_wo[rest], neardup.covered([wo[k] for k in rest], others))
+    assert not got_all[pool_rows].any()
