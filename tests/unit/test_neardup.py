@@ -306,3 +306,18 @@ def test_index_steps_equal_the_per_row_functions():
     assert np.allclose(got_all[rest], neardup.covered([hashes[k] for k in rest], others))
     assert np.allclose(got_wo[rest], neardup.covered([wo[k] for k in rest], others))
     assert not got_all[pool_rows].any()
+
+
+def test_hash_then_row_order_is_exact_also_when_packed_keys_tie():
+    rng = np.random.default_rng(1)
+    row = rng.integers(0, 5000, 20000)
+    h = rng.integers(0, 2**63, len(row)).astype(np.uint64)
+    ref = np.lexsort((row, h))
+    o = neardup._order_by_hash_then_row(h, row, 5000)
+    assert np.array_equal(h[o], h[ref]) and np.array_equal(row[o], row[ref])
+    # hashes that agree in their top bits and differ below, and repeats: the packed key ties, the fallback sorts exactly
+    h[:50] = np.uint64(0xABCDEF0000000000) + rng.integers(0, 200, 50).astype(np.uint64)
+    h[50:60] = h[0]
+    ref = np.lexsort((row, h))
+    o = neardup._order_by_hash_then_row(h, row, 5000)
+    assert np.array_equal(h[o], h[ref]) and np.array_equal(row[o], row[ref])
