@@ -23,7 +23,8 @@ whole rows, and the leak that matters here is containment (a test row half made 
 train rows' sentences), which a Jaccard threshold misses when the rows differ in length; exact shared
 n-grams find it, deterministically, with one sort over (hash, row) pairs, in memory linear in the
 domain's words (the domain is capped by ``max_sft_per_domain``). Everything is vectorised (tokenizing
-included: _word_ids), so the step adds about 15% to an in-process prepare (bench/NOTES.md).
+included: _word_ids), so the step and the contamination table add about 17% to an in-process prepare of the real data
+(bench/NOTES.md).
 """
 from __future__ import annotations
 
