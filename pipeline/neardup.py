@@ -465,10 +465,9 @@ def _cut(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
     return [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
 
-def contamination(test: Sequence[np.ndarray], train: Sequence[np.ndarray] | np.ndarray, threshold: float = THRESHOLD,
-                  pools: bool = False) -> int:
+def contamination(test: Sequence[np.ndarray], train: Sequence[np.ndarray] | np.ndarray, threshold: float = THRESHOLD) -> int:
     """How many test rows have at least `threshold` of their distinct n-grams somewhere in `train` (rows, or
-    their pool_of already, or with pools=True several pool_of arrays: their union); templates included: the
-    measure as published contamination checks count it."""
-    pool = train if isinstance(train, np.ndarray) or pools else pool_of(train)
+    their pool_of already); templates included: the measure as published contamination checks count it.
+    (prepare's table counts the same with Index.covered / covered_by.)"""
+    pool = train if isinstance(train, np.ndarray) else pool_of(train)
     return int((covered(test, pool) >= threshold).sum()) if len(test) else 0
