@@ -24,7 +24,8 @@ in the figure) of every built-in source under ``--raw-dir`` with ``data.near_dup
 true, alternating, each in a fresh process, ``--repeat`` times, and prints the median CPU and wall
 seconds of each and their ratio, plus the n-gram work of the "on" run as the manifest times it (the
 near-duplicate units and the contamination table, which is computed in both runs) and the ratio of the
-"on" run to the same run without any n-gram work.
+"on" run to the same run without any n-gram work: by wall seconds of the medians, and by CPU seconds of
+this process per run (the manifest's cpu_seconds; the steadier figure on a shared machine), median and best.
 """
 from __future__ import annotations
 
