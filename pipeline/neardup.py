@@ -1,6 +1,8 @@
 """Near-duplicates across splits: word n-gram hashes, near-duplicate pairs, templates, a contamination count.
 
     rows_hashes(rows) / row_hashes(row) / ngram_hashes(text) -> distinct word 13-gram hashes (uint64, sorted)
+    texts_pairs(texts) -> Index.from_pairs(h, row, n) -> a domain's (hash, row) pairs sorted by hash, read by
+                                                 the steps below (what prepare uses: one sort per domain)
     near_duplicate_links(hashes, max_df)      -> pairs (i, j) of rows sharing >= PAIR_SHARE of the smaller
                                                  one's n-grams (n-grams in more than max_df rows not counted)
     templates(hashes, tasks)                  -> the n-grams in more than TEMPLATE_SHARE of one task's rows
@@ -20,16 +22,17 @@ Hand-written on numpy rather than MinHash LSH (datasketch): MinHash estimates Ja
 whole rows, and the leak that matters here is containment (a test row half made of one or several
 train rows' sentences), which a Jaccard threshold misses when the rows differ in length; exact shared
 n-grams find it, deterministically, with one sort over (hash, row) pairs, in memory linear in the
-domain's words (the domain is capped by ``max_sft_per_domain``).
+domain's words (the domain is capped by ``max_sft_per_domain``). Everything is vectorised (tokenizing
+included: _word_ids), so the step and the contamination table add about 17% to an in-process prepare of the real data
+(bench/NOTES.md).
 """
 from __future__ import annotations
 
-import itertools
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline.words import words   # the evaluation's Unicode words (CJK per character)
+from pipeline.words import char_class   # the evaluation's Unicode words (CJK per character)
 
 NGRAM = 13            # words per shingle (GPT-3's contamination check used 13-grams)
 PAIR_SHARE = 0.5      # two rows sharing this much of the smaller one's (non-template) n-grams are near-duplicates
@@ -73,32 +76,41 @@ def rows_hashes(rows: Sequence[dict], n: int = NGRAM) -> list[np.ndarray]:
 
 
 def texts_hashes(texts: Sequence[str], n: int = NGRAM) -> list[np.ndarray]:
-    """ngram_hashes of many texts at once (the same values): one rolling hash over all their words and one
-    sort, so the per-text cost is the tokenizer's, not a dozen numpy calls."""
-    toks = [words(t) for t in texts]
-    lens = np.fromiter(map(len, toks), np.int64, len(toks))
-    flat = _ids(list(itertools.chain.from_iterable(toks)))
-    out: list[np.ndarray] = [np.empty(0, np.uint64)] * len(texts)
-    for k in np.flatnonzero((lens > 0) & (lens < n)):      # shorter than n words: one hash of all of them
-        out[k] = ngram_hashes(" ".join(toks[k]), n)
-    full = np.flatnonzero(lens >= n)
-    if not len(full):
-        return out
-    starts = np.r_[0, np.cumsum(lens)[:-1]]
-    win = _windows(flat, n)
-    counts = lens[full] - n + 1
-    before = np.r_[0, np.cumsum(counts)[:-1]]
-    idx = np.arange(counts.sum()) - np.repeat(before, counts) + np.repeat(starts[full], counts)
-    row = np.repeat(full, counts)
-    h = _mix(win[idx])
+    """ngram_hashes of many texts at once (the same values): the texts' words tokenized and hashed together
+    in numpy (_word_ids), one rolling hash over all their words and one sort, so nothing is done per word
+    in Python and per text only the lowercasing and the final cut into rows."""
+    h, row = texts_pairs(texts, n)
     order = _order_by_row_then_hash(row, h, len(texts))
     h, row = h[order], row[order]
-    keep = np.r_[True, (h[1:] != h[:-1]) | (row[1:] != row[:-1])]
-    h, row = h[keep], row[keep]
-    bounds = np.searchsorted(row, full, side="left"), np.searchsorted(row, full, side="right")
-    for k, a, b in zip(full.tolist(), *bounds):
-        out[k] = h[a:b]
-    return out
+    keep = np.r_[True, (h[1:] != h[:-1]) | (row[1:] != row[:-1])] if len(h) else np.zeros(0, bool)
+    return _cut(h[keep], np.bincount(row[keep], minlength=len(texts)))
+
+
+def texts_pairs(texts: Sequence[str], n: int = NGRAM) -> tuple[np.ndarray, np.ndarray]:
+    """Every n-gram hash of every text (repeats included, in no set order within a text) and its text's
+    index: what texts_hashes sorts and cuts into rows, and Index.from_pairs sorts by hash instead."""
+    flat, lens = _word_ids(texts)
+    starts = np.r_[0, np.cumsum(lens)[:-1]].astype(np.int64)
+    hs, rows = [], []
+    # a text of 1 to n-1 words: one hash of all of them (the rolling hash of a window that long)
+    short = np.flatnonzero((lens > 0) & (lens < n))
+    if len(short):
+        m = lens[short]
+        at = np.repeat(starts[short], m) + (np.arange(m.sum()) - np.repeat(np.r_[0, np.cumsum(m)[:-1]], m))
+        left = np.repeat(m, m) - 1 - (at - np.repeat(starts[short], m))      # words after this one in its text
+        hs.append(_mix(np.add.reduceat(flat[at] * _powers(int(m.max()))[left], np.r_[0, np.cumsum(m)[:-1]])))
+        rows.append(short)
+    full = np.flatnonzero(lens >= n)
+    if len(full):
+        win = _windows(flat, n)
+        counts = lens[full] - n + 1
+        before = np.r_[0, np.cumsum(counts)[:-1]]
+        idx = np.arange(counts.sum()) - np.repeat(before, counts) + np.repeat(starts[full], counts)
+        hs.append(_mix(win[idx]))
+        rows.append(np.repeat(full, counts))
+    if not hs:
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    return np.concatenate(hs), np.concatenate(rows).astype(np.int64)
 
 
 def _order_by_row_then_hash(row: np.ndarray, h: np.ndarray, n_rows: int) -> np.ndarray:
@@ -116,32 +128,113 @@ def _order_by_row_then_hash(row: np.ndarray, h: np.ndarray, n_rows: int) -> np.n
     return order
 
 
-def _ids(ws: list[str]) -> np.ndarray:
-    """Stable 64-bit ids of words: each distinct word hashed once (_word_ids), then looked up. The same in
-    every process and on every machine (Python's own str hash is salted per process, PYTHONHASHSEED), so
-    hashes made in different processes or runs can be compared."""
-    table = dict.fromkeys(ws)
-    uniq = list(table)
-    table = dict(zip(uniq, _word_ids(uniq).tolist()))
-    return np.fromiter(map(table.__getitem__, ws), np.uint64, len(ws))
+def _order_by_hash_then_row(h: np.ndarray, row: np.ndarray, n_rows: int) -> np.ndarray:
+    """The permutation that sorts (h, row) pairs by hash, then row: one argsort of a 64-bit key holding the
+    hash's top bits and the row in the bits below; two hashes that agree in those top bits could come out
+    of order: that is checked, and then np.lexsort sorts exactly."""
+    bits = max(1, int(n_rows - 1).bit_length())
+    if bits > 32:
+        return np.lexsort((row, h))
+    low = np.uint64((1 << bits) - 1)
+    order = np.argsort((h & ~low) | row.astype(np.uint64))
+    hs = h[order]
+    if not np.any(hs[1:] < hs[:-1]):
+        return order
+    # exact in two argsorts (np.lexsort was ~10x slower): by hash, then by (rank of the hash, row)
+    order = np.argsort(h)
+    hs = h[order]
+    rank = np.cumsum(np.r_[False, hs[1:] != hs[:-1]]).astype(np.uint64)
+    if int(rank[-1]).bit_length() + bits > 64:
+        return np.lexsort((row, h))
+    return order[np.argsort((rank << np.uint64(bits)) | row[order].astype(np.uint64))]
 
 
-def _word_ids(uniq: list[str]) -> np.ndarray:
-    """A polynomial hash of each word's UTF-8 bytes, mixed with its length, vectorised over all the words."""
-    if not uniq:
-        return np.empty(0, np.uint64)
-    blens = np.fromiter((len(w.encode("utf-8")) for w in uniq), np.int64, len(uniq))
-    b = np.frombuffer("".join(uniq).encode("utf-8"), np.uint8).astype(np.uint64) + np.uint64(1)
-    starts = np.r_[0, np.cumsum(blens)[:-1]]
-    h = np.zeros(len(uniq), np.uint64)
-    if len(b):
-        powers = np.full(int(blens.max()), _P, np.uint64)
-        powers[0] = 1
-        powers = np.cumprod(powers, dtype=np.uint64)             # _P ** i, wrapping mod 2**64
-        pos = np.arange(len(b)) - np.repeat(starts, blens)      # each byte's position in its word
-        nonempty = blens > 0
-        h[nonempty] = np.add.reduceat(b * powers[pos], starts[nonempty])
-    return _mix(h ^ _mix(blens.astype(np.uint64)))
+# Each character's class for words() (pipeline/words.char_class), by code point: 255 until first met, then
+# classified once per process by words.py's own patterns, so these words are words()'s by construction
+_CLASS = np.full(0x110000, 255, np.uint8)
+_CHUNK_CHARS = 250_000     # characters tokenized at once (bounds the temporary arrays, ~40 bytes a character: in cache)
+
+
+def _classes(cp: np.ndarray) -> np.ndarray:
+    k = _CLASS[cp]
+    new = k == 255
+    if new.any():
+        u = np.unique(cp[new])
+        _CLASS[u] = [char_class(chr(c)) for c in u.tolist()]
+        k = _CLASS[cp]
+    return k
+
+
+def _powers(m: int, base: np.uint64 = _P) -> np.ndarray:
+    """base ** i for i < m, wrapping mod 2**64."""
+    p = np.full(max(m, 1), base, np.uint64)
+    p[0] = 1
+    return np.cumprod(p, dtype=np.uint64)
+
+
+def _word_ids(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The words (pipeline/words.words) of every text as stable 64-bit ids, all texts' words in one array,
+    and each text's number of words. Tokenized on code points in numpy, up to _CHUNK_CHARS at a time: the
+    lowercased texts joined by a line break (no word character: no word spans two texts), each character's
+    class (_classes); a word is a CJK character or a run of letters and digits. A
+    word's id is a polynomial hash of its code points mixed with its length: the same in every process
+    and on every machine (Python's own str hash is salted per process, PYTHONHASHSEED), so hashes made in
+    different processes or runs can be compared."""
+    low = [t.lower() for t in texts]
+    sizes = np.fromiter(map(len, low), np.int64, len(low))
+    chunk = (np.cumsum(sizes + 1) - 1) // _CHUNK_CHARS          # a text longer than that is a chunk of its own
+    cuts = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(low)]
+    parts = [_chunk_word_ids(low[a:b], sizes[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    if not parts:
+        return np.empty(0, np.uint64), np.zeros(0, np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _chunk_word_ids(low: list[str], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cp = np.frombuffer("\n".join(low).encode("utf-32-le", "surrogatepass"), np.uint32)
+    n = len(cp)
+    if not n:
+        return np.empty(0, np.uint64), np.zeros(len(low), np.int64)
+    k = _classes(cp)
+    run = k == 1
+    single = k == 2
+    start = single.copy()
+    start[0] |= run[0]
+    start[1:] |= run[1:] & ~run[:-1]
+    end = single                               # a word's last character
+    end[-1] |= run[-1]
+    end[:-1] |= run[:-1] & ~run[1:]
+    first, last = np.flatnonzero(start), np.flatnonzero(end)
+    if not len(first):
+        return np.empty(0, np.uint64), np.zeros(len(low), np.int64)
+    # a word's hash sum((cp + 1) * _P ** j) over its characters j, from prefix sums of (cp + 1) * _P ** i over
+    # the whole chunk (i: place in the chunk), cut at the word's ends and shifted back by _P ** -first
+    pw, inv = _power_tables(n)
+    s = np.cumsum((cp.astype(np.uint64) + np.uint64(1)) * pw[:n], dtype=np.uint64)
+    before = np.where(first > 0, s[np.maximum(first - 1, 0)], np.uint64(0))
+    h = (s[last] - before) * inv[first]
+    ids = _mix(h ^ _mix((last - first + 1).astype(np.uint64)))
+    text_start = np.r_[0, np.cumsum(sizes + 1)]  # each text's first character in the joined string, and the end
+    per_text = np.diff(np.searchsorted(first, text_start))
+    return ids, per_text
+
+
+_POW: list[np.ndarray] = []   # [_P ** i, _P ** -i] for i below their length (mod 2**64), grown on demand
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    if not _POW or len(_POW[0]) < n:
+        m = max(n, _CHUNK_CHARS + 1)
+        _POW[:] = [_powers(m), _powers(m, np.uint64(pow(int(_P), -1, 2**64)))]
+    return _POW[0], _POW[1]
+
+
+def _word_id(word: str) -> int:
+    """One word's id as _word_ids makes it (the reference the tests compare the vectorised one with)."""
+    h = 0
+    for i, c in enumerate(word):
+        h = (h + (ord(c) + 1) * pow(int(_P), i, 2**64)) % 2**64
+    return int(_mix(np.array([h ^ int(_mix(np.array([len(word)], np.uint64))[0])], np.uint64))[0])
 
 
 def _windows(ids: np.ndarray, n: int) -> np.ndarray:
@@ -157,31 +250,103 @@ def _windows(ids: np.ndarray, n: int) -> np.ndarray:
 
 def ngram_hashes(text: str, n: int = NGRAM) -> np.ndarray:
     """Distinct hashes of the text's word n-grams (a text shorter than n words: one hash of all its words)."""
-    ws = words(text)
-    if not ws:
-        return np.empty(0, np.uint64)
-    ids = _ids(ws)
-    return _sorted_unique(_mix(_windows(ids, min(n, len(ids)))))
+    return texts_hashes([text], n)[0]
 
 
-def _pairs(hashes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """All (hash, row) pairs, sorted by hash (rows ascending within a hash)."""
-    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
-    H = np.concatenate(list(hashes)) if len(hashes) else np.empty(0, np.uint64)
-    R = np.repeat(np.arange(len(hashes), dtype=np.int64), sizes)
-    order = np.argsort(H, kind="stable")   # stable: rows stay ascending within a hash (R is built ascending)
-    return H[order], R[order]
+class Index:
+    """One domain's rows' distinct n-grams as (hash, row) pairs sorted by hash, so that every step reads
+    posting lists (the rows of each distinct n-gram) in a few vectorised passes: near-duplicate pairs,
+    templates, and the share of each row's n-grams found in the rows of a split (coverage), where sorting
+    a split's pool and searching it would sort again per step. Rows within a hash are in no set order
+    (numpy's default sort, several times faster than a stable one on 64-bit keys)."""
+
+    def __init__(self, hashes: Sequence[np.ndarray]):
+        """From each row's distinct hashes (texts_hashes)."""
+        sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
+        H = np.concatenate(list(hashes)) if len(hashes) else np.empty(0, np.uint64)
+        order = np.argsort(H)
+        self._build(H[order], np.repeat(np.arange(len(hashes), dtype=np.int64), sizes)[order], len(hashes))
+
+    @classmethod
+    def from_pairs(cls, h: np.ndarray, row: np.ndarray, n_rows: int) -> "Index":
+        """From texts_pairs's (hash, row) pairs, repeats included: sorted by hash then row, repeats dropped
+        (the same as Index(texts_hashes(...)) without sorting each row first)."""
+        order = _order_by_hash_then_row(h, row, n_rows)
+        h, row = h[order], row[order]
+        keep = np.r_[True, (h[1:] != h[:-1]) | (row[1:] != row[:-1])] if len(h) else np.zeros(0, bool)
+        ix = cls.__new__(cls)
+        ix._build(h[keep], row[keep], n_rows)
+        return ix
+
+    def _build(self, H: np.ndarray, R: np.ndarray, n_rows: int) -> None:
+        self.n, self.H, self.R = n_rows, H, R
+        self.sizes = np.bincount(R, minlength=n_rows)
+        first = np.r_[True, self.H[1:] != self.H[:-1]] if len(H) else np.zeros(0, bool)
+        self.starts = np.flatnonzero(first)                    # each distinct hash's first pair
+        self.lengths = np.diff(np.r_[self.starts, len(H)])     # its number of rows
+        self.group = np.cumsum(first) - 1                      # each pair's distinct hash
+
+    def template_groups(self, tasks: Sequence[str]) -> np.ndarray:
+        """Per distinct hash, whether it is a template (see templates)."""
+        out = np.zeros(len(self.starts), bool)
+        if not len(self.H):
+            return out
+        names, task_of_row = np.unique(np.asarray(list(tasks), dtype=object).astype(str), return_inverse=True)
+        rows_in = np.bincount(task_of_row, minlength=len(names))
+        big = self.lengths[self.group] > 2       # a template is in 3 or more rows: the rest need no count
+        nt = len(names)
+        # each row's hashes are distinct: pairs of one (hash, task) counted are rows counted
+        key, counts = _unique_counts(self.group[big] * nt + task_of_row[self.R[big]])
+        ok = counts > np.maximum(2, TEMPLATE_SHARE * rows_in[key % nt])
+        out[key[ok] // nt] = True
+        return out
+
+    def covered(self, in_pool: np.ndarray, drop: Optional[np.ndarray] = None) -> np.ndarray:
+        """Per row, the share of its n-grams (those whose group is not in `drop`) that some row of the
+        pool (in_pool: a bool per row) has too: covered(rows' hashes, pool_of(pool rows' hashes)) for a row
+        outside the pool. 0 for a row without n-grams."""
+        t = in_pool[self.R]
+        ok = None if drop is None else ~drop[self.group]
+        if ok is not None:
+            t &= ok
+        has = np.logical_or.reduceat(t, self.starts) if len(t) else np.zeros(0, bool)
+        hit = has[self.group]
+        if ok is not None:
+            hit &= ok
+        return self._share(self.R, hit, ok)
+
+    def covered_by(self, rows: np.ndarray, pools: Sequence[np.ndarray], drop: Optional[np.ndarray] = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Per row (0 where rows is False), the share of its n-grams found in any of the sorted unique pools
+        (other domains' train n-grams): over all of them, and over those whose group is not in `drop`."""
+        sel = rows[self.R]
+        H, R = self.H[sel], self.R[sel]
+        hit = np.zeros(len(H), bool)
+        for p in pools:
+            hit |= _member(H, p)
+        ok = np.ones(len(H), bool) if drop is None else ~drop[self.group[sel]]
+        return self._share(R, hit, None), self._share(R, hit & ok, ok)
+
+    def _share(self, R: np.ndarray, hit: np.ndarray, ok: Optional[np.ndarray]) -> np.ndarray:
+        hits = np.bincount(R, weights=hit, minlength=self.n)
+        sizes = np.bincount(R, minlength=self.n) if ok is None else np.bincount(R, weights=ok, minlength=self.n)
+        return np.where(sizes > 0, hits / np.maximum(sizes, 1), 0.0)
+
+    def pool(self, rows: np.ndarray) -> np.ndarray:
+        """The distinct n-grams of these rows (a bool per row), sorted: pool_of their hashes."""
+        t = rows[self.R]
+        return self.H[self.starts][np.logical_or.reduceat(t, self.starts)] if len(t) else np.empty(0, np.uint64)
 
 
-def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float = PAIR_SHARE) -> list[tuple[int, int]]:
+def near_duplicate_links(hashes: "Sequence[np.ndarray] | Index", max_df: int, share: float = PAIR_SHARE) -> list[tuple[int, int]]:
     """Pairs (i, j), i < j, of rows that are near-duplicates: the n-grams they share, counting only those
     found in at most max_df rows, are at least `share` of the smaller row's n-grams (one row is mostly
     contained in the other: a repeated answer, a claim citing the same evidence)."""
-    H, R = _pairs(hashes)
+    ix = hashes if isinstance(hashes, Index) else Index(hashes)
+    H, R, starts, sizes = ix.H, ix.R, ix.starts, ix.sizes
     if len(H) < 2:
         return []
-    starts = np.flatnonzero(np.r_[True, H[1:] != H[:-1]])
-    lengths = np.diff(np.r_[starts, len(H)])
+    lengths = ix.lengths
     keep = (lengths >= 2) & (lengths <= max_df)
     part_codes, part_counts = [], []
     kept = np.flatnonzero(keep)
@@ -196,17 +361,29 @@ def near_duplicate_links(hashes: Sequence[np.ndarray], max_df: int, share: float
         step = max(1, 4_000_000 // len(a))   # posting lists per chunk: at most ~4M pairs in memory at once
         for c in range(0, len(all_s), step):
             rows = R[all_s[c:c + step, None] + np.arange(L)]
-            codes, counts = np.unique(rows[:, a].ravel() * len(hashes) + rows[:, b].ravel(), return_counts=True)
+            ra, rb = rows[:, a].ravel(), rows[:, b].ravel()
+            codes, counts = _unique_counts(np.minimum(ra, rb) * ix.n + np.maximum(ra, rb))
             part_codes.append(codes)
             part_counts.append(counts)
     if not part_codes:
         return []
-    codes, inverse = np.unique(np.concatenate(part_codes), return_inverse=True)
-    counts = np.bincount(inverse, weights=np.concatenate(part_counts)).astype(np.int64)
-    i, j = codes // len(hashes), codes % len(hashes)
-    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    codes = np.concatenate(part_codes)
+    order = np.argsort(codes)
+    codes, w = codes[order], np.concatenate(part_counts)[order]
+    firsts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    codes, counts = codes[firsts], np.add.reduceat(w, firsts)
+    i, j = codes // ix.n, codes % ix.n
     ok = counts >= share * np.minimum(sizes[i], sizes[j])
     return list(zip(i[ok].tolist(), j[ok].tolist()))
+
+
+def _unique_counts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(a, return_counts=True) by one sort (numpy's default sort is the fast one on 64-bit keys)."""
+    if not len(a):
+        return a, np.zeros(0, np.int64)
+    a = np.sort(a)
+    firsts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    return a[firsts], np.diff(np.r_[firsts, len(a)])
 
 
 def _member(h: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
@@ -217,14 +394,19 @@ def _member(h: np.ndarray, sorted_pool: np.ndarray) -> np.ndarray:
     return sorted_pool[i] == h
 
 
-def covered(hashes: Sequence[np.ndarray], pool: np.ndarray) -> np.ndarray:
-    """Per row, the share of its n-grams found in `pool` (a sorted unique array); 0 for a row without any."""
+def covered(hashes: Sequence[np.ndarray], pool: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Per row, the share of its n-grams found in `pool` (a sorted unique array, or several: found in any of
+    them, as in their union, without sorting the union); 0 for a row without any."""
     if not len(hashes):
         return np.zeros(0)
-    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
     if not sizes.sum():
         return np.zeros(len(hashes))
-    found = np.r_[0, np.cumsum(_member(np.concatenate(list(hashes)), pool))]
+    flat = np.concatenate(list(hashes))
+    hit = np.zeros(len(flat), bool)
+    for p in ([pool] if isinstance(pool, np.ndarray) else pool):
+        hit |= _member(flat, p)
+    found = np.r_[0, np.cumsum(hit)]
     ends = np.cumsum(sizes)
     hits = found[ends] - found[ends - sizes]
     return np.where(sizes > 0, hits / np.maximum(sizes, 1), 0.0)
@@ -250,7 +432,7 @@ def max_df_for(n_rows: int) -> int:
 
 # above this many rows in a domain, prepare skips the near-duplicate step and the contamination table
 # (logged, and said in the manifest): both hold every row's n-grams in the driver's memory (~1.2 GB per
-# million rows of Climate-FEVER size) and tokenize in one process (~0.1 ms a row)
+# million rows of Climate-FEVER size) and tokenize in one process (~5 us a row)
 MAX_ROWS = 200_000
 
 
@@ -262,33 +444,30 @@ def templates(hashes: Sequence[np.ndarray], tasks: Sequence[str]) -> np.ndarray:
     task (source/task: every row of a task carries its prompt's and its answer format's n-grams), and in
     at least 3 of them. A sentence many rows quote (a Climate-FEVER evidence sentence in 3% of claims, a
     MedQuAD paragraph in a few answers) stays content."""
-    by_task: dict[str, list[int]] = {}
-    for k, t in enumerate(tasks):
-        by_task.setdefault(t, []).append(k)
-    out = []
-    for rows in by_task.values():
-        H = np.sort(np.concatenate([hashes[k] for k in rows]))   # each row's hashes are distinct: a count is a row count
-        if not len(H):
-            continue
-        starts = np.flatnonzero(np.r_[True, H[1:] != H[:-1]])
-        counts = np.diff(np.r_[starts, len(H)])
-        out.append(H[starts][counts > max(2, TEMPLATE_SHARE * len(rows))])
-    return _sorted_unique(np.concatenate(out)) if out else np.empty(0, np.uint64)
+    ix = Index(hashes)
+    return ix.H[ix.starts][ix.template_groups(tasks)]
 
 
 def without(hashes: Sequence[np.ndarray], drop: np.ndarray) -> list[np.ndarray]:
     """Each row's n-grams minus `drop` (sorted unique)."""
     if not len(hashes) or not len(drop):
         return list(hashes)
-    sizes = np.fromiter((len(h) for h in hashes), np.int64, len(hashes))
+    sizes = np.fromiter(map(len, hashes), np.int64, len(hashes))
     flat = np.concatenate(list(hashes))
     keep = ~_member(flat, drop)   # one binary search for all rows, then cut back into rows
     kc, ends = np.r_[0, np.cumsum(keep)], np.cumsum(sizes)
-    return np.split(flat[keep], np.cumsum(kc[ends] - kc[ends - sizes])[:-1])
+    return _cut(flat[keep], kc[ends] - kc[ends - sizes])
+
+
+def _cut(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """flat cut into consecutive rows of these sizes (views; np.split was ~10 us a row)."""
+    ends = np.cumsum(sizes).tolist()
+    return [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
 
 
 def contamination(test: Sequence[np.ndarray], train: Sequence[np.ndarray] | np.ndarray, threshold: float = THRESHOLD) -> int:
     """How many test rows have at least `threshold` of their distinct n-grams somewhere in `train` (rows, or
-    their pool_of already); templates included: the measure as published contamination checks count it."""
+    their pool_of already); templates included: the measure as published contamination checks count it.
+    (prepare's table counts the same with Index.covered / covered_by.)"""
     pool = train if isinstance(train, np.ndarray) else pool_of(train)
     return int((covered(test, pool) >= threshold).sum()) if len(test) else 0

@@ -32,6 +32,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import layout, neardup
@@ -60,6 +61,9 @@ READ_AHEAD_BYTES = 512 * 1024 * 1024
 PROGRESS_EVERY_S = 15.0
 # SFT splits up to this many rows are written in a seeded shuffled order (held in memory); larger ones stream
 SHUFFLE_LIMIT = 200_000
+# a domain's staged messages columns up to this size are kept from the first pass for the near-duplicate
+# step (read once instead of twice); above it, that step reads them again shard by shard
+KEEP_MESSAGES_BYTES = 256 << 20
 
 
 # ---- the per-record rules, as steps (datatrove's pattern) ------------------------------------------
@@ -456,45 +460,55 @@ def _prepare_source(src: SourceSpec, listing: SourceFiles, cfg, store: Store, op
 # ---- step 3: one domain ----------------------------------------------------------------------
 def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store: Store, uf: "_UnionFind", seed: int,
                      fractions: dict[str, float], unit_split: dict[str, str], keep: Optional[dict] = None,
-                     domain: str = "") -> dict:
+                     domain: str = "", messages: Optional[dict] = None) -> dict:
     """Near-duplicate-aware split units (pipeline/neardup.py), in two steps over the chosen rows' 13-grams:
     (1) merge the groups of near-duplicate rows (one mostly contained in the other), so no such pair
     crosses splits; (2) a val or test row with >= neardup.THRESHOLD of its 13-grams in the train split
     (several train rows may cover it together: Climate-FEVER claims citing the same evidence
     sentences), template n-grams not counted, moves to train with its whole unit, repeated until none
     is left. Fills unit_split (unit root -> split) and returns the counts for the manifest; `keep` gets
-    the rows' hashes, tasks and splits for the contamination table (so it need not tokenize them again)."""
-    t0 = time.time()
-    row_group, hashes, tasks = [], [], []
+    the rows' n-gram index, template groups and splits for the contamination table (so it need not
+    tokenize them again). messages: (source, shard) -> that staged shard's messages column, if the first
+    pass kept them (else each shard is read again)."""
+    t0, c0 = time.time(), time.process_time()
+    row_group, tasks, pairs = [], [], []
     for name in names:
         want = chosen[name]
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            t = store.read_table(rel, ["messages", "group", "task"])
-            t = t.take(pa.array([ri for ri in range(t.num_rows) if (si, ri) in want], pa.int64()))  # typed: may be empty
-            row_group += t.column("group").to_pylist()
-            tasks += [f"{name}/{task}" for task in t.column("task").to_pylist()]
-            hashes += neardup.texts_hashes(neardup.column_texts(t.column("messages")))
-    max_df = neardup.max_df_for(len(hashes))
+            col = (messages or {}).get((name, si))
+            if col is None:
+                col = store.read_table(rel, ["messages"]).column("messages")
+            sel = [ri for ri in range(len(col)) if (si, ri) in want]
+            col = col.take(pa.array(sel, pa.int64()))  # typed: may be empty
+            row_group += [want[si, ri][1] for ri in sel]
+            tasks += [f"{name}/{want[si, ri][0]}" for ri in sel]
+            h, r = neardup.texts_pairs(neardup.column_texts(col))
+            pairs.append((h, r + (len(row_group) - len(sel))))
+    max_df = neardup.max_df_for(len(row_group))
     merged = 0
-    for i, j in neardup.near_duplicate_links(hashes, max_df):
+    # every step below reads this index's posting lists
+    ix = neardup.Index.from_pairs(np.concatenate([h for h, _ in pairs] or [np.empty(0, np.uint64)]),
+                                  np.concatenate([r for _, r in pairs] or [np.empty(0, np.int64)]), len(row_group))
+    del pairs
+    for i, j in neardup.near_duplicate_links(ix, max_df):
         if uf.find(row_group[i]) != uf.find(row_group[j]):
             uf.union(row_group[i], row_group[j])
             merged += 1
-    roots = [uf.find(g) for g in row_group]
-    full = hashes
+    root_of = {g: uf.find(g) for g in set(row_group)}
+    roots = [root_of[g] for g in row_group]
     # step 2 judges a row by its n-grams without the domain's templates: a short row can be mostly prompt
     # template, which is in train by construction and says nothing about a leak
-    hashes = neardup.without(hashes, neardup.templates(hashes, tasks))
+    tmpl = ix.template_groups(tasks)
     for r in roots:
         if r not in unit_split:
             unit_split[r] = split_of(seed, r, fractions)
     moved_units = moved_rows = 0
     kept: dict[str, int] = {}   # split -> rows left in it though covered: moving them would empty it
     while True:
-        pool = neardup.pool_of([h for h, r in zip(hashes, roots) if unit_split[r] == "train"])
-        held_out = [k for k, r in enumerate(roots) if unit_split[r] != "train"]
-        cover = neardup.covered([hashes[k] for k in held_out], pool)
-        move = {roots[k] for k, c in zip(held_out, cover) if c >= neardup.THRESHOLD}
+        in_train = np.fromiter((unit_split[r] == "train" for r in roots), bool, len(roots))
+        held_out = np.flatnonzero(~in_train).tolist()
+        cover = ix.covered(in_train, drop=tmpl)
+        move = {roots[k] for k in held_out if cover[k] >= neardup.THRESHOLD}
         for s in ("val", "test"):
             # a split is never emptied: a domain whose every held-out row is covered by train keeps them (no
             # val/test loss otherwise); they stay counted in the contamination table, and a line says so
@@ -509,14 +523,15 @@ def _near_duplicates(names: list[str], chosen: dict, src_manifests: dict, store:
         for r in move:
             unit_split[r] = "train"
     if keep is not None:
-        keep.update(hashes=full, tasks=tasks, splits=[unit_split[r] for r in roots])
+        keep.update(index=ix, templates=tmpl, splits=np.array([unit_split[r] for r in roots], dtype=str))
     for s, n in kept.items():
         log.warning("near-duplicates: all %d %s rows of domain %s are covered by its train split; kept in %s (moving "
                     "them would leave it empty): its %s figures measure seen text (the contamination table counts them)",
                     n, s, domain, s, s)
     return {"max_df": max_df, "pair_share": neardup.PAIR_SHARE, "threshold": neardup.THRESHOLD,
             "merged_groups": merged, "moved_to_train": {"units": moved_units, "rows": moved_rows},
-            "covered_but_kept": kept, "seconds": round(time.time() - t0, 3)}
+            "covered_but_kept": kept, "seconds": round(time.time() - t0, 3),
+            "cpu_seconds": round(time.process_time() - c0, 3)}   # this process's: the steadier figure on a busy machine
 
 
 def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict], cfg, store: Store,
@@ -528,26 +543,33 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     d = cfg.data
     seed = d.split_seed
     store.delete(layout.sft(domain))
-    # pass 1: keys only
+    # pass 1: keys only (and, for the near-duplicate step, the shards' messages columns while they are small)
     keys: dict[str, list[tuple]] = {}
+    messages: Optional[dict[tuple[str, int], Any]] = {} if d.near_duplicates else None
     for name in names:
         entries = []
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
-            t = store.read_table(rel, ["messages", "doc_id", "task", "group"]).to_pylist()
+            tbl = store.read_table(rel, ["messages", "doc_id", "task", "group"])
+            if messages is not None:
+                messages[name, si] = tbl.column("messages")
+                if sum(c.nbytes for c in messages.values()) > KEEP_MESSAGES_BYTES:
+                    messages = None   # read again, shard by shard, by the near-duplicate step
+            t = tbl.to_pylist()
+            del tbl
             for ri, r in enumerate(t):
                 u = _unit(seed, f"{r['doc_id']}|{r['task']}|{norm_key(prompt_text(r['messages']))[:200]}")
                 entries.append((u, r["doc_id"], r["task"], si, ri, r["group"], tuple(_dup_keys(r))))
         keys[name] = entries
     counts = {n: len(e) for n, e in keys.items()}
     quotas = balanced_quotas(counts, d.max_sft_per_domain)
-    chosen: dict[str, set[tuple[int, int]]] = {}
+    chosen: dict[str, dict[tuple[int, int], tuple[str, str]]] = {}   # source -> (shard, row) -> task, group
     uf = _UnionFind()
     first_group: dict[str, str] = {}
     for name in names:
         entries = keys[name]
         if quotas[name] < len(entries):  # seeded hash order: the same rows every run, spread over the source
             entries = sorted(entries)[: quotas[name]]
-        chosen[name] = {(e[3], e[4]) for e in entries}
+        chosen[name] = {(e[3], e[4]): (e[2], e[5]) for e in entries}   # (shard, row) -> task, group
         # merge groups that share an exact example or long response, so no duplicate text crosses splits
         for e in entries:
             uf.find(e[5])
@@ -564,7 +586,9 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
         log.warning("prepare: %s has %d SFT rows, more than %d: near-duplicates are not grouped (exact duplicates "
                     "still are); set data.max_sft_per_domain to have them grouped", domain, n_chosen_rows, neardup.MAX_ROWS)
     elif d.near_duplicates:
-        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split, keep, domain))
+        near.update(_near_duplicates(names, chosen, src_manifests, store, uf, seed, d.split, unit_split, keep, domain,
+                                     messages))
+    del messages
     split_of_group: dict[str, str] = {}
     where: dict[str, str] = {}
     for name in names:
@@ -630,38 +654,44 @@ def _contamination(store: Store, sizes: dict[str, dict[str, int]], known: Option
     and in the other domains' train splits (the data card's table); each counted over all 13-grams (as
     published contamination checks count) and without the domain's template 13-grams (neardup.templates:
     a short row's prompt template is in train by construction). sizes: domain -> its SFT rows per split;
-    known: domain -> the hashes, tasks and splits _near_duplicates kept (else the splits are read back)."""
+    known: domain -> the n-gram index, template groups and splits _near_duplicates kept (else the splits are
+    read back and tokenized here)."""
     domains = list(sizes)
-    rows, tmpl = {}, {}
+    found: dict[str, tuple] = {}   # domain -> its rows' neardup.Index, template groups, split per row
     big = [dm for dm in domains if sum(sizes[dm].values()) > neardup.MAX_ROWS]
     if big:
         return {"skipped": f"domain(s) {', '.join(big)} above {neardup.MAX_ROWS} SFT rows: not computed", "domains": {}}
     for dm in domains:
         k = (known or {}).get(dm) or {}
-        if k.get("hashes") is not None:
-            rows[dm] = {s: [h for h, sp in zip(k["hashes"], k["splits"]) if sp == s] for s in SPLITS}
-            every, tasks = k["hashes"], k["tasks"]
-        else:
-            rows[dm] = {}
-            every, tasks = [], []
-            for s in SPLITS:
-                t = store.read_table(layout.sft(dm, s), ["messages", "source", "task"])
-                rows[dm][s] = neardup.texts_hashes(neardup.column_texts(t.column("messages")))
-                every += rows[dm][s]
-                tasks += [f"{src}/{task}" for src, task in zip(t.column("source").to_pylist(), t.column("task").to_pylist())]
-        tmpl[dm] = neardup.templates(every, tasks)
-    pools = {dm: neardup.pool_of(rows[dm]["train"]) for dm in domains}
+        if k.get("index") is not None:   # _near_duplicates's, templates found by the same rule
+            found[dm] = (k["index"], k["templates"], k["splits"])
+            continue
+        hs, rs, tasks, split = [], [], [], []
+        for s in SPLITS:
+            t = store.read_table(layout.sft(dm, s), ["messages", "source", "task"])
+            h, r = neardup.texts_pairs(neardup.column_texts(t.column("messages")))
+            hs.append(h)
+            rs.append(r + len(split))
+            tasks += [f"{src}/{task}" for src, task in zip(t.column("source").to_pylist(), t.column("task").to_pylist())]
+            split += [s] * t.num_rows
+        ix = neardup.Index.from_pairs(np.concatenate(hs), np.concatenate(rs), len(split))
+        found[dm] = (ix, ix.template_groups(tasks), np.array(split, dtype=str))
+    pools = {dm: ix.pool(sp == "train") for dm, (ix, _, sp) in found.items()}
     out = {"ngram": neardup.NGRAM, "threshold": neardup.THRESHOLD, "domains": {}}
     for dm in domains:
-        test = rows[dm]["test"]
-        others = neardup.pool_of([pools[o] for o in domains if o != dm])
-        t_test = neardup.without(test, tmpl[dm])
+        ix, tmpl, sp = found[dm]
+        train, test = sp == "train", sp == "test"
+        others = [pools[o] for o in domains if o != dm]   # their union, not sorted again
+
+        def count(share: np.ndarray) -> int:
+            return int((share[test] >= neardup.THRESHOLD).sum())
+        other, other_wo = ix.covered_by(test, others, drop=tmpl)
         out["domains"][dm] = {
-            "test_rows": len(test),
-            "in_own_train": neardup.contamination(test, pools[dm]),
-            "in_other_train": neardup.contamination(test, others),
-            "in_own_train_without_templates": neardup.contamination(t_test, neardup.pool_of(neardup.without(rows[dm]["train"], tmpl[dm]))),
-            "in_other_train_without_templates": neardup.contamination(t_test, others),
+            "test_rows": int(test.sum()),
+            "in_own_train": count(ix.covered(train)),
+            "in_other_train": count(other),
+            "in_own_train_without_templates": count(ix.covered(train, drop=tmpl)),
+            "in_other_train_without_templates": count(other_wo),
         }
     return out
 
@@ -766,11 +796,12 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
         dom_manifest[dm] = _prepare_domain(dm, present_ok, src_manifest, cfg, store, hashes_of[dm])
         store.write_json(layout.domain_marker(dm), {"fingerprint": dom_fp[dm], "manifest": dom_manifest[dm]})
 
-    tc = time.time()
+    tc, cc = time.time(), time.process_time()
     contamination = _contamination(store, {dm: dom_manifest[dm]["sft_rows"] for dm in cfg.domains
                                            if dom_manifest[dm].get("status") == "ok"}, hashes_of)
     del hashes_of
     contamination["seconds"] = round(time.time() - tc, 3)
+    contamination["cpu_seconds"] = round(time.process_time() - cc, 3)
     manifest = {
         "version": 1, "fingerprint": run_fp, "raw_dir": str(raw_dir), "output": store.uri,
         "domains_requested": list(cfg.domains), "sources_selected": names,

@@ -57,11 +57,14 @@ def build_sft(row: dict) -> list[dict]:
     if ref:
         why.append(f"sentence{'s' if len(ref) > 1 else ''} {', '.join(ref)} contradict{'' if len(ref) > 1 else 's'} it")
     if not why:
-        why.append("none of the sentences bears directly on it")
+        why.append("no sentence bears directly on it")
+    # The question sits between the claim and the evidence and the answer's fixed words are few: no run of
+    # 13 fixed words (a word 13-gram of template alone, in train by construction, counted by the
+    # contamination check as a leak; issue 24). The options are the eval's choices, the answer starts with one.
     out = [{"task": "claim_verification",
-            "prompt": f"Check this climate claim against the evidence. Answer Supported, Refuted, Not enough information "
-                      f"or Disputed, and explain.\n\nClaim: {m['claim']}\n\nEvidence:\n{listing}",
-            "response": f"{VERDICT[m['label']]}. Among the evidence, {'; '.join(why)}."}]
+            "prompt": f"Climate claim: {m['claim']}\n\nVerdict from this evidence (Supported, Refuted, Not enough information "
+                      f"or Disputed)?\n{listing}",
+            "response": f"{VERDICT[m['label']]}. {why[0][:1].upper()}{'; '.join(why)[1:]}."}]
     return out
 
 
@@ -70,5 +73,5 @@ SOURCE = SourceSpec(NAME, DOMAIN, "climate_fever", ("**/*.jsonl", "**/*.parquet"
                 parts=(DownloadPart("climate_fever", "git", "https://github.com/tdiggelm/climate-fever-dataset.git"),),
                 how_to_get="adapters download (git clone tdiggelm/climate-fever-dataset or Hugging Face climate_fever), or put "
                            "dataset/climate-fever.jsonl under <raw_dir>/climate_fever/",
-                # the response starts with the verdict: "Refuted. Among the evidence, ..."
+                # the response starts with the verdict: "Refuted. Sentence 2 contradicts it."
                 tasks={"claim_verification": MultipleChoice(tuple(VERDICT[k] for k in CLAIM_LABELS))})

@@ -48,12 +48,15 @@ def build_sft(row: dict) -> list[dict]:
     and always answering "None" scored 100% (issue 24)."""
     m = meta(row)
     stance = m.get("stance") if m.get("claim") else "none"
+    # The fixed words (question, then answer) are kept under 13 in a row: a word 13-gram made of template
+    # alone is in train by construction, and made most of a short row's 13-grams, so the contamination
+    # check counted 85 of 1,342 debate test rows as leaked (issue 24). The old answers' reasons were one
+    # fixed sentence per label ("None: the sentence gives background but takes no stance on the motion."),
+    # no more information than the label itself.
     out = [{"task": "claim_detection",
             "prompt": f"Debate topic: {m.get('topic')}?\nSentence: {row['text']}\n"
-                      "Does this sentence take a stance on the topic? Answer with support, contest or none, and say why.",
-            "response": {"support": "Support: the sentence gives a reason to accept the motion.",
-                         "contest": "Contest: the sentence gives a reason to reject the motion."}.get(
-                stance, "None: the sentence gives background but takes no stance on the motion.")}]
+                      "Stance of this sentence on the topic: support, contest or none?",
+            "response": {"support": "Support.", "contest": "Contest."}.get(stance, "None.")}]
     if stance in ("support", "contest"):
         side = "in favour of" if stance == "support" else "against"
         out.append({"task": "debate_turn",

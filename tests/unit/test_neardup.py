@@ -94,6 +94,13 @@ def test_near_duplicate_pairs_land_in_one_split(tmp_path, monkeypatch):
     from pipeline.storage import Store
     again = _contamination(Store(str(tmp_path / "out-True")), {"ecology": m1["domains"]["ecology"]["sft_rows"]})
     assert again["domains"] == m1["contamination"]["domains"]
+    # a domain whose staged messages are over KEEP_MESSAGES_BYTES: the step reads them again, same splits
+    import pipeline.prepare as prepare_module
+    monkeypatch.setattr(prepare_module, "KEEP_MESSAGES_BYTES", 0)
+    (tmp_path / "reread").mkdir()
+    m3, split3 = _prepare(tmp_path / "reread", rows, near=True)
+    assert split3 == split1 and m3["contamination"]["domains"] == m1["contamination"]["domains"]
+    monkeypatch.undo()
     # above neardup.MAX_ROWS rows the step is skipped, and the manifest says so
     monkeypatch.setattr(neardup, "MAX_ROWS", 10)
     (tmp_path / "big").mkdir()
@@ -133,7 +140,8 @@ REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 def test_real_data_test_splits_hold_no_near_duplicates_of_train(tmp_path):
     """On ../shared/data/real (bench/contamination.py has the before/after table): no test row has half of
     its non-template 13-grams in its domain's train split or another's; counted over all 13-grams
-    (templates too) medicine is under 1% (it was 8.6%) and ecology under 2% (21.6%)."""
+    (templates too), issue 24's target: at most 1% of each domain's test rows (it was debate 6.3%, medicine
+    8.6%, ecology 21.6%)."""
     cfg = load_config(None, sets=["model.base=tiny", "resources.device=cpu", "data.allow_missing=true"],
                       raw_dir=str(REAL), output=str(tmp_path / "out"), domains=["debate", "medicine", "education", "ecology"],
                       environ={})
@@ -141,8 +149,8 @@ def test_real_data_test_splits_hold_no_near_duplicates_of_train(tmp_path):
     assert set(c) == {"debate", "medicine", "education", "ecology"}
     for d, x in c.items():
         assert x["test_rows"] > 0 and x["in_own_train_without_templates"] == 0 and x["in_other_train"] == 0, (d, x)
-    assert c["medicine"]["in_own_train"] / c["medicine"]["test_rows"] < 0.01
-    assert c["ecology"]["in_own_train"] / c["ecology"]["test_rows"] < 0.02
+    for d, x in c.items():
+        assert x["in_own_train"] <= 0.01 * x["test_rows"], (d, x)
 
 
 def test_covered_per_row_with_empty_rows():
@@ -212,3 +220,104 @@ def test_row_then_hash_order_is_exact_also_when_packed_keys_tie():
     # hashes that agree in their top bits and differ below: the packed key ties, the fallback sorts exactly
     h[:40] = np.uint64(0xABCDEF0000000000) + rng.permutation(40).astype(np.uint64)
     assert np.array_equal(neardup._order_by_row_then_hash(row, h, 50), np.lexsort((h, row)))
+
+
+def test_short_multiple_choice_rows_carry_no_13_gram_of_template_alone():
+    """IAM claim_detection and Climate-FEVER claim_verification rows whose own text (topic, sentence; claim,
+    evidence, article) shares no word with another's share no word 13-gram either: no run of 13 fixed
+    words in the prompt and answer. Such a 13-gram is in train by construction and made up to 60% of a short
+    IAM row's 13-grams, so the contamination check counted 85 of 1,342 debate test rows on the real data
+    (issue 24)."""
+    from pipeline.sources import climate_fever, iam
+
+    def text(i: int, n: int) -> str:   # n words no other row has
+        return " ".join(f"w{i}x{k}" for k in range(n))
+
+    def hashes(examples: list[dict]) -> list[np.ndarray]:
+        return neardup.rows_hashes([{"messages": [{"role": "user", "content": e["prompt"]},
+                                                  {"role": "assistant", "content": e["response"]}]} for e in examples])
+
+    def meta_row(md: dict, body: str) -> dict:
+        return {"text": body, "metadata": json.dumps(md)}
+
+    rows = []
+    for i, (claim, stance) in enumerate([(True, "support"), (True, "contest"), (False, "none"), (True, "none")] * 2):
+        # a short sentence (2 words) on a short topic: the case where a template dominates
+        rows += [e for e in iam.build_sft(meta_row({"topic": text(100 + i, 3), "claim": claim, "stance": stance}, text(i, 2)))
+                 if e["task"] == "claim_detection"]
+    for i, label in enumerate(climate_fever.CLAIM_LABELS * 2):
+        evs = [{"evidence": text(200 + 10 * i + j, 6), "article": text(300 + 10 * i + j, 1),
+                "label": climate_fever.EVIDENCE_LABELS[(i + j) % 3]} for j in range(5)]
+        rows += climate_fever.build_sft(meta_row({"claim": text(400 + i, 5), "label": label, "evidence": evs}, "x"))
+    assert {e["task"] for e in rows} == {"claim_detection", "claim_verification"} and len(rows) == 16
+    # the eval's multiple-choice gold still reads the label off each answer
+    gold = [iam.SOURCE.tasks[e["task"]] if e["task"] == "claim_detection" else climate_fever.SOURCE.tasks[e["task"]] for e in rows]
+    assert [g.choices[g.gold(e["response"])] for g, e in zip(gold, rows)] == (
+        ["Support", "Contest", "None", "None"] * 2 + [climate_fever.VERDICT[k] for k in climate_fever.CLAIM_LABELS] * 2)
+    h = hashes(rows)
+    for a in range(len(rows)):
+        for b in range(a + 1, len(rows)):
+            assert not np.isin(h[a], h[b]).any(), (rows[a], rows[b])
+
+
+def test_vectorised_words_are_the_evaluations_words(monkeypatch):
+    """prepare tokenizes in numpy (neardup._word_ids): the same words as pipeline/words.words (the
+    evaluation's), in every script, across chunk boundaries and for a text longer than a chunk."""
+    from pipeline.words import words
+    rng = random.Random(11)
+    alphabet = ("aZ9_ -.,'\n\tÄßİΣσς" + "".join(map(chr, (0x301, 0x3099, 0x30FB, 0x4E00, 0x3042, 0xAC00, 0x0660, 0x00B2,
+                                                          0x2160, 0x1F600, 0xFF21, 0x0130, 0x03A3, 0x05D0, 0x0E01))))
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60))) for _ in range(400)]
+    texts += ["", "ΣΑΣ ΟΔΟΣ.", "İstanbul", "x" * 500, "Привет мир 糖尿病の治療 " * 20]
+    monkeypatch.setattr(neardup, "_CHUNK_CHARS", 300)   # many chunks, and texts longer than one
+    ids, lens = neardup._word_ids(texts)
+    assert lens.tolist() == [len(words(t)) for t in texts]
+    at = np.r_[0, np.cumsum(lens)]
+    for k, t in enumerate(texts):
+        assert ids[at[k]:at[k + 1]].tolist() == [neardup._word_id(w) for w in words(t)], t
+
+
+def test_index_steps_equal_the_per_row_functions():
+    """neardup.Index (what prepare uses) against the per-row reference functions on rows that share
+    sentences, a template and nothing: links, templates, coverage by a pool, pools, other domains' pools."""
+    rng = random.Random(4)
+    shared = [_sentence(rng, 20) for _ in range(6)]
+    texts = [("Answer the question about the river delta below in one short paragraph please now. " if k % 3 else "")
+             + " ".join(rng.choice(shared) if rng.random() < 0.4 else _sentence(rng, 20) for _ in range(rng.randrange(0, 4)))
+             for k in range(120)]
+    tasks = [f"t{k % 2}" for k in range(len(texts))]
+    hashes = neardup.texts_hashes(texts)
+    ix = neardup.Index.from_pairs(*neardup.texts_pairs(texts), len(texts))
+    assert ix.sizes.tolist() == [len(h) for h in hashes]
+    assert neardup.near_duplicate_links(ix, 20) == neardup.near_duplicate_links(hashes, 20) != []
+    tg = ix.template_groups(tasks)
+    tmpl = neardup.templates(hashes, tasks)
+    assert len(tmpl) and np.array_equal(ix.H[ix.starts][tg], tmpl)
+    wo = neardup.without(hashes, tmpl)
+    pool_rows = np.array([rng.random() < 0.7 for _ in texts])
+    rest = np.flatnonzero(~pool_rows)
+    ref_all = neardup.covered([hashes[k] for k in rest], neardup.pool_of([h for h, p in zip(hashes, pool_rows) if p]))
+    ref_wo = neardup.covered([wo[k] for k in rest], neardup.pool_of([h for h, p in zip(wo, pool_rows) if p]))
+    assert np.allclose(ix.covered(pool_rows)[rest], ref_all) and np.allclose(ix.covered(pool_rows, drop=tg)[rest], ref_wo)
+    assert (ref_all > 0).any() and (ref_wo < ref_all).any()
+    assert np.array_equal(ix.pool(pool_rows), neardup.pool_of([h for h, p in zip(hashes, pool_rows) if p]))
+    others = [neardup.pool_of(hashes[:30]), neardup.pool_of(hashes[60:70])]
+    got_all, got_wo = ix.covered_by(~pool_rows, others, drop=tg)
+    assert np.allclose(got_all[rest], neardup.covered([hashes[k] for k in rest], others))
+    assert np.allclose(got_wo[rest], neardup.covered([wo[k] for k in rest], others))
+    assert not got_all[pool_rows].any()
+
+
+def test_hash_then_row_order_is_exact_also_when_packed_keys_tie():
+    rng = np.random.default_rng(1)
+    row = rng.integers(0, 5000, 20000)
+    h = rng.integers(0, 2**63, len(row)).astype(np.uint64)
+    ref = np.lexsort((row, h))
+    o = neardup._order_by_hash_then_row(h, row, 5000)
+    assert np.array_equal(h[o], h[ref]) and np.array_equal(row[o], row[ref])
+    # hashes that agree in their top bits and differ below, and repeats: the packed key ties, the fallback sorts exactly
+    h[:50] = np.uint64(0xABCDEF0000000000) + rng.integers(0, 200, 50).astype(np.uint64)
+    h[50:60] = h[0]
+    ref = np.lexsort((row, h))
+    o = neardup._order_by_hash_then_row(h, row, 5000)
+    assert np.array_equal(h[o], h[ref]) and np.array_equal(row[o], row[ref])
