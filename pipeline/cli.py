@@ -26,6 +26,22 @@ from typing import Optional
 from pipeline import layout
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import UsageError, UserFacingError, no_space_message
+from pipeline.doctor import preflight, run_doctor
+from pipeline.download import run_download
+from pipeline.eval import run_eval_stage
+from pipeline.eval.generate import config_from_output, main_generate
+from pipeline.eval.harness import check_tasks
+from pipeline.logs import log_file_for, setup_console
+from pipeline.ownership import claim_output, OutputLock, refuse_forbidden
+from pipeline.prepare import run_prepare
+from pipeline.raycluster import normalize_ray_address, shutdown_ray
+from pipeline.redaction import mask_process_title, redact_args
+from pipeline.report import run_report
+from pipeline.serve import run_serve
+from pipeline.status import cause_line, prepare_state, run_status, StageRecord
+from pipeline.storage import open_store, StorageError, Store
+from pipeline.train import run_train
+from pipeline.train.preview import show_examples
 
 log = logging.getLogger("pipeline")
 
@@ -171,11 +187,8 @@ def _say(line: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from pipeline.logs import setup_console
-    from pipeline.raycluster import shutdown_ray
     console = setup_console(verbose=args.verbose)
     signals = _Signals()
-    from pipeline.redaction import mask_process_title, redact_args
     mask_process_title()   # a token in a --set URL: not in `ps` for every user of the machine
     # shown on Ctrl-C and stored in runs/<run>/stages/*.json (in the bucket on S3): never with a secret in it
     args.resume = f"adapters {shlex.join(redact_args(argv))}"
@@ -210,7 +223,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _settings_of_output(args, domains: list[str]):
     """The config of --config, else the one the run at --output recorded (its adapters' training reports)."""
-    from pipeline.eval.generate import config_from_output
     if args.config:
         return load_config(args.config, sets=args.set, output=args.output)
     if not args.output:
@@ -222,7 +234,6 @@ def stored_config(args):
     """`adapters report --output X` without --config: the config the run's stages stored (one run name)."""
     import json
     import tempfile
-    from pipeline.storage import Store
     if not args.output:
         raise UsageError("report needs --output URI (the run's output) or --config FILE")
     out = args.output if "://" in args.output else os.path.abspath(args.output)
@@ -239,18 +250,14 @@ def stored_config(args):
 
 
 def _dispatch(args, console) -> int:
-    from pipeline.raycluster import normalize_ray_address
     if args.command == "generate":
-        from pipeline.eval.generate import main_generate
         return main_generate(args)
     if args.command == "serve":
-        from pipeline.serve import run_serve
         cfg = _settings_of_output(args, _domains(args.domains) or [])
         normalize_ray_address(cfg)
         return run_serve(cfg, _domains(args.domains), args.host, args.port, args.max_batch_size,
                          args.batch_wait_ms / 1000.0, args.max_tokens)
     if args.command == "status":
-        from pipeline.status import run_status
         return run_status(config_path=args.config, output=args.output, sets=args.set, domains=_domains(args.domains))
     if args.command == "report" and not args.config:
         cfg = stored_config(args)
@@ -260,7 +267,6 @@ def _dispatch(args, console) -> int:
                           domains=_domains(getattr(args, "domains", None)))
     normalize_ray_address(cfg)
     if args.command == "doctor":
-        from pipeline.doctor import run_doctor
         return run_doctor(cfg, load=args.load)
     return run_stages(cfg, args, console)
 
@@ -276,7 +282,6 @@ def _command(stage: str, args, cfg) -> str:
 
 def check_prepared(cfg, store, args) -> None:
     """Before training: prepare finished and produced SFT data for at least one selected domain."""
-    from pipeline.status import prepare_state
     st = prepare_state(store, None)   # data/ is shared by every run name: any run's prepare counts
     data = store.uri_of(layout.DATA)
     if st.state == "not started":
@@ -296,11 +301,8 @@ def check_prepared(cfg, store, args) -> None:
 
 
 def run_stages(cfg, args, console) -> int:
-    from pipeline.ownership import OutputLock, claim_output, refuse_forbidden
-    from pipeline.storage import StorageError, open_store
     stages = STAGES[:-1] if args.command == "run" else (args.command,)
     if "eval" in stages and cfg.eval.enabled and cfg.eval.harness_tasks:
-        from pipeline.eval.harness import check_tasks
         check_tasks(cfg)   # an unknown lm-eval task (or lm-eval missing) fails now, not after training
     try:
         store = open_store(cfg)
@@ -314,8 +316,6 @@ def run_stages(cfg, args, console) -> int:
 
 
 def _run_locked(cfg, args, console, store, stages) -> int:
-    from pipeline.logs import log_file_for
-    from pipeline.status import cause_line
     command = args.command
     results: Optional[dict] = None   # train's, per domain
     eval_error: Optional[str] = None
@@ -345,32 +345,24 @@ def _run_locked(cfg, args, console, store, stages) -> int:
 
 def _run_stage(stage: str, cfg, args, store) -> Optional[dict]:
     """One stage under its record (runs/<run>/stages/<stage>.json); train returns its per-domain results."""
-    from pipeline.status import StageRecord
     results = None
     with StageRecord(store, cfg.run_name, stage, args.resume):
         t0 = time.time()
         log.info("stage %s: starting (output %s)", stage, cfg.output)
         if stage == "download":
-            from pipeline.download import run_download
             run_download(cfg)
         elif stage == "prepare":
-            from pipeline.prepare import run_prepare
             run_prepare(cfg)
             if getattr(args, "show_examples", 0):
-                from pipeline.train.preview import show_examples
                 show_examples(cfg, store, args.show_examples)
         elif stage == "train":
             check_prepared(cfg, store, args)
-            from pipeline.doctor import preflight
             preflight(cfg)  # the checks that cost nothing: fail now, not at step 5,000
-            from pipeline.train import run_train
             results = run_train(cfg)
         elif stage == "eval":
-            from pipeline.eval import run_eval_stage
             # alone, no finished adapter is a usage error; in `run`, train has said why already
             run_eval_stage(cfg, _command("train", args, cfg) if args.command == "eval" else None)
         elif stage == "report":
-            from pipeline.report import run_report
             run_report(cfg)   # it logs where the report is
         log.info("stage %s: done in %.1fs", stage, time.time() - t0)
     return results
@@ -379,8 +371,6 @@ def _run_stage(stage: str, cfg, args, store) -> Optional[dict]:
 def _verdict(results: Optional[dict], cfg, args, console, eval_error: Optional[str] = None) -> int:
     """0 when every trained domain finished and the evaluation (if it ran) did not fail; else the domains
     that did not finish, with their causes, and the evaluation's cause, last."""
-    from pipeline.raycluster import shutdown_ray
-    from pipeline.status import cause_line
     bad = {d: r for d, r in (results or {}).items() if r.get("status") != "finished"}
     if not bad and not eval_error:
         return EXIT_OK

@@ -650,7 +650,7 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
     """Parse a --set value as YAML (numbers, booleans, lists like [a,b]); a plain word stays a string."""
     try:
         return _yaml_load(text)
@@ -658,7 +658,16 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _set_key(d: dict, dotted: str, value: Any, where: str) -> None:
+def apply_sets(d: dict, sets) -> None:
+    """--set key=value overrides (values parsed as YAML scalars) applied to the raw settings dict d."""
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, for example --set train.max_steps=20")
+        k, v = item.split("=", 1)
+        set_key(d, k.strip(), parse_scalar(v), "--set")
+
+
+def set_key(d: dict, dotted: str, value: Any, where: str) -> None:
     keys = dotted.split(".")
     cur = d
     for k in keys[:-1]:
@@ -802,24 +811,20 @@ def load_config(path: Optional[str | Path] = None, sets: Optional[list[str]] = N
             raise ConfigError(f"config file {p} must hold a mapping of keys at the top level")
         _resolve_paths(d, p.parent.resolve())
         source = str(p)
-    for item in sets or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, for example --set train.max_steps=20")
-        k, v = item.split("=", 1)
-        _set_key(d, k.strip(), _parse_scalar(v), "--set")
+    apply_sets(d, sets)
     for k, v in env_overrides(environ).items():
-        _set_key(d, k, v, "environment")
+        set_key(d, k, v, "environment")
     if raw_dir:
-        _set_key(d, "data.raw_dir", raw_dir if uris.scheme_of(raw_dir) else str(Path(raw_dir).expanduser().resolve()),
+        set_key(d, "data.raw_dir", raw_dir if uris.scheme_of(raw_dir) else str(Path(raw_dir).expanduser().resolve()),
                  "--raw-dir")
     if output:
-        _set_key(d, "output", output if uris.scheme_of(output) else str(Path(output).expanduser().resolve()), "--output")
+        set_key(d, "output", output if uris.scheme_of(output) else str(Path(output).expanduser().resolve()), "--output")
     if domains:  # --domains narrows the config's list (validated with it: a domain's sources must be selected)
         listed = d.get("domains")
         unknown = [x for x in domains if isinstance(listed, list) and x not in listed]
         if unknown:
             raise ConfigError(f"--domains names {unknown}, which the config does not list (domains: {listed})")
-        _set_key(d, "domains", list(domains), "--domains")
+        set_key(d, "domains", list(domains), "--domains")
     _expand_home(d)
     _check_locations(d, source)
     try:

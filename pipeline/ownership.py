@@ -28,7 +28,7 @@ from typing import Optional
 
 from pipeline import layout
 from pipeline.errors import UsageError, UserFacingError
-from pipeline.status import _epoch, pid_alive
+from pipeline.status import epoch_seconds, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _now() -> str:
 
 
 def _age(rec: dict) -> Optional[float]:
-    t = _epoch(rec.get("heartbeat"))
+    t = epoch_seconds(rec.get("heartbeat"))
     return None if t is None else time.time() - t
 
 

@@ -42,6 +42,8 @@ from pipeline.sources import Opts, Quarantine, Raw, Reject, SourceSpec, finalize
 from pipeline.sources.base import (MAX_DEPTH, OUTSIDE_RAW_DIR, RECORD_ERROR, TOO_DEEP, TOO_LARGE, UNKNOWN_FORMAT, SourceFiles,
                                    nesting_depth, prompt_text, record_chars)
 from pipeline.storage import Store, open_store
+from pipeline.raycluster import ensure_ray
+from pipeline.sources.custom import custom_spec, detect_format, first_record
 
 log = logging.getLogger(__name__)
 
@@ -823,7 +825,6 @@ def run_prepare(cfg, use_ray: bool = True) -> dict:
 
 def _with_format(spec: SourceSpec, cfg, raw_dir: Path, opts: Opts) -> SourceSpec:
     """A custom source whose format is left out: the format its first record's columns say, said in one line."""
-    from pipeline.sources.custom import custom_spec, detect_format, first_record
     c = next((c for c in cfg.data.custom_sources if c.name == spec.name), None)
     if c is None or c.format is not None:
         return spec
@@ -860,7 +861,6 @@ def _check_kept_shares(src_manifest: dict[str, dict], specs: dict[str, SourceSpe
 
 def _start_ray_data(cfg) -> None:
     """Ray, and Ray Data settings that keep the stream in canonical order with bounded memory."""
-    from pipeline.raycluster import ensure_ray
     import ray.data
     ensure_ray(cfg)
     ctx = ray.data.DataContext.get_current()

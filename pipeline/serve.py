@@ -32,6 +32,8 @@ from pipeline.errors import UsageError
 from pipeline.lm.device import worker_device
 from pipeline.lm.generation import eos_ids, generation_attention, prompt_ids
 from pipeline.lm.model import load_adapter_onto, load_model, load_tokenizer, resolve_base
+from pipeline.raycluster import ensure_ray
+from pipeline.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,6 @@ class AdapterModels:
 
     def __init__(self, cfg, domains: Optional[list[str]] = None):
         import torch
-        from pipeline.storage import open_store
         self.cfg = cfg
         store = open_store(cfg)
         self.domains = served_domains(store, domains)
@@ -191,8 +192,6 @@ def run_serve(cfg, domains: Optional[list[str]], host: str, port: int, max_batch
     except ImportError:
         raise UsageError("Ray Serve is not installed: pip install 'ray[serve]' (the project's dependencies "
                          "include it: pip install -e .)") from None
-    from pipeline.raycluster import ensure_ray
-    from pipeline.storage import open_store
     chosen = served_domains(open_store(cfg), domains)   # checked here: a usage error before Ray starts
     ensure_ray(cfg)
     cuda = cfg.resources.device == "cuda"

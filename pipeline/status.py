@@ -48,9 +48,8 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from pipeline import layout
-from pipeline.config import DOMAINS
+from pipeline.config import DOMAINS, load_config
 from pipeline.redaction import scrub
-from pipeline.config import load_config
 from pipeline.errors import no_space, no_space_message, UsageError, UserFacingError
 from pipeline.storage import BadStorageUri, Store
 
@@ -66,7 +65,7 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _epoch(ts: Any) -> Optional[float]:
+def epoch_seconds(ts: Any) -> Optional[float]:
     if ts in (None, ""):
         return None
     try:
@@ -109,7 +108,7 @@ def pid_alive(pid: Any, host: Any) -> Optional[bool]:
 def liveness(rec: dict, now: Optional[float] = None) -> tuple[str, str]:
     """("running" | "stale", detail) for a record whose state is "running"."""
     now = time.time() if now is None else now
-    beat = _epoch(rec.get("heartbeat")) or _epoch(rec.get("updated"))
+    beat = epoch_seconds(rec.get("heartbeat")) or epoch_seconds(rec.get("updated"))
     age = None if beat is None else now - beat
     alive = pid_alive(rec.get("pid"), rec.get("host"))
     who = f"pid {rec['pid']} on {rec.get('host') or '?'}" if rec.get("pid") else "its driver"
@@ -154,8 +153,8 @@ def _newest_record(store, kind: str, name: str, run_name: Optional[str],
             found.append((parsed[0], _read(store, rel)))
     if not found:
         return None, None
-    return max(found, key=lambda x: (_epoch((x[1] or {}).get("heartbeat")) or 0,
-                                     _epoch((x[1] or {}).get("updated")) or 0))
+    return max(found, key=lambda x: (epoch_seconds((x[1] or {}).get("heartbeat")) or 0,
+                                     epoch_seconds((x[1] or {}).get("updated")) or 0))
 
 
 def cause_line(text: Any, limit: int = 300) -> str:
@@ -213,7 +212,7 @@ def _superseded(rep: dict, rec: Optional[dict], run: Optional[str]) -> bool:
         return False
     if rep.get("run_name") not in (None, run):
         return True
-    made, then = _epoch(rep.get("finished_at")), _epoch(rec.get("updated"))
+    made, then = epoch_seconds(rep.get("finished_at")), epoch_seconds(rec.get("updated"))
     return made is not None and then is not None and then > made
 
 

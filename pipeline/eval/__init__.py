@@ -37,11 +37,20 @@ from pipeline.lm.compat import compat_record
 from pipeline.lm.device import worker_device
 from pipeline.lm.kernels import apply_fused_kernels
 from pipeline.lm.model import load_model, load_tokenizer, resolve_base
+from pipeline.errors import UsageError
+from pipeline.eval.harness import run_harness
+from pipeline.eval.matrix import build_matrix, example_rows
+from pipeline.eval.plan import plan_dataset
+from pipeline.eval.scoring import BaseAndAdapters, score_items, summary_line, TokenizedPlan
+from pipeline.raycluster import ensure_ray
+from pipeline.sources import registry
+from pipeline.status import domain_state
+from pipeline.storage import open_store
 
 log = logging.getLogger(__name__)
 
 
-def _task_logging() -> None:
+def task_logging() -> None:
     """INFO lines of a Ray task reach the driver's console (its stdout is forwarded)."""
     root = logging.getLogger()
     if not root.handlers:
@@ -52,9 +61,7 @@ def _task_logging() -> None:
 def evaluate_models(cfg, plans: list, names: list[str]) -> dict[str, dict[str, list[dict]]]:
     """Ray task: score the models `names` ("base" and/or adapter names) on every plan; model -> dataset -> results."""
     import torch
-    from pipeline.eval.scoring import BaseAndAdapters, TokenizedPlan, score_items, summary_line
-    from pipeline.storage import open_store
-    _task_logging()
+    task_logging()
     device = worker_device(cfg)
     if device == "cpu":
         torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
@@ -112,9 +119,6 @@ def fingerprint(cfg, store, adapters: list[str]) -> str:
 def run_eval(cfg, store, adapters: list[str]) -> Optional[dict]:
     import pyarrow as pa
     import ray
-    from pipeline.eval.matrix import build_matrix, example_rows
-    from pipeline.eval.plan import plan_dataset
-    from pipeline.sources import registry
     t0 = time.time()
     reg = registry(cfg.data)
     plans = [p for p in (plan_dataset(cfg, store, d, reg) for d in cfg.domains) if p is not None]
@@ -150,15 +154,11 @@ def run_eval(cfg, store, adapters: list[str]) -> Optional[dict]:
 def finished_adapters(cfg, store) -> list[str]:
     """The selected domains whose adapter is finished, as `adapters status` says it (a later failed or
     interrupted attempt of this run outranks an older adapter)."""
-    from pipeline.status import domain_state
     return [d for d in cfg.domains if domain_state(store, cfg.run_name, d).state == "finished"]
 
 
 def run_eval_stage(cfg, train_command: Optional[str] = None) -> Optional[dict]:
     """The evaluation stage. Off with eval.enabled: false (or the older train.eval_matrix: false)."""
-    from pipeline.errors import UsageError
-    from pipeline.raycluster import ensure_ray
-    from pipeline.storage import open_store
     if not cfg.eval.enabled or not cfg.train.eval_matrix:
         log.info("eval: off (%s: false)", "eval.enabled" if not cfg.eval.enabled else
                  "train.eval_matrix; the evaluation's settings are now under eval:, e.g. eval.enabled")
@@ -181,7 +181,6 @@ def run_eval_stage(cfg, train_command: Optional[str] = None) -> Optional[dict]:
         ensure_ray(cfg)
         matrix = run_eval(cfg, store, adapters)
     if cfg.eval.harness_tasks:   # lm-eval's standard benchmarks (pipeline/eval/harness.py): kept when unchanged
-        from pipeline.eval.harness import run_harness
         run_harness(cfg, store, adapters)
     return matrix
 

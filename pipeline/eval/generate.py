@@ -24,6 +24,10 @@ from pipeline.errors import UsageError, UserFacingError
 from pipeline.lm.device import worker_device
 from pipeline.lm.generation import generate_texts, prompt_ids
 from pipeline.lm.model import load_model, load_tokenizer, resolve_base
+from pipeline.config import apply_sets, Config, ConfigError, load_config
+from pipeline.eval.scoring import BaseAndAdapters
+from pipeline.storage import open_store, Store
+from pipeline.uris import scheme_of
 
 log = logging.getLogger(__name__)
 # --max-new-tokens above this is refused before anything loads (an answer, not a book); a model's own
@@ -54,8 +58,6 @@ def read_prompts(path: str) -> list[str]:
 def config_from_output(output: str, domains: list[str], sets: Optional[list[str]] = None):
     """A Config for generating from a finished output without its YAML: what the adapters were trained
     with, from adapters/<domain>/training_report.json (the first finished one when only --base)."""
-    from pipeline.config import Config, ConfigError, _parse_scalar, _set_key
-    from pipeline.storage import Store
     store = Store(output)
     names = list(domains) + sorted({layout.adapter_domain(f) for f in store.list_files(layout.ADAPTERS, layout.TRAINING_REPORT)} - {None})
     rep = next((store.read_json(layout.training_report(d)) for d in names
@@ -68,9 +70,7 @@ def config_from_output(output: str, domains: list[str], sets: Optional[list[str]
                                      "quantization": c.get("model.quantization", "nf4")},
          "train": {"max_seq_length": c.get("train.max_seq_length", 2048), "chat_template": c.get("train.chat_template", "auto")},
          "resources": {"device": "cuda" if str(rep.get("device", "cpu")).startswith("cuda") else "cpu"}}
-    for item in sets or []:
-        k, _, v = item.partition("=")
-        _set_key(d, k.strip(), _parse_scalar(v), "--set")
+    apply_sets(d, sets)
     try:
         return Config.model_validate(d)
     except Exception as e:
@@ -94,8 +94,6 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
                  temperature: float = 0.0) -> list[dict]:
     """Every prompt through the base model (include_base) and each domain's adapter; one dict per answer."""
     import torch
-    from pipeline.eval.scoring import BaseAndAdapters
-    from pipeline.storage import open_store
     check_request(prompts, domains, include_base, max_new_tokens)
     store = open_store(cfg)
     missing = [d for d in domains if not store.is_file(layout.training_report(d))]
@@ -136,14 +134,12 @@ def run_generate(cfg, prompts: list[str], domains: list[str], include_base: bool
 
 def main_generate(args) -> int:
     """The `adapters generate` command (arguments parsed by pipeline.cli)."""
-    from pipeline.config import load_config
     domains = [d.strip() for arg in args.domain for d in arg.split(",") if d.strip()]
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     check_request(prompts, domains, args.base, args.max_new_tokens)   # before any model or output is read
     if args.config:
         cfg = load_config(args.config, sets=args.set, output=args.output)
     elif args.output:
-        from pipeline.uris import scheme_of
         out = args.output if scheme_of(args.output) else str(Path(args.output).expanduser().resolve())
         cfg = config_from_output(out, domains, args.set)
     else:

@@ -41,7 +41,11 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline import layout
 from pipeline.config import ConfigError
-from pipeline.errors import UserFacingError
+from pipeline.errors import UserFacingError, find_cause
+from pipeline.lm.device import worker_device
+from pipeline.lm.model import resolve_base
+from pipeline.raycluster import ensure_ray
+from pipeline.storage import open_store
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +179,6 @@ def run_harness(cfg, store, domains: list[str]) -> list[HarnessRow]:
     """lm-eval's tasks on the base model and on each of `domains`' finished adapters (Ray started if needed);
     the rows, also written to eval/harness.json (and kept when nothing that decides them changed)."""
     import ray
-    from pipeline.eval import model_groups
     missing = [d for d in domains if (store.read_json_or(layout.training_report(d)) or {}).get("status") != "finished"]
     if missing:
         raise UserFacingError(f"harness: no finished adapter for {', '.join(missing)} under {store.uri_of('adapters')}: "
@@ -187,10 +190,10 @@ def run_harness(cfg, store, domains: list[str]) -> list[HarnessRow]:
         log.info("harness: %s is up to date (same models, tasks and settings): kept", store.uri_of(layout.HARNESS_JSON))
         return [HarnessRow(**r) for r in old.get("rows") or []]
     check_tasks(cfg)            # lm-eval's task index (seconds to build): only when the tasks will run
-    from pipeline.raycluster import ensure_ray
     ensure_ray(cfg)             # only now: unchanged results above start no Ray
     t0 = time.time()
     models = ["base"] + list(domains)
+    from pipeline.eval import model_groups   # the eval package imports this module at its top
     groups = model_groups(cfg, models)
     r = cfg.resources
     opts = {"num_cpus": r.cpus_per_trial, "num_gpus": r.gpus_per_trial if r.device == "cuda" else 0}
@@ -203,7 +206,6 @@ def run_harness(cfg, store, domains: list[str]) -> list[HarnessRow]:
         for part in ray.get([task.remote(cfg, g, files_ref, _offline(cfg)) for g in groups]):
             out.update(part)
     except ray.exceptions.RayTaskError as e:
-        from pipeline.errors import find_cause
         said = find_cause(e, lambda x: isinstance(x, (UserFacingError, ConfigError)))
         if said is None:
             raise
@@ -252,11 +254,8 @@ def results_rows(model: str, res: dict) -> list[HarnessRow]:
 def harness_models(cfg, names: list[str], files: dict[str, bytes], offline: bool) -> dict[str, dict]:
     """Ray task: lm-eval's tasks on each of `names` ("base" or a domain); model -> lm-eval's results (JSON-safe)."""
     import torch
-    from pipeline.eval import _task_logging
-    from pipeline.storage import open_store
-    from pipeline.lm.device import worker_device
-    from pipeline.lm.model import resolve_base
-    _task_logging()
+    from pipeline.eval import task_logging   # the eval package imports this module at its top
+    task_logging()
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     if offline:
@@ -305,7 +304,6 @@ def load_datasets(tasks: list[str], tm, offline: bool) -> None:
     try:
         tm.load(list(tasks))
     except Exception as e:  # noqa: BLE001 - datasets raises many types for one cause; the chain is searched
-        from pipeline.errors import find_cause
         hub = find_cause(e, _is_hub_error)
         if hub is None:
             raise

@@ -34,6 +34,7 @@ from pipeline.report.gather import build_summary
 from pipeline.report.plots import plot_eval_matrix, plot_loss_curves, plot_perplexity
 from pipeline.report.render import render_html, render_md
 from pipeline.storage import open_store
+from pipeline.tracking import attach_to_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,6 @@ def run_report(cfg) -> dict:
     log.info("report: %s (%d domains: %s) in %.1fs", out["html"], len(summary["domains"]),
              ", ".join(f"{k} {v}" for k, v in sorted(summary["status_counts"].items())), time.time() - t0)
     if cfg.tracking.mlflow is not None:
-        from pipeline.tracking import attach_to_mlflow
         try:
             attach_to_mlflow(cfg, store)
         except Exception as e:  # noqa: BLE001 - the report is written; a tracking server down is not worth failing it

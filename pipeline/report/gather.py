@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from pipeline import layout
 from pipeline.storage import Store, StorageError
+from pipeline.eval import finished_adapters, up_to_date
+from pipeline.status import domain_state
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,6 @@ def _ppl(loss: Any) -> Optional[float]:
 def domain_summary(store: Store, cfg, domain: str, manifest: Optional[dict]) -> dict:
     """One domain's row of the report: status and cause (pipeline.status.domain_state, the same words
     `adapters status` shows), metrics."""
-    from pipeline.status import domain_state
     rel = layout.training_report(domain)
     rep, _ = _read(store, rel)
     rep = rep if isinstance(rep, dict) else None
@@ -101,7 +102,6 @@ def _stale_matrix_note(cfg, store: Store, matrix: Optional[dict]) -> Optional[st
     without a fingerprint (made by hand) is taken as it is."""
     if not matrix or not matrix.get("fingerprint"):
         return None
-    from pipeline.eval import finished_adapters, up_to_date
     try:
         if up_to_date(cfg, store, finished_adapters(cfg, store)):
             return None

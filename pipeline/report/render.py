@@ -15,6 +15,7 @@ from pipeline.report.tables import (
     BUSY_NOTE, EVAL_METRICS, TASK_METRICS, TEST_NOTE, contamination_rows, diff_text, domain_data_rows, eval_has,
     file_rows, fmt, fmt_int, harness_note, harness_rows, interference_rows, keep_rows, matrix_rows,
     metric_matrix_rows, p_text, reason_rows, results_rows, source_rows, task_rows, verdict_rows)
+from pipeline.status import STATES
 
 def _fence(text: Optional[str], lang: str = "text") -> list[str]:
     """A fenced Markdown block that no run of backticks inside the text can close."""
@@ -255,7 +256,6 @@ def _matrix_html(matrix: dict, key: str) -> str:
 
 
 def _ordered_counts(counts: dict) -> list[tuple[str, int]]:
-    from pipeline.status import STATES
     return sorted(counts.items(), key=lambda kv: (STATES.index(kv[0]) if kv[0] in STATES else len(STATES), kv[0]))
 
 

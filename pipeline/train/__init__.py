@@ -17,14 +17,16 @@ from __future__ import annotations
 import logging
 
 from pipeline.lm.tiny import ensure_tiny
+from pipeline.raycluster import ensure_ray
+from pipeline.redaction import scrub
+from pipeline.storage import open_store
+from pipeline.train.export import export_merged, upload_to_hub
+from pipeline.train.schedule import run_domains
 
 log = logging.getLogger(__name__)
 
 
 def run_train(cfg) -> dict[str, dict]:
-    from pipeline.raycluster import ensure_ray
-    from pipeline.storage import open_store
-    from pipeline.train.schedule import run_domains
 
     store = open_store(cfg)
     ensure_ray(cfg)
@@ -33,7 +35,6 @@ def run_train(cfg) -> dict[str, dict]:
     results = run_domains(cfg, store)
     done = [d for d, r in results.items() if r.get("status") == "finished"]
     if cfg.train.merge_export:
-        from pipeline.train.export import export_merged
         for d in done:
             try:
                 results[d]["merged_uri"] = export_merged(cfg, d, store)
@@ -41,8 +42,6 @@ def run_train(cfg) -> dict[str, dict]:
                 log.error("merged export of %s failed: %s", d, e)
                 results[d]["merged_error"] = str(e)
     if cfg.hub.repo_id:
-        from pipeline.redaction import scrub
-        from pipeline.train.export import upload_to_hub
         for d in done:
             try:
                 results[d]["hub_repo"] = upload_to_hub(cfg, d, store)

@@ -60,6 +60,10 @@ from pipeline.train.faults import NO_FAULTS, Faults, with_faults
 from pipeline.train.identity import IncompatibleCheckpointError, check_compat, compat_record
 from pipeline.train.replicas import Replicas
 from pipeline.train.sessions import RaySession, UnsafeCheckpointError, load_tensors, read_rng_state, refuse_pickles
+from pipeline.status import write_fatal
+from pipeline.storage import open_store
+from pipeline.train import export
+from pipeline.train.data import collect, epoch_plan
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,6 @@ def evaluate(model, examples, rows: int, seq_len: int, pad_id: int, device, max_
              packing: bool = True, replicas: Optional[Replicas] = None) -> tuple[float, int]:
     """(mean token loss, target tokens) over a split, in a fixed order; workers split the batches."""
     import torch
-    from pipeline.train.data import epoch_plan
     if not examples:
         return float("nan"), 0
     replicas = replicas or Replicas()
@@ -180,7 +183,6 @@ class DomainRecipe:
 
     def __init__(self, cfg, domain: str, data: dict, session, fingerprint: Optional[str] = None,
                  faults: Faults = NO_FAULTS):
-        from pipeline.storage import open_store
         self.cfg, self.domain, self.data, self.session, self.fingerprint = cfg, domain, data, session, fingerprint
         self.faults = faults   # test fault injection (pipeline/train/faults.py); NO_FAULTS does nothing
         self.hyper = cfg.hyper_for(domain)
@@ -242,7 +244,6 @@ class DomainRecipe:
         self.plan = self._epoch_plan()
 
     def _epoch_plan(self) -> list:
-        from pipeline.train.data import epoch_plan
         t = self.cfg.train
         return epoch_plan(self.data["train"], self.state.epoch, t.seed, self.rows, self.seq_len, t.packing)
 
@@ -465,7 +466,6 @@ class DomainRecipe:
     # -- save -----------------------------------------------------------------------------------------
     def save(self) -> dict:
         """Export the adapter with the lowest val loss (the final weights take part) and its report."""
-        from pipeline.train import export
         st, t, h, cfg = self.state, self.cfg.train, self.hyper, self.cfg
         if self.last_eval is None or self.last_eval[0] != st.step:
             self.record_eval(*self._eval("val"))
@@ -539,9 +539,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry. config: {"cfg": Config, "domain": str, "faults": FaultPlan | None, "fingerprint": str}.
     Every worker reads the whole tokenized dataset (Ray Data) and takes its rows of each micro-batch."""
     import ray.train
-    from pipeline.status import write_fatal
-    from pipeline.storage import open_store
-    from pipeline.train.data import collect
     import psutil
     marks = {"worker_fn": time.time()}
     trial = config.get("trial_started")
