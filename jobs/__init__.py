@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 from typing import Optional
+
 from pipeline.cli import main
 
 
 def run_stage(stage: str, argv: Optional[list[str]] = None) -> int:
     """``adapters <stage> <argv>``; returns its exit code."""
-
     return main([stage, *(sys.argv[1:] if argv is None else argv)])
