@@ -179,22 +179,31 @@ def test_image_runs_as_non_root_and_has_the_project(cpu_image: str) -> None:
     _check(_podman_run(cpu_image, timeout=300), "the image's default command (adapters --help)")
 
 
+# the demo made small for 2 CPU cores as test_job_submit's, but with the evaluation stage on (small): every stage
+# and every domain runs in the image (the full-size demo runs natively in the session's demo fixture)
+IMAGE_DEMO_SETS = [s for s in DEMO_SETS if not s.startswith("train.eval_matrix")] + [
+    "eval.generation_samples=2", "eval.side_by_side=2", "eval.max_new_tokens=16"]
+
+
 def test_demo_runs_inside_the_image(cpu_image: str, tmp_path: Path) -> None:
-    """`adapters run --config configs/demo.yaml` as the image's user, writing to a mounted folder."""
+    """`adapters run --config configs/demo.yaml` as the image's user, writing to a mounted folder: every stage,
+    the evaluation included."""
     out = _output_dir(tmp_path, "demo-out")
     t0 = time.time()
     r = _podman_run(f"-v={out}:/home/ray/out", cpu_image,
-                    "adapters", "run", "--config", "configs/demo.yaml", "--output", "/home/ray/out")
+                    "adapters", "run", "--config", "configs/demo.yaml", "--output", "/home/ray/out",
+                    *(a for s in IMAGE_DEMO_SETS for a in ("--set", s)))
     (ARTIFACTS / "container_demo_run.log").write_text(r.stdout + r.stderr)
     _check(r, "adapters run inside the image")
     print(f"\ndemo inside the image: {time.time() - t0:.0f} s")
     _assert_demo_output(out)
+    assert set(json.loads((out / "eval" / "matrix.json").read_text())["models"]) == {"base", *DOMAINS}
 
 
 def test_ray_head_in_the_image_runs_the_demo_job_from_the_host(cpu_image: str, tmp_path: Path) -> None:
     """`ray start --head` with token auth inside the image; the host's `jobs/submit.py` sends the demo to it
     (its working_dir upload, metadata and auth), and the job succeeds. The demo with test_job_submit's small
-    settings (every stage and domain still runs): the full demo has just run in the image above."""
+    settings (every stage and domain still runs): the demo with its evaluation has just run in the image above."""
     out = _output_dir(tmp_path, "job-out")
     name = f"domain-adapters-test-{uuid.uuid4().hex[:8]}"
     gcs, dash = free_port(), free_port()
