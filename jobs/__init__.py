@@ -10,9 +10,10 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from pipeline.cli import main
-
 
 def run_stage(stage: str, argv: Optional[list[str]] = None) -> int:
     """``adapters <stage> <argv>``; returns its exit code."""
+    # imported here: importing the package itself needs none of the pipeline's dependencies (the packaging
+    # test checks an install without them maps both packages)
+    from pipeline.cli import main
     return main([stage, *(sys.argv[1:] if argv is None else argv)])

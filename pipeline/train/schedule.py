@@ -239,6 +239,10 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
             if "worker group startup timed out" in str(e):
                 error = unplaced_workers(r, per_worker) + "\n" + error
     o = outcome(store, cfg, domain)
+    if error and o.recorded == "interrupted":
+        # the driver marked it on Ctrl-C / SIGTERM / SIGHUP: a terminal's Ctrl-C reaches this trial's workers
+        # too, and their end is not the domain's failure (the same command resumes it)
+        return
     if o.fatal:
         error = o.fatal
     report = None if error else identity.current(o.finished_report)
