@@ -390,7 +390,7 @@ def eval_state(store, finished: list[str], recorded: Optional[StageState]) -> St
         return recorded if recorded is not None and recorded.state != "finished" else StageState("not started")
     models = [x for x in (m.get("models") or []) if isinstance(x, str)]
     missing = [d for d in finished if d not in models]
-    detail = f"{len(models)} model(s) on {len(m.get('datasets') or [])} test set(s): {store.uri_of('eval/matrix.json')}"
+    detail = f"{len(models)} model(s) on {len(m.get('datasets') or [])} test set(s): {store.uri_of(layout.EVAL_MATRIX)}"
     if missing:
         detail += f"; not evaluated yet: {', '.join(missing)} (`adapters eval` evaluates them)"
     return StageState("finished", detail)
