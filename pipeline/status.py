@@ -383,14 +383,14 @@ def eval_state(store, finished: list[str], recorded: Optional[StageState]) -> St
     adapters it has not scored named (`adapters eval` scores them); else the record or not started."""
     if recorded is not None and recorded.state in ("running", "stale", "failed", "interrupted", "unknown"):
         return recorded
-    m = _read(store, "eval/matrix.json")
+    m = _read(store, layout.EVAL_MATRIX)
     if isinstance(m, Unreadable):
-        return StageState("unknown", "eval/matrix.json is not valid JSON")
+        return StageState("unknown", f"{layout.EVAL_MATRIX} is not valid JSON")
     if m is None:
         return recorded if recorded is not None and recorded.state != "finished" else StageState("not started")
     models = [x for x in (m.get("models") or []) if isinstance(x, str)]
     missing = [d for d in finished if d not in models]
-    detail = f"{len(models)} model(s) on {len(m.get('datasets') or [])} test set(s): {store.uri_of('eval/matrix.json')}"
+    detail = f"{len(models)} model(s) on {len(m.get('datasets') or [])} test set(s): {store.uri_of(layout.EVAL_MATRIX)}"
     if missing:
         detail += f"; not evaluated yet: {', '.join(missing)} (`adapters eval` evaluates them)"
     return StageState("finished", detail)

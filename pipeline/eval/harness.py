@@ -168,7 +168,7 @@ def fingerprint(cfg, store, domains: list[str], files: dict[str, bytes]) -> str:
     """What decides the numbers: tasks, their local files, limit, lm-eval's version, the base, each adapter."""
     import importlib.metadata as md
     reports = {d: hashlib.sha256(store.read_bytes(layout.training_report(d))).hexdigest() for d in domains}
-    base = store.read_json_or("base_model/tiny_meta.json", {}).get("fingerprint") if cfg.model.base == "tiny" else None
+    base = store.read_json_or(layout.TINY_META, {}).get("fingerprint") if cfg.model.base == "tiny" else None
     d = {"tasks": cfg.eval.harness_tasks, "limit": cfg.eval.harness_limit, "lm_eval": md.version("lm_eval"),
          "files": {k: hashlib.sha256(v).hexdigest() for k, v in files.items()},
          "base": [cfg.model.base, cfg.model.revision, base, _dtype_name(cfg)], "adapters": reports}

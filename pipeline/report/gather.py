@@ -108,7 +108,7 @@ def _stale_matrix_note(cfg, store: Store, matrix: Optional[dict]) -> Optional[st
     except Exception as e:  # noqa: BLE001 - the report is made whatever it cannot check
         log.warning("report: could not check whether eval/matrix.json is up to date: %s", e)
         return None
-    return ("eval/matrix.json was made from other adapters, data or eval settings than this output has now: its "
+    return (f"{layout.EVAL_MATRIX} was made from other adapters, data or eval settings than this output has now: its "
             "figures (and the keep / drop table) are not this run's; the adapters' test figures per domain are the "
             "training recipe's, and the base model's are not shown. `adapters eval` brings it up to date")
 
@@ -125,7 +125,7 @@ def _test_figures_of_the_evaluation(row: dict, matrix: Optional[dict], domain: s
         v = as_number((loss.get(model) or {}).get(domain))
         if v is not None and (model == "base" or row.get("status") == "finished"):
             row[f"{pre}test_loss"], row[f"{pre}test_ppl"] = v, _ppl(v)
-            src[model if model == "base" else "adapter"] = "eval/matrix.json"
+            src[model if model == "base" else "adapter"] = layout.EVAL_MATRIX
         elif row.get(f"{pre}test_loss") is not None:
             src[model if model == "base" else "adapter"] = "training_report.json"
     row["test_source"] = src or None
@@ -267,7 +267,7 @@ def build_summary(cfg, store: Store) -> dict:
 
 
 def _harness(store: Store) -> Optional[dict]:
-    h, problem = _read(store, "eval/harness.json")
+    h, problem = _read(store, layout.HARNESS_JSON)
     if problem:
         log.warning("report: eval/harness.json unreadable (%s): no standard benchmark table", problem)
     return h if isinstance(h, dict) and h.get("rows") else None

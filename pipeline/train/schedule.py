@@ -233,7 +233,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
             cause = _user_facing_cause(e)
             error = f"{type(cause).__name__}: {cause}" if cause else _summarize(f"{type(e).__name__}: {e}")
             # a full disk (a checkpoint's upload, Ray Train's own files): the one line naming path and free space
-            full = no_space_message(e, store.uri_of(f"runs/{cfg.run_name}/train/{domain}"))
+            full = no_space_message(e, store.uri_of(layout.checkpoints(cfg.run_name, domain)))
             if full and not cause:
                 error = f"{full}\n{error}"
             if "worker group startup timed out" in str(e):
