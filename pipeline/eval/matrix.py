@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.eval import stats
-from pipeline.eval.tasks import MAX_MAJORITY_RATE, SCORERS, majority, scorer_of, task_metrics  # noqa: F401 (the report reads MAX_MAJORITY_RATE here)
+from pipeline.eval.tasks import SCORERS, scorer_of, task_metrics
 
 CLOPPER_PEARSON = "Clopper-Pearson exact 95%"
 NEWCOMBE = "Newcombe paired 95% (Clopper-Pearson margins)"

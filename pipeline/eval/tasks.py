@@ -156,8 +156,7 @@ class MultipleChoiceScorer(TaskScorer):
 
     def likelihood_row(self, item, result: dict) -> dict:
         mc = "pred" in result
-        return {"choice_ll": result.get("choice_ll"), "pred": result.get("pred"), "pred_norm": result.get("pred_norm"),
-                "correct": (result["pred"] == item.gold) if mc else None,
+        return {**super().likelihood_row(item, result), "correct": (result["pred"] == item.gold) if mc else None,
                 "correct_norm": (result["pred_norm"] == item.gold) if mc else None}
 
     def counts(self, items: list) -> dict:

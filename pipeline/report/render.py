@@ -8,7 +8,7 @@ import json
 import re
 from typing import Any, Optional
 
-from pipeline.eval.matrix import MAX_MAJORITY_RATE
+from pipeline.eval.tasks import MAX_MAJORITY_RATE
 from pipeline.report.gather import as_number
 from pipeline.report.plots import STATUS_COLORS
 from pipeline.report.tables import (

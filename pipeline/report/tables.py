@@ -194,7 +194,7 @@ def task_rows(matrix: dict, domain: str) -> tuple[list[str], list[list[str]]]:
 
 def _majority_text(t: dict) -> str:
     """What always answering the most common gold choice would score, beside acc; 'trivial' when one class
-    or a majority above the bound (pipeline/eval/matrix.MAX_MAJORITY_RATE): such a task decides no verdict."""
+    or a majority above the bound (pipeline/eval/tasks.MAX_MAJORITY_RATE): such a task decides no verdict."""
     r = t.get("majority_rate")
     if r is None:
         return "–"
