@@ -47,6 +47,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
+
 from pipeline.config import ConfigError, load_config
 from pipeline.ownership import OUTPUT_MARKER
 from pipeline.raycluster import WORKER_ENV

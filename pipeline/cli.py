@@ -25,9 +25,9 @@ from typing import Optional
 
 from pipeline import layout
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import UsageError, UserFacingError, no_space_message
 from pipeline.doctor import preflight, run_doctor
 from pipeline.download import run_download
+from pipeline.errors import UsageError, UserFacingError, no_space_message
 from pipeline.eval import run_eval_stage
 from pipeline.eval.generate import config_from_output, main_generate
 from pipeline.eval.harness import check_tasks

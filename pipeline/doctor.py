@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import layout
+from pipeline.capacity import assess, Capacity
 from pipeline.errors import UserFacingError
 from pipeline.lm.device import GB, probe_cuda
 from pipeline.lm.kernels import effective_budget_gb
 from pipeline.lm.model import load_model, load_tokenizer
 from pipeline.lm.serving import config_serving_warnings
-from pipeline.capacity import assess, Capacity
 from pipeline.storage import open_store, StorageError, Store
 
 PASS, FAIL, WARN, INFO = "PASS", "FAIL", "WARN", "INFO"

@@ -41,9 +41,9 @@ from pipeline.errors import UserFacingError
 from pipeline.sources import Opts, Quarantine, Raw, Reject, SourceSpec, finalize_sft, norm_key, selected_sources, text_hash
 from pipeline.sources.base import (MAX_DEPTH, OUTSIDE_RAW_DIR, RECORD_ERROR, TOO_DEEP, TOO_LARGE, UNKNOWN_FORMAT, SourceFiles,
                                    nesting_depth, prompt_text, record_chars)
-from pipeline.storage import Store, open_store
 from pipeline.raycluster import ensure_ray
 from pipeline.sources.custom import custom_spec, detect_format, first_record
+from pipeline.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 

@@ -58,6 +58,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
+
 from pipeline.logs import setup_worker as setup_worker_logs
 from pipeline.redaction import masked_command_line
 

@@ -49,8 +49,8 @@ from typing import Any, Optional
 
 from pipeline import layout
 from pipeline.config import DOMAINS, load_config
-from pipeline.redaction import scrub
 from pipeline.errors import no_space, no_space_message, UsageError, UserFacingError
+from pipeline.redaction import scrub
 from pipeline.storage import BadStorageUri, Store
 
 STATES = ("finished", "failed", "skipped", "interrupted", "running", "stale", "not started", "unknown")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from typing import Optional
+
 from pipeline.redaction import redact_url
 
 # S3's bucket naming rules (3-63 characters: lowercase letters, digits, '.', '-'; starts and ends alphanumeric)

@@ -32,16 +32,16 @@ import time
 from typing import Optional
 
 from pipeline import layout
-from pipeline.fingerprint import fingerprint as fingerprint_of
-from pipeline.lm.compat import compat_record
-from pipeline.lm.device import worker_device
-from pipeline.lm.kernels import apply_fused_kernels
-from pipeline.lm.model import load_model, load_tokenizer, resolve_base
 from pipeline.errors import UsageError
 from pipeline.eval.harness import run_harness
 from pipeline.eval.matrix import build_matrix, example_rows
 from pipeline.eval.plan import plan_dataset
 from pipeline.eval.scoring import BaseAndAdapters, score_items, summary_line, TokenizedPlan
+from pipeline.fingerprint import fingerprint as fingerprint_of
+from pipeline.lm.compat import compat_record
+from pipeline.lm.device import worker_device
+from pipeline.lm.kernels import apply_fused_kernels
+from pipeline.lm.model import load_model, load_tokenizer, resolve_base
 from pipeline.raycluster import ensure_ray
 from pipeline.sources import registry
 from pipeline.status import domain_state

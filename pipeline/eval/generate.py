@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline import layout
+from pipeline.config import apply_sets, Config, ConfigError, load_config
 from pipeline.errors import UsageError, UserFacingError
+from pipeline.eval.scoring import BaseAndAdapters
 from pipeline.lm.device import worker_device
 from pipeline.lm.generation import generate_texts, prompt_ids
 from pipeline.lm.model import load_model, load_tokenizer, resolve_base
-from pipeline.config import apply_sets, Config, ConfigError, load_config
-from pipeline.eval.scoring import BaseAndAdapters
 from pipeline.storage import open_store, Store
 from pipeline.uris import scheme_of
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import layout
-from pipeline.storage import Store, StorageError
 from pipeline.eval import finished_adapters, up_to_date
 from pipeline.status import domain_state
+from pipeline.storage import Store, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -56,14 +56,14 @@ from pipeline.lm.kernels import loss_sum
 from pipeline.lm.lora_fused import fuse_lora
 from pipeline.lm.model import add_lora, attn_implementation, compute_dtype, load_model, load_tokenizer, resolve_base
 from pipeline.optimizers import build_optimizer
-from pipeline.train.faults import NO_FAULTS, Faults, with_faults
-from pipeline.train.identity import IncompatibleCheckpointError, check_compat, compat_record
-from pipeline.train.replicas import Replicas
-from pipeline.train.sessions import RaySession, UnsafeCheckpointError, load_tensors, read_rng_state, refuse_pickles
 from pipeline.status import write_fatal
 from pipeline.storage import open_store
 from pipeline.train import export
 from pipeline.train.data import collect, epoch_plan
+from pipeline.train.faults import NO_FAULTS, Faults, with_faults
+from pipeline.train.identity import IncompatibleCheckpointError, check_compat, compat_record
+from pipeline.train.replicas import Replicas
+from pipeline.train.sessions import RaySession, UnsafeCheckpointError, load_tensors, read_rng_state, refuse_pickles
 
 log = logging.getLogger(__name__)
 

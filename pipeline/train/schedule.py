@@ -43,14 +43,14 @@ import time
 from typing import Iterator, Optional
 
 from pipeline import layout
-from pipeline.status import DomainOutcome, clear_fatal, domain_state, write_outcome
-from pipeline.train.identity import IncompatibleCheckpointError, TrainingIdentity
 from pipeline.capacity import assess, read_capacity
 from pipeline.errors import find_cause, no_space_message, UsageError, UserFacingError
 from pipeline.redaction import is_secret_name
+from pipeline.status import DomainOutcome, clear_fatal, domain_state, write_outcome
 from pipeline.storage import open_store
 from pipeline.train.data import tokenized_dataset
 from pipeline.train.faults import FaultPlan, FAULTS_ENV
+from pipeline.train.identity import IncompatibleCheckpointError, TrainingIdentity
 from pipeline.train.loop import CHECKPOINT_SCORE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
