@@ -548,13 +548,15 @@ def _prepare_domain(domain: str, names: list[str], src_manifests: dict[str, dict
     # pass 1: keys only (and, for the near-duplicate step, the shards' messages columns while they are small)
     keys: dict[str, list[tuple]] = {}
     messages: Optional[dict[tuple[str, int], Any]] = {} if d.near_duplicates else None
+    kept_bytes = 0
     for name in names:
         entries = []
         for si, rel in enumerate(src_manifests[name].get("staged_sft_shards", [])):
             tbl = store.read_table(rel, ["messages", "doc_id", "task", "group"])
             if messages is not None:
                 messages[name, si] = tbl.column("messages")
-                if sum(c.nbytes for c in messages.values()) > KEEP_MESSAGES_BYTES:
+                kept_bytes += messages[name, si].nbytes
+                if kept_bytes > KEEP_MESSAGES_BYTES:
                     messages = None   # read again, shard by shard, by the near-duplicate step
             t = tbl.to_pylist()
             del tbl
