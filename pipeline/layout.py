@@ -133,7 +133,7 @@ def stage_state(run_name: str, stage: str) -> str:
 
 
 def checkpoints(run_name: str, domain: Optional[str] = None) -> str:
-    """Ray Train's storage: runs/<run>/train (its storage_path), runs/<run>/train/<domain> (one trial's)."""
+    """Checkpoints: runs/<run>/train (Ray Train's storage_path), runs/<run>/train/<domain> (one domain's)."""
     return f"{run(run_name)}/train" if domain is None else f"{run(run_name)}/train/{domain}"
 
 
@@ -204,7 +204,7 @@ TREE: tuple[tuple[str, str, str], ...] = (
      "`adapters train`"),
     (fatal(R, D), "a worker's error that retrying cannot help (part of the domain's outcome)", "`adapters train`"),
     (stage_state(R, "<stage>"), "a stage's state while it runs, then how it ended", "`pipeline/cli.py`"),
-    (checkpoints(R, D) + "/", "Ray Train storage: the domain's checkpoints", "`adapters train`"),
+    (checkpoints(R, D) + "/", "the domain's checkpoints (the best by val loss and the latest)", "`adapters train`"),
     (tune(R) + "/", "Ray Tune storage: TensorBoard / CSV / JSON logs per trial", "`adapters train`"),
     (log_file(R, "<command>", "<time>"), "a command's full log (local outputs)", "`pipeline/logs.py`"),
     (EVAL_MATRIX, "base and every adapter on every domain's test set", "`pipeline/eval`"),

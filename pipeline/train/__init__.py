@@ -1,13 +1,14 @@
-"""Training stage: one QLoRA adapter per domain, as Ray Tune trials each running a Ray Train
-TorchTrainer (resources.workers_per_trial workers, one by default).
+"""Training stage: one QLoRA adapter per domain, as Ray Tune trials: each runs one training worker
+(pipeline.train.worker; resources.workers_per_trial 1, the default) or a Ray Train TorchTrainer with
+resources.workers_per_trial workers.
 
     run_train(cfg) -> dict[domain, dict]   each value: the training report plus "status"
                                            ("finished" | "failed" | "skipped") and "error"
 
 Modules: data (Ray Data reading and tokenizing the SFT shards, the per-epoch plan), loop (the
 per-worker recipe), sessions (where checkpoints and reports go), replicas (a domain's workers), identity
-(what identifies a domain's training), faults (test fault injection), backend (the trial's torch backend),
-schedule (trials), export (adapters/<domain>/), preview (`prepare --show-examples`). The model,
+(what identifies a domain's training), faults (test fault injection), worker (a one-worker trial),
+backend (a TorchTrainer's torch backend), schedule (trials), export (adapters/<domain>/), preview (`prepare --show-examples`). The model,
 tokenization, kernels and device checks it shares with the evaluation are pipeline.lm. Training does not
 evaluate the adapters on the test splits: that is the eval stage (pipeline.eval, `adapters eval`), which
 `adapters run` runs next.

@@ -1,6 +1,8 @@
 """The per-worker training recipe for one domain. It reads top to bottom:
 
-    train_loop_per_worker(config)        Ray Train entry: the dataset shard, then train_domain
+    run_worker(cfg, domain, dataset, session, ...)   a worker: the tokenized dataset read while the model
+                                         loads, then train_domain (pipeline.train.worker's actor, or
+                                         train_loop_per_worker, Ray Train's entry, for several workers)
     train_domain(cfg, domain, data, session, recipe_cls=DomainRecipe) -> training report
         recipe.setup()          device (checked on this node), model (4-bit), LoRA, kernels, optimizer, schedule
         recipe.restore()        the latest checkpoint, if any (refused when made with other settings)
@@ -16,10 +18,9 @@
 A checkpoint (every train.checkpoint_every steps, and at every evaluation that lowers the val loss)
 holds the LoRA weights, optimizer, scheduler, RNG states, the data position (epoch, batch index),
 history, the best evaluation so far and the compatibility record; it is reported with the val loss of
-its weights (CHECKPOINT_SCORE; UNSCORED when the step was not evaluated), so Ray's CheckpointConfig
-keeps the best ones by val loss plus the latest. On a retry (FailureConfig) or a re-run with the same output and run_name, Ray hands
-the latest one back (or a newer complete one found in storage, when the driver died before Ray's
-run snapshot named it) and the recipe continues from it; one made with another base model, LoRA shape or
+its weights (CHECKPOINT_SCORE; UNSCORED when the step was not evaluated), so the session (sessions.py)
+keeps the best ones by val loss plus the latest. On a retry or a re-run with the same output and run_name, the
+session hands the latest complete one back and the recipe continues from it; one made with another base model, LoRA shape or
 data layout is refused with IncompatibleCheckpointError. A non-finite loss or gradient norm stops the
 domain with NonFiniteLossError (nothing is checkpointed or exported after it).
 
@@ -533,29 +534,39 @@ def train_domain(cfg, domain: str, data: "dict | Future", session, recipe_cls: t
     return recipe.save()
 
 
-# ---- Ray Train entry ----------------------------------------------------------------------------------
+# ---- a training worker's entry ------------------------------------------------------------------------
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry. config: {"cfg": Config, "domain": str, "faults": FaultPlan | None, "fingerprint": str}.
-    Every worker reads the whole tokenized dataset (Ray Data) and takes its rows of each micro-batch."""
-    import ray.train
+def worker_marks(trial_started: Optional[float]) -> dict:
+    """The start-up marks a worker adds to its report's timeline (bench/startup.py)."""
     import psutil
     marks = {"worker_fn": time.time()}
-    trial = config.get("trial_started")
-    if trial is not None:
+    if trial_started is not None:
         # a worker process that Ray had started before this trial (a pooled one) counts as ready at its start
-        marks.update(trial=trial, worker_process=max(psutil.Process().create_time(), trial))
-    cfg, domain = config["cfg"], config["domain"]
-    shard = ray.train.get_dataset_shard("sft")
-    session = RaySession(open_store(cfg), cfg.run_name, domain)
+        marks.update(trial=trial_started, worker_process=max(psutil.Process().create_time(), trial_started))
+    return marks
+
+
+def run_worker(cfg, domain: str, dataset, session, faults=None, fingerprint: Optional[str] = None,
+               marks: Optional[dict] = None) -> None:
+    """One training worker of a domain: reads the tokenized dataset (a Ray Dataset, or Ray Train's shard of
+    it: every worker reads all examples and takes its rows of each micro-batch) while the model loads, then
+    trains. A cause that retrying cannot help is recorded as the domain's fatal error and this attempt ends
+    cleanly; any other error is raised (the trial retries from the latest checkpoint)."""
     # Ray Data reads and tokenizes in its own processes while this one loads the model: start-up takes
     # the longer of the two, not their sum
     with ThreadPoolExecutor(1, thread_name_prefix="collect") as pool:
-        data = pool.submit(collect, shard.iter_batches(batch_size=256, batch_format="numpy"))
+        data = pool.submit(collect, dataset.iter_batches(batch_size=256, batch_format="numpy"))
         try:
-            recipe_cls = with_faults(DomainRecipe, config.get("faults"))
-            train_domain(cfg, domain, data, session, recipe_cls, config.get("fingerprint"), marks)
+            train_domain(cfg, domain, data, session, with_faults(DomainRecipe, faults), fingerprint, marks)
         except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError) as e:
-            # Retrying cannot help: record the cause for the scheduler and end this attempt cleanly.
             log.error("%s: %s", type(e).__name__, e)
             write_fatal(open_store(cfg), cfg.run_name, domain, f"{type(e).__name__}: {e}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry (resources.workers_per_trial > 1). config: {"cfg": Config, "domain": str, "faults":
+    FaultPlan | None, "fingerprint": str, "trial_started": float}."""
+    import ray.train
+    cfg, domain = config["cfg"], config["domain"]
+    run_worker(cfg, domain, ray.train.get_dataset_shard("sft"), RaySession(open_store(cfg), cfg.run_name, domain),
+               config.get("faults"), config.get("fingerprint"), worker_marks(config.get("trial_started")))

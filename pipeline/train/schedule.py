@@ -1,5 +1,5 @@
-"""Ray Tune over the domains: one trial per domain, each trial a TorchTrainer with
-resources.workers_per_trial workers (one by default).
+"""Ray Tune over the domains: one trial per domain, each running one training worker (pipeline.train.worker,
+resources.workers_per_trial 1, the default) or a TorchTrainer with resources.workers_per_trial workers.
 
     run_domains(cfg, store) -> dict[domain, dict]
 
@@ -13,8 +13,8 @@ resources.workers_per_trial workers (one by default).
 - Before any trial starts, each domain's latest checkpoint under runs/<run_name>/train/<domain>/
   is checked against the config: another base model, LoRA shape or data layout is a clear error.
 - Trials: GPU per trial on CUDA clusters, CPU on CPU-only; resources.max_concurrent_trials, else as
-  many at once as the cluster holds (queued otherwise). FailureConfig(max_failures=train.max_failures)
-  retries a worker from its last checkpoint. A failing domain is recorded as failed with its cause
+  many at once as the cluster holds (queued otherwise). A worker that fails is retried from its last
+  checkpoint up to train.max_failures times. A failing domain is recorded as failed with its cause
   and does not stop the others.
 - Outcome: runs/<run_name>/domains/<domain>.json {"domain", "state", "error", "updated", "heartbeat", "pid",
   "host", "val_loss", "adapter_uri"}, written by pipeline.status.write_outcome; state is running (heartbeat
@@ -42,6 +42,8 @@ import threading
 import time
 from typing import Iterator, Optional
 
+from ray.exceptions import RayTaskError
+
 from pipeline import layout
 from pipeline.capacity import assess, read_capacity
 from pipeline.errors import find_cause, no_space_message, UsageError, UserFacingError
@@ -52,11 +54,12 @@ from pipeline.train.data import tokenized_dataset
 from pipeline.train.faults import FaultPlan, FAULTS_ENV
 from pipeline.train.identity import IncompatibleCheckpointError, TrainingIdentity
 from pipeline.train.loop import CHECKPOINT_SCORE, train_loop_per_worker
+from pipeline.train.worker import START_TIMED_OUT, train_in_one_worker
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-# The Tune trial (a thin driver around the domain's TorchTrainer) holds this much CPU, taken out of
+# The Tune trial (a thin driver around the domain's worker or TorchTrainer) holds this much CPU, taken out of
 # the trial's resources.cpus_per_trial so that N trials fit in N * cpus_per_trial CPUs.
 TRIAL_CPU = 0.01
 HEARTBEAT_S = 30.0
@@ -185,11 +188,9 @@ def _heartbeat(store, cfg, domain: str, driver: dict) -> Iterator[None]:
 
 
 def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
-    """One domain: a TorchTrainer with resources.workers_per_trial workers. Runs inside a Tune trial."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-    from pipeline.train.backend import trial_torch_config   # imports torch and ray at its top: in the trial only
+    """One domain, inside a Tune trial: one training worker (pipeline.train.worker), or a TorchTrainer with
+    resources.workers_per_trial workers."""
+    from ray import tune
 
     trial_started = time.time()
     domain = params["domain"]
@@ -201,42 +202,22 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     r = cfg.resources
     cuda = r.device == "cuda"
     per_worker = {"CPU": max(TRIAL_CPU, r.cpus_per_trial - TRIAL_CPU), **({"GPU": r.gpus_per_trial} if cuda else {})}
-    storage_path, fs = store.ray_storage(layout.checkpoints(cfg.run_name))
-    # Ray Train (its controller reads it from this process's environment) waits this long for the worker
-    # group's resources, then gives up; controller_failure_limit=0 below: it does not start over
-    os.environ[WORKER_START_TIMEOUT_ENV] = str(r.worker_start_timeout_s)
     error = None
     with _heartbeat(store, cfg, domain, driver):
         try:
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                torch_config=trial_torch_config(cfg),   # the CUDA check first; no process group for one worker
-                train_loop_config={"cfg": cfg, "domain": domain, "faults": FaultPlan.parse(faults, domain),
-                                   "fingerprint": identity.fingerprint(), "trial_started": trial_started},
-                scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=cuda,
-                                                       resources_per_worker=per_worker),
-                run_config=ray.train.RunConfig(
-                    name=domain, storage_path=storage_path, storage_filesystem=fs,
-                    failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
-                                                           controller_failure_limit=0),
-                    # every checkpoint is reported with the val loss of its weights: Ray keeps the best
-                    # ones by it, and always the latest
-                    checkpoint_config=ray.train.CheckpointConfig(
-                        num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute=CHECKPOINT_SCORE,
-                        checkpoint_score_order="min"),
-                    callbacks=[TuneReportCallback()]),   # the workers' metrics reach this Tune trial
-                datasets={"sft": tokenized_dataset(store, domain, cfg)},
-                # every worker reads all examples and takes its rows of each micro-batch (see loop.py)
-                dataset_config=ray.train.DataConfig(datasets_to_split=[]))
-            trainer.fit()
+            if r.workers_per_trial == 1:
+                train_in_one_worker(cfg, domain, tokenized_dataset(store, domain, cfg), FaultPlan.parse(faults, domain),
+                                    identity.fingerprint(), trial_started, per_worker, tune.report)
+            else:
+                _torch_trainer(cfg, domain, store, faults, identity, trial_started, per_worker).fit()
         except Exception as e:  # TrainingFailedError wraps the worker's exception
             cause = _user_facing_cause(e)
-            error = f"{type(cause).__name__}: {cause}" if cause else _summarize(f"{type(e).__name__}: {e}")
+            error = f"{type(cause).__name__}: {cause}" if cause else _summarize(_worker_error(e))
             # a full disk (a checkpoint's upload, Ray Train's own files): the one line naming path and free space
             full = no_space_message(e, store.uri_of(layout.checkpoints(cfg.run_name, domain)))
             if full and not cause:
                 error = f"{full}\n{error}"
-            if "worker group startup timed out" in str(e):
+            if START_TIMED_OUT in str(e):
                 error = unplaced_workers(r, per_worker) + "\n" + error
     o = outcome(store, cfg, domain)
     if error and o.recorded == "interrupted":
@@ -252,6 +233,50 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
         write_state(store, cfg, domain, "failed", error=error[:4000])
         raise RuntimeError(f"domain {domain} failed: {error.splitlines()[0][:500]}")
     write_state(store, cfg, domain, "finished", report=report)
+
+
+def _torch_trainer(cfg, domain: str, store, faults: Optional[str], identity: TrainingIdentity, trial_started: float,
+                   per_worker: dict):
+    """Ray Train for a trial of several workers (data parallel): its worker group, process group and
+    checkpoint management."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from pipeline.train.backend import trial_torch_config   # imports torch and ray at its top: in the trial only
+
+    r = cfg.resources
+    storage_path, fs = store.ray_storage(layout.checkpoints(cfg.run_name))
+    # Ray Train (its controller reads it from this process's environment) waits this long for the worker
+    # group's resources, then gives up; controller_failure_limit=0 below: it does not start over
+    os.environ[WORKER_START_TIMEOUT_ENV] = str(r.worker_start_timeout_s)
+    return TorchTrainer(
+        train_loop_per_worker,
+        torch_config=trial_torch_config(cfg),   # the CUDA check first
+        train_loop_config={"cfg": cfg, "domain": domain, "faults": FaultPlan.parse(faults, domain),
+                           "fingerprint": identity.fingerprint(), "trial_started": trial_started},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=r.device == "cuda",
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=domain, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
+            # every checkpoint is reported with the val loss of its weights: Ray keeps the best
+            # ones by it, and always the latest
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute=CHECKPOINT_SCORE,
+                checkpoint_score_order="min"),
+            callbacks=[TuneReportCallback()]),   # the workers' metrics reach this Tune trial
+        datasets={"sft": tokenized_dataset(store, domain, cfg)},
+        # every worker reads all examples and takes its rows of each micro-batch (see loop.py)
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]))
+
+
+def _worker_error(e: BaseException) -> str:
+    """The error of a trial's worker as `Type: message`, then where it came from: a RayTaskError's own
+    first line names the actor method and pid, not what went wrong."""
+    inner = getattr(e, "cause", None)
+    if isinstance(e, RayTaskError) and isinstance(inner, BaseException):
+        return f"{type(inner).__name__}: {inner}\n{e}"
+    return f"{type(e).__name__}: {e}"
 
 
 def _user_facing_cause(e: BaseException) -> Optional[BaseException]:

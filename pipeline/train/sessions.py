@@ -4,6 +4,9 @@ and benches; and the checks every checkpoint passes before anything in it is rea
     LocalSession(root)                  checkpoints as folders under root (the last one resumed), reports in a list
     RaySession(store, run_name, domain) ray.train's checkpoint and report calls; a newer complete checkpoint in
                                         the run's storage than Ray's run snapshot names is found too
+    StoreSession(store, run_name, domain, keep, on_report)
+                                        a one-worker trial's (pipeline.train.worker): checkpoints written to the
+                                        run's storage and pruned here, reports handed to on_report
     load_tensors(path)                  torch.load with weights_only=True: tensors and plain containers only
     UnsafeCheckpointError               a checkpoint file that could run code when read: refused unread
 
@@ -17,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pipeline import layout
 
@@ -51,22 +54,27 @@ class LocalSession:
             shutil.copytree(ckpt_dir, os.path.join(self.root, f"checkpoint_{metrics['step']:08d}"))
 
 
-class RaySession:
-    """ray.train's checkpoint and report calls; earlier checkpoints are found in the run's storage."""
+class _StoredCheckpoints:
+    """The checkpoints of one domain in the run's storage (runs/<run>/train/<domain>/*/train_state.json)."""
 
     def __init__(self, store, run_name: str, domain: str):
-        import ray.train
-        self._ckpt = ray.train.get_checkpoint()
         self.store, self.prefix = store, layout.checkpoints(run_name, domain)
 
-    def restore_dir(self) -> Optional[str]:
-        """Ray's latest checkpoint, or a newer complete one in the run's storage. Ray registers a
-        checkpoint in its run snapshot only after the worker has uploaded it, when the controller next
-        polls; a driver killed in between leaves checkpoints that Ray's snapshot does not name."""
-        ray_dir = self._ckpt.to_directory(tempfile.mkdtemp(prefix="restore-")) if self._ckpt else None
-        ray_step = _checkpoint_step(ray_dir) if ray_dir else -1
+    def _stored_checkpoints(self) -> list[tuple[str, int]]:
+        """(directory, step) of the checkpoints with a train_state.json in storage, newest first."""
+        found = []
+        for rel in self.store.list_files(self.prefix, layout.CHECKPOINT_STATE):
+            try:
+                found.append((rel.rsplit("/", 1)[0], int(self.store.read_json(rel)["step"])))
+            except Exception:  # noqa: BLE001 - being written or deleted: not this one
+                continue
+        return sorted(found, key=lambda c: -c[1])
+
+    def _newest_complete(self, after_step: int = -1) -> Optional[str]:
+        """A local copy of the newest stored checkpoint newer than ``after_step`` that reads completely, or
+        None. One holding pickled objects raises UnsafeCheckpointError (named by its storage URI)."""
         for rel, step in self._stored_checkpoints():
-            if step <= ray_step:
+            if step <= after_step:
                 break
             local = tempfile.mkdtemp(prefix="restore-")
             try:
@@ -82,36 +90,99 @@ class RaySession:
                 log.warning("checkpoint %s is incomplete (%s): not used", self.store.uri_of(rel), e)
                 shutil.rmtree(local, ignore_errors=True)
                 continue
-            log.info("checkpoint of step %d found in storage, newer than Ray's run snapshot names (%s)",
-                     step, ray_step if ray_step >= 0 else "none")
-            if ray_dir:
-                shutil.rmtree(ray_dir, ignore_errors=True)
             return local
-        return ray_dir
-
-    def _stored_checkpoints(self) -> list[tuple[str, int]]:
-        """(directory, step) of the checkpoints with a train_state.json in storage, newest first."""
-        found = []
-        for rel in self.store.list_files(self.prefix, layout.CHECKPOINT_STATE):
-            try:
-                found.append((rel.rsplit("/", 1)[0], int(self.store.read_json(rel)["step"])))
-            except Exception:  # noqa: BLE001 - being written or deleted: not this one
-                continue
-        return sorted(found, key=lambda c: -c[1])
+        return None
 
     def checkpoint_file(self, step: int, name: str) -> Optional[bytes]:
-        """`name` from the kept checkpoint of `step` (Ray keeps the best by val loss), or None."""
+        """`name` from the kept checkpoint of `step` (the best by val loss are kept), or None."""
         for rel, found in self._stored_checkpoints():
             if found == step:
                 try:
                     return self.store.read_bytes(f"{rel}/{name}")
-                except Exception:  # noqa: BLE001 - deleted meanwhile (Ray keeps only the best few)
+                except Exception:  # noqa: BLE001 - deleted meanwhile (only the best few are kept)
                     return None
         return None
+
+
+class RaySession(_StoredCheckpoints):
+    """ray.train's checkpoint and report calls; earlier checkpoints are found in the run's storage."""
+
+    def __init__(self, store, run_name: str, domain: str):
+        import ray.train
+        super().__init__(store, run_name, domain)
+        self._ckpt = ray.train.get_checkpoint()
+
+    def restore_dir(self) -> Optional[str]:
+        """Ray's latest checkpoint, or a newer complete one in the run's storage. Ray registers a
+        checkpoint in its run snapshot only after the worker has uploaded it, when the controller next
+        polls; a driver killed in between leaves checkpoints that Ray's snapshot does not name."""
+        ray_dir = self._ckpt.to_directory(tempfile.mkdtemp(prefix="restore-")) if self._ckpt else None
+        ray_step = _checkpoint_step(ray_dir) if ray_dir else -1
+        local = self._newest_complete(after_step=ray_step)
+        if local is None:
+            return ray_dir
+        log.info("checkpoint of step %d found in storage, newer than Ray's run snapshot names (%s)",
+                 _checkpoint_step(local), ray_step if ray_step >= 0 else "none")
+        if ray_dir:
+            shutil.rmtree(ray_dir, ignore_errors=True)
+        return local
 
     def report(self, metrics: dict, ckpt_dir: Optional[str] = None) -> None:
         import ray.train
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+
+SCORE_FILE = "checkpoint_score.json"   # a StoreSession checkpoint's score (the val loss of its weights)
+
+
+class StoreSession(_StoredCheckpoints):
+    """A one-worker trial's session (pipeline.train.worker): what Ray Train's CheckpointConfig does for a
+    TorchTrainer, done here, since that trial has no Train controller. Each checkpoint is uploaded to
+    runs/<run>/train/<domain>/checkpoint_<step> with train_state.json last (a checkpoint without it is one
+    cut short: never listed); then all but the ``keep`` best by ``score_key`` (lower is better) and the
+    latest are deleted, as Ray's CheckpointConfig(num_to_keep) does. Every report goes to ``on_report`` (the trial forwards it to Tune)."""
+
+    def __init__(self, store, run_name: str, domain: str, keep: Optional[int], score_key: str,
+                 on_report: Callable[[dict], None]):
+        super().__init__(store, run_name, domain)
+        self.keep, self.score_key, self.on_report = keep, score_key, on_report
+
+    def restore_dir(self) -> Optional[str]:
+        return self._newest_complete()
+
+    def report(self, metrics: dict, ckpt_dir: Optional[str] = None) -> None:
+        if ckpt_dir:
+            self._upload(ckpt_dir, int(metrics["step"]), float(metrics[self.score_key]))
+            self._prune()
+        self.on_report(dict(metrics))
+
+    def _upload(self, ckpt_dir: str, step: int, score: float) -> None:
+        rel = f"{self.prefix}/checkpoint_{step:08d}"
+        with open(os.path.join(ckpt_dir, SCORE_FILE), "w") as f:
+            json.dump({"step": step, self.score_key: score}, f)
+        state = os.path.join(ckpt_dir, layout.CHECKPOINT_STATE)
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as rest:
+            for name in os.listdir(ckpt_dir):
+                if name != layout.CHECKPOINT_STATE:
+                    shutil.copy2(os.path.join(ckpt_dir, name), rest)
+            self.store.upload_dir(rest, rel)
+        self.store.upload_file(state, f"{rel}/{layout.CHECKPOINT_STATE}")
+
+    def _prune(self) -> None:
+        stored = self._stored_checkpoints()          # newest first: the latest is always kept
+        if self.keep is None or len(stored) <= self.keep:
+            return
+
+        def score(rel: str) -> float:
+            try:
+                return float(self.store.read_json(f"{rel}/{SCORE_FILE}")[self.score_key])
+            except Exception:  # noqa: BLE001 - another writer's (Ray Train's) checkpoint: ranked last
+                return float("inf")
+        ranked = sorted(stored, key=lambda c: (score(c[0]), -c[1]))
+        kept = {rel for rel, _ in ranked[:self.keep]} | {stored[0][0]}
+        for rel, _ in stored:
+            if rel not in kept:
+                self.store.delete(rel)
 
 
 CHECKPOINT_FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.json", layout.CHECKPOINT_STATE)

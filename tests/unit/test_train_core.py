@@ -312,6 +312,43 @@ def test_ray_session_resumes_from_a_stored_checkpoint_newer_than_rays_snapshot(t
     assert [step for _, step in session(None)._stored_checkpoints()] == [30, 20, 10]
 
 
+
+def test_store_session_keeps_the_best_by_val_loss_and_the_latest_and_resumes_from_the_newest_complete(tmp_path):
+    """A one-worker trial's session (no Ray Train): checkpoints land in the run's storage, train_state.json
+    last; the train.checkpoints_to_keep best by val loss and the latest are kept, as Ray's CheckpointConfig
+    does; a retry resumes from the newest complete one (a truncated upload is passed over); every report
+    reaches on_report."""
+    from pipeline.train.loop import CHECKPOINT_SCORE, UNSCORED
+    from pipeline.train.sessions import StoreSession
+    store = Store(str(tmp_path / "out"))
+    reports = []
+    s = StoreSession(store, "demo", "debate", keep=2, score_key=CHECKPOINT_SCORE, on_report=reports.append)
+    assert s.restore_dir() is None
+    scores = {1: 5.0, 2: 1.0, 3: UNSCORED, 4: 2.0, 5: 0.5, 6: UNSCORED}
+    for step, score in scores.items():
+        src = _stored_checkpoint(tmp_path / "made", step)
+        s.report({"step": step, CHECKPOINT_SCORE: score, "train_loss": 1.0 / step}, str(src))
+    s.report({"step": 7, "train_loss": 0.1})   # a report without a checkpoint
+    assert [r["step"] for r in reports] == [1, 2, 3, 4, 5, 6, 7]
+    root = tmp_path / "out/runs/demo/train/debate"
+    # the two lowest val losses (steps 5 and 2) and the latest (6)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint_00000002", "checkpoint_00000005",
+                                                      "checkpoint_00000006"]
+    assert s.checkpoint_file(5, "adapter.pt") is not None and s.checkpoint_file(4, "adapter.pt") is None
+
+    def step_of(d):
+        return json.loads((Path(d) / "train_state.json").read_text())["step"]
+
+    assert step_of(s.restore_dir()) == 6
+    cut = root / "checkpoint_00000006" / "optimizer.pt"
+    cut.write_bytes(cut.read_bytes()[:20])   # a truncated file, as a kill mid-upload leaves it
+    assert step_of(s.restore_dir()) == 5
+    # an upload cut before its train_state.json: not a checkpoint at all
+    part = _stored_checkpoint(tmp_path / "part", 9)
+    (part / "train_state.json").unlink()
+    store.upload_dir(part, "runs/demo/train/debate/checkpoint_00000009")
+    assert step_of(s.restore_dir()) == 5
+
 def test_first_step_does_not_wait_for_the_base_evaluation_and_the_base_loss_is_the_base_models(env, tmp_path):
     """The base model's val loss is measured after training (a whole-split evaluation before the first
     step delayed it by ~25 s on a 7B model, bench/NOTES.md); it is still the base model's loss, adapter off.
