@@ -205,7 +205,7 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     error = None
     with _heartbeat(store, cfg, domain, driver):
         try:
-            if r.workers_per_trial == 1:
+            if r.workers_per_trial == 1 and not r.ray_train_for_one_worker:
                 train_in_one_worker(cfg, domain, tokenized_dataset(store, domain, cfg), FaultPlan.parse(faults, domain),
                                     identity.fingerprint(), trial_started, per_worker, tune.report)
             else:
@@ -237,8 +237,8 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
 
 def _torch_trainer(cfg, domain: str, store, faults: Optional[str], identity: TrainingIdentity, trial_started: float,
                    per_worker: dict):
-    """Ray Train for a trial of several workers (data parallel): its worker group, process group and
-    checkpoint management."""
+    """Ray Train for a trial of several workers (data parallel: its worker group, process group and
+    checkpoint management), or of one with resources.ray_train_for_one_worker."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,12 +59,18 @@ def test_custom_domain_driver_killed_after_checkpoint_resumes_and_new_run_name_s
     p = subprocess.Popen(_cmd("run", out), cwd=ROOT, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
                          start_new_session=True)
     deadline = time.time() + 400
+    run_procs: list = []
     try:
         while time.time() < deadline and len(_checkpoint_steps(out, RUN)) < 2 and p.poll() is None:
             time.sleep(1)
+        run_procs = psutil.Process(p.pid).children(recursive=True)
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
+    # Ray's workers are in process groups of their own: the training worker outlives the group's SIGKILL until
+    # it finds its raylet gone, and may store one more (complete) checkpoint meanwhile; the checkpoints of the
+    # killed run are those there once all its processes have ended
+    psutil.wait_procs(run_procs, timeout=60)
     steps_before = _checkpoint_steps(out, RUN)
     assert len(steps_before) >= 2, (tmp_path / "run1.log").read_text()[-3000:]
     assert not (out / "adapters/law/training_report.json").exists(), "killed run must not look finished"

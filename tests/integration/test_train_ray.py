@@ -113,7 +113,10 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
         assert res2[d]["val_loss"] < res2[d]["base_val_loss"], d
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ray_train", [False, True], ids=["own_worker", "ray_train"])
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monkeypatch, ray_train):
+    """Both ways a one-worker trial runs: its own worker (the default) and Ray Train's TorchTrainer (what trials
+    of several workers use; resources.ray_train_for_one_worker)."""
     from pipeline.errors import UserFacingError
     from pipeline.train import run_train
     from pipeline.lm.data import read_split
@@ -125,6 +128,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, tmp_path, monk
     write_sft(store, domains=["debate"])
     cfg = tiny_config(str(tmp_path / "ray"), domains=["debate"], train__checkpoint_every=3, train__max_failures=1,
                       train__eval_matrix=False)
+    cfg.resources.ray_train_for_one_worker = ray_train
     monkeypatch.setenv("DOMAIN_ADAPTERS_FAULTS", "debate:crash:7")  # os._exit before step 7, first attempt only
     res = run_train(cfg)["debate"]
     assert res["status"] == "finished", res.get("error")
