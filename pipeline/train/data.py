@@ -26,6 +26,7 @@ import random
 from typing import Iterable
 
 import numpy as np
+import ray
 
 from pipeline import layout
 from pipeline.lm.data import Example, example_key, plan_batches, row_messages, tokenize_conversation
@@ -79,6 +80,14 @@ def tokenized_dataset(store, domain: str, cfg):
         ctx.use_datasource_v2 = classic
     return ds.map_batches(Tokenize, fn_constructor_kwargs={"cfg": cfg}, batch_size=256, batch_format="numpy",
                           compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+
+
+# a task of its own (in pipeline.train.worker's one-worker trials), defined here so that its process imports
+# only what tokenizing needs; num_cpus=0 as for Ray Data's read and tokenization above
+@ray.remote(num_cpus=0)
+def tokenized_examples(dataset) -> dict:
+    """The domain's examples, {split: [Example]}, from its tokenized Ray Dataset (tokenized_dataset)."""
+    return collect(dataset.iter_batches(batch_size=256, batch_format="numpy"))
 
 
 # ---- 3: examples in the worker -------------------------------------------------------------------

@@ -45,7 +45,7 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -546,16 +546,16 @@ def worker_marks(trial_started: Optional[float]) -> dict:
     return marks
 
 
-def run_worker(cfg, domain: str, dataset, session, faults=None, fingerprint: Optional[str] = None,
+def run_worker(cfg, domain: str, examples: Callable[[], dict], session, faults=None, fingerprint: Optional[str] = None,
                marks: Optional[dict] = None) -> None:
-    """One training worker of a domain: reads the tokenized dataset (a Ray Dataset, or Ray Train's shard of
-    it: every worker reads all examples and takes its rows of each micro-batch) while the model loads, then
-    trains. A cause that retrying cannot help is recorded as the domain's fatal error and this attempt ends
-    cleanly; any other error is raised (the trial retries from the latest checkpoint)."""
-    # Ray Data reads and tokenizes in its own processes while this one loads the model: start-up takes
-    # the longer of the two, not their sum
+    """One training worker of a domain: gets the tokenized examples (``examples()``: {split: [Example]}; every
+    worker holds all of them and takes its rows of each micro-batch) while the model loads, then trains. A
+    cause that retrying cannot help is recorded as the domain's fatal error and this attempt ends cleanly;
+    any other error is raised (the trial retries from the latest checkpoint)."""
+    # Ray Data reads and tokenizes in other processes while this one loads the model: start-up takes the
+    # longer of the two, not their sum
     with ThreadPoolExecutor(1, thread_name_prefix="collect") as pool:
-        data = pool.submit(collect, dataset.iter_batches(batch_size=256, batch_format="numpy"))
+        data = pool.submit(examples)
         try:
             train_domain(cfg, domain, data, session, with_faults(DomainRecipe, faults), fingerprint, marks)
         except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError) as e:
@@ -568,5 +568,7 @@ def train_loop_per_worker(config: dict) -> None:
     FaultPlan | None, "fingerprint": str, "trial_started": float}."""
     import ray.train
     cfg, domain = config["cfg"], config["domain"]
-    run_worker(cfg, domain, ray.train.get_dataset_shard("sft"), RaySession(open_store(cfg), cfg.run_name, domain),
-               config.get("faults"), config.get("fingerprint"), worker_marks(config.get("trial_started")))
+    shard = ray.train.get_dataset_shard("sft")
+    run_worker(cfg, domain, lambda: collect(shard.iter_batches(batch_size=256, batch_format="numpy")),
+               RaySession(open_store(cfg), cfg.run_name, domain), config.get("faults"), config.get("fingerprint"),
+               worker_marks(config.get("trial_started")))

@@ -11,6 +11,8 @@ What they did for it is done here, in the same terms:
   (an autoscaler sees the demand; then the domain fails naming what could not be placed);
 - one actor in it runs the recipe (pipeline.train.loop.run_worker) with a StoreSession: checkpoints in the
   run's storage, the best train.checkpoints_to_keep by val loss and the latest kept;
+- the examples are read and tokenized (Ray Data) in a task of their own, started with the trial: while the
+  actor's process starts and loads the model, and once for all attempts (a retry does not tokenize again);
 - its reports reach the Tune trial (the dashboard, Tune's loggers, MLflow / W&B);
 - when it raises or its process dies, a new one resumes from the latest checkpoint, up to
   train.max_failures times (Train's FailureConfig).
@@ -29,6 +31,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.storage import open_store
+from pipeline.train.data import tokenized_examples
 from pipeline.train.loop import CHECKPOINT_SCORE, run_worker, worker_marks
 from pipeline.train.sessions import StoreSession
 
@@ -48,12 +51,14 @@ class DomainWorker:
         self._reports: list[dict] = []
         self._lock = threading.Lock()
 
-    def train(self, cfg, domain: str, dataset, faults, fingerprint: Optional[str],
+    def train(self, cfg, domain: str, examples: list, faults, fingerprint: Optional[str],
               trial_started: Optional[float]) -> None:
+        """examples: [the ObjectRef of tokenized_examples] (in a list: Ray would wait for a bare one before
+        this method starts, and the model would load only after it)."""
         marks = worker_marks(trial_started)
         session = StoreSession(open_store(cfg), cfg.run_name, domain, cfg.train.checkpoints_to_keep,
                                CHECKPOINT_SCORE, self._add)
-        run_worker(cfg, domain, dataset, session, faults, fingerprint, marks)
+        run_worker(cfg, domain, lambda: ray.get(examples[0]), session, faults, fingerprint, marks)
 
     def _add(self, metrics: dict) -> None:
         with self._lock:
@@ -70,6 +75,7 @@ def train_in_one_worker(cfg, domain: str, dataset, faults, fingerprint: Optional
     """Train `domain` in one worker holding `per_worker` ({"CPU": n, "GPU": m}); every report goes to `report`.
     Raises the worker's last error once train.max_failures retries are spent."""
     attempts = cfg.train.max_failures + 1
+    examples = tokenized_examples.remote(dataset)
     for attempt in range(1, attempts + 1):
         pg = placement_group([per_worker])
         try:
@@ -79,7 +85,7 @@ def train_in_one_worker(cfg, domain: str, dataset, faults, fingerprint: Optional
                 num_cpus=per_worker.get("CPU", 0), num_gpus=per_worker.get("GPU", 0), max_concurrency=2,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote()
             try:
-                _follow(worker, worker.train.remote(cfg, domain, dataset, faults, fingerprint, trial_started), report)
+                _follow(worker, worker.train.remote(cfg, domain, [examples], faults, fingerprint, trial_started), report)
                 return
             except (RayActorError, RayTaskError) as e:
                 if attempt == attempts:
