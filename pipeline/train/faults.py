@@ -17,6 +17,8 @@ holds ``NO_FAULTS``, whose seams do nothing.
     no_cuda    the worker's CUDA check runs for real even where DOMAIN_ADAPTERS_FAKE_GPU=1 says to
                compute on the CPU (a node whose CUDA is unusable)
     exit:N     SystemExit before step N (in-process tests: dies like a killed worker, nothing cleaned up)
+    hang:N     the worker stops before step N until its process is killed (a run killed mid-training that
+               cannot finish while its workers notice they are orphaned)
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class FaultPlan(BaseModel):
     nan: Optional[int] = None
     no_cuda: bool = False
     exit: Optional[int] = None
+    hang: Optional[int] = None
 
     @classmethod
     def parse(cls, spec: Optional[str], domain: str) -> Optional["FaultPlan"]:
@@ -53,7 +56,7 @@ class FaultPlan(BaseModel):
                 found["raise_at_setup"] = True
             elif kind == "no_cuda":
                 found["no_cuda"] = True
-            elif kind in ("crash", "oom", "nan", "exit"):
+            elif kind in ("crash", "oom", "nan", "exit", "hang"):
                 found[kind] = int(parts[2]) if len(parts) > 2 else 1
             else:
                 raise ValueError(f"{FAULTS_ENV}: unknown fault kind {kind!r} in {item!r}")
@@ -80,6 +83,8 @@ class Faults:
         plan = self.plan
         if plan.exit == step:
             raise SystemExit(f"injected exit before step {step}")
+        while plan.hang == step:
+            time.sleep(1)
         if plan.oom == step:
             import torch
             recipe.store.write_text(f"{recipe.run_dir}/faults/{recipe.domain}-oom-attempt-{os.getpid()}-{time.time_ns()}",

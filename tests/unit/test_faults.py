@@ -1,6 +1,7 @@
 """Fault injection is a collaborator the recipe is given (pipeline/train/faults.py), not a subclass of it:
 each planned fault fires at its seam and step, and a recipe without a plan holds NO_FAULTS, which does nothing.
 (The faults inside a real training run: tests/unit/test_train_core.py and tests/integration.)"""
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -30,6 +31,12 @@ def test_each_fault_fires_at_its_seam_and_step_only(tmp_path):
     with pytest.raises(SystemExit):
         Faults(FaultPlan.parse("debate:exit:2", "debate")).before_step(r, 2)
     assert Faults(FaultPlan.parse("debate:no_cuda", "debate")).real_cuda_check and not NO_FAULTS.real_cuda_check
+    hang = Faults(FaultPlan.parse("debate:hang:3", "debate"))
+    hang.before_step(r, 2)                         # not its step: returns
+    stuck = threading.Thread(target=hang.before_step, args=(r, 3), daemon=True)   # stays until the process ends
+    stuck.start()
+    stuck.join(timeout=2.5)
+    assert stuck.is_alive()
 
 
 def test_no_plan_means_no_faults_and_the_recipe_is_never_subclassed(tmp_path):
