@@ -84,11 +84,16 @@ def example_key(doc_id: str, messages: list[dict]) -> str:
 # ---- examples -> micro-batches -------------------------------------------------------------------
 
 class Example:
+    """One tokenized conversation. Its arrays are its own and writable, also when it comes out of Ray's object
+    store (whose arrays are read-only views: torch.from_numpy warns on them)."""
     __slots__ = ("input_ids", "labels")
 
     def __init__(self, input_ids, labels):
-        self.input_ids = np.asarray(input_ids, dtype=np.int64)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.input_ids = np.array(input_ids, dtype=np.int64)
+        self.labels = np.array(labels, dtype=np.int64)
+
+    def __reduce__(self):
+        return Example, (self.input_ids, self.labels)
 
     def __len__(self) -> int:
         return len(self.input_ids)
