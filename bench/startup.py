@@ -4,6 +4,7 @@ Ray Data tokenization -> the recipe), on one GPU, or on the CPU with the demo's 
     python bench/startup.py --data ../shared/data/real [--domain debate] [--steps 12] [--arch mistral7b]
     python bench/startup.py --compare                   # the trial's own worker vs Ray Train's, same run
     python bench/startup.py --cpu --compare --repeat 3  # the same on the CPU (demo data, tiny model)
+    python bench/startup.py --compare-cache --repeat 2  # 4-bit weights quantized at load vs read from the cache
 
 On the GPU it prepares the bench's raw data with the project's prepare stage, builds the same random-weight
 base model as bench/train_throughput.py (throughput and start-up do not depend on the weights' values),
@@ -17,7 +18,10 @@ prints, from the domain's training report:
 
 --compare runs the stage with the trial's own worker (the default) and with Ray Train's TorchTrainer
 (resources.ray_train_for_one_worker=true, what a trial of several workers uses), alternating, --repeat
-times each, on the same Ray cluster, and prints the medians and their ratio. The worker loads the model
+times each, on the same Ray cluster, and prints the medians and their ratio. --compare-cache does the same
+for the base model's 4-bit weights: quantized at every load (model.cache_quantized=false) against read from
+the node's cache (the default; the cache, under --work, is filled by one load before the timed runs; the
+demo's tiny base is never cached, so this is for the GPU). The worker loads the model
 while Ray Data tokenizes (loop.run_worker), so "data ready" and "model loaded" overlap. Not a test: it
 prints figures.
 """
@@ -45,6 +49,8 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/bench-startup")
     ap.add_argument("--cpu", action="store_true", help="the demo (tiny model) on the CPU instead of a 7B on a GPU")
     ap.add_argument("--compare", action="store_true", help="the trial's own worker and Ray Train's, same run")
+    ap.add_argument("--compare-cache", action="store_true",
+                    help="the 4-bit weights quantized at load and read from the node's cache, same run")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each (--compare: alternating)")
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument("--timeline", help="also write Ray's timeline of the stage here")
@@ -53,30 +59,38 @@ def main() -> int:
     a = ap.parse_args()
     cfg, rows = (_cpu_setup if a.cpu else _gpu_setup)(a)
     from pipeline.train import run_train
-    variants = {"own worker": False, "Ray Train": True} if a.compare else {"default": cfg.resources.ray_train_for_one_worker}
-    figures: dict[str, list[dict]] = {v: [] for v in variants}
-    for i in range(a.repeat):
-        for name, ray_train in variants.items():
-            c = cfg.model_copy(deep=True)
-            c.run_name = f"startup-{int(time.time())}-{i}-{len(figures[name])}{'-rt' if ray_train else ''}"
-            c.resources.ray_train_for_one_worker = ray_train
-            shutil.rmtree(Path(c.output) / "adapters" / a.domain, ignore_errors=True)   # trained again each time
-            t0 = time.time()
-            res = run_train(c)[a.domain]
-            wall = time.time() - t0
-            if res.get("status") != "finished":
-                print(f"train failed: {res.get('error')}", file=sys.stderr)
-                return 1
-            out = _figures(a.domain, rows, res, wall)
-            figures[name].append(out)
-            print("RESULT " + json.dumps({"variant": name, **out}), flush=True)
-            _say(name, out, res)
+    variants = {"default": {}}   # name -> {section: {field: value}} set on the run's config
     if a.compare:
+        variants = {"own worker": {}, "Ray Train": {"resources": {"ray_train_for_one_worker": True}}}
+    elif a.compare_cache:
+        variants = {"quantized at load": {"model": {"cache_quantized": False}}, "4-bit cache": {}}
+    figures: dict[str, list[dict]] = {v: [] for v in variants}
+    # --compare-cache: one untimed run first, which quantizes the base and fills the cache
+    runs = [("warm-up", {})] * a.compare_cache + [v for _ in range(a.repeat) for v in variants.items()]
+    for i, (name, sets) in enumerate(runs):
+        c = cfg.model_copy(deep=True)
+        c.run_name = f"startup-{int(time.time())}-{i}"
+        for section, values in sets.items():
+            for field, value in values.items():
+                setattr(getattr(c, section), field, value)
+        shutil.rmtree(Path(c.output) / "adapters" / a.domain, ignore_errors=True)   # trained again each time
+        t0 = time.time()
+        res = run_train(c)[a.domain]
+        wall = time.time() - t0
+        if res.get("status") != "finished":
+            print(f"train failed: {res.get('error')}", file=sys.stderr)
+            return 1
+        out = _figures(a.domain, rows, res, wall)
+        figures.setdefault(name, []).append(out)
+        print("RESULT " + json.dumps({"variant": name, **out}), flush=True)
+        _say(name, out, res)
+    if len(variants) == 2:
+        (new, _), (old, _) = reversed(variants.items()) if a.compare_cache else variants.items()
         med = {v: statistics.median(f["trial_start_to_first_step_s"] for f in fs) for v, fs in figures.items()}
         stage = {v: statistics.median(f["train_stage_wall_s"] for f in fs) for v, fs in figures.items()}
-        print(f"\ntrial start -> first step, median of {a.repeat}: own worker {med['own worker']:.1f} s, Ray Train "
-              f"{med['Ray Train']:.1f} s (own / Ray Train = {med['own worker'] / med['Ray Train']:.2f}); train stage "
-              f"{stage['own worker']:.1f} s vs {stage['Ray Train']:.1f} s ({stage['own worker'] / stage['Ray Train']:.2f})")
+        print(f"\ntrial start -> first step, median of {a.repeat}: {new} {med[new]:.1f} s, {old} {med[old]:.1f} s "
+              f"({new} / {old} = {med[new] / med[old]:.2f}); train stage {stage[new]:.1f} s vs {stage[old]:.1f} s "
+              f"({stage[new] / stage[old]:.2f})")
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2))
     if a.timeline:  # Ray's task and actor events (chrome://tracing format) for the whole stage
@@ -102,7 +116,7 @@ def _gpu_setup(a):
     cfg = bench_config(a.data, f"{a.work}/out", [
         f"model.base={base}", "resources.device=cuda", f"train.max_steps={a.steps}", "train.eval_every=1000000",
         "train.checkpoint_every=1000000", "train.log_every=1", "train.eval_matrix=false",
-        "resources.cpus_per_trial=4", *a.set])
+        "resources.cpus_per_trial=4", f"model.cache_dir={a.work}/model-cache", *a.set])
     cfg.domains = [a.domain]
     torch.cuda.empty_cache()
     return cfg, rows

@@ -286,7 +286,9 @@ class ModelConfig(_Strict):
         "auto", description="auto: bf16 on GPUs that have it, else fp16 (with loss scaling); fp32 on CPU")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "auto", description="auto: flex_attention on CUDA (block-diagonal over packed examples), sdpa on CPU")
-    cache_dir: Optional[str] = Field(None, description="local cache for s3:// models (default: ~/.cache/domain-adapters)")
+    cache_dir: Optional[str] = Field(None, description="local cache for s3:// models and 4-bit weights (default: ~/.cache/domain-adapters)")
+    cache_quantized: bool = Field(True, description="keep the 4-bit weights per node in model.cache_dir after the first "
+                                  "load (a 7B base: ~4 GB); later loads read them instead of quantizing again")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
 

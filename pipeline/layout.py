@@ -42,6 +42,14 @@ def sft_shard(domain: str, split: str, n: int = 0) -> str:
     return f"{sft(domain, split)}/part-{n:05d}.parquet"
 
 
+TOKENS = "data/tokens"
+
+
+def tokens(domain: str, key: str) -> str:
+    """The domain's tokenized examples (all splits), by what they were made from (pipeline.train.data)."""
+    return f"{TOKENS}/{domain}/{key}.parquet"
+
+
 def quarantine(source: str) -> str:
     return f"{QUARANTINE}/{source}"
 
@@ -192,6 +200,9 @@ TREE: tuple[tuple[str, str, str], ...] = (
     (corpus(D) + "/*.parquet", "normalized documents", "`adapters prepare`"),
     (sft(D, S) + "/*.parquet", "conversations, split train / val / test", "`adapters prepare`"),
     (quarantine(SRC) + "/*.parquet", "every rejected record or file, with the reason", "`adapters prepare`"),
+    (tokens(D, "<key>"), "the domain's tokenized examples, named by the tokenizer, its chat template, the "
+                         "truncation settings and the SFT shards they came from (a re-run does not tokenize again)",
+     "`adapters train`"),
     (WORK + "/", "prepare's per-source and per-domain markers and staged rows (resuming)", "`adapters prepare`"),
     (TINY_BASE + "/", "the demo's tiny base model (`model.base: tiny`); `tiny_meta.json` written last",
      "`adapters train`"),

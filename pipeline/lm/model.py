@@ -3,7 +3,8 @@
     resolve_base(cfg)              -> a local directory or a Hugging Face id that from_pretrained takes
     load_tokenizer(path, cfg)      -> the tokenizer (pad token set; a chat template, see below)
     load_model(path, cfg, device)  -> the causal LM: 4-bit NF4 (double quant) when model.quantization
-                                      is nf4, else plain weights in the compute dtype
+                                      is nf4 (quantized once per node, then read from model.cache_dir),
+                                      else plain weights in the compute dtype
     add_lora(model, lora, cfg)     -> the PEFT model with only the LoRA weights trainable (lora: config.LoraSettings)
     encode_conversation(tok, messages) -> [(input_ids, trained)]: the tokens and which of them carry loss
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import layout
+from pipeline.fingerprint import fingerprint
 from pipeline.lm.kernels import prepare_for_kbit, set_sequence_multiple
 from pipeline.storage import open_store, Store
 
@@ -80,10 +82,14 @@ def resolve_base(cfg, store=None) -> str:
     return base  # a Hugging Face id
 
 
+def cache_root(cfg) -> Path:
+    """This node's cache: s3:// base models and 4-bit weights."""
+    return Path(cfg.model.cache_dir or Path.home() / ".cache" / "domain-adapters").expanduser()
+
+
 def _sync_s3_dir(src, cfg) -> str:
     """Copy an s3:// model directory once per node into the local cache (marker file = complete)."""
-    cache_root = Path(cfg.model.cache_dir or Path.home() / ".cache" / "domain-adapters").expanduser()
-    dst = cache_root / hashlib.sha256(src.uri.encode()).hexdigest()[:16]
+    dst = cache_root(cfg) / hashlib.sha256(src.uri.encode()).hexdigest()[:16]
     marker = dst / ".complete"
     if marker.is_file():
         return str(dst)
@@ -159,7 +165,8 @@ def load_tokenizer(path: str, cfg):
 
 def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None, dtype=None):
     """The base causal LM on `device`, 4-bit NF4 with double quantization unless model.quantization is none;
-    in the compute dtype unless `dtype` says otherwise (the merged export asks for bfloat16)."""
+    in the compute dtype unless `dtype` says otherwise (the merged export asks for bfloat16). 4-bit weights
+    come from this node's cache when an earlier load put them there (model.cache_quantized)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     quantize = (cfg.model.quantization == "nf4") if quantize is None else quantize
@@ -168,13 +175,23 @@ def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None, dty
                               attn_implementation=attn_implementation(cfg, device))
     if path == cfg.model.base and cfg.model.revision:
         kw["revision"] = cfg.model.revision
+    cached = quantized_cache(path, cfg, dtype) if quantize else None
     if quantize:
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.model.double_quant,
             bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
         kw["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        if cached and (cached / CACHE_COMPLETE).is_file():
+            # a checkpoint of 4-bit weights: its config.json holds the quantization config, nothing is quantized
+            model = AutoModelForCausalLM.from_pretrained(
+                cached, **{k: v for k, v in kw.items() if k not in ("quantization_config", "revision")})
+            model.config._name_or_path = path   # the base's name in messages and saved configs, not the cache's
+            log.info("4-bit weights of %s read from this node's cache %s", path, cached)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
+            if cached:
+                cache_quantized_weights(model, cached)
     except OSError as e:
         raise ModelLoadError(f"base model not found at {path}: {e}. Set model.base to a Hugging Face id, "
                              "a local directory or an s3:// URI") from None
@@ -195,6 +212,69 @@ def load_model(path: str, cfg, device: str, quantize: Optional[bool] = None, dty
     if kw["attn_implementation"] == "flex_attention":
         set_sequence_multiple(model, 128)  # flex's decoding kernel (< 128 queries) cannot train
     return model
+
+
+# ---- 4-bit weights, cached per node ------------------------------------------------------------
+# bitsandbytes serializes 4-bit weights with their quantization state, and transformers loads such a
+# checkpoint as it is; neither keeps one across runs. Kept here, a 7B base loads from ~4 GB of NF4 weights
+# instead of reading ~14 GB and quantizing them again in every trial, evaluation and server replica.
+
+CACHE_COMPLETE = ".complete"
+
+
+def local_model_dir(path: str, cfg) -> Optional[Path]:
+    """The local directory holding `path`'s config.json, weights and tokenizer files (a Hugging Face id: its
+    downloaded snapshot, named by commit), or None where there is none yet."""
+    if Path(path).is_dir():
+        return Path(path)
+    from transformers.utils import cached_file
+    try:
+        found = cached_file(path, "config.json", revision=cfg.model.revision, local_files_only=True,
+                            _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - not downloaded (yet), or not a model id: nothing to key a cache on
+        return None
+    return Path(found).parent if found else None
+
+
+def quantized_cache(path: str, cfg, dtype) -> Optional[Path]:
+    """Where this node keeps `path`'s 4-bit weights: a directory named by what they are made from (the
+    weight files as they are on disk, the quantization, the dtype of the other weights, the library
+    versions), or None where they are not cached (model.cache_quantized off, a model with its own code,
+    a Hugging Face id not downloaded yet, the demo's tiny base: quantized in milliseconds)."""
+    if not cfg.model.cache_quantized or cfg.model.trust_remote_code or cfg.model.base == "tiny":
+        return None
+    src = local_model_dir(path, cfg)
+    if src is None:
+        return None
+    import bitsandbytes
+    import torch
+    import transformers
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.iterdir()
+                   if f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
+    made_from = {"weights": str(src.resolve()), "files": files, "dtype": str(dtype),
+                 "quantization": ["nf4", cfg.model.double_quant, "uint8"],
+                 "versions": [bitsandbytes.__version__, transformers.__version__, torch.__version__]}
+    return cache_root(cfg) / "nf4" / fingerprint(made_from, 16)
+
+
+def cache_quantized_weights(model, dst: Path) -> None:
+    """Save a just-quantized model's 4-bit weights to `dst` (complete once its marker is there; a process
+    that finds another one finished first drops its own copy). A failure costs only the cache."""
+    import shutil
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        (tmp / CACHE_COMPLETE).write_text("")
+        if dst.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+            log.info("4-bit weights cached in %s (later loads on this node read them)", dst)
+    # a full disk (safetensors raises its own error type), or another process renamed its copy first
+    except Exception as e:  # noqa: BLE001
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dst / CACHE_COMPLETE).is_file():
+            log.warning("4-bit weights not cached in %s: %s", dst, e)
 
 
 def add_lora(model, lora, cfg, gradient_checkpointing: bool):

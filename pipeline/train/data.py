@@ -10,6 +10,10 @@ One batch, from a shard to the optimizer:
    max_seq_length (texts are cut by characters first, so a huge field costs little) and writes
    ``input_ids`` and ``labels`` (-100 on everything but the assistant turns when train.mask_prompt)
    plus ``key``.
+   A one-worker trial (pipeline.train.worker) reads and tokenizes in a task of its own instead
+   (``tokenized_examples``, the same ``Tokenize``), which keeps the result in ``data/tokens/<domain>/<key>.parquet`` (``token_cache_key``: the tokenizer's
+   files, the chat template setting, the truncation settings, the SFT shards and this tokenization code)
+   and reads it back on later runs instead of tokenizing again.
 3. The worker collects its shard once (``collect``: int32 arrays, sorted by key so the order never
    depends on Ray Data's block order) and, each epoch, shuffles with a seeded permutation and packs
    examples into micro-batches of ``rows x max_seq_length`` tokens (``plan_batches``; rows =
@@ -22,15 +26,23 @@ One batch, from a shard to the optimizer:
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, Optional
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from pipeline import layout
+from pipeline.fingerprint import fingerprint
 from pipeline.lm.data import Example, example_key, plan_batches, row_messages, tokenize_conversation
-from pipeline.lm.model import load_tokenizer, resolve_base
+from pipeline.lm.model import load_tokenizer, local_model_dir, resolve_base
+from pipeline.storage import open_store
+
+log = logging.getLogger(__name__)
 
 
 # ---- 1-2: Ray Data -----------------------------------------------------------------------------
@@ -60,13 +72,19 @@ class Tokenize:
         return {"input_ids": ids_out, "labels": lab_out, "key": keys, "split": splits}
 
 
+def sft_shards(store, domain: str):
+    """(paths, filesystem) of the domain's SFT shards, all splits; FileNotFoundError without train shards."""
+    paths, fs = store.parquet_paths(layout.sft(domain))
+    if not any(f"/train/" in p for p in paths):
+        raise FileNotFoundError(f"no SFT train shards for domain {domain!r} under {store.uri_of(layout.sft(domain))}")
+    return paths, fs
+
+
 def tokenized_dataset(store, domain: str, cfg):
     """One Ray Dataset over the domain's SFT shards (all splits; column `split`), read by Ray Data from
     the store and tokenized inside the pipeline."""
     import ray.data
-    paths, fs = store.parquet_paths(layout.sft(domain))
-    if not any(f"/train/" in p for p in paths):
-        raise FileNotFoundError(f"no SFT train shards for domain {domain!r} under {store.uri_of(layout.sft(domain))}")
+    paths, fs = sft_shards(store, domain)
     # num_cpus=0: the domain's training workers hold the CPUs they asked for, and this light read and
     # tokenization runs beside them (a task asking for a CPU could wait for a free one forever). Ray
     # Data 2.60's default Parquet reader lists files in a task that always asks for one CPU, so the
@@ -82,12 +100,73 @@ def tokenized_dataset(store, domain: str, cfg):
                           compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
 
 
-# a task of its own (in pipeline.train.worker's one-worker trials), defined here so that its process imports
-# only what tokenizing needs; num_cpus=0 as for Ray Data's read and tokenization above
+# ---- the token cache ------------------------------------------------------------------------------
+# Tokenizing is a pure function of the tokenizer, the chat template setting, the truncation settings, the
+# SFT shards and the code below; its result is kept beside the shards under that key, so that a re-run (a
+# resume, another run name, a sweep) starts no tokenizer at all. No library keeps one across runs for us.
+
+_TOKENIZATION_CODE = [Path(__file__), Path(__file__).parents[1] / "lm" / "data.py",
+                      Path(__file__).parents[1] / "lm" / "model.py"]
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
+
+
+def token_cache_key(store, domain: str, cfg) -> Optional[str]:
+    """What the domain's tokenized examples are made from, as a key; None where the tokenizer's files are not
+    on this node (a Hugging Face id not downloaded yet): then nothing is cached."""
+    model_dir = local_model_dir(resolve_base(cfg, store), cfg)
+    if model_dir is None:
+        return None
+    tokenizer = sorted((f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in model_dir.iterdir()
+                       if f.is_file() and not f.name.endswith(_WEIGHTS))
+    paths, fs = sft_shards(store, domain)
+    shards = [(p.rsplit("/", 3)[-3:], i.size, i.mtime_ns) for p, i in zip(paths, fs.get_file_info(paths))]
+    t = cfg.train
+    return fingerprint({"tokenizer": tokenizer, "chat_template": t.chat_template, "max_seq_length": t.max_seq_length,
+                        "mask_prompt": t.mask_prompt, "revision": cfg.model.revision, "shards": shards,
+                        "code": [hashlib.sha256(f.read_bytes()).hexdigest() for f in _TOKENIZATION_CODE]}, 24)
+
+
+def _as_table(batches: list[dict]) -> pa.Table:
+    ints = pa.list_(pa.int32())
+    return pa.table({"input_ids": pa.array([a for b in batches for a in b["input_ids"]], type=ints),
+                     "labels": pa.array([a for b in batches for a in b["labels"]], type=ints),
+                     "key": pa.array([str(k) for b in batches for k in b["key"]], type=pa.string()),
+                     "split": pa.array([str(x) for b in batches for x in b["split"]], type=pa.string())})
+
+
+def _as_batches(table: pa.Table) -> list[dict]:
+    return [{c: table.column(c).to_numpy(zero_copy_only=False) for c in ("input_ids", "labels", "key", "split")}]
+
+
+# A task of its own (in pipeline.train.worker's one-worker trials), defined here so that its process imports
+# only what tokenizing needs; num_cpus=0 as for Ray Data's read and tokenization above. It reads and tokenizes
+# in its own process rather than through Ray Data: there is one consumer and one tokenizer either way, and
+# Ray Data's read would start more processes and, for its Parquet sampling, a task that waits for a whole
+# CPU, which the training workers started beside it may hold (the demo's 2-CPU run waited for good).
 @ray.remote(num_cpus=0)
-def tokenized_examples(dataset) -> dict:
-    """The domain's examples, {split: [Example]}, from its tokenized Ray Dataset (tokenized_dataset)."""
-    return collect(dataset.iter_batches(batch_size=256, batch_format="numpy"))
+def tokenized_examples(cfg, domain: str) -> dict:
+    """The domain's examples, {split: [Example]}: from the token cache when it holds them, else tokenized
+    here (Tokenize, batches of 256 rows) and then cached."""
+    store = open_store(cfg)
+    key = token_cache_key(store, domain, cfg)
+    rel = layout.tokens(domain, key) if key else None
+    if rel and store.is_file(rel):
+        try:
+            batches = _as_batches(store.read_table(rel))
+            log.info("%s: tokenized examples read from %s", domain, store.uri_of(rel))
+            return collect(batches)
+        except (OSError, pa.ArrowException) as e:   # damaged: tokenize again and replace it
+            log.warning("%s: token cache %s unreadable (%s); tokenizing again", domain, store.uri_of(rel), e)
+    sft_shards(store, domain)
+    tokenize = Tokenize(cfg)
+    rows = store.read_table(layout.sft(domain), columns=SFT_COLUMNS)
+    batches = [tokenize(b.to_pydict()) for b in rows.to_batches(max_chunksize=256)]
+    if rel:
+        store.write_table(rel, _as_table(batches))
+        for old in store.list_files(f"{layout.TOKENS}/{domain}", ".parquet"):   # made from other inputs
+            if old != rel:
+                store.delete(old)
+    return collect(batches)
 
 
 # ---- 3: examples in the worker -------------------------------------------------------------------

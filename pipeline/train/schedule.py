@@ -50,7 +50,7 @@ from pipeline.errors import find_cause, no_space_message, UsageError, UserFacing
 from pipeline.redaction import is_secret_name
 from pipeline.status import DomainOutcome, clear_fatal, domain_state, write_outcome
 from pipeline.storage import open_store
-from pipeline.train.data import tokenized_dataset
+from pipeline.train.data import sft_shards, tokenized_dataset
 from pipeline.train.faults import FaultPlan, FAULTS_ENV
 from pipeline.train.identity import IncompatibleCheckpointError, TrainingIdentity
 from pipeline.train.loop import CHECKPOINT_SCORE, train_loop_per_worker
@@ -206,8 +206,9 @@ def _trial(params: dict, cfg, faults: Optional[str], driver: dict) -> None:
     with _heartbeat(store, cfg, domain, driver):
         try:
             if r.workers_per_trial == 1 and not r.ray_train_for_one_worker:
-                train_in_one_worker(cfg, domain, tokenized_dataset(store, domain, cfg), FaultPlan.parse(faults, domain),
-                                    identity.fingerprint(), trial_started, per_worker, tune.report)
+                sft_shards(store, domain)   # none for training: fail here, not in each attempt of the worker
+                train_in_one_worker(cfg, domain, FaultPlan.parse(faults, domain), identity.fingerprint(), trial_started,
+                                    per_worker, tune.report)
             else:
                 _torch_trainer(cfg, domain, store, faults, identity, trial_started, per_worker).fit()
         except Exception as e:  # TrainingFailedError wraps the worker's exception

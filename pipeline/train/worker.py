@@ -11,8 +11,9 @@ What they did for it is done here, in the same terms:
   (an autoscaler sees the demand; then the domain fails naming what could not be placed);
 - one actor in it runs the recipe (pipeline.train.loop.run_worker) with a StoreSession: checkpoints in the
   run's storage, the best train.checkpoints_to_keep by val loss and the latest kept;
-- the examples are read and tokenized (Ray Data) in a task of their own, started with the trial: while the
+- the examples are read and tokenized in a task of their own (no Ray Data), started with the trial: while the
   actor's process starts and loads the model, and once for all attempts (a retry does not tokenize again);
+  the task keeps them in the token cache (pipeline.train.data), and a later run reads them from there;
 - its reports reach the Tune trial (the dashboard, Tune's loggers, MLflow / W&B);
 - when it raises or its process dies, a new one resumes from the latest checkpoint, up to
   train.max_failures times (Train's FailureConfig).
@@ -70,12 +71,12 @@ class DomainWorker:
         return out
 
 
-def train_in_one_worker(cfg, domain: str, dataset, faults, fingerprint: Optional[str], trial_started: float,
+def train_in_one_worker(cfg, domain: str, faults, fingerprint: Optional[str], trial_started: float,
                         per_worker: dict, report: Callable[[dict], None]) -> None:
     """Train `domain` in one worker holding `per_worker` ({"CPU": n, "GPU": m}); every report goes to `report`.
     Raises the worker's last error once train.max_failures retries are spent."""
     attempts = cfg.train.max_failures + 1
-    examples = tokenized_examples.remote(dataset)
+    examples = tokenized_examples.remote(cfg, domain)
     for attempt in range(1, attempts + 1):
         pg = placement_group([per_worker])
         try:

@@ -67,7 +67,7 @@ def test_demo_is_quiet_and_its_log_file_complete(demo):
     logs = list((out / "runs" / "demo" / "logs").glob("run-*.log"))
     assert len(logs) == 1 and str(logs[0]) in lines[0]
     text = logs[0].read_text()
-    # Ray's own lines (Ray Data's plan in the training worker, Tune's experiment header): in the file, not on the console
+    # Ray's own lines (Ray Data's plan in prepare, Tune's experiment header): in the file, not on the console
     assert "Execution plan of Dataset" in text and "Configuration for experiment" in text
     assert all(ln.split(" ", 2)[-1] in text for ln in lines if " INFO pipeline" in ln)
     print(f"demo console: {len(lines)} lines (+{MAKE_DEMO_LINES} from make); log file: {len(text.splitlines())} lines")

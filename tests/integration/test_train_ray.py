@@ -101,7 +101,21 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
         if d == "debate":  # ecology failed (NaN) before its first evaluation
             assert "ray/tune/val_loss" in tags and any(r.get("val_loss", 0) > 0 for r in results)
 
-    # re-run without faults: finished domains are skipped, the failed ones train
+    # each domain's tokenized examples are in the token cache, one file each, the same examples as tokenizing
+    # the shards directly gives
+    from pipeline.lm.data import read_split
+    from pipeline.train.data import SFT_COLUMNS, Tokenize, collect, token_cache_key
+    tokenize = Tokenize(cfg)
+    for d in cfg.domains:
+        assert store.list_files(f"data/tokens/{d}", ".parquet") == [f"data/tokens/{d}/{token_cache_key(store, d, cfg)}.parquet"]
+        cached = collect([store.read_table(f"data/tokens/{d}").to_pydict()])
+        direct = collect([tokenize(read_split(store, d, s, columns=SFT_COLUMNS).to_pydict()) for s in ("train", "val", "test")])
+        assert {s: len(x) for s, x in cached.items()} == {s: len(x) for s, x in direct.items()} and len(direct["train"]) > 0
+        assert all(list(a.input_ids) == list(b.input_ids) and list(a.labels) == list(b.labels)
+                   for s in direct for a, b in zip(cached[s], direct[s])), d
+    ecology_tokens = (tmp_path / "data/tokens/ecology").glob("*.parquet").__next__().stat().st_mtime_ns
+
+    # re-run without faults: finished domains are skipped, the failed ones train (on the cached tokens)
     monkeypatch.delenv("DOMAIN_ADAPTERS_FAULTS")
     before = store.read_bytes("adapters/debate/adapter_model.safetensors")
     res2 = run_train(cfg)
@@ -111,6 +125,7 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
     assert store.read_bytes("adapters/debate/adapter_model.safetensors") == before
     for d in cfg.domains:
         assert res2[d]["val_loss"] < res2[d]["base_val_loss"], d
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "data/tokens/ecology").glob("*.parquet")] == [ecology_tokens]
 
 
 @pytest.mark.parametrize("ray_train", [False, True], ids=["own_worker", "ray_train"])
