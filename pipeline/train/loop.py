@@ -552,8 +552,8 @@ def run_worker(cfg, domain: str, examples: Callable[[], dict], session, faults=N
     worker holds all of them and takes its rows of each micro-batch) while the model loads, then trains. A
     cause that retrying cannot help is recorded as the domain's fatal error and this attempt ends cleanly;
     any other error is raised (the trial retries from the latest checkpoint)."""
-    # Ray Data reads and tokenizes in other processes while this one loads the model: start-up takes the
-    # longer of the two, not their sum
+    # the examples are read and tokenized in other processes (the trial's tokenization task, or Ray Data for
+    # Ray Train's workers) while this one loads the model: start-up takes the longer of the two, not their sum
     with ThreadPoolExecutor(1, thread_name_prefix="collect") as pool:
         data = pool.submit(examples)
         try:
