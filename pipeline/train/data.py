@@ -40,7 +40,7 @@ from pipeline import layout
 from pipeline.fingerprint import fingerprint
 from pipeline.lm.data import Example, example_key, plan_batches, row_messages, tokenize_conversation
 from pipeline.lm.model import load_tokenizer, local_model_dir, resolve_base
-from pipeline.storage import open_store
+from pipeline.storage import StorageError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -110,19 +110,20 @@ _TOKENIZATION_CODE = [Path(__file__), Path(__file__).parents[1] / "lm" / "data.p
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
 
 
-def token_cache_key(store, domain: str, cfg) -> Optional[str]:
+def token_cache_key(store, domain: str, cfg, shards=None) -> Optional[str]:
     """What the domain's tokenized examples are made from, as a key; None where the tokenizer's files are not
-    on this node (a Hugging Face id not downloaded yet): then nothing is cached."""
+    on this node (a Hugging Face id not downloaded yet): then nothing is cached. `shards`: sft_shards' answer,
+    when the caller has it."""
     model_dir = local_model_dir(resolve_base(cfg, store), cfg)
     if model_dir is None:
         return None
     tokenizer = sorted((f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in model_dir.iterdir()
                        if f.is_file() and not f.name.endswith(_WEIGHTS))
-    paths, fs = sft_shards(store, domain)
-    shards = [(p.rsplit("/", 3)[-3:], i.size, i.mtime_ns) for p, i in zip(paths, fs.get_file_info(paths))]
+    paths, fs = shards or sft_shards(store, domain)
+    files = [(p.rsplit("/", 3)[-3:], i.size, i.mtime_ns) for p, i in zip(paths, fs.get_file_info(paths))]
     t = cfg.train
     return fingerprint({"tokenizer": tokenizer, "chat_template": t.chat_template, "max_seq_length": t.max_seq_length,
-                        "mask_prompt": t.mask_prompt, "revision": cfg.model.revision, "shards": shards,
+                        "mask_prompt": t.mask_prompt, "revision": cfg.model.revision, "shards": files,
                         "code": [hashlib.sha256(f.read_bytes()).hexdigest() for f in _TOKENIZATION_CODE]}, 24)
 
 
@@ -148,18 +149,17 @@ def tokenized_examples(cfg, domain: str) -> dict:
     """The domain's examples, {split: [Example]}: from the token cache when it holds them, else tokenized
     here (Tokenize, batches of 256 rows) and then cached."""
     store = open_store(cfg)
-    key = token_cache_key(store, domain, cfg)
+    key = token_cache_key(store, domain, cfg, sft_shards(store, domain))
     rel = layout.tokens(domain, key) if key else None
     if rel and store.is_file(rel):
         try:
             batches = _as_batches(store.read_table(rel))
             log.info("%s: tokenized examples read from %s", domain, store.uri_of(rel))
             return collect(batches)
-        except (OSError, pa.ArrowException) as e:   # damaged: tokenize again and replace it
+        except (StorageError, pa.ArrowException) as e:   # damaged, or gone meanwhile: tokenize again, replace it
             log.warning("%s: token cache %s unreadable (%s); tokenizing again", domain, store.uri_of(rel), e)
-    sft_shards(store, domain)
     tokenize = Tokenize(cfg)
-    rows = store.read_table(layout.sft(domain), columns=SFT_COLUMNS)
+    rows = store.read_table(layout.sft(domain), columns=SFT_COLUMNS)   # the store's I/O retries
     batches = [tokenize(b.to_pydict()) for b in rows.to_batches(max_chunksize=256)]
     if rel:
         store.write_table(rel, _as_table(batches))
