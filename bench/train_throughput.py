@@ -393,8 +393,10 @@ def main() -> int:
                 vs.append(f"{r['real_tok_s'] / trl_best['real_tok_s']:.2f}x TRL-best ({trl_best['variant']})")
             if seed:
                 vs.append(f"{r['real_tok_s'] / seed['real_tok_s']:.1f}x the seed recipe")
+            ck = r.get("checkpointing") or {}
             print(f"ratio {targets} {r['variant']}: " + ", ".join(vs) +
-                  f"; peak {r['peak_alloc_gb']:.1f} GB (budget 20 GB for a 24 GB RTX 3090)")
+                  f"; peak {r['peak_alloc_gb']:.1f} GB (budget 20 GB for a 24 GB RTX 3090); "
+                  f"layers kept from recomputation {ck.get('kept_layers')}/{ck.get('layers')}")
         for line in loss_comparison(ok, targets):
             print(line)
     if a.json:

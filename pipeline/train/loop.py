@@ -54,7 +54,7 @@ from pipeline.lm import kernels
 from pipeline.lm.data import collate
 from pipeline.lm.device import CudaUnavailableError, worker_device
 from pipeline.lm.kernels import loss_sum
-from pipeline.lm.lora_fused import fuse_lora
+from pipeline.lm.lora_fused import fuse_lora, fuse_swiglu_down
 from pipeline.lm.model import add_lora, attn_implementation, compute_dtype, load_model, load_tokenizer, resolve_base
 from pipeline.optimizers import build_optimizer
 from pipeline.status import write_fatal
@@ -232,6 +232,7 @@ class DomainRecipe:
         kernels.apply_fused_kernels(base_model, self.device, t.fused_kernels)   # Liger on CUDA when installed
         self.model = add_lora(base_model, h.lora, cfg, t.gradient_checkpointing)
         self.fused_lora = fuse_lora(self.model, t.fused_lora)                   # one autograd step per LoRA layer
+        self.fused_mlps = fuse_swiglu_down(self.model) if t.fused_swiglu_down else 0   # keeps gate, up; not their product
         self.mem = kernels.CudaMemory(self.device) if self.device.startswith("cuda") else None
         # None unless checkpoint_keep_last is auto on CUDA: then it measures and sets the kept layers
         self.budget = kernels.plan_checkpointing(self.model, t, self.mem, max_tokens=self.rows * self.seq_len)
@@ -508,7 +509,7 @@ class DomainRecipe:
             "config_fingerprint": self.fingerprint, "compat": self.compat,
             "base_model": cfg.model.base, "lora": h.lora.model_dump(), "hyper": h.model_dump(exclude={"lora"}),
             "workers": self.replicas.size, "device": self.device, "attn_implementation": attn_implementation(cfg, self.device),
-            "fused_loss": self.fused_loss, "fused_lora_layers": self.fused_lora,
+            "fused_loss": self.fused_loss, "fused_lora_layers": self.fused_lora, "fused_swiglu_down_mlps": self.fused_mlps,
             "micro_batch": {"rows": self.rows, "seq_len": self.seq_len, "grad_accum": h.grad_accum, "packing": t.packing},
         }
         if self.replicas.rank == 0:

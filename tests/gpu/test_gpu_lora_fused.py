@@ -158,3 +158,45 @@ def test_gpu_triton_dropout_path_equals_reference_with_its_mask(env, r, p):
     assert rel(A.grad, gh.t() @ (xf * s)) < 2e-2
     assert rel(B.grad, 2.0 * g.t() @ h) < 2e-2
     assert rel(x.grad, g @ Wf + (gh @ Af) * s) < 2e-2
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gpu_fused_swiglu_down_matches_fused_layers_with_dropout(env, checkpointing):
+    """Liger's SwiGLU kernels and the Triton dropout path: the SwiGLU fused with the down projection
+    (gate and up kept, their product made again in the backward, the same dropout seed) gives the loss
+    and gradients of the fused layers alone, and less memory is held after the forward."""
+    import torch
+    from pipeline.lm.data import Example, collate, tokenize_conversation
+    from pipeline.lm.lora_fused import fuse_lora, fuse_swiglu_down
+    cfg, store, tok = env
+    ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 16, 1)]
+    batch = collate(ex, [list(range(0, 8)), list(range(8, 16))], tok.pad_token_id)
+    model = _model(cfg, store, checkpointing)
+    for m in model.modules():   # dropout on (the env's config has it off): the Triton kernels' seeded path
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+    fuse_lora(model, "on")
+
+    def held_after_forward():
+        from pipeline.lm import kernels
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.manual_seed(7)
+        loss = kernels.loss_sum(model, batch, "cuda")
+        held = torch.cuda.memory_allocated() - before
+        del loss
+        return held
+
+    ref = _loss_grads(model, batch)
+    held_ref = held_after_forward()
+    assert fuse_swiglu_down(model) == cfg.model.tiny.num_hidden_layers
+    got = _loss_grads(model, batch)
+    held = held_after_forward()
+    assert got[0] == pytest.approx(ref[0], rel=1e-3)
+    worst = max(((got[1][n] - ref[1][n]).norm() / ref[1][n].norm()).item() for n in ref[1])
+    assert worst < 1e-2, worst
+    if not checkpointing:   # every layer keeps its activations: one (tokens x intermediate) tensor less each
+        assert held < held_ref, (held, held_ref)
+    print(f"swiglu+down vs fused layers (ckpt={checkpointing}): loss {got[0]:.5f} vs {ref[0]:.5f}, "
+          f"worst grad rel err {worst:.2e}, held after forward {held / 2**20:.1f} vs {held_ref / 2**20:.1f} MiB")

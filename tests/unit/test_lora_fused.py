@@ -1,6 +1,8 @@
 """The fused LoRA layer (pipeline.lm.lora_fused) against PEFT's own forward, on the CPU: the same
 loss and the same LoRA gradients (dropout on, same seed), through plain and 4-bit NF4 bases, with
-and without gradient checkpointing; the fallbacks (adapter disabled, merged) and the modes."""
+and without gradient checkpointing; the fallbacks (adapter disabled, merged) and the modes. The fused
+SwiGLU + down projection against the fused layers alone: same loss and gradients, gate and up kept
+instead of their product."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +16,7 @@ from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
 from pipeline.lm import kernels  # noqa: E402
-from pipeline.lm.lora_fused import FusedForward, fuse_lora  # noqa: E402
+from pipeline.lm.lora_fused import FusedForward, FusedSwiGLUForward, fuse_lora, fuse_swiglu_down  # noqa: E402
 
 
 def _tiny_lm(layers=2):
@@ -133,6 +135,9 @@ def test_fused_equals_peft_on_nf4_base(nf4_env):
     fuse_lora(ck)
     ck.train()
     _assert_same(_loss_and_grads(ck, batch), ref, 1e-4)
+    # and the SwiGLU fused with the down projection, checkpointed: the same again
+    assert fuse_swiglu_down(ck) == 2
+    _assert_same(_loss_and_grads(ck, batch), ref, 1e-4)
 
 
 def test_fallbacks_disabled_adapter_eval_and_merged():
@@ -184,3 +189,75 @@ def test_a_discarded_fused_model_is_freed_without_the_garbage_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_swiglu_down_equals_fused_layers(dropout):
+    b = _batch()
+    model = _peft(_tiny_lm(), dropout=dropout)
+    fuse_lora(model)
+    model.train()
+    ref = _loss_and_grads(model, b)
+    assert fuse_swiglu_down(model) == 2
+    assert fuse_swiglu_down(model) == 2          # idempotent
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert isinstance(vars(mlp)["forward"], FusedSwiGLUForward)
+    _assert_same(_loss_and_grads(model, b), ref, 1e-5)
+    if dropout:   # the dropout draw is the down projection's own: another seed, another loss
+        assert _loss_and_grads(model, b, seed=6)[0] != pytest.approx(ref[0], rel=1e-7)
+    # with checkpointing (non-reentrant: the recompute makes gate and up again): the same
+    ck = _peft(kernels.prepare_for_kbit(_tiny_lm(), gradient_checkpointing=True), dropout=dropout)
+    fuse_lora(ck)
+    fuse_swiglu_down(ck)
+    ck.train()
+    _assert_same(_loss_and_grads(ck, b), ref, 1e-5)
+
+
+def test_fused_swiglu_down_keeps_gate_and_up_not_their_product():
+    """What the MLP leaves for its backward (tokens x intermediate tensors): without the fusion, gate,
+    silu(gate) and up (PyTorch's SiLU and product; Liger's kernel keeps gate and up only) and
+    silu(gate) * up (the down projection's input); with it, gate and up only."""
+    b = _batch()
+
+    def kept_intermediate(model):
+        sizes = []
+
+        def pack(t):
+            if t.dim() and t.shape[-1] == 128 and t.numel() >= 48 * 128:   # intermediate_size, every token (not LoRA's A)
+                sizes.append(t.data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            kernels.loss_sum(model, b, "cpu")
+        return len(set(sizes))
+
+    model = _peft(_tiny_lm(layers=1), dropout=0.0)
+    fuse_lora(model)
+    model.train()
+    before = kept_intermediate(model)
+    fuse_swiglu_down(model)
+    after = kept_intermediate(model)
+    assert (before, after) == (4, 2)
+
+
+def test_fused_swiglu_down_falls_back_without_gradients_or_plain_lora():
+    model = _peft(_tiny_lm())
+    b = _batch()
+    model.eval()
+    with torch.no_grad():
+        ref_on = kernels.loss_sum(model, b, "cpu").item()
+        with model.disable_adapter():
+            ref_off = kernels.loss_sum(model, b, "cpu").item()
+    fuse_lora(model)
+    fuse_swiglu_down(model)
+    with torch.no_grad():
+        assert kernels.loss_sum(model, b, "cpu").item() == pytest.approx(ref_on, rel=1e-6)
+        with model.disable_adapter():
+            assert kernels.loss_sum(model, b, "cpu").item() == pytest.approx(ref_off, rel=1e-6)
+    # down projection without LoRA (q,v targets): nothing to fuse
+    qv = _peft(_tiny_lm(), targets=["q_proj", "v_proj"])
+    fuse_lora(qv)
+    assert fuse_swiglu_down(qv) == 0
+    # fused LoRA off: nothing to fuse either
+    off = _peft(_tiny_lm())
+    fuse_lora(off, "off")
+    assert fuse_swiglu_down(off) == 0
