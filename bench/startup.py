@@ -13,7 +13,7 @@ steps, no evaluation matrix. With --cpu: the demo (configs/demo.yaml, bundled fi
 prints, from the domain's training report:
 
   trial start -> first optimizer step   the worker's start, Ray Data read + tokenization, model load (4-bit)
-  recipe start -> model loaded / data ready / first step
+  recipe start -> device ready / tokenizer / model loaded / data ready / LoRA and kernels / set-up done / first step
   busy share                            the training report's: step time / wall time from the trial's start
 
 --compare runs the stage with the trial's own worker (the default) and with Ray Train's TorchTrainer
@@ -151,7 +151,9 @@ def _figures(domain: str, rows: dict, res: dict, wall: float) -> dict:
             "trial_start_to_worker_process_s": st.get("trial_start_to_worker_process_s"),
             "trial_start_to_worker_fn_s": st.get("trial_start_to_worker_fn_s"),
             "trial_start_to_recipe_s": st.get("trial_start_to_recipe_s"),
+            "recipe_device_ready_s": st.get("device_ready_s"), "recipe_tokenizer_loaded_s": st.get("tokenizer_loaded_s"),
             "recipe_model_loaded_s": st.get("model_loaded_s"), "recipe_data_ready_s": st.get("data_ready_s"),
+            "recipe_lora_ready_s": st.get("lora_ready_s"), "recipe_setup_done_s": st.get("setup_done_s"),
             "recipe_first_step_s": st.get("first_step_s"), "train_time_s": round(res["train_time_s"], 1),
             "busy_share": round(res["busy_share"], 3), "real_tok_s": round(res["tokens_per_s"])}
 
@@ -161,8 +163,10 @@ def _say(name: str, out: dict, res: dict) -> None:
     print(f"\n[{name}] {out['domain']}: {sum(rows.values())} SFT rows ({rows['train']} train); trial start -> first step "
           f"{out['trial_start_to_first_step_s']} s (after the trial's start: worker process "
           f"{out['trial_start_to_worker_process_s']} s, train function {out['trial_start_to_worker_fn_s']} s, recipe "
-          f"{out['trial_start_to_recipe_s']} s; in the recipe: model loaded {out['recipe_model_loaded_s']} s, data ready "
-          f"{out['recipe_data_ready_s']} s, first step {out['recipe_first_step_s']} s); {res['steps']} steps in "
+          f"{out['trial_start_to_recipe_s']} s; in the recipe: device ready {out['recipe_device_ready_s']} s, tokenizer "
+          f"{out['recipe_tokenizer_loaded_s']} s, model loaded {out['recipe_model_loaded_s']} s, data ready "
+          f"{out['recipe_data_ready_s']} s, LoRA and kernels {out['recipe_lora_ready_s']} s, set-up done "
+          f"{out['recipe_setup_done_s']} s, first step {out['recipe_first_step_s']} s); {res['steps']} steps in "
           f"{out['train_time_s']} s of a {out['train_stage_wall_s']} s train stage; busy share from the trial's start "
           f"{out['busy_share']:.1%}", flush=True)
 

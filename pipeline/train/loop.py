@@ -215,6 +215,7 @@ class DomainRecipe:
             torch.cuda.reset_peak_memory_stats()
         else:
             torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
+        self._mark("device_ready_s")   # torch imported, the device checked (CUDA: its context made)
         self.seq_len = t.max_seq_length
         self.rows = max(1, h.tokens_per_micro_batch // self.seq_len)
         torch.manual_seed(t.seed)
@@ -222,17 +223,19 @@ class DomainRecipe:
         np.random.seed(t.seed % 2**32)
         base_path = resolve_base(cfg, self.store)
         self.tok = load_tokenizer(base_path, cfg)
+        self._mark("tokenizer_loaded_s")
         base_model = load_model(base_path, cfg, self.device)
-        self.startup["model_loaded_s"] = round(time.time() - self.t_start, 2)
+        self._mark("model_loaded_s")
         if isinstance(self.data, Future):  # tokenization ran while the model loaded (train_loop_per_worker)
             self.data = self.data.result()
-        self.startup["data_ready_s"] = round(time.time() - self.t_start, 2)
+        self._mark("data_ready_s")
         if not self.data["train"]:
             raise RuntimeError(f"domain {self.domain}: no training examples (every example was empty or all prompt)")
         kernels.apply_fused_kernels(base_model, self.device, t.fused_kernels)   # Liger on CUDA when installed
         self.model = add_lora(base_model, h.lora, cfg, t.gradient_checkpointing)
         self.fused_lora = fuse_lora(self.model, t.fused_lora)                   # one autograd step per LoRA layer
         self.fused_mlps = fuse_swiglu_down(self.model) if t.fused_swiglu_down else 0   # keeps gate, up; not their product
+        self._mark("lora_ready_s")
         self.mem = kernels.CudaMemory(self.device) if self.device.startswith("cuda") else None
         # None unless checkpoint_keep_last is auto on CUDA: then it measures and sets the kept layers
         self.budget = kernels.plan_checkpointing(self.model, t, self.mem, max_tokens=self.rows * self.seq_len)
@@ -244,6 +247,11 @@ class DomainRecipe:
         self.scaler = torch.amp.GradScaler("cuda") if compute_dtype(cfg, self.device) == torch.float16 else None
         self.compat = compat_record(cfg, self.domain)
         self.plan = self._epoch_plan()
+        self._mark("setup_done_s")
+
+    def _mark(self, name: str) -> None:
+        """A start-up milestone: seconds since the recipe's start (the training report's `startup`)."""
+        self.startup[name] = round(time.time() - self.t_start, 2)
 
     def _epoch_plan(self) -> list:
         t = self.cfg.train

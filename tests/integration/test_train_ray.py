@@ -73,6 +73,9 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
         st = rep["startup"]
         marks = [st[f"trial_start_to_{m}_s"] for m in ("worker_process", "worker_fn", "recipe", "first_step")]
         assert all(0 <= a <= b for a, b in zip(marks, marks[1:])) and marks[-1] < 600, st
+        inside = [st[f"{m}_s"] for m in ("device_ready", "tokenizer_loaded", "model_loaded", "data_ready",
+                                          "lora_ready", "setup_done", "first_step")]   # the recipe's own, from its start
+        assert all(0 <= a <= b for a, b in zip(inside, inside[1:])), st
         assert 0 < rep["busy_share"] < rep["train_time_s"] / rep["wall_time_s"]  # the trial started before the recipe
         assert _state(store, cfg, d)["state"] == "finished"
         for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
