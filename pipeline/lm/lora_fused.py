@@ -56,65 +56,83 @@ def _dense_weight(base, dtype):
     return w.to(dtype)
 
 
+def _lora_forward(ctx, x, A, B, layer, scale: float, p: float):
+    """y = base(x) + scale * dropout(x) @ A^T @ B^T (the LoRA part added in place, one GEMM). Returns (y, xd, mask,
+    h, a, b): xd the dropped input on PyTorch's dropout path (x itself otherwise), mask PyTorch's dropout mask or
+    None, h = xd @ A^T, a and b the adapter in the compute dtype. Sets ctx.seed (the Triton kernels' dropout seed,
+    or None), ctx.layer, ctx.scale, ctx.p and the adapter's dtypes for _lora_backward."""
+    import torch
+    y = layer.base_layer(x)               # autograd is off in here: bitsandbytes takes its plain path
+    if not y.is_contiguous():
+        y = y.contiguous()
+    K, N = x.shape[-1], y.shape[-1]
+    dt = y.dtype
+    a, b = A.to(dt), B.to(dt)
+    x2 = x.reshape(-1, K).to(dt)
+    ctx.seed = None
+    if p > 0 and _triton_ok(x2):
+        # dropout inside the kernels, redrawn in the backward from a seed (the CPU generator:
+        # checkpointing restores it, so a recompute draws the same seed)
+        x2 = x2.contiguous()
+        ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        from pipeline.lm.lora_triton import lora_down   # imports triton: only where it is usable
+        xd, mask = x2, None
+        h = lora_down(x2, a, ctx.seed, p, _sm_count(x2.device))
+    elif p > 0:
+        xd, mask = torch.native_dropout(x2, p, True)
+        h = xd @ a.t()
+    else:
+        xd, mask = x2, None
+        h = xd @ a.t()                    # [tokens, r]
+    y.view(-1, N).addmm_(h, b.t(), alpha=scale)
+    ctx.layer, ctx.scale, ctx.p = layer, scale, p
+    ctx.A_dtype, ctx.B_dtype = A.dtype, B.dtype
+    return y, xd, mask, h, a, b
+
+
+def _lora_backward(ctx, gy, xd, mask, h, a, b, need_gx: bool, need_gA: bool, need_gB: bool):
+    """The gradients of _lora_forward's y: (gx as [tokens, in_features] in the compute dtype, gA, gB), each
+    None where not needed. xd and mask: as _lora_forward returned them."""
+    import torch
+    g = gy.reshape(-1, gy.shape[-1]).to(h.dtype)
+    gx = gA = gB = None
+    gh = (g @ b).mul_(ctx.scale)           # [tokens, r]
+    if need_gB:
+        gB = (g.t() @ h).mul_(ctx.scale).to(ctx.B_dtype)
+    if need_gx:
+        w = _dense_weight(ctx.layer.base_layer, g.dtype)
+        gx = g @ w
+        del w
+    if ctx.seed is not None:                # Triton: gA and the dropout part of gx in one pass over x
+        if gx is not None or need_gA:
+            from pipeline.lm.lora_triton import lora_down_backward   # imports triton (see lora_down)
+            ga = lora_down_backward(xd, gh, a, gx, ctx.seed, ctx.p, _sm_count(xd.device))
+            gA = ga.to(ctx.A_dtype) if need_gA else None
+    else:
+        if need_gA:
+            gA = (gh.t() @ xd).to(ctx.A_dtype)
+        if gx is not None and mask is None:
+            gx.addmm_(gh, a)
+        elif gx is not None:
+            gx.add_(torch.ops.aten.native_dropout_backward(gh @ a, mask, 1.0 / (1.0 - ctx.p)))
+    return gx, gA, gB
+
+
 def _autograd_fn():
     import torch
 
     class FusedLoraLinear(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, A, B, layer, scale: float, p: float):
-            y = layer.base_layer(x)               # autograd is off in here: bitsandbytes takes its plain path
-            if not y.is_contiguous():
-                y = y.contiguous()
-            K, N = x.shape[-1], y.shape[-1]
-            x2 = x.reshape(-1, K)
-            dt = y.dtype
-            a, b = A.to(dt), B.to(dt)
-            x2 = x2.to(dt)
-            ctx.seed = None
-            if p > 0 and _triton_ok(x2):
-                # dropout inside the kernels, redrawn in the backward from a seed (the CPU generator:
-                # checkpointing restores it, so a recompute draws the same seed)
-                x2 = x2.contiguous()
-                ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-                from pipeline.lm.lora_triton import lora_down   # imports triton: only where it is usable
-                xd, mask = x2, None
-                h = lora_down(x2, a, ctx.seed, p, _sm_count(x2.device))
-            elif p > 0:
-                xd, mask = torch.native_dropout(x2, p, True)
-                h = xd @ a.t()
-            else:
-                xd, mask = x2, None
-                h = xd @ a.t()                    # [tokens, r]
-            y.view(-1, N).addmm_(h, b.t(), alpha=scale)
+            y, xd, mask, h, a, b = _lora_forward(ctx, x, A, B, layer, scale, p)
             ctx.save_for_backward(xd, mask, h, a, b)
-            ctx.layer, ctx.scale, ctx.p = layer, scale, p
-            ctx.x_shape, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = x.shape, x.dtype, A.dtype, B.dtype
+            ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
             return y
 
         @staticmethod
         def backward(ctx, gy):
-            xd, mask, h, a, b = ctx.saved_tensors
-            g = gy.reshape(-1, gy.shape[-1]).to(h.dtype)
-            gx = gA = gB = None
-            gh = (g @ b).mul_(ctx.scale)           # [tokens, r]
-            if ctx.needs_input_grad[2]:
-                gB = (g.t() @ h).mul_(ctx.scale).to(ctx.B_dtype)
-            if ctx.needs_input_grad[0]:
-                w = _dense_weight(ctx.layer.base_layer, g.dtype)
-                gx = g @ w
-                del w
-            if ctx.seed is not None:                # Triton: gA and the dropout part of gx in one pass over x
-                if gx is not None or ctx.needs_input_grad[1]:
-                    from pipeline.lm.lora_triton import lora_down_backward   # imports triton (see lora_down)
-                    ga = lora_down_backward(xd, gh, a, gx, ctx.seed, ctx.p, _sm_count(xd.device))
-                    gA = ga.to(ctx.A_dtype) if ctx.needs_input_grad[1] else None
-            else:
-                if ctx.needs_input_grad[1]:
-                    gA = (gh.t() @ xd).to(ctx.A_dtype)
-                if gx is not None and mask is None:
-                    gx.addmm_(gh, a)
-                elif gx is not None:
-                    gx.add_(torch.ops.aten.native_dropout_backward(gh @ a, mask, 1.0 / (1.0 - ctx.p)))
+            need = ctx.needs_input_grad
+            gx, gA, gB = _lora_backward(ctx, gy, *ctx.saved_tensors, need[0], need[1], need[2])
             if gx is not None:
                 gx = gx.view(ctx.x_shape).to(ctx.x_dtype)
             return gx, gA, gB, None, None, None
@@ -272,29 +290,8 @@ def _swiglu_down_fn():
         def forward(ctx, gate, up, A, B, layer, scale: float, p: float):
             gate, up = gate.contiguous(), up.contiguous()
             swiglu, _ = _swiglu_ops(gate)
-            c = swiglu(gate, up)
-            y = layer.base_layer(c)
-            if not y.is_contiguous():
-                y = y.contiguous()
-            K, N = c.shape[-1], y.shape[-1]
-            c2 = c.reshape(-1, K)
-            dt = y.dtype
-            a, b = A.to(dt), B.to(dt)
-            c2 = c2.to(dt)
-            ctx.seed, mask = None, None
-            if p > 0 and _triton_ok(c2):
-                ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())   # as FusedLoraLinear: redrawn in the backward
-                from pipeline.lm.lora_triton import lora_down
-                h = lora_down(c2, a, ctx.seed, p, _sm_count(c2.device))
-            elif p > 0:
-                cd, mask = torch.native_dropout(c2, p, True)
-                h = cd @ a.t()
-            else:
-                h = c2 @ a.t()
-            y.view(-1, N).addmm_(h, b.t(), alpha=scale)
-            ctx.save_for_backward(gate, up, mask, h, a, b)
-            ctx.layer, ctx.scale, ctx.p = layer, scale, p
-            ctx.A_dtype, ctx.B_dtype = A.dtype, B.dtype
+            y, _, mask, h, a, b = _lora_forward(ctx, swiglu(gate, up), A, B, layer, scale, p)
+            ctx.save_for_backward(gate, up, mask, h, a, b)   # not the product: made again in the backward
             return y
 
         @staticmethod
@@ -302,34 +299,13 @@ def _swiglu_down_fn():
             gate, up, mask, h, a, b = ctx.saved_tensors
             swiglu, swiglu_backward = _swiglu_ops(gate)
             c = swiglu(gate, up)
-            K = c.shape[-1]
-            c2 = c.reshape(-1, K).to(h.dtype)
-            g = gy.reshape(-1, gy.shape[-1]).to(h.dtype)
-            gA = gB = d_gate = d_up = None
-            need_gx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-            gh = (g @ b).mul_(ctx.scale)
-            if ctx.needs_input_grad[3]:
-                gB = (g.t() @ h).mul_(ctx.scale).to(ctx.B_dtype)
-            gc = None
-            if need_gx:
-                w = _dense_weight(ctx.layer.base_layer, g.dtype)
-                gc = g @ w
-                del w
-            if ctx.seed is not None:
-                if gc is not None or ctx.needs_input_grad[2]:
-                    from pipeline.lm.lora_triton import lora_down_backward
-                    ga = lora_down_backward(c2, gh, a, gc, ctx.seed, ctx.p, _sm_count(c2.device))
-                    gA = ga.to(ctx.A_dtype) if ctx.needs_input_grad[2] else None
-            else:
-                scale = 1.0 / (1.0 - ctx.p) if ctx.p > 0 else 1.0
-                cd = c2 if mask is None else torch.ops.aten.native_dropout_backward(c2, mask, scale)
-                if ctx.needs_input_grad[2]:
-                    gA = (gh.t() @ cd).to(ctx.A_dtype)
-                if gc is not None and mask is None:
-                    gc.addmm_(gh, a)
-                elif gc is not None:
-                    gc.add_(torch.ops.aten.native_dropout_backward(gh @ a, mask, scale))
-            del c, c2
+            c = c.reshape(-1, c.shape[-1]).to(h.dtype)
+            # the down projection's input as _lora_forward kept it: dropped on PyTorch's dropout path
+            xd = c if mask is None else torch.ops.aten.native_dropout_backward(c, mask, 1.0 / (1.0 - ctx.p))
+            need = ctx.needs_input_grad
+            gc, gA, gB = _lora_backward(ctx, gy, xd, mask, h, a, b, need[0] or need[1], need[2], need[3])
+            del c, xd
+            d_gate = d_up = None
             if gc is not None:
                 d_gate, d_up = swiglu_backward(gate, up, gc.view(gate.shape).to(gate.dtype))
             return d_gate, d_up, gA, gB, None, None, None
