@@ -360,8 +360,10 @@ def fuse_swiglu_down(model) -> int:
         act = getattr(getattr(m, "config", None), "hidden_act", None)
         if act not in ("silu", "swish") or not isinstance(vars(m.down_proj).get("forward"), FusedForward):
             continue
-        # the forward in place now: Liger's, bound to this instance, or the class's own
-        previous = getattr(current, "__func__", None) or type(m).forward
+        # the forward in place now: the class's own, or Liger's bound to this instance; any other patch stays
+        previous = type(m).forward if current is None else getattr(current, "__func__", None)
+        if previous is None:
+            continue
         m.forward = FusedSwiGLUForward(m, previous)
         n += 1
     log.debug("fused SwiGLU + down projection: %d MLPs", n)

@@ -247,6 +247,12 @@ def test_fused_swiglu_down_needs_a_fused_lora_down_projection():
     qv = _peft(_tiny_lm(), targets=["q_proj", "v_proj"])
     fuse_lora(qv)
     assert fuse_swiglu_down(qv) == 0
+    # an MLP whose forward someone else patched (not a method bound to it) is left as it is
+    other = _peft(_tiny_lm())
+    fuse_lora(other)
+    mlp = other.base_model.model.model.layers[0].mlp
+    mlp.forward = lambda x: type(mlp).forward(mlp, x)
+    assert fuse_swiglu_down(other) == 1
     # fused LoRA off: nothing to fuse either
     off = _peft(_tiny_lm())
     fuse_lora(off, "off")
