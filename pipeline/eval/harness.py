@@ -260,6 +260,10 @@ def harness_models(cfg, names: list[str], files: dict[str, bytes], offline: bool
         logging.getLogger(name).setLevel(logging.WARNING)
     if offline:
         _offline_now()
+    # lm-eval bootstraps some metrics' standard errors (perplexity, F1, BLEU, ...) in a forked process pool.
+    # Forked from a Ray worker, whose other threads may hold locks at that moment, a child can wait for good
+    # and the pool's clean-up with it (seen in CI). With DISABLE_MULTIPROC it bootstraps in this process.
+    os.environ["DISABLE_MULTIPROC"] = "1"
     lm_eval, TaskManager = _lm_eval()
     from lm_eval.models.huggingface import HFLM
     device = worker_device(cfg)

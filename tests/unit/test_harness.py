@@ -80,6 +80,23 @@ def test_lm_eval_runs_local_tasks_on_the_base_and_the_adapter(trained, harness_r
 
 
 @pytest.mark.slow
+def test_standard_errors_are_bootstrapped_without_a_process_pool(trained, monkeypatch):
+    """lm-eval bootstraps a perplexity's standard error in a forked multiprocessing pool, which hung for good
+    once in CI when forked from the harness's Ray worker: the harness has it bootstrap in its own process."""
+    import multiprocessing
+    from pipeline.eval.harness import _include_dir, _include_files, harness_models
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("lm-eval started a process pool")
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    cfg, _, _ = trained
+    out = harness_models(cfg, ["base"], _include_files(_include_dir(cfg)), True)
+    stderr = out["base"]["results"]["tiny_debate_ppl"]["perplexity_stderr,none"]
+    assert isinstance(stderr, float) and stderr > 0, stderr
+
+
+@pytest.mark.slow
 def test_unchanged_models_and_tasks_keep_the_results(trained, harness_rows, caplog):
     """A second call (Ray no longer running) reads eval/harness.json back instead of evaluating again."""
     import logging
