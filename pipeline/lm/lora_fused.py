@@ -34,7 +34,7 @@ while the SwiGLU's own backward keeps gate and up: three (tokens x intermediate)
 and down projection run as one autograd step that keeps gate and up and makes c again in its
 backward: a layer kept by the checkpoint budget (kernels.CheckpointBudget) costs ~23% less, so the
 budget keeps more layers and recomputes fewer. Same numbers: c is made by the same kernel both times
-(Liger's on CUDA when installed, torch's otherwise), and the dropout mask is the Triton kernels' seed
+(Liger's where the MLP ran Liger's, torch's otherwise), and the dropout mask is the Triton kernels' seed
 or, on PyTorch's path, the kept mask.
 """
 from __future__ import annotations
@@ -252,15 +252,12 @@ def fuse_lora(model, mode: str = "auto") -> int:
     return n
 
 
-def _swiglu_ops(x):
-    """(forward, backward) of the SwiGLU product c = silu(gate) * up for tensors like x: Liger's Triton
-    kernels on CUDA when installed (the backward writes d_gate, d_up over gate, up), torch otherwise."""
-    if x.is_cuda:
-        try:
-            from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
-            return (lambda g, u: swiglu_forward(g, u)[2]), swiglu_backward
-        except ImportError:
-            pass
+def _swiglu_ops(liger: bool):
+    """(forward, backward) of the SwiGLU product c = silu(gate) * up: Liger's Triton kernels where the MLP ran
+    Liger's (train.fused_kernels; the backward writes d_gate, d_up over gate, up), torch's otherwise."""
+    if liger:
+        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+        return (lambda g, u: swiglu_forward(g, u)[2]), swiglu_backward
     return _torch_swiglu, _torch_swiglu_backward
 
 
@@ -287,9 +284,10 @@ def _swiglu_down_fn():
         saves gate, up, h and (PyTorch's dropout only) the mask; c is made again in the backward."""
 
         @staticmethod
-        def forward(ctx, gate, up, A, B, layer, scale: float, p: float):
+        def forward(ctx, gate, up, A, B, layer, scale: float, p: float, liger: bool):
             gate, up = gate.contiguous(), up.contiguous()
-            swiglu, _ = _swiglu_ops(gate)
+            ctx.liger = liger
+            swiglu, _ = _swiglu_ops(liger)
             y, _, mask, h, a, b = _lora_forward(ctx, swiglu(gate, up), A, B, layer, scale, p)
             ctx.save_for_backward(gate, up, mask, h, a, b)   # not the product: made again in the backward
             return y
@@ -297,7 +295,7 @@ def _swiglu_down_fn():
         @staticmethod
         def backward(ctx, gy):
             gate, up, mask, h, a, b = ctx.saved_tensors
-            swiglu, swiglu_backward = _swiglu_ops(gate)
+            swiglu, swiglu_backward = _swiglu_ops(ctx.liger)
             c = swiglu(gate, up)
             c = c.reshape(-1, c.shape[-1]).to(h.dtype)
             # the down projection's input as _lora_forward kept it: dropped on PyTorch's dropout path
@@ -308,7 +306,7 @@ def _swiglu_down_fn():
             d_gate = d_up = None
             if gc is not None:
                 d_gate, d_up = swiglu_backward(gate, up, gc.view(gate.shape).to(gate.dtype))
-            return d_gate, d_up, gA, gB, None, None, None
+            return d_gate, d_up, gA, gB, None, None, None, None
 
     return SwiGLUDownLora
 
@@ -325,13 +323,14 @@ SWIGLU_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 class FusedSwiGLUForward:
     """The patched `forward` of one SwiGLU MLP; holds the MLP weakly (see FusedForward) and the forward
     it replaced as a plain function, which runs whenever the down projection is not plain fused LoRA
-    or no gradient is taken (evaluation, generation)."""
+    or no gradient is taken (evaluation, generation). The product uses the kernel that forward used."""
 
-    __slots__ = ("mlp", "previous", "__weakref__")
+    __slots__ = ("mlp", "previous", "liger", "__weakref__")
 
     def __init__(self, mlp, previous):
         self.mlp = weakref.ref(mlp)
         self.previous = previous
+        self.liger = (getattr(previous, "__module__", None) or "").startswith("liger_kernel")
 
     def __call__(self, x):
         import torch
@@ -343,7 +342,7 @@ class FusedSwiGLUForward:
         drop = down.lora_dropout[name]
         p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
         return _swiglu_fn().apply(mlp.gate_proj(x), mlp.up_proj(x), down.lora_A[name].weight,
-                                  down.lora_B[name].weight, down, float(down.scaling[name]), p)
+                                  down.lora_B[name].weight, down, float(down.scaling[name]), p, self.liger)
 
 
 def fuse_swiglu_down(model) -> int:

@@ -191,6 +191,7 @@ def test_gpu_fused_swiglu_down_matches_fused_layers_with_dropout(env, checkpoint
     ref = _loss_grads(model, batch)
     held_ref = held_after_forward()
     assert fuse_swiglu_down(model) == cfg.model.tiny.num_hidden_layers
+    assert model.base_model.model.model.layers[0].mlp.forward.liger   # Liger's product, as the MLP ran it
     got = _loss_grads(model, batch)
     held = held_after_forward()
     assert got[0] == pytest.approx(ref[0], rel=1e-3)
