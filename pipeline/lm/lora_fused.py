@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 
 
 def _dense_weight(base, dtype):
-    """The base layer's weight as a dense [out, in] matrix in `dtype` (4-bit: dequantized)."""
+    """The base layer's weight as a dense [out, in] matrix in `dtype` (4-bit or FP8: dequantized)."""
+    if hasattr(base, "dense_weight"):     # pipeline.lm.fp8.Fp8Linear (train.fp8_base)
+        return base.dense_weight(dtype)
     w = base.weight
     qs = getattr(w, "quant_state", None)
     if qs is not None:
@@ -207,8 +209,11 @@ def _fused_forward(self, x, *args, **kwargs):
 
 
 def base_supported(base) -> bool:
-    """A frozen plain nn.Linear, or a bitsandbytes 4-bit Linear in the GPU layout."""
+    """A frozen plain nn.Linear, a bitsandbytes 4-bit Linear in the GPU layout, or an FP8 one (pipeline.lm.fp8)."""
     import torch
+    from pipeline.lm.fp8 import fp8_linear_class
+    if isinstance(base, fp8_linear_class()):
+        return True
     if getattr(base, "bias", None) is not None and base.bias.requires_grad:
         return False
     if base.weight.requires_grad:
