@@ -81,9 +81,11 @@ def cuda_or_exit() -> None:
 
 
 def bench_config(data_dir: str, out: str, sets=()):
-    """configs/default.yaml (the project's defaults) on the bench's raw data and work folder, plus `sets`."""
+    """configs/default.yaml (the project's defaults) on the bench's raw data and work folder, plus `sets`. The
+    base's 4-bit cache goes beside `out` (the work folder), not into ~/.cache: it goes when the work folder does."""
     from pipeline.config import load_config
-    return load_config(ROOT / "configs/default.yaml", raw_dir=data_dir, output=out, sets=BASE_SETS + list(sets))
+    cache = f"model.cache_dir={Path(out).parent / 'model-cache'}"
+    return load_config(ROOT / "configs/default.yaml", raw_dir=data_dir, output=out, sets=BASE_SETS + [cache] + list(sets))
 
 
 def prepare_data(cfg) -> None:

@@ -155,7 +155,7 @@ def tokenized_examples(cfg, domain: str) -> dict:
         try:
             batches = _as_batches(store.read_table(rel))
             log.info("%s: tokenized examples read from %s", domain, store.uri_of(rel))
-            return collect(batches)
+            return collect(batches, domain=domain)
         except (StorageError, pa.ArrowException) as e:   # damaged, or gone meanwhile: tokenize again, replace it
             log.warning("%s: token cache %s unreadable (%s); tokenizing again", domain, store.uri_of(rel), e)
     tokenize = Tokenize(cfg)
@@ -166,24 +166,40 @@ def tokenized_examples(cfg, domain: str) -> dict:
         for old in store.list_files(f"{layout.TOKENS}/{domain}", ".parquet"):   # made from other inputs
             if old != rel:
                 store.delete(old)
-    return collect(batches)
+    return collect(batches, domain=domain)
 
 
 # ---- 3: examples in the worker -------------------------------------------------------------------
 
-def collect(batches: Iterable[dict], splits=("train", "val", "test")) -> dict[str, list[Example]]:
+class Splits(dict):
+    """{split: [Example]}, and in `without_target` how many of each split's examples were left out because no
+    token of theirs is a target (a prompt that filled train.max_seq_length): the training report's
+    `n_without_target`. A dict, so every consumer indexes it as before; pickles with its counts."""
+
+    def __init__(self, examples: dict, without_target: Optional[dict] = None) -> None:
+        super().__init__(examples)
+        self.without_target = dict(without_target or {})
+
+
+def collect(batches: Iterable[dict], splits=("train", "val", "test"), domain: str = "") -> Splits:
     """Materialize an iterator of tokenized batches into {split: examples}, each in a fixed order
-    (by key); examples with no target token (a prompt that filled max_seq_length) are dropped."""
+    (by key); examples with no target token (a prompt that filled max_seq_length) are left out, counted
+    per split and logged."""
     rows: dict[str, list] = {s: [] for s in splits}
     for b in batches:
         for ids, lab, key, split in zip(b["input_ids"], b["labels"], b["key"], b["split"]):
             rows.setdefault(str(split), []).append((str(key), ids, lab))
-    out = {}
+    out, left_out = {}, {}
     for s, r in rows.items():
         r.sort(key=lambda x: x[0])
         ex = [Example(ids, lab) for _, ids, lab in r]
         out[s] = [e for e in ex if len(e) >= 2 and e.n_target_tokens > 0]
-    return out
+        left_out[s] = len(ex) - len(out[s])
+    if any(left_out.values()):
+        log.warning("%s: %s examples left out: no response token within train.max_seq_length (the prompt "
+                    "filled it); raise max_seq_length or shorten the prompts", domain or "examples",
+                    ", ".join(f"{n} {s}" for s, n in left_out.items() if n))
+    return Splits(out, left_out)
 
 
 def epoch_plan(examples: list[Example], epoch: int, seed: int, rows: int, seq_len: int, packing: bool,

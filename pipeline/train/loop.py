@@ -516,6 +516,8 @@ class DomainRecipe:
             "checkpointing": kernels.checkpointing_record(self.model, t.gradient_checkpointing, self.budget),
             "train_time_s": st.train_time, "startup": self.startup, "steps": st.step, "epochs": st.epoch + st.batch / max(1, len(self.plan)),
             "n_examples": {s: len(self.data[s]) for s in ("train", "val", "test")},
+            # examples of the SFT shards left out: no response token fits in max_seq_length (data.collect)
+            "n_without_target": {s: getattr(self.data, "without_target", {}).get(s, 0) for s in ("train", "val", "test")},
             "n_target_tokens": {"val": n_val, "test": n_test},
             "history": st.history, "resumed_from_step": st.resumed_from,
             "config_fingerprint": self.fingerprint, "compat": self.compat,
@@ -584,6 +586,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     cfg, domain = config["cfg"], config["domain"]
     shard = ray.train.get_dataset_shard("sft")
-    run_worker(cfg, domain, lambda: collect(shard.iter_batches(batch_size=256, batch_format="numpy")),
+    run_worker(cfg, domain, lambda: collect(shard.iter_batches(batch_size=256, batch_format="numpy"), domain=domain),
                RaySession(open_store(cfg), cfg.run_name, domain), config.get("faults"), config.get("fingerprint"),
                worker_marks(config.get("trial_started")))

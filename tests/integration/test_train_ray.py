@@ -69,6 +69,9 @@ def test_four_domains_one_fails_then_rerun_skips_finished(ray_local, tmp_path, m
         assert "base_test_loss" not in rep   # the base model's test loss is the evaluation's (below)
         assert rep["tokens_per_s"] > 0 and rep["peak_memory_gb"] > 0 and rep["steps"] == cfg.train.max_steps
         assert [v["step"] for v in rep["history"]["val"]] == [6, 12]
+        # every SFT row of the shards became an example, or is counted as left out (none here)
+        assert rep["n_without_target"] == {"train": 0, "val": 0, "test": 0}
+        assert sum(rep["n_examples"].values()) == store.read_table(f"data/sft/{d}").num_rows
         # start-up marks of the Ray path, in the order they happen (bench/startup.py prints them)
         st = rep["startup"]
         marks = [st[f"trial_start_to_{m}_s"] for m in ("worker_process", "worker_fn", "recipe", "first_step")]

@@ -426,3 +426,25 @@ def test_a_crafted_checkpoint_in_storage_is_refused_not_passed_over(tmp_path):
         s.restore_dir()
     assert not marker.exists()
     assert store.uri_of("runs/demo/train/debate/checkpoint_00000020") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_examples_without_a_target_token_are_left_out_counted_and_logged(caplog):
+    """An example none of whose tokens is trained (labels all IGNORE after the first) cannot be learnt from:
+    collect leaves it out, counts it per split (the training report's n_without_target) and says so."""
+    import pickle
+    from pipeline.lm.data import IGNORE
+    from pipeline.train.data import collect
+    trained, untrained = ([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4]), ([1, 2, 3, 4], [1, IGNORE, IGNORE, IGNORE])
+    rows = [("a", *trained, "train"), ("b", *untrained, "train"), ("c", *trained, "val"), ("d", *untrained, "test")]
+    batch = {k: [r[i] for r in rows] for i, k in enumerate(("key", "input_ids", "labels", "split"))}
+    with caplog.at_level("WARNING", logger="pipeline.train.data"):
+        out = collect([batch], domain="debate")
+    assert {s: len(v) for s, v in out.items()} == {"train": 1, "val": 1, "test": 0}
+    assert out.without_target == {"train": 1, "val": 0, "test": 1}
+    assert "debate: 1 train, 1 test examples left out" in caplog.text and "max_seq_length" in caplog.text
+    back = pickle.loads(pickle.dumps(out))        # it crosses from the tokenization task to the worker
+    assert back.without_target == out.without_target and back["train"][0].input_ids.tolist() == [1, 2, 3, 4]
+    with caplog.at_level("WARNING", logger="pipeline.train.data"):
+        caplog.clear()
+        assert collect([batch | {"labels": [trained[1]] * 4}]).without_target == {"train": 0, "val": 0, "test": 0}
+    assert "left out" not in caplog.text
