@@ -64,3 +64,34 @@ def tiny_config(output: str, **over) -> Config:
             cur = cur.setdefault(kk, {})
         cur[keys[-1]] = v
     return Config.model_validate(d)
+
+
+def tiny_lora_model(cfg, store: Store, device: str = "cpu", checkpointing: bool = False, b_scale: float = 0.05,
+                    fused_kernels: bool = False):
+    """cfg's tiny base (4-bit per cfg.model.quantization) on `device` with cfg's LoRA for debate, its B matrices
+    made non-zero so that every gradient path carries signal; Liger's kernels first when fused_kernels."""
+    import torch
+    from pipeline.lm import kernels
+    from pipeline.lm.model import add_lora, load_model, resolve_base
+    torch.manual_seed(0)
+    base = load_model(resolve_base(cfg, store), cfg, device)
+    if fused_kernels:
+        kernels.apply_fused_kernels(base, device, "auto")
+    model = add_lora(base, cfg.hyper_for("debate").lora, cfg, checkpointing)
+    g = torch.Generator().manual_seed(3)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.copy_((torch.randn(p.shape, generator=g) * b_scale).to(p))
+    return model
+
+
+def loss_and_grads(model, batch, device: str = "cpu", seed: int = 5):
+    """(the summed loss of `batch`, {name: fp32 gradient} of every trained parameter), the RNG seeded first."""
+    import torch
+    from pipeline.lm import kernels
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = kernels.loss_sum(model, batch, device)
+    loss.backward()
+    return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
+from fixtures_train import loss_and_grads, sft_rows, tiny_config, tiny_lora_model, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
 
@@ -75,26 +75,15 @@ def test_gpu_fp8_matmul_is_within_fp8_rounding_of_bf16(env):
 
 
 def test_gpu_fp8_base_under_the_trainers_kernels_stays_close_to_nf4(env):
-    import torch
-    from pipeline.lm import kernels
     from pipeline.lm.data import Example, collate, tokenize_conversation
     from pipeline.lm.fp8 import fp8_base
     from pipeline.lm.lora_fused import fuse_lora, fuse_swiglu_down
-    from pipeline.lm.model import add_lora, load_model, resolve_base
     cfg, store, tok = env
     ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 16, 1)]
     batch = collate(ex, [list(range(0, 8)), list(range(8, 16))], tok.pad_token_id)
 
     def model(fp8: bool):
-        torch.manual_seed(0)
-        base = load_model(resolve_base(cfg, store), cfg, "cuda")
-        kernels.apply_fused_kernels(base, "cuda", "auto")
-        m = add_lora(base, cfg.hyper_for("debate").lora, cfg, True)
-        g = torch.Generator().manual_seed(3)
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                with torch.no_grad():
-                    p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p))
+        m = tiny_lora_model(cfg, store, "cuda", checkpointing=True, fused_kernels=True)
         n = fp8_base(m) if fp8 else 0
         fuse_lora(m, "on")
         fuse_swiglu_down(m)
@@ -102,11 +91,7 @@ def test_gpu_fp8_base_under_the_trainers_kernels_stays_close_to_nf4(env):
         return m, n
 
     def loss_grads(m):
-        m.zero_grad(set_to_none=True)
-        torch.manual_seed(7)
-        loss = kernels.loss_sum(m, batch, "cuda")
-        loss.backward()
-        return float(loss), {k: p.grad.float().clone() for k, p in m.named_parameters() if p.requires_grad}
+        return loss_and_grads(m, batch, "cuda", seed=7)
 
     nf4, _ = model(False)
     ref = loss_grads(nf4)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
+from fixtures_train import loss_and_grads, sft_rows, tiny_config, tiny_lora_model, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
 
@@ -31,30 +31,13 @@ def env(tmp_path_factory):
 
 
 def _model(cfg, store, checkpointing):
-    import torch
-    from pipeline.lm import kernels
-    from pipeline.lm.model import add_lora, load_model, resolve_base
-    torch.manual_seed(0)
-    base = load_model(resolve_base(cfg, store), cfg, "cuda")
-    kernels.apply_fused_kernels(base, "cuda", "auto")
-    model = add_lora(base, cfg.hyper_for("debate").lora, cfg, checkpointing)
-    g = torch.Generator().manual_seed(3)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            with torch.no_grad():
-                p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p))
+    model = tiny_lora_model(cfg, store, "cuda", checkpointing, fused_kernels=True)
     model.train()
     return model
 
 
 def _loss_grads(model, batch):
-    import torch
-    from pipeline.lm import kernels
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)
-    loss = kernels.loss_sum(model, batch, "cuda")
-    loss.backward()
-    return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss_and_grads(model, batch, "cuda", seed=7)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
+from fixtures_train import loss_and_grads, sft_rows, tiny_config, tiny_lora_model, write_sft  # noqa: E402
 
-from pipeline.lm import kernels  # noqa: E402
 from pipeline.lm.fp8 import E4M3_MAX, fp8_base, fp8_linear_class, fp8_unsupported, quantize_rows, to_fp8  # noqa: E402
 from pipeline.lm.lora_fused import FusedForward, fuse_lora  # noqa: E402
 from pipeline.storage import Store  # noqa: E402
@@ -65,34 +64,14 @@ def env(tmp_path_factory):
     return cfg, store, load_tokenizer(resolve_base(cfg, store), cfg)
 
 
-def _nf4_lora(cfg, store):
-    from pipeline.lm.model import add_lora, load_model, resolve_base
-    torch.manual_seed(0)
-    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate").lora, cfg, False)
-    g = torch.Generator().manual_seed(3)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def _loss_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(5)
-    loss = kernels.loss_sum(model, batch, "cpu")
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_fp8_base_swaps_the_frozen_layers_under_lora_and_keeps_loss_and_gradients_close(env):
     from pipeline.lm.data import Example, collate, tokenize_conversation
     cfg, store, tok = env
     ex = [Example(*tokenize_conversation(tok, r["messages"], 128, True)[0]) for r in sft_rows("debate", 4, 1)]
     batch = collate(ex, [[0, 1], [2, 3]], tok.pad_token_id)
-    model = _nf4_lora(cfg, store)
+    model = tiny_lora_model(cfg, store)
     model.train()
-    ref_loss, ref_grads = _loss_grads(model, batch)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     head = model.get_output_embeddings()
 
@@ -106,7 +85,7 @@ def test_fp8_base_swaps_the_frozen_layers_under_lora_and_keeps_loss_and_gradient
     assert now.keys() == trained.keys() and all(torch.equal(now[n], trained[n]) for n in now)
     assert fp8_base(model) == 0                           # nothing left to swap
 
-    loss, grads = _loss_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     assert loss == pytest.approx(ref_loss, rel=0.01) and loss != ref_loss
     for n, g in grads.items():
         assert g.abs().sum() > 0, n
@@ -114,7 +93,7 @@ def test_fp8_base_swaps_the_frozen_layers_under_lora_and_keeps_loss_and_gradient
     # the fused LoRA layers take the FP8 base too, and give the same numbers as PEFT's forward over it
     assert fuse_lora(model, "on") == 14
     assert all(isinstance(m.forward, FusedForward) for m in model.modules() if hasattr(m, "lora_A"))
-    fused_loss, fused_grads = _loss_grads(model, batch)
+    fused_loss, fused_grads = loss_and_grads(model, batch)
     assert fused_loss == pytest.approx(loss, rel=1e-4)
     for n, g in fused_grads.items():
         assert _rel(g, grads[n]) < 1e-3, n

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures_train import sft_rows, tiny_config, write_sft  # noqa: E402
+from fixtures_train import loss_and_grads, sft_rows, tiny_config, tiny_lora_model, write_sft  # noqa: E402
 
 from pipeline.storage import Store  # noqa: E402
 from pipeline.lm import kernels  # noqa: E402
@@ -50,11 +50,7 @@ def _batch(vocab=97):
 
 
 def _loss_and_grads(model, batch, seed=5):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    loss = kernels.loss_sum(model, batch, "cpu")
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss_and_grads(model, batch, "cpu", seed)
 
 
 def _assert_same(a, b, rtol):
@@ -107,15 +103,7 @@ def nf4_env(tmp_path_factory):
 
 
 def _nf4_model(cfg, store, checkpointing=False):
-    from pipeline.lm.model import add_lora, load_model, resolve_base
-    torch.manual_seed(0)
-    model = add_lora(load_model(resolve_base(cfg, store), cfg, "cpu"), cfg.hyper_for("debate").lora, cfg, checkpointing)
-    g = torch.Generator().manual_seed(3)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return tiny_lora_model(cfg, store, "cpu", checkpointing)
 
 
 def test_fused_equals_peft_on_nf4_base(nf4_env):
