@@ -47,9 +47,20 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: the sockets are bound at the same time (one after the other, a port freed by
+    the first could be handed out again to the second: CI saw Ray refuse two components on one port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -192,10 +203,13 @@ def start_head(num_cpus: int = 4, extra_env: Optional[dict[str, str]] = None, ex
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
     token_file = home / ".ray" / "auth_token"
     assert token_file.is_file(), f"ray get-auth-token --generate wrote no {token_file}"
-    gcs_port, dash_port = gcs_port or free_port(), free_port()
+    # distinct ports; a gcs_port the caller chose earlier is free too, so it may come back: left out
+    ports = [p for p in free_ports(5) if p != gcs_port]
+    gcs_port = gcs_port or ports.pop()
+    dash_port, agent_port, metrics_port = ports[:3]
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--dashboard-agent-listen-port={agent_port}", f"--metrics-export-port={metrics_port}",
            f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats", *extra_args]
     head = RayHead(address=f"127.0.0.1:{gcs_port}", dashboard_url=f"http://127.0.0.1:{dash_port}",
                    temp_dir=temp_dir, home=home, env=env)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_ray import ROOT, free_port, wait_for_dashboard
+from tests.fixtures_ray import ROOT, free_ports, wait_for_dashboard
 from tests.integration.test_job_submit import DEMO_SETS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -206,11 +206,11 @@ def test_ray_head_in_the_image_runs_the_demo_job_from_the_host(cpu_image: str, t
     settings (every stage and domain still runs): the demo with its evaluation has just run in the image above."""
     out = _output_dir(tmp_path, "job-out")
     name = f"domain-adapters-test-{uuid.uuid4().hex[:8]}"
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent, metrics, client = free_ports(5)
     start = ("ray get-auth-token --generate > /dev/null && exec ray start --head --block "
              f"--node-ip-address=127.0.0.1 --port={gcs} --dashboard-host=127.0.0.1 --dashboard-port={dash} "
-             f"--dashboard-agent-listen-port={free_port()} --metrics-export-port={free_port()} "
-             f"--ray-client-server-port={free_port()} --num-cpus=2 --num-gpus=0 --disable-usage-stats")
+             f"--dashboard-agent-listen-port={agent} --metrics-export-port={metrics} "
+             f"--ray-client-server-port={client} --num-cpus=2 --num-gpus=0 --disable-usage-stats")
     _check(_run([*PODMAN, "run", "-d", "--name", name, "--network=host", "--shm-size=2g",
                  "-e", "RAY_AUTH_MODE=token", "-e", f"RAY_ADDRESS=127.0.0.1:{gcs}", f"-v={out}:/home/ray/out",
                  cpu_image, "bash", "-c", start], 120), "podman run -d (ray start --head)")
