@@ -203,15 +203,17 @@ def _convertible(m) -> bool:
 def fp8_base(model) -> int:
     """Replace each frozen linear layer of `model` (call after add_lora: LoRA's base layers are swapped under
     PEFT's layers, which keep working) by an Fp8Linear; the output head and anything trained are left as they
-    are. Frees each replaced weight as it goes (peak: the model plus one layer's bf16 copy). Returns how many."""
+    are. Frees each replaced weight as it goes (peak: the model plus one weight's fp32 copy). Returns how many."""
     import torch
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if child is not head and _convertible(child)]
-    for parent, name, child in swaps:
+    n = len(swaps)
+    while swaps:                       # popped: the list holds no replaced layer, so each one's weight goes now
+        parent, name, child = swaps.pop()
         setattr(parent, name, to_fp8(child))
-        del child
-    if swaps and next(model.parameters()).is_cuda:
+        child = None
+    if n and next(model.parameters()).is_cuda:
         torch.cuda.empty_cache()
-    log.info("FP8 base: %d frozen linear layers", len(swaps))
-    return len(swaps)
+    log.info("FP8 base: %d frozen linear layers", n)
+    return n
