@@ -46,7 +46,7 @@ import weakref
 log = logging.getLogger(__name__)
 
 
-def _dense_weight(base, dtype):
+def dense_weight(base, dtype):
     """The base layer's weight as a dense [out, in] matrix in `dtype` (4-bit or FP8: dequantized)."""
     if hasattr(base, "dense_weight"):     # pipeline.lm.fp8.Fp8Linear (train.fp8_base)
         return base.dense_weight(dtype)
@@ -102,7 +102,7 @@ def _lora_backward(ctx, gy, xd, mask, h, a, b, need_gx: bool, need_gA: bool, nee
     if need_gB:
         gB = (g.t() @ h).mul_(ctx.scale).to(ctx.B_dtype)
     if need_gx:
-        w = _dense_weight(ctx.layer.base_layer, g.dtype)
+        w = dense_weight(ctx.layer.base_layer, g.dtype)
         gx = g @ w
         del w
     if ctx.seed is not None:                # Triton: gA and the dropout part of gx in one pass over x

@@ -145,7 +145,7 @@ def _as_batches(table: pa.Table) -> list[dict]:
 # Ray Data's read would start more processes and, for its Parquet sampling, a task that waits for a whole
 # CPU, which the training workers started beside it may hold (the demo's 2-CPU run waited for good).
 @ray.remote(num_cpus=0)
-def tokenized_examples(cfg, domain: str) -> dict:
+def tokenized_examples(cfg, domain: str) -> "Splits":
     """The domain's examples, {split: [Example]}: from the token cache when it holds them, else tokenized
     here (Tokenize, batches of 256 rows) and then cached."""
     store = open_store(cfg)

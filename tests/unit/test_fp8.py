@@ -131,3 +131,17 @@ def test_a_gpu_without_fp8_tensor_cores_is_named(monkeypatch):
     assert "RTX 3090" in msg and "8.6" in msg and "8.9" in msg
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert fp8_unsupported("cuda:0") == ""
+
+
+def test_a_recipe_on_a_gpu_without_fp8_stops_before_loading_the_model_naming_the_gpu(env, tmp_path, monkeypatch):
+    import pipeline.train.loop as loop
+    from pipeline.lm.fp8 import Fp8UnsupportedError
+    from pipeline.train.sessions import LocalSession
+    cfg, _, _ = env
+    c = cfg.model_copy(deep=True)
+    c.train.fp8_base = True
+    monkeypatch.setattr(loop, "fp8_unsupported", lambda device: "NVIDIA GeForce RTX 3090 (compute capability 8.6) "
+                        "has no FP8 tensor cores")
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(Fp8UnsupportedError, match=r"RTX 3090 .*; set train.fp8_base: false"):
+        loop.train_domain(c, "debate", {"train": [], "val": [], "test": []}, LocalSession(str(tmp_path), resume=False))
