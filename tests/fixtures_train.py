@@ -95,3 +95,20 @@ def loss_and_grads(model, batch, device: str = "cpu", seed: int = 5):
     loss = kernels.loss_sum(model, batch, device)
     loss.backward()
     return float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tiny_debate_env(out, n=(64, 16, 16), **over):
+    """(cfg, store, tokenizer) of a tiny base built under `out` on debate rows: tiny_config(out, **over),
+    write_sft(n), the tiny model pretrained and saved."""
+    from pipeline.lm.model import load_tokenizer, resolve_base
+    from pipeline.lm.tiny import ensure_tiny
+    cfg = tiny_config(str(out), **over)
+    store = Store(str(out))
+    write_sft(store, domains=["debate"], n=n)
+    ensure_tiny(cfg, store)
+    return cfg, store, load_tokenizer(resolve_base(cfg, store), cfg)
+
+
+# the GPU tests' tiny model: wide enough for the kernels' tiles, on one CUDA device
+GPU_TINY = {"resources": {"device": "cuda", "cpus_per_trial": 1, "gpus_per_trial": 1}, "model__tiny__hidden_size": 256,
+            "model__tiny__intermediate_size": 768, "model__tiny__pretrain_steps": 20}

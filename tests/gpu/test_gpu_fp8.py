@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures_train import loss_and_grads, sft_rows, tiny_config, tiny_lora_model, write_sft  # noqa: E402
+from fixtures_train import GPU_TINY, loss_and_grads, sft_rows, tiny_debate_env, tiny_lora_model  # noqa: E402
 
-from pipeline.storage import Store  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 
@@ -22,18 +21,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 def env(tmp_path_factory):
     import torch
     from pipeline.lm.fp8 import fp8_unsupported
-    from pipeline.lm.model import load_tokenizer, resolve_base
-    from pipeline.lm.tiny import ensure_tiny
     if torch.cuda.is_available() and fp8_unsupported("cuda:0"):
         pytest.skip(fp8_unsupported("cuda:0"))
-    out = tmp_path_factory.mktemp("gpu-fp8")
-    cfg = tiny_config(str(out), resources={"device": "cuda", "cpus_per_trial": 1, "gpus_per_trial": 1},
-                      model__tiny__hidden_size=256, model__tiny__intermediate_size=768, model__tiny__pretrain_steps=20,
-                      lora__dropout=0.1)
-    store = Store(str(out))
-    write_sft(store, domains=["debate"])
-    ensure_tiny(cfg, store)
-    return cfg, store, load_tokenizer(resolve_base(cfg, store), cfg)
+    return tiny_debate_env(tmp_path_factory.mktemp("gpu-fp8"), **GPU_TINY, lora__dropout=0.1)
 
 
 def _rel(a, b) -> float:

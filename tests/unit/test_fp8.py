@@ -12,11 +12,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures_train import loss_and_grads, sft_rows, tiny_config, tiny_lora_model, write_sft  # noqa: E402
+from fixtures_train import loss_and_grads, sft_rows, tiny_debate_env, tiny_lora_model  # noqa: E402
 
 from pipeline.lm.fp8 import E4M3_MAX, fp8_base, fp8_linear_class, fp8_unsupported, quantize_rows, to_fp8  # noqa: E402
 from pipeline.lm.lora_fused import FusedForward, fuse_lora  # noqa: E402
-from pipeline.storage import Store  # noqa: E402
 
 
 def _rel(a, b) -> float:
@@ -54,14 +53,8 @@ def test_fp8_linear_forward_within_fp8_rounding_and_input_gradient_is_the_dense_
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from pipeline.lm.model import load_tokenizer, resolve_base
-    from pipeline.lm.tiny import ensure_tiny
-    out = tmp_path_factory.mktemp("fp8")
-    cfg = tiny_config(str(out), model__tiny__pretrain_steps=10, lora__dropout=0.1)
-    store = Store(str(out))
-    write_sft(store, domains=["debate"], n=(40, 10, 10))
-    ensure_tiny(cfg, store)
-    return cfg, store, load_tokenizer(resolve_base(cfg, store), cfg)
+    return tiny_debate_env(tmp_path_factory.mktemp("fp8"), n=(40, 10, 10), model__tiny__pretrain_steps=10,
+                           lora__dropout=0.1)
 
 
 def test_fp8_base_swaps_the_frozen_layers_under_lora_and_keeps_loss_and_gradients_close(env):

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures_train import loss_and_grads, sft_rows, tiny_config, tiny_lora_model, write_sft  # noqa: E402
+from fixtures_train import loss_and_grads, sft_rows, tiny_debate_env, tiny_lora_model  # noqa: E402
 
-from pipeline.storage import Store  # noqa: E402
 from pipeline.lm import kernels  # noqa: E402
 from pipeline.lm.lora_fused import FusedForward, FusedSwiGLUForward, fuse_lora, fuse_swiglu_down  # noqa: E402
 
@@ -92,14 +91,8 @@ def test_fused_with_checkpointing_equals_without():
 
 @pytest.fixture(scope="module")
 def nf4_env(tmp_path_factory):
-    from pipeline.lm.model import load_tokenizer, resolve_base
-    from pipeline.lm.tiny import ensure_tiny
-    out = tmp_path_factory.mktemp("fused-nf4")
-    cfg = tiny_config(str(out), model__tiny__pretrain_steps=5, lora__dropout=0.1)
-    store = Store(str(out))
-    write_sft(store, domains=["debate"], n=(8, 2, 2))
-    ensure_tiny(cfg, store)
-    return cfg, store, load_tokenizer(resolve_base(cfg, store), cfg)
+    return tiny_debate_env(tmp_path_factory.mktemp("fused-nf4"), n=(8, 2, 2), model__tiny__pretrain_steps=5,
+                           lora__dropout=0.1)
 
 
 def _nf4_model(cfg, store, checkpointing=False):
