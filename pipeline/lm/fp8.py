@@ -178,11 +178,9 @@ def to_fp8(linear):
     """An Fp8Linear of a frozen nn.Linear or bitsandbytes 4-bit Linear (its weight dequantized first)."""
     import torch
     from pipeline.lm.lora_fused import dense_weight
-    w = dense_weight(linear, torch.float32)
-    scale = w.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / E4M3_MAX
-    w8 = (w / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    bias = getattr(linear, "bias", None)
-    return fp8_linear_class()(w8.contiguous(), scale, None if bias is None else bias.detach())
+    # the weight's rows are its output channels: rounded as the inputs' rows are, one scale each
+    w8, scale = quantize_rows(dense_weight(linear, torch.float32).contiguous())
+    return fp8_linear_class()(w8, scale, getattr(linear, "bias", None))
 
 
 def _convertible(m) -> bool:
