@@ -351,11 +351,6 @@ class TrainConfig(TrainHyper):
     fused_swiglu_down: bool = Field(
         True, description="with fused LoRA layers: a SwiGLU MLP keeps gate and up only and makes silu(gate) * up "
         "again in the down projection's backward (~23% less memory per layer kept from recomputation)")
-    fp8_base: bool = Field(
-        False, description="the frozen base's linear layers as FP8 weights with a scale per channel, their forward "
-        "matmuls in FP8 (pipeline/lm/fp8.py): faster on GPUs with FP8 tensor cores (Ada, Hopper), ~1 byte a weight "
-        "instead of ~0.5; the adapter is still served on the 4-bit base. Experimental: tested on the CPU only so far "
-        "(bench/NOTES.md)")
     eval_every: int = Field(50, ge=1)
     eval_max_batches: Optional[int] = Field(None, ge=1, description="cap on eval batches (None = whole split)")
     checkpoint_every: int = Field(50, ge=1)

@@ -227,22 +227,7 @@ def check_cuda(cfg, rep: Report) -> dict[str, Any]:
     for g in info["gpus"]:
         rep.add(f"gpu {g['index']}", PASS, f"{g['name']}, {g['memory_gb']:.1f} GB, compute {g['cc']}"
                 + (", bf16" if g["bf16"] else ", no bf16 (fp16 with loss scaling)"))
-    if want_cuda and cfg.train.fp8_base:
-        check_fp8(rep, info["gpus"])
     return info
-
-
-def check_fp8(rep: Report, gpus: list[dict[str, Any]]) -> None:
-    """train.fp8_base needs FP8 tensor cores (pipeline.lm.fp8.MIN_CAPABILITY) on every GPU that may train."""
-    from pipeline.lm.fp8 import MIN_CAPABILITY
-    need = ".".join(map(str, MIN_CAPABILITY))
-    old = [g for g in gpus if tuple(int(x) for x in g["cc"].split(".")) < MIN_CAPABILITY]
-    if old:
-        rep.add("fp8 base", FAIL, "train.fp8_base is on but " + ", ".join(f"gpu {g['index']} ({g['name']}, compute "
-                f"{g['cc']})" for g in old) + f" has no FP8 tensor cores (compute {need} or newer: Ada, Hopper)",
-                "set train.fp8_base: false")
-    else:
-        rep.add("fp8 base", PASS, f"train.fp8_base: every GPU here has compute {need} or newer (experimental)")
 
 
 def check_bitsandbytes(cfg, rep: Report, cuda: dict[str, Any]) -> None:

@@ -46,10 +46,8 @@ import weakref
 log = logging.getLogger(__name__)
 
 
-def dense_weight(base, dtype):
-    """The base layer's weight as a dense [out, in] matrix in `dtype` (4-bit or FP8: dequantized)."""
-    if hasattr(base, "dense_weight"):     # pipeline.lm.fp8.Fp8Linear (train.fp8_base)
-        return base.dense_weight(dtype)
+def _dense_weight(base, dtype):
+    """The base layer's weight as a dense [out, in] matrix in `dtype` (4-bit: dequantized)."""
     w = base.weight
     qs = getattr(w, "quant_state", None)
     if qs is not None:
@@ -102,7 +100,7 @@ def _lora_backward(ctx, gy, xd, mask, h, a, b, need_gx: bool, need_gA: bool, nee
     if need_gB:
         gB = (g.t() @ h).mul_(ctx.scale).to(ctx.B_dtype)
     if need_gx:
-        w = dense_weight(ctx.layer.base_layer, g.dtype)
+        w = _dense_weight(ctx.layer.base_layer, g.dtype)
         gx = g @ w
         del w
     if ctx.seed is not None:                # Triton: gA and the dropout part of gx in one pass over x
@@ -209,11 +207,8 @@ def _fused_forward(self, x, *args, **kwargs):
 
 
 def base_supported(base) -> bool:
-    """A frozen plain nn.Linear, a bitsandbytes 4-bit Linear in the GPU layout, or an FP8 one (pipeline.lm.fp8)."""
+    """A frozen plain nn.Linear, or a bitsandbytes 4-bit Linear in the GPU layout."""
     import torch
-    from pipeline.lm.fp8 import fp8_linear_class
-    if isinstance(base, fp8_linear_class()):
-        return True
     if getattr(base, "bias", None) is not None and base.bias.requires_grad:
         return False
     if base.weight.requires_grad:

@@ -54,7 +54,6 @@ from pipeline.lm import kernels
 from pipeline.lm.data import collate
 from pipeline.lm.device import CudaUnavailableError, worker_device
 from pipeline.lm.kernels import loss_sum
-from pipeline.lm.fp8 import Fp8UnsupportedError, fp8_base, fp8_unsupported
 from pipeline.lm.lora_fused import fuse_lora, fuse_swiglu_down
 from pipeline.lm.model import add_lora, attn_implementation, compute_dtype, load_model, load_tokenizer, resolve_base
 from pipeline.optimizers import build_optimizer
@@ -216,8 +215,6 @@ class DomainRecipe:
             torch.cuda.reset_peak_memory_stats()
         else:
             torch.set_num_threads(max(1, int(cfg.resources.cpus_per_trial)))
-        if t.fp8_base and fp8_unsupported(self.device):
-            raise Fp8UnsupportedError(f"{fp8_unsupported(self.device)}; set train.fp8_base: false")
         self._mark("device_ready_s")   # torch imported, the device checked (CUDA: its context made)
         self.seq_len = t.max_seq_length
         self.rows = max(1, h.tokens_per_micro_batch // self.seq_len)
@@ -236,7 +233,6 @@ class DomainRecipe:
             raise RuntimeError(f"domain {self.domain}: no training examples (every example was empty or all prompt)")
         kernels.apply_fused_kernels(base_model, self.device, t.fused_kernels)   # Liger on CUDA when installed
         self.model = add_lora(base_model, h.lora, cfg, t.gradient_checkpointing)
-        self.fp8_layers = fp8_base(self.model) if t.fp8_base else 0              # opt-in: frozen matmuls in FP8
         self.fused_lora = fuse_lora(self.model, t.fused_lora)                   # one autograd step per LoRA layer
         self.fused_mlps = fuse_swiglu_down(self.model) if t.fused_swiglu_down else 0   # keeps gate, up; not their product
         self._mark("lora_ready_s")
@@ -524,7 +520,6 @@ class DomainRecipe:
             "base_model": cfg.model.base, "lora": h.lora.model_dump(), "hyper": h.model_dump(exclude={"lora"}),
             "workers": self.replicas.size, "device": self.device, "attn_implementation": attn_implementation(cfg, self.device),
             "fused_loss": self.fused_loss, "fused_lora_layers": self.fused_lora, "fused_swiglu_down_mlps": self.fused_mlps,
-            "fp8_base_layers": self.fp8_layers,
             "micro_batch": {"rows": self.rows, "seq_len": self.seq_len, "grad_accum": h.grad_accum, "packing": t.packing},
         }
         if self.replicas.rank == 0:
@@ -574,8 +569,7 @@ def run_worker(cfg, domain: str, examples: Callable[[], dict], session, faults=N
         data = pool.submit(examples)
         try:
             train_domain(cfg, domain, data, session, with_faults(DomainRecipe, faults), fingerprint, marks)
-        except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError,
-                Fp8UnsupportedError) as e:
+        except (NonFiniteLossError, IncompatibleCheckpointError, UnsafeCheckpointError, CudaUnavailableError) as e:
             log.error("%s: %s", type(e).__name__, e)
             write_fatal(open_store(cfg), cfg.run_name, domain, f"{type(e).__name__}: {e}")
 

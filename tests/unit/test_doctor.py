@@ -67,23 +67,6 @@ def test_cuda_init_error_text_is_reported(tmp_path, monkeypatch):
     assert r.status == "FAIL" and "Error 304" in r.detail and "nvidia-smi" in r.fix
 
 
-@pytest.mark.parametrize("ccs,status", [(("8.6",), "FAIL"), (("9.0", "8.9"), "PASS"), (("9.0", "7.5"), "FAIL")])
-def test_fp8_base_on_a_gpu_without_fp8_tensor_cores_fails_before_training(tmp_path, monkeypatch, ccs, status):
-    monkeypatch.setattr(doctor, "probe_cuda", lambda: {
-        "available": True, "torch": "2.13.0", "runtime": "13.0", "driver": "580.1",
-        "gpus": [{"index": i, "name": f"GPU{i}", "memory_gb": 24.0, "cc": cc, "bf16": True} for i, cc in enumerate(ccs)]})
-    rep = doctor.Report()
-    doctor.check_cuda(make_cfg(tmp_path, device="cuda", train={"fp8_base": True}), rep)
-    r = rows(rep)["fp8 base"]
-    assert r.status == status
-    if status == "FAIL":
-        bad = [f"gpu {i} (GPU{i}, compute {cc})" for i, cc in enumerate(ccs) if cc < "8.9"]
-        assert all(b in r.detail for b in bad) and "8.9" in r.detail and r.fix == "set train.fp8_base: false"
-    rep = doctor.Report()   # off (the default): no row
-    doctor.check_cuda(make_cfg(tmp_path, device="cuda"), rep)
-    assert "fp8 base" not in rows(rep)
-
-
 def test_preflight_passes_on_cpu_config(tmp_path):
     doctor.preflight(make_cfg(tmp_path))
 
