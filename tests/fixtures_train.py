@@ -107,8 +107,3 @@ def tiny_debate_env(out, n=(64, 16, 16), **over):
     write_sft(store, domains=["debate"], n=n)
     ensure_tiny(cfg, store)
     return cfg, store, load_tokenizer(resolve_base(cfg, store), cfg)
-
-
-# the GPU tests' tiny model: wide enough for the kernels' tiles, on one CUDA device
-GPU_TINY = {"resources": {"device": "cuda", "cpus_per_trial": 1, "gpus_per_trial": 1}, "model__tiny__hidden_size": 256,
-            "model__tiny__intermediate_size": 768, "model__tiny__pretrain_steps": 20}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fixtures_train import GPU_TINY, loss_and_grads, sft_rows, tiny_debate_env, tiny_lora_model  # noqa: E402
+from fixtures_train import loss_and_grads, sft_rows, tiny_debate_env, tiny_lora_model  # noqa: E402
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
@@ -17,7 +17,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return tiny_debate_env(tmp_path_factory.mktemp("gpu-fused"), **GPU_TINY, lora__dropout=0.0)
+    # wide enough for the kernels' tiles, on one CUDA device
+    return tiny_debate_env(tmp_path_factory.mktemp("gpu-fused"), resources={"device": "cuda", "cpus_per_trial": 1,
+                           "gpus_per_trial": 1}, model__tiny__hidden_size=256, model__tiny__intermediate_size=768,
+                           model__tiny__pretrain_steps=20, lora__dropout=0.0)
 
 
 def _model(cfg, store, checkpointing):
